@@ -1,0 +1,328 @@
+//! A raw image file (or block device) as a disk.
+//!
+//! Positional I/O (`pread`/`pwrite`) from any number of threads at once, with no lock: the file
+//! offset is never used. On Linux the file is sparse-aware:
+//! - `extents` come from `SEEK_DATA`/`SEEK_HOLE`;
+//! - `trim` punches a hole (`FALLOC_FL_PUNCH_HOLE`);
+//! - `write_zeroes` punches a hole when it may, else `FALLOC_FL_ZERO_RANGE`, else a hole
+//!   re-allocated with `fallocate`; only when the file system has none of these does it write
+//!   zero-filled buffers.
+//!
+//! Elsewhere the same operations fall back to writing zeroes, and extents report all data.
+//! `flush` and FUA are `fdatasync`. With [`FileOptions::direct`] the file is opened
+//! `O_DIRECT` (Linux) and requests must be aligned to 4096 bytes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
+
+/// How to open an image file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FileOptions {
+    /// Open read-only: writes fail with `ReadOnly`, and the file is opened `O_RDONLY`.
+    pub read_only: bool,
+    /// Bypass the page cache (`O_DIRECT`, Linux only). Requests must be 4096-aligned.
+    pub direct: bool,
+}
+
+/// Alignment required with `O_DIRECT`: the page size, which covers any sector size.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Zero buffer for the write-zeroes fallback, written in pieces of this size.
+const ZERO_BUF: usize = 1 << 20;
+
+/// A raw image file served as a disk.
+#[derive(Debug)]
+pub struct FileDisk {
+    file: File,
+    size: u64,
+    opts: FileOptions,
+    sparse: bool,
+}
+
+impl FileDisk {
+    /// Opens an existing file or block device. Its size is fixed at open.
+    pub fn open(path: &Path, opts: FileOptions) -> io::Result<FileDisk> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if opts.direct {
+            set_direct(&mut oo)?;
+        }
+        let mut file = oo.open(path)?;
+        let size = file.seek(SeekFrom::End(0))?;
+        let sparse = cfg!(target_os = "linux") && file.metadata()?.is_file();
+        Ok(FileDisk {
+            file,
+            size,
+            opts,
+            sparse,
+        })
+    }
+
+    /// Creates a new sparse file of `size` bytes (failing if it exists) and opens it.
+    pub fn create(path: &Path, size: u64, opts: FileOptions) -> io::Result<FileDisk> {
+        let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+        file.set_len(size)?;
+        drop(file);
+        FileDisk::open(path, opts)
+    }
+
+    fn writable(&self, offset: u64, len: u64) -> Result<()> {
+        if self.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check(offset, len)
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.size, offset, len)?;
+        let align = DIRECT_ALIGN as u64;
+        if self.opts.direct && (offset % align != 0 || len % align != 0) {
+            return Err(Error::Misaligned {
+                offset,
+                len,
+                block_size: DIRECT_ALIGN as u32,
+            });
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(self.file.sync_data()?)
+    }
+
+    /// Writes zero-filled buffers over the range: the fallback when the file system has no
+    /// cheaper way.
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
+        let zeroes = aligned_zeroes(ZERO_BUF.min(len as usize));
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for FileDisk {
+    fn info(&self) -> DiskInfo {
+        let mut info = DiskInfo::new(self.size);
+        if self.opts.direct {
+            info.logical_block_size = DIRECT_ALIGN as u32;
+        }
+        info.read_only = self.opts.read_only;
+        info.caps = Capabilities {
+            flush: true,
+            fua: true,
+            trim: !self.opts.read_only,
+            fast_zero: self.sparse,
+            extents: self.sparse,
+            multi_conn: true,
+            cache: cfg!(target_os = "linux"),
+        };
+        info
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        if self.opts.direct {
+            let mut bounce = aligned_zeroes(buf.len());
+            self.file.read_exact_at(&mut bounce, offset)?;
+            buf.copy_from_slice(&bounce);
+            return Ok(());
+        }
+        Ok(self.file.read_exact_at(buf, offset)?)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.writable(offset, buf.len() as u64)?;
+        if self.opts.direct {
+            let mut bounce = aligned_zeroes(buf.len());
+            bounce.copy_from_slice(buf);
+            self.file.write_all_at(&bounce, offset)?;
+        } else {
+            self.file.write_all_at(buf, offset)?;
+        }
+        if fua {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.opts.read_only {
+            return Ok(());
+        }
+        self.sync()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.sparse && sys::punch_hole(&self.file, offset, len).is_ok() {
+            return Ok(());
+        }
+        self.write_zero_buffers(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        self.writable(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let done = self.sparse && sys::zero(&self.file, offset, len, may_trim).is_ok();
+        if !done {
+            self.write_zero_buffers(offset, len)?;
+        }
+        if fua {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
+        check_range(self.size, offset, len)?;
+        if !self.sparse {
+            return Ok(Extents::all_data(offset, len));
+        }
+        Ok(sys::extents(&self.file, offset, len)?)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.size, offset, len)?;
+        sys::will_need(&self.file, offset, len);
+        Ok(())
+    }
+}
+
+/// A zero-filled buffer of `len` bytes whose start is aligned for `O_DIRECT`. Made from an
+/// over-sized `Vec`, which needs no unsafe code.
+fn aligned_zeroes(len: usize) -> AlignedBuf {
+    let raw = vec![0u8; len + DIRECT_ALIGN];
+    let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    AlignedBuf { raw, start, len }
+}
+
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_direct(oo: &mut OpenOptions) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // The flag's bits fit an i32: O_DIRECT is 0o40000.
+    oo.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_direct(_oo: &mut OpenOptions) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "direct i/o needs linux",
+    ))
+}
+
+#[cfg(target_os = "linux")]
+mod sys {
+    //! The Linux calls behind sparse files.
+    use std::fs::File;
+    use std::io;
+
+    use rustix::fs::{fallocate, FallocateFlags, SeekFrom};
+    use rustix::io::Errno;
+    use vdk_core::{ExtentKind, Extents};
+
+    pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        Ok(fallocate(file, flags, offset, len)?)
+    }
+
+    /// Zeroes the range without writing data: a hole if `may_trim`, else allocated zeroes.
+    pub(super) fn zero(file: &File, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        if may_trim {
+            return punch_hole(file, offset, len);
+        }
+        let zero_range = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
+        if fallocate(file, zero_range, offset, len).is_ok() {
+            return Ok(());
+        }
+        // tmpfs and others: a hole, provisioned again.
+        punch_hole(file, offset, len)?;
+        Ok(fallocate(file, FallocateFlags::KEEP_SIZE, offset, len)?)
+    }
+
+    pub(super) fn extents(file: &File, offset: u64, len: u64) -> io::Result<Extents> {
+        let end = offset + len;
+        let mut map = Extents::new(offset);
+        let mut pos = offset;
+        while pos < end {
+            let data = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
+                Ok(d) => d.min(end),
+                Err(Errno::NXIO) => end, // no data after pos
+                Err(e) => return Err(e.into()),
+            };
+            map.push(data - pos, ExtentKind::Hole);
+            if data >= end {
+                break;
+            }
+            let hole = rustix::fs::seek(file, SeekFrom::Hole(data))?.min(end);
+            map.push(hole - data, ExtentKind::Data);
+            pos = hole;
+        }
+        Ok(map)
+    }
+
+    pub(super) fn will_need(file: &File, offset: u64, len: u64) {
+        let advice = rustix::fs::Advice::WillNeed;
+        // A hint: failure changes nothing the caller could act on.
+        let _ = rustix::fs::fadvise(file, offset, std::num::NonZeroU64::new(len), advice);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod sys {
+    //! Portable fallbacks: no holes, no zeroing without writing.
+    use std::fs::File;
+    use std::io;
+
+    use vdk_core::Extents;
+
+    fn unsupported() -> io::Error {
+        io::Error::new(io::ErrorKind::Unsupported, "sparse files need linux")
+    }
+    pub(super) fn punch_hole(_: &File, _: u64, _: u64) -> io::Result<()> {
+        Err(unsupported())
+    }
+    pub(super) fn zero(_: &File, _: u64, _: u64, _: bool) -> io::Result<()> {
+        Err(unsupported())
+    }
+    pub(super) fn extents(_: &File, offset: u64, len: u64) -> io::Result<Extents> {
+        Ok(Extents::all_data(offset, len))
+    }
+    pub(super) fn will_need(_: &File, _: u64, _: u64) {}
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,13 @@
+//! vdk's first backends: where the bytes of a disk live.
+//!
+//! - [`FileDisk`]: a raw image file, sparse-aware on Linux (holes from SEEK_DATA/SEEK_HOLE,
+//!   trim and zeroes by fallocate).
+//! - [`MemoryDisk`]: a sparse RAM disk that allocates on first write and frees on trim.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod file;
+mod memory;
+
+pub use file::{FileDisk, FileOptions};
+pub use memory::MemoryDisk;

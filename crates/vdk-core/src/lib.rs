@@ -1,0 +1,99 @@
+//! The one disk interface of vdk.
+//!
+//! Everything in vdk meets at [`BlockDevice`]: backends implement it (where the bytes live),
+//! filters wrap one and implement it again, and front ends (NBD, FUSE, iSCSI) serve one without
+//! knowing what is below.
+//!
+//! ```text
+//!   front end (NBD, ...)   --->  Arc<dyn BlockDevice>
+//!                                  filter (cow, stats, ...)  --->  Arc<dyn BlockDevice>
+//!                                                                    backend (file, memory, ...)
+//! ```
+//!
+//! The invariants every implementation keeps:
+//! - I/O is all-or-error: a read fills the whole buffer, a write writes all of it, or the call
+//!   fails. No caller ever loops over a short transfer.
+//! - Methods take `&self` and may be called from many threads at once.
+//! - Ranges are checked with [`check_range`]; a request past the end is
+//!   [`Error::OutOfRange`], never a partial transfer.
+//! - What an optional operation can do is said up front by [`DiskInfo::caps`], so a front end
+//!   advertises only what works.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+mod extents;
+mod info;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+use std::fmt;
+
+pub use error::{Errno, Error, Op, Result};
+pub use extents::{Extent, ExtentKind, Extents};
+pub use info::{Capabilities, DiskInfo, MediaKind};
+
+/// A disk of `info().size` bytes, addressed by byte offset.
+///
+/// Methods take `&self` and run concurrently; a device that must serialise does so inside.
+/// Requests to disjoint ranges never affect each other; concurrent requests to overlapping
+/// ranges see one of the writes, byte by byte, as a real disk does.
+pub trait BlockDevice: Send + Sync + fmt::Debug {
+    /// Size, block sizes and capabilities. Fixed while the device is open.
+    fn info(&self) -> DiskInfo;
+
+    /// Fills all of `buf` from `offset`, or fails. Never a short read. A zero-length read
+    /// inside the disk (or at its very end) succeeds and does nothing.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes all of `buf` at `offset`; with `fua` the data is durable when this returns.
+    /// A read-only device fails with [`Error::ReadOnly`].
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
+
+    /// Makes every write that completed before this call durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Discards a range: afterwards it reads back as zeroes, and its storage may be freed.
+    /// Devices that cannot say so in `info().caps.trim` and fail with
+    /// [`Error::Unsupported`].
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(Error::Unsupported(Op::Trim))
+    }
+
+    /// Makes a range read back as zeroes. With `may_trim` the device may free the storage
+    /// (leave a hole); without it the range stays allocated. With `fua`, durable on return.
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()>;
+
+    /// Describes `[offset, offset + len)` as runs of data, holes and zeroes. The runs cover
+    /// the whole range, in order. A device that cannot tell reports everything as data.
+    fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
+        check_range(self.info().size, offset, len)?;
+        Ok(Extents::all_data(offset, len))
+    }
+
+    /// A hint that `[offset, offset + len)` will be read soon. The default does nothing.
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.info().size, offset, len)
+    }
+}
+
+/// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.
+///
+/// A zero-length range at `size` is inside; one at `size + 1` is not. Overflowing ranges are
+/// out of range, never wrapped.
+///
+/// ```
+/// use vdk_core::check_range;
+/// assert!(check_range(4096, 0, 4096).is_ok());
+/// assert!(check_range(4096, 4096, 0).is_ok());
+/// assert!(check_range(4096, 4095, 2).is_err());
+/// assert!(check_range(4096, u64::MAX, 2).is_err());
+/// ```
+pub fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
