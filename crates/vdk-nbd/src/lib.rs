@@ -1,1 +1,27 @@
-//! placeholder
+//! An NBD server for vdk disks.
+//!
+//! [`proto`] turns the bytes of the NBD protocol into typed messages and back, with no I/O;
+//! [`negotiate`] runs the handshake over any stream; [`server`] owns the sockets and threads.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use vdk_backends::MemoryDisk;
+//! use vdk_nbd::{Export, Listener, Server, ServerConfig};
+//!
+//! let disk = Arc::new(MemoryDisk::new(1 << 30));
+//! let server = Server::new(vec![Export::new("ram", disk)], ServerConfig::default());
+//! server.serve(vec![Listener::tcp("127.0.0.1:10809")?])?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod export;
+pub mod negotiate;
+pub mod proto;
+mod server;
+mod stream;
+
+pub use export::Export;
+pub use server::{Server, ServerConfig, ShutdownHandle};
+pub use stream::{Listener, Stream};

@@ -1,0 +1,324 @@
+//! The handshake and option haggling of one connection, over any `Read + Write` stream.
+//!
+//! ```text
+//!  greeting -> [option -> reply]* -> GO / EXPORT_NAME -> transmission
+//!                                 -> ABORT / EOF       -> closed
+//! ```
+//! State carried across options: whether structured replies were negotiated, and which
+//! metadata context was selected for which export.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use tracing::debug;
+
+use crate::export::Export;
+use crate::proto::handshake::{
+    self as hs, info, opt, parse_option, parse_option_header, rep, ClientOption, InfoRequest,
+    MetaContextRequest, OptionError,
+};
+use crate::proto::{
+    BASE_ALLOCATION, CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
+    IHAVEOPT, NBDMAGIC,
+};
+
+/// The id of the base:allocation context when selected.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Option data larger than this is skipped and answered NBD_REP_ERR_TOO_BIG.
+const MAX_OPTION_DATA: u32 = 64 << 10;
+
+/// Options one connection may send before it must choose an export.
+const MAX_OPTIONS: usize = 1024;
+
+/// What a successful negotiation leads to.
+#[derive(Debug)]
+pub struct Negotiated {
+    /// The chosen export.
+    pub export: Arc<Export>,
+    /// Structured replies are in use.
+    pub structured: bool,
+    /// base:allocation was selected.
+    pub meta_context: bool,
+    /// The transmission flags sent.
+    pub flags: u16,
+}
+
+/// Why a connection ended during the handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The client sent NBD_OPT_ABORT or closed the connection between options.
+    #[error("client ended the handshake")]
+    Ended,
+    /// Reading or writing failed.
+    #[error("handshake i/o")]
+    Io(#[from] io::Error),
+    /// The client broke the protocol in a way that cannot be answered.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The client sent more options than any real client needs.
+    #[error("too many options")]
+    TooManyOptions,
+}
+
+/// Looks exports up by name.
+pub trait Exports {
+    /// The export called `name`; the empty name is the default export.
+    fn find(&self, name: &str) -> Option<Arc<Export>>;
+    /// All exports, for NBD_OPT_LIST.
+    fn all(&self) -> Vec<Arc<Export>>;
+}
+
+impl Exports for Vec<Arc<Export>> {
+    fn find(&self, name: &str) -> Option<Arc<Export>> {
+        if name.is_empty() {
+            return self.first().cloned();
+        }
+        self.iter().find(|e| e.name == name).cloned()
+    }
+    fn all(&self) -> Vec<Arc<Export>> {
+        self.clone()
+    }
+}
+
+struct State<'a, S> {
+    stream: &'a mut S,
+    exports: &'a dyn Exports,
+    no_zeroes: bool,
+    structured: bool,
+    /// The export name the selected context was set for.
+    meta_export: Option<String>,
+    out: Vec<u8>,
+}
+
+/// Runs the handshake on `stream` until the client picks an export.
+pub fn negotiate<S: Read + Write>(
+    stream: &mut S,
+    exports: &dyn Exports,
+) -> Result<Negotiated, HandshakeError> {
+    let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    stream.write_all(&greeting)?;
+    let mut flags = [0u8; 4];
+    stream.read_exact(&mut flags)?;
+    let client_flags = u32::from_be_bytes(flags);
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(HandshakeError::Protocol(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
+    }
+    let mut st = State {
+        stream,
+        exports,
+        no_zeroes: client_flags & CLIENT_NO_ZEROES != 0,
+        structured: false,
+        meta_export: None,
+        out: Vec::new(),
+    };
+    for _ in 0..MAX_OPTIONS {
+        if let Some(done) = st.one_option()? {
+            return Ok(done);
+        }
+    }
+    Err(HandshakeError::TooManyOptions)
+}
+
+impl<S: Read + Write> State<'_, S> {
+    fn one_option(&mut self) -> Result<Option<Negotiated>, HandshakeError> {
+        let mut header = [0u8; 16];
+        match self.stream.read_exact(&mut header) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(HandshakeError::Ended)
+            }
+            r => r?,
+        }
+        let h =
+            parse_option_header(&header).map_err(|e| HandshakeError::Protocol(e.to_string()))?;
+        if h.len > MAX_OPTION_DATA {
+            io::copy(
+                &mut (&mut *self.stream).take(u64::from(h.len)),
+                &mut io::sink(),
+            )?;
+            return self.reply_error(h.option, rep::ERR_TOO_BIG, "option data too large");
+        }
+        let mut data = vec![0u8; h.len as usize];
+        self.stream.read_exact(&mut data)?;
+        let option = match parse_option(h.option, &data) {
+            Ok(o) => o,
+            Err(OptionError::Invalid(msg)) => {
+                return self.reply_error(h.option, rep::ERR_INVALID, msg)
+            }
+            Err(e) => return Err(HandshakeError::Protocol(e.to_string())),
+        };
+        debug!(?option, "nbd option");
+        match option {
+            ClientOption::Abort => {
+                // The client may already have gone; the ACK is a courtesy.
+                let _ = self.reply(h.option, rep::ACK, &[]);
+                Err(HandshakeError::Ended)
+            }
+            ClientOption::ExportName(name) => self.export_name(&name).map(Some),
+            ClientOption::List => {
+                for e in self.exports.all() {
+                    let entry = hs::server_entry(&e.name, &e.description);
+                    self.out_reply(h.option, rep::SERVER, &entry);
+                }
+                self.reply(h.option, rep::ACK, &[]).map(|()| None)
+            }
+            ClientOption::StartTls => self.reply_error(
+                h.option,
+                rep::ERR_UNSUP,
+                "tls is not enabled on this server",
+            ),
+            ClientOption::Info(req) => self.info(opt::INFO, &req).map(|_| None),
+            ClientOption::Go(req) => self.info(opt::GO, &req),
+            ClientOption::StructuredReply if self.structured => {
+                self.reply_error(h.option, rep::ERR_INVALID, "structured replies already on")
+            }
+            ClientOption::StructuredReply => {
+                self.structured = true;
+                self.reply(h.option, rep::ACK, &[]).map(|()| None)
+            }
+            ClientOption::ListMetaContext(req) => self.meta_context(h.option, &req, false),
+            ClientOption::SetMetaContext(req) => self.meta_context(h.option, &req, true),
+            ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
+                self.reply_error(h.option, rep::ERR_UNSUP, "option not supported")
+            }
+        }
+    }
+
+    /// Queues a reply without sending it.
+    fn out_reply(&mut self, option: u32, kind: u32, data: &[u8]) {
+        hs::option_reply(&mut self.out, option, kind, data);
+    }
+
+    /// Sends what is queued and this reply.
+    fn reply(&mut self, option: u32, kind: u32, data: &[u8]) -> Result<(), HandshakeError> {
+        self.out_reply(option, kind, data);
+        self.stream.write_all(&self.out)?;
+        self.stream.flush()?;
+        self.out.clear();
+        Ok(())
+    }
+
+    fn reply_error(
+        &mut self,
+        option: u32,
+        kind: u32,
+        msg: &str,
+    ) -> Result<Option<Negotiated>, HandshakeError> {
+        debug!(option, msg, "nbd option refused");
+        self.reply(option, kind, msg.as_bytes()).map(|()| None)
+    }
+
+    fn negotiated(&self, export: Arc<Export>) -> Negotiated {
+        let info = export.device.info();
+        let flags = export.transmission_flags(&info, self.structured);
+        let meta_context = self.meta_export.as_deref() == Some(export.name.as_str())
+            || (self.meta_export.as_deref() == Some("") && self.is_default(&export));
+        Negotiated {
+            export,
+            structured: self.structured,
+            meta_context,
+            flags,
+        }
+    }
+
+    fn is_default(&self, export: &Arc<Export>) -> bool {
+        self.exports
+            .find("")
+            .is_some_and(|d| Arc::ptr_eq(&d, export))
+    }
+
+    fn export_name(&mut self, name: &str) -> Result<Negotiated, HandshakeError> {
+        // NBD_OPT_EXPORT_NAME has no error reply: an unknown name can only close.
+        let Some(export) = self.exports.find(name) else {
+            return Err(HandshakeError::Protocol(format!("unknown export {name:?}")));
+        };
+        let n = self.negotiated(export);
+        let mut d = n.export.device.info().size.to_be_bytes().to_vec();
+        d.extend_from_slice(&n.flags.to_be_bytes());
+        if !self.no_zeroes {
+            d.extend_from_slice(&[0u8; 124]);
+        }
+        self.stream.write_all(&d)?;
+        Ok(n)
+    }
+
+    fn info(
+        &mut self,
+        option: u32,
+        req: &InfoRequest,
+    ) -> Result<Option<Negotiated>, HandshakeError> {
+        let Some(export) = self.exports.find(&req.name) else {
+            let msg = format!("no export named {:?}", req.name);
+            return self.reply_error(option, rep::ERR_UNKNOWN, &msg);
+        };
+        let n = self.negotiated(export);
+        let dinfo = n.export.device.info();
+        self.out_reply(option, rep::INFO, &hs::info_export(dinfo.size, n.flags));
+        if req.requests.contains(&info::NAME) {
+            self.out_reply(
+                option,
+                rep::INFO,
+                &hs::info_string(info::NAME, &n.export.name),
+            );
+        }
+        if req.requests.contains(&info::DESCRIPTION) && !n.export.description.is_empty() {
+            let d = hs::info_string(info::DESCRIPTION, &n.export.description);
+            self.out_reply(option, rep::INFO, &d);
+        }
+        // Sent whether asked or not: a client that cannot use it ignores it.
+        let (min, preferred, max) = Export::block_sizes(&dinfo);
+        self.out_reply(option, rep::INFO, &hs::info_block_size(min, preferred, max));
+        self.reply(option, rep::ACK, &[])?;
+        Ok((option == opt::GO).then_some(n))
+    }
+
+    fn meta_context(
+        &mut self,
+        option: u32,
+        req: &MetaContextRequest,
+        set: bool,
+    ) -> Result<Option<Negotiated>, HandshakeError> {
+        if !self.structured {
+            return self.reply_error(
+                option,
+                rep::ERR_INVALID,
+                "structured replies not negotiated",
+            );
+        }
+        if self.exports.find(&req.export).is_none() {
+            let msg = format!("no export named {:?}", req.export);
+            return self.reply_error(option, rep::ERR_UNKNOWN, &msg);
+        }
+        let matches = |q: &str| {
+            if set {
+                q == BASE_ALLOCATION
+            } else {
+                q == BASE_ALLOCATION || q == "base:"
+            }
+        };
+        let selected = if req.queries.is_empty() {
+            !set // LIST with no query lists everything; SET with none selects nothing
+        } else {
+            req.queries.iter().any(|q| matches(q))
+        };
+        if set {
+            self.meta_export = selected.then(|| req.export.clone());
+        }
+        if selected {
+            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+            self.out_reply(
+                option,
+                rep::META_CONTEXT,
+                &hs::meta_context_entry(id, BASE_ALLOCATION),
+            );
+        }
+        self.reply(option, rep::ACK, &[]).map(|()| None)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,167 @@
+//! TCP and Unix sockets behind one type.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A connected client socket.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix domain.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// A second handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts down reading, writing or both.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(how),
+            Stream::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    /// Sets the read time-out (`None`: block forever).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// The peer, for log lines.
+    pub fn peer(&self) -> String {
+        match self {
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "tcp client".into(), |a| a.to_string()),
+            Stream::Unix(_) => "unix client".into(),
+        }
+    }
+
+    /// Writes every byte of every slice, in order.
+    pub fn write_all_vectored(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            match self.write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix domain, with the path to remove when dropped.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Listens on a TCP address such as `127.0.0.1:10809`.
+    pub fn tcp(addr: &str) -> io::Result<Listener> {
+        Ok(Listener::Tcp(TcpListener::bind(addr)?))
+    }
+
+    /// Listens on a Unix socket path. A stale socket file (nobody listening) is replaced; a
+    /// live one is `AddrInUse`.
+    pub fn unix(path: impl Into<PathBuf>) -> io::Result<Listener> {
+        let path = path.into();
+        match UnixListener::bind(&path) {
+            Ok(l) => Ok(Listener::Unix(l, path)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                if UnixStream::connect(&path).is_ok() {
+                    return Err(e);
+                }
+                std::fs::remove_file(&path)?;
+                Ok(Listener::Unix(UnixListener::bind(&path)?, path))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits for the next client.
+    pub fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept()?.0)),
+        }
+    }
+
+    /// Connects to this listener, to wake a thread blocked in `accept`.
+    pub(crate) fn poke(&self) {
+        // Failure means nobody is blocked in accept any more, which is what we want.
+        let _ = match self {
+            Listener::Tcp(l) => l.local_addr().and_then(TcpStream::connect).map(drop),
+            Listener::Unix(_, p) => UnixStream::connect(p).map(drop),
+        };
+    }
+
+    /// The address as a URI, e.g. `nbd://127.0.0.1:10809` or `nbd+unix:///?socket=/x.sock`.
+    pub fn uri(&self) -> String {
+        match self {
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("nbd://{a}"),
+                Err(_) => "nbd://?".into(),
+            },
+            Listener::Unix(_, p) => format!("nbd+unix:///?socket={}", p.display()),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            // The socket file is ours; if it is already gone there is nothing to do.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! `vdk serve`: NBD exports in the foreground.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing::{info, warn};
+use vdk_backends::{FileDisk, FileOptions, MemoryDisk};
+use vdk_core::BlockDevice;
+use vdk_nbd::{Export, Listener, Server, ServerConfig};
+
+use crate::size::{parse_size, Human};
+
+/// The NBD port, on loopback only unless told otherwise.
+const DEFAULT_LISTEN: &str = "tcp://127.0.0.1:10809";
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  vdk serve disk.img                          the file as the default export, on port 10809
+  vdk serve --memory 4G                       a 4 GiB RAM disk
+  vdk serve --listen unix:///run/vdk.sock a.img b.img
+  vdk serve --export data=data.img --export scratch=memory:1G --read-only")]
+pub struct ServeArgs {
+    /// Raw image files to export, each under its file name; the first is also the default
+    /// export (the empty name).
+    images: Vec<PathBuf>,
+    /// Export a sparse RAM disk of this size (e.g. 4G) under the name "memory".
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// Export IMAGE under NAME; IMAGE is a path or memory:SIZE. Repeatable.
+    #[arg(long = "export", value_name = "NAME=IMAGE")]
+    exports: Vec<String>,
+    /// Refuse writes (files are opened read-only).
+    #[arg(long)]
+    read_only: bool,
+    /// Where to listen: tcp://HOST:PORT or unix:///PATH. Repeatable.
+    #[arg(long, value_name = "URI")]
+    listen: Vec<String>,
+    /// Open files with O_DIRECT (requests must then be 4096-aligned).
+    #[arg(long)]
+    direct: bool,
+    /// Most threads serving one connection (requests handled in parallel).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: u16,
+    /// A description shown to clients that list exports.
+    #[arg(long)]
+    description: Option<String>,
+}
+
+/// What one export serves.
+enum Source {
+    File(PathBuf),
+    Memory(u64),
+}
+
+fn parse_source(text: &str) -> anyhow::Result<Source> {
+    match text.strip_prefix("memory:") {
+        Some(size) => Ok(Source::Memory(parse_size(size)?)),
+        None => Ok(Source::File(PathBuf::from(text))),
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    )
+}
+
+fn open(source: &Source, args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice>> {
+    match source {
+        Source::Memory(size) => Ok(Arc::new(MemoryDisk::new(*size))),
+        Source::File(path) => {
+            let opts = FileOptions {
+                read_only: args.read_only,
+                direct: args.direct,
+            };
+            let disk = FileDisk::open(path, opts).map_err(|e| {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        " (create one with `truncate -s 1G FILE`, or serve RAM with --memory)"
+                    }
+                    std::io::ErrorKind::PermissionDenied => " (try --read-only)",
+                    _ => "",
+                };
+                anyhow::Error::new(e).context(format!("cannot open {}{hint}", path.display()))
+            })?;
+            Ok(Arc::new(disk))
+        }
+    }
+}
+
+fn exports(args: &ServeArgs) -> anyhow::Result<Vec<(String, Source)>> {
+    let mut list: Vec<(String, Source)> = Vec::new();
+    for path in &args.images {
+        list.push((file_name(path), Source::File(path.clone())));
+    }
+    if let Some(size) = &args.memory {
+        list.push(("memory".into(), Source::Memory(parse_size(size)?)));
+    }
+    for spec in &args.exports {
+        let Some((name, image)) = spec.split_once('=') else {
+            bail!("invalid --export {spec:?}: expected NAME=IMAGE, e.g. data=disk.img or ram=memory:1G");
+        };
+        if name.is_empty() || name.len() > 4096 {
+            bail!("invalid --export {spec:?}: the name must be 1 to 4096 bytes");
+        }
+        list.push((
+            name.into(),
+            parse_source(image).with_context(|| format!("in --export {spec:?}"))?,
+        ));
+    }
+    if list.is_empty() {
+        bail!("nothing to serve: give an IMAGE, --memory SIZE or --export NAME=IMAGE");
+    }
+    for (i, (name, _)) in list.iter().enumerate() {
+        if list[..i].iter().any(|(n, _)| n == name) {
+            bail!("two exports are named {name:?}: name them with --export NAME=IMAGE");
+        }
+    }
+    Ok(list)
+}
+
+fn listener(uri: &str) -> anyhow::Result<Listener> {
+    let l = if let Some(addr) = uri.strip_prefix("tcp://") {
+        Listener::tcp(addr.trim_end_matches('/'))
+    } else if let Some(path) = uri.strip_prefix("unix://") {
+        Listener::unix(path)
+    } else {
+        bail!("invalid --listen {uri:?}: use tcp://HOST:PORT or unix:///PATH");
+    };
+    l.with_context(|| format!("cannot listen on {uri}"))
+}
+
+/// Runs `vdk serve`.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let mut served = Vec::new();
+    for (name, source) in exports(&args)? {
+        let device = open(&source, &args)?;
+        let mut export = Export::new(name, device);
+        export.read_only = args.read_only;
+        export.description = args.description.clone().unwrap_or_default();
+        served.push(export);
+    }
+    let uris = if args.listen.is_empty() {
+        vec![DEFAULT_LISTEN.to_string()]
+    } else {
+        args.listen.clone()
+    };
+    let listeners = uris
+        .iter()
+        .map(|u| listener(u))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for e in &served {
+        let info = e.device.info();
+        let mode = if e.read_only || info.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        };
+        info!(export = %e.name, size = %Human(info.size), mode, "exporting");
+    }
+    for l in &listeners {
+        info!(uri = %l.uri(), "listening");
+    }
+    let config = ServerConfig {
+        threads_per_connection: usize::from(args.threads),
+        ..Default::default()
+    };
+    let server = Server::new(served, config);
+    let handle = server.shutdown_handle();
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    let signal_thread = signals.handle();
+    thread::spawn(move || {
+        let mut count = 0;
+        for sig in signals.forever() {
+            count += 1;
+            if count > 1 {
+                warn!(signal = sig, "second signal: exiting without waiting");
+                std::process::exit(1);
+            }
+            info!(signal = sig, "shutting down: finishing requests in flight");
+            handle.shutdown();
+        }
+    });
+    let result = server.serve(listeners).context("flush at shutdown failed");
+    signal_thread.close();
+    info!("stopped");
+    result
+}
