@@ -220,7 +220,13 @@ pub fn check_request(h: &RequestHeader, l: &Limits) -> Result<Command, u32> {
         let len = u64::from(h.len);
         let past_end = h.offset.checked_add(len).is_none_or(|end| end > l.size);
         if past_end {
-            return Err(if writes { errno::ENOSPC } else { errno::EINVAL });
+            // proto.md: writes past the end are ENOSPC, reads and trims EINVAL.
+            let data_write = matches!(h.kind, cmd::WRITE | cmd::WRITE_ZEROES);
+            return Err(if data_write {
+                errno::ENOSPC
+            } else {
+                errno::EINVAL
+            });
         }
         let bs = u64::from(l.min_block.max(1));
         if h.offset % bs != 0 || len % bs != 0 {
@@ -371,6 +377,12 @@ mod tests {
     fn write_past_end_is_enospc() {
         let r = check_request(&req(cmd::WRITE, 0, MIB - 1, 2), &limits(ALL));
         assert_eq!(r, Err(errno::ENOSPC));
+    }
+
+    #[test]
+    fn trim_past_end_is_einval() {
+        let r = check_request(&req(cmd::TRIM, 0, MIB - 1, 2), &limits(ALL));
+        assert_eq!(r, Err(errno::EINVAL));
     }
 
     #[test]

@@ -1,0 +1,238 @@
+//! Shared by the end-to-end tests: start the real `vdk` binary on a Unix socket in a temporary
+//! directory, and run client programs that nobody here wrote.
+//!
+//! A missing client program fails the test with the package to install; it never skips.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// Debian package of each client program the tests use.
+const PACKAGES: &[(&str, &str)] = &[
+    ("nbdinfo", "libnbd-bin"),
+    ("nbdsh", "python3-libnbd"),
+    ("nbdcopy", "libnbd-bin"),
+    ("nbdfuse", "nbdfuse"),
+    ("nbdkit", "nbdkit"),
+    ("qemu-img", "qemu-utils"),
+    ("qemu-io", "qemu-utils"),
+    ("losetup", "mount"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("fsck.ext4", "e2fsprogs"),
+    ("fusermount3", "fuse3"),
+    ("python3", "python3"),
+];
+
+/// PATH with Debian's directories first, so that `nbdsh` runs Debian's python3, which has
+/// the `nbd` module, even where another python3 comes first in PATH.
+pub fn path_env() -> String {
+    format!(
+        "/usr/bin:/usr/sbin:/bin:/sbin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Fails the test unless `tool` is installed, naming the package that has it.
+pub fn need(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .env("PATH", path_env())
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        let pkg = PACKAGES
+            .iter()
+            .find(|(t, _)| *t == tool)
+            .map_or(tool, |(_, p)| p);
+        panic!(
+            "this test needs `{tool}`: install it with `apt-get install {pkg}` \
+             (scripts/install-test-deps.sh installs everything the tests use)"
+        );
+    }
+}
+
+/// Fails the test unless it runs as root (loop devices, mounts).
+pub fn need_root() {
+    let uid = Command::new("id").arg("-u").output().expect("run id");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "this test attaches loop devices and mounts file systems: run it as root"
+    );
+}
+
+/// Runs a client program; panics with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .env("PATH", path_env())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a client program and returns its stdout as text.
+pub fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8(run(cmd).stdout).expect("utf-8 output")
+}
+
+/// A `vdk serve` process on a Unix socket in its own temporary directory.
+pub struct Vdk {
+    child: Option<Child>,
+    pub dir: TempDir,
+    pub sock: PathBuf,
+}
+
+impl Vdk {
+    /// Starts `vdk serve ARGS --listen unix://DIR/vdk.sock` in a new temporary directory.
+    /// Relative paths in ARGS are relative to that directory.
+    pub fn serve(args: &[&str]) -> Vdk {
+        Vdk::serve_in(TempDir::new().expect("tempdir"), args)
+    }
+
+    /// Like [`Vdk::serve`], in a directory the test has prepared (images already in it).
+    pub fn serve_in(dir: TempDir, args: &[&str]) -> Vdk {
+        let sock = dir.path().join("vdk.sock");
+        let log = std::fs::File::create(dir.path().join("vdk.log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_vdk"))
+            .arg("serve")
+            .args(args)
+            .arg("--listen")
+            .arg(format!("unix://{}", sock.display()))
+            .current_dir(dir.path())
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start vdk");
+        let mut vdk = Vdk {
+            child: Some(child),
+            dir,
+            sock,
+        };
+        vdk.wait_ready();
+        vdk
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&self.sock).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("vdk exited ({status}) before listening:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vdk did not listen in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The NBD URI of an export ("" for the default export).
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    /// A path inside the server's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// What vdk logged so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("vdk.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Sends SIGTERM and waits for vdk to exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("vdk is running");
+        signal(&child, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for vdk") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("vdk did not stop within 20 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{sig} failed");
+}
+
+impl Drop for Vdk {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Creates a sparse file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .expect("create sparse file");
+}
+
+/// `len` bytes of a pattern that differs at every offset, so a misplaced block shows.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed)
+        .collect()
+}
+
+/// Runs an nbdsh (Python libnbd) script from tests/nbdsh/ with `VDK_SOCKET` set.
+pub fn nbdsh_script(vdk: &Vdk, script: &str) {
+    need("nbdsh");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nbdsh");
+    let exec = |name: &str| {
+        format!(
+            "exec(open({:?}).read())",
+            dir.join(name).display().to_string()
+        )
+    };
+    run(Command::new("nbdsh")
+        .arg("-n")
+        .args(["-c", &exec("common.py"), "-c", &exec(script)])
+        .env("VDK_SOCKET", &vdk.sock)
+        .env("VDK_DIR", vdk.dir.path()));
+}
