@@ -29,7 +29,7 @@ pub struct FileOptions {
 }
 
 /// Alignment required with `O_DIRECT`: the page size, which covers any sector size.
-const DIRECT_ALIGN: usize = 4096;
+const DIRECT_ALIGN: u32 = 4096;
 
 /// Zero buffer for the write-zeroes fallback, written in pieces of this size.
 const ZERO_BUF: usize = 1 << 20;
@@ -79,12 +79,12 @@ impl FileDisk {
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
         check_range(self.size, offset, len)?;
-        let align = DIRECT_ALIGN as u64;
+        let align = u64::from(DIRECT_ALIGN);
         if self.opts.direct && (offset % align != 0 || len % align != 0) {
             return Err(Error::Misaligned {
                 offset,
                 len,
-                block_size: DIRECT_ALIGN as u32,
+                block_size: DIRECT_ALIGN,
             });
         }
         Ok(())
@@ -97,10 +97,11 @@ impl FileDisk {
     /// Writes zero-filled buffers over the range: the fallback when the file system has no
     /// cheaper way.
     fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
-        let zeroes = aligned_zeroes(ZERO_BUF.min(len as usize));
+        let zeroes = aligned_zeroes(usize::try_from(len).map_or(ZERO_BUF, |l| l.min(ZERO_BUF)));
         let mut pos = offset;
         while pos < offset + len {
-            let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
+            let n =
+                usize::try_from(offset + len - pos).map_or(zeroes.len(), |n| n.min(zeroes.len()));
             self.file.write_all_at(&zeroes[..n], pos)?;
             pos += n as u64;
         }
@@ -112,7 +113,7 @@ impl BlockDevice for FileDisk {
     fn info(&self) -> DiskInfo {
         let mut info = DiskInfo::new(self.size);
         if self.opts.direct {
-            info.logical_block_size = DIRECT_ALIGN as u32;
+            info.logical_block_size = DIRECT_ALIGN;
         }
         info.read_only = self.opts.read_only;
         info.caps = Capabilities {
@@ -204,8 +205,9 @@ impl BlockDevice for FileDisk {
 /// A zero-filled buffer of `len` bytes whose start is aligned for `O_DIRECT`. Made from an
 /// over-sized `Vec`, which needs no unsafe code.
 fn aligned_zeroes(len: usize) -> AlignedBuf {
-    let raw = vec![0u8; len + DIRECT_ALIGN];
-    let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    let align = DIRECT_ALIGN as usize;
+    let raw = vec![0u8; len + align];
+    let start = raw.as_ptr().align_offset(align).min(align);
     AlignedBuf { raw, start, len }
 }
 

@@ -5,6 +5,8 @@
 //! - [`MemoryDisk`]: a sparse RAM disk that allocates on first write and frees on trim.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// Tests build small buffers from constants; production code converts with checks.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 mod file;
 mod memory;

@@ -12,7 +12,8 @@ use std::sync::{PoisonError, RwLock};
 use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, ExtentKind, Extents, Result};
 
 /// Allocation granularity: 64 KiB, a balance between map size and the waste of small writes.
-pub const CHUNK: u64 = 64 << 10;
+pub const CHUNK: u64 = CHUNK_BYTES as u64;
+const CHUNK_BYTES: usize = 64 << 10;
 const SHARDS: usize = 64;
 
 type Chunk = Box<[u8]>;
@@ -43,6 +44,7 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = Piece> {
         let within = pos % CHUNK;
         let n = (CHUNK - within).min(end - pos);
         // All three fit in usize: they are below CHUNK or below a buffer's length.
+        #[allow(clippy::cast_possible_truncation)]
         let p = Piece {
             chunk,
             within: within as usize,
@@ -64,7 +66,10 @@ impl MemoryDisk {
     }
 
     fn shard(&self, chunk: u64) -> &RwLock<HashMap<u64, Chunk>> {
-        &self.shards[(chunk % SHARDS as u64) as usize]
+        // The remainder is below SHARDS, a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let i = (chunk % SHARDS as u64) as usize;
+        &self.shards[i]
     }
 
     /// Bytes of RAM holding data (allocated chunks).
@@ -134,7 +139,7 @@ impl BlockDevice for MemoryDisk {
                 c[p.within..p.within + p.len].copy_from_slice(data);
             } else if data.iter().any(|&b| b != 0) {
                 // Writing zeroes to a hole changes nothing, so it allocates nothing.
-                let mut c = vec![0u8; CHUNK as usize].into_boxed_slice();
+                let mut c = vec![0u8; CHUNK_BYTES].into_boxed_slice();
                 c[p.within..p.within + p.len].copy_from_slice(data);
                 shard.insert(p.chunk, c);
             }

@@ -11,6 +11,9 @@
 //! The constructor must return a fresh, writable, all-zero device of at least [`MIN_SIZE`]
 //! bytes each time it is called. Each check panics with a message naming what failed.
 
+// Test sizes here are small constants: the casts between them cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::sync::Arc;
 use std::thread;
 

@@ -20,6 +20,8 @@
 //!   advertises only what works.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// Tests build small buffers from constants; production code converts with checks.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 mod error;
 mod extents;

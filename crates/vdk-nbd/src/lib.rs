@@ -15,6 +15,8 @@
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// Tests build small buffers from constants; production code converts with checks.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 mod export;
 pub mod negotiate;

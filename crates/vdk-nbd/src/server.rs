@@ -452,7 +452,7 @@ fn discard(reader: &mut impl Read, len: u64) -> io::Result<()> {
     let mut buf = [0u8; DISCARD_BUF];
     let mut left = len;
     while left > 0 {
-        let n = left.min(DISCARD_BUF as u64) as usize;
+        let n = usize::try_from(left).map_or(DISCARD_BUF, |l| l.min(DISCARD_BUF));
         reader.read_exact(&mut buf[..n])?;
         left -= n as u64;
     }
@@ -528,6 +528,31 @@ fn send_error(conn: &Conn, h: &RequestHeader, code: u32, msg: &str) -> io::Resul
     send(conn, &[IoSlice::new(&tx::simple_reply(code, h.cookie))])
 }
 
+/// The runs of a read reply, as (start within the request, length, reads as zero). One data
+/// run unless the read is large, the client allows fragments, and the disk reports zeroes.
+fn read_runs(dev: &dyn BlockDevice, h: &RequestHeader, df: bool) -> Vec<(usize, usize, bool)> {
+    let len = h.len as usize;
+    let whole = vec![(0, len, false)];
+    if df || h.len < SPARSE_READ_MIN || !dev.info().caps.extents {
+        return whole;
+    }
+    let Ok(map) = dev.extents(h.offset, u64::from(h.len)) else {
+        return whole; // holes are an optimisation: the read itself will report a real error
+    };
+    let runs: Option<Vec<(usize, usize, bool)>> = map
+        .iter()
+        .map(|(at, r)| {
+            let start = usize::try_from(at.checked_sub(h.offset)?).ok()?;
+            Some((start, usize::try_from(r.len).ok()?, r.kind.reads_zero()))
+        })
+        .collect();
+    match runs {
+        // A map that does not cover the request exactly is not trusted.
+        Some(r) if map.len() == u64::from(h.len) && r.iter().any(|x| x.2) => r,
+        _ => whole,
+    }
+}
+
 fn serve_read(conn: &Conn, h: &RequestHeader, df: bool, scratch: &mut Scratch) -> io::Result<()> {
     let dev = &*conn.device;
     let len = h.len as usize;
@@ -543,50 +568,42 @@ fn serve_read(conn: &Conn, h: &RequestHeader, df: bool, scratch: &mut Scratch) -
             Err(e) => send_error(conn, h, nbd_errno(&e), &e.to_string()),
         };
     }
-    // Structured: holes go out as OFFSET_HOLE chunks unless the client forbids fragments.
-    let sparse = !df && h.len >= SPARSE_READ_MIN && dev.info().caps.extents;
-    let map = if sparse {
-        dev.extents(h.offset, u64::from(h.len)).ok()
-    } else {
-        None
-    };
-    let runs: Vec<(u64, u64, bool)> = match &map {
-        Some(m) if m.runs().len() > 1 || m.runs().first().is_some_and(|r| r.kind.reads_zero()) => m
-            .iter()
-            .map(|(at, r)| (at, r.len, r.kind.reads_zero()))
-            .collect(),
-        _ => vec![(h.offset, u64::from(h.len), false)],
-    };
+    // Structured: holes go out as OFFSET_HOLE chunks, data as OFFSET_DATA chunks, all in one
+    // writev; the last chunk carries the DONE flag.
+    let runs = read_runs(dev, h, df);
     let data = scratch.data(len);
-    for &(at, n, zero) in &runs {
+    for &(start, n, zero) in &runs {
         if !zero {
-            let from = (at - h.offset) as usize;
-            if let Err(e) = dev.read_at(&mut data[from..from + n as usize], at) {
+            if let Err(e) = dev.read_at(&mut data[start..start + n], h.offset + start as u64) {
                 return send_error(conn, h, nbd_errno(&e), &e.to_string());
             }
         }
     }
     let header = &mut scratch.header;
     header.clear();
-    // One header per run; the data slices are interleaved with them in one writev.
-    let mut spans = Vec::with_capacity(runs.len());
-    for (i, &(at, n, zero)) in runs.iter().enumerate() {
+    for (i, &(start, n, zero)) in runs.iter().enumerate() {
         let done = i + 1 == runs.len();
-        let start = header.len();
-        // Every run is part of a request of at most 32 MiB: its length fits a u32.
+        let at = h.offset + start as u64;
+        // n <= h.len, a u32.
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
         if zero {
-            tx::offset_hole(header, done, h.cookie, at, n as u32);
+            tx::offset_hole(header, done, h.cookie, at, n32);
         } else {
-            tx::offset_data_header(header, done, h.cookie, at, n as u32);
+            tx::offset_data_header(header, done, h.cookie, at, n32);
         }
-        spans.push((start, header.len(), at, n, zero));
     }
-    let mut bufs = Vec::with_capacity(2 * spans.len());
-    for &(hs, he, at, n, zero) in &spans {
-        bufs.push(IoSlice::new(&header[hs..he]));
+    let mut bufs = Vec::with_capacity(2 * runs.len());
+    let mut hdr_at = 0;
+    for &(start, n, zero) in &runs {
+        let hdr_len = if zero {
+            tx::CHUNK_HEADER_LEN + 12
+        } else {
+            tx::CHUNK_HEADER_LEN + 8
+        };
+        bufs.push(IoSlice::new(&header[hdr_at..hdr_at + hdr_len]));
+        hdr_at += hdr_len;
         if !zero {
-            let from = (at - h.offset) as usize;
-            bufs.push(IoSlice::new(&scratch.data[from..from + n as usize]));
+            bufs.push(IoSlice::new(&scratch.data[start..start + n]));
         }
     }
     send(conn, &bufs)
@@ -617,7 +634,7 @@ fn serve_block_status(
                 ExtentKind::Zero => STATE_ZERO,
             };
             // A run lies inside the request, whose length is a u32.
-            (r.len as u32, flags)
+            (u32::try_from(r.len).unwrap_or(u32::MAX), flags)
         })
         .collect();
     scratch.header.clear();

@@ -1,5 +1,6 @@
 //! `vdk`, the virtual disk kit: serve disks from user space.
 #![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 mod cli;
 mod size;

@@ -1,4 +1,5 @@
 //! vdk served to the clients people use: nbdinfo, qemu-img, qemu-io, nbdcopy.
+#![allow(clippy::cast_possible_truncation)] // test sizes are small constants
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! A real file system on a vdk disk: nbdfuse exposes the export as a file, a loop device makes
 //! it a block device, then mkfs.ext4, mount, files written and checked, fsck. Needs root.
+#![allow(clippy::cast_possible_truncation)] // test sizes are small constants
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The NBD server driven by nbdsh (Python libnbd): every option and command, and the errors.
+#![allow(clippy::cast_possible_truncation)] // test sizes are small constants
 
 mod common;
 

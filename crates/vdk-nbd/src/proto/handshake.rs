@@ -252,7 +252,9 @@ pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
 
 /// Data of NBD_REP_SERVER: name length, name, description.
 pub fn server_entry(name: &str, description: &str) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    // Export names are at most 4096 bytes (checked where exports are made).
+    let name_len = u32::try_from(name.len()).unwrap_or(u32::MAX);
+    let mut d = name_len.to_be_bytes().to_vec();
     d.extend_from_slice(name.as_bytes());
     d.extend_from_slice(description.as_bytes());
     d

@@ -301,8 +301,7 @@ pub fn done_chunk(out: &mut Vec<u8>, cookie: u64) {
 /// Appends a final ERROR chunk with a message (cut to the protocol's string limit).
 pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
     let msg = &message.as_bytes()[..message.len().min(super::MAX_STRING)];
-    // msg is at most 4096 bytes: the casts below cannot truncate.
-    let msg_len = msg.len() as u16;
+    let msg_len = u16::try_from(msg.len()).unwrap_or(0); // at most 4096
     chunk_header(
         out,
         REPLY_FLAG_DONE,
@@ -318,7 +317,7 @@ pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
 /// Appends a final BLOCK_STATUS chunk of `(length, flags)` descriptors.
 pub fn block_status(out: &mut Vec<u8>, cookie: u64, context: u32, extents: &[(u32, u32)]) {
     // Callers bound the descriptor count far below 2^29.
-    let len = 4 + 8 * extents.len() as u32;
+    let len = u32::try_from(4 + 8 * extents.len()).unwrap_or(u32::MAX);
     chunk_header(out, REPLY_FLAG_DONE, chunk::BLOCK_STATUS, cookie, len);
     out.extend_from_slice(&context.to_be_bytes());
     for (length, flags) in extents {

@@ -181,6 +181,14 @@ impl Vdk {
         }
     }
 
+    /// Kills vdk with SIGKILL (no shutdown code runs) and waits for it; the directory stays.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("vdk is running");
+        signal(&child, "KILL");
+        let status = child.wait().expect("wait for vdk");
+        assert!(!status.success(), "vdk survived SIGKILL");
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.child
