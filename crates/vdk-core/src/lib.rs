@@ -66,7 +66,26 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
 
     /// Makes a range read back as zeroes. With `may_trim` the device may free the storage
     /// (leave a hole); without it the range stays allocated. With `fua`, durable on return.
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()>;
+    ///
+    /// The default writes zero-filled buffers of at most 1 MiB with `write_at`; a device with
+    /// a cheaper way overrides it and sets `info().caps.fast_zero`.
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        const PIECE: usize = 1 << 20;
+        let _ = may_trim;
+        check_range(self.info().size, offset, len)?;
+        let piece = |left: u64| usize::try_from(left).map_or(PIECE, |l| l.min(PIECE));
+        let zeroes = vec![0u8; piece(len)];
+        let mut at = offset;
+        while at < offset + len {
+            let n = piece(offset + len - at);
+            self.write_at(&zeroes[..n], at, false)?;
+            at += n as u64;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
 
     /// Describes `[offset, offset + len)` as runs of data, holes and zeroes. The runs cover
     /// the whole range, in order. A device that cannot tell reports everything as data.

@@ -24,6 +24,17 @@ pub mod proto;
 mod server;
 mod stream;
 
+use std::sync::Arc;
+
+use vdk_core::BlockDevice;
+
 pub use export::Export;
 pub use server::{Server, ServerConfig, ShutdownHandle};
 pub use stream::{Listener, Stream};
+
+/// Serves one disk as the default export at `uri` (`tcp://HOST:PORT` or `unix:///PATH`) until
+/// the process ends: the one call a custom disk needs.
+pub fn serve(device: Arc<dyn BlockDevice>, uri: &str) -> std::io::Result<()> {
+    let server = Server::new(vec![Export::new("", device)], ServerConfig::default());
+    server.serve(vec![Listener::bind(uri)?])
+}

@@ -124,6 +124,20 @@ impl Listener {
         }
     }
 
+    /// Listens where `uri` says: `tcp://HOST:PORT` or `unix:///PATH`.
+    pub fn bind(uri: &str) -> io::Result<Listener> {
+        if let Some(addr) = uri.strip_prefix("tcp://") {
+            Listener::tcp(addr.trim_end_matches('/'))
+        } else if let Some(path) = uri.strip_prefix("unix://") {
+            Listener::unix(path)
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid listen address {uri:?}: use tcp://HOST:PORT or unix:///PATH"),
+            ))
+        }
+    }
+
     /// Waits for the next client.
     pub fn accept(&self) -> io::Result<Stream> {
         match self {

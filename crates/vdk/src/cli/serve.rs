@@ -127,14 +127,10 @@ fn exports(args: &ServeArgs) -> anyhow::Result<Vec<(String, Source)>> {
 }
 
 fn listener(uri: &str) -> anyhow::Result<Listener> {
-    let l = if let Some(addr) = uri.strip_prefix("tcp://") {
-        Listener::tcp(addr.trim_end_matches('/'))
-    } else if let Some(path) = uri.strip_prefix("unix://") {
-        Listener::unix(path)
-    } else {
-        bail!("invalid --listen {uri:?}: use tcp://HOST:PORT or unix:///PATH");
-    };
-    l.with_context(|| format!("cannot listen on {uri}"))
+    match Listener::bind(uri) {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => bail!("--listen: {e}"),
+        l => l.with_context(|| format!("cannot listen on {uri}")),
+    }
 }
 
 /// Runs `vdk serve`.

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what vdk's tests and benchmarks use, on Debian or Ubuntu: the Rust toolchain's
+# clippy and rustfmt (if rustup is there) and the real NBD clients and peers the tests drive.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+packages=(
+  libnbd-bin      # nbdinfo, nbdcopy
+  python3-libnbd  # nbdsh
+  nbdfuse         # the export as a file, for loop devices
+  nbdkit          # peer in benchmarks
+  qemu-utils      # qemu-img, qemu-io, qemu-nbd
+  fuse3           # fusermount3
+  fio             # benchmarks (nbd engine)
+  e2fsprogs       # mkfs.ext4, fsck.ext4
+  mount           # losetup, mount
+  python3         # nbdsh runs on Debian's python3
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+fi
+echo "test dependencies are installed"
