@@ -154,6 +154,17 @@ impl BlockDevice for FileDisk {
         Ok(())
     }
 
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.check(offset, buf.len() as u64)?;
+        // O_DIRECT always waits for the device.
+        Ok(!self.opts.direct && sys::read_cached(&self.file, buf, offset))
+    }
+
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        self.writable(offset, buf.len() as u64)?;
+        Ok(!self.opts.direct && sys::write_cached(&self.file, buf, offset))
+    }
+
     fn flush(&self) -> Result<()> {
         if self.opts.read_only {
             return Ok(());
@@ -296,6 +307,23 @@ mod sys {
         Ok(map)
     }
 
+    /// Reads all of `buf` from the page cache, without waiting for the disk: `preadv2` with
+    /// `RWF_NOWAIT`. False if any of it is not cached (or the kernel lacks the flag).
+    pub(super) fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> bool {
+        let want = buf.len();
+        let mut bufs = [std::io::IoSliceMut::new(buf)];
+        let flags = rustix::io::ReadWriteFlags::NOWAIT;
+        matches!(rustix::io::preadv2(file, &mut bufs, offset, flags), Ok(n) if n == want)
+    }
+
+    /// Writes all of `buf` into the page cache without waiting (`pwritev2` with
+    /// `RWF_NOWAIT`). False if that would block; part may have been written.
+    pub(super) fn write_cached(file: &File, buf: &[u8], offset: u64) -> bool {
+        let bufs = [std::io::IoSlice::new(buf)];
+        let flags = rustix::io::ReadWriteFlags::NOWAIT;
+        matches!(rustix::io::pwritev2(file, &bufs, offset, flags), Ok(n) if n == buf.len())
+    }
+
     pub(super) fn will_need(file: &File, offset: u64, len: u64) {
         let advice = rustix::fs::Advice::WillNeed;
         // A hint: failure changes nothing the caller could act on.
@@ -324,6 +352,12 @@ mod sys {
         Ok(Extents::all_data(offset, len))
     }
     pub(super) fn will_need(_: &File, _: u64, _: u64) {}
+    pub(super) fn read_cached(_: &File, _: &mut [u8], _: u64) -> bool {
+        false
+    }
+    pub(super) fn write_cached(_: &File, _: &[u8], _: u64) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

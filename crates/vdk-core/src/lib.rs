@@ -53,6 +53,26 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// A read-only device fails with [`Error::ReadOnly`].
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
 
+    /// Reads as [`read_at`](Self::read_at) does if that needs no wait for a device or the
+    /// network: `Ok(true)` when `buf` is filled, `Ok(false)` when it would wait (then the
+    /// contents of `buf` are unspecified; call `read_at` from a thread that may block).
+    ///
+    /// Front ends use it to serve fast requests on the thread that read them, without a
+    /// hand-off. The default says it would always wait.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
+
+    /// Writes as [`write_at`](Self::write_at) does (without FUA) if that needs no wait:
+    /// `Ok(true)` when all of `buf` is written, `Ok(false)` when it would wait (then part of
+    /// `buf` may have been written; call `write_at` with all of it). The default says it
+    /// would always wait.
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
+
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> Result<()>;
 

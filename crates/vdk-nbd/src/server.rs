@@ -1,27 +1,29 @@
 //! The NBD server: listeners, connections and the threads that serve them.
 //!
-//! Each connection is served by a small pool of threads that take turns reading:
+//! Each connection has one reader thread and, on demand, a few workers:
 //!
 //! ```text
-//!   socket ──read lock──► thread A: parse request, read payload, release lock,
-//!                                   run it on the disk, reply under the write lock
-//!                         thread B: waits for the read lock meanwhile, then the same
+//!   socket ─► reader: parse request ─┬─ disk can answer at once (try_read_at/try_write_at)
+//!                                    │    └─► reply appended to the batch
+//!                                    └─ it would wait (cache miss, flush, FUA, trim, ...)
+//!                                         └─► queue ─► worker: run it, send its reply
+//!   batch ─► one writev, whenever the reader is about to wait for the client
 //! ```
 //!
-//! A thread that has just read a request and sees nobody waiting to read next starts another
-//! thread (up to [`ServerConfig::threads_per_connection`]), so a connection with one request
-//! at a time keeps one thread and a deep queue gets parallel service with no hand-off between
-//! a reader and workers. Replies go out as requests finish, in any order. Reads from the
-//! socket are buffered, so several small requests cost one system call; a reply is one
-//! `writev` of header and data.
+//! A burst of requests that the disk answers from memory (a RAM disk, a file's page cache)
+//! costs one read and one write system call and no thread hand-off; requests that wait run in
+//! parallel on up to [`ServerConfig::threads_per_connection`] workers, and their replies go
+//! out as they finish, in any order. Replies are whole: the write lock is held for a reply's
+//! header and data together.
 //!
 //! Shutdown ([`ShutdownHandle::shutdown`]) stops the listeners, then shuts down the reading
 //! side of every connection: requests already read are finished and answered, then the
 //! connection closes and every export is flushed.
 
+use std::collections::VecDeque;
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -282,144 +284,228 @@ fn run_connection(
         }
     };
     let conn = Arc::new(Conn {
-        reader: Mutex::new(BufReader::with_capacity(READ_BUF, stream)),
         writer: Mutex::new(writer),
         device: Arc::clone(&export.device),
         limits,
         fast_zero: info.caps.fast_zero,
-        closing: AtomicBool::new(false),
-        waiting: AtomicUsize::new(0),
-        threads: AtomicUsize::new(1),
-        max_threads: config.threads_per_connection.max(1),
-        workers: Mutex::new(Vec::new()),
+        sparse_reads: info.caps.extents,
+        broken: AtomicBool::new(false),
+        pool: Pool::new(config.threads_per_connection.max(1)),
     });
-    worker(&conn);
-    // Join every worker, including ones started while we join.
-    loop {
-        let next = conn
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        match next {
-            Some(h) => {
-                let _ = h.join(); // a panicking worker already logged; the rest continue
-            }
-            None => break,
-        }
-    }
+    transmission(&conn, stream);
     info!(%peer, "client disconnected");
 }
 
-/// One connection in transmission.
+/// One connection in transmission: what the reader thread and the workers share.
 struct Conn {
-    reader: Mutex<BufReader<Stream>>,
     writer: Mutex<Stream>,
     device: Arc<dyn BlockDevice>,
     limits: Limits,
     fast_zero: bool,
-    closing: AtomicBool,
-    /// Threads waiting for the read lock.
-    waiting: AtomicUsize,
-    threads: AtomicUsize,
-    max_threads: usize,
-    workers: Mutex<Vec<thread::JoinHandle<()>>>,
+    sparse_reads: bool,
+    /// A reply could not be sent: the connection is finished.
+    broken: AtomicBool,
+    pool: Pool,
 }
 
-/// A request read off the socket, with its payload (for writes) in the worker's buffer.
-enum Next {
-    Request(RequestHeader, Result<Command, u32>),
-    Closed,
+/// A request handed to a worker because it may wait.
+struct Job {
+    header: RequestHeader,
+    command: Command,
+    payload: Vec<u8>,
 }
 
-/// Per-thread scratch space, reused across requests so the hot path does not allocate.
+/// Worker threads of one connection, started on demand up to `max`.
+struct Pool {
+    state: Mutex<PoolState>,
+    ready: Condvar,
+    max: usize,
+}
+
 #[derive(Default)]
-struct Scratch {
-    data: Vec<u8>,
-    header: Vec<u8>,
+struct PoolState {
+    jobs: VecDeque<Job>,
+    idle: usize,
+    threads: Vec<thread::JoinHandle<()>>,
+    closed: bool,
 }
 
-impl Scratch {
-    /// A buffer of exactly `len` bytes; grows, never shrinks.
-    fn data(&mut self, len: usize) -> &mut [u8] {
-        if self.data.len() < len {
-            self.data.resize(len, 0);
-        }
-        &mut self.data[..len]
+impl Pool {
+    fn new(max: usize) -> Pool {
+        Pool { state: Mutex::default(), ready: Condvar::new(), max }
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn submit(conn: &Arc<Conn>, job: Job) {
+        let mut st = conn.pool.lock();
+        st.jobs.push_back(job);
+        if st.idle == 0 && st.threads.len() < conn.pool.max {
+            let c = Arc::clone(conn);
+            match thread::Builder::new().name("nbd-worker".into()).spawn(move || worker(&c)) {
+                Ok(h) => st.threads.push(h),
+                // The threads already running will take the job.
+                Err(e) => debug!(error = %e, "cannot start another worker"),
+            }
+        }
+        drop(st);
+        conn.pool.ready.notify_one();
+    }
+
+    fn next(&self) -> Option<Job> {
+        let mut st = self.lock();
+        loop {
+            if let Some(job) = st.jobs.pop_front() {
+                return Some(job);
+            }
+            if st.closed {
+                return None;
+            }
+            st.idle += 1;
+            st = self.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.idle -= 1;
+        }
+    }
+
+    /// Lets the workers finish every queued job, then joins them.
+    fn close(&self) {
+        let threads = {
+            let mut st = self.lock();
+            st.closed = true;
+            std::mem::take(&mut st.threads)
+        };
+        self.ready.notify_all();
+        for t in threads {
+            let _ = t.join(); // a worker that panicked has already been reported
+        }
+    }
+}
+
+/// Replies waiting to be sent, so that a burst of small requests costs one `writev`.
+#[derive(Default)]
+struct Batch {
+    /// Reply headers, and the data of small reads, back to back.
+    out: Vec<u8>,
+    /// The data of one large read, sent after `out` without being copied into it.
+    big: Vec<u8>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.out.is_empty() && self.big.is_empty()
+    }
+
+    fn flush(&mut self, conn: &Conn) -> io::Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let mut bufs = [IoSlice::new(&self.out), IoSlice::new(&self.big)];
+        let r = conn.writer.lock().unwrap_or_else(PoisonError::into_inner).write_all_vectored(&mut bufs);
+        self.out.clear();
+        self.big.clear();
+        r
+    }
+
+    fn ok(&mut self, cookie: u64) {
+        self.out.extend_from_slice(&tx::simple_reply(0, cookie));
+    }
+
+    /// An error reply: a structured ERROR chunk for reads and block status when structured
+    /// replies are on (simple replies are allowed for the rest), else a simple reply.
+    fn error(&mut self, conn: &Conn, h: &RequestHeader, code: u32, msg: &str) {
+        let structured_cmd = matches!(h.kind, tx::cmd::READ | tx::cmd::BLOCK_STATUS);
+        if conn.limits.structured && structured_cmd {
+            tx::error_chunk(&mut self.out, h.cookie, code, msg);
+        } else {
+            self.out.extend_from_slice(&tx::simple_reply(code, h.cookie));
+        }
+    }
+
+    fn failed(&mut self, conn: &Conn, h: &RequestHeader, e: &Error) {
+        debug!(cmd = h.kind, offset = h.offset, len = h.len, error = %e, "request failed");
+        self.error(conn, h, nbd_errno(e), &e.to_string());
+    }
+}
+
+/// Reads smaller than this are copied into the reply batch; larger ones are sent from their
+/// own buffer.
+const COPY_READ_MAX: usize = 64 << 10;
+
+/// Replies are sent once this much is waiting, even if more requests are buffered.
+const BATCH_MAX: usize = 256 << 10;
+
+/// The reader: parses requests, serves the ones that need no wait inline, hands the rest to
+/// workers, and sends batched replies whenever it is about to wait for the client.
+fn transmission(conn: &Arc<Conn>, stream: Stream) {
+    let mut reader = BufReader::with_capacity(READ_BUF, stream);
+    let mut batch = Batch::default();
+    let mut payload = Vec::new();
+    loop {
+        // A large read's data must follow its header at once; small replies wait while more
+        // requests are already buffered, so that a burst is answered with one writev.
+        let due = !batch.big.is_empty()
+            || (!batch.out.is_empty()
+                && (batch.out.len() >= BATCH_MAX || !request_buffered(reader.buffer())));
+        if due {
+            if let Err(e) = batch.flush(conn) {
+                debug!(error = %e, "cannot send replies");
+                break;
+            }
+        }
+        let (header, command) = match read_request(conn, &mut reader, &mut payload) {
+            Next::Request(h, c) => (h, c),
+            Next::Closed => break,
+        };
+        if conn.broken.load(Ordering::SeqCst) {
+            break;
+        }
+        let command = match command {
+            Ok(Command::Disc) => {
+                debug!("client sent disconnect");
+                break;
+            }
+            Ok(c) => c,
+            Err(code) => {
+                batch.error(conn, &header, code, "invalid request");
+                continue;
+            }
+        };
+        if !serve_inline(conn, &header, command, &payload, &mut batch) {
+            let payload = std::mem::take(&mut payload);
+            Pool::submit(conn, Job { header, command, payload });
+        }
+    }
+    // Requests already read are answered before the connection closes.
+    let _ = batch.flush(conn); // the client may be gone; nothing else to tell it
+    conn.pool.close();
+}
+
+/// Whether the read buffer holds a whole request (header and payload).
+fn request_buffered(buf: &[u8]) -> bool {
+    let Some(raw) = buf.get(..tx::REQUEST_LEN) else {
+        return false;
+    };
+    let raw: &[u8; tx::REQUEST_LEN] = raw.try_into().unwrap_or(&[0; tx::REQUEST_LEN]);
+    RequestHeader::parse(raw)
+        .is_some_and(|h| buf.len() - tx::REQUEST_LEN >= h.payload_len() as usize)
 }
 
 fn worker(conn: &Arc<Conn>) {
-    let mut scratch = Scratch::default();
-    loop {
-        let next = {
-            conn.waiting.fetch_add(1, Ordering::SeqCst);
-            let mut reader = conn.reader.lock().unwrap_or_else(PoisonError::into_inner);
-            conn.waiting.fetch_sub(1, Ordering::SeqCst);
-            if conn.closing.load(Ordering::SeqCst) {
-                return;
-            }
-            read_request(conn, &mut reader, &mut scratch)
-        };
-        let (header, command) = match next {
-            Next::Request(h, c) => (h, c),
-            Next::Closed => {
-                conn.closing.store(true, Ordering::SeqCst);
-                return;
-            }
-        };
-        if command == Ok(Command::Disc) {
-            debug!("client sent disconnect");
-            conn.closing.store(true, Ordering::SeqCst);
-            return;
-        }
-        maybe_grow(conn);
-        if let Err(e) = serve_request(conn, &header, command, &mut scratch) {
+    let mut batch = Batch::default();
+    while let Some(job) = conn.pool.next() {
+        serve_blocking(conn, &job, &mut batch);
+        if let Err(e) = batch.flush(conn) {
             debug!(error = %e, "cannot send reply, closing");
-            conn.closing.store(true, Ordering::SeqCst);
-            // Wake the reader so the other threads see the close.
-            let _ = conn
-                .writer
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .shutdown(Shutdown::Both);
-            return;
+            conn.broken.store(true, Ordering::SeqCst);
+            // Wake the reader so it sees the connection is finished.
+            let _ = conn.writer.lock().unwrap_or_else(PoisonError::into_inner).shutdown(Shutdown::Both);
         }
     }
 }
 
-/// Starts another thread if nobody is waiting to read the next request.
-fn maybe_grow(conn: &Arc<Conn>) {
-    if conn.waiting.load(Ordering::SeqCst) > 0 {
-        return;
-    }
-    let n = conn.threads.load(Ordering::SeqCst);
-    if n >= conn.max_threads
-        || conn
-            .threads
-            .compare_exchange(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-    {
-        return;
-    }
-    let c = Arc::clone(conn);
-    match thread::Builder::new()
-        .name("nbd-worker".into())
-        .spawn(move || worker(&c))
-    {
-        Ok(h) => conn
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(h),
-        Err(e) => {
-            conn.threads.fetch_sub(1, Ordering::SeqCst);
-            debug!(error = %e, "cannot start another worker");
-        }
-    }
-}
-
-fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, scratch: &mut Scratch) -> Next {
+fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, payload: &mut Vec<u8>) -> Next {
     let mut raw = [0u8; tx::REQUEST_LEN];
     if let Err(e) = reader.read_exact(&mut raw) {
         if e.kind() != io::ErrorKind::UnexpectedEof {
@@ -432,13 +518,17 @@ fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, scratch: &mut Scrat
         return Next::Closed;
     };
     let command = check_request(&header, &conn.limits);
-    let payload = header.payload_len();
-    if payload > 0 {
+    let len = header.payload_len() as usize;
+    if len > 0 {
         let got = if command.is_ok() {
-            reader.read_exact(scratch.data(payload as usize))
+            // Grows once to the largest write seen, then is reused: no allocation per write.
+            if payload.len() < len {
+                payload.resize(len, 0);
+            }
+            reader.read_exact(&mut payload[..len])
         } else {
             // A refused write's data is skipped in small pieces, never held whole.
-            discard(reader, u64::from(payload))
+            discard(reader, u64::from(header.payload_len()))
         };
         if let Err(e) = got {
             debug!(error = %e, "payload read failed");
@@ -446,6 +536,12 @@ fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, scratch: &mut Scrat
         }
     }
     Next::Request(header, command)
+}
+
+/// A request read off the socket.
+enum Next {
+    Request(RequestHeader, Result<Command, u32>),
+    Closed,
 }
 
 fn discard(reader: &mut impl Read, len: u64) -> io::Result<()> {
@@ -471,72 +567,58 @@ fn nbd_errno(e: &Error) -> u32 {
     }
 }
 
-fn serve_request(
-    conn: &Conn,
-    h: &RequestHeader,
-    command: Result<Command, u32>,
-    scratch: &mut Scratch,
-) -> io::Result<()> {
-    let command = match command {
-        Ok(c) => c,
-        Err(code) => return send_error(conn, h, code, "invalid request"),
-    };
-    let dev = &*conn.device;
-    let len = u64::from(h.len);
-    let result = match command {
-        Command::Read { df } => return serve_read(conn, h, df, scratch),
-        Command::BlockStatus { req_one } => return serve_block_status(conn, h, req_one, scratch),
-        Command::Write { fua } => dev.write_at(&scratch.data[..h.len as usize], h.offset, fua),
-        Command::Flush => dev.flush(),
-        Command::Trim { fua } => {
-            dev.trim(h.offset, len)
-                .and_then(|()| if fua { dev.flush() } else { Ok(()) })
+/// Serves a read or a plain write on the reader's thread if the disk can do it without
+/// waiting. False: nothing was done, hand it to a worker.
+fn serve_inline(conn: &Conn, h: &RequestHeader, c: Command, payload: &[u8], b: &mut Batch) -> bool {
+    match c {
+        Command::Read { df } => read_reply(conn, h, df, false, b),
+        Command::Write { fua: false } => {
+            match conn.device.try_write_at(&payload[..h.len as usize], h.offset) {
+                Ok(true) => b.ok(h.cookie),
+                Ok(false) => return false,
+                Err(e) => b.failed(conn, h, &e),
+            }
+            true
         }
+        _ => false,
+    }
+}
+
+/// Serves any request, waiting as long as the disk needs.
+fn serve_blocking(conn: &Conn, job: &Job, b: &mut Batch) {
+    let (h, dev) = (&job.header, &*conn.device);
+    let len = u64::from(h.len);
+    let result = match job.command {
+        Command::Read { df } => {
+            read_reply(conn, h, df, true, b);
+            return;
+        }
+        Command::BlockStatus { req_one } => return block_status_reply(conn, h, req_one, b),
+        Command::Write { fua } => dev.write_at(&job.payload[..h.len as usize], h.offset, fua),
+        Command::Flush => dev.flush(),
+        Command::Trim { fua } => dev.trim(h.offset, len).and_then(|()| if fua { dev.flush() } else { Ok(()) }),
         Command::Cache => dev.cache(h.offset, len),
         Command::WriteZeroes { fast, .. } if fast && !conn.fast_zero => {
-            return send_error(conn, h, errno::ENOTSUP, "zeroing would not be fast");
+            return b.error(conn, h, errno::ENOTSUP, "zeroing would not be fast");
         }
         Command::WriteZeroes { fua, no_hole, .. } => dev.write_zeroes(h.offset, len, !no_hole, fua),
         Command::Disc => Ok(()),
     };
     match result {
-        Ok(()) => send(conn, &[IoSlice::new(&tx::simple_reply(0, h.cookie))]),
-        Err(e) => {
-            warn!(cmd = h.kind, offset = h.offset, len = h.len, error = %e, "request failed");
-            send_error(conn, h, nbd_errno(&e), &e.to_string())
-        }
+        Ok(()) => b.ok(h.cookie),
+        Err(e) => b.failed(conn, h, &e),
     }
-}
-
-fn send(conn: &Conn, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-    let mut bufs = bufs.to_vec();
-    conn.writer
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .write_all_vectored(&mut bufs)
-}
-
-/// An error reply: a structured ERROR chunk for reads and block status when structured
-/// replies are on (simple replies are allowed for the rest), else a simple reply.
-fn send_error(conn: &Conn, h: &RequestHeader, code: u32, msg: &str) -> io::Result<()> {
-    let structured_cmd = matches!(h.kind, tx::cmd::READ | tx::cmd::BLOCK_STATUS);
-    if conn.limits.structured && structured_cmd {
-        let mut out = Vec::with_capacity(tx::CHUNK_HEADER_LEN + 6 + msg.len());
-        tx::error_chunk(&mut out, h.cookie, code, msg);
-        return send(conn, &[IoSlice::new(&out)]);
-    }
-    send(conn, &[IoSlice::new(&tx::simple_reply(code, h.cookie))])
 }
 
 /// The runs of a read reply, as (start within the request, length, reads as zero). One data
 /// run unless the read is large, the client allows fragments, and the disk reports zeroes.
-fn read_runs(dev: &dyn BlockDevice, h: &RequestHeader, df: bool) -> Vec<(usize, usize, bool)> {
+fn read_runs(conn: &Conn, h: &RequestHeader, df: bool) -> Vec<(usize, usize, bool)> {
     let len = h.len as usize;
     let whole = vec![(0, len, false)];
-    if df || h.len < SPARSE_READ_MIN || !dev.info().caps.extents {
+    if df || h.len < SPARSE_READ_MIN || !conn.sparse_reads || !conn.limits.structured {
         return whole;
     }
-    let Ok(map) = dev.extents(h.offset, u64::from(h.len)) else {
+    let Ok(map) = conn.device.extents(h.offset, u64::from(h.len)) else {
         return whole; // holes are an optimisation: the read itself will report a real error
     };
     let runs: Option<Vec<(usize, usize, bool)>> = map
@@ -553,74 +635,82 @@ fn read_runs(dev: &dyn BlockDevice, h: &RequestHeader, df: bool) -> Vec<(usize, 
     }
 }
 
-fn serve_read(conn: &Conn, h: &RequestHeader, df: bool, scratch: &mut Scratch) -> io::Result<()> {
+/// Appends the reply to a read to `b` (a large read's data goes to `b.big`, which must then be
+/// sent before anything else is added): a simple reply, or structured chunks (data, and holes
+/// as OFFSET_HOLE chunks). With `wait` false the disk is only asked for data it has at hand;
+/// false means it would have to wait and nothing was added.
+fn read_reply(conn: &Conn, h: &RequestHeader, df: bool, wait: bool, b: &mut Batch) -> bool {
     let dev = &*conn.device;
-    let len = h.len as usize;
-    if !conn.limits.structured {
-        return match dev.read_at(scratch.data(len), h.offset) {
-            Ok(()) => {
-                let reply = tx::simple_reply(0, h.cookie);
-                send(
-                    conn,
-                    &[IoSlice::new(&reply), IoSlice::new(&scratch.data[..len])],
-                )
-            }
-            Err(e) => send_error(conn, h, nbd_errno(&e), &e.to_string()),
-        };
-    }
-    // Structured: holes go out as OFFSET_HOLE chunks, data as OFFSET_DATA chunks, all in one
-    // writev; the last chunk carries the DONE flag.
-    let runs = read_runs(dev, h, df);
-    let data = scratch.data(len);
-    for &(start, n, zero) in &runs {
-        if !zero {
-            if let Err(e) = dev.read_at(&mut data[start..start + n], h.offset + start as u64) {
-                return send_error(conn, h, nbd_errno(&e), &e.to_string());
-            }
-        }
-    }
-    let header = &mut scratch.header;
-    header.clear();
-    for (i, &(start, n, zero)) in runs.iter().enumerate() {
-        let done = i + 1 == runs.len();
-        let at = h.offset + start as u64;
-        // n <= h.len, a u32.
-        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
-        if zero {
-            tx::offset_hole(header, done, h.cookie, at, n32);
+    let read = |buf: &mut [u8], at: u64| {
+        if wait {
+            dev.read_at(buf, at).map(|()| true)
         } else {
-            tx::offset_data_header(header, done, h.cookie, at, n32);
+            dev.try_read_at(buf, at)
         }
-    }
-    let mut bufs = Vec::with_capacity(2 * runs.len());
-    let mut hdr_at = 0;
-    for &(start, n, zero) in &runs {
-        let hdr_len = if zero {
-            tx::CHUNK_HEADER_LEN + 12
+    };
+    let mark = b.out.len();
+    let runs = read_runs(conn, h, df);
+    let outcome = if let [(0, n, false)] = runs[..] {
+        // One data run: header, then the data into the batch or, if large, its own buffer.
+        if conn.limits.structured {
+            tx::offset_data_header(&mut b.out, true, h.cookie, h.offset, h.len);
         } else {
-            tx::CHUNK_HEADER_LEN + 8
-        };
-        bufs.push(IoSlice::new(&header[hdr_at..hdr_at + hdr_len]));
-        hdr_at += hdr_len;
-        if !zero {
-            bufs.push(IoSlice::new(&scratch.data[start..start + n]));
+            b.out.extend_from_slice(&tx::simple_reply(0, h.cookie));
+        }
+        if n <= COPY_READ_MAX {
+            let at = b.out.len();
+            b.out.resize(at + n, 0);
+            read(&mut b.out[at..], h.offset)
+        } else {
+            b.big.resize(n, 0);
+            let r = read(&mut b.big, h.offset);
+            if !matches!(r, Ok(true)) {
+                b.big.clear();
+            }
+            r
+        }
+    } else {
+        // Several runs: each data run is read into the batch after its chunk header.
+        let mut r = Ok(true);
+        for (i, &(start, n, zero)) in runs.iter().enumerate() {
+            let done = i + 1 == runs.len();
+            let at = h.offset + start as u64;
+            let n32 = u32::try_from(n).unwrap_or(u32::MAX); // n <= h.len, a u32
+            if zero {
+                tx::offset_hole(&mut b.out, done, h.cookie, at, n32);
+                continue;
+            }
+            tx::offset_data_header(&mut b.out, done, h.cookie, at, n32);
+            let pos = b.out.len();
+            b.out.resize(pos + n, 0);
+            r = read(&mut b.out[pos..], at);
+            if !matches!(r, Ok(true)) {
+                break;
+            }
+        }
+        r
+    };
+    match outcome {
+        Ok(true) => true,
+        Ok(false) => {
+            b.out.truncate(mark);
+            false
+        }
+        Err(e) => {
+            b.out.truncate(mark);
+            b.failed(conn, h, &e);
+            true
         }
     }
-    send(conn, &bufs)
 }
 
-fn serve_block_status(
-    conn: &Conn,
-    h: &RequestHeader,
-    req_one: bool,
-    scratch: &mut Scratch,
-) -> io::Result<()> {
+fn block_status_reply(conn: &Conn, h: &RequestHeader, req_one: bool, b: &mut Batch) {
     if h.len == 0 {
-        return send_error(conn, h, errno::EINVAL, "block status of zero length");
+        return b.error(conn, h, errno::EINVAL, "block status of zero length");
     }
     let map = match conn.device.extents(h.offset, u64::from(h.len)) {
         Ok(m) => m,
-        Err(e) => return send_error(conn, h, nbd_errno(&e), &e.to_string()),
+        Err(e) => return b.failed(conn, h, &e),
     };
     let limit = if req_one { 1 } else { MAX_DESCRIPTORS };
     let descriptors: Vec<(u32, u32)> = map
@@ -637,12 +727,5 @@ fn serve_block_status(
             (u32::try_from(r.len).unwrap_or(u32::MAX), flags)
         })
         .collect();
-    scratch.header.clear();
-    tx::block_status(
-        &mut scratch.header,
-        h.cookie,
-        BASE_ALLOCATION_ID,
-        &descriptors,
-    );
-    send(conn, &[IoSlice::new(&scratch.header)])
+    tx::block_status(&mut b.out, h.cookie, BASE_ALLOCATION_ID, &descriptors);
 }
