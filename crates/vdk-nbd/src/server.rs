@@ -291,6 +291,7 @@ fn run_connection(
         sparse_reads: info.caps.extents,
         broken: AtomicBool::new(false),
         pool: Pool::new(config.threads_per_connection.max(1)),
+        spare: Mutex::default(),
     });
     transmission(&conn, stream);
     info!(%peer, "client disconnected");
@@ -306,6 +307,9 @@ struct Conn {
     /// A reply could not be sent: the connection is finished.
     broken: AtomicBool,
     pool: Pool,
+    /// Payload buffers back from workers, reused so that a write does not allocate (large
+    /// allocations cost page faults and zero-filling every time).
+    spare: Mutex<Vec<Vec<u8>>>,
 }
 
 /// A request handed to a worker because it may wait.
@@ -433,6 +437,9 @@ impl Batch {
 /// own buffer.
 const COPY_READ_MAX: usize = 64 << 10;
 
+/// Largest read or write served on the reader's thread.
+const INLINE_MAX: u32 = 128 << 10;
+
 /// Replies are sent once this much is waiting, even if more requests are buffered.
 const BATCH_MAX: usize = 256 << 10;
 
@@ -473,7 +480,8 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
             }
         };
         if !serve_inline(conn, &header, command, &payload, &mut batch) {
-            let payload = std::mem::take(&mut payload);
+            let spare = conn.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let payload = std::mem::replace(&mut payload, spare.unwrap_or_default());
             Pool::submit(conn, Job { header, command, payload });
         }
     }
@@ -496,6 +504,12 @@ fn worker(conn: &Arc<Conn>) {
     let mut batch = Batch::default();
     while let Some(job) = conn.pool.next() {
         serve_blocking(conn, &job, &mut batch);
+        if job.payload.capacity() > 0 {
+            let mut spare = conn.spare.lock().unwrap_or_else(PoisonError::into_inner);
+            if spare.len() < conn.pool.max {
+                spare.push(job.payload);
+            }
+        }
         if let Err(e) = batch.flush(conn) {
             debug!(error = %e, "cannot send reply, closing");
             conn.broken.store(true, Ordering::SeqCst);
@@ -567,9 +581,14 @@ fn nbd_errno(e: &Error) -> u32 {
     }
 }
 
-/// Serves a read or a plain write on the reader's thread if the disk can do it without
-/// waiting. False: nothing was done, hand it to a worker.
+/// Serves a small read or plain write on the reader's thread if the disk can do it without
+/// waiting. False: nothing was done, hand it to a worker. Large requests always go to
+/// workers: their copies then run in parallel with the reader receiving the next request,
+/// where inline they would queue behind each other on one core.
 fn serve_inline(conn: &Conn, h: &RequestHeader, c: Command, payload: &[u8], b: &mut Batch) -> bool {
+    if h.len > INLINE_MAX {
+        return false;
+    }
     match c {
         Command::Read { df } => read_reply(conn, h, df, false, b),
         Command::Write { fua: false } => {
