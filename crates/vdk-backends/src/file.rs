@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
 
@@ -41,6 +42,8 @@ pub struct FileDisk {
     size: u64,
     opts: FileOptions,
     sparse: bool,
+    /// Cleared when the file system refuses `RWF_NOWAIT` writes, so they are not tried again.
+    nowait_writes: AtomicBool,
 }
 
 impl FileDisk {
@@ -54,11 +57,13 @@ impl FileDisk {
         let mut file = oo.open(path)?;
         let size = file.seek(SeekFrom::End(0))?;
         let sparse = cfg!(target_os = "linux") && file.metadata()?.is_file();
+        let nowait_writes = AtomicBool::new(!opts.direct && cfg!(target_os = "linux"));
         Ok(FileDisk {
             file,
             size,
             opts,
             sparse,
+            nowait_writes,
         })
     }
 
@@ -162,7 +167,16 @@ impl BlockDevice for FileDisk {
 
     fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
         self.writable(offset, buf.len() as u64)?;
-        Ok(!self.opts.direct && sys::write_cached(&self.file, buf, offset))
+        if !self.nowait_writes.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        Ok(match sys::write_cached(&self.file, buf, offset) {
+            Some(done) => done,
+            None => {
+                self.nowait_writes.store(false, Ordering::Relaxed);
+                false
+            }
+        })
     }
 
     fn flush(&self) -> Result<()> {
@@ -317,11 +331,16 @@ mod sys {
     }
 
     /// Writes all of `buf` into the page cache without waiting (`pwritev2` with
-    /// `RWF_NOWAIT`). False if that would block; part may have been written.
-    pub(super) fn write_cached(file: &File, buf: &[u8], offset: u64) -> bool {
+    /// `RWF_NOWAIT`). False if that would block (part may have been written); `None` if the
+    /// file system never allows it (many refuse buffered `RWF_NOWAIT` writes).
+    pub(super) fn write_cached(file: &File, buf: &[u8], offset: u64) -> Option<bool> {
         let bufs = [std::io::IoSlice::new(buf)];
         let flags = rustix::io::ReadWriteFlags::NOWAIT;
-        matches!(rustix::io::pwritev2(file, &bufs, offset, flags), Ok(n) if n == buf.len())
+        match rustix::io::pwritev2(file, &bufs, offset, flags) {
+            Ok(n) => Some(n == buf.len()),
+            Err(Errno::OPNOTSUPP | Errno::INVAL) => None,
+            Err(_) => Some(false),
+        }
     }
 
     pub(super) fn will_need(file: &File, offset: u64, len: u64) {
@@ -355,8 +374,8 @@ mod sys {
     pub(super) fn read_cached(_: &File, _: &mut [u8], _: u64) -> bool {
         false
     }
-    pub(super) fn write_cached(_: &File, _: &[u8], _: u64) -> bool {
-        false
+    pub(super) fn write_cached(_: &File, _: &[u8], _: u64) -> Option<bool> {
+        None
     }
 }
 

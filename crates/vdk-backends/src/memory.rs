@@ -5,18 +5,28 @@
 //! and `extents` reports unallocated pieces as holes. The chunk map is split into shards, each
 //! behind its own lock, so requests to different chunks rarely wait for each other; a lock is
 //! held only for one chunk's copy.
+//!
+//! Chunks are shared buffers (`Arc<[u8]>`): a zero-copy read ([`BlockDevice::read_shared`])
+//! lends them to the front end, and a write to a chunk that is lent copies it first, so a lent
+//! chunk never changes under its reader. Whole-chunk writes can hand over new buffers
+//! ([`BlockDevice::write_owned`]) instead of being copied in.
 
 use std::collections::HashMap;
 use std::sync::{PoisonError, RwLock};
 
-use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, ExtentKind, Extents, Result};
+use std::sync::Arc;
+
+use vdk_core::{
+    check_range, zeroed_buffer, BlockDevice, Capabilities, DiskInfo, Error, ExtentKind, Extents,
+    Piece, Result, SharedBytes,
+};
 
 /// Allocation granularity: 64 KiB, a balance between map size and the waste of small writes.
 pub const CHUNK: u64 = CHUNK_BYTES as u64;
 const CHUNK_BYTES: usize = 64 << 10;
 const SHARDS: usize = 64;
 
-type Chunk = Box<[u8]>;
+type Chunk = Arc<[u8]>;
 
 /// A sparse disk in RAM. Contents vanish when it is dropped.
 #[derive(Debug)]
@@ -25,15 +35,15 @@ pub struct MemoryDisk {
     shards: Vec<RwLock<HashMap<u64, Chunk>>>,
 }
 
-/// One piece of a request that falls inside one chunk.
-struct Piece {
+/// The part of a request that falls inside one chunk.
+struct Span {
     chunk: u64,
     within: usize, // offset inside the chunk
     at: usize,     // offset inside the caller's buffer
     len: usize,
 }
 
-fn pieces(offset: u64, len: u64) -> impl Iterator<Item = Piece> {
+fn spans(offset: u64, len: u64) -> impl Iterator<Item = Span> {
     let end = offset + len;
     let mut pos = offset;
     std::iter::from_fn(move || {
@@ -45,7 +55,7 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = Piece> {
         let n = (CHUNK - within).min(end - pos);
         // All three fit in usize: they are below CHUNK or below a buffer's length.
         #[allow(clippy::cast_possible_truncation)]
-        let p = Piece {
+        let p = Span {
             chunk,
             within: within as usize,
             at: (pos - offset) as usize,
@@ -84,7 +94,7 @@ impl MemoryDisk {
 
     /// Zeroes a range: whole chunks are freed, partial ones zero-filled.
     fn zero_range(&self, offset: u64, len: u64) {
-        for p in pieces(offset, len) {
+        for p in spans(offset, len) {
             let mut shard = self
                 .shard(p.chunk)
                 .write()
@@ -92,7 +102,7 @@ impl MemoryDisk {
             if p.len as u64 == CHUNK {
                 shard.remove(&p.chunk);
             } else if let Some(c) = shard.get_mut(&p.chunk) {
-                c[p.within..p.within + p.len].fill(0);
+                Arc::make_mut(c)[p.within..p.within + p.len].fill(0);
             }
         }
     }
@@ -113,7 +123,7 @@ impl BlockDevice for MemoryDisk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
-        for p in pieces(offset, buf.len() as u64) {
+        for p in spans(offset, buf.len() as u64) {
             let out = &mut buf[p.at..p.at + p.len];
             let shard = self
                 .shard(p.chunk)
@@ -129,18 +139,19 @@ impl BlockDevice for MemoryDisk {
 
     fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
-        for p in pieces(offset, buf.len() as u64) {
+        for p in spans(offset, buf.len() as u64) {
             let data = &buf[p.at..p.at + p.len];
             let mut shard = self
                 .shard(p.chunk)
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
             if let Some(c) = shard.get_mut(&p.chunk) {
-                c[p.within..p.within + p.len].copy_from_slice(data);
+                // In place, unless a zero-copy read still holds the chunk: then a copy.
+                Arc::make_mut(c)[p.within..p.within + p.len].copy_from_slice(data);
             } else if data.iter().any(|&b| b != 0) {
                 // Writing zeroes to a hole changes nothing, so it allocates nothing.
-                let mut c = vec![0u8; CHUNK_BYTES].into_boxed_slice();
-                c[p.within..p.within + p.len].copy_from_slice(data);
+                let mut c = zeroed_buffer(CHUNK_BYTES);
+                Arc::make_mut(&mut c)[p.within..p.within + p.len].copy_from_slice(data);
                 shard.insert(p.chunk, c);
             }
         }
@@ -153,6 +164,48 @@ impl BlockDevice for MemoryDisk {
 
     fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
         self.write_at(buf, offset, false).map(|()| true)
+    }
+
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        check_range(self.size, offset, len as u64)?;
+        let mut pieces_out = Vec::with_capacity(len / CHUNK_BYTES + 2);
+        for p in spans(offset, len as u64) {
+            let shard = self
+                .shard(p.chunk)
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            pieces_out.push(match shard.get(&p.chunk) {
+                Some(c) => Piece::Data(SharedBytes::new(Arc::clone(c), p.within..p.within + p.len)),
+                None => Piece::Zero(p.len),
+            });
+        }
+        Ok(Some(pieces_out))
+    }
+
+    fn write_unit(&self) -> Option<usize> {
+        Some(CHUNK_BYTES)
+    }
+
+    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        let len = bufs.len() as u64 * CHUNK;
+        check_range(self.size, offset, len)?;
+        if offset % CHUNK != 0 || bufs.iter().any(|b| b.len() != CHUNK_BYTES) {
+            return Err(Error::Misaligned {
+                offset,
+                len,
+                block_size: u32::try_from(CHUNK_BYTES).unwrap_or(u32::MAX),
+            });
+        }
+        let mut replaced = Vec::with_capacity(bufs.len());
+        for (i, buf) in bufs.into_iter().enumerate() {
+            let chunk = offset / CHUNK + i as u64;
+            let mut shard = self
+                .shard(chunk)
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            replaced.extend(shard.insert(chunk, buf));
+        }
+        Ok(replaced)
     }
 
     fn flush(&self) -> Result<()> {
@@ -263,6 +316,39 @@ mod tests {
         let disk = MemoryDisk::new(TIB);
         disk.write_at(&[0u8; 8192], 4096, false).unwrap();
         assert_eq!(disk.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn shared_read_is_a_snapshot_that_later_writes_do_not_change() {
+        let disk = MemoryDisk::new(TIB);
+        disk.write_at(&[1u8; 100], 10, false).unwrap();
+        let pieces = disk.read_shared(0, 2 * CHUNK as usize).unwrap().unwrap();
+        disk.write_at(&[2u8; 100], 10, false).unwrap();
+        let Piece::Data(first) = &pieces[0] else {
+            panic!("written chunk must be data")
+        };
+        assert_eq!(&first[10..110], &[1u8; 100][..]);
+        assert!(matches!(pieces[1], Piece::Zero(n) if n == CHUNK as usize));
+    }
+
+    #[test]
+    fn owned_write_installs_buffers_and_returns_the_old_ones() {
+        let disk = MemoryDisk::new(TIB);
+        disk.write_at(&[1u8; 10], CHUNK, false).unwrap();
+        let mut buf = zeroed_buffer(CHUNK as usize);
+        Arc::get_mut(&mut buf).unwrap()[5] = 9;
+        let replaced = disk.write_owned(CHUNK, vec![buf]).unwrap();
+        assert_eq!(replaced.len(), 1);
+        let mut b = [0u8; 10];
+        disk.read_at(&mut b, CHUNK).unwrap();
+        assert_eq!(b, [0, 0, 0, 0, 0, 9, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn misaligned_owned_write_is_refused() {
+        let disk = MemoryDisk::new(TIB);
+        let r = disk.write_owned(512, vec![zeroed_buffer(CHUNK as usize)]);
+        assert!(matches!(r, Err(Error::Misaligned { .. })));
     }
 
     #[test]

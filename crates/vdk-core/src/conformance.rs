@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::thread;
 
-use crate::{BlockDevice, Error, ExtentKind};
+use crate::{BlockDevice, Error, ExtentKind, Piece};
 
 /// The smallest device the suite needs: 8 MiB.
 pub const MIN_SIZE: u64 = 8 << 20;
@@ -36,6 +36,7 @@ pub fn run(make: MakeDevice<'_>) {
     extents_agree_with_data(make());
     flush_succeeds(make());
     concurrent_disjoint_writers(make());
+    fast_paths_agree_with_read_and_write(make());
 }
 
 /// A byte that depends on its offset and a seed, so a misplaced read shows.
@@ -271,5 +272,54 @@ pub fn concurrent_disjoint_writers(dev: Arc<dyn BlockDevice>) {
             read(&*dev, offset, STRIPE as usize) == want,
             "stripe {i} at {offset}"
         );
+    }
+}
+
+/// The optional fast paths (`try_read_at`, `try_write_at`, `read_shared`, `write_owned`)
+/// give the same bytes as `read_at` and `write_at`, where a device has them.
+pub fn fast_paths_agree_with_read_and_write(dev: Arc<dyn BlockDevice>) {
+    let bs = u64::from(dev.info().logical_block_size).max(4096);
+    let data = pattern(0, 256 << 10, 11);
+    dev.write_at(&data, 0, false).expect("write");
+    let mut buf = vec![0u8; 64 << 10];
+    if dev.try_read_at(&mut buf, bs).expect("try_read_at") {
+        assert!(
+            buf[..] == data[bs as usize..bs as usize + buf.len()],
+            "try_read_at data"
+        );
+    }
+    let new = pattern(bs, 8192, 12);
+    if dev.try_write_at(&new, bs).expect("try_write_at") {
+        assert_eq!(read(&*dev, bs, 8192), new, "after try_write_at");
+    }
+    let want = read(&*dev, 0, 300 << 10);
+    if let Some(pieces) = dev.read_shared(0, 300 << 10).expect("read_shared") {
+        let mut got = Vec::new();
+        for p in &pieces {
+            match p {
+                Piece::Data(b) => got.extend_from_slice(b),
+                Piece::Zero(n) => got.resize(got.len() + n, 0),
+            }
+        }
+        assert!(got == want, "read_shared differs from read_at");
+        dev.write_at(&[0xAB; 4096], 0, false)
+            .expect("write over a lent buffer");
+        let mut again = Vec::new();
+        for p in &pieces {
+            if let Piece::Data(b) = p {
+                again.extend_from_slice(b);
+            }
+        }
+        assert!(
+            again[..4096] == want[..4096],
+            "a lent buffer changed under its reader"
+        );
+    }
+    if let Some(unit) = dev.write_unit() {
+        let block = pattern(unit as u64, unit, 13);
+        let buf: Arc<[u8]> = block.clone().into();
+        dev.write_owned(unit as u64, vec![buf])
+            .expect("write_owned");
+        assert!(read(&*dev, unit as u64, unit) == block, "after write_owned");
     }
 }

@@ -26,6 +26,7 @@
 mod error;
 mod extents;
 mod info;
+mod shared;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -35,6 +36,7 @@ use std::fmt;
 pub use error::{Errno, Error, Op, Result};
 pub use extents::{Extent, ExtentKind, Extents};
 pub use info::{Capabilities, DiskInfo, MediaKind};
+pub use shared::{zeroed_buffer, Piece, SharedBytes};
 
 /// A disk of `info().size` bytes, addressed by byte offset.
 ///
@@ -71,6 +73,32 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
         let _ = (buf, offset);
         Ok(false)
+    }
+
+    /// The bytes of `[offset, offset + len)` as pieces of the device's own memory, without
+    /// copying, or `None` if the device does not lend its buffers (then use `read_at`). The
+    /// pieces are a snapshot: later writes do not change them. Never waits.
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+
+    /// The size of the buffers [`write_owned`](Self::write_owned) takes, or `None` if the
+    /// device does not take buffers (then use `write_at`).
+    fn write_unit(&self) -> Option<usize> {
+        None
+    }
+
+    /// Writes by taking ownership of `bufs`, each exactly `write_unit()` bytes, laid end to
+    /// end from `offset`, which must be a multiple of the unit. Returns the buffers it
+    /// replaced, for the caller to reuse. Never waits.
+    fn write_owned(
+        &self,
+        offset: u64,
+        bufs: Vec<std::sync::Arc<[u8]>>,
+    ) -> Result<Vec<std::sync::Arc<[u8]>>> {
+        let _ = (offset, bufs);
+        Err(Error::Unsupported(Op::Write))
     }
 
     /// Makes every write that completed before this call durable.

@@ -21,7 +21,7 @@
 //! connection closes and every export is flushed.
 
 use std::collections::VecDeque;
-use std::io::{self, BufReader, IoSlice, Read};
+use std::io::{self, BufRead, BufReader, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -29,7 +29,7 @@ use std::thread;
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
-use vdk_core::{BlockDevice, Errno, Error, ExtentKind};
+use vdk_core::{zeroed_buffer, BlockDevice, Errno, Error, ExtentKind, Piece};
 
 use crate::export::Export;
 use crate::negotiate::{negotiate, Exports, HandshakeError, BASE_ALLOCATION_ID};
@@ -292,6 +292,9 @@ fn run_connection(
         broken: AtomicBool::new(false),
         pool: Pool::new(config.threads_per_connection.max(1)),
         spare: Mutex::default(),
+        write_unit: export.device.write_unit().filter(|u| *u > 0),
+        lends_memory: matches!(export.device.read_shared(0, 0), Ok(Some(_))),
+        spare_units: Mutex::default(),
     });
     transmission(&conn, stream);
     info!(%peer, "client disconnected");
@@ -310,13 +313,28 @@ struct Conn {
     /// Payload buffers back from workers, reused so that a write does not allocate (large
     /// allocations cost page faults and zero-filling every time).
     spare: Mutex<Vec<Vec<u8>>>,
+    /// The disk's [`BlockDevice::write_unit`]: aligned writes are received straight into
+    /// buffers of this size that the disk keeps, instead of being copied into it.
+    write_unit: Option<usize>,
+    /// The disk answers [`BlockDevice::read_shared`].
+    lends_memory: bool,
+    /// Buffers of `write_unit` bytes that the disk gave back, for the next owned write.
+    spare_units: Mutex<Vec<Arc<[u8]>>>,
 }
 
 /// A request handed to a worker because it may wait.
 struct Job {
     header: RequestHeader,
     command: Command,
-    payload: Vec<u8>,
+    payload: Payload,
+}
+
+/// Where a write's data was received.
+enum Payload {
+    /// In a byte buffer (nothing, for other commands).
+    Bytes(Vec<u8>),
+    /// In buffers of the disk's write unit, to be handed to it.
+    Owned(Vec<Arc<[u8]>>),
 }
 
 /// Worker threads of one connection, started on demand up to `max`.
@@ -336,7 +354,11 @@ struct PoolState {
 
 impl Pool {
     fn new(max: usize) -> Pool {
-        Pool { state: Mutex::default(), ready: Condvar::new(), max }
+        Pool {
+            state: Mutex::default(),
+            ready: Condvar::new(),
+            max,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
@@ -348,7 +370,10 @@ impl Pool {
         st.jobs.push_back(job);
         if st.idle == 0 && st.threads.len() < conn.pool.max {
             let c = Arc::clone(conn);
-            match thread::Builder::new().name("nbd-worker".into()).spawn(move || worker(&c)) {
+            match thread::Builder::new()
+                .name("nbd-worker".into())
+                .spawn(move || worker(&c))
+            {
                 Ok(h) => st.threads.push(h),
                 // The threads already running will take the job.
                 Err(e) => debug!(error = %e, "cannot start another worker"),
@@ -394,21 +419,51 @@ struct Batch {
     out: Vec<u8>,
     /// The data of one large read, sent after `out` without being copied into it.
     big: Vec<u8>,
+    /// Or the data of one large read as the disk's own memory (zero-copy), sent after `out`.
+    shared: Vec<Piece>,
 }
+
+/// Zeroes to send for [`Piece::Zero`].
+static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
 
 impl Batch {
     fn is_empty(&self) -> bool {
-        self.out.is_empty() && self.big.is_empty()
+        self.out.is_empty() && !self.has_large()
+    }
+
+    /// Whether a large read's data is waiting: it must be sent before anything is added.
+    fn has_large(&self) -> bool {
+        !self.big.is_empty() || !self.shared.is_empty()
     }
 
     fn flush(&mut self, conn: &Conn) -> io::Result<()> {
         if self.is_empty() {
             return Ok(());
         }
-        let mut bufs = [IoSlice::new(&self.out), IoSlice::new(&self.big)];
-        let r = conn.writer.lock().unwrap_or_else(PoisonError::into_inner).write_all_vectored(&mut bufs);
+        let mut bufs = Vec::with_capacity(2 + self.shared.len());
+        bufs.push(IoSlice::new(&self.out));
+        bufs.push(IoSlice::new(&self.big));
+        for piece in &self.shared {
+            match piece {
+                Piece::Data(bytes) => bufs.push(IoSlice::new(bytes)),
+                Piece::Zero(n) => {
+                    let mut left = *n;
+                    while left > 0 {
+                        let k = left.min(ZEROES.len());
+                        bufs.push(IoSlice::new(&ZEROES[..k]));
+                        left -= k;
+                    }
+                }
+            }
+        }
+        let r = conn
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write_all_vectored(&mut bufs);
         self.out.clear();
         self.big.clear();
+        self.shared.clear();
         r
     }
 
@@ -423,7 +478,8 @@ impl Batch {
         if conn.limits.structured && structured_cmd {
             tx::error_chunk(&mut self.out, h.cookie, code, msg);
         } else {
-            self.out.extend_from_slice(&tx::simple_reply(code, h.cookie));
+            self.out
+                .extend_from_slice(&tx::simple_reply(code, h.cookie));
         }
     }
 
@@ -452,7 +508,7 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
     loop {
         // A large read's data must follow its header at once; small replies wait while more
         // requests are already buffered, so that a burst is answered with one writev.
-        let due = !batch.big.is_empty()
+        let due = batch.has_large()
             || (!batch.out.is_empty()
                 && (batch.out.len() >= BATCH_MAX || !request_buffered(reader.buffer())));
         if due {
@@ -461,8 +517,8 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
                 break;
             }
         }
-        let (header, command) = match read_request(conn, &mut reader, &mut payload) {
-            Next::Request(h, c) => (h, c),
+        let (header, command, owned) = match read_request(conn, &mut reader, &mut payload) {
+            Next::Request(h, c, owned) => (h, c, owned),
             Next::Closed => break,
         };
         if conn.broken.load(Ordering::SeqCst) {
@@ -479,10 +535,33 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
                 continue;
             }
         };
-        if !serve_inline(conn, &header, command, &payload, &mut batch) {
-            let spare = conn.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
-            let payload = std::mem::replace(&mut payload, spare.unwrap_or_default());
-            Pool::submit(conn, Job { header, command, payload });
+        if let Some(bufs) = owned {
+            let job = Job {
+                header,
+                command,
+                payload: Payload::Owned(bufs),
+            };
+            if header.len <= INLINE_MAX {
+                serve_blocking(conn, job, &mut batch); // an owned write never waits
+            } else {
+                Pool::submit(conn, job);
+            }
+        } else if !serve_inline(conn, &header, command, &payload, &mut batch) {
+            let spare = conn
+                .spare
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let payload =
+                Payload::Bytes(std::mem::replace(&mut payload, spare.unwrap_or_default()));
+            Pool::submit(
+                conn,
+                Job {
+                    header,
+                    command,
+                    payload,
+                },
+            );
         }
     }
     // Requests already read are answered before the connection closes.
@@ -503,18 +582,16 @@ fn request_buffered(buf: &[u8]) -> bool {
 fn worker(conn: &Arc<Conn>) {
     let mut batch = Batch::default();
     while let Some(job) = conn.pool.next() {
-        serve_blocking(conn, &job, &mut batch);
-        if job.payload.capacity() > 0 {
-            let mut spare = conn.spare.lock().unwrap_or_else(PoisonError::into_inner);
-            if spare.len() < conn.pool.max {
-                spare.push(job.payload);
-            }
-        }
+        serve_blocking(conn, job, &mut batch);
         if let Err(e) = batch.flush(conn) {
             debug!(error = %e, "cannot send reply, closing");
             conn.broken.store(true, Ordering::SeqCst);
             // Wake the reader so it sees the connection is finished.
-            let _ = conn.writer.lock().unwrap_or_else(PoisonError::into_inner).shutdown(Shutdown::Both);
+            let _ = conn
+                .writer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .shutdown(Shutdown::Both);
         }
     }
 }
@@ -533,13 +610,24 @@ fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, payload: &mut Vec<u
     };
     let command = check_request(&header, &conn.limits);
     let len = header.payload_len() as usize;
+    if let (Ok(_), Some(unit)) = (command, conn.write_unit) {
+        if len > 0 && len % unit == 0 && header.offset % unit as u64 == 0 {
+            return match receive_owned(conn, reader, len / unit, unit) {
+                Ok(bufs) => Next::Request(header, command, Some(bufs)),
+                Err(e) => {
+                    debug!(error = %e, "payload read failed");
+                    Next::Closed
+                }
+            };
+        }
+    }
     if len > 0 {
         let got = if command.is_ok() {
             // Grows once to the largest write seen, then is reused: no allocation per write.
             if payload.len() < len {
                 payload.resize(len, 0);
             }
-            reader.read_exact(&mut payload[..len])
+            read_exact_direct(reader, &mut payload[..len])
         } else {
             // A refused write's data is skipped in small pieces, never held whole.
             discard(reader, u64::from(header.payload_len()))
@@ -549,14 +637,59 @@ fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, payload: &mut Vec<u
             return Next::Closed;
         }
     }
-    Next::Request(header, command)
+    Next::Request(header, command, None)
 }
 
-/// A request read off the socket.
+/// Receives `count` units of a write's payload straight into buffers for the disk to keep.
+fn receive_owned(
+    conn: &Conn,
+    reader: &mut BufReader<Stream>,
+    count: usize,
+    unit: usize,
+) -> io::Result<Vec<Arc<[u8]>>> {
+    let mut bufs = Vec::with_capacity(count);
+    let mut spare = conn
+        .spare_units
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    for _ in 0..count {
+        let mut buf = spare.pop().unwrap_or_else(|| zeroed_buffer(unit));
+        if Arc::get_mut(&mut buf).is_none() {
+            buf = zeroed_buffer(unit); // still lent to a reader: leave it to them
+        }
+        bufs.push(buf);
+    }
+    drop(spare);
+    for buf in &mut bufs {
+        // Each buffer was just checked or made unique.
+        let dst = Arc::get_mut(buf).ok_or_else(|| io::Error::other("shared write buffer"))?;
+        read_exact_direct(reader, dst)?;
+    }
+    Ok(bufs)
+}
+
+/// Fills `dst` from what `reader` has buffered, then straight from the socket, so that a large
+/// payload is not copied through the read buffer.
+fn read_exact_direct(reader: &mut BufReader<Stream>, dst: &mut [u8]) -> io::Result<()> {
+    let buffered = reader.buffer();
+    let n = buffered.len().min(dst.len());
+    dst[..n].copy_from_slice(&buffered[..n]);
+    reader.consume(n);
+    if n < dst.len() {
+        reader.get_mut().read_exact(&mut dst[n..])?;
+    }
+    Ok(())
+}
+
+/// A request read off the socket; a write's data is in the reader's buffer, or in owned
+/// buffers.
 enum Next {
-    Request(RequestHeader, Result<Command, u32>),
+    Request(RequestHeader, Result<Command, u32>, Option<Vec<Arc<[u8]>>>),
     Closed,
 }
+
+/// Most spare write buffers a connection keeps: 8 MiB of 64 KiB units.
+const MAX_SPARE_UNITS: usize = 128;
 
 fn discard(reader: &mut impl Read, len: u64) -> io::Result<()> {
     let mut buf = [0u8; DISCARD_BUF];
@@ -587,12 +720,19 @@ fn nbd_errno(e: &Error) -> u32 {
 /// where inline they would queue behind each other on one core.
 fn serve_inline(conn: &Conn, h: &RequestHeader, c: Command, payload: &[u8], b: &mut Batch) -> bool {
     if h.len > INLINE_MAX {
-        return false;
+        // Except a read from a disk that lends its memory: no copy is made on this side.
+        return match c {
+            Command::Read { df } if conn.lends_memory => read_reply(conn, h, df, false, b),
+            _ => false,
+        };
     }
     match c {
         Command::Read { df } => read_reply(conn, h, df, false, b),
         Command::Write { fua: false } => {
-            match conn.device.try_write_at(&payload[..h.len as usize], h.offset) {
+            match conn
+                .device
+                .try_write_at(&payload[..h.len as usize], h.offset)
+            {
                 Ok(true) => b.ok(h.cookie),
                 Ok(false) => return false,
                 Err(e) => b.failed(conn, h, &e),
@@ -604,18 +744,44 @@ fn serve_inline(conn: &Conn, h: &RequestHeader, c: Command, payload: &[u8], b: &
 }
 
 /// Serves any request, waiting as long as the disk needs.
-fn serve_blocking(conn: &Conn, job: &Job, b: &mut Batch) {
+fn serve_blocking(conn: &Conn, job: Job, b: &mut Batch) {
     let (h, dev) = (&job.header, &*conn.device);
     let len = u64::from(h.len);
+    let payload = match job.payload {
+        Payload::Owned(bufs) => {
+            let fua = matches!(job.command, Command::Write { fua: true });
+            let result = dev.write_owned(h.offset, bufs).and_then(|old| {
+                let mut spare = conn
+                    .spare_units
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let room = MAX_SPARE_UNITS.saturating_sub(spare.len());
+                spare.extend(old.into_iter().take(room));
+                if fua {
+                    dev.flush()
+                } else {
+                    Ok(())
+                }
+            });
+            return match result {
+                Ok(()) => b.ok(h.cookie),
+                Err(e) => b.failed(conn, h, &e),
+            };
+        }
+        Payload::Bytes(p) => p,
+    };
     let result = match job.command {
         Command::Read { df } => {
             read_reply(conn, h, df, true, b);
             return;
         }
         Command::BlockStatus { req_one } => return block_status_reply(conn, h, req_one, b),
-        Command::Write { fua } => dev.write_at(&job.payload[..h.len as usize], h.offset, fua),
+        Command::Write { fua } => dev.write_at(&payload[..h.len as usize], h.offset, fua),
         Command::Flush => dev.flush(),
-        Command::Trim { fua } => dev.trim(h.offset, len).and_then(|()| if fua { dev.flush() } else { Ok(()) }),
+        Command::Trim { fua } => {
+            dev.trim(h.offset, len)
+                .and_then(|()| if fua { dev.flush() } else { Ok(()) })
+        }
         Command::Cache => dev.cache(h.offset, len),
         Command::WriteZeroes { fast, .. } if fast && !conn.fast_zero => {
             return b.error(conn, h, errno::ENOTSUP, "zeroing would not be fast");
@@ -626,6 +792,12 @@ fn serve_blocking(conn: &Conn, job: &Job, b: &mut Batch) {
     match result {
         Ok(()) => b.ok(h.cookie),
         Err(e) => b.failed(conn, h, &e),
+    }
+    if payload.capacity() > 0 {
+        let mut spare = conn.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < conn.pool.max {
+            spare.push(payload);
+        }
     }
 }
 
@@ -680,6 +852,12 @@ fn read_reply(conn: &Conn, h: &RequestHeader, df: bool, wait: bool, b: &mut Batc
             let at = b.out.len();
             b.out.resize(at + n, 0);
             read(&mut b.out[at..], h.offset)
+        } else if let Some(pieces) = dev.read_shared(h.offset, n).transpose() {
+            // The disk lends its memory: no copy at all on this side.
+            pieces.map(|p| {
+                b.shared = p;
+                true
+            })
         } else {
             b.big.resize(n, 0);
             let r = read(&mut b.big, h.offset);
