@@ -167,16 +167,25 @@ impl BlockDevice for FileDisk {
 
     fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
         self.writable(offset, buf.len() as u64)?;
-        if !self.nowait_writes.load(Ordering::Relaxed) {
+        if self.opts.direct {
             return Ok(false);
         }
-        Ok(match sys::write_cached(&self.file, buf, offset) {
-            Some(done) => done,
-            None => {
-                self.nowait_writes.store(false, Ordering::Relaxed);
-                false
+        if self.nowait_writes.load(Ordering::Relaxed) {
+            match sys::write_cached(&self.file, buf, offset) {
+                Some(done) => return Ok(done),
+                None => self.nowait_writes.store(false, Ordering::Relaxed),
             }
-        })
+        }
+        // The file system has no RWF_NOWAIT for buffered writes (ext4, for one). A write of
+        // whole pages still never reads from the device: it only fills the page cache, so it
+        // is done here. (The kernel may throttle a writer that dirties memory much faster than
+        // the disk takes it; that is the one wait this lets through.)
+        let page = u64::from(DIRECT_ALIGN);
+        if offset % page == 0 && buf.len() as u64 % page == 0 {
+            self.file.write_all_at(buf, offset)?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn flush(&self) -> Result<()> {

@@ -27,6 +27,7 @@ mod error;
 mod extents;
 mod info;
 mod shared;
+pub mod size;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

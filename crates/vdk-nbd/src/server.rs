@@ -417,8 +417,10 @@ impl Pool {
 struct Batch {
     /// Reply headers, and the data of small reads, back to back.
     out: Vec<u8>,
-    /// The data of one large read, sent after `out` without being copied into it.
+    /// The data of one large read (`big[..big_len]`), sent after `out` without being copied
+    /// into it. The buffer keeps its size between reads so it is not zero-filled each time.
     big: Vec<u8>,
+    big_len: usize,
     /// Or the data of one large read as the disk's own memory (zero-copy), sent after `out`.
     shared: Vec<Piece>,
 }
@@ -433,7 +435,16 @@ impl Batch {
 
     /// Whether a large read's data is waiting: it must be sent before anything is added.
     fn has_large(&self) -> bool {
-        !self.big.is_empty() || !self.shared.is_empty()
+        self.big_len > 0 || !self.shared.is_empty()
+    }
+
+    /// A buffer for a large read of `n` bytes; grows, never shrinks.
+    fn big(&mut self, n: usize) -> &mut [u8] {
+        if self.big.len() < n {
+            self.big.resize(n, 0);
+        }
+        self.big_len = n;
+        &mut self.big[..n]
     }
 
     fn flush(&mut self, conn: &Conn) -> io::Result<()> {
@@ -442,7 +453,7 @@ impl Batch {
         }
         let mut bufs = Vec::with_capacity(2 + self.shared.len());
         bufs.push(IoSlice::new(&self.out));
-        bufs.push(IoSlice::new(&self.big));
+        bufs.push(IoSlice::new(&self.big[..self.big_len]));
         for piece in &self.shared {
             match piece {
                 Piece::Data(bytes) => bufs.push(IoSlice::new(bytes)),
@@ -462,7 +473,7 @@ impl Batch {
             .unwrap_or_else(PoisonError::into_inner)
             .write_all_vectored(&mut bufs);
         self.out.clear();
-        self.big.clear();
+        self.big_len = 0;
         self.shared.clear();
         r
     }
@@ -859,10 +870,9 @@ fn read_reply(conn: &Conn, h: &RequestHeader, df: bool, wait: bool, b: &mut Batc
                 true
             })
         } else {
-            b.big.resize(n, 0);
-            let r = read(&mut b.big, h.offset);
+            let r = read(b.big(n), h.offset);
             if !matches!(r, Ok(true)) {
-                b.big.clear();
+                b.big_len = 0;
             }
             r
         }

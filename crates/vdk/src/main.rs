@@ -3,7 +3,6 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 mod cli;
-mod size;
 
 use std::process::ExitCode;
 

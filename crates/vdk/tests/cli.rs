@@ -249,3 +249,37 @@ fn client_that_vanishes_mid_handshake_is_harmless() {
     }
     run(Command::new("nbdinfo").arg("--size").arg(vdk.uri("")));
 }
+
+#[test]
+fn unreadable_image_is_a_permission_error_with_a_hint() {
+    let dir = TempDir::new().unwrap();
+    let img = dir.path().join("secret.img");
+    sparse_file(&img, MIB);
+    std::fs::set_permissions(&img, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    // Root may open anything, so the check runs as nobody (setpriv is in util-linux).
+    let uid = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
+    let mut cmd = if uid.trim() == "0" {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_vdk"),
+        ]);
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_vdk"))
+    };
+    let out = cmd.arg("serve").arg(&img).output().expect("run vdk");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot open") && err.contains("ermission denied"),
+        "{err}"
+    );
+}

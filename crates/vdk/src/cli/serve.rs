@@ -10,10 +10,9 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{info, warn};
 use vdk_backends::{FileDisk, FileOptions, MemoryDisk};
+use vdk_core::size::{parse_size, Human};
 use vdk_core::BlockDevice;
 use vdk_nbd::{Export, Listener, Server, ServerConfig};
-
-use crate::size::{parse_size, Human};
 
 /// The NBD port, on loopback only unless told otherwise.
 const DEFAULT_LISTEN: &str = "tcp://127.0.0.1:10809";

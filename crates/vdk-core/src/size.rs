@@ -5,6 +5,7 @@ use std::fmt;
 
 /// A size that could not be read.
 #[derive(Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SizeError {
     /// Nothing before the unit, or not a number.
     #[error("invalid size {0:?}: expected a number with an optional unit, like 512, 100M or 1.5G")]
@@ -62,6 +63,7 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
 }
 
 /// A size printed for people: `1 GiB`, `1.5 MiB`, `512 B`.
+#[derive(Clone, Copy, Debug)]
 pub struct Human(pub u64);
 
 impl fmt::Display for Human {
@@ -74,7 +76,8 @@ impl fmt::Display for Human {
         if unit == 0 {
             return write!(f, "{} B", self.0);
         }
-        // Exact for display purposes: the f64 rounding is below the one decimal shown.
+        // Exact enough for display: the f64 rounding is below the one decimal shown.
+        #[allow(clippy::cast_precision_loss)]
         let v = self.0 as f64 / (1u64 << (10 * unit)) as f64;
         if v.fract() == 0.0 {
             write!(f, "{v:.0} {}", UNITS[unit])

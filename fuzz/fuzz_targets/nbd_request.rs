@@ -1,0 +1,26 @@
+//! Any 28 bytes as a request, checked against any negotiated limits: a command or an NBD
+//! error, never a panic; an accepted request always lies inside the export.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vdk_nbd::proto::transmission::{check_request, cmd, Limits, RequestHeader, REQUEST_LEN};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((raw, rest)) = data.split_first_chunk::<REQUEST_LEN>() else { return };
+    let Some(h) = RequestHeader::parse(raw) else { return };
+    let mut limits = [0u8; 15];
+    let n = rest.len().min(15);
+    limits[..n].copy_from_slice(&rest[..n]);
+    let l = Limits {
+        size: u64::from_be_bytes(limits[..8].try_into().unwrap()),
+        flags: u16::from_be_bytes([limits[8], limits[9]]),
+        min_block: 1 << (limits[10] % 17),
+        max_payload: u32::from_be_bytes(limits[11..15].try_into().unwrap()),
+        structured: limits[10] & 0x80 != 0,
+        meta_context: limits[10] & 0x40 != 0,
+    };
+    if check_request(&h, &l).is_ok() && !matches!(h.kind, cmd::DISC | cmd::FLUSH) {
+        assert!(h.offset + u64::from(h.len) <= l.size, "accepted request past the end");
+    }
+    assert_eq!(RequestHeader::parse(&h.encode()), Some(h));
+});
