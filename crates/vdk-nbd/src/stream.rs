@@ -92,6 +92,9 @@ impl Write for Stream {
     }
 }
 
+/// Send buffer asked for on Unix connections.
+const UNIX_SNDBUF: usize = 4 << 20;
+
 /// A listening socket.
 #[derive(Debug)]
 pub enum Listener {
@@ -146,7 +149,14 @@ impl Listener {
                 s.set_nodelay(true)?;
                 Ok(Stream::Tcp(s))
             }
-            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept()?.0)),
+            Listener::Unix(l, _) => {
+                let s = l.accept()?.0;
+                // A large send buffer lets a 1 MiB reply go out with fewer waits for the
+                // client to drain it. The kernel caps it at net.core.wmem_max; a failure only
+                // leaves the default. (Not for TCP, where it would turn off auto-tuning.)
+                let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SNDBUF);
+                Ok(Stream::Unix(s))
+            }
         }
     }
 
