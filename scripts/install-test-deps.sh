@@ -5,15 +5,15 @@
 set -euo pipefail
 
 packages=(
-  libnbd-bin      # nbdinfo, nbdcopy
+  libnbd-bin      # nbdinfo, nbdcopy, nbdfuse (the export as a file, for loop devices)
   python3-libnbd  # nbdsh
-  nbdfuse         # the export as a file, for loop devices
   nbdkit          # peer in benchmarks
   qemu-utils      # qemu-img, qemu-io, qemu-nbd
   fuse3           # fusermount3
   fio             # benchmarks (nbd engine)
   e2fsprogs       # mkfs.ext4, fsck.ext4
   mount           # losetup, mount
+  util-linux      # setpriv (a test drops root to see a permission error)
   python3         # nbdsh runs on Debian's python3
 )
 

@@ -42,7 +42,8 @@ use crate::stream::{Listener, Stream};
 pub struct ServerConfig {
     /// Most threads serving one connection at once (requests in parallel).
     pub threads_per_connection: usize,
-    /// Time a client has for the whole handshake.
+    /// Longest wait for a client's next bytes during the handshake (a per-read time-out; a
+    /// bound on the whole handshake comes with the resource limits of issue 8).
     pub handshake_timeout: Duration,
 }
 

@@ -261,9 +261,10 @@ fn unreadable_image_is_a_permission_error_with_a_hint() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    // Root may open anything, so the check runs as nobody (setpriv is in util-linux).
+    // Root may open anything, so the check runs as nobody.
     let uid = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
     let mut cmd = if uid.trim() == "0" {
+        need("setpriv");
         let mut c = Command::new("setpriv");
         c.args([
             "--reuid=65534",

@@ -17,7 +17,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nbdinfo", "libnbd-bin"),
     ("nbdsh", "python3-libnbd"),
     ("nbdcopy", "libnbd-bin"),
-    ("nbdfuse", "nbdfuse"),
+    ("nbdfuse", "libnbd-bin"),
     ("nbdkit", "nbdkit"),
     ("qemu-img", "qemu-utils"),
     ("qemu-io", "qemu-utils"),
@@ -26,6 +26,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("fsck.ext4", "e2fsprogs"),
     ("fusermount3", "fuse3"),
     ("python3", "python3"),
+    ("setpriv", "util-linux"),
 ];
 
 /// PATH with Debian's directories first, so that `nbdsh` runs Debian's python3, which has
