@@ -813,29 +813,26 @@ fn serve_blocking(conn: &Conn, job: Job, b: &mut Batch) {
     }
 }
 
-/// The runs of a read reply, as (start within the request, length, reads as zero). One data
-/// run unless the read is large, the client allows fragments, and the disk reports zeroes.
-fn read_runs(conn: &Conn, h: &RequestHeader, df: bool) -> Vec<(usize, usize, bool)> {
-    let len = h.len as usize;
-    let whole = vec![(0, len, false)];
+/// The runs of a sparse read reply, as (start within the request, length, reads as zero), or
+/// `None` for one plain data run (the common case, which allocates nothing): unless the read
+/// is large, the client allows fragments, and the disk reports zeroes in the range.
+fn sparse_runs(conn: &Conn, h: &RequestHeader, df: bool) -> Option<Vec<(usize, usize, bool)>> {
     if df || h.len < SPARSE_READ_MIN || !conn.sparse_reads || !conn.limits.structured {
-        return whole;
+        return None;
     }
-    let Ok(map) = conn.device.extents(h.offset, u64::from(h.len)) else {
-        return whole; // holes are an optimisation: the read itself will report a real error
-    };
-    let runs: Option<Vec<(usize, usize, bool)>> = map
+    // Holes are an optimisation: if the map fails, the read itself reports a real error.
+    let map = conn.device.extents(h.offset, u64::from(h.len)).ok()?;
+    if map.len() != u64::from(h.len) {
+        return None; // a map that does not cover the request exactly is not trusted
+    }
+    let runs: Vec<(usize, usize, bool)> = map
         .iter()
         .map(|(at, r)| {
             let start = usize::try_from(at.checked_sub(h.offset)?).ok()?;
             Some((start, usize::try_from(r.len).ok()?, r.kind.reads_zero()))
         })
-        .collect();
-    match runs {
-        // A map that does not cover the request exactly is not trusted.
-        Some(r) if map.len() == u64::from(h.len) && r.iter().any(|x| x.2) => r,
-        _ => whole,
-    }
+        .collect::<Option<_>>()?;
+    runs.iter().any(|r| r.2).then_some(runs)
 }
 
 /// Appends the reply to a read to `b` (a large read's data goes to `b.big`, which must then be
@@ -852,8 +849,10 @@ fn read_reply(conn: &Conn, h: &RequestHeader, df: bool, wait: bool, b: &mut Batc
         }
     };
     let mark = b.out.len();
-    let runs = read_runs(conn, h, df);
-    let outcome = if let [(0, n, false)] = runs[..] {
+    let outcome = if let Some(runs) = sparse_runs(conn, h, df) {
+        read_sparse(h, &runs, b, read)
+    } else {
+        let n = h.len as usize;
         // One data run: header, then the data into the batch or, if large, its own buffer.
         if conn.limits.structured {
             tx::offset_data_header(&mut b.out, true, h.cookie, h.offset, h.len);
@@ -877,26 +876,6 @@ fn read_reply(conn: &Conn, h: &RequestHeader, df: bool, wait: bool, b: &mut Batc
             }
             r
         }
-    } else {
-        // Several runs: each data run is read into the batch after its chunk header.
-        let mut r = Ok(true);
-        for (i, &(start, n, zero)) in runs.iter().enumerate() {
-            let done = i + 1 == runs.len();
-            let at = h.offset + start as u64;
-            let n32 = u32::try_from(n).unwrap_or(u32::MAX); // n <= h.len, a u32
-            if zero {
-                tx::offset_hole(&mut b.out, done, h.cookie, at, n32);
-                continue;
-            }
-            tx::offset_data_header(&mut b.out, done, h.cookie, at, n32);
-            let pos = b.out.len();
-            b.out.resize(pos + n, 0);
-            r = read(&mut b.out[pos..], at);
-            if !matches!(r, Ok(true)) {
-                break;
-            }
-        }
-        r
     };
     match outcome {
         Ok(true) => true,
@@ -910,6 +889,34 @@ fn read_reply(conn: &Conn, h: &RequestHeader, df: bool, wait: bool, b: &mut Batc
             true
         }
     }
+}
+
+/// The structured chunks of a read with holes: each data run read into the batch after its
+/// chunk header, each hole an OFFSET_HOLE chunk.
+fn read_sparse(
+    h: &RequestHeader,
+    runs: &[(usize, usize, bool)],
+    b: &mut Batch,
+    read: impl Fn(&mut [u8], u64) -> vdk_core::Result<bool>,
+) -> vdk_core::Result<bool> {
+    let mut r = Ok(true);
+    for (i, &(start, n, zero)) in runs.iter().enumerate() {
+        let done = i + 1 == runs.len();
+        let at = h.offset + start as u64;
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX); // n <= h.len, a u32
+        if zero {
+            tx::offset_hole(&mut b.out, done, h.cookie, at, n32);
+            continue;
+        }
+        tx::offset_data_header(&mut b.out, done, h.cookie, at, n32);
+        let pos = b.out.len();
+        b.out.resize(pos + n, 0);
+        r = read(&mut b.out[pos..], at);
+        if !matches!(r, Ok(true)) {
+            break;
+        }
+    }
+    r
 }
 
 fn block_status_reply(conn: &Conn, h: &RequestHeader, req_one: bool, b: &mut Batch) {
