@@ -213,3 +213,37 @@ fn nbdcopy_copies_in_and_out_exactly() {
         "4-connection copy differs"
     );
 }
+
+#[test]
+fn direct_io_export_advertises_4k_blocks_and_clients_align_to_them() {
+    need("nbdinfo");
+    need("qemu-io");
+    let dir = TempDir::new().unwrap();
+    sparse_file(&dir.path().join("disk.img"), 16 * MIB);
+    let vdk = Vdk::serve_in(dir, &["--direct", "disk.img"]);
+    let json = stdout(Command::new("nbdinfo").arg("--json").arg(vdk.uri("")));
+    assert!(json.contains("\"block_size_minimum\": 4096"), "{json}");
+    // qemu-io reads-modifies-writes around the unaligned write on its side.
+    let out = stdout(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x42 512 4k",
+                "-c",
+                "read -P 0x42 512 4k",
+            ])
+            .args(["-c", "write -P 0x43 1M 64k", "-c", "read -P 0x43 1M 64k"])
+            .arg(vdk.uri("")),
+    );
+    assert!(
+        !out.contains("verification failed") && !out.contains("error"),
+        "{out}"
+    );
+    let data = std::fs::read(vdk.path("disk.img")).unwrap();
+    assert!(
+        data[512..4608].iter().all(|&b| b == 0x42),
+        "direct write did not reach the file"
+    );
+}
