@@ -3,6 +3,7 @@
 //! - [`FileDisk`]: a raw image file, sparse-aware on Linux (holes from SEEK_DATA/SEEK_HOLE,
 //!   trim and zeroes by fallocate).
 //! - [`MemoryDisk`]: a sparse RAM disk that allocates on first write and frees on trim.
+//! - [`PatternDisk`]: a read-only computed test disk whose words hold their own offsets.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // Tests build small buffers from constants; production code converts with checks.
@@ -10,6 +11,8 @@
 
 mod file;
 mod memory;
+mod pattern;
 
 pub use file::{FileDisk, FileOptions};
 pub use memory::MemoryDisk;
+pub use pattern::PatternDisk;

@@ -247,3 +247,25 @@ fn direct_io_export_advertises_4k_blocks_and_clients_align_to_them() {
         "direct write did not reach the file"
     );
 }
+
+#[test]
+fn pattern_disk_matches_nbdkit_pattern_plugin() {
+    need("nbdkit");
+    need("qemu-img");
+    let vdk = Vdk::serve(&["--export", "p=pattern:64M"]);
+    // nbdkit runs qemu-img with $uri pointing at its own pattern disk of the same size.
+    let compare = format!("qemu-img compare -f raw -F raw \"$uri\" '{}'", vdk.uri("p"));
+    run(Command::new("nbdkit").args(["-U", "-", "pattern", "64M", "--run", &compare]));
+    // And the export is read-only: qemu-io will not open it for writing.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k"])
+        .arg(vdk.uri("p"))
+        .env("PATH", common::path_env())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("Permission denied"),
+        "{text}"
+    );
+}

@@ -9,7 +9,7 @@ use clap::Args;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{info, warn};
-use vdk_backends::{FileDisk, FileOptions, MemoryDisk};
+use vdk_backends::{FileDisk, FileOptions, MemoryDisk, PatternDisk};
 use vdk_core::size::{parse_size, Human};
 use vdk_core::BlockDevice;
 use vdk_nbd::{Export, Listener, Server, ServerConfig};
@@ -31,7 +31,8 @@ pub struct ServeArgs {
     /// Export a sparse RAM disk of this size (e.g. 4G) under the name "memory".
     #[arg(long, value_name = "SIZE")]
     memory: Option<String>,
-    /// Export IMAGE under NAME; IMAGE is a path or memory:SIZE. Repeatable.
+    /// Export IMAGE under NAME; IMAGE is a path, memory:SIZE (a sparse RAM disk) or
+    /// pattern:SIZE (read-only test disk: each 8-byte word holds its offset). Repeatable.
     #[arg(long = "export", value_name = "NAME=IMAGE")]
     exports: Vec<String>,
     /// Refuse writes (files are opened read-only).
@@ -55,13 +56,17 @@ pub struct ServeArgs {
 enum Source {
     File(PathBuf),
     Memory(u64),
+    Pattern(u64),
 }
 
 fn parse_source(text: &str) -> anyhow::Result<Source> {
-    match text.strip_prefix("memory:") {
-        Some(size) => Ok(Source::Memory(parse_size(size)?)),
-        None => Ok(Source::File(PathBuf::from(text))),
+    if let Some(size) = text.strip_prefix("memory:") {
+        return Ok(Source::Memory(parse_size(size)?));
     }
+    if let Some(size) = text.strip_prefix("pattern:") {
+        return Ok(Source::Pattern(parse_size(size)?));
+    }
+    Ok(Source::File(PathBuf::from(text)))
 }
 
 fn file_name(path: &Path) -> String {
@@ -74,6 +79,7 @@ fn file_name(path: &Path) -> String {
 fn open(source: &Source, args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice>> {
     match source {
         Source::Memory(size) => Ok(Arc::new(MemoryDisk::new(*size))),
+        Source::Pattern(size) => Ok(Arc::new(PatternDisk::new(*size))),
         Source::File(path) => {
             let opts = FileOptions {
                 read_only: args.read_only,
@@ -104,7 +110,10 @@ fn exports(args: &ServeArgs) -> anyhow::Result<Vec<(String, Source)>> {
     }
     for spec in &args.exports {
         let Some((name, image)) = spec.split_once('=') else {
-            bail!("invalid --export {spec:?}: expected NAME=IMAGE, e.g. data=disk.img or ram=memory:1G");
+            bail!(
+                "invalid --export {spec:?}: expected NAME=IMAGE, e.g. data=disk.img, \
+                 ram=memory:1G or test=pattern:1G"
+            );
         };
         if name.is_empty() || name.len() > 4096 {
             bail!("invalid --export {spec:?}: the name must be 1 to 4096 bytes");
