@@ -1,7 +1,7 @@
 //! An NBD server for vdk disks.
 //!
 //! [`proto`] turns the bytes of the NBD protocol into typed messages and back, with no I/O;
-//! [`negotiate`] runs the handshake over any stream; [`server`] owns the sockets and threads.
+//! [`negotiate`] runs the handshake over any stream; [`Server`] owns the sockets and threads.
 //!
 //! ```no_run
 //! use std::sync::Arc;
