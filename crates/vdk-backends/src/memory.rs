@@ -12,7 +12,7 @@
 //! ([`BlockDevice::write_owned`]) instead of being copied in.
 
 use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use std::sync::Arc;
 
@@ -20,6 +20,11 @@ use vdk_core::{
     check_range, zeroed_buffer, BlockDevice, Capabilities, DiskInfo, Error, ExtentKind, Extents,
     Piece, Result, SharedBytes,
 };
+
+/// Takes a read lock; a lock poisoned by a panic still guards sound data (whole chunks).
+fn read_locked<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Allocation granularity: 64 KiB, a balance between map size and the waste of small writes.
 pub const CHUNK: u64 = CHUNK_BYTES as u64;
@@ -82,23 +87,27 @@ impl MemoryDisk {
         &self.shards[i]
     }
 
+    fn read_shard(&self, chunk: u64) -> RwLockReadGuard<'_, HashMap<u64, Chunk>> {
+        read_locked(self.shard(chunk))
+    }
+
+    fn write_shard(&self, chunk: u64) -> RwLockWriteGuard<'_, HashMap<u64, Chunk>> {
+        // A panic while a shard was held leaves whole chunks (plain bytes): still sound.
+        self.shard(chunk)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Bytes of RAM holding data (allocated chunks).
     pub fn allocated_bytes(&self) -> u64 {
-        let chunks: usize = self
-            .shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
-            .sum();
+        let chunks: usize = self.shards.iter().map(|s| read_locked(s).len()).sum();
         chunks as u64 * CHUNK
     }
 
     /// Zeroes a range: whole chunks are freed, partial ones zero-filled.
     fn zero_range(&self, offset: u64, len: u64) {
         for p in spans(offset, len) {
-            let mut shard = self
-                .shard(p.chunk)
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut shard = self.write_shard(p.chunk);
             if p.len as u64 == CHUNK {
                 shard.remove(&p.chunk);
             } else if let Some(c) = shard.get_mut(&p.chunk) {
@@ -125,10 +134,7 @@ impl BlockDevice for MemoryDisk {
         check_range(self.size, offset, buf.len() as u64)?;
         for p in spans(offset, buf.len() as u64) {
             let out = &mut buf[p.at..p.at + p.len];
-            let shard = self
-                .shard(p.chunk)
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
+            let shard = self.read_shard(p.chunk);
             match shard.get(&p.chunk) {
                 Some(c) => out.copy_from_slice(&c[p.within..p.within + p.len]),
                 None => out.fill(0),
@@ -141,10 +147,7 @@ impl BlockDevice for MemoryDisk {
         check_range(self.size, offset, buf.len() as u64)?;
         for p in spans(offset, buf.len() as u64) {
             let data = &buf[p.at..p.at + p.len];
-            let mut shard = self
-                .shard(p.chunk)
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut shard = self.write_shard(p.chunk);
             if let Some(c) = shard.get_mut(&p.chunk) {
                 // In place, unless a zero-copy read still holds the chunk: then a copy.
                 Arc::make_mut(c)[p.within..p.within + p.len].copy_from_slice(data);
@@ -170,10 +173,7 @@ impl BlockDevice for MemoryDisk {
         check_range(self.size, offset, len as u64)?;
         let mut pieces_out = Vec::with_capacity(len / CHUNK_BYTES + 2);
         for p in spans(offset, len as u64) {
-            let shard = self
-                .shard(p.chunk)
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
+            let shard = self.read_shard(p.chunk);
             pieces_out.push(match shard.get(&p.chunk) {
                 Some(c) => Piece::Data(SharedBytes::new(Arc::clone(c), p.within..p.within + p.len)),
                 None => Piece::Zero(p.len),
@@ -199,10 +199,7 @@ impl BlockDevice for MemoryDisk {
         let mut replaced = Vec::with_capacity(bufs.len());
         for (i, buf) in bufs.into_iter().enumerate() {
             let chunk = offset / CHUNK + i as u64;
-            let mut shard = self
-                .shard(chunk)
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut shard = self.write_shard(chunk);
             replaced.extend(shard.insert(chunk, buf));
         }
         Ok(replaced)
@@ -251,21 +248,11 @@ impl MemoryDisk {
     /// allocated chunks cost, not 16 million lookups.
     fn allocated_chunks(&self, first: u64, last: u64) -> Vec<u64> {
         const PER_CHUNK_LIMIT: u64 = 1024;
-        let read = |s: &RwLock<HashMap<u64, Chunk>>| {
-            s.read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .keys()
-                .copied()
-                .collect::<Vec<_>>()
-        };
+        let read =
+            |s: &RwLock<HashMap<u64, Chunk>>| read_locked(s).keys().copied().collect::<Vec<_>>();
         let mut chunks: Vec<u64> = if last - first < PER_CHUNK_LIMIT {
             (first..=last)
-                .filter(|c| {
-                    self.shard(*c)
-                        .read()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .contains_key(c)
-                })
+                .filter(|c| self.read_shard(*c).contains_key(c))
                 .collect()
         } else {
             self.shards

@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -36,6 +36,18 @@ use crate::negotiate::{negotiate, Exports, HandshakeError, BASE_ALLOCATION_ID};
 use crate::proto::transmission::{self as tx, check_request, Command, Limits, RequestHeader};
 use crate::proto::{errno, STATE_HOLE, STATE_ZERO};
 use crate::stream::{Listener, Stream};
+
+/// Locks a mutex. A panic while it was held leaves plain data (buffers, counters, queues) that
+/// is still sound, so a poisoned lock is taken as it is rather than spreading the panic.
+trait Locked<T> {
+    fn locked(&self) -> MutexGuard<'_, T>;
+}
+
+impl<T> Locked<T> for Mutex<T> {
+    fn locked(&self) -> MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// Tunables of a server.
 #[derive(Clone, Debug)]
@@ -98,22 +110,10 @@ impl ShutdownHandle {
     /// [`Server::serve`] then flushes every export and returns.
     pub fn shutdown(&self) {
         self.0.stopping.store(true, Ordering::SeqCst);
-        for l in self
-            .0
-            .listeners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-        {
+        for l in self.0.listeners.locked().iter() {
             l.poke();
         }
-        for (_, s) in self
-            .0
-            .conns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-        {
+        for (_, s) in self.0.conns.locked().iter() {
             // Already closed by the client: nothing to stop.
             let _ = s.shutdown(Shutdown::Read);
         }
@@ -142,8 +142,7 @@ impl Server {
         let listeners: Vec<Arc<Listener>> = listeners.into_iter().map(Arc::new).collect();
         self.shared
             .listeners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .locked()
             .extend(listeners.iter().cloned());
         thread::scope(|s| {
             for l in &listeners {
@@ -174,24 +173,16 @@ impl Server {
         let shared = Arc::clone(&self.shared);
         let exports = self.exports.clone();
         let config = self.config.clone();
-        *shared.live.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        *shared.live.locked() += 1;
         let spawned = thread::Builder::new().name("nbd-conn".into()).spawn({
             let shared = Arc::clone(&shared);
             move || {
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                 if let Ok(handle) = stream.try_clone() {
-                    shared
-                        .conns
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push((id, handle));
+                    shared.conns.locked().push((id, handle));
                 }
                 run_connection(stream, &exports, &config, &shared);
-                shared
-                    .conns
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .retain(|c| c.0 != id);
+                shared.conns.locked().retain(|c| c.0 != id);
                 connection_closed(&shared);
             }
         });
@@ -202,11 +193,7 @@ impl Server {
     }
 
     fn wait_closed(&self) {
-        let mut live = self
-            .shared
-            .live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut live = self.shared.live.locked();
         while *live > 0 {
             live = self
                 .shared
@@ -228,7 +215,7 @@ impl Server {
 }
 
 fn connection_closed(shared: &Shared) {
-    let mut live = shared.live.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut live = shared.live.locked();
     *live -= 1;
     if *live == 0 {
         shared.all_closed.notify_all();
@@ -362,8 +349,8 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.locked()
     }
 
     fn submit(conn: &Arc<Conn>, job: Job) {
@@ -468,11 +455,7 @@ impl Batch {
                 }
             }
         }
-        let r = conn
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write_all_vectored(&mut bufs);
+        let r = conn.writer.locked().write_all_vectored(&mut bufs);
         self.out.clear();
         self.big_len = 0;
         self.shared.clear();
@@ -559,11 +542,7 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
                 Pool::submit(conn, job);
             }
         } else if !serve_inline(conn, &header, command, &payload, &mut batch) {
-            let spare = conn
-                .spare
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
+            let spare = conn.spare.locked().pop();
             let payload =
                 Payload::Bytes(std::mem::replace(&mut payload, spare.unwrap_or_default()));
             Pool::submit(
@@ -583,10 +562,9 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
 
 /// Whether the read buffer holds a whole request (header and payload).
 fn request_buffered(buf: &[u8]) -> bool {
-    let Some(raw) = buf.get(..tx::REQUEST_LEN) else {
+    let Some(raw) = buf.first_chunk::<{ tx::REQUEST_LEN }>() else {
         return false;
     };
-    let raw: &[u8; tx::REQUEST_LEN] = raw.try_into().unwrap_or(&[0; tx::REQUEST_LEN]);
     RequestHeader::parse(raw)
         .is_some_and(|h| buf.len() - tx::REQUEST_LEN >= h.payload_len() as usize)
 }
@@ -599,11 +577,7 @@ fn worker(conn: &Arc<Conn>) {
             debug!(error = %e, "cannot send reply, closing");
             conn.broken.store(true, Ordering::SeqCst);
             // Wake the reader so it sees the connection is finished.
-            let _ = conn
-                .writer
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .shutdown(Shutdown::Both);
+            let _ = conn.writer.locked().shutdown(Shutdown::Both);
         }
     }
 }
@@ -660,10 +634,7 @@ fn receive_owned(
     unit: usize,
 ) -> io::Result<Vec<Arc<[u8]>>> {
     let mut bufs = Vec::with_capacity(count);
-    let mut spare = conn
-        .spare_units
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
+    let mut spare = conn.spare_units.locked();
     for _ in 0..count {
         let mut buf = spare.pop().unwrap_or_else(|| zeroed_buffer(unit));
         if Arc::get_mut(&mut buf).is_none() {
@@ -763,10 +734,7 @@ fn serve_blocking(conn: &Conn, job: Job, b: &mut Batch) {
         Payload::Owned(bufs) => {
             let fua = matches!(job.command, Command::Write { fua: true });
             let result = dev.write_owned(h.offset, bufs).and_then(|old| {
-                let mut spare = conn
-                    .spare_units
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
+                let mut spare = conn.spare_units.locked();
                 let room = MAX_SPARE_UNITS.saturating_sub(spare.len());
                 spare.extend(old.into_iter().take(room));
                 if fua {
@@ -806,7 +774,7 @@ fn serve_blocking(conn: &Conn, job: Job, b: &mut Batch) {
         Err(e) => b.failed(conn, h, &e),
     }
     if payload.capacity() > 0 {
-        let mut spare = conn.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut spare = conn.spare.locked();
         if spare.len() < conn.pool.max {
             spare.push(payload);
         }
