@@ -83,6 +83,10 @@ pub enum Error {
     /// The device does not implement this operation.
     #[error("{0} is not supported by this disk")]
     Unsupported(Op),
+    /// The disk was closed (or forcibly removed) while the request was queued: it fails as
+    /// I/O to a disk pulled out of its slot does.
+    #[error("disk was closed")]
+    Closed,
 }
 
 /// The portable error numbers that front ends need. `raw()` gives the Linux value, which is
@@ -131,6 +135,7 @@ impl Error {
             Error::ReadOnly => Errno::RoFs,
             Error::TooLarge { .. } => Errno::Overflow,
             Error::Unsupported(_) => Errno::NotSup,
+            Error::Closed => Errno::Io,
         }
     }
 }

@@ -1,0 +1,124 @@
+//! Attaching vdk disks to the Linux kernel, so that the system sees a block device.
+//!
+//! One interface, [`Attach`], with one implementation on these machines: **fuse-loop**, a
+//! FUSE mount owned by the process that serves the disks, with one file per disk
+//! ([`FuseExport`]), and a loop device on each file ([`LoopDevice`]). It needs no kernel module
+//! beyond FUSE and loop. The kernel NBD client and ublk belong beside it, behind the same
+//! trait, on kernels that have them.
+
+pub mod fuse;
+pub mod loopdev;
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use fuse::FuseExport;
+pub use loopdev::{LoopDevice, LoopOptions};
+use vdk_core::BlockDevice;
+
+/// A way of giving the kernel a block device for a disk.
+pub trait Attach: Send + Sync + fmt::Debug {
+    /// Its name on the command line (`fuse-loop`).
+    fn name(&self) -> &'static str;
+
+    /// Attaches `device` under `name` (unique among attached disks; a file name).
+    fn attach(
+        &self,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+        read_only: bool,
+    ) -> io::Result<Box<dyn Attached>>;
+}
+
+/// A disk attached to the kernel.
+pub trait Attached: Send + Sync + fmt::Debug {
+    /// The block device the system sees (`/dev/loop3`).
+    fn block_device(&self) -> PathBuf;
+
+    /// Detaches it. The caller has unmounted what it could; a device still in use (a lazily
+    /// unmounted file system) is detached by the kernel when that lets go, and its I/O fails
+    /// from now on.
+    fn detach(self: Box<Self>) -> io::Result<()>;
+}
+
+/// fuse-loop: a file in a [`FuseExport`], under a loop device with direct I/O.
+#[derive(Debug)]
+pub struct FuseLoop {
+    export: Arc<FuseExport>,
+}
+
+impl FuseLoop {
+    /// Attaches through `export`.
+    pub fn new(export: FuseExport) -> FuseLoop {
+        FuseLoop {
+            export: Arc::new(export),
+        }
+    }
+
+    /// The FUSE export underneath.
+    pub fn export(&self) -> &FuseExport {
+        &self.export
+    }
+}
+
+impl Attach for FuseLoop {
+    fn name(&self) -> &'static str {
+        "fuse-loop"
+    }
+
+    fn attach(
+        &self,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+        read_only: bool,
+    ) -> io::Result<Box<dyn Attached>> {
+        let info = device.info();
+        let read_only = read_only || info.read_only;
+        let path = self.export.add(name, device, read_only)?;
+        let attached = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&path)
+            .and_then(|file| {
+                let opts = LoopOptions {
+                    read_only,
+                    direct_io: true,
+                    block_size: info.logical_block_size.clamp(512, 4096),
+                };
+                LoopDevice::attach(&file, opts)
+            });
+        match attached {
+            Ok(loopdev) => Ok(Box::new(FuseLoopDisk {
+                name: name.to_owned(),
+                loopdev,
+                export: Arc::clone(&self.export),
+            })),
+            Err(e) => {
+                self.export.remove(name);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A disk attached by [`FuseLoop`].
+#[derive(Debug)]
+struct FuseLoopDisk {
+    name: String,
+    loopdev: LoopDevice,
+    export: Arc<FuseExport>,
+}
+
+impl Attached for FuseLoopDisk {
+    fn block_device(&self) -> PathBuf {
+        self.loopdev.path()
+    }
+
+    fn detach(self: Box<Self>) -> io::Result<()> {
+        let detached = self.loopdev.detach();
+        self.export.remove(&self.name);
+        detached
+    }
+}
