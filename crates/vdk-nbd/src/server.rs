@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread;
 use std::time::Duration;
 
@@ -81,10 +81,10 @@ const DISCARD_BUF: usize = 64 << 10;
 /// Socket read buffer of a connection.
 const READ_BUF: usize = 256 << 10;
 
-/// An NBD server over a set of exports.
+/// An NBD server over a set of exports, which may change while it serves.
 #[derive(Debug)]
 pub struct Server {
-    exports: Vec<Arc<Export>>,
+    exports: Arc<ExportSet>,
     config: ServerConfig,
     shared: Arc<Shared>,
 }
@@ -93,8 +93,9 @@ pub struct Server {
 #[derive(Debug, Default)]
 struct Shared {
     stopping: AtomicBool,
-    /// A handle to each live connection, to shut its reading side down.
-    conns: Mutex<Vec<(u64, Stream)>>,
+    /// Each live connection: its id, a handle to shut its reading side down, and the export
+    /// it chose once the handshake is over.
+    conns: Mutex<Vec<(u64, Stream, Option<String>)>>,
     next_id: AtomicU64,
     live: Mutex<usize>,
     all_closed: Condvar,
@@ -113,7 +114,7 @@ impl ShutdownHandle {
         for l in self.0.listeners.locked().iter() {
             l.poke();
         }
-        for (_, s) in self.0.conns.locked().iter() {
+        for (_, s, _) in self.0.conns.locked().iter() {
             // Already closed by the client: nothing to stop.
             let _ = s.shutdown(Shutdown::Read);
         }
@@ -125,10 +126,63 @@ impl Server {
     pub fn new(exports: Vec<Export>, config: ServerConfig) -> Server {
         let exports = exports.into_iter().map(Arc::new).collect();
         Server {
-            exports,
+            exports: Arc::new(ExportSet(RwLock::new(exports))),
             config,
             shared: Arc::default(),
         }
+    }
+
+    /// Offers one more export to new connections. Fails if its name is taken.
+    pub fn add_export(&self, export: Export) -> io::Result<()> {
+        let mut list = self
+            .exports
+            .0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if list.iter().any(|e| e.name == export.name) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("an export named {:?} exists", export.name),
+            ));
+        }
+        list.push(Arc::new(export));
+        Ok(())
+    }
+
+    /// Withdraws the export `name`: new clients no longer see it, and its connections are
+    /// ended as at shutdown (requests already read are answered first). Returns once they are
+    /// gone, with the export, or `None` if there was no such export.
+    pub fn remove_export(&self, name: &str) -> Option<Arc<Export>> {
+        let removed = {
+            let mut list = self
+                .exports
+                .0
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let at = list.iter().position(|e| e.name == name)?;
+            list.remove(at)
+        };
+        let uses = |conns: &[(u64, Stream, Option<String>)]| {
+            conns.iter().any(|c| c.2.as_deref() == Some(name))
+        };
+        for (_, s, _) in self
+            .shared
+            .conns
+            .locked()
+            .iter()
+            .filter(|c| c.2.as_deref() == Some(name))
+        {
+            let _ = s.shutdown(Shutdown::Read);
+        }
+        let mut live = self.shared.live.locked();
+        while uses(&self.shared.conns.locked()) {
+            live = self
+                .shared
+                .all_closed
+                .wait(live)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        Some(removed)
     }
 
     /// A handle that stops [`Server::serve`].
@@ -171,7 +225,7 @@ impl Server {
     /// Serves one already-connected client on new threads.
     pub fn spawn_connection(&self, stream: Stream) {
         let shared = Arc::clone(&self.shared);
-        let exports = self.exports.clone();
+        let exports = Arc::clone(&self.exports);
         let config = self.config.clone();
         *shared.live.locked() += 1;
         let spawned = thread::Builder::new().name("nbd-conn".into()).spawn({
@@ -179,9 +233,9 @@ impl Server {
             move || {
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                 if let Ok(handle) = stream.try_clone() {
-                    shared.conns.locked().push((id, handle));
+                    shared.conns.locked().push((id, handle, None));
                 }
-                run_connection(stream, &exports, &config, &shared);
+                run_connection(stream, id, &*exports, &config, &shared);
                 shared.conns.locked().retain(|c| c.0 != id);
                 connection_closed(&shared);
             }
@@ -204,7 +258,7 @@ impl Server {
     }
 
     fn flush_all(&self) -> io::Result<()> {
-        for e in &self.exports {
+        for e in self.exports.all() {
             if let Err(err) = e.device.flush() {
                 warn!(export = %e.name, error = %err, "flush at shutdown failed");
                 return Err(io::Error::other(err));
@@ -214,17 +268,36 @@ impl Server {
     }
 }
 
+/// The exports of a server.
+#[derive(Debug)]
+struct ExportSet(RwLock<Vec<Arc<Export>>>);
+
+impl Exports for ExportSet {
+    fn find(&self, name: &str) -> Option<Arc<Export>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .find(name)
+    }
+    fn all(&self) -> Vec<Arc<Export>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
 fn connection_closed(shared: &Shared) {
     let mut live = shared.live.locked();
     *live -= 1;
-    if *live == 0 {
-        shared.all_closed.notify_all();
-    }
+    // Woken on every close: remove_export waits for some connections, serve for all.
+    shared.all_closed.notify_all();
 }
 
 fn run_connection(
     mut stream: Stream,
-    exports: &Vec<Arc<Export>>,
+    id: u64,
+    exports: &ExportSet,
     config: &ServerConfig,
     shared: &Shared,
 ) {
@@ -237,7 +310,7 @@ fn run_connection(
         warn!(%peer, error = %e, "cannot set handshake time-out");
         return;
     }
-    let negotiated = match negotiate(&mut stream, exports as &dyn Exports) {
+    let negotiated = match negotiate(&mut stream, exports) {
         Ok(n) => n,
         Err(HandshakeError::Ended) => {
             debug!(%peer, "client left during the handshake");
@@ -253,6 +326,16 @@ fn run_connection(
         return;
     }
     let export = &negotiated.export;
+    {
+        let mut conns = shared.conns.locked();
+        if let Some(c) = conns.iter_mut().find(|c| c.0 == id) {
+            c.2 = Some(export.name.clone());
+        }
+        // Withdrawn while this client was choosing it: do not start serving it.
+        if exports.find(&export.name).is_none() {
+            return;
+        }
+    }
     info!(%peer, export = %export.name, structured = negotiated.structured, "client connected");
     let info = export.device.info();
     let (min_block, _, max_payload) = Export::block_sizes(&info);

@@ -171,12 +171,18 @@ impl Listener {
 
     /// The address as a URI, e.g. `nbd://127.0.0.1:10809` or `nbd+unix:///?socket=/x.sock`.
     pub fn uri(&self) -> String {
+        self.export_uri("")
+    }
+
+    /// The URI of the export `name` here, e.g. `nbd://127.0.0.1:10809/disk` or
+    /// `nbd+unix:///disk?socket=/x.sock`.
+    pub fn export_uri(&self, name: &str) -> String {
         match self {
             Listener::Tcp(l) => match l.local_addr() {
-                Ok(a) => format!("nbd://{a}"),
-                Err(_) => "nbd://?".into(),
+                Ok(a) => format!("nbd://{a}/{name}"),
+                Err(_) => format!("nbd://?/{name}"),
             },
-            Listener::Unix(_, p) => format!("nbd+unix:///?socket={}", p.display()),
+            Listener::Unix(_, p) => format!("nbd+unix:///{name}?socket={}", p.display()),
         }
     }
 }

@@ -3,6 +3,8 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 mod cli;
+mod control;
+mod daemon;
 
 use std::process::ExitCode;
 

@@ -1,8 +1,13 @@
 //! The command line.
 
+mod disks;
 mod serve;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
+
+use crate::daemon::{self, Paths};
 use tracing_subscriber::EnvFilter;
 
 /// vdk, the virtual disk kit: serve disks from user space.
@@ -12,6 +17,10 @@ pub struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// The daemon's control socket (default: /run/vdk/control.sock for root,
+    /// $XDG_RUNTIME_DIR/vdk/control.sock for other users).
+    #[arg(long, global = true, env = "VDK_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,12 +29,33 @@ pub struct Cli {
 enum Command {
     /// Serve disk images over NBD in the foreground, until SIGINT or SIGTERM.
     Serve(serve::ServeArgs),
+    /// Open an image (creating it if missing) as a disk: a block device, an NBD export, and
+    /// optionally a mounted file system.
+    Open(disks::OpenArgs),
+    /// Close a disk: unmount (after a sync), detach, stop its export, flush, release.
+    Close(disks::CloseArgs),
+    /// List open disks, with their attachments and I/O counters.
+    List(disks::ListArgs),
+    /// Mount an open disk's file system.
+    Mount(disks::MountArgs),
+    /// Unmount an open disk's file system; the disk stays open.
+    Unmount(disks::CloseArgs),
+    /// Run the daemon that owns open disks, in the foreground.
+    Daemon(daemon::DaemonArgs),
 }
 
 /// Runs the chosen command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let paths = || Paths::new(cli.socket.as_deref());
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Open(args) => disks::open(args, &paths()?),
+        Command::Close(args) => disks::close(args, &paths()?),
+        Command::List(args) => disks::list(args, &paths()?),
+        Command::Mount(args) => disks::mount(args, &paths()?),
+        Command::Unmount(args) => disks::unmount(args, &paths()?),
+        Command::Daemon(args) if args.stop => disks::stop_daemon(&paths()?),
+        Command::Daemon(args) => daemon::run(&args, &paths()?),
     }
 }
 
@@ -40,5 +70,6 @@ pub fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

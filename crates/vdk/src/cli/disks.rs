@@ -1,0 +1,357 @@
+//! `vdk open`, `close`, `list`, `mount`, `unmount`: clients of the daemon.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use vdk_core::size::{parse_size, Human};
+
+use crate::control::{
+    ApiError, Client, CloseRequest, DiskStatus, MountRequest, OpenRequest, Request,
+};
+use crate::daemon::Paths;
+
+/// Longest wait for a daemon started in the background to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connects to the daemon; with `start`, starts one in the background if none runs.
+fn connect(paths: &Paths, start: bool) -> anyhow::Result<Client> {
+    match Client::connect(&paths.socket) {
+        Ok(c) => return Ok(c),
+        Err(e)
+            if start
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            bail!(
+                "no vdk daemon is running on {} (nothing is open)",
+                paths.socket.display()
+            )
+        }
+        Err(e) => {
+            return Err(anyhow!(e).context(format!(
+                "cannot reach the vdk daemon on {}",
+                paths.socket.display()
+            )))
+        }
+    }
+    start_daemon(paths)
+}
+
+/// Starts `vdk daemon` in the background, logging to `daemon.log` beside its socket, and
+/// waits until it answers.
+fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.dir)
+        .with_context(|| format!("cannot create {}", paths.dir.display()))?;
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log)
+        .with_context(|| format!("cannot write the daemon log {}", paths.log.display()))?;
+    let exe = std::env::current_exe().context("cannot find the vdk executable")?;
+    let mut child = Command::new(exe)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&paths.socket)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C meant for this command does not reach it.
+        .process_group(0)
+        .spawn()
+        .context("cannot start the vdk daemon")?;
+    let started = Instant::now();
+    loop {
+        if let Ok(c) = Client::connect(&paths.socket) {
+            return Ok(c);
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = fs::read_to_string(&paths.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "the vdk daemon exited at once ({status}); its log {} ends:\n{}",
+                paths.log.display(),
+                tail.join("\n")
+            );
+        }
+        if started.elapsed() > START_TIMEOUT {
+            bail!(
+                "the vdk daemon did not answer within {}s; see {}",
+                START_TIMEOUT.as_secs(),
+                paths.log.display()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends one request; an error answer becomes the command's error.
+fn call(client: &mut Client, req: &Request) -> anyhow::Result<serde_json::Value> {
+    client
+        .call(req)
+        .context("lost the connection to the vdk daemon")?
+        .map_err(|e: ApiError| anyhow!(e.message))
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// `vdk open`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  vdk open disk.img                       open it (or create a 100 MiB one) as /dev/loopN
+  vdk open data.img 2G --mkfs ext4 --mount /mnt/data
+  vdk open golden.img --read-only --attach none   NBD only, no block device")]
+pub struct OpenArgs {
+    /// The image; created if it does not exist.
+    file: PathBuf,
+    /// Size of a new image (e.g. 10G; default 100M).
+    size: Option<String>,
+    /// Open read-only (the block device and the NBD export refuse writes).
+    #[arg(long)]
+    read_only: bool,
+    /// Image format (raw); probed from its first bytes when not given.
+    #[arg(long)]
+    format: Option<String>,
+    /// Mount the disk's file system on DIR (created if missing).
+    #[arg(long, value_name = "DIR")]
+    mount: Option<PathBuf>,
+    /// Format a new image first: ext4, xfs or vfat.
+    #[arg(long, value_name = "TYPE")]
+    mkfs: Option<String>,
+    /// How the kernel sees the disk: fuse-loop (a /dev/loopN; needs root, the default for
+    /// root) or none (NBD only, the default for other users).
+    #[arg(long, value_name = "MODE")]
+    attach: Option<String>,
+    /// NBD export name (default: the disk's id).
+    #[arg(long, value_name = "NAME")]
+    export_name: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `vdk open`.
+pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
+    let size = args
+        .size
+        .as_deref()
+        .map(|s| parse_size(s).with_context(|| format!("bad size {s:?}")))
+        .transpose()?;
+    let req = Request::Open(OpenRequest {
+        path: absolute(&args.file)?,
+        size,
+        read_only: args.read_only,
+        format: args.format,
+        attach: args.attach,
+        mkfs: args.mkfs,
+        mount: args.mount.as_deref().map(absolute).transpose()?,
+        export_name: args.export_name,
+    });
+    let mut client = connect(paths, true)?;
+    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    if args.json {
+        return print_json(&status);
+    }
+    let mode = if status.read_only {
+        "read-only"
+    } else {
+        "read-write"
+    };
+    println!(
+        "opened {}: {} ({}, {}, {mode})",
+        status.id,
+        status.image.display(),
+        Human(status.size),
+        status.format
+    );
+    if let Some(dev) = &status.block_device {
+        println!("  block device  {}", dev.display());
+    }
+    if let Some(dir) = &status.mount {
+        println!("  mounted on    {}", dir.display());
+    }
+    for uri in &status.nbd {
+        println!("  nbd           {uri}");
+    }
+    Ok(())
+}
+
+/// `vdk close`.
+#[derive(Debug, Args)]
+pub struct CloseArgs {
+    /// The disk: its id (see vdk list) or its image file.
+    disk: String,
+    /// Close even if its mount is busy: it is detached lazily and whatever still uses it
+    /// gets I/O errors, as from a disk pulled out.
+    #[arg(long)]
+    force: bool,
+}
+
+/// What a disk argument names: an id, or an image path made absolute.
+fn disk_key(arg: &str) -> anyhow::Result<String> {
+    let p = Path::new(arg);
+    if p.exists() {
+        let p = fs::canonicalize(p).unwrap_or(absolute(p)?);
+        return Ok(p.to_string_lossy().into_owned());
+    }
+    Ok(arg.to_owned())
+}
+
+/// Runs `vdk close`.
+pub fn close(args: CloseArgs, paths: &Paths) -> anyhow::Result<()> {
+    let mut client = connect(paths, false)?;
+    let req = Request::Close(CloseRequest {
+        disk: disk_key(&args.disk)?,
+        force: args.force,
+    });
+    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    println!("closed {}: {}", status.id, status.image.display());
+    Ok(())
+}
+
+/// `vdk mount`.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The disk: its id or its image file.
+    disk: String,
+    /// Where to mount it (created if missing).
+    dir: PathBuf,
+    /// Format it first: ext4, xfs or vfat (erases the disk).
+    #[arg(long, value_name = "TYPE")]
+    mkfs: Option<String>,
+}
+
+/// Runs `vdk mount`.
+pub fn mount(args: MountArgs, paths: &Paths) -> anyhow::Result<()> {
+    let mut client = connect(paths, false)?;
+    let req = Request::Mount(MountRequest {
+        disk: disk_key(&args.disk)?,
+        dir: absolute(&args.dir)?,
+        mkfs: args.mkfs,
+    });
+    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    if let Some(dir) = &status.mount {
+        println!("mounted {} on {}", status.id, dir.display());
+    }
+    Ok(())
+}
+
+/// Runs `vdk unmount`.
+pub fn unmount(args: CloseArgs, paths: &Paths) -> anyhow::Result<()> {
+    let mut client = connect(paths, false)?;
+    let req = Request::Unmount(CloseRequest {
+        disk: disk_key(&args.disk)?,
+        force: args.force,
+    });
+    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    println!("unmounted {}", status.id);
+    Ok(())
+}
+
+/// `vdk list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON (an array of disks) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `vdk list`.
+pub fn list(args: ListArgs, paths: &Paths) -> anyhow::Result<()> {
+    let disks: Vec<DiskStatus> = match connect(paths, false) {
+        Ok(mut client) => serde_json::from_value(call(&mut client, &Request::List)?)?,
+        // No daemon: nothing is open.
+        Err(_) if !paths.socket.exists() => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    if args.json {
+        return print_json(&disks);
+    }
+    if disks.is_empty() {
+        println!("no disks open");
+        return Ok(());
+    }
+    let dash = || "-".to_owned();
+    let mut rows = vec![[
+        "ID", "IMAGE", "FORMAT", "SIZE", "RO", "DEVICE", "MOUNT", "READS", "WRITES", "READ",
+        "WRITTEN", "NBD",
+    ]
+    .map(String::from)];
+    for d in &disks {
+        rows.push([
+            d.id.clone(),
+            d.image.display().to_string(),
+            d.format.clone(),
+            Human(d.size).to_string(),
+            if d.read_only { "yes" } else { "no" }.into(),
+            d.block_device
+                .as_ref()
+                .map_or_else(dash, |p| p.display().to_string()),
+            d.mount
+                .as_ref()
+                .map_or_else(dash, |p| p.display().to_string()),
+            d.stats.reads.to_string(),
+            d.stats.writes.to_string(),
+            Human(d.stats.bytes_read).to_string(),
+            Human(d.stats.bytes_written).to_string(),
+            d.nbd.first().cloned().unwrap_or_else(dash),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = io::stdout().lock();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        writeln!(out, "{}", cells.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+/// Runs `vdk daemon --stop`.
+pub fn stop_daemon(paths: &Paths) -> anyhow::Result<()> {
+    let mut client = connect(paths, false)?;
+    call(&mut client, &Request::Shutdown)?;
+    // The daemon closes its disks, then its socket: wait for that, so that a script can
+    // rely on everything being closed when this returns.
+    let started = Instant::now();
+    while paths.socket.exists() {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the vdk daemon is still running after 60s");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! The control API: JSON messages between `vdk` commands (or any script) and the daemon,
+//! one request and one response per line over the control socket. docs/control-api.md is
+//! the reference for users; this module is the definition.
+
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line the daemon reads; anything longer is refused unread.
+pub const MAX_REQUEST: usize = 64 << 10;
+
+/// A request to the daemon.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the daemon there, and which version is it?
+    Version,
+    /// Open (or create) an image.
+    Open(OpenRequest),
+    /// Close a disk.
+    Close(CloseRequest),
+    /// Every open disk.
+    List,
+    /// Mount an open disk's file system.
+    Mount(MountRequest),
+    /// Unmount an open disk's file system.
+    Unmount(CloseRequest),
+    /// Close every disk and stop the daemon.
+    Shutdown,
+}
+
+/// `open`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenRequest {
+    /// The image: an absolute path.
+    pub path: PathBuf,
+    /// Size in bytes of a new image (default 100 MiB); an existing one must have this size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Open read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Image format; probed when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// How the kernel sees the disk: `fuse-loop` or `none`; the default is fuse-loop for
+    /// root and none for other users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<String>,
+    /// Format the new image with this file system (ext4, xfs, vfat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mkfs: Option<String>,
+    /// Mount the disk's file system here (an absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<PathBuf>,
+    /// NBD export name; the disk's id when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_name: Option<String>,
+}
+
+/// `close` and `unmount`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloseRequest {
+    /// The disk's id, or its image's absolute path.
+    pub disk: String,
+    /// Detach even if busy: whatever still uses it gets I/O errors.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `mount`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountRequest {
+    /// The disk's id, or its image's absolute path.
+    pub disk: String,
+    /// Where to mount (an absolute path; created if missing).
+    pub dir: PathBuf,
+    /// Format first with this file system (ext4, xfs, vfat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mkfs: Option<String>,
+}
+
+/// An open disk, as `open` and `list` report it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct DiskStatus {
+    /// Stable id, derived from the image's canonical path.
+    pub id: String,
+    /// The image's canonical path.
+    pub image: PathBuf,
+    /// Image format.
+    pub format: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// How it is attached: `fuse-loop` or `none`.
+    pub attach: String,
+    /// The block device, if attached.
+    pub block_device: Option<PathBuf>,
+    /// Where its file system is mounted, if it is.
+    pub mount: Option<PathBuf>,
+    /// NBD export name.
+    pub export: String,
+    /// NBD URIs of the export, one per listener of the daemon.
+    pub nbd: Vec<String>,
+    /// I/O counters since the disk was opened.
+    pub stats: Counters,
+}
+
+/// I/O counters of a disk.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize)]
+pub struct Counters {
+    /// Read requests.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Flushes.
+    pub flushes: u64,
+    /// Trims and zero writes.
+    pub trims: u64,
+    /// Requests that failed.
+    pub errors: u64,
+}
+
+/// What went wrong, for scripts to branch on.
+#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is not valid JSON, too long, or not a request.
+    BadRequest,
+    /// An argument is wrong (a size, a format, a path that is not a file).
+    Invalid,
+    /// No such disk or file.
+    NotFound,
+    /// The image is open already.
+    AlreadyOpen,
+    /// The disk is in use (a busy mount).
+    Busy,
+    /// Not allowed (file permissions, not root).
+    Permission,
+    /// Not supported by this build or this machine.
+    Unsupported,
+    /// A system call or a tool failed.
+    Io,
+}
+
+/// An error answered by the daemon.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ApiError {
+    /// Its kind.
+    pub kind: ErrorKind,
+    /// What to tell the user.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// An OS error, kind taken from the errno, message prefixed with `what`.
+    pub fn io(what: impl fmt::Display, e: &io::Error) -> ApiError {
+        let kind = match e.kind() {
+            io::ErrorKind::NotFound => ErrorKind::NotFound,
+            io::ErrorKind::PermissionDenied => ErrorKind::Permission,
+            io::ErrorKind::InvalidInput => ErrorKind::Invalid,
+            io::ErrorKind::ResourceBusy => ErrorKind::Busy,
+            io::ErrorKind::Unsupported => ErrorKind::Unsupported,
+            _ => ErrorKind::Io,
+        };
+        ApiError::new(kind, format!("{what}: {e}"))
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// The daemon's answer: `{"ok":true,"result":…}` or `{"ok":false,"error":{…}}`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// What it returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Response {
+    /// A success carrying `result`.
+    pub fn ok(result: impl Serialize) -> Response {
+        Response {
+            ok: true,
+            result: Some(serde_json::to_value(result).unwrap_or(serde_json::Value::Null)),
+            error: None,
+        }
+    }
+
+    /// A failure.
+    pub fn err(e: ApiError) -> Response {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(e),
+        }
+    }
+}
+
+/// Reads one line of at most [`MAX_REQUEST`] bytes. `Ok(None)` at end of stream.
+pub fn read_line(r: &mut impl BufRead) -> io::Result<Option<Result<String, ApiError>>> {
+    let mut line = Vec::new();
+    let n = r
+        .by_ref()
+        .take(MAX_REQUEST as u64 + 1)
+        .read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') && line.len() > MAX_REQUEST {
+        return Ok(Some(Err(ApiError::new(
+            ErrorKind::BadRequest,
+            format!("request longer than {MAX_REQUEST} bytes"),
+        ))));
+    }
+    match String::from_utf8(line) {
+        Ok(s) => Ok(Some(Ok(s))),
+        Err(_) => Ok(Some(Err(ApiError::new(
+            ErrorKind::BadRequest,
+            "request is not UTF-8",
+        )))),
+    }
+}
+
+/// Parses a request line.
+pub fn parse(line: &str) -> Result<Request, ApiError> {
+    serde_json::from_str(line)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("bad request: {e}")))
+}
+
+/// A connection to the daemon.
+#[derive(Debug)]
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    /// Connects to the control socket at `path`.
+    pub fn connect(path: &Path) -> io::Result<Client> {
+        let writer = UnixStream::connect(path)?;
+        let reader = BufReader::new(writer.try_clone()?);
+        Ok(Client { reader, writer })
+    }
+
+    /// Sends `req` and waits for the answer.
+    pub fn call(&mut self, req: &Request) -> io::Result<Result<serde_json::Value, ApiError>> {
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        let Some(answer) = read_line(&mut self.reader)? else {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the daemon closed the connection without answering",
+            ));
+        };
+        let answer = answer.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let resp: Response = serde_json::from_str(&answer)?;
+        Ok(match (resp.ok, resp.error) {
+            (true, _) => Ok(resp.result.unwrap_or(serde_json::Value::Null)),
+            (false, Some(e)) => Err(e),
+            (false, None) => Err(ApiError::new(ErrorKind::Io, "the daemon gave no reason")),
+        })
+    }
+}

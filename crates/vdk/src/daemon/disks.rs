@@ -1,0 +1,575 @@
+//! The open disks: open, close, mount, unmount, list.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tracing::{info, warn};
+use vdk_attach::{Attach, Attached, FuseExport, FuseLoop};
+use vdk_backends::{FileDisk, FileOptions};
+use vdk_core::size::Human;
+use vdk_core::BlockDevice;
+use vdk_nbd::{Export, Server};
+
+use super::mount;
+use super::tracked::Tracked;
+use super::Paths;
+use crate::control::{ApiError, DiskStatus, ErrorKind, MountRequest, OpenRequest};
+
+/// Stands for the export name in the NBD URI templates.
+pub const EXPORT_PLACEHOLDER: &str = "{export}";
+
+/// Size of an image `open` creates when none is given.
+pub const DEFAULT_SIZE: u64 = 100 << 20;
+
+const ATTACH_FUSE_LOOP: &str = "fuse-loop";
+const ATTACH_NONE: &str = "none";
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What changes while a disk is open.
+#[derive(Debug, Default)]
+struct Attachment {
+    attached: Option<Box<dyn Attached>>,
+    block_device: Option<PathBuf>,
+    mount: Option<PathBuf>,
+}
+
+/// An open disk.
+#[derive(Debug)]
+struct Disk {
+    id: String,
+    image: PathBuf,
+    format: String,
+    size: u64,
+    read_only: bool,
+    attach: &'static str,
+    export: String,
+    device: Arc<Tracked>,
+    state: Mutex<Attachment>,
+}
+
+/// The daemon's disks and front ends.
+#[derive(Debug)]
+pub struct Daemon {
+    paths: Paths,
+    nbd: Arc<Server>,
+    /// NBD URI of each listener, with [`EXPORT_PLACEHOLDER`] for the export name.
+    nbd_uris: Vec<String>,
+    fuse_threads: usize,
+    /// The fuse-loop attacher, made (and its FUSE export mounted) on first use.
+    fuse_loop: Mutex<Option<Arc<FuseLoop>>>,
+    disks: Mutex<BTreeMap<String, Arc<Disk>>>,
+    /// Held by requests that change disks, so that they run one at a time.
+    changing: Mutex<()>,
+}
+
+/// The disk id for an image: its file stem and a hash of its canonical path, so the same
+/// image always gets the same id and two images never share one by accident.
+pub fn disk_id(image: &Path) -> String {
+    let stem: String = image
+        .file_stem()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(24)
+        .collect();
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in image.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let stem = if stem.is_empty() { "disk".into() } else { stem };
+    format!("{stem}-{:08x}", h >> 32)
+}
+
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Invalid, msg)
+}
+
+/// Refuses images in formats this build cannot serve yet, told by their magic.
+fn probe_format(file: &mut fs::File, image: &Path) -> Result<(), ApiError> {
+    let mut head = [0u8; 8];
+    let n = file.read(&mut head).unwrap_or(0);
+    let known: &[(&[u8], &str)] = &[
+        (b"QFI\xfb", "qcow2"),
+        (b"vhdxfile", "VHDX"),
+        (b"conectix", "VHD"),
+    ];
+    for (magic, name) in known {
+        if n >= magic.len() && head.starts_with(magic) {
+            return Err(ApiError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{} is a {name} image, and this build of vdk serves raw images only; \
+                     pass --format raw to serve its bytes as they are",
+                    image.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Daemon {
+    /// A daemon serving NBD with `nbd`, whose listeners have the URIs `nbd_uris`.
+    pub fn new(
+        paths: Paths,
+        nbd: Arc<Server>,
+        nbd_uris: Vec<String>,
+        fuse_threads: usize,
+    ) -> Daemon {
+        Daemon {
+            paths,
+            nbd,
+            nbd_uris,
+            fuse_threads,
+            fuse_loop: Mutex::new(None),
+            disks: Mutex::default(),
+            changing: Mutex::new(()),
+        }
+    }
+
+    fn status(&self, d: &Disk) -> DiskStatus {
+        let st = lock(&d.state);
+        DiskStatus {
+            id: d.id.clone(),
+            image: d.image.clone(),
+            format: d.format.clone(),
+            size: d.size,
+            read_only: d.read_only,
+            attach: d.attach.to_owned(),
+            block_device: st.block_device.clone(),
+            mount: st.mount.clone(),
+            export: d.export.clone(),
+            nbd: self
+                .nbd_uris
+                .iter()
+                .map(|u| u.replace(EXPORT_PLACEHOLDER, &d.export))
+                .collect(),
+            stats: d.device.counters(),
+        }
+    }
+
+    /// Every open disk.
+    pub fn list(&self) -> Vec<DiskStatus> {
+        let disks: Vec<Arc<Disk>> = lock(&self.disks).values().cloned().collect();
+        disks.iter().map(|d| self.status(d)).collect()
+    }
+
+    /// The disk `key` names: an id, or an image path.
+    fn find(&self, key: &str) -> Result<Arc<Disk>, ApiError> {
+        let disks = lock(&self.disks);
+        if let Some(d) = disks.get(key) {
+            return Ok(Arc::clone(d));
+        }
+        let path = fs::canonicalize(key).unwrap_or_else(|_| PathBuf::from(key));
+        disks
+            .values()
+            .find(|d| d.image == path)
+            .cloned()
+            .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no open disk is {key:?}")))
+    }
+
+    fn attacher(&self) -> Result<Arc<FuseLoop>, ApiError> {
+        let mut slot = lock(&self.fuse_loop);
+        if let Some(a) = &*slot {
+            return Ok(Arc::clone(a));
+        }
+        let export = FuseExport::mount(&self.paths.fuse, self.fuse_threads)
+            .map_err(|e| ApiError::io("cannot start the FUSE export", &e))?;
+        let a = Arc::new(FuseLoop::new(export));
+        *slot = Some(Arc::clone(&a));
+        Ok(a)
+    }
+
+    /// Opens (or creates) an image and attaches it as asked.
+    pub fn open(&self, req: OpenRequest) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let root = rustix::process::geteuid().is_root();
+        let attach = match req.attach.as_deref() {
+            None if root => ATTACH_FUSE_LOOP,
+            None => ATTACH_NONE,
+            Some(ATTACH_FUSE_LOOP) if !root => {
+                return Err(ApiError::new(
+                    ErrorKind::Permission,
+                    "attaching a block device (fuse-loop) needs root; \
+                     use --attach none to serve the disk over NBD only",
+                ))
+            }
+            Some(ATTACH_FUSE_LOOP) => ATTACH_FUSE_LOOP,
+            Some(ATTACH_NONE) => ATTACH_NONE,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "unknown attach mode {other:?}: use fuse-loop or none"
+                )))
+            }
+        };
+        match req.format.as_deref() {
+            None | Some("raw") => {}
+            Some(f) => {
+                return Err(ApiError::new(
+                    ErrorKind::Unsupported,
+                    format!("format {f:?} is not supported: this build of vdk opens raw images"),
+                ))
+            }
+        }
+        if let Some(fs) = &req.mkfs {
+            mount::check_fs_type(fs)?;
+        }
+        if attach == ATTACH_NONE && (req.mkfs.is_some() || req.mount.is_some()) {
+            return Err(invalid(
+                "--mkfs and --mount need a block device: not with --attach none",
+            ));
+        }
+        if req.mkfs.is_some() && req.read_only {
+            return Err(invalid("--mkfs cannot format a disk opened --read-only"));
+        }
+        if !req.path.is_absolute() {
+            return Err(invalid(format!(
+                "{}: the path must be absolute",
+                req.path.display()
+            )));
+        }
+        if let Some(name) = &req.export_name {
+            if name.is_empty() || name.len() > 4096 {
+                return Err(invalid("--export-name must be 1 to 4096 bytes"));
+            }
+        }
+        let (image, created) = self.image(&req)?;
+        let opened = self.open_image(&req, &image, attach);
+        match opened {
+            Ok(d) => {
+                let status = self.status(&d);
+                lock(&self.disks).insert(d.id.clone(), d);
+                info!(id = %status.id, image = %image.display(), size = %Human(status.size), "disk open");
+                Ok(status)
+            }
+            Err(e) => {
+                if created {
+                    // Nothing of a half-made image is worth keeping.
+                    let _ = fs::remove_file(&image);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The image's canonical path, created first if missing; `true` if it was created.
+    fn image(&self, req: &OpenRequest) -> Result<(PathBuf, bool), ApiError> {
+        let path = &req.path;
+        let shown = path.display();
+        match fs::metadata(path) {
+            Ok(m) if m.is_dir() => Err(invalid(format!("{shown} is a directory, not an image"))),
+            Ok(m) if !m.is_file() => Err(invalid(format!("{shown} is not a regular file"))),
+            Ok(m) => {
+                if let Some(size) = req.size.filter(|s| *s != m.len()) {
+                    return Err(invalid(format!(
+                        "{shown} exists and has {} bytes, not {size}: a size is for new images",
+                        m.len()
+                    )));
+                }
+                if req.mkfs.is_some() {
+                    return Err(invalid(format!(
+                        "{shown} exists: --mkfs formats only the new images open creates \
+                         (format /dev/loopN yourself to wipe an existing one)"
+                    )));
+                }
+                let canonical =
+                    fs::canonicalize(path).map_err(|e| ApiError::io(format!("{shown}"), &e))?;
+                Ok((canonical, false))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if req.read_only {
+                    return Err(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!("{shown} does not exist (a new image cannot be read-only)"),
+                    ));
+                }
+                let size = req.size.unwrap_or(DEFAULT_SIZE);
+                if size == 0 || size % 512 != 0 {
+                    return Err(invalid(format!(
+                        "size {size} must be a positive multiple of 512 bytes"
+                    )));
+                }
+                let parent = path.parent().unwrap_or(Path::new("/"));
+                if !parent.is_dir() {
+                    return Err(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "cannot create {shown}: {} is not a directory",
+                            parent.display()
+                        ),
+                    ));
+                }
+                FileDisk::create(path, size, FileOptions::default())
+                    .map_err(|e| ApiError::io(format!("cannot create {shown}"), &e))?;
+                info!(image = %shown, size = %Human(size), "created");
+                let canonical =
+                    fs::canonicalize(path).map_err(|e| ApiError::io(format!("{shown}"), &e))?;
+                Ok((canonical, true))
+            }
+            Err(e) => Err(ApiError::io(format!("cannot open {shown}"), &e)),
+        }
+    }
+
+    fn open_image(
+        &self,
+        req: &OpenRequest,
+        image: &Path,
+        attach: &'static str,
+    ) -> Result<Arc<Disk>, ApiError> {
+        let id = disk_id(image);
+        if let Some(d) = lock(&self.disks).values().find(|d| d.image == image) {
+            return Err(ApiError::new(
+                ErrorKind::AlreadyOpen,
+                format!("{} is already open as {}", image.display(), d.id),
+            ));
+        }
+        let shown = image.display();
+        let mut file =
+            fs::File::open(image).map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
+        if req.format.is_none() {
+            probe_format(&mut file, image)?;
+        }
+        drop(file);
+        let opts = FileOptions {
+            read_only: req.read_only,
+            ..FileOptions::default()
+        };
+        let backend = FileDisk::open(image, opts)
+            .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
+        let size = backend.info().size;
+        if size == 0 {
+            return Err(invalid(format!(
+                "{shown} is empty (0 bytes): nothing to serve"
+            )));
+        }
+        if size % 512 != 0 {
+            return Err(invalid(format!(
+                "{shown} has {size} bytes, not a multiple of 512: a truncated image?"
+            )));
+        }
+        let device = Arc::new(Tracked::new(Arc::new(backend)));
+        let export_name = req.export_name.clone().unwrap_or_else(|| id.clone());
+        let mut export = Export::new(
+            export_name.clone(),
+            Arc::clone(&device) as Arc<dyn BlockDevice>,
+        );
+        export.read_only = req.read_only;
+        export.description = format!("vdk disk {id}: {shown}");
+        self.nbd
+            .add_export(export)
+            .map_err(|e| ApiError::new(ErrorKind::AlreadyOpen, format!("NBD export: {e}")))?;
+        let disk = Arc::new(Disk {
+            id: id.clone(),
+            image: image.to_owned(),
+            format: "raw".into(),
+            size,
+            read_only: req.read_only,
+            attach,
+            export: export_name,
+            device,
+            state: Mutex::default(),
+        });
+        let set_up = self.set_up(&disk, req);
+        if let Err(e) = set_up {
+            // Undo whatever part was done; the error to report is the first one.
+            let _ = self.tear_down(&disk, true);
+            return Err(e);
+        }
+        Ok(disk)
+    }
+
+    /// Attaches, formats and mounts a disk as `req` asks.
+    fn set_up(&self, disk: &Disk, req: &OpenRequest) -> Result<(), ApiError> {
+        if disk.attach == ATTACH_FUSE_LOOP {
+            let attached = self
+                .attacher()?
+                .attach(
+                    &disk.id,
+                    Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
+                    disk.read_only,
+                )
+                .map_err(|e| ApiError::io("cannot attach a loop device", &e))?;
+            let dev = attached.block_device();
+            info!(id = %disk.id, dev = %dev.display(), "attached");
+            let mut st = lock(&disk.state);
+            st.block_device = Some(dev);
+            st.attached = Some(attached);
+        }
+        if let Some(fs) = &req.mkfs {
+            let dev = lock(&disk.state).block_device.clone();
+            mount::mkfs(fs, dev.as_deref().unwrap_or(Path::new("")))?;
+        }
+        if let Some(dir) = &req.mount {
+            self.mount_disk(disk, dir, req.mkfs.as_deref())?;
+        }
+        Ok(())
+    }
+
+    fn mount_disk(&self, disk: &Disk, dir: &Path, fs: Option<&str>) -> Result<(), ApiError> {
+        if !dir.is_absolute() {
+            return Err(invalid(format!(
+                "{}: the mount point must be absolute",
+                dir.display()
+            )));
+        }
+        let dev = {
+            let st = lock(&disk.state);
+            if let Some(m) = &st.mount {
+                return Err(invalid(format!(
+                    "{} is already mounted on {}",
+                    disk.id,
+                    m.display()
+                )));
+            }
+            st.block_device.clone().ok_or_else(|| {
+                invalid(format!(
+                    "{} has no block device (opened with --attach none)",
+                    disk.id
+                ))
+            })?
+        };
+        mount::mount(&dev, dir, fs, disk.read_only)?;
+        lock(&disk.state).mount = Some(dir.to_owned());
+        Ok(())
+    }
+
+    /// Unmounts, detaches, withdraws the export and flushes. With `force`, a busy mount is
+    /// detached lazily and the disk refuses everything still queued.
+    fn tear_down(&self, disk: &Disk, force: bool) -> Result<(), ApiError> {
+        let mount = lock(&disk.state).mount.clone();
+        if let Some(dir) = mount {
+            if force {
+                // What the busy mount still sends fails, as on a disk pulled out.
+                if let Err(e) = mount::unmount(&dir, false) {
+                    warn!(id = %disk.id, error = %e.message, "forcing the disk closed");
+                    disk.device.close();
+                    mount::unmount(&dir, true)?;
+                }
+            } else {
+                mount::unmount(&dir, false)?;
+            }
+            lock(&disk.state).mount = None;
+        }
+        let attached = lock(&disk.state).attached.take();
+        if let Some(a) = attached {
+            let dev = a.block_device();
+            if let Err(e) = a.detach() {
+                warn!(id = %disk.id, dev = %dev.display(), error = %e, "detach failed");
+            }
+            lock(&disk.state).block_device = None;
+        }
+        self.nbd.remove_export(&disk.export);
+        disk.device.close();
+        disk.device.flush_backend().map_err(|e| {
+            ApiError::new(
+                ErrorKind::Io,
+                format!("flushing {}: {e}", disk.image.display()),
+            )
+        })
+    }
+
+    /// Closes a disk: unmount (sync first), detach, stop the export, flush, release.
+    pub fn close(&self, key: &str, force: bool) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.find(key)?;
+        let status = self.status(&disk);
+        let torn = self.tear_down(&disk, force);
+        // Detached or not, a disk that got this far is no longer served: forget it, unless
+        // the unmount was refused (then nothing changed).
+        if matches!(&torn, Err(e) if e.kind == ErrorKind::Busy) {
+            return torn.map(|()| status);
+        }
+        lock(&self.disks).remove(&disk.id);
+        info!(id = %disk.id, "disk closed");
+        torn.map(|()| status)
+    }
+
+    /// Mounts an open disk's file system (formatting it first if asked).
+    pub fn mount(&self, req: MountRequest) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.find(&req.disk)?;
+        if let Some(fs) = &req.mkfs {
+            mount::check_fs_type(fs)?;
+            let dev = lock(&disk.state).block_device.clone().ok_or_else(|| {
+                invalid(format!(
+                    "{} has no block device (opened with --attach none)",
+                    disk.id
+                ))
+            })?;
+            if lock(&disk.state).mount.is_some() {
+                return Err(invalid(format!(
+                    "{} is mounted: unmount it before formatting",
+                    disk.id
+                )));
+            }
+            mount::mkfs(fs, &dev)?;
+        }
+        self.mount_disk(&disk, &req.dir, req.mkfs.as_deref())?;
+        Ok(self.status(&disk))
+    }
+
+    /// Unmounts an open disk's file system; the disk stays open.
+    pub fn unmount(&self, key: &str, force: bool) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.find(key)?;
+        let Some(dir) = lock(&disk.state).mount.clone() else {
+            return Err(invalid(format!("{} is not mounted", disk.id)));
+        };
+        mount::unmount(&dir, force)?;
+        lock(&disk.state).mount = None;
+        Ok(self.status(&disk))
+    }
+
+    /// Closes every disk (forcing busy ones: the daemon is going away) and the FUSE export.
+    pub fn close_all(&self) {
+        let _one_at_a_time = lock(&self.changing);
+        let disks: Vec<Arc<Disk>> = lock(&self.disks).values().cloned().collect();
+        for d in disks {
+            let closed = match self.tear_down(&d, false) {
+                Err(e) if e.kind == ErrorKind::Busy => {
+                    warn!(id = %d.id, "{}; closing it anyway", e.message);
+                    self.tear_down(&d, true)
+                }
+                r => r,
+            };
+            match closed {
+                Ok(()) => info!(id = %d.id, "disk closed"),
+                Err(e) => warn!(id = %d.id, error = %e.message, "disk closed with an error"),
+            }
+            lock(&self.disks).remove(&d.id);
+        }
+        if let Some(a) = lock(&self.fuse_loop).take() {
+            a.export().unmount();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_and_readable() {
+        let a = disk_id(Path::new("/srv/images/data disk.img"));
+        assert_eq!(a, disk_id(Path::new("/srv/images/data disk.img")));
+        assert!(a.starts_with("data_disk-"), "{a}");
+        assert_eq!(a.len(), "data_disk-".len() + 8);
+        assert_ne!(a, disk_id(Path::new("/srv/other/data disk.img")));
+        assert!(disk_id(Path::new("/x/.img")).starts_with("_img-"));
+    }
+}

@@ -1,0 +1,267 @@
+//! `vdk daemon`: owns every open disk and its front ends (NBD export, block device, mount),
+//! and answers the control API on a Unix socket.
+//!
+//! Threads: one accepts control connections and one serves each of them; the NBD server and
+//! the FUSE export have their own. Requests that change disks (open, close, mount, unmount)
+//! run one at a time; `list` never waits for them.
+
+mod disks;
+pub mod mount;
+pub mod tracked;
+
+use std::fs;
+use std::io::{self, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing::{debug, info, warn};
+use vdk_nbd::{Listener, Server, ServerConfig};
+
+use crate::control::{self, ApiError, Request, Response};
+pub use disks::Daemon;
+
+/// Where a daemon keeps its sockets, its FUSE export and its log: the directory of its
+/// control socket.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// The default NBD listener.
+    pub nbd_socket: PathBuf,
+    /// Where the FUSE export is mounted.
+    pub fuse: PathBuf,
+    /// The log of a daemon started in the background.
+    pub log: PathBuf,
+}
+
+impl Paths {
+    /// The paths of the daemon whose control socket is `socket`, or the default one.
+    pub fn new(socket: Option<&Path>) -> anyhow::Result<Paths> {
+        let socket = match socket {
+            Some(s) => absolute(s)?,
+            None => default_dir()?.join("control.sock"),
+        };
+        let dir = socket
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        Ok(Paths {
+            nbd_socket: dir.join("nbd.sock"),
+            fuse: dir.join("disks"),
+            log: dir.join("daemon.log"),
+            socket,
+            dir,
+        })
+    }
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
+}
+
+/// `/run/vdk` for root, `$XDG_RUNTIME_DIR/vdk` for everyone else.
+fn default_dir() -> anyhow::Result<PathBuf> {
+    if rustix::process::geteuid().is_root() {
+        return Ok(PathBuf::from("/run/vdk"));
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => Ok(PathBuf::from(d).join("vdk")),
+        _ => bail!("XDG_RUNTIME_DIR is not set: give the control socket with --socket PATH"),
+    }
+}
+
+/// Options of `vdk daemon`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The daemon starts by itself when `vdk open` needs it; run it by hand for systemd or a
+container. It serves every open disk over NBD (by default on nbd.sock beside the control
+socket) and stops on SIGTERM or SIGINT, closing every disk as `vdk close` does.")]
+pub struct DaemonArgs {
+    /// Where the NBD server listens: unix:///PATH or tcp://HOST:PORT. Repeatable.
+    #[arg(long, value_name = "URI")]
+    pub listen: Vec<String>,
+    /// Threads answering the FUSE export (requests served in parallel).
+    #[arg(long, default_value_t = vdk_attach::fuse::DEFAULT_THREADS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub fuse_threads: u16,
+    /// Ask the running daemon to close every disk and stop.
+    #[arg(long)]
+    pub stop: bool,
+}
+
+/// Runs the daemon in the foreground until SIGTERM, SIGINT or a `shutdown` request.
+pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.dir)
+        .with_context(|| format!("cannot create {}", paths.dir.display()))?;
+    let control = bind_control(&paths.socket)?;
+    if rustix::process::geteuid().is_root() {
+        // The daemon writes back the pages of the disks it serves: let it allocate memory
+        // under pressure instead of waiting for its own writeback (as loop and NBD daemons do).
+        if let Err(e) = rustix::process::configure_io_flusher_behavior(true) {
+            debug!(error = %e, "cannot mark the daemon as an I/O flusher");
+        }
+    }
+    let uris = if args.listen.is_empty() {
+        vec![format!("unix://{}", paths.nbd_socket.display())]
+    } else {
+        args.listen.clone()
+    };
+    let listeners = uris
+        .iter()
+        .map(|u| Listener::bind(u).with_context(|| format!("cannot listen on {u}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let server = Arc::new(Server::new(Vec::new(), ServerConfig::default()));
+    let daemon = Arc::new(Daemon::new(
+        paths.clone(),
+        Arc::clone(&server),
+        listeners
+            .iter()
+            .map(|l| l.export_uri(disks::EXPORT_PLACEHOLDER))
+            .collect(),
+        usize::from(args.fuse_threads),
+    ));
+    let nbd_thread = thread::Builder::new().name("nbd".into()).spawn({
+        let server = Arc::clone(&server);
+        move || server.serve(listeners)
+    })?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    let signal_handle = signals.handle();
+    thread::spawn({
+        let stopping = Arc::clone(&stopping);
+        let socket = paths.socket.clone();
+        move || {
+            if let Some(sig) = signals.forever().next() {
+                info!(signal = sig, "stopping: closing every disk");
+                stop(&stopping, &socket);
+            }
+        }
+    });
+    info!(socket = %paths.socket.display(), pid = std::process::id(), "daemon ready");
+    for conn in control.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        match conn {
+            Ok(conn) => {
+                let daemon = Arc::clone(&daemon);
+                let stopping = Arc::clone(&stopping);
+                let socket = paths.socket.clone();
+                thread::spawn(move || {
+                    if let Err(e) = serve_control(&daemon, conn, &stopping, &socket) {
+                        debug!(error = %e, "control connection ended");
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "accept on the control socket failed"),
+        }
+    }
+    signal_handle.close();
+    daemon.close_all();
+    server.shutdown_handle().shutdown();
+    let nbd = nbd_thread.join();
+    let _ = fs::remove_file(&paths.socket);
+    info!("daemon stopped");
+    match nbd {
+        Ok(r) => r.context("NBD server"),
+        Err(_) => bail!("the NBD server thread panicked"),
+    }
+}
+
+/// Binds the control socket with mode 0600. A socket file left by a dead daemon is replaced;
+/// a live daemon is not.
+fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("a vdk daemon is already running on {}", path.display());
+        }
+        fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    Ok(l)
+}
+
+/// Makes the accept loop end: sets the flag, then wakes it with a connection.
+fn stop(stopping: &AtomicBool, socket: &Path) {
+    stopping.store(true, Ordering::SeqCst);
+    let _ = UnixStream::connect(socket);
+}
+
+/// Answers requests on one control connection until it closes.
+fn serve_control(
+    daemon: &Daemon,
+    conn: UnixStream,
+    stopping: &AtomicBool,
+    socket: &Path,
+) -> io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut writer = conn;
+    while let Some(line) = control::read_line(&mut reader)? {
+        let too_long = line.is_err();
+        let mut stop_after = false;
+        let resp = match line.and_then(|l| control::parse(&l)) {
+            Ok(Request::Shutdown) => {
+                stop_after = true;
+                Response::ok(serde_json::json!({}))
+            }
+            Ok(req) => daemon.handle(req),
+            Err(e) => Response::err(e),
+        };
+        let mut out = serde_json::to_vec(&resp).map_err(io::Error::other)?;
+        out.push(b'\n');
+        writer.write_all(&out)?;
+        if stop_after {
+            info!("stop requested over the control socket");
+            stop(stopping, socket);
+        }
+        // The rest of an over-long line cannot be told from a next request: hang up.
+        if too_long {
+            break;
+        }
+    }
+    Ok(())
+}
+
+impl Daemon {
+    fn handle(&self, req: Request) -> Response {
+        let done = match req {
+            Request::Version => Ok(serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+            })),
+            Request::Open(r) => self.open(r).map(|s| serde_json::json!(s)),
+            Request::Close(r) => self.close(&r.disk, r.force).map(|s| serde_json::json!(s)),
+            Request::List => Ok(serde_json::json!(self.list())),
+            Request::Mount(r) => self.mount(r).map(|s| serde_json::json!(s)),
+            Request::Unmount(r) => self.unmount(&r.disk, r.force).map(|s| serde_json::json!(s)),
+            Request::Shutdown => Err(ApiError::new(
+                control::ErrorKind::BadRequest,
+                "shutdown is handled by the connection",
+            )),
+        };
+        match done {
+            Ok(v) => Response::ok(v),
+            Err(e) => {
+                debug!(error = %e.message, "request failed");
+                Response::err(e)
+            }
+        }
+    }
+}

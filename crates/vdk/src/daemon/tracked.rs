@@ -1,0 +1,220 @@
+//! The disk as the daemon's front ends see it: the backend, counted, and with a switch that
+//! fails every later request once the disk is closed (as a disk pulled out of its slot does).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vdk_core::{BlockDevice, DiskInfo, Error, Extents, Piece, Result};
+
+use crate::control::Counters;
+
+#[derive(Debug, Default)]
+struct Stats {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    flushes: AtomicU64,
+    trims: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A backend with counters and a close switch.
+#[derive(Debug)]
+pub struct Tracked {
+    inner: Arc<dyn BlockDevice>,
+    closed: AtomicBool,
+    stats: Stats,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Tracked {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn BlockDevice>) -> Tracked {
+        Tracked {
+            inner,
+            closed: AtomicBool::new(false),
+            stats: Stats::default(),
+        }
+    }
+
+    /// From now on every request fails with [`Error::Closed`].
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Flushes the backend, even after [`close`](Self::close).
+    pub fn flush_backend(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
+    /// The counters now.
+    pub fn counters(&self) -> Counters {
+        let s = &self.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            reads: get(&s.reads),
+            writes: get(&s.writes),
+            bytes_read: get(&s.bytes_read),
+            bytes_written: get(&s.bytes_written),
+            flushes: get(&s.flushes),
+            trims: get(&s.trims),
+            errors: get(&s.errors),
+        }
+    }
+
+    fn open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            add(&self.stats.errors, 1);
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// Counts the outcome of a request: `done` with the byte count on success.
+    fn count<T>(&self, r: Result<T>, done: impl FnOnce(&Stats, &T)) -> Result<T> {
+        match &r {
+            Ok(v) => done(&self.stats, v),
+            Err(_) => add(&self.stats.errors, 1),
+        }
+        r
+    }
+}
+
+fn read_done(s: &Stats, n: u64) {
+    add(&s.reads, 1);
+    add(&s.bytes_read, n);
+}
+
+fn write_done(s: &Stats, n: u64) {
+    add(&s.writes, 1);
+    add(&s.bytes_written, n);
+}
+
+impl BlockDevice for Tracked {
+    fn info(&self) -> DiskInfo {
+        self.inner.info()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.open()?;
+        let n = buf.len() as u64;
+        let r = self.inner.read_at(buf, offset);
+        self.count(r, |s, ()| read_done(s, n))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.open()?;
+        let r = self.inner.write_at(buf, offset, fua);
+        self.count(r, |s, ()| write_done(s, buf.len() as u64))
+    }
+
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.open()?;
+        let n = buf.len() as u64;
+        let r = self.inner.try_read_at(buf, offset);
+        self.count(r, |s, done| {
+            if *done {
+                read_done(s, n);
+            }
+        })
+    }
+
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        self.open()?;
+        let r = self.inner.try_write_at(buf, offset);
+        self.count(r, |s, done| {
+            if *done {
+                write_done(s, buf.len() as u64);
+            }
+        })
+    }
+
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        self.open()?;
+        let r = self.inner.read_shared(offset, len);
+        self.count(r, |s, pieces| {
+            if pieces.is_some() {
+                read_done(s, len as u64);
+            }
+        })
+    }
+
+    fn write_unit(&self) -> Option<usize> {
+        self.inner.write_unit()
+    }
+
+    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        self.open()?;
+        let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let r = self.inner.write_owned(offset, bufs);
+        self.count(r, |s, _| write_done(s, n))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.open()?;
+        let r = self.inner.flush();
+        self.count(r, |s, ()| add(&s.flushes, 1))
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.open()?;
+        let r = self.inner.trim(offset, len);
+        self.count(r, |s, ()| add(&s.trims, 1))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        self.open()?;
+        let r = self.inner.write_zeroes(offset, len, may_trim, fua);
+        self.count(r, |s, ()| add(&s.trims, 1))
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
+        self.open()?;
+        self.inner.extents(offset, len)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.open()?;
+        self.inner.cache(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vdk_backends::MemoryDisk;
+
+    #[test]
+    fn passes_the_conformance_suite() {
+        vdk_core::conformance::run(&|| {
+            Arc::new(Tracked::new(Arc::new(MemoryDisk::new(
+                vdk_core::conformance::MIN_SIZE,
+            ))))
+        });
+    }
+
+    #[test]
+    fn counts_and_closes() {
+        let t = Tracked::new(Arc::new(MemoryDisk::new(1 << 20)));
+        t.write_at(&[1; 4096], 0, false).unwrap();
+        let mut buf = [0; 512];
+        t.read_at(&mut buf, 0).unwrap();
+        t.flush().unwrap();
+        let c = t.counters();
+        assert_eq!(
+            (c.reads, c.writes, c.bytes_read, c.bytes_written),
+            (1, 1, 512, 4096)
+        );
+        assert_eq!(c.flushes, 1);
+        t.close();
+        assert!(matches!(t.read_at(&mut buf, 0), Err(Error::Closed)));
+        assert!(matches!(t.write_at(&buf, 0, true), Err(Error::Closed)));
+        assert!(matches!(t.flush(), Err(Error::Closed)));
+        assert_eq!(t.counters().errors, 3);
+        t.flush_backend().unwrap();
+    }
+}
