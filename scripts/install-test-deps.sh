@@ -12,6 +12,8 @@ packages=(
   fuse3           # fusermount3
   fio             # benchmarks (nbd engine)
   e2fsprogs       # mkfs.ext4, fsck.ext4
+  xfsprogs        # mkfs.xfs (vdk open --mkfs xfs)
+  dosfstools      # mkfs.vfat (vdk open --mkfs vfat)
   mount           # losetup, mount
   util-linux      # setpriv (a test drops root to see a permission error)
   python3         # nbdsh runs on Debian's python3
@@ -33,5 +35,11 @@ fi
 if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+fi
+# fsx, the file system exerciser, is a Rust program: from crates.io, pinned.
+FSX_VERSION=0.3.2
+if ! command -v fsx >/dev/null 2>&1 || ! fsx --version 2>/dev/null | grep -q "$FSX_VERSION"; then
+  echo "installing fsx $FSX_VERSION"
+  cargo install --quiet --locked --version "$FSX_VERSION" fsx
 fi
 echo "test dependencies are installed"

@@ -144,8 +144,11 @@ impl Filesystem for DiskFs {
             .and_then(|n| files.by_name.get(n))
             .and_then(|ino| Some((*ino, files.by_ino.get(ino)?)));
         match found {
+            // Names are not cached: a disk closed and opened again gets a new inode under
+            // the same name, and must be found at once.
             Some((ino, f)) => {
-                reply.entry(&TTL, &self.0.file_attr(INodeNo(ino), f), Generation(0));
+                let attr = self.0.file_attr(INodeNo(ino), f);
+                reply.entry(&Duration::ZERO, &attr, Generation(0));
             }
             None => reply.error(Errno::ENOENT),
         }

@@ -235,7 +235,7 @@ impl Server {
                 if let Ok(handle) = stream.try_clone() {
                     shared.conns.locked().push((id, handle, None));
                 }
-                run_connection(stream, id, &*exports, &config, &shared);
+                run_connection(stream, id, &exports, &config, &shared);
                 shared.conns.locked().retain(|c| c.0 != id);
                 connection_closed(&shared);
             }

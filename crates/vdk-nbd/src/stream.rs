@@ -171,7 +171,10 @@ impl Listener {
 
     /// The address as a URI, e.g. `nbd://127.0.0.1:10809` or `nbd+unix:///?socket=/x.sock`.
     pub fn uri(&self) -> String {
-        self.export_uri("")
+        match self {
+            Listener::Tcp(_) => self.export_uri("").trim_end_matches('/').to_owned(),
+            Listener::Unix(..) => self.export_uri(""),
+        }
     }
 
     /// The URI of the export `name` here, e.g. `nbd://127.0.0.1:10809/disk` or

@@ -117,11 +117,20 @@ fn serves_over_tcp() {
     need("nbdinfo");
     let dir = TempDir::new().unwrap();
     let log = std::fs::File::create(dir.path().join("log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vdk"))
+    let child = Command::new(env!("CARGO_BIN_EXE_vdk"))
         .args(["serve", "--memory", "3M", "--listen", "tcp://127.0.0.1:0"])
         .stderr(log)
         .spawn()
         .unwrap();
+    // Killed however the test ends, so no server outlives it.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = KillOnDrop(child);
     // The log names the port the kernel chose.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let uri = loop {
@@ -141,8 +150,6 @@ fn serves_over_tcp() {
             .arg("--size")
             .arg(format!("{uri}/memory")),
     );
-    let _ = child.kill();
-    let _ = child.wait();
     assert_eq!(out.trim(), (3 * MIB).to_string());
 }
 

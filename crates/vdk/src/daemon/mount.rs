@@ -113,6 +113,12 @@ pub fn mount(dev: &Path, dir: &Path, fs: Option<&str>, read_only: bool) -> Resul
             }
             // Not this type: try the next.
             Err(rustix::io::Errno::INVAL) if fs.is_none() => {}
+            Err(rustix::io::Errno::NODEV) => {
+                return Err(ApiError::new(
+                    ErrorKind::Unsupported,
+                    format!("this kernel cannot mount {t} file systems (it has no {t} driver)"),
+                ))
+            }
             Err(e) => {
                 return Err(ApiError::io(
                     format!("cannot mount {} ({t}) on {}", dev.display(), dir.display()),

@@ -27,6 +27,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("fusermount3", "fuse3"),
     ("python3", "python3"),
     ("setpriv", "util-linux"),
+    ("mkfs.xfs", "xfsprogs"),
+    ("mkfs.vfat", "dosfstools"),
+    ("fsx", "cargo install fsx --locked"),
+    ("fio", "fio"),
 ];
 
 /// PATH with Debian's directories first, so that `nbdsh` runs Debian's python3, which has
@@ -51,8 +55,13 @@ pub fn need(tool: &str) {
             .iter()
             .find(|(t, _)| *t == tool)
             .map_or(tool, |(_, p)| p);
+        let how = if pkg.contains(' ') {
+            format!("`{pkg}`")
+        } else {
+            format!("`apt-get install {pkg}`")
+        };
         panic!(
-            "this test needs `{tool}`: install it with `apt-get install {pkg}` \
+            "this test needs `{tool}`: install it with {how} \
              (scripts/install-test-deps.sh installs everything the tests use)"
         );
     }
@@ -244,4 +253,132 @@ pub fn nbdsh_script(vdk: &Vdk, script: &str) {
         .args(["-c", &exec("common.py"), "-c", &exec(script)])
         .env("VDK_SOCKET", &vdk.sock)
         .env("VDK_DIR", vdk.dir.path()));
+}
+
+/// A vdk daemon of the test's own: its control socket (and so its NBD socket, FUSE export
+/// and log) in a temporary directory. The first `vdk open` starts it; dropping this stops
+/// it and lazily unmounts whatever a failed test left mounted under the directory.
+pub struct Daemon {
+    pub dir: TempDir,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    pub fn new() -> Daemon {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let socket = dir.path().join("run/control.sock");
+        Daemon { dir, socket }
+    }
+
+    /// `vdk ARGS` against this daemon.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vdk"));
+        c.args(args)
+            .env("VDK_SOCKET", &self.socket)
+            .env("PATH", path_env())
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs `vdk ARGS`, which must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        stdout(&mut self.cmd(args))
+    }
+
+    /// Runs `vdk ARGS`, which must fail with a message; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().expect("run vdk");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "vdk {args:?} should have failed; stdout:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            err.starts_with("vdk: "),
+            "error message for {args:?}: {err:?}"
+        );
+        assert!(!err.contains("panicked"), "vdk {args:?} panicked: {err}");
+        err
+    }
+
+    /// Runs `vdk ARGS --json` and parses what it prints.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        serde_json::from_str(&self.ok(&args)).expect("vdk --json prints JSON")
+    }
+
+    /// `vdk open ARGS --json`.
+    pub fn open(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["open"];
+        a.extend_from_slice(args);
+        self.json(&a)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The daemon's pid, asked over the control socket.
+    pub fn pid(&self) -> u32 {
+        let v = self.request(r#"{"op":"version"}"#);
+        v["result"]["pid"].as_u64().expect("pid in version") as u32
+    }
+
+    /// Sends one raw line over the control socket; returns the parsed answer.
+    pub fn request(&self, line: &str) -> serde_json::Value {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = UnixStream::connect(&self.socket).expect("connect to the control socket");
+        s.write_all(line.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("answer {answer:?}: {e}"))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("run/daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.socket.exists() {
+            let _ = self.cmd(&["daemon", "--stop"]).output();
+        }
+        // Whatever a failed test left mounted under the directory.
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&dir))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").args(["-l", p]).status();
+        }
+    }
+}
+
+/// Whether `dir` is a mount point now.
+pub fn is_mounted(dir: &Path) -> bool {
+    let dir = dir.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*dir))
+}
+
+/// Waits up to `secs` for `cond`.
+pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
