@@ -137,3 +137,39 @@ fn shutdown_answers_requests_already_read() {
     assert!(rest.is_empty(), "connection closes after the last reply");
     t.join().unwrap();
 }
+
+#[test]
+fn removing_an_export_answers_its_requests_closes_its_clients_and_spares_the_rest() {
+    let (dir, server, t) = start();
+    let sock = dir.path().join("s.sock");
+    let mut s = connect(&sock);
+    send_read(&mut s, 5, 0); // slow: in flight when the export goes
+    thread::sleep(Duration::from_millis(100));
+    server
+        .add_export(Export::new("other", Arc::new(MemoryDisk::new(1 << 20))))
+        .unwrap();
+    assert!(
+        server
+            .add_export(Export::new("other", Arc::new(MemoryDisk::new(1 << 20))))
+            .is_err(),
+        "export names are unique"
+    );
+    let removed = server.remove_export("slow").expect("the export existed");
+    assert_eq!(removed.name, "slow");
+    assert_eq!(
+        read_reply(&mut s),
+        (5, 0),
+        "the request in flight was answered"
+    );
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "then the connection closed");
+    assert!(server.remove_export("slow").is_none());
+    // The default export is now "other", and it serves.
+    let mut o = connect(&sock);
+    send_read(&mut o, 6, 4096);
+    assert_eq!(read_reply(&mut o), (6, 0));
+    drop(o);
+    server.shutdown_handle().shutdown();
+    t.join().unwrap();
+}

@@ -1,0 +1,162 @@
+"""A file system on a vdk block device beside the same on nbdkit + nbdfuse + loop, in one run.
+
+Both stacks end in ext4 on a loop device with direct I/O on a FUSE file, over the same kind
+of raw image on the same file system:
+
+  vdk:    vdk open IMAGE --mkfs ext4 --mount DIR        (fuse-loop: vdk's own FUSE export)
+  nbdkit: nbdkit file IMAGE, nbdfuse, losetup --direct-io=on, mkfs.ext4, mount
+
+fio runs on a file in each mount (libaio, direct I/O, queue depth 16): 4 KiB random read and
+write, 1 MiB sequential read and write. The stacks take turns within each round, and each
+figure is the median of --runs runs. Needs root.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+WORKLOADS = [("randread", "4k"), ("randwrite", "4k"), ("read", "1m"), ("write", "1m")]
+
+
+def sh(*cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def wait_for(path, timeout=20):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise RuntimeError("%s did not appear" % path)
+        time.sleep(0.05)
+
+
+class VdkStack:
+    name = "vdk"
+
+    def __init__(self, vdk, tmp, size):
+        self.vdk, self.tmp, self.size = vdk, tmp, size
+        self.env = dict(os.environ, VDK_SOCKET=os.path.join(tmp, "vdk-run", "control.sock"),
+                        RUST_LOG="warn")
+        self.mnt = os.path.join(tmp, "vdk-mnt")
+        self.image = os.path.join(tmp, "vdk.img")
+
+    def start(self):
+        sh(self.vdk, "open", self.image, self.size, "--mkfs", "ext4", "--mount", self.mnt,
+           env=self.env)
+
+    def stop(self):
+        subprocess.run([self.vdk, "daemon", "--stop"], env=self.env, capture_output=True)
+
+
+class NbdkitStack:
+    name = "nbdkit+nbdfuse"
+
+    def __init__(self, tmp, size):
+        self.tmp, self.size = tmp, size
+        self.sock = os.path.join(tmp, "nbdkit.sock")
+        self.fuse = os.path.join(tmp, "nbdfuse")
+        self.mnt = os.path.join(tmp, "nbdkit-mnt")
+        self.image = os.path.join(tmp, "nbdkit.img")
+        self.procs, self.loop = [], None
+
+    def start(self):
+        with open(self.image, "wb") as f:
+            f.truncate(parse(self.size))
+        self.procs.append(subprocess.Popen(
+            ["nbdkit", "-f", "-U", self.sock, "file", self.image], stderr=subprocess.DEVNULL))
+        wait_for(self.sock)
+        os.makedirs(self.fuse, exist_ok=True)
+        self.procs.append(subprocess.Popen(
+            ["nbdfuse", self.fuse, "--unix", self.sock], stderr=subprocess.DEVNULL))
+        wait_for(os.path.join(self.fuse, "nbd"))
+        self.loop = sh("losetup", "--direct-io=on", "-f", "--show",
+                       os.path.join(self.fuse, "nbd")).strip()
+        sh("mkfs.ext4", "-q", "-F", self.loop)
+        os.makedirs(self.mnt, exist_ok=True)
+        sh("mount", self.loop, self.mnt)
+
+    def stop(self):
+        subprocess.run(["umount", self.mnt], capture_output=True)
+        if self.loop:
+            subprocess.run(["losetup", "-d", self.loop], capture_output=True)
+        subprocess.run(["fusermount3", "-u", self.fuse], capture_output=True)
+        for p in reversed(self.procs):
+            p.terminate()
+            p.wait()
+
+
+def parse(size):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def fio(directory, rw, bs, runtime, file_size):
+    cmd = ["fio", "--name=bench", "--directory=" + directory, "--filename=fio.dat",
+           "--ioengine=libaio", "--direct=1", "--rw=" + rw, "--bs=" + bs, "--iodepth=16",
+           "--numjobs=1", "--size=" + file_size, "--time_based", "--runtime=%d" % runtime,
+           "--output-format=json"]
+    out = sh(*cmd)
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return side["bw_bytes"] / 1e6, side["iops"]
+
+
+def prefill(directory, file_size):
+    sh("fio", "--name=fill", "--directory=" + directory, "--filename=fio.dat",
+       "--ioengine=libaio", "--direct=1", "--rw=write", "--bs=1m", "--iodepth=16",
+       "--size=" + file_size)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--vdk", default="target/release/vdk")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
+    ap.add_argument("--size", default="2G", help="size of each image")
+    ap.add_argument("--file-size", default="1G", help="size of fio's file in each mount")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("the mount benchmark attaches loop devices and mounts file systems: run it as root")
+    tmp = tempfile.mkdtemp(prefix="vdk-bench-mount-")
+    stacks = [VdkStack(os.path.abspath(args.vdk), tmp, args.size), NbdkitStack(tmp, args.size)]
+    results = {}
+    try:
+        for s in stacks:
+            s.start()
+            prefill(s.mnt, args.file_size)
+        for r in range(args.runs):
+            for rw, bs in WORKLOADS:
+                for s in stacks:
+                    mbps, iops = fio(s.mnt, rw, bs, args.runtime, args.file_size)
+                    results.setdefault((rw, bs, s.name), []).append((mbps, iops))
+                    print("run %d %-5s %-9s %-15s %8.1f MB/s %9.0f IOPS" %
+                          (r + 1, bs, rw, s.name, mbps, iops), file=sys.stderr)
+    finally:
+        for s in stacks:
+            s.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
+           for k, vals in results.items()}
+    print("# ext4 on a FUSE-backed loop device, %s, %s, %d cores, fio libaio direct, iodepth 16,"
+          " median of %d x %d s" % (time.strftime("%Y-%m-%d"), platform.platform(),
+                                    os.cpu_count(), args.runs, args.runtime))
+    print()
+    print("| workload | vdk fuse-loop | nbdkit file + nbdfuse + loop | vdk/nbdkit |")
+    print("| --- | --- | --- | --- |")
+    for rw, bs in WORKLOADS:
+        vm, vi = med[(rw, bs, "vdk")]
+        pm, pi = med[(rw, bs, "nbdkit+nbdfuse")]
+        if bs == "4k":
+            print("| %s %s | %.0f IOPS | %.0f IOPS | %.2f |" % (bs, rw, vi, pi, vi / pi))
+        else:
+            print("| %s %s | %.0f MB/s | %.0f MB/s | %.2f |" % (bs, rw, vm, pm, vm / pm))
+
+
+if __name__ == "__main__":
+    main()
