@@ -67,6 +67,8 @@ fn mkfs_mount_close_reopen_keeps_every_file() {
     assert!(field(&opened, "block_device").starts_with("/dev/loop"));
     assert_eq!(field(&opened, "mount"), s(&mnt));
     assert!(is_mounted(&mnt));
+    let mode = fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the control socket is its owner's only");
     let files = write_tree(&mnt, 7);
 
     // The id is stable: the same image, opened again later, has the same one.
@@ -675,4 +677,33 @@ fn permissions_are_reported_not_worked_around() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn opens_racing_to_start_the_daemon_share_one() {
+    let d = Daemon::new();
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            d.cmd(&[
+                "open",
+                s(&d.path(&format!("r{i}.img"))),
+                "1M",
+                "--attach",
+                "none",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(d.json(&["list"]).as_array().unwrap().len(), 4);
 }

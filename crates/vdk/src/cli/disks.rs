@@ -83,6 +83,15 @@ fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
             return Ok(c);
         }
         if let Some(status) = child.try_wait()? {
+            // Another `vdk open` may have started a daemon at the same moment, and this one
+            // found the socket taken: use that one once it answers.
+            let raced = Instant::now();
+            while raced.elapsed() < Duration::from_secs(2) {
+                if let Ok(c) = Client::connect(&paths.socket) {
+                    return Ok(c);
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
             let log = fs::read_to_string(&paths.log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
