@@ -3,8 +3,10 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 mod cli;
-mod control;
 mod daemon;
+
+// The control API lives in the library, where fuzzers and other programs reach it too.
+pub(crate) use vdk::control;
 
 use std::process::ExitCode;
 
