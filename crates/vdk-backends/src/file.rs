@@ -29,6 +29,33 @@ pub struct FileOptions {
     pub direct: bool,
 }
 
+/// Takes the image's lock for as long as the file stays open: shared for reading, exclusive
+/// for writing, so two writers (two vdk daemons, a daemon and `vdk serve`) never serve one
+/// image at once and corrupt it, while many readers may share it. Advisory (flock), as
+/// qemu's image locking is.
+fn lock(file: &File, path: &Path, read_only: bool) -> io::Result<()> {
+    use rustix::fs::{flock, FlockOperation};
+    let op = if read_only {
+        FlockOperation::NonBlockingLockShared
+    } else {
+        FlockOperation::NonBlockingLockExclusive
+    };
+    match flock(file, op) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "{} is in use: another program holds a lock on it{}",
+                path.display(),
+                if read_only { " for writing" } else { "" }
+            ),
+        )),
+        // File systems without flock (some network ones): no lock, as qemu does.
+        Err(rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Alignment required with `O_DIRECT`: the page size, which covers any sector size.
 const DIRECT_ALIGN: u32 = 4096;
 
@@ -55,6 +82,7 @@ impl FileDisk {
             set_direct(&mut oo)?;
         }
         let mut file = oo.open(path)?;
+        lock(&file, path, opts.read_only)?;
         let size = file.seek(SeekFrom::End(0))?;
         let sparse = cfg!(target_os = "linux") && file.metadata()?.is_file();
         let nowait_writes = AtomicBool::new(!opts.direct && cfg!(target_os = "linux"));

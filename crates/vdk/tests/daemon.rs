@@ -707,3 +707,19 @@ fn opens_racing_to_start_the_daemon_share_one() {
     }
     assert_eq!(d.json(&["list"]).as_array().unwrap().len(), 4);
 }
+
+#[test]
+fn two_daemons_never_write_one_image() {
+    let first = Daemon::new();
+    let second = Daemon::new();
+    let image = first.path("shared.img");
+    let v = first.open(&[s(&image), "4M", "--attach", "none"]);
+    let err = second.fails(&["open", s(&image), "--attach", "none"]);
+    assert!(err.contains("in use"), "{err}");
+    let err = second.fails(&["open", s(&image), "--attach", "none", "--read-only"]);
+    assert!(err.contains("in use"), "{err}");
+    first.ok(&["close", field(&v, "id")]);
+    let v = second.open(&[s(&image), "--attach", "none", "--read-only"]);
+    let w = first.open(&[s(&image), "--attach", "none", "--read-only"]);
+    assert_eq!(v["id"], w["id"], "readers share it, with the same id");
+}

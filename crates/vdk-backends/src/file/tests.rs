@@ -118,3 +118,30 @@ fn misaligned_direct_request_is_refused() {
         Err(Error::Misaligned { .. })
     ));
 }
+
+#[test]
+fn one_writer_or_many_readers() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("locked.img");
+    let writer = FileDisk::create(&path, 1 << 20, FileOptions::default()).unwrap();
+    let ro = FileOptions {
+        read_only: true,
+        ..FileOptions::default()
+    };
+    let second = FileDisk::open(&path, FileOptions::default()).unwrap_err();
+    assert_eq!(second.kind(), io::ErrorKind::ResourceBusy);
+    assert!(second.to_string().contains("in use"), "{second}");
+    assert!(
+        FileDisk::open(&path, ro).is_err(),
+        "no reader beside a writer"
+    );
+    drop(writer);
+    let r1 = FileDisk::open(&path, ro).unwrap();
+    let r2 = FileDisk::open(&path, ro).unwrap();
+    assert!(
+        FileDisk::open(&path, FileOptions::default()).is_err(),
+        "no writer beside readers"
+    );
+    drop((r1, r2));
+    FileDisk::open(&path, FileOptions::default()).unwrap();
+}
