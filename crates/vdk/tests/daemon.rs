@@ -78,7 +78,9 @@ fn mkfs_mount_close_reopen_keeps_every_file() {
     let table = d.ok(&["list"]);
     assert!(table.contains(&id) && table.contains("64 MiB"), "{table}");
 
-    d.ok(&["close", &id]);
+    let closed = d.json(&["close", &id]);
+    assert_eq!(closed["id"], id.as_str());
+    assert_eq!(closed["mount"], s(&mnt), "close reports the disk as it was");
     assert!(!is_mounted(&mnt));
     assert_eq!(d.json(&["list"]), serde_json::json!([]));
     fsck_clean(&image);

@@ -222,6 +222,9 @@ pub struct CloseArgs {
     /// gets I/O errors, as from a disk pulled out.
     #[arg(long)]
     force: bool,
+    /// Print the disk as it was, as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// What a disk argument names: an id, or an image path made absolute.
@@ -242,6 +245,9 @@ pub fn close(args: CloseArgs, paths: &Paths) -> anyhow::Result<()> {
         force: args.force,
     });
     let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    if args.json {
+        return print_json(&status);
+    }
     println!("closed {}: {}", status.id, status.image.display());
     Ok(())
 }
@@ -256,6 +262,9 @@ pub struct MountArgs {
     /// Format it first: ext4, xfs or vfat (erases the disk).
     #[arg(long, value_name = "TYPE")]
     mkfs: Option<String>,
+    /// Print the disk as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Runs `vdk mount`.
@@ -267,6 +276,9 @@ pub fn mount(args: MountArgs, paths: &Paths) -> anyhow::Result<()> {
         mkfs: args.mkfs,
     });
     let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    if args.json {
+        return print_json(&status);
+    }
     if let Some(dir) = &status.mount {
         println!("mounted {} on {}", status.id, dir.display());
     }
@@ -281,6 +293,9 @@ pub fn unmount(args: CloseArgs, paths: &Paths) -> anyhow::Result<()> {
         force: args.force,
     });
     let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    if args.json {
+        return print_json(&status);
+    }
     println!("unmounted {}", status.id);
     Ok(())
 }
