@@ -113,7 +113,7 @@ impl FileDisk {
     fn check(&self, offset: u64, len: u64) -> Result<()> {
         check_range(self.size, offset, len)?;
         let align = u64::from(DIRECT_ALIGN);
-        if self.opts.direct && (offset % align != 0 || len % align != 0) {
+        if self.opts.direct && (!offset.is_multiple_of(align) || !len.is_multiple_of(align)) {
             return Err(Error::Misaligned {
                 offset,
                 len,
@@ -209,7 +209,7 @@ impl BlockDevice for FileDisk {
         // is done here. (The kernel may throttle a writer that dirties memory much faster than
         // the disk takes it; that is the one wait this lets through.)
         let page = u64::from(DIRECT_ALIGN);
-        if offset % page == 0 && buf.len() as u64 % page == 0 {
+        if offset.is_multiple_of(page) && (buf.len() as u64).is_multiple_of(page) {
             self.file.write_all_at(buf, offset)?;
             return Ok(true);
         }

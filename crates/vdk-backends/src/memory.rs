@@ -189,7 +189,7 @@ impl BlockDevice for MemoryDisk {
     fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
         let len = bufs.len() as u64 * CHUNK;
         check_range(self.size, offset, len)?;
-        if offset % CHUNK != 0 || bufs.iter().any(|b| b.len() != CHUNK_BYTES) {
+        if !offset.is_multiple_of(CHUNK) || bufs.iter().any(|b| b.len() != CHUNK_BYTES) {
             return Err(Error::Misaligned {
                 offset,
                 len,

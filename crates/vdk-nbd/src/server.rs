@@ -680,7 +680,7 @@ fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, payload: &mut Vec<u
     let command = check_request(&header, &conn.limits);
     let len = header.payload_len() as usize;
     if let (Ok(_), Some(unit)) = (command, conn.write_unit) {
-        if len > 0 && len % unit == 0 && header.offset % unit as u64 == 0 {
+        if len > 0 && len.is_multiple_of(unit) && header.offset % unit as u64 == 0 {
             return match receive_owned(conn, reader, len / unit, unit) {
                 Ok(bufs) => Next::Request(header, command, Some(bufs)),
                 Err(e) => {

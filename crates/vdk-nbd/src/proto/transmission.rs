@@ -229,7 +229,7 @@ pub fn check_request(h: &RequestHeader, l: &Limits) -> Result<Command, u32> {
             });
         }
         let bs = u64::from(l.min_block.max(1));
-        if h.offset % bs != 0 || len % bs != 0 {
+        if !h.offset.is_multiple_of(bs) || len % bs != 0 {
             return Err(errno::EINVAL);
         }
         if matches!(h.kind, cmd::READ | cmd::WRITE) && h.len > l.max_payload {

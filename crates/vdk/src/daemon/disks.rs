@@ -299,7 +299,7 @@ impl Daemon {
                     ));
                 }
                 let size = req.size.unwrap_or(DEFAULT_SIZE);
-                if size == 0 || size % 512 != 0 {
+                if size == 0 || !size.is_multiple_of(512) {
                     return Err(invalid(format!(
                         "size {size} must be a positive multiple of 512 bytes"
                     )));

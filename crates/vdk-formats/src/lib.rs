@@ -1,0 +1,394 @@
+//! Image formats: what a file holds, opened as a [`BlockDevice`].
+//!
+//! [`probe`] tells a format by its magic only; [`open`] opens an image in a named or probed
+//! format, with its backing chain; [`info`] describes one; [`create`] makes a new one.
+//! Formats: raw (any file) and qcow2 (read-write, see [`qcow2`]).
+#![warn(missing_docs)]
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
+
+pub mod qcow2;
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vdk_backends::{FileDisk, FileOptions};
+use vdk_core::BlockDevice;
+
+use qcow2::header::{Header, MAGIC};
+use qcow2::{Qcow2, Qcow2Options};
+
+/// Longest backing chain followed.
+pub const MAX_CHAIN: usize = 16;
+
+/// An image format.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Format {
+    /// The bytes of the disk, as they are.
+    Raw,
+    /// QEMU's copy-on-write format.
+    Qcow2,
+}
+
+impl Format {
+    /// Its name, as `qemu-img` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    /// The format called `name`.
+    pub fn from_name(name: &str) -> io::Result<Format> {
+        match name {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("unknown or unsupported image format {other:?} (vdk reads raw and qcow2)"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The format of the image at `path`, told by its first bytes only. Anything without a
+/// known magic is raw.
+pub fn probe(path: &Path) -> io::Result<Format> {
+    let f = File::open(path)?;
+    let mut magic = [0u8; 4];
+    let n = read_some(&f, &mut magic, 0)?;
+    Ok(if n == 4 && magic == MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+fn read_some(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// How to open an image.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// The format; probed from the magic when `None`.
+    pub format: Option<Format>,
+    /// Refuse writes (backing files are always read-only).
+    pub read_only: bool,
+    /// Probe the format of backing files whose parent does not record it (off: refuse).
+    pub probe_backing: bool,
+}
+
+/// An open image.
+#[derive(Debug)]
+pub struct Image {
+    /// The disk.
+    pub device: Arc<dyn BlockDevice>,
+    /// Its format.
+    pub format: Format,
+}
+
+fn invalid_data(path: &Path, msg: impl fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}: {msg}", path.display()),
+    )
+}
+
+/// Reads and checks the qcow2 header of `file`; returns it with the first cluster's bytes.
+fn qcow2_header(path: &Path, file: &File) -> io::Result<(Header, Vec<u8>)> {
+    let len = file.metadata()?.len();
+    let mut first = vec![0u8; len.min(2 << 20) as usize];
+    let n = read_some(file, &mut first, 0)?;
+    first.truncate(n);
+    let header = Header::parse(&first, len).map_err(|e| invalid_data(path, e))?;
+    Ok((header, first))
+}
+
+/// Opens the image at `path`.
+pub fn open(path: &Path, opts: &OpenOptions) -> io::Result<Image> {
+    open_in_chain(
+        path,
+        opts.format,
+        opts.read_only,
+        opts.probe_backing,
+        &mut Vec::new(),
+    )
+}
+
+fn open_in_chain(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+    probe_backing: bool,
+    chain: &mut Vec<PathBuf>,
+) -> io::Result<Image> {
+    let canonical = fs::canonicalize(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    if chain.contains(&canonical) {
+        return Err(invalid_data(path, "backing chain loops back to this image"));
+    }
+    if chain.len() >= MAX_CHAIN {
+        return Err(invalid_data(
+            path,
+            format!("backing chain longer than {MAX_CHAIN}"),
+        ));
+    }
+    chain.push(canonical);
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    let device: Arc<dyn BlockDevice> = match format {
+        Format::Raw => Arc::new(FileDisk::open(
+            path,
+            FileOptions {
+                read_only,
+                ..FileOptions::default()
+            },
+        )?),
+        Format::Qcow2 => {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .open(path)?;
+            lock_file(&file, path, read_only)?;
+            let (header, first) = qcow2_header(path, &file)?;
+            let backing = match header
+                .backing_file(&first)
+                .map_err(|e| invalid_data(path, e))?
+            {
+                None => None,
+                Some(name) => {
+                    let bpath = resolve_backing(path, &name);
+                    let bformat = match &header.backing_format {
+                        Some(f) => Some(Format::from_name(f)?),
+                        None if probe_backing => None,
+                        None => {
+                            return Err(invalid_data(
+                                path,
+                                format!(
+                                    "the format of backing file {name:?} is not recorded; \
+                                     vdk does not guess it unless asked to probe"
+                                ),
+                            ))
+                        }
+                    };
+                    Some(open_in_chain(&bpath, bformat, true, probe_backing, chain)?.device)
+                }
+            };
+            Arc::new(Qcow2::open(
+                path,
+                file,
+                header,
+                backing,
+                &Qcow2Options { read_only },
+            )?)
+        }
+    };
+    Ok(Image { device, format })
+}
+
+/// A lock as FileDisk takes: one writer or many readers.
+fn lock_file(file: &File, path: &Path, read_only: bool) -> io::Result<()> {
+    use rustix::fs::{flock, FlockOperation};
+    let op = if read_only {
+        FlockOperation::NonBlockingLockShared
+    } else {
+        FlockOperation::NonBlockingLockExclusive
+    };
+    match flock(file, op) {
+        Ok(()) | Err(rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "{} is in use: another program holds a lock on it",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A backing file name is relative to the directory of the image that names it.
+fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_owned();
+    }
+    image.parent().unwrap_or(Path::new(".")).join(p)
+}
+
+/// What `vdk info` shows of an image.
+#[derive(Clone, Debug)]
+pub struct ImageInfo {
+    /// The file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: Format,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Bytes the file occupies on the host.
+    pub disk_size: u64,
+    /// qcow2 cluster size.
+    pub cluster_size: Option<u64>,
+    /// qcow2 version (2 or 3).
+    pub version: Option<u32>,
+    /// Refcount width in bits.
+    pub refcount_bits: Option<u32>,
+    /// Compression of compressed clusters.
+    pub compression: Option<&'static str>,
+    /// Backing file as recorded, and its format.
+    pub backing_file: Option<String>,
+    /// Format of the backing file, as recorded.
+    pub backing_format: Option<String>,
+    /// Marked dirty (refcounts need repair).
+    pub dirty: bool,
+    /// Marked corrupt.
+    pub corrupt: bool,
+    /// Extended L2 entries (subclusters).
+    pub extended_l2: bool,
+    /// Internal snapshots.
+    pub snapshots: u32,
+    /// Encryption method (0 none).
+    pub encrypted: bool,
+    /// External data file.
+    pub data_file: Option<String>,
+    /// The backing image, described the same way (with `--backing-chain`).
+    pub backing: Option<Box<ImageInfo>>,
+}
+
+/// Describes the image at `path` (and its backing chain with `chain`).
+pub fn info(path: &Path, format: Option<Format>, chain: bool) -> io::Result<ImageInfo> {
+    info_in_chain(path, format, chain, 0)
+}
+
+fn info_in_chain(
+    path: &Path,
+    format: Option<Format>,
+    chain: bool,
+    depth: usize,
+) -> io::Result<ImageInfo> {
+    if depth > MAX_CHAIN {
+        return Err(invalid_data(path, "backing chain too long (or a loop)"));
+    }
+    let file = File::open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let meta = file.metadata()?;
+    let disk_size = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    let mut info = ImageInfo {
+        path: path.to_owned(),
+        format,
+        virtual_size: meta.len(),
+        disk_size,
+        cluster_size: None,
+        version: None,
+        refcount_bits: None,
+        compression: None,
+        backing_file: None,
+        backing_format: None,
+        dirty: false,
+        corrupt: false,
+        extended_l2: false,
+        snapshots: 0,
+        encrypted: false,
+        data_file: None,
+        backing: None,
+    };
+    if format == Format::Qcow2 {
+        let (h, first) = qcow2_header(path, &file)?;
+        info.virtual_size = h.size;
+        info.cluster_size = Some(h.cluster_size());
+        info.version = Some(h.version);
+        info.refcount_bits = Some(h.refcount_bits());
+        info.compression = Some(match h.compression {
+            qcow2::header::Compression::Zlib => "zlib",
+            qcow2::header::Compression::Zstd => "zstd",
+        });
+        info.backing_file = h.backing_file(&first).map_err(|e| invalid_data(path, e))?;
+        info.backing_format = h.backing_format.clone();
+        info.dirty = h.incompatible_features & qcow2::header::incompat::DIRTY != 0;
+        info.corrupt = h.incompatible_features & qcow2::header::incompat::CORRUPT != 0;
+        info.extended_l2 = h.extended_l2();
+        info.snapshots = h.nb_snapshots;
+        info.encrypted = h.crypt_method != 0;
+        info.data_file = h.data_file.clone();
+        if chain {
+            if let Some(name) = &info.backing_file {
+                let bformat = info
+                    .backing_format
+                    .as_deref()
+                    .map(Format::from_name)
+                    .transpose()?;
+                let b = info_in_chain(&resolve_backing(path, name), bformat, true, depth + 1)?;
+                info.backing = Some(Box::new(b));
+            }
+        }
+    }
+    Ok(info)
+}
+
+/// How to create an image.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// The format.
+    pub format: Format,
+    /// qcow2 cluster size.
+    pub cluster_size: Option<u64>,
+    /// Backing file (as it will be recorded) and its format.
+    pub backing: Option<(String, Format)>,
+}
+
+/// Creates a new image of `size` bytes at `path` (which must not exist).
+pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<()> {
+    match opts.format {
+        Format::Raw => {
+            if opts.backing.is_some() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "raw images have no backing file",
+                ));
+            }
+            FileDisk::create(path, size, FileOptions::default()).map(drop)
+        }
+        Format::Qcow2 => {
+            let mut q = qcow2::create::CreateOptions::default();
+            if let Some(cs) = opts.cluster_size {
+                q.cluster_size = cs;
+            }
+            q.backing = opts
+                .backing
+                .as_ref()
+                .map(|(n, f)| (n.clone(), f.name().to_owned()));
+            qcow2::create::create(path, size, &q).map(drop)
+        }
+    }
+}
+
+/// `path`'s backing file named `name`, resolved as the image will resolve it.
+pub fn backing_path(image: &Path, name: &str) -> PathBuf {
+    resolve_backing(image, name)
+}

@@ -1,0 +1,397 @@
+//! qcow2 against qemu-img: images qemu makes read the same through vdk; images vdk makes and
+//! writes pass `qemu-img check` and compare equal to what was written.
+#![allow(clippy::cast_possible_truncation)] // test sizes are small constants
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use vdk_core::BlockDevice;
+use vdk_formats::{create, open, CreateOptions, Format, OpenOptions};
+
+const MIB: u64 = 1 << 20;
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("this test needs qemu-img: apt-get install qemu-utils ({e})"));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A small deterministic generator (xorshift), so failures reproduce.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut r = Rng(seed | 1);
+    for chunk in buf.chunks_mut(8) {
+        let v = r.next().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+fn open_rw(p: &Path) -> Arc<dyn BlockDevice> {
+    open(p, &OpenOptions::default()).unwrap().device
+}
+
+fn open_ro(p: &Path) -> Arc<dyn BlockDevice> {
+    open(
+        p,
+        &OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap()
+    .device
+}
+
+/// Every byte of `dev` equals the raw file `reference`.
+fn same_as_raw(dev: &dyn BlockDevice, reference: &Path) {
+    let size = dev.info().size;
+    let f = fs::File::open(reference).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), size, "sizes differ");
+    let mut a = vec![0u8; MIB as usize];
+    let mut b = vec![0u8; MIB as usize];
+    let mut at = 0;
+    while at < size {
+        let n = MIB.min(size - at) as usize;
+        dev.read_at(&mut a[..n], at).unwrap();
+        f.read_exact_at(&mut b[..n], at).unwrap();
+        if a[..n] != b[..n] {
+            let i = (0..n).find(|i| a[*i] != b[*i]).unwrap();
+            panic!(
+                "byte {} differs: vdk {:#x}, qemu {:#x}",
+                at + i as u64,
+                a[i],
+                b[i]
+            );
+        }
+        at += n as u64;
+    }
+}
+
+/// A raw image with varied data, zeroes and holes.
+fn raw_source(dir: &Path, size: u64) -> PathBuf {
+    let p = dir.join("source.raw");
+    let f = fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    let mut r = Rng(42);
+    let mut buf = vec![0u8; 256 << 10];
+    for i in 0..24 {
+        let len = 1 + r.below(buf.len() as u64) as usize;
+        let at = r.below(size - len as u64);
+        fill(&mut buf[..len], i);
+        f.write_all_at(&buf[..len], at).unwrap();
+    }
+    // Whole clusters of zeroes written explicitly, too.
+    f.write_all_at(&vec![0u8; 200 << 10], size / 2).unwrap();
+    p
+}
+
+#[test]
+fn images_qemu_makes_read_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 24 * MIB;
+    let src = raw_source(dir.path(), size);
+    let variants: &[(&str, &[&str])] = &[
+        ("v3-64k", &["-o", "cluster_size=65536"]),
+        ("v2", &["-o", "compat=0.10"]),
+        ("c512", &["-o", "cluster_size=512"]),
+        ("c4k-rc1", &["-o", "cluster_size=4096,refcount_bits=1"]),
+        ("c2m-rc64", &["-o", "cluster_size=2097152,refcount_bits=64"]),
+        ("rc8", &["-o", "refcount_bits=8"]),
+        ("zlib", &["-c"]),
+        ("zstd", &["-c", "-o", "compression_type=zstd"]),
+        ("ext-l2", &["-o", "extended_l2=on,cluster_size=131072"]),
+        ("prealloc", &["-o", "preallocation=metadata"]),
+    ];
+    for (name, opts) in variants {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&[s(&src), s(&img)]);
+        qemu_img(&args);
+        let dev = open_ro(&img);
+        same_as_raw(&*dev, &src);
+    }
+}
+
+#[test]
+fn zero_clusters_and_discards_made_by_qemu_read_as_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("z.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "8M"]);
+    Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 4M",
+            "-c",
+            "write -z 1M 1M",
+            "-c",
+            "discard 2M 1M",
+            "-c",
+            "write -z -u 3M 64k",
+            s(&img),
+        ])
+        .status()
+        .expect("qemu-io");
+    let raw = dir.path().join("z.raw");
+    qemu_img(&["convert", "-O", "raw", s(&img), s(&raw)]);
+    same_as_raw(&*open_ro(&img), &raw);
+    let dev = open_ro(&img);
+    let e = dev.extents(0, 8 * MIB).unwrap();
+    assert!(
+        e.runs()
+            .iter()
+            .any(|r| r.kind == vdk_core::ExtentKind::Zero),
+        "zero clusters show"
+    );
+    assert!(
+        e.runs()
+            .iter()
+            .any(|r| r.kind == vdk_core::ExtentKind::Hole),
+        "holes show"
+    );
+}
+
+/// Random writes, zero writes and discards through vdk, mirrored into a raw file; then
+/// qemu-img check is clean and qemu-img compare finds the two equal.
+fn exercise(img: &Path, mirror: &Path, size: u64, seed: u64, ops: usize) {
+    let dev = open_rw(img);
+    let m = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mirror)
+        .unwrap();
+    let mut r = Rng(seed);
+    let mut buf = vec![0u8; 3 << 20 >> 1];
+    for i in 0..ops {
+        let len = 1 + r.below(if i % 5 == 0 { buf.len() as u64 } else { 70_000 });
+        let at = r.below(size - len);
+        match r.below(10) {
+            0 => {
+                dev.write_zeroes(at, len, r.below(2) == 0, false).unwrap();
+                m.write_all_at(&vec![0u8; len as usize], at).unwrap();
+            }
+            1 => {
+                dev.trim(at, len).unwrap();
+                m.write_all_at(&vec![0u8; len as usize], at).unwrap();
+            }
+            2 => dev.flush().unwrap(),
+            _ => {
+                let b = &mut buf[..len as usize];
+                fill(b, seed ^ i as u64);
+                dev.write_at(b, at, r.below(8) == 0).unwrap();
+                m.write_all_at(b, at).unwrap();
+            }
+        }
+    }
+    same_as_raw(&*dev, mirror);
+    dev.flush().unwrap();
+    drop(dev);
+}
+
+fn check_clean(img: &Path) {
+    let out = qemu_img(&["check", "--output=json", s(img)]);
+    assert!(
+        !out.contains("\"corruptions\""),
+        "qemu-img check found corruption: {out}"
+    );
+    assert!(
+        !out.contains("\"leaks\""),
+        "qemu-img check found leaks after a clean close: {out}"
+    );
+}
+
+#[test]
+fn images_vdk_makes_and_writes_pass_qemu_img_check() {
+    let dir = tempfile::tempdir().unwrap();
+    for (cluster, size) in [
+        (65536u64, 64 * MIB),
+        (512, 8 * MIB),
+        (2 << 20, 64 * MIB),
+        (4096, 32 * MIB),
+    ] {
+        let img = dir.path().join(format!("w{cluster}.qcow2"));
+        let mirror = dir.path().join(format!("w{cluster}.raw"));
+        let opts = CreateOptions {
+            format: Format::Qcow2,
+            cluster_size: Some(cluster),
+            backing: None,
+        };
+        create(&img, size, &opts).unwrap();
+        fs::File::create(&mirror).unwrap().set_len(size).unwrap();
+        check_clean(&img);
+        exercise(&img, &mirror, size, cluster, 300);
+        check_clean(&img);
+        qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&mirror)]);
+        // And once more after reopening: the metadata on disk is the metadata in memory.
+        exercise(&img, &mirror, size, cluster + 1, 100);
+        check_clean(&img);
+        qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&mirror)]);
+    }
+}
+
+#[test]
+fn writes_to_images_qemu_made_keep_them_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 24 * MIB;
+    let src = raw_source(dir.path(), size);
+    for (name, opts) in [
+        ("v2", "compat=0.10"),
+        ("rc1", "refcount_bits=1,cluster_size=4096"),
+        ("c512", "cluster_size=512"),
+    ] {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            opts,
+            s(&src),
+            s(&img),
+        ]);
+        let mirror = dir.path().join(format!("{name}.raw"));
+        fs::copy(&src, &mirror).unwrap();
+        exercise(&img, &mirror, size, 7, 200);
+        check_clean(&img);
+        qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&mirror)]);
+    }
+    // Compressed clusters are rewritten whole when written to.
+    let img = dir.path().join("c.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&src),
+        s(&img),
+    ]);
+    let mirror = dir.path().join("c.raw");
+    fs::copy(&src, &mirror).unwrap();
+    exercise(&img, &mirror, size, 9, 200);
+    check_clean(&img);
+    qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&mirror)]);
+}
+
+#[test]
+fn backing_chains_read_through_and_never_write_below() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB;
+    let base = raw_source(dir.path(), size);
+    let before = fs::read(&base).unwrap();
+    let mid = dir.path().join("mid.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "source.raw",
+        "-F",
+        "raw",
+        s(&mid),
+    ]);
+    Command::new("qemu-io")
+        .args(["-c", "write -P 0x77 1M 300k", s(&mid)])
+        .status()
+        .unwrap();
+    let top = dir.path().join("top.qcow2");
+    let opts = CreateOptions {
+        format: Format::Qcow2,
+        cluster_size: None,
+        backing: Some(("mid.qcow2".into(), Format::Qcow2)),
+    };
+    create(&top, size, &opts).unwrap();
+    let mirror = dir.path().join("top.raw");
+    qemu_img(&["convert", "-O", "raw", s(&mid), s(&mirror)]);
+    exercise(&top, &mirror, size, 3, 200);
+    check_clean(&top);
+    qemu_img(&["compare", s(&top), s(&mirror)]);
+    assert_eq!(fs::read(&base).unwrap(), before, "the base is untouched");
+    let info = vdk_formats::info(&top, None, true).unwrap();
+    assert_eq!(info.backing_file.as_deref(), Some("mid.qcow2"));
+    assert_eq!(
+        info.backing.as_ref().unwrap().backing_format.as_deref(),
+        Some("raw")
+    );
+}
+
+#[test]
+fn conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    vdk_core::conformance::run(&|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = dir.path().join(format!("c{i}.qcow2"));
+        let opts = CreateOptions {
+            format: Format::Qcow2,
+            cluster_size: Some(4096),
+            backing: None,
+        };
+        create(&p, vdk_core::conformance::MIN_SIZE, &opts).unwrap();
+        open_rw(&p)
+    });
+}
+
+#[test]
+fn a_terabyte_image_costs_little() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.qcow2");
+    let opts = CreateOptions {
+        format: Format::Qcow2,
+        cluster_size: None,
+        backing: None,
+    };
+    create(&img, 1 << 40, &opts).unwrap();
+    let dev = open_rw(&img);
+    let data = vec![0x5au8; MIB as usize];
+    dev.write_at(&data, 700 << 30, false).unwrap();
+    dev.flush().unwrap();
+    drop(dev);
+    let used = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&img).unwrap()) * 512;
+    assert!(
+        used < 8 * MIB,
+        "a 1 TiB image with 1 MiB written uses {used} bytes"
+    );
+    check_clean(&img);
+    let dev = open_ro(&img);
+    let e = dev.extents(0, 1 << 40).unwrap();
+    assert_eq!(
+        e.runs()
+            .iter()
+            .filter(|r| r.kind == vdk_core::ExtentKind::Data)
+            .count(),
+        1
+    );
+}
