@@ -579,6 +579,7 @@ fn bad_input_gets_a_clear_error_and_disturbs_nothing() {
     assert!(err.contains("fuse-loop or none"), "{err}");
     let err = d.fails(&["open", s(&d.path("y.img")), "--format", "vmdk"]);
     assert!(err.contains("vmdk"), "{err}");
+    assert!(!d.path("y.img").exists());
 
     // Truncated and empty images.
     fs::write(d.path("empty.img"), b"").unwrap();
@@ -587,11 +588,19 @@ fn bad_input_gets_a_clear_error_and_disturbs_nothing() {
     fs::write(d.path("odd.img"), vec![1u8; 5000]).unwrap();
     let err = d.fails(&["open", s(&d.path("odd.img"))]);
     assert!(err.contains("truncated"), "{err}");
+    // A qcow2 header cut short: version 3 and 64 KiB clusters, then nothing.
     let mut qcow = b"QFI\xfb\0\0\0\x03".to_vec();
     qcow.resize(100, 0);
+    qcow[20..24].copy_from_slice(&16u32.to_be_bytes());
     fs::write(d.path("cut.qcow2"), &qcow).unwrap();
     let err = d.fails(&["open", s(&d.path("cut.qcow2"))]);
-    assert!(err.contains("qcow2"), "{err}");
+    assert!(err.contains("truncated version 3 header"), "{err}");
+    // VHD is recognised, not misread as raw.
+    let mut vhd = b"conectix".to_vec();
+    vhd.resize(1024, 0);
+    fs::write(d.path("x.vhd"), &vhd).unwrap();
+    let err = d.fails(&["open", s(&d.path("x.vhd"))]);
+    assert!(err.contains("VHD image"), "{err}");
 
     // Closing what is not open.
     let err = d.fails(&["close", "nope-12345678"]);

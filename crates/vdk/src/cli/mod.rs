@@ -1,6 +1,7 @@
 //! The command line.
 
 mod disks;
+mod image;
 mod serve;
 
 use std::path::PathBuf;
@@ -42,6 +43,10 @@ enum Command {
     Unmount(disks::CloseArgs),
     /// Run the daemon that owns open disks, in the foreground.
     Daemon(daemon::DaemonArgs),
+    /// Create an image file (qcow2 or raw), optionally over a backing image.
+    Create(image::CreateArgs),
+    /// Describe an image: format, sizes, cluster size, backing chain, flags.
+    Info(image::InfoArgs),
 }
 
 /// Runs the chosen command.
@@ -56,6 +61,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unmount(args) => disks::unmount(args, &paths()?),
         Command::Daemon(args) if args.stop => disks::stop_daemon(&paths()?),
         Command::Daemon(args) => daemon::run(&args, &paths()?),
+        Command::Create(args) => image::create(args),
+        Command::Info(args) => image::info(args),
     }
 }
 

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use vdk_backends::{FileDisk, FileOptions, MemoryDisk, PatternDisk};
 use vdk_core::size::{parse_size, Human};
 use vdk_core::BlockDevice;
+use vdk_formats::Format;
 use vdk_nbd::{Export, Listener, Server, ServerConfig};
 
 /// The NBD port, on loopback only unless told otherwise.
@@ -41,9 +42,12 @@ pub struct ServeArgs {
     /// Where to listen: tcp://HOST:PORT or unix:///PATH. Repeatable.
     #[arg(long, value_name = "URI")]
     listen: Vec<String>,
-    /// Open files with O_DIRECT (requests must then be 4096-aligned).
+    /// Open files with O_DIRECT (requests must then be 4096-aligned; raw images only).
     #[arg(long)]
     direct: bool,
+    /// Image format of the files (raw, qcow2); probed from their first bytes if not given.
+    #[arg(long, short = 'f', value_name = "FORMAT")]
+    format: Option<String>,
     /// Most threads serving one connection (requests handled in parallel).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: u16,
@@ -81,21 +85,39 @@ fn open(source: &Source, args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice
         Source::Memory(size) => Ok(Arc::new(MemoryDisk::new(*size))),
         Source::Pattern(size) => Ok(Arc::new(PatternDisk::new(*size))),
         Source::File(path) => {
-            let opts = FileOptions {
-                read_only: args.read_only,
-                direct: args.direct,
-            };
-            let disk = FileDisk::open(path, opts).map_err(|e| {
+            let cannot_open = |e: std::io::Error| {
                 let hint = match e.kind() {
                     std::io::ErrorKind::NotFound => {
-                        " (create one with `truncate -s 1G FILE`, or serve RAM with --memory)"
+                        " (create one with `vdk create FILE SIZE`, or serve RAM with --memory)"
                     }
                     std::io::ErrorKind::PermissionDenied => " (try --read-only)",
                     _ => "",
                 };
                 anyhow::Error::new(e).context(format!("cannot open {}{hint}", path.display()))
-            })?;
-            Ok(Arc::new(disk))
+            };
+            let format = match args.format.as_deref() {
+                Some(name) => Format::from_name(name)?,
+                None => vdk_formats::probe(path).map_err(cannot_open)?,
+            };
+            if format != Format::Raw {
+                if args.direct {
+                    bail!(
+                        "--direct applies to raw images; {} is {format}",
+                        path.display()
+                    );
+                }
+                let opts = vdk_formats::OpenOptions {
+                    format: Some(format),
+                    read_only: args.read_only,
+                    probe_backing: false,
+                };
+                return Ok(vdk_formats::open(path, &opts).map_err(cannot_open)?.device);
+            }
+            let opts = FileOptions {
+                read_only: args.read_only,
+                direct: args.direct,
+            };
+            Ok(Arc::new(FileDisk::open(path, opts).map_err(cannot_open)?))
         }
     }
 }

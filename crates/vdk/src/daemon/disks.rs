@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tracing::{info, warn};
 use vdk_attach::{Attach, Attached, FuseExport, FuseLoop};
-use vdk_backends::{FileDisk, FileOptions};
 use vdk_core::size::Human;
 use vdk_core::BlockDevice;
+use vdk_formats::Format;
 use vdk_nbd::{Export, Server};
 
 use super::mount;
@@ -103,17 +103,13 @@ fn invalid(msg: impl Into<String>) -> ApiError {
 fn probe_format(file: &mut fs::File, image: &Path) -> Result<(), ApiError> {
     let mut head = [0u8; 8];
     let n = file.read(&mut head).unwrap_or(0);
-    let known: &[(&[u8], &str)] = &[
-        (b"QFI\xfb", "qcow2"),
-        (b"vhdxfile", "VHDX"),
-        (b"conectix", "VHD"),
-    ];
+    let known: &[(&[u8], &str)] = &[(b"vhdxfile", "VHDX"), (b"conectix", "VHD")];
     for (magic, name) in known {
         if n >= magic.len() && head.starts_with(magic) {
             return Err(ApiError::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "{} is a {name} image, and this build of vdk serves raw images only; \
+                    "{} is a {name} image, which this build of vdk does not read yet; \
                      pass --format raw to serve its bytes as they are",
                     image.display()
                 ),
@@ -217,15 +213,12 @@ impl Daemon {
                 )))
             }
         };
-        match req.format.as_deref() {
-            None | Some("raw") => {}
-            Some(f) => {
-                return Err(ApiError::new(
-                    ErrorKind::Unsupported,
-                    format!("format {f:?} is not supported: this build of vdk opens raw images"),
-                ))
-            }
-        }
+        let format = req
+            .format
+            .as_deref()
+            .map(Format::from_name)
+            .transpose()
+            .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?;
         if let Some(fs) = &req.mkfs {
             mount::check_fs_type(fs)?;
         }
@@ -248,8 +241,8 @@ impl Daemon {
                 return Err(invalid("--export-name must be 1 to 4096 bytes"));
             }
         }
-        let (image, created) = self.image(&req)?;
-        let opened = self.open_image(&req, &image, attach);
+        let (image, created) = self.image(&req, format)?;
+        let opened = self.open_image(&req, &image, format, attach);
         match opened {
             Ok(d) => {
                 let status = self.status(&d);
@@ -268,7 +261,11 @@ impl Daemon {
     }
 
     /// The image's canonical path, created first if missing; `true` if it was created.
-    fn image(&self, req: &OpenRequest) -> Result<(PathBuf, bool), ApiError> {
+    fn image(
+        &self,
+        req: &OpenRequest,
+        format: Option<Format>,
+    ) -> Result<(PathBuf, bool), ApiError> {
         let path = &req.path;
         let shown = path.display();
         match fs::metadata(path) {
@@ -314,7 +311,12 @@ impl Daemon {
                         ),
                     ));
                 }
-                FileDisk::create(path, size, FileOptions::default())
+                let opts = vdk_formats::CreateOptions {
+                    format: format.unwrap_or(Format::Raw),
+                    cluster_size: None,
+                    backing: None,
+                };
+                vdk_formats::create(path, size, &opts)
                     .map_err(|e| ApiError::io(format!("cannot create {shown}"), &e))?;
                 info!(image = %shown, size = %Human(size), "created");
                 let canonical =
@@ -329,6 +331,7 @@ impl Daemon {
         &self,
         req: &OpenRequest,
         image: &Path,
+        format: Option<Format>,
         attach: &'static str,
     ) -> Result<Arc<Disk>, ApiError> {
         let id = disk_id(image);
@@ -341,16 +344,18 @@ impl Daemon {
         let shown = image.display();
         let mut file =
             fs::File::open(image).map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
-        if req.format.is_none() {
+        if format.is_none() {
             probe_format(&mut file, image)?;
         }
         drop(file);
-        let opts = FileOptions {
+        let opts = vdk_formats::OpenOptions {
+            format,
             read_only: req.read_only,
-            ..FileOptions::default()
+            probe_backing: false,
         };
-        let backend = FileDisk::open(image, opts)
+        let opened = vdk_formats::open(image, &opts)
             .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
+        let backend = opened.device;
         let size = backend.info().size;
         if size == 0 {
             return Err(invalid(format!(
@@ -362,7 +367,7 @@ impl Daemon {
                 "{shown} has {size} bytes, not a multiple of 512: a truncated image?"
             )));
         }
-        let device = Arc::new(Tracked::new(Arc::new(backend)));
+        let device = Arc::new(Tracked::new(backend));
         let export_name = req.export_name.clone().unwrap_or_else(|| id.clone());
         let mut export = Export::new(
             export_name.clone(),
@@ -376,7 +381,7 @@ impl Daemon {
         let disk = Arc::new(Disk {
             id: id.clone(),
             image: image.to_owned(),
-            format: "raw".into(),
+            format: opened.format.name().into(),
             size,
             read_only: req.read_only,
             attach,

@@ -1,0 +1,190 @@
+//! `vdk create` and `vdk info`: making and describing image files, as `qemu-img` does.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use vdk_core::size::{parse_size, Human};
+use vdk_formats::{CreateOptions, Format, ImageInfo};
+
+/// `vdk create`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  vdk create disk.qcow2 100G                     a sparse qcow2 image (the default format)
+  vdk create -f raw disk.img 10G
+  vdk create overlay.qcow2 --backing base.img    size and backing format from the base")]
+pub struct CreateArgs {
+    /// The new image (must not exist).
+    file: PathBuf,
+    /// Virtual size (e.g. 10G); with --backing, defaults to the backing image's size.
+    size: Option<String>,
+    /// Format: qcow2 (default) or raw.
+    #[arg(long, short = 'f', default_value = "qcow2")]
+    format: String,
+    /// Backing image (qcow2 only), recorded as given: relative to the new image's directory,
+    /// or absolute.
+    #[arg(long, short = 'b', value_name = "BASE")]
+    backing: Option<String>,
+    /// Format of the backing image; probed from its magic if not given.
+    #[arg(long, short = 'F', value_name = "FORMAT")]
+    backing_format: Option<String>,
+    /// qcow2 cluster size, a power of two from 512 to 2M (default 64K).
+    #[arg(long, value_name = "SIZE")]
+    cluster_size: Option<String>,
+}
+
+/// Runs `vdk create`.
+pub fn create(args: CreateArgs) -> anyhow::Result<()> {
+    let format = Format::from_name(&args.format)?;
+    let mut size = args
+        .size
+        .as_deref()
+        .map(|s| parse_size(s).with_context(|| format!("bad size {s:?}")))
+        .transpose()?;
+    let backing = match &args.backing {
+        None => None,
+        Some(name) => {
+            let path = vdk_formats::backing_path(&args.file, name);
+            let bformat = match args.backing_format.as_deref() {
+                Some(f) => Format::from_name(f)?,
+                None => vdk_formats::probe(&path)
+                    .with_context(|| format!("cannot open the backing image {}", path.display()))?,
+            };
+            let binfo = vdk_formats::info(&path, Some(bformat), false)
+                .with_context(|| format!("cannot read the backing image {}", path.display()))?;
+            size.get_or_insert(binfo.virtual_size);
+            Some((name.clone(), bformat))
+        }
+    };
+    let Some(size) = size else {
+        bail!("give a SIZE for the new image (e.g. 10G), or a --backing image to take it from");
+    };
+    let cluster_size = args
+        .cluster_size
+        .as_deref()
+        .map(|s| parse_size(s).with_context(|| format!("bad cluster size {s:?}")))
+        .transpose()?;
+    if cluster_size.is_some() && format != Format::Qcow2 {
+        bail!("--cluster-size applies to qcow2 images");
+    }
+    let opts = CreateOptions {
+        format,
+        cluster_size,
+        backing,
+    };
+    vdk_formats::create(&args.file, size, &opts)
+        .with_context(|| format!("cannot create {}", args.file.display()))?;
+    println!(
+        "created {} ({format}, {})",
+        args.file.display(),
+        Human(size)
+    );
+    Ok(())
+}
+
+/// `vdk info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The image.
+    file: PathBuf,
+    /// Its format; probed from its magic if not given.
+    #[arg(long, short = 'f')]
+    format: Option<String>,
+    /// Describe the backing images too.
+    #[arg(long)]
+    backing_chain: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn to_json(i: &ImageInfo) -> serde_json::Value {
+    serde_json::json!({
+        "filename": i.path,
+        "format": i.format.name(),
+        "virtual-size": i.virtual_size,
+        "actual-size": i.disk_size,
+        "cluster-size": i.cluster_size,
+        "version": i.version,
+        "refcount-bits": i.refcount_bits,
+        "compression-type": i.compression,
+        "backing-filename": i.backing_file,
+        "backing-filename-format": i.backing_format,
+        "dirty-flag": i.dirty,
+        "corrupt": i.corrupt,
+        "extended-l2": i.extended_l2,
+        "snapshots": i.snapshots,
+        "encrypted": i.encrypted,
+        "data-file": i.data_file,
+        "backing-image": i.backing.as_deref().map(to_json),
+    })
+}
+
+fn print_text(out: &mut impl Write, i: &ImageInfo) -> std::io::Result<()> {
+    writeln!(out, "image: {}", i.path.display())?;
+    writeln!(out, "file format: {}", i.format)?;
+    writeln!(
+        out,
+        "virtual size: {} ({} bytes)",
+        Human(i.virtual_size),
+        i.virtual_size
+    )?;
+    writeln!(out, "disk size: {}", Human(i.disk_size))?;
+    if let Some(cs) = i.cluster_size {
+        writeln!(out, "cluster_size: {cs}")?;
+    }
+    if let Some(b) = &i.backing_file {
+        writeln!(out, "backing file: {b}")?;
+        if let Some(f) = &i.backing_format {
+            writeln!(out, "backing file format: {f}")?;
+        }
+    }
+    if let Some(v) = i.version {
+        writeln!(out, "Format specific information:")?;
+        writeln!(out, "    compat: {}", if v >= 3 { "1.1" } else { "0.10" })?;
+        if let Some(c) = i.compression {
+            writeln!(out, "    compression type: {c}")?;
+        }
+        if let Some(r) = i.refcount_bits {
+            writeln!(out, "    refcount bits: {r}")?;
+        }
+        writeln!(out, "    dirty: {}", i.dirty)?;
+        writeln!(out, "    corrupt: {}", i.corrupt)?;
+        writeln!(out, "    extended l2: {}", i.extended_l2)?;
+        if i.snapshots > 0 {
+            writeln!(
+                out,
+                "    internal snapshots: {} (read-only in vdk)",
+                i.snapshots
+            )?;
+        }
+        if i.encrypted {
+            writeln!(out, "    encrypted: yes (not supported by vdk)")?;
+        }
+        if let Some(d) = &i.data_file {
+            writeln!(out, "    data file: {d} (not supported by vdk)")?;
+        }
+    }
+    if let Some(b) = &i.backing {
+        writeln!(out)?;
+        print_text(out, b)?;
+    }
+    Ok(())
+}
+
+/// Runs `vdk info`.
+pub fn info(args: InfoArgs) -> anyhow::Result<()> {
+    let format = args.format.as_deref().map(Format::from_name).transpose()?;
+    let info = vdk_formats::info(Path::new(&args.file), format, args.backing_chain)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &to_json(&info))?;
+        writeln!(out)?;
+    } else {
+        print_text(&mut out, &info)?;
+    }
+    Ok(())
+}
