@@ -47,7 +47,15 @@ fn create_and_info_agree_with_qemu_img() {
     assert_eq!(v["backing-image"]["cluster-size"], 128 << 10);
     // qemu-img's own images, described by vdk.
     let q2 = dir.path().join("q.qcow2");
-    run(Command::new("qemu-img").args(["create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", s(&q2), "5M"]));
+    run(Command::new("qemu-img").args([
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10,cluster_size=4096",
+        s(&q2),
+        "5M",
+    ]));
     let v: serde_json::Value = serde_json::from_str(&vdk(&["info", "--json", s(&q2)])).unwrap();
     assert_eq!(v["version"], 2);
     assert_eq!(v["cluster-size"], 4096);
@@ -55,10 +63,19 @@ fn create_and_info_agree_with_qemu_img() {
     let text = vdk(&["info", s(&q2)]);
     assert!(text.contains("compat: 0.10"), "{text}");
     // Errors are clear.
-    let out = Command::new(env!("CARGO_BIN_EXE_vdk")).args(["create", s(&base), "1G"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vdk"))
+        .args(["create", s(&base), "1G"])
+        .output()
+        .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("exists"));
     let out = Command::new(env!("CARGO_BIN_EXE_vdk"))
-        .args(["create", s(&dir.path().join("x.qcow2")), "1G", "--cluster-size", "3000"])
+        .args([
+            "create",
+            s(&dir.path().join("x.qcow2")),
+            "1G",
+            "--cluster-size",
+            "3000",
+        ])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
@@ -71,14 +88,28 @@ fn a_qcow2_served_over_nbd_matches_qemu_img_and_stays_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
     run(Command::new("qemu-img").args(["create", "-f", "qcow2", s(&img), "64M"]));
-    run(Command::new("qemu-io").args(["-c", "write -P 0x31 0 5M", "-c", "write -P 0x32 40M 3M", "-c", "write -z 1M 1M", s(&img)]));
+    run(Command::new("qemu-io").args([
+        "-c",
+        "write -P 0x31 0 5M",
+        "-c",
+        "write -P 0x32 40M 3M",
+        "-c",
+        "write -z 1M 1M",
+        s(&img),
+    ]));
     let reference = dir.path().join("ref.qcow2");
     fs::copy(&img, &reference).unwrap();
     let mut v = common::Vdk::serve_in(dir, &["d.qcow2"]);
     let uri = v.uri("d.qcow2");
     run(Command::new("qemu-img").args(["compare", "-F", "qcow2", &uri, s(&reference)]));
     // Writes over NBD, the same writes on the reference through qemu.
-    let ops = ["write -P 0x41 4M 2M", "write -P 0x42 100k 3k", "discard 40M 1M", "write -z 50M 64k", "write -P 0x43 63M 1M"];
+    let ops = [
+        "write -P 0x41 4M 2M",
+        "write -P 0x42 100k 3k",
+        "discard 40M 1M",
+        "write -z 50M 64k",
+        "write -P 0x43 63M 1M",
+    ];
     let mut args = vec!["-f", "raw"];
     let mut rargs = vec!["-f", "qcow2"];
     for op in &ops {
@@ -126,14 +157,26 @@ fn kill_9_at_random_moments_never_corrupts_a_qcow2() {
     for round in 0..30 {
         let _ = fs::remove_file(&sock);
         let mut server = Command::new(env!("CARGO_BIN_EXE_vdk"))
-            .args(["serve", s(&img), "--listen", &format!("unix://{}", s(&sock))])
+            .args([
+                "serve",
+                s(&img),
+                "--listen",
+                &format!("unix://{}", s(&sock)),
+            ])
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         wait_for(20, "vdk to listen", || sock.exists());
         let mut writer = Command::new("/usr/bin/python3")
             .arg(&workload)
-            .args(["write", &format!("nbd+unix:///?socket={}", s(&sock)), s(&state), &first.to_string(), "1000", slots])
+            .args([
+                "write",
+                &format!("nbd+unix:///?socket={}", s(&sock)),
+                s(&state),
+                &first.to_string(),
+                "1000",
+                slots,
+            ])
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -142,7 +185,10 @@ fn kill_9_at_random_moments_never_corrupts_a_qcow2() {
         server.wait().unwrap();
         let _ = writer.kill();
         writer.wait().unwrap();
-        let check = Command::new("qemu-img").args(["check", "--output=json", s(&img)]).output().unwrap();
+        let check = Command::new("qemu-img")
+            .args(["check", "--output=json", s(&img)])
+            .output()
+            .unwrap();
         let report = String::from_utf8_lossy(&check.stdout).into_owned();
         // Exit 0: clean; 3: leaked clusters only, which a crash may leave. 2: corruption.
         assert!(
@@ -152,7 +198,12 @@ fn kill_9_at_random_moments_never_corrupts_a_qcow2() {
         );
         let _ = fs::remove_file(&raw);
         run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&img), s(&raw)]));
-        let verified = stdout(Command::new("/usr/bin/python3").arg(&workload).args(["verify", s(&raw), s(&state), slots]));
+        let verified = stdout(Command::new("/usr/bin/python3").arg(&workload).args([
+            "verify",
+            s(&raw),
+            s(&state),
+            slots,
+        ]));
         first = verified.trim().parse().unwrap();
         progress.push(first);
     }

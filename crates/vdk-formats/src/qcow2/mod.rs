@@ -906,10 +906,12 @@ impl Qcow2 {
         if zero_before && fresh {
             // Past the end of the file: the rest of the cluster already reads as zeroes.
             self.io(self.file.write_all_at(data, host + in_cl))?;
-            // Make the file cover the whole cluster, so a later read is not short.
-            let end = host + cs;
-            if self.io(self.file.metadata())?.len() < end {
-                self.io(self.file.set_len(end))?;
+            // Make the file cover the whole cluster, so that readers (qemu among them) see
+            // the cluster's zeroes rather than the end of the file. A write, not set_len:
+            // writes only ever extend a file, while a set_len racing with another
+            // allocation could cut that one's data off.
+            if in_cl + data.len() as u64 != cs {
+                self.io(self.file.write_all_at(&[0], host + cs - 1))?;
             }
             return Ok(());
         }
