@@ -216,3 +216,59 @@ fn kill_9_at_random_moments_never_corrupts_a_qcow2() {
     run(Command::new("qemu-img").args(["check", "-r", "leaks", s(&img)]));
     run(Command::new("qemu-img").args(["check", s(&img)]));
 }
+
+#[test]
+fn convert_round_trips_and_keeps_holes() {
+    need("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("a.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(&raw).unwrap();
+        f.set_len(256 << 20).unwrap();
+        for i in 0..40u64 {
+            let data: Vec<u8> = (0..100_000u32).map(|j| (j as u64 * 31 + i) as u8).collect();
+            f.write_all_at(&data, i * 6_000_000 + i * 777).unwrap();
+        }
+    }
+    let q = dir.path().join("a.qcow2");
+    let back = dir.path().join("b.raw");
+    vdk(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "--cluster-size",
+        "4K",
+        s(&raw),
+        s(&q),
+    ]);
+    run(Command::new("qemu-img").args(["check", s(&q)]));
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&q)]));
+    vdk(&["convert", s(&q), s(&back)]);
+    assert!(
+        fs::read(&raw).unwrap() == fs::read(&back).unwrap(),
+        "raw -> qcow2 -> raw is byte-identical"
+    );
+    for img in [&q, &back] {
+        let used = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(img).unwrap()) * 512;
+        assert!(
+            used < 16 << 20,
+            "{} uses {used} bytes for 4 MB of data",
+            img.display()
+        );
+    }
+    // A chain is flattened; the output must be new.
+    let top = dir.path().join("top.qcow2");
+    vdk(&["create", s(&top), "--backing", "a.qcow2"]);
+    run(Command::new("qemu-io").args(["-c", "write -P 0x99 1M 1M", s(&top)]));
+    let flat = dir.path().join("flat.qcow2");
+    vdk(&["convert", "-O", "qcow2", s(&top), s(&flat)]);
+    run(Command::new("qemu-img").args(["compare", s(&top), s(&flat)]));
+    let v: serde_json::Value = serde_json::from_str(&vdk(&["info", "--json", s(&flat)])).unwrap();
+    assert!(v["backing-filename"].is_null());
+    let out = Command::new(env!("CARGO_BIN_EXE_vdk"))
+        .args(["convert", s(&top), s(&flat)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("exists"));
+}

@@ -1,5 +1,6 @@
 //! The command line.
 
+mod convert;
 mod disks;
 mod image;
 mod serve;
@@ -47,6 +48,8 @@ enum Command {
     Create(image::CreateArgs),
     /// Describe an image: format, sizes, cluster size, backing chain, flags.
     Info(image::InfoArgs),
+    /// Copy an image into a new one of any format, leaving holes and zeroes out.
+    Convert(convert::ConvertArgs),
 }
 
 /// Runs the chosen command.
@@ -63,6 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Daemon(args) => daemon::run(&args, &paths()?),
         Command::Create(args) => image::create(args),
         Command::Info(args) => image::info(args),
+        Command::Convert(args) => convert::run(args),
     }
 }
 

@@ -1,0 +1,215 @@
+//! `vdk convert`: copies an image into a new one of any writable format, skipping holes and
+//! zeroes, with several requests in flight and a progress bar on a terminal.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::thread;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use vdk_core::size::{parse_size, Human};
+use vdk_core::{BlockDevice, ExtentKind};
+use vdk_formats::{CreateOptions, Format, OpenOptions};
+
+/// Bytes copied per request.
+const PIECE: u64 = 1 << 20;
+/// Requests in flight.
+const WORKERS: usize = 4;
+/// Extent map looked up at a time.
+const MAP_STEP: u64 = 1 << 30;
+
+/// `vdk convert`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  vdk convert disk.img disk.qcow2 -O qcow2      raw to qcow2, holes and zeroes left out
+  vdk convert overlay.qcow2 flat.img            a backing chain flattened into one raw file")]
+pub struct ConvertArgs {
+    /// The image to read (any format vdk reads; its backing chain is read through).
+    src: PathBuf,
+    /// The new image (must not exist).
+    dst: PathBuf,
+    /// Format of SRC; probed from its magic if not given.
+    #[arg(short = 'f', long = "format", value_name = "FORMAT")]
+    src_format: Option<String>,
+    /// Format of DST: raw (default, as qemu-img) or qcow2.
+    #[arg(
+        short = 'O',
+        long = "output-format",
+        value_name = "FORMAT",
+        default_value = "raw"
+    )]
+    dst_format: String,
+    /// qcow2 cluster size of DST.
+    #[arg(long, value_name = "SIZE")]
+    cluster_size: Option<String>,
+    /// Never show a progress bar (it shows only on a terminal anyway).
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// Runs `vdk convert`.
+pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
+    let src_format = args
+        .src_format
+        .as_deref()
+        .map(Format::from_name)
+        .transpose()?;
+    let dst_format = Format::from_name(&args.dst_format)?;
+    let src = vdk_formats::open(
+        &args.src,
+        &OpenOptions {
+            format: src_format,
+            read_only: true,
+            probe_backing: false,
+        },
+    )
+    .with_context(|| format!("cannot open {}", args.src.display()))?
+    .device;
+    if args.dst.exists() {
+        bail!(
+            "{} exists: vdk convert writes only new images",
+            args.dst.display()
+        );
+    }
+    let size = src.info().size;
+    let cluster_size = args
+        .cluster_size
+        .as_deref()
+        .map(|s| parse_size(s).with_context(|| format!("bad cluster size {s:?}")))
+        .transpose()?;
+    let opts = CreateOptions {
+        format: dst_format,
+        cluster_size,
+        backing: None,
+    };
+    vdk_formats::create(&args.dst, size, &opts)
+        .with_context(|| format!("cannot create {}", args.dst.display()))?;
+    let copied = (|| {
+        let dst = vdk_formats::open(
+            &args.dst,
+            &OpenOptions {
+                format: Some(dst_format),
+                ..OpenOptions::default()
+            },
+        )?
+        .device;
+        copy(&*src, &*dst, args.quiet)?;
+        dst.flush()?;
+        anyhow::Ok(())
+    })();
+    if let Err(e) = copied {
+        // A half-written image is worse than none.
+        let _ = std::fs::remove_file(&args.dst);
+        return Err(e.context(format!("converting {} failed", args.src.display())));
+    }
+    Ok(())
+}
+
+/// The data ranges of `src`, in pieces of at most [`PIECE`], lazily.
+struct Pieces<'a> {
+    src: &'a dyn BlockDevice,
+    size: u64,
+    mapped_to: u64,
+    queue: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Pieces<'_> {
+    fn next(&mut self) -> anyhow::Result<Option<(u64, u64)>> {
+        while self.queue.is_empty() && self.mapped_to < self.size {
+            let len = MAP_STEP.min(self.size - self.mapped_to);
+            let map = self.src.extents(self.mapped_to, len)?;
+            for (at, run) in map.iter() {
+                if run.kind == ExtentKind::Data {
+                    let mut p = at;
+                    while p < at + run.len {
+                        let n = PIECE.min(at + run.len - p);
+                        self.queue.push_back((p, n));
+                        p += n;
+                    }
+                }
+            }
+            self.mapped_to += len;
+        }
+        Ok(self.queue.pop_front())
+    }
+}
+
+fn copy(src: &dyn BlockDevice, dst: &dyn BlockDevice, quiet: bool) -> anyhow::Result<()> {
+    let size = src.info().size;
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(size)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let pieces = Mutex::new(Pieces {
+        src,
+        size,
+        mapped_to: 0,
+        queue: Default::default(),
+    });
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let data_bytes = AtomicU64::new(0);
+    thread::scope(|s| {
+        for _ in 0..WORKERS {
+            s.spawn(|| {
+                let mut buf = vec![0u8; PIECE as usize];
+                while !failed.load(Ordering::Relaxed) {
+                    let next = pieces.lock().unwrap_or_else(PoisonError::into_inner).next();
+                    let step = next.and_then(|p| {
+                        let Some((at, n)) = p else { return Ok(None) };
+                        // n <= PIECE, a usize.
+                        let b = &mut buf[..n as usize];
+                        src.read_at(b, at)?;
+                        // Zeroes in data stay holes in the new image.
+                        if b.iter().any(|x| *x != 0) {
+                            dst.write_at(b, at, false)?;
+                        }
+                        Ok(Some(n))
+                    });
+                    match step {
+                        Ok(Some(n)) => {
+                            data_bytes.fetch_add(n, Ordering::Relaxed);
+                            bar.inc(n);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            first_error
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+    {
+        bar.abandon();
+        return Err(e);
+    }
+    bar.set_position(size);
+    bar.finish_and_clear();
+    if !quiet {
+        eprintln!(
+            "copied {} of data ({} virtual)",
+            Human(data_bytes.load(Ordering::Relaxed)),
+            Human(size)
+        );
+    }
+    Ok(())
+}
