@@ -14,7 +14,8 @@ use vdk_core::{BlockDevice, ExtentKind};
 use vdk_formats::{CreateOptions, Format, OpenOptions};
 
 /// Bytes copied per request.
-const PIECE: u64 = 1 << 20;
+const PIECE_BYTES: usize = 1 << 20;
+const PIECE: u64 = PIECE_BYTES as u64;
 /// Requests in flight.
 const WORKERS: usize = 4;
 /// Extent map looked up at a time.
@@ -162,13 +163,12 @@ fn copy(src: &dyn BlockDevice, dst: &dyn BlockDevice, quiet: bool) -> anyhow::Re
     thread::scope(|s| {
         for _ in 0..WORKERS {
             s.spawn(|| {
-                let mut buf = vec![0u8; PIECE as usize];
+                let mut buf = vec![0u8; PIECE_BYTES];
                 while !failed.load(Ordering::Relaxed) {
                     let next = pieces.lock().unwrap_or_else(PoisonError::into_inner).next();
                     let step = next.and_then(|p| {
                         let Some((at, n)) = p else { return Ok(None) };
-                        // n <= PIECE, a usize.
-                        let b = &mut buf[..n as usize];
+                        let b = &mut buf[..usize::try_from(n).unwrap_or(PIECE_BYTES)];
                         src.read_at(b, at)?;
                         // Zeroes in data stay holes in the new image.
                         if b.iter().any(|x| *x != 0) {
