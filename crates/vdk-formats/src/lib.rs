@@ -392,3 +392,25 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<()> {
 pub fn backing_path(image: &Path, name: &str) -> PathBuf {
     resolve_backing(image, name)
 }
+
+/// Checks the consistency of the image at `path`; with `repair`, fixes refcounts. Raw images
+/// have nothing to check.
+pub fn check(
+    path: &Path,
+    format: Option<Format>,
+    repair: bool,
+) -> io::Result<Option<qcow2::check::CheckReport>> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    match format {
+        Format::Raw => Ok(None),
+        Format::Qcow2 => {
+            let file = File::open(path)?;
+            lock_file(&file, path, !repair)?;
+            let (header, _) = qcow2_header(path, &file)?;
+            qcow2::check::check(path, &header, repair).map(Some)
+        }
+    }
+}

@@ -196,6 +196,19 @@ fn kill_9_at_random_moments_never_corrupts_a_qcow2() {
             "round {round}: qemu-img check after kill -9:\n{report}{}",
             String::from_utf8_lossy(&check.stderr)
         );
+        // vdk check sees what qemu-img check sees.
+        let q: serde_json::Value = serde_json::from_str(&report).unwrap();
+        let (code, v) = vdk_check(&img, &[]);
+        assert_eq!(
+            code,
+            check.status.code(),
+            "round {round}: vdk check {v} vs qemu-img {q}"
+        );
+        assert_eq!(
+            v["leaks"].as_u64().unwrap_or(0),
+            q["leaks"].as_u64().unwrap_or(0),
+            "round {round}"
+        );
         let _ = fs::remove_file(&raw);
         run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&img), s(&raw)]));
         let verified = stdout(Command::new("/usr/bin/python3").arg(&workload).args([
@@ -271,4 +284,70 @@ fn convert_round_trips_and_keeps_holes() {
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("exists"));
+}
+
+fn vdk_check(img: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vdk"))
+        .args(["check", "--json"])
+        .args(extra)
+        .arg(img)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "vdk check --json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
+#[test]
+fn check_finds_and_repairs_what_qemu_img_finds() {
+    use std::os::unix::fs::FileExt;
+    need("qemu-img");
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("k.qcow2");
+    run(Command::new("qemu-img").args(["create", "-f", "qcow2", s(&img), "64M"]));
+    run(Command::new("qemu-io").args(["-c", "write -P 7 0 1M", s(&img)]));
+    assert_eq!(vdk_check(&img, &[]).0, Some(0));
+    // Damage refcounts by hand: header says where the refcount table is; its first block
+    // counts the first clusters, 16 bits each.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut b8 = [0u8; 8];
+    f.read_exact_at(&mut b8, 48).unwrap();
+    let rt = u64::from_be_bytes(b8);
+    f.read_exact_at(&mut b8, rt).unwrap();
+    let rb = u64::from_be_bytes(b8);
+    let clusters = f.metadata().unwrap().len() / 65536;
+    // A leak: a cluster inside the file that nothing references, with a refcount.
+    f.set_len((clusters + 2) * 65536).unwrap();
+    f.write_all_at(&3u16.to_be_bytes(), rb + 2 * (clusters + 1))
+        .unwrap();
+    let (code, v) = vdk_check(&img, &[]);
+    assert_eq!(code, Some(3), "{v}");
+    assert_eq!(v["leaks"], 1);
+    let q = Command::new("qemu-img")
+        .args(["check", s(&img)])
+        .status()
+        .unwrap();
+    assert_eq!(q.code(), Some(3), "qemu-img agrees: one leak");
+    f.write_all_at(&0u16.to_be_bytes(), rb + 2 * (clusters - 1))
+        .unwrap(); // a corruption
+    let (code, v) = vdk_check(&img, &[]);
+    assert_eq!(code, Some(2), "{v}");
+    assert_eq!(v["corruptions"], 1);
+    let (code, v) = vdk_check(&img, &["--repair"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        (v["leaks-fixed"].as_u64(), v["corruptions-fixed"].as_u64()),
+        (Some(1), Some(1))
+    );
+    run(Command::new("qemu-img").args(["check", s(&img)]));
+    run(Command::new("qemu-io").args(["-c", "read -P 7 0 1M", s(&img)]));
 }

@@ -26,6 +26,7 @@
 // indexes (tables are at most 32 MiB), checked by the header parser: they fit any usize.
 #![allow(clippy::cast_possible_truncation)]
 
+pub mod check;
 pub mod compress;
 pub mod create;
 pub mod header;

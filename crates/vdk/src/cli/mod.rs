@@ -50,6 +50,8 @@ enum Command {
     Info(image::InfoArgs),
     /// Copy an image into a new one of any format, leaving holes and zeroes out.
     Convert(convert::ConvertArgs),
+    /// Check an image's consistency (refcounts against tables); --repair fixes refcounts.
+    Check(image::CheckArgs),
 }
 
 /// Runs the chosen command.
@@ -67,6 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Create(args) => image::create(args),
         Command::Info(args) => image::info(args),
         Command::Convert(args) => convert::run(args),
+        Command::Check(args) => image::check(args),
     }
 }
 

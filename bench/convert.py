@@ -1,0 +1,77 @@
+"""vdk convert beside qemu-img convert: a 4 GiB raw image, half of it data (in 64 MiB runs
+of random bytes, the rest holes), converted to qcow2 and back to raw by each tool. Each
+figure is the median wall time of --runs runs; the tools take turns. Outputs are checked
+equal with qemu-img compare once.
+"""
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+GIB = 1 << 30
+RUN = 64 << 20
+
+
+def timed(cmd):
+    start = time.time()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.time() - start
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--vdk", default="target/release/vdk")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    vdk = os.path.abspath(args.vdk)
+    tmp = tempfile.mkdtemp(prefix="vdk-bench-convert-")
+    try:
+        src = os.path.join(tmp, "src.raw")
+        with open(src, "wb") as f:
+            f.truncate(4 * GIB)
+            block = os.urandom(RUN)
+            for i in range(0, 4 * GIB // RUN, 2):
+                f.seek(i * RUN)
+                f.write(block)
+        tools = {
+            "vdk": lambda a, b, fmt: [vdk, "convert", "-q", "-O", fmt, a, b],
+            "qemu-img": lambda a, b, fmt: ["qemu-img", "convert", "-O", fmt, a, b],
+        }
+        times = {}
+        for r in range(args.runs):
+            for name, cmd in tools.items():
+                q = os.path.join(tmp, name + ".qcow2")
+                back = os.path.join(tmp, name + ".raw")
+                for p in (q, back):
+                    if os.path.exists(p):
+                        os.remove(p)
+                subprocess.run(["sync"])
+                t1 = timed(cmd(src, q, "qcow2"))
+                t2 = timed(cmd(q, back, "raw"))
+                times.setdefault((name, "raw to qcow2"), []).append(t1)
+                times.setdefault((name, "qcow2 to raw"), []).append(t2)
+                print("run %d %-8s raw->qcow2 %.2f s, qcow2->raw %.2f s" % (r + 1, name, t1, t2),
+                      file=sys.stderr)
+                if r == 0:
+                    subprocess.run(["qemu-img", "compare", "-q", src, q], check=True)
+                    subprocess.run(["qemu-img", "compare", "-q", src, back], check=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("# convert, 4 GiB raw with 2 GiB of data, %s, %s, %d cores, median of %d runs"
+          % (time.strftime("%Y-%m-%d"), platform.platform(), os.cpu_count(), args.runs))
+    print()
+    print("| conversion | vdk convert | qemu-img convert | qemu-img/vdk (speed ratio) |")
+    print("| --- | --- | --- | --- |")
+    for what in ("raw to qcow2", "qcow2 to raw"):
+        v = statistics.median(times[("vdk", what)])
+        q = statistics.median(times[("qemu-img", what)])
+        print("| %s | %.2f s | %.2f s | %.2f |" % (what, v, q, q / v))
+
+
+if __name__ == "__main__":
+    main()
