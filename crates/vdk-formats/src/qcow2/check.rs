@@ -126,7 +126,7 @@ pub fn check(path: &Path, h: &Header, repair: bool) -> io::Result<CheckReport> {
         if l2off == 0 {
             continue;
         }
-        if l2off % cs != 0 || l2off + cs > file_len {
+        if !l2off.is_multiple_of(cs) || l2off + cs > file_len {
             report.errors += 1;
             report.note(format!(
                 "ERROR L2 table at {l2off} is misaligned or past the end"
@@ -148,7 +148,7 @@ pub fn check(path: &Path, h: &Header, repair: bool) -> io::Result<CheckReport> {
             if off == 0 {
                 continue;
             }
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 report.errors += 1;
                 report.note(format!(
                     "ERROR data cluster at {off} is not cluster-aligned"

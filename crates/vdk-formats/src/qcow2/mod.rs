@@ -47,6 +47,8 @@ use vdk_core::{
 use header::{incompat, Header, OFFSET_MASK};
 
 const COPIED: u64 = 1 << 63;
+/// Clusters mapped under one lock by a read or write batch.
+const BATCH: usize = 256;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
 
@@ -960,6 +962,155 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Reads from `buf[at..]` on: maps up to [`BATCH`] clusters under one lock, then reads
+    /// runs of clusters that lie end to end in the file with one call each. Returns the
+    /// bytes done.
+    fn read_batch(&self, buf: &mut [u8], offset: u64, at: usize) -> Result<usize> {
+        let cs = self.cluster_size;
+        let mut maps = Vec::new();
+        {
+            let mut m = lock(&self.meta);
+            let mut p = at;
+            while p < buf.len() && maps.len() < BATCH {
+                let g = offset + p as u64;
+                let n = ((cs - (g & (cs - 1))) as usize).min(buf.len() - p);
+                maps.push((p, n, self.lookup(&mut m, g >> self.cluster_bits)?));
+                p += n;
+            }
+        }
+        let mut i = 0;
+        while i < maps.len() {
+            let (p, n, map) = maps[i];
+            let g = offset + p as u64;
+            let Map::Data { host, .. } = map else {
+                self.read_mapped(map, &mut buf[p..p + n], g)?;
+                i += 1;
+                continue;
+            };
+            let start = host + (g & (cs - 1));
+            let mut len = n;
+            let mut j = i + 1;
+            while let Some(&(_, n2, Map::Data { host: h2, .. })) = maps.get(j) {
+                if h2 != start + len as u64 {
+                    break;
+                }
+                len += n2;
+                j += 1;
+            }
+            let got = self.read_some(&mut buf[p..p + len], start)?;
+            buf[p + got..p + len].fill(0);
+            i = j;
+        }
+        Ok(maps.iter().map(|(_, n, _)| n).sum())
+    }
+
+    /// Writes from `buf[at..]` on, as far as it can in one batch: a run of owned clusters
+    /// that lie end to end in the file (one write), or a run of whole clusters that need new
+    /// host clusters (allocated under one lock, written with one call per contiguous run).
+    /// Returns the bytes done, 0 if the first cluster needs the general path.
+    fn write_batch(&self, buf: &[u8], offset: u64, at: usize) -> Result<usize> {
+        let cs = self.cluster_size;
+        let mut m = lock(&self.meta);
+        let piece = |p: usize| {
+            let g = offset + p as u64;
+            let in_cl = g & (cs - 1);
+            (
+                g >> self.cluster_bits,
+                in_cl,
+                ((cs - in_cl) as usize).min(buf.len() - p),
+            )
+        };
+        // In place.
+        let mut p = at;
+        let mut start = None;
+        while p < buf.len() && p - at < BATCH * cs as usize {
+            let (gc, in_cl, n) = piece(p);
+            if m.allocating.contains(&gc) {
+                break;
+            }
+            let Map::Data { host, owned: true } = self.lookup(&mut m, gc)? else {
+                break;
+            };
+            if m.metadata.contains(&host)
+                || self
+                    .check_not_fixed_metadata(&m, host, "data cluster")
+                    .is_err()
+            {
+                break;
+            }
+            let here = host + in_cl;
+            match start {
+                None => start = Some(here),
+                Some(s) if s + (p - at) as u64 == here => {}
+                Some(_) => break,
+            }
+            p += n;
+        }
+        if let Some(start) = start {
+            drop(m);
+            self.io(self.file.write_all_at(&buf[at..p], start))?;
+            return Ok(p - at);
+        }
+        // Whole new clusters.
+        let mut allocs: Vec<(u64, u64, Map, u64, usize)> = Vec::new();
+        let mut p = at;
+        let mut stopped = None;
+        while p < buf.len() && allocs.len() < BATCH {
+            let (gc, in_cl, n) = piece(p);
+            if in_cl != 0 || n as u64 != cs || m.allocating.contains(&gc) {
+                break;
+            }
+            let map = self.lookup(&mut m, gc)?;
+            if matches!(map, Map::Data { owned: true, .. } | Map::Sub { .. }) {
+                break;
+            }
+            let reserved = self.ensure_l2(&mut m, gc).and_then(|l2| match map {
+                Map::Zero { host } if host != 0 => Ok((l2, host)),
+                _ => Ok((l2, self.alloc(&mut m)?.0)),
+            });
+            match reserved {
+                Ok((l2, host)) => {
+                    m.allocating.insert(gc);
+                    allocs.push((gc, host, map, l2, p));
+                    p += n;
+                }
+                Err(e) => {
+                    stopped = Some(e);
+                    break;
+                }
+            }
+        }
+        if allocs.is_empty() {
+            return stopped.map_or(Ok(0), Err);
+        }
+        drop(m);
+        let mut written = Ok(());
+        let mut i = 0;
+        while i < allocs.len() && written.is_ok() {
+            let mut j = i + 1;
+            while j < allocs.len() && allocs[j].1 == allocs[j - 1].1 + cs {
+                j += 1;
+            }
+            let (from, to) = (allocs[i].4, allocs[j - 1].4 + cs as usize);
+            written = self.io(self.file.write_all_at(&buf[from..to], allocs[i].1));
+            i = j;
+        }
+        let mut m = lock(&self.meta);
+        let mut mapped = Ok(());
+        for (gc, host, old, l2, _) in &allocs {
+            m.allocating.remove(gc);
+            if written.is_ok() && mapped.is_ok() {
+                mapped = self.set_entry(&mut m, *l2, *gc, host | COPIED, *old);
+            } else if !matches!(old, Map::Zero { host: h } if h == host) {
+                self.release(&mut m, *host, cs);
+            }
+        }
+        self.allocated.notify_all();
+        written?;
+        mapped?;
+        Ok(allocs.len() * cs as usize)
+    }
+
     fn writable(&self, offset: u64, len: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -987,17 +1138,28 @@ impl BlockDevice for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.header.size, offset, buf.len() as u64)?;
-        self.pieces(offset, buf.len() as u64, |gc, _, at, n| {
-            let map = self.lookup(&mut lock(&self.meta), gc)?;
-            self.read_mapped(map, &mut buf[at..at + n], offset + at as u64)
-        })
+        let mut at = 0;
+        while at < buf.len() {
+            at += self.read_batch(buf, offset, at)?;
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.writable(offset, buf.len() as u64)?;
-        self.pieces(offset, buf.len() as u64, |gc, in_cl, at, n| {
-            self.write_piece(gc, in_cl, &buf[at..at + n])
-        })?;
+        let mut at = 0;
+        while at < buf.len() {
+            let done = self.write_batch(buf, offset, at)?;
+            if done > 0 {
+                at += done;
+                continue;
+            }
+            let g = offset + at as u64;
+            let in_cl = g & (self.cluster_size - 1);
+            let n = ((self.cluster_size - in_cl) as usize).min(buf.len() - at);
+            self.write_piece(g >> self.cluster_bits, in_cl, &buf[at..at + n])?;
+            at += n;
+        }
         if fua {
             self.flush()?;
         }
