@@ -14,7 +14,7 @@ use vdk_core::{BlockDevice, ExtentKind};
 use vdk_formats::{CreateOptions, Format, OpenOptions};
 
 /// Bytes copied per request.
-const PIECE_BYTES: usize = 1 << 20;
+const PIECE_BYTES: usize = 1 << 21;
 const PIECE: u64 = PIECE_BYTES as u64;
 /// Requests in flight.
 const WORKERS: usize = 4;
