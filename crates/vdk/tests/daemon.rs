@@ -749,13 +749,25 @@ fn a_qcow2_disk_is_a_drive_too() {
     let d = Daemon::new();
     let image = d.path("drive.qcow2");
     let mnt = d.path("mnt");
-    let v = d.open(&[s(&image), "256M", "--format", "qcow2", "--mkfs", "ext4", "--mount", s(&mnt)]);
+    let v = d.open(&[
+        s(&image),
+        "256M",
+        "--format",
+        "qcow2",
+        "--mkfs",
+        "ext4",
+        "--mount",
+        s(&mnt),
+    ]);
     assert_eq!(v["format"], "qcow2");
     let files = write_tree(&mnt, 3);
     d.ok(&["close", field(&v, "id")]);
     run(Command::new("qemu-img").args(["check", s(&image)]));
     let used = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&image).unwrap()) * 512;
-    assert!(used < 64 << 20, "a 256 MiB qcow2 drive with a few MiB of files uses {used} bytes");
+    assert!(
+        used < 64 << 20,
+        "a 256 MiB qcow2 drive with a few MiB of files uses {used} bytes"
+    );
     // Probed as qcow2 when opened again.
     let mnt2 = d.path("mnt2");
     let again = d.open(&[s(&image), "--mount", s(&mnt2)]);
