@@ -43,7 +43,7 @@ fn missing_image_is_named_with_a_hint() {
         &[
             "cannot open /nonexistent/disk.img",
             "No such file",
-            "truncate",
+            "vdk create",
         ],
     );
 }
