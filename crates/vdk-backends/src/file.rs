@@ -33,7 +33,7 @@ pub struct FileOptions {
 /// for writing, so two writers (two vdk daemons, a daemon and `vdk serve`) never serve one
 /// image at once and corrupt it, while many readers may share it. Advisory (flock), as
 /// qemu's image locking is.
-fn lock(file: &File, path: &Path, read_only: bool) -> io::Result<()> {
+pub fn lock_image(file: &File, path: &Path, read_only: bool) -> io::Result<()> {
     use rustix::fs::{flock, FlockOperation};
     let op = if read_only {
         FlockOperation::NonBlockingLockShared
@@ -82,7 +82,7 @@ impl FileDisk {
             set_direct(&mut oo)?;
         }
         let mut file = oo.open(path)?;
-        lock(&file, path, opts.read_only)?;
+        lock_image(&file, path, opts.read_only)?;
         let size = file.seek(SeekFrom::End(0))?;
         let sparse = cfg!(target_os = "linux") && file.metadata()?.is_file();
         let nowait_writes = AtomicBool::new(!opts.direct && cfg!(target_os = "linux"));

@@ -171,7 +171,7 @@ fn open_in_chain(
                 .read(true)
                 .write(!read_only)
                 .open(path)?;
-            lock_file(&file, path, read_only)?;
+            vdk_backends::lock_image(&file, path, read_only)?;
             let (header, first) = qcow2_header(path, &file)?;
             let backing = match header
                 .backing_file(&first)
@@ -206,27 +206,6 @@ fn open_in_chain(
         }
     };
     Ok(Image { device, format })
-}
-
-/// A lock as FileDisk takes: one writer or many readers.
-fn lock_file(file: &File, path: &Path, read_only: bool) -> io::Result<()> {
-    use rustix::fs::{flock, FlockOperation};
-    let op = if read_only {
-        FlockOperation::NonBlockingLockShared
-    } else {
-        FlockOperation::NonBlockingLockExclusive
-    };
-    match flock(file, op) {
-        Ok(()) | Err(rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP) => Ok(()),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            format!(
-                "{} is in use: another program holds a lock on it",
-                path.display()
-            ),
-        )),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// A backing file name is relative to the directory of the image that names it.
@@ -408,7 +387,7 @@ pub fn check(
         Format::Raw => Ok(None),
         Format::Qcow2 => {
             let file = File::open(path)?;
-            lock_file(&file, path, !repair)?;
+            vdk_backends::lock_image(&file, path, !repair)?;
             let (header, _) = qcow2_header(path, &file)?;
             qcow2::check::check(path, &header, repair).map(Some)
         }
