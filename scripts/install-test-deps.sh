@@ -14,6 +14,7 @@ packages=(
   e2fsprogs       # mkfs.ext4, fsck.ext4
   xfsprogs        # mkfs.xfs (vdk open --mkfs xfs)
   dosfstools      # mkfs.vfat (vdk open --mkfs vfat)
+  xorriso         # ISO images for the iso format tests
   mount           # losetup, mount
   util-linux      # setpriv (a test drops root to see a permission error)
   python3         # nbdsh runs on Debian's python3

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
+pub mod iso;
 pub mod qcow2;
 
 use std::fmt;
@@ -31,6 +32,8 @@ pub enum Format {
     Raw,
     /// QEMU's copy-on-write format.
     Qcow2,
+    /// An ISO 9660 CD/DVD image: read-only, 2048-byte blocks, a CD-ROM.
+    Iso,
 }
 
 impl Format {
@@ -39,6 +42,7 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Iso => "iso",
         }
     }
 
@@ -47,9 +51,12 @@ impl Format {
         match name {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
+            "iso" => Ok(Format::Iso),
             other => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!("unknown or unsupported image format {other:?} (vdk reads raw and qcow2)"),
+                format!(
+                    "unknown or unsupported image format {other:?} (vdk reads raw, qcow2 and iso)"
+                ),
             )),
         }
     }
@@ -61,14 +68,17 @@ impl fmt::Display for Format {
     }
 }
 
-/// The format of the image at `path`, told by its first bytes only. Anything without a
-/// known magic is raw.
+/// The format of the image at `path`, told by its magic only: `QFI\xfb` at 0 is qcow2, an
+/// ISO 9660 volume descriptor (`CD001` in sector 16) is iso, anything else is raw.
 pub fn probe(path: &Path) -> io::Result<Format> {
     let f = File::open(path)?;
-    let mut magic = [0u8; 4];
-    let n = read_some(&f, &mut magic, 0)?;
-    Ok(if n == 4 && magic == MAGIC {
+    let mut head = vec![0u8; iso::DESCRIPTORS as usize + 8];
+    let n = read_some(&f, &mut head, 0)?;
+    head.truncate(n);
+    Ok(if head.starts_with(&MAGIC) {
         Format::Qcow2
+    } else if iso::is_iso(&head) {
+        Format::Iso
     } else {
         Format::Raw
     })
@@ -166,6 +176,7 @@ fn open_in_chain(
                 ..FileOptions::default()
             },
         )?),
+        Format::Iso => Arc::new(iso::IsoDisk::open(path)?),
         Format::Qcow2 => {
             let file = fs::OpenOptions::new()
                 .read(true)
@@ -254,6 +265,8 @@ pub struct ImageInfo {
     pub data_file: Option<String>,
     /// The backing image, described the same way (with `--backing-chain`).
     pub backing: Option<Box<ImageInfo>>,
+    /// An ISO image's volume identifier.
+    pub volume_id: Option<String>,
 }
 
 /// Describes the image at `path` (and its backing chain with `chain`).
@@ -296,7 +309,12 @@ fn info_in_chain(
         encrypted: false,
         data_file: None,
         backing: None,
+        volume_id: None,
     };
+    if format == Format::Iso {
+        info.virtual_size -= info.virtual_size % u64::from(iso::SECTOR);
+        info.volume_id = iso::volume_id(&file);
+    }
     if format == Format::Qcow2 {
         let (h, first) = qcow2_header(path, &file)?;
         info.virtual_size = h.size;
@@ -364,6 +382,10 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<()> {
                 .map(|(n, f)| (n.clone(), f.name().to_owned()));
             qcow2::create::create(path, size, &q).map(drop)
         }
+        Format::Iso => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "vdk does not make ISO images: use xorriso or genisoimage",
+        )),
     }
 }
 
@@ -384,7 +406,7 @@ pub fn check(
         None => probe(path)?,
     };
     match format {
-        Format::Raw => Ok(None),
+        Format::Raw | Format::Iso => Ok(None),
         Format::Qcow2 => {
             let file = File::open(path)?;
             vdk_backends::lock_image(&file, path, !repair)?;

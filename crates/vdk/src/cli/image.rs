@@ -119,6 +119,7 @@ fn to_json(i: &ImageInfo) -> serde_json::Value {
         "encrypted": i.encrypted,
         "data-file": i.data_file,
         "backing-image": i.backing.as_deref().map(to_json),
+        "volume-id": i.volume_id,
     })
 }
 
@@ -134,6 +135,9 @@ fn print_text(out: &mut impl Write, i: &ImageInfo) -> std::io::Result<()> {
     writeln!(out, "disk size: {}", Human(i.disk_size))?;
     if let Some(cs) = i.cluster_size {
         writeln!(out, "cluster_size: {cs}")?;
+    }
+    if let Some(v) = &i.volume_id {
+        writeln!(out, "volume id: {v}")?;
     }
     if let Some(b) = &i.backing_file {
         writeln!(out, "backing file: {b}")?;

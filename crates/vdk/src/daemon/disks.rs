@@ -356,7 +356,8 @@ impl Daemon {
         let opened = vdk_formats::open(image, &opts)
             .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
         let backend = opened.device;
-        let size = backend.info().size;
+        let size_info = backend.info();
+        let size = size_info.size;
         if size == 0 {
             return Err(invalid(format!(
                 "{shown} is empty (0 bytes): nothing to serve"
@@ -383,7 +384,8 @@ impl Daemon {
             image: image.to_owned(),
             format: opened.format.name().into(),
             size,
-            read_only: req.read_only,
+            // An ISO is read-only whatever was asked.
+            read_only: req.read_only || size_info.read_only,
             attach,
             export: export_name,
             device,

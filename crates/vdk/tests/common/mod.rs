@@ -31,6 +31,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("mkfs.vfat", "dosfstools"),
     ("fsx", "cargo install fsx --locked"),
     ("fio", "fio"),
+    ("xorriso", "xorriso"),
 ];
 
 /// PATH with Debian's directories first, so that `nbdsh` runs Debian's python3, which has
