@@ -8,7 +8,10 @@ use vdk_backends::{FileDisk, FileOptions};
 use vdk_core::{BlockDevice, DiskInfo, Extents, MediaKind, Result};
 
 /// Where the first volume descriptor starts: sector 16.
-pub const DESCRIPTORS: u64 = 16 * 2048;
+pub const DESCRIPTORS: u64 = DESCRIPTORS_AT as u64;
+const DESCRIPTORS_AT: usize = 16 * 2048;
+/// Bytes [`is_iso`] needs to see.
+pub const PROBE_LEN: usize = DESCRIPTORS_AT + 8;
 /// The standard identifier of every volume descriptor, after its type byte.
 pub const MAGIC: &[u8; 5] = b"CD001";
 /// A CD sector.
@@ -17,7 +20,7 @@ pub const SECTOR: u32 = 2048;
 /// Whether `head` (the first 32 KiB + 6 bytes of a file, or more) has an ISO 9660 volume
 /// descriptor where one must be.
 pub fn is_iso(head: &[u8]) -> bool {
-    let at = DESCRIPTORS as usize + 1;
+    let at = DESCRIPTORS_AT + 1;
     head.get(at..at + 5) == Some(MAGIC)
 }
 

@@ -72,7 +72,7 @@ impl fmt::Display for Format {
 /// ISO 9660 volume descriptor (`CD001` in sector 16) is iso, anything else is raw.
 pub fn probe(path: &Path) -> io::Result<Format> {
     let f = File::open(path)?;
-    let mut head = vec![0u8; iso::DESCRIPTORS as usize + 8];
+    let mut head = vec![0u8; iso::PROBE_LEN];
     let n = read_some(&f, &mut head, 0)?;
     head.truncate(n);
     Ok(if head.starts_with(&MAGIC) {

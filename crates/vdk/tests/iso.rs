@@ -1,5 +1,6 @@
 //! ISO 9660 images: recognised by their volume descriptor, served read-only as a CD-ROM of
 //! 2048-byte blocks, over NBD and as a block device.
+#![allow(clippy::cast_possible_truncation)] // test sizes are small constants
 
 mod common;
 
