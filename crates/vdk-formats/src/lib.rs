@@ -8,6 +8,7 @@
 
 pub mod iso;
 pub mod qcow2;
+pub mod vhd;
 
 use std::fmt;
 use std::fs::{self, File};
@@ -34,6 +35,8 @@ pub enum Format {
     Qcow2,
     /// An ISO 9660 CD/DVD image: read-only, 2048-byte blocks, a CD-ROM.
     Iso,
+    /// Virtual PC / Hyper-V VHD, fixed or dynamic (qemu calls it vpc).
+    Vhd,
 }
 
 impl Format {
@@ -43,6 +46,7 @@ impl Format {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Iso => "iso",
+            Format::Vhd => "vhd",
         }
     }
 
@@ -52,10 +56,11 @@ impl Format {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
             "iso" => Ok(Format::Iso),
+            "vhd" | "vpc" => Ok(Format::Vhd),
             other => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!(
-                    "unknown or unsupported image format {other:?} (vdk reads raw, qcow2 and iso)"
+                    "unknown or unsupported image format {other:?} (vdk reads raw, qcow2, vhd and iso)"
                 ),
             )),
         }
@@ -75,8 +80,13 @@ pub fn probe(path: &Path) -> io::Result<Format> {
     let mut head = vec![0u8; iso::PROBE_LEN];
     let n = read_some(&f, &mut head, 0)?;
     head.truncate(n);
+    let len = f.metadata()?.len();
+    let mut tail = [0u8; 512];
+    let tail_ok = len >= 512 && read_some(&f, &mut tail, len - 512)? == 512;
     Ok(if head.starts_with(&MAGIC) {
         Format::Qcow2
+    } else if vhd::is_vhd(&head, if tail_ok { &tail } else { &[] }) {
+        Format::Vhd
     } else if iso::is_iso(&head) {
         Format::Iso
     } else {
@@ -177,6 +187,7 @@ fn open_in_chain(
             },
         )?),
         Format::Iso => Arc::new(iso::IsoDisk::open(path)?),
+        Format::Vhd => Arc::new(vhd::Vhd::open(path, read_only)?),
         Format::Qcow2 => {
             let file = fs::OpenOptions::new()
                 .read(true)
@@ -267,6 +278,8 @@ pub struct ImageInfo {
     pub backing: Option<Box<ImageInfo>>,
     /// An ISO image's volume identifier.
     pub volume_id: Option<String>,
+    /// A VHD's kind: fixed or dynamic.
+    pub subformat: Option<&'static str>,
 }
 
 /// Describes the image at `path` (and its backing chain with `chain`).
@@ -310,7 +323,13 @@ fn info_in_chain(
         data_file: None,
         backing: None,
         volume_id: None,
+        subformat: None,
     };
+    if format == Format::Vhd {
+        let (size, kind) = vhd::describe(path)?;
+        info.virtual_size = size;
+        info.subformat = Some(kind);
+    }
     if format == Format::Iso {
         info.virtual_size -= info.virtual_size % u64::from(iso::SECTOR);
         info.volume_id = iso::volume_id(&file);
@@ -357,6 +376,8 @@ pub struct CreateOptions {
     pub cluster_size: Option<u64>,
     /// Backing file (as it will be recorded) and its format.
     pub backing: Option<(String, Format)>,
+    /// A fixed (fully allocated) image rather than a growing one (VHD).
+    pub fixed: bool,
 }
 
 /// Creates a new image of `size` bytes at `path` (which must not exist).
@@ -386,6 +407,15 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<()> {
             io::ErrorKind::Unsupported,
             "vdk does not make ISO images: use xorriso or genisoimage",
         )),
+        Format::Vhd => {
+            if opts.backing.is_some() {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "differencing VHDs are not supported: use qcow2 for a backing chain",
+                ));
+            }
+            vhd::create(path, size, opts.fixed).map(drop)
+        }
     }
 }
 
@@ -406,7 +436,7 @@ pub fn check(
         None => probe(path)?,
     };
     match format {
-        Format::Raw | Format::Iso => Ok(None),
+        Format::Raw | Format::Iso | Format::Vhd => Ok(None),
         Format::Qcow2 => {
             let file = File::open(path)?;
             vdk_backends::lock_image(&file, path, !repair)?;

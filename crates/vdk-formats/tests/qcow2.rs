@@ -3,114 +3,14 @@
 #![allow(clippy::cast_possible_truncation)] // test sizes are small constants
 
 use std::fs;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use vdk_core::BlockDevice;
-use vdk_formats::{create, open, CreateOptions, Format, OpenOptions};
+use vdk_formats::{create, CreateOptions, Format};
 
-const MIB: u64 = 1 << 20;
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("this test needs qemu-img: apt-get install qemu-utils ({e})"));
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A small deterministic generator (xorshift), so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut r = Rng(seed | 1);
-    for chunk in buf.chunks_mut(8) {
-        let v = r.next().to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
-}
-
-fn open_rw(p: &Path) -> Arc<dyn BlockDevice> {
-    open(p, &OpenOptions::default()).unwrap().device
-}
-
-fn open_ro(p: &Path) -> Arc<dyn BlockDevice> {
-    open(
-        p,
-        &OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap()
-    .device
-}
-
-/// Every byte of `dev` equals the raw file `reference`.
-fn same_as_raw(dev: &dyn BlockDevice, reference: &Path) {
-    let size = dev.info().size;
-    let f = fs::File::open(reference).unwrap();
-    assert_eq!(f.metadata().unwrap().len(), size, "sizes differ");
-    let mut a = vec![0u8; MIB as usize];
-    let mut b = vec![0u8; MIB as usize];
-    let mut at = 0;
-    while at < size {
-        let n = MIB.min(size - at) as usize;
-        dev.read_at(&mut a[..n], at).unwrap();
-        f.read_exact_at(&mut b[..n], at).unwrap();
-        if a[..n] != b[..n] {
-            let i = (0..n).find(|i| a[*i] != b[*i]).unwrap();
-            panic!(
-                "byte {} differs: vdk {:#x}, qemu {:#x}",
-                at + i as u64,
-                a[i],
-                b[i]
-            );
-        }
-        at += n as u64;
-    }
-}
-
-/// A raw image with varied data, zeroes and holes.
-fn raw_source(dir: &Path, size: u64) -> PathBuf {
-    let p = dir.join("source.raw");
-    let f = fs::File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    let mut r = Rng(42);
-    let mut buf = vec![0u8; 256 << 10];
-    for i in 0..24 {
-        let len = 1 + r.below(buf.len() as u64) as usize;
-        let at = r.below(size - len as u64);
-        fill(&mut buf[..len], i);
-        f.write_all_at(&buf[..len], at).unwrap();
-    }
-    // Whole clusters of zeroes written explicitly, too.
-    f.write_all_at(&vec![0u8; 200 << 10], size / 2).unwrap();
-    p
-}
+mod common;
+use common::*;
 
 #[test]
 fn images_qemu_makes_read_the_same() {
@@ -180,43 +80,6 @@ fn zero_clusters_and_discards_made_by_qemu_read_as_zeroes() {
     );
 }
 
-/// Random writes, zero writes and discards through vdk, mirrored into a raw file; then
-/// qemu-img check is clean and qemu-img compare finds the two equal.
-fn exercise(img: &Path, mirror: &Path, size: u64, seed: u64, ops: usize) {
-    let dev = open_rw(img);
-    let m = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(mirror)
-        .unwrap();
-    let mut r = Rng(seed);
-    let mut buf = vec![0u8; 3 << 20 >> 1];
-    for i in 0..ops {
-        let len = 1 + r.below(if i % 5 == 0 { buf.len() as u64 } else { 70_000 });
-        let at = r.below(size - len);
-        match r.below(10) {
-            0 => {
-                dev.write_zeroes(at, len, r.below(2) == 0, false).unwrap();
-                m.write_all_at(&vec![0u8; len as usize], at).unwrap();
-            }
-            1 => {
-                dev.trim(at, len).unwrap();
-                m.write_all_at(&vec![0u8; len as usize], at).unwrap();
-            }
-            2 => dev.flush().unwrap(),
-            _ => {
-                let b = &mut buf[..len as usize];
-                fill(b, seed ^ i as u64);
-                dev.write_at(b, at, r.below(8) == 0).unwrap();
-                m.write_all_at(b, at).unwrap();
-            }
-        }
-    }
-    same_as_raw(&*dev, mirror);
-    dev.flush().unwrap();
-    drop(dev);
-}
-
 fn check_clean(img: &Path) {
     let out = qemu_img(&["check", "--output=json", s(img)]);
     assert!(
@@ -244,6 +107,7 @@ fn images_vdk_makes_and_writes_pass_qemu_img_check() {
             format: Format::Qcow2,
             cluster_size: Some(cluster),
             backing: None,
+            fixed: false,
         };
         create(&img, size, &opts).unwrap();
         fs::File::create(&mirror).unwrap().set_len(size).unwrap();
@@ -331,6 +195,7 @@ fn backing_chains_read_through_and_never_write_below() {
         format: Format::Qcow2,
         cluster_size: None,
         backing: Some(("mid.qcow2".into(), Format::Qcow2)),
+        fixed: false,
     };
     create(&top, size, &opts).unwrap();
     let mirror = dir.path().join("top.raw");
@@ -358,6 +223,7 @@ fn conformance() {
             format: Format::Qcow2,
             cluster_size: Some(4096),
             backing: None,
+            fixed: false,
         };
         create(&p, vdk_core::conformance::MIN_SIZE, &opts).unwrap();
         open_rw(&p)
@@ -372,6 +238,7 @@ fn a_terabyte_image_costs_little() {
         format: Format::Qcow2,
         cluster_size: None,
         backing: None,
+        fixed: false,
     };
     create(&img, 1 << 40, &opts).unwrap();
     let dev = open_rw(&img);
@@ -407,6 +274,7 @@ fn parallel_writers_keep_data_and_metadata_straight() {
         format: Format::Qcow2,
         cluster_size: Some(16384),
         backing: None,
+        fixed: false,
     };
     create(&img, size, &opts).unwrap();
     let dev = open_rw(&img);

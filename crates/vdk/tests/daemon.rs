@@ -595,12 +595,18 @@ fn bad_input_gets_a_clear_error_and_disturbs_nothing() {
     fs::write(d.path("cut.qcow2"), &qcow).unwrap();
     let err = d.fails(&["open", s(&d.path("cut.qcow2"))]);
     assert!(err.contains("truncated version 3 header"), "{err}");
-    // VHD is recognised, not misread as raw.
+    // A broken VHD is recognised, not misread as raw.
     let mut vhd = b"conectix".to_vec();
     vhd.resize(1024, 0);
     fs::write(d.path("x.vhd"), &vhd).unwrap();
     let err = d.fails(&["open", s(&d.path("x.vhd"))]);
-    assert!(err.contains("VHD image"), "{err}");
+    assert!(err.contains("VHD footer checksum"), "{err}");
+    // VHDX is recognised and refused.
+    let mut vhdx = b"vhdxfile".to_vec();
+    vhdx.resize(1 << 20, 0);
+    fs::write(d.path("x.vhdx"), &vhdx).unwrap();
+    let err = d.fails(&["open", s(&d.path("x.vhdx"))]);
+    assert!(err.contains("VHDX image"), "{err}");
 
     // Closing what is not open.
     let err = d.fails(&["close", "nope-12345678"]);

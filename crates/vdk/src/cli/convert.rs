@@ -85,6 +85,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         format: dst_format,
         cluster_size,
         backing: None,
+        fixed: false,
     };
     vdk_formats::create(&args.dst, size, &opts)
         .with_context(|| format!("cannot create {}", args.dst.display()))?;

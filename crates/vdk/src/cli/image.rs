@@ -33,6 +33,9 @@ pub struct CreateArgs {
     /// qcow2 cluster size, a power of two from 512 to 2M (default 64K).
     #[arg(long, value_name = "SIZE")]
     cluster_size: Option<String>,
+    /// VHD kind: dynamic (grows, the default) or fixed (all space up front).
+    #[arg(long, value_name = "KIND", default_value = "dynamic")]
+    subformat: String,
 }
 
 /// Runs `vdk create`.
@@ -69,13 +72,22 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
     if cluster_size.is_some() && format != Format::Qcow2 {
         bail!("--cluster-size applies to qcow2 images");
     }
+    let fixed = match args.subformat.as_str() {
+        "dynamic" => false,
+        "fixed" if format == Format::Vhd => true,
+        "fixed" => bail!("--subformat fixed applies to vhd images"),
+        other => bail!("unknown --subformat {other:?}: dynamic or fixed"),
+    };
     let opts = CreateOptions {
         format,
         cluster_size,
         backing,
+        fixed,
     };
     vdk_formats::create(&args.file, size, &opts)
         .with_context(|| format!("cannot create {}", args.file.display()))?;
+    // The size it has: a VHD's is rounded up to whole CHS geometry.
+    let size = vdk_formats::info(&args.file, Some(format), false).map_or(size, |i| i.virtual_size);
     println!(
         "created {} ({format}, {})",
         args.file.display(),
@@ -120,6 +132,7 @@ fn to_json(i: &ImageInfo) -> serde_json::Value {
         "data-file": i.data_file,
         "backing-image": i.backing.as_deref().map(to_json),
         "volume-id": i.volume_id,
+        "subformat": i.subformat,
     })
 }
 
@@ -135,6 +148,9 @@ fn print_text(out: &mut impl Write, i: &ImageInfo) -> std::io::Result<()> {
     writeln!(out, "disk size: {}", Human(i.disk_size))?;
     if let Some(cs) = i.cluster_size {
         writeln!(out, "cluster_size: {cs}")?;
+    }
+    if let Some(k) = i.subformat {
+        writeln!(out, "subformat: {k}")?;
     }
     if let Some(v) = &i.volume_id {
         writeln!(out, "volume id: {v}")?;

@@ -103,7 +103,7 @@ fn invalid(msg: impl Into<String>) -> ApiError {
 fn probe_format(file: &mut fs::File, image: &Path) -> Result<(), ApiError> {
     let mut head = [0u8; 8];
     let n = file.read(&mut head).unwrap_or(0);
-    let known: &[(&[u8], &str)] = &[(b"vhdxfile", "VHDX"), (b"conectix", "VHD")];
+    let known: &[(&[u8], &str)] = &[(b"vhdxfile", "VHDX")];
     for (magic, name) in known {
         if n >= magic.len() && head.starts_with(magic) {
             return Err(ApiError::new(
@@ -315,6 +315,7 @@ impl Daemon {
                     format: format.unwrap_or(Format::Raw),
                     cluster_size: None,
                     backing: None,
+                    fixed: false,
                 };
                 vdk_formats::create(path, size, &opts)
                     .map_err(|e| ApiError::io(format!("cannot create {shown}"), &e))?;
