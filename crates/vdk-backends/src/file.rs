@@ -264,6 +264,13 @@ impl BlockDevice for FileDisk {
     }
 }
 
+/// The data and holes of `[offset, offset + len)` of a file as its file system reports them
+/// (`SEEK_DATA`/`SEEK_HOLE`); a range past the end of the file is a hole. For image formats
+/// whose blocks are sparse regions of their file.
+pub fn file_extents(file: &File, offset: u64, len: u64) -> io::Result<Extents> {
+    sys::extents(file, offset, len)
+}
+
 /// A zero-filled buffer of `len` bytes whose start is aligned for `O_DIRECT`. Made from an
 /// over-sized `Vec`, which needs no unsafe code.
 fn aligned_zeroes(len: usize) -> AlignedBuf {

@@ -9,6 +9,7 @@
 pub mod iso;
 pub mod qcow2;
 pub mod vhd;
+pub mod vhdx;
 
 use std::fmt;
 use std::fs::{self, File};
@@ -37,6 +38,8 @@ pub enum Format {
     Iso,
     /// Virtual PC / Hyper-V VHD, fixed or dynamic (qemu calls it vpc).
     Vhd,
+    /// Hyper-V VHDX, fixed or dynamic.
+    Vhdx,
 }
 
 impl Format {
@@ -47,6 +50,7 @@ impl Format {
             Format::Qcow2 => "qcow2",
             Format::Iso => "iso",
             Format::Vhd => "vhd",
+            Format::Vhdx => "vhdx",
         }
     }
 
@@ -57,10 +61,11 @@ impl Format {
             "qcow2" => Ok(Format::Qcow2),
             "iso" => Ok(Format::Iso),
             "vhd" | "vpc" => Ok(Format::Vhd),
+            "vhdx" => Ok(Format::Vhdx),
             other => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!(
-                    "unknown or unsupported image format {other:?} (vdk reads raw, qcow2, vhd and iso)"
+                    "unknown or unsupported image format {other:?} (vdk reads raw, qcow2, vhd, vhdx and iso)"
                 ),
             )),
         }
@@ -85,6 +90,8 @@ pub fn probe(path: &Path) -> io::Result<Format> {
     let tail_ok = len >= 512 && read_some(&f, &mut tail, len - 512)? == 512;
     Ok(if head.starts_with(&MAGIC) {
         Format::Qcow2
+    } else if head.starts_with(vhdx::MAGIC) {
+        Format::Vhdx
     } else if vhd::is_vhd(&head, if tail_ok { &tail } else { &[] }) {
         Format::Vhd
     } else if iso::is_iso(&head) {
@@ -188,6 +195,7 @@ fn open_in_chain(
         )?),
         Format::Iso => Arc::new(iso::IsoDisk::open(path)?),
         Format::Vhd => Arc::new(vhd::Vhd::open(path, read_only)?),
+        Format::Vhdx => Arc::new(vhdx::Vhdx::open(path, read_only)?),
         Format::Qcow2 => {
             let file = fs::OpenOptions::new()
                 .read(true)
@@ -330,6 +338,11 @@ fn info_in_chain(
         info.virtual_size = size;
         info.subformat = Some(kind);
     }
+    if format == Format::Vhdx {
+        let (size, block) = vhdx::describe(path)?;
+        info.virtual_size = size;
+        info.cluster_size = Some(block);
+    }
     if format == Format::Iso {
         info.virtual_size -= info.virtual_size % u64::from(iso::SECTOR);
         info.volume_id = iso::volume_id(&file);
@@ -416,6 +429,15 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<()> {
             }
             vhd::create(path, size, opts.fixed).map(drop)
         }
+        Format::Vhdx => {
+            if opts.backing.is_some() || opts.fixed {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "vdk makes dynamic VHDX images only, without a parent",
+                ));
+            }
+            vhdx::create(path, size)
+        }
     }
 }
 
@@ -436,7 +458,7 @@ pub fn check(
         None => probe(path)?,
     };
     match format {
-        Format::Raw | Format::Iso | Format::Vhd => Ok(None),
+        Format::Raw | Format::Iso | Format::Vhd | Format::Vhdx => Ok(None),
         Format::Qcow2 => {
             let file = File::open(path)?;
             vdk_backends::lock_image(&file, path, !repair)?;

@@ -339,7 +339,7 @@ impl BlockDevice for Vhd {
         info.caps = Capabilities {
             flush: true,
             fua: true,
-            extents: self.dynamic.is_some(),
+            extents: true,
             multi_conn: true,
             ..Capabilities::NONE
         };
@@ -434,20 +434,28 @@ impl BlockDevice for Vhd {
 
     fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
         check_range(self.size, offset, len)?;
+        let Some(d) = &self.dynamic else {
+            return Ok(vdk_backends::file_extents(&self.file, offset, len)?);
+        };
+        let spots: Vec<(u64, Option<u64>)> = {
+            let d = Self::dyn_lock(d);
+            let mut v = Vec::new();
+            self.pieces(offset, len, d.block, |g, _, n| {
+                v.push((n as u64, Self::locate(&d, g)));
+                Ok(())
+            })?;
+            v
+        };
         let mut e = Extents::new(offset);
-        match &self.dynamic {
-            None => e.push(len, ExtentKind::Data),
-            Some(d) => {
-                let d = Self::dyn_lock(d);
-                self.pieces(offset, len, d.block, |g, _, n| {
-                    let kind = if Self::locate(&d, g).is_some() {
-                        ExtentKind::Data
-                    } else {
-                        ExtentKind::Hole
-                    };
-                    e.push(n as u64, kind);
-                    Ok(())
-                })?;
+        for (n, host) in spots {
+            match host {
+                None => e.push(n, ExtentKind::Hole),
+                // Inside a block, what was never written is a hole of the file.
+                Some(h) => {
+                    for (_, run) in vdk_backends::file_extents(&self.file, h, n)?.iter() {
+                        e.push(run.len, run.kind);
+                    }
+                }
             }
         }
         Ok(e)
