@@ -223,3 +223,34 @@ fn conformance() {
         open_rw(&p)
     });
 }
+
+#[test]
+fn a_terabyte_vhdx_costs_little() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.vhdx");
+    let opts = CreateOptions {
+        format: Format::Vhdx,
+        cluster_size: None,
+        backing: None,
+        fixed: false,
+    };
+    create(&img, 1 << 40, &opts).unwrap();
+    let dev = open_rw(&img);
+    dev.write_at(&vec![0x5a; MIB as usize], 700 << 30, true)
+        .unwrap();
+    drop(dev);
+    let used = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&img).unwrap()) * 512;
+    assert!(
+        used < 8 * MIB,
+        "a 1 TiB VHDX with 1 MiB written uses {used} bytes"
+    );
+    qemu_img(&["check", "-f", "vhdx", s(&img)]);
+    let e = open_ro(&img).extents(0, 1 << 40).unwrap();
+    let data: u64 = e
+        .runs()
+        .iter()
+        .filter(|r| r.kind == vdk_core::ExtentKind::Data)
+        .map(|r| r.len)
+        .sum();
+    assert!(data <= 2 * MIB, "only the written MiB is data: {data}");
+}

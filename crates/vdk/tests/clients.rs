@@ -292,7 +292,9 @@ fn fio_verifies_random_mixed_size_writes_on_file_and_ram() {
                 ])
                 .args(["--bsrange=4k-256k", "--blockalign=4k", "--size=48M"])
                 .args(["--verify=crc32c", "--verify_fatal=1", "--do_verify=1"])
-                .arg(format!("--uri={}", vdk.uri(export))),
+                .arg(format!("--uri={}", vdk.uri(export)))
+                // fio leaves a verify state file in its working directory.
+                .current_dir(vdk.dir.path()),
         );
         assert!(
             out.contains("verify") && !out.contains("verify: bad"),

@@ -390,14 +390,25 @@ fn round_trip_through_every_writable_format() {
         }
     }
     let q = dir.path().join("a.qcow2");
-    let h = dir.path().join("b.vhd");
+    let x = dir.path().join("b.vhdx");
+    let h = dir.path().join("c.vhd");
     let out = dir.path().join("out.raw");
     vdk(&["convert", "-O", "qcow2", s(&raw), s(&q)]);
-    vdk(&["convert", "-O", "vhd", s(&q), s(&h)]);
+    vdk(&["convert", "-O", "vhdx", s(&q), s(&x)]);
+    vdk(&["convert", "-O", "vhd", s(&x), s(&h)]);
     vdk(&["convert", s(&h), s(&out)]);
     assert!(
         fs::read(&raw).unwrap() == fs::read(&out).unwrap(),
-        "raw -> qcow2 -> vhd -> raw"
+        "raw -> qcow2 -> vhdx -> vhd -> raw"
     );
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "vpc", s(&raw), s(&h)]));
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "vhdx", s(&raw), s(&x)]));
+    run(Command::new("qemu-img").args(["check", s(&x)]));
+    for img in [&q, &x, &h] {
+        assert!(
+            vdk(&["check", s(img)]).contains("No errors"),
+            "{}",
+            img.display()
+        );
+    }
 }

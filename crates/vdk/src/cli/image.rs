@@ -233,10 +233,29 @@ pub fn check(args: CheckArgs) -> anyhow::Result<()> {
     let report = vdk_formats::check(&args.file, format, args.repair)
         .with_context(|| format!("cannot check {}", args.file.display()))?;
     let Some(r) = report else {
-        println!(
-            "{}: raw images have no metadata to check",
-            args.file.display()
-        );
+        let format = match format {
+            Some(f) => f,
+            None => vdk_formats::probe(&args.file)?,
+        };
+        if format == Format::Raw || format == Format::Iso {
+            println!(
+                "{}: {format} images have no metadata to check",
+                args.file.display()
+            );
+            return Ok(());
+        }
+        // VHD and VHDX: opening checks every header, table and checksum (and fails on any
+        // inconsistency); there are no refcounts to compare.
+        vdk_formats::open(
+            &args.file,
+            &vdk_formats::OpenOptions {
+                format: Some(format),
+                read_only: true,
+                probe_backing: false,
+            },
+        )
+        .with_context(|| format!("{} is inconsistent", args.file.display()))?;
+        println!("No errors were found on the image.");
         return Ok(());
     };
     let left_leaks = r.leaks - r.leaks_fixed;
