@@ -60,6 +60,9 @@ pub struct OpenRequest {
     /// NBD export name; the disk's id when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_name: Option<String>,
+    /// Probe the format of backing files whose parent does not record it.
+    #[serde(default)]
+    pub probe_backing: bool,
 }
 
 /// `close` and `unmount`.

@@ -412,3 +412,35 @@ fn round_trip_through_every_writable_format() {
         );
     }
 }
+
+#[test]
+fn a_backing_file_without_a_recorded_format_is_probed_only_on_request() {
+    need("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    vdk(&["create", s(&base), "8M"]);
+    let top = dir.path().join("top.qcow2");
+    // An overlay that does not record its backing format: qemu-img refuses to make one, so
+    // vdk makes a normal one and the backing-format header extension is renamed to an
+    // unknown type, which readers skip.
+    vdk(&["create", s(&top), "--backing", "base.qcow2"]);
+    let mut bytes = fs::read(&top).unwrap();
+    let at = bytes
+        .windows(4)
+        .position(|w| w == [0xe2, 0x79, 0x2a, 0xca])
+        .expect("extension");
+    bytes[at..at + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    fs::write(&top, &bytes).unwrap();
+    let dest = dir.path().join("out.raw");
+    let out = Command::new(env!("CARGO_BIN_EXE_vdk"))
+        .args(["convert", s(&top), s(&dest)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not recorded"),
+        "{err}"
+    );
+    vdk(&["convert", "--probe-backing", s(&top), s(&dest)]);
+    assert_eq!(fs::metadata(&dest).unwrap().len(), 8 << 20);
+}

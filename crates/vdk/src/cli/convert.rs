@@ -46,6 +46,9 @@ pub struct ConvertArgs {
     /// qcow2 cluster size of DST.
     #[arg(long, value_name = "SIZE")]
     cluster_size: Option<String>,
+    /// Probe the format of backing files whose parent does not record it.
+    #[arg(long)]
+    probe_backing: bool,
     /// Never show a progress bar (it shows only on a terminal anyway).
     #[arg(short, long)]
     quiet: bool,
@@ -64,7 +67,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         &OpenOptions {
             format: src_format,
             read_only: true,
-            probe_backing: false,
+            probe_backing: args.probe_backing,
         },
     )
     .with_context(|| format!("cannot open {}", args.src.display()))?

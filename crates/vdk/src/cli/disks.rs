@@ -162,6 +162,9 @@ pub struct OpenArgs {
     /// NBD export name (default: the disk's id).
     #[arg(long, value_name = "NAME")]
     export_name: Option<String>,
+    /// Probe the format of backing files whose parent does not record it.
+    #[arg(long)]
+    probe_backing: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -183,6 +186,7 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
         mkfs: args.mkfs,
         mount: args.mount.as_deref().map(absolute).transpose()?,
         export_name: args.export_name,
+        probe_backing: args.probe_backing,
     });
     let mut client = connect(paths, true)?;
     let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;

@@ -45,9 +45,14 @@ pub struct ServeArgs {
     /// Open files with O_DIRECT (requests must then be 4096-aligned; raw images only).
     #[arg(long)]
     direct: bool,
-    /// Image format of the files (raw, qcow2); probed from their first bytes if not given.
+    /// Image format of the files (raw, qcow2, vhdx, vhd, iso); probed from their first bytes
+    /// if not given.
     #[arg(long, short = 'f', value_name = "FORMAT")]
     format: Option<String>,
+    /// Probe the format of backing files whose parent does not record it (by default such
+    /// an image is refused rather than guessed).
+    #[arg(long)]
+    probe_backing: bool,
     /// Most threads serving one connection (requests handled in parallel).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: u16,
@@ -109,7 +114,7 @@ fn open(source: &Source, args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice
                 let opts = vdk_formats::OpenOptions {
                     format: Some(format),
                     read_only: args.read_only,
-                    probe_backing: false,
+                    probe_backing: args.probe_backing,
                 };
                 return Ok(vdk_formats::open(path, &opts).map_err(cannot_open)?.device);
             }

@@ -352,7 +352,7 @@ impl Daemon {
         let opts = vdk_formats::OpenOptions {
             format,
             read_only: req.read_only,
-            probe_backing: false,
+            probe_backing: req.probe_backing,
         };
         let opened = vdk_formats::open(image, &opts)
             .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
