@@ -467,3 +467,38 @@ pub fn check(
         }
     }
 }
+
+/// Grows the image at `path` to `new_size` bytes (qcow2: growing its L1 table if needed; raw:
+/// extending the file). Shrinking, and resizing other formats, is refused.
+pub fn resize(path: &Path, format: Option<Format>, new_size: u64) -> io::Result<()> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    match format {
+        Format::Raw => {
+            let file = fs::OpenOptions::new().write(true).open(path)?;
+            vdk_backends::lock_image(&file, path, false)?;
+            if new_size < file.metadata()?.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "shrinking would drop data: vdk only grows images",
+                ));
+            }
+            file.set_len(new_size)?;
+            file.sync_all()
+        }
+        Format::Qcow2 => {
+            let file = fs::OpenOptions::new().read(true).write(true).open(path)?;
+            vdk_backends::lock_image(&file, path, false)?;
+            // The backing chain is not needed to grow the tables.
+            let (header, _) = qcow2_header(path, &file)?;
+            let q = Qcow2::open(path, file, header, None, &Qcow2Options { read_only: false })?;
+            q.resize(new_size).map_err(io::Error::other)
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("vdk does not resize {other} images"),
+        )),
+    }
+}

@@ -444,3 +444,66 @@ fn a_backing_file_without_a_recorded_format_is_probed_only_on_request() {
     vdk(&["convert", "--probe-backing", s(&top), s(&dest)]);
     assert_eq!(fs::metadata(&dest).unwrap().len(), 8 << 20);
 }
+
+#[test]
+fn resize_grows_the_l1_table_and_keeps_the_data() {
+    need("qemu-img");
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.qcow2");
+    // 512-byte clusters: 64 L2 entries a table, so 64 MiB needs 2048 L1 entries (16 KiB) and
+    // 1 GiB needs 32768 (256 KiB): the table must move.
+    vdk(&["create", s(&img), "64M", "--cluster-size", "512"]);
+    run(Command::new("qemu-io").args([
+        "-c",
+        "write -P 0x21 0 1M",
+        "-c",
+        "write -P 0x22 63M 1M",
+        s(&img),
+    ]));
+    let before = qemu_json(&["info", "--output=json", s(&img)]);
+    vdk(&["resize", s(&img), "1G"]);
+    run(Command::new("qemu-img").args(["check", s(&img)]));
+    let after = qemu_json(&["info", "--output=json", s(&img)]);
+    assert_eq!(after["virtual-size"], 1u64 << 30);
+    assert_eq!(before["virtual-size"], 64u64 << 20);
+    run(Command::new("qemu-io").args([
+        "-c",
+        "read -P 0x21 0 1M",
+        "-c",
+        "read -P 0x22 63M 1M",
+        "-c",
+        "read -P 0 64M 1M",
+        s(&img),
+    ]));
+    // Written past the old end through vdk, read by qemu.
+    let mut v = common::Vdk::serve_in(dir, &["r.qcow2"]);
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x23 900M 2M",
+        &v.uri("r.qcow2"),
+    ]));
+    assert!(v.stop().success());
+    let img = v.path("r.qcow2");
+    run(Command::new("qemu-img").args(["check", s(&img)]));
+    run(Command::new("qemu-io").args([
+        "-c",
+        "read -P 0x23 900M 2M",
+        "-c",
+        "read -P 0x21 0 1M",
+        s(&img),
+    ]));
+    vdk(&["resize", s(&img), "+1G"]);
+    assert_eq!(
+        qemu_json(&["info", "--output=json", s(&img)])["virtual-size"],
+        2u64 << 30
+    );
+    run(Command::new("qemu-img").args(["check", s(&img)]));
+    let out = Command::new(env!("CARGO_BIN_EXE_vdk"))
+        .args(["resize", s(&img), "1G"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("shrink"));
+}

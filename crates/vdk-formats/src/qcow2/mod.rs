@@ -274,6 +274,72 @@ impl Qcow2 {
         r.map_err(Error::Io)
     }
 
+    /// Grows the virtual disk to `new_size` bytes, growing the L1 table if it is too small:
+    /// a new table past everything, written and synced, then the header switched to it (size,
+    /// L1 size and offset in one sector), then the old table freed. Consumes the image: open
+    /// it again to use it at its new size.
+    pub fn resize(self, new_size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if new_size < self.header.size {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "shrinking a qcow2 image would drop data: vdk only grows images",
+            )));
+        }
+        if new_size > header::MAX_SIZE {
+            return Err(Error::TooLarge {
+                len: new_size,
+                max: header::MAX_SIZE,
+            });
+        }
+        self.flush()?;
+        let cs = self.cluster_size;
+        let mut m = lock(&self.meta);
+        let entries = new_size.div_ceil(cs).div_ceil(self.l2_entries);
+        if entries * 8 > header::MAX_L1_BYTES {
+            return Err(Error::TooLarge {
+                len: entries * 8,
+                max: header::MAX_L1_BYTES,
+            });
+        }
+        // Room in the refcount table for what the larger disk can grow to.
+        let virt = new_size.div_ceil(cs);
+        let need = m.end_cluster + 2 * (virt + virt.div_ceil(self.l2_entries)) + 64;
+        if (m.reftable.len() as u64 * self.rb_entries) < need {
+            self.grow_reftable(&mut m, need)?;
+        }
+        let mut head = Vec::with_capacity(24);
+        head.extend_from_slice(&new_size.to_be_bytes());
+        head.extend_from_slice(&self.header.crypt_method.to_be_bytes());
+        let old_l1 = (self.header.l1_table_offset, u64::from(self.header.l1_size));
+        if entries <= old_l1.1 {
+            head.extend_from_slice(&self.header.l1_size.to_be_bytes());
+            head.extend_from_slice(&self.header.l1_table_offset.to_be_bytes());
+        } else {
+            let clusters = (entries * 8).div_ceil(cs);
+            let start = self.reserve_run(&mut m, clusters)?;
+            self.write_refblocks(&mut m)?;
+            let mut table = m.l1.clone();
+            table.resize((clusters * cs / 8) as usize, 0);
+            let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            self.io(self.file.write_all_at(&raw, start * cs))?;
+            self.io(self.file.sync_data())?;
+            head.extend_from_slice(&u32::try_from(entries).unwrap_or(u32::MAX).to_be_bytes());
+            head.extend_from_slice(&(start * cs).to_be_bytes());
+        }
+        // Bytes 24..48: size, crypt_method, l1_size, l1_table_offset, in one sector.
+        self.io(self.file.write_all_at(&head, 24))?;
+        self.io(self.file.sync_data())?;
+        if entries > old_l1.1 {
+            let old_clusters = (old_l1.1 * 8).div_ceil(cs).max(1);
+            self.release(&mut m, old_l1.0, old_clusters * cs);
+            self.write_back(&mut m)?;
+        }
+        Ok(())
+    }
+
     // ---- tables --------------------------------------------------------------------
 
     fn read_u64s(&self, offset: u64) -> Result<Vec<u64>> {
@@ -511,6 +577,47 @@ impl Qcow2 {
             }
             c += 1;
         }
+    }
+
+    /// Reserves `n` contiguous clusters past everything (refcount 1), with the refcount
+    /// blocks their ranges lack placed right after them. Returns the first cluster.
+    fn reserve_run(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        let rb = self.rb_entries;
+        let start = m.end_cluster;
+        let mut blocks = 0u64;
+        let ranges = loop {
+            let end = start + n + blocks;
+            let last = (end - 1) / rb;
+            if last as usize >= m.reftable.len() {
+                return Err(Error::NoSpace);
+            }
+            let r: Vec<u64> = (start / rb..=last)
+                .filter(|ri| m.reftable[*ri as usize] & OFFSET_MASK == 0)
+                .collect();
+            if r.len() as u64 == blocks {
+                break r;
+            }
+            blocks = r.len() as u64;
+        };
+        for (i, ri) in ranges.iter().enumerate() {
+            let at = (start + n + i as u64) * self.cluster_size;
+            let entries = vec![0u64; rb as usize];
+            m.refblocks.insert(
+                at,
+                Table {
+                    entries,
+                    dirty: true,
+                },
+            );
+            m.metadata.insert(at);
+            m.reftable[*ri as usize] = at;
+            m.reftable_dirty.insert(*ri as usize);
+        }
+        for c in start..start + n + blocks {
+            self.set_refcount(m, c, 1)?;
+        }
+        m.end_cluster = start + n + blocks;
+        Ok(start)
     }
 
     /// Releases one reference to each host cluster in `[offset, offset + len)`, after the

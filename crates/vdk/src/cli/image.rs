@@ -316,3 +316,35 @@ pub fn check(args: CheckArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `vdk resize`.
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// The image (raw or qcow2; not open elsewhere).
+    file: PathBuf,
+    /// The new size, or +SIZE to grow by that much. Images only grow.
+    size: String,
+    /// Its format; probed from its magic if not given.
+    #[arg(long, short = 'f')]
+    format: Option<String>,
+}
+
+/// Runs `vdk resize`.
+pub fn resize(args: ResizeArgs) -> anyhow::Result<()> {
+    let format = args.format.as_deref().map(Format::from_name).transpose()?;
+    let info = vdk_formats::info(&args.file, format, false)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let new_size = match args.size.strip_prefix('+') {
+        Some(more) => info.virtual_size.saturating_add(parse_size(more)?),
+        None => parse_size(&args.size)?,
+    };
+    vdk_formats::resize(&args.file, Some(info.format), new_size)
+        .with_context(|| format!("cannot resize {}", args.file.display()))?;
+    println!(
+        "resized {} from {} to {}",
+        args.file.display(),
+        Human(info.virtual_size),
+        Human(new_size)
+    );
+    Ok(())
+}

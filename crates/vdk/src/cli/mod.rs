@@ -52,6 +52,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Check an image's consistency (refcounts against tables); --repair fixes refcounts.
     Check(image::CheckArgs),
+    /// Grow an image's virtual size (raw, qcow2).
+    Resize(image::ResizeArgs),
 }
 
 /// Runs the chosen command.
@@ -70,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(args) => image::info(args),
         Command::Convert(args) => convert::run(args),
         Command::Check(args) => image::check(args),
+        Command::Resize(args) => image::resize(args),
     }
 }
 
