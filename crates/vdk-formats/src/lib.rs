@@ -24,6 +24,40 @@ use vdk_core::BlockDevice;
 use qcow2::header::{Header, MAGIC};
 use qcow2::{Qcow2, Qcow2Options};
 
+/// A big-endian u32 at `at` (the caller has checked the bounds).
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// A big-endian u64 at `at` (the caller has checked the bounds).
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// Extents of a block format: `spots` are consecutive pieces of the guest range, each with
+/// its offset in `file` if allocated. Unallocated pieces are holes, and so are the parts of
+/// allocated ones that the file itself has as holes (never written).
+pub(crate) fn mapped_extents(
+    file: &File,
+    offset: u64,
+    spots: &[(u64, Option<u64>)],
+) -> io::Result<vdk_core::Extents> {
+    let mut e = vdk_core::Extents::new(offset);
+    for (n, host) in spots {
+        match host {
+            None => e.push(*n, vdk_core::ExtentKind::Hole),
+            Some(h) => {
+                for (_, run) in vdk_backends::file_extents(file, *h, *n)?.iter() {
+                    e.push(run.len, run.kind);
+                }
+            }
+        }
+    }
+    Ok(e)
+}
+
 /// Longest backing chain followed.
 pub const MAX_CHAIN: usize = 16;
 

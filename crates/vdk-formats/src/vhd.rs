@@ -26,9 +26,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
-use vdk_core::{
-    check_range, BlockDevice, Capabilities, DiskInfo, Error, ExtentKind, Extents, Result,
-};
+use crate::{be32, be64};
+use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
 
 /// Footer cookie.
 pub const COOKIE: &[u8; 8] = b"conectix";
@@ -41,16 +40,6 @@ pub const DEFAULT_BLOCK: u32 = 2 << 20;
 const MAX_BAT: u32 = 16 << 20;
 /// Largest disk: the format's 2040 GiB, a little more to accept images in the wild.
 const MAX_SIZE: u64 = 2 << 40;
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
 
 fn bad(path: &Path, msg: impl std::fmt::Display) -> io::Error {
     io::Error::new(
@@ -446,19 +435,7 @@ impl BlockDevice for Vhd {
             })?;
             v
         };
-        let mut e = Extents::new(offset);
-        for (n, host) in spots {
-            match host {
-                None => e.push(n, ExtentKind::Hole),
-                // Inside a block, what was never written is a hole of the file.
-                Some(h) => {
-                    for (_, run) in vdk_backends::file_extents(&self.file, h, n)?.iter() {
-                        e.push(run.len, run.kind);
-                    }
-                }
-            }
-        }
-        Ok(e)
+        Ok(crate::mapped_extents(&self.file, offset, &spots)?)
     }
 }
 

@@ -30,9 +30,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use vdk_core::{
-    check_range, BlockDevice, Capabilities, DiskInfo, Error, ExtentKind, Extents, Result,
-};
+use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
 
 /// File identifier signature.
 pub const MAGIC: &[u8; 8] = b"vhdxfile";
@@ -711,19 +709,7 @@ impl BlockDevice for Vhdx {
             })?;
             v
         };
-        let mut e = Extents::new(offset);
-        for (n, host) in spots {
-            match host {
-                None => e.push(n, ExtentKind::Hole),
-                // Inside a block, what was never written is a hole of the file.
-                Some(h) => {
-                    for (_, run) in vdk_backends::file_extents(&self.file, h, n)?.iter() {
-                        e.push(run.len, run.kind);
-                    }
-                }
-            }
-        }
-        Ok(e)
+        Ok(crate::mapped_extents(&self.file, offset, &spots)?)
     }
 }
 

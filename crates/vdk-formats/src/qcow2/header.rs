@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use crate::{be32, be64};
+
 /// "QFI\xfb".
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 
@@ -126,16 +128,6 @@ pub struct Header {
     pub has_bitmaps: bool,
     /// Where header extensions end (the backing file name may follow).
     pub extensions_end: u64,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 impl Header {
