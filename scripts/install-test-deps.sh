@@ -15,6 +15,7 @@ packages=(
   xfsprogs        # mkfs.xfs (vdk open --mkfs xfs)
   dosfstools      # mkfs.vfat (vdk open --mkfs vfat)
   xorriso         # ISO images for the iso format tests
+  fdisk           # sfdisk: MBR and GPT tables for the partition filter tests
   mount           # losetup, mount
   util-linux      # setpriv (a test drops root to see a permission error)
   python3         # nbdsh runs on Debian's python3

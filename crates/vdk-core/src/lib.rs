@@ -25,6 +25,7 @@
 
 mod error;
 mod extents;
+mod filter;
 mod info;
 mod shared;
 pub mod size;
@@ -36,6 +37,7 @@ use std::fmt;
 
 pub use error::{Errno, Error, Op, Result};
 pub use extents::{Extent, ExtentKind, Extents};
+pub use filter::Filter;
 pub use info::{Capabilities, DiskInfo, MediaKind};
 pub use shared::{zeroed_buffer, Piece, SharedBytes};
 

@@ -30,6 +30,16 @@ pub enum Request {
     Unmount(CloseRequest),
     /// Close every disk and stop the daemon.
     Shutdown,
+    /// Latency histograms and counters of a disk's stats filter.
+    Stats(DiskRequest),
+}
+
+/// A request about one disk.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRequest {
+    /// The disk's id, or its image's absolute path.
+    pub disk: String,
 }
 
 /// `open`.
@@ -63,6 +73,10 @@ pub struct OpenRequest {
     /// Probe the format of backing files whose parent does not record it.
     #[serde(default)]
     pub probe_backing: bool,
+    /// Filters over the image, in order: `NAME[:KEY=VALUE,...]` (readonly, stats, error,
+    /// delay, partition).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<String>,
 }
 
 /// `close` and `unmount`.
@@ -112,6 +126,9 @@ pub struct DiskStatus {
     pub export: String,
     /// NBD URIs of the export, one per listener of the daemon.
     pub nbd: Vec<String>,
+    /// Filters over the image, in order.
+    #[serde(default)]
+    pub filters: Vec<String>,
     /// I/O counters since the disk was opened.
     pub stats: Counters,
 }

@@ -165,6 +165,10 @@ pub struct OpenArgs {
     /// Probe the format of backing files whose parent does not record it.
     #[arg(long)]
     probe_backing: bool,
+    /// A filter over the image, NAME[:KEY=VALUE,...]: readonly, stats, error, delay,
+    /// partition. Repeatable, applied in order.
+    #[arg(long = "filter", value_name = "SPEC")]
+    filters: Vec<String>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -187,6 +191,7 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
         mount: args.mount.as_deref().map(absolute).transpose()?,
         export_name: args.export_name,
         probe_backing: args.probe_backing,
+        filters: args.filters,
     });
     let mut client = connect(paths, true)?;
     let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
@@ -380,6 +385,56 @@ pub fn stop_daemon(paths: &Paths) -> anyhow::Result<()> {
             bail!("the vdk daemon is still running after 60s");
         }
         thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// `vdk stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The disk: its id or its image file.
+    disk: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `vdk stats`.
+pub fn stats(args: StatsArgs, paths: &Paths) -> anyhow::Result<()> {
+    let mut client = connect(paths, false)?;
+    let req = Request::Stats(crate::control::DiskRequest {
+        disk: disk_key(&args.disk)?,
+    });
+    let v = call(&mut client, &req)?;
+    if args.json {
+        return print_json(&v);
+    }
+    println!("{}", v["id"].as_str().unwrap_or("?"));
+    println!(
+        "{:<6} {:>10} {:>12} {:>7} {:>10}  latency (log2 µs buckets, non-empty)",
+        "op", "count", "bytes", "errors", "mean µs"
+    );
+    if let Some(ops) = v["ops"].as_object() {
+        for (op, s) in ops {
+            let buckets: Vec<String> = s["latency_us_log2_buckets"]
+                .as_array()
+                .map(|b| {
+                    b.iter()
+                        .enumerate()
+                        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                        .map(|(i, n)| format!("<{}:{}", 1u64 << i, n))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "{op:<6} {:>10} {:>12} {:>7} {:>10}  {}",
+                s["count"],
+                s["bytes"],
+                s["errors"],
+                s["mean_us"],
+                buckets.join(" ")
+            );
+        }
     }
     Ok(())
 }

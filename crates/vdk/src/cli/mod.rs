@@ -54,6 +54,8 @@ enum Command {
     Check(image::CheckArgs),
     /// Grow an image's virtual size (raw, qcow2).
     Resize(image::ResizeArgs),
+    /// Counters and latency histograms of a disk opened with --filter stats.
+    Stats(disks::StatsArgs),
 }
 
 /// Runs the chosen command.
@@ -73,6 +75,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::Check(args) => image::check(args),
         Command::Resize(args) => image::resize(args),
+        Command::Stats(args) => disks::stats(args, &paths()?),
     }
 }
 

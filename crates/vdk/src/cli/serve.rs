@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// an image is refused rather than guessed).
     #[arg(long)]
     probe_backing: bool,
+    /// A filter on every export, NAME[:KEY=VALUE,...]: readonly, stats, error, delay,
+    /// partition. Repeatable; applied in the order given (the first wraps the image).
+    #[arg(long = "filter", value_name = "SPEC")]
+    filters: Vec<String>,
     /// Most threads serving one connection (requests handled in parallel).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: u16,
@@ -170,9 +174,16 @@ fn listener(uri: &str) -> anyhow::Result<Listener> {
 
 /// Runs `vdk serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let specs = args
+        .filters
+        .iter()
+        .map(|f| vdk_filters::FilterSpec::parse(f))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut served = Vec::new();
     for (name, source) in exports(&args)? {
-        let device = open(&source, &args)?;
+        let device = vdk_filters::apply(open(&source, &args)?, &specs)
+            .with_context(|| format!("export {name:?}"))?
+            .device;
         let mut export = Export::new(name, device);
         export.read_only = args.read_only;
         export.description = args.description.clone().unwrap_or_default();

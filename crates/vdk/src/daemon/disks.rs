@@ -50,6 +50,8 @@ struct Disk {
     attach: &'static str,
     export: String,
     device: Arc<Tracked>,
+    filters: Vec<String>,
+    stats: Option<Arc<vdk_filters::Stats>>,
     state: Mutex<Attachment>,
 }
 
@@ -97,6 +99,13 @@ pub fn disk_id(image: &Path) -> String {
 
 fn invalid(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Invalid, msg)
+}
+
+fn parse_filters(specs: &[String]) -> Result<Vec<vdk_filters::FilterSpec>, ApiError> {
+    specs
+        .iter()
+        .map(|s| vdk_filters::FilterSpec::parse(s).map_err(|e| invalid(e.to_string())))
+        .collect()
 }
 
 /// Refuses images in formats this build cannot serve yet, told by their magic.
@@ -150,6 +159,7 @@ impl Daemon {
             block_device: st.block_device.clone(),
             mount: st.mount.clone(),
             export: d.export.clone(),
+            filters: d.filters.clone(),
             nbd: self
                 .nbd_uris
                 .iter()
@@ -157,6 +167,35 @@ impl Daemon {
                 .collect(),
             stats: d.device.counters(),
         }
+    }
+
+    /// The stats filter's counters of a disk, per operation.
+    pub fn stats(&self, key: &str) -> Result<serde_json::Value, ApiError> {
+        let disk = self.find(key)?;
+        let Some(stats) = &disk.stats else {
+            return Err(invalid(format!(
+                "{} has no stats filter: open it with --filter stats",
+                disk.id
+            )));
+        };
+        let ops: serde_json::Map<String, serde_json::Value> = stats
+            .snapshot()
+            .into_iter()
+            .map(|(kind, s)| {
+                let mean = s.total_us.checked_div(s.count).unwrap_or(0);
+                (
+                    kind.name().to_owned(),
+                    serde_json::json!({
+                        "count": s.count,
+                        "bytes": s.bytes,
+                        "errors": s.errors,
+                        "mean_us": mean,
+                        "latency_us_log2_buckets": s.buckets,
+                    }),
+                )
+            })
+            .collect();
+        Ok(serde_json::json!({ "id": disk.id, "ops": ops }))
     }
 
     /// Every open disk.
@@ -230,6 +269,7 @@ impl Daemon {
         if req.mkfs.is_some() && req.read_only {
             return Err(invalid("--mkfs cannot format a disk opened --read-only"));
         }
+        parse_filters(&req.filters)?;
         if !req.path.is_absolute() {
             return Err(invalid(format!(
                 "{}: the path must be absolute",
@@ -356,7 +396,10 @@ impl Daemon {
         };
         let opened = vdk_formats::open(image, &opts)
             .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
-        let backend = opened.device;
+        let specs = parse_filters(&req.filters)?;
+        let chain = vdk_filters::apply(opened.device, &specs)
+            .map_err(|e| invalid(format!("{shown}: {e}")))?;
+        let backend = chain.device;
         let size_info = backend.info();
         let size = size_info.size;
         if size == 0 {
@@ -390,6 +433,8 @@ impl Daemon {
             attach,
             export: export_name,
             device,
+            filters: req.filters.clone(),
+            stats: chain.stats,
             state: Mutex::default(),
         });
         let set_up = self.set_up(&disk, req);

@@ -251,6 +251,7 @@ impl Daemon {
             Request::List => Ok(serde_json::json!(self.list())),
             Request::Mount(r) => self.mount(r).map(|s| serde_json::json!(s)),
             Request::Unmount(r) => self.unmount(&r.disk, r.force).map(|s| serde_json::json!(s)),
+            Request::Stats(r) => self.stats(&r.disk),
             Request::Shutdown => Err(ApiError::new(
                 control::ErrorKind::BadRequest,
                 "shutdown is handled by the connection",

@@ -3,6 +3,7 @@
 //!
 //! A missing client program fails the test with the package to install; it never skips.
 #![allow(dead_code)] // each test binary uses a different part
+#![allow(clippy::cast_possible_truncation)] // test sizes and pids are small
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;

@@ -1,0 +1,100 @@
+//! Filters: disks that wrap a disk.
+//!
+//! A filter implements [`Filter`]: it names its inner disk and overrides what it changes;
+//! every other method, the fast paths included, passes straight through, and the blanket
+//! implementation makes it a [`BlockDevice`]. A filter that moves offsets or changes data must
+//! override every method that takes an offset or returns data, fast paths too (the
+//! conformance suite checks that fast paths agree with the slow ones).
+
+use std::sync::Arc;
+
+use crate::{BlockDevice, DiskInfo, Extents, Piece, Result};
+
+/// A disk that wraps a disk. See the module documentation.
+#[allow(missing_docs)] // each method is BlockDevice's, documented there
+pub trait Filter: Send + Sync + std::fmt::Debug {
+    /// The disk below.
+    fn inner(&self) -> &Arc<dyn BlockDevice>;
+
+    fn info(&self) -> DiskInfo {
+        self.inner().info()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner().read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.inner().write_at(buf, offset, fua)
+    }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.inner().try_read_at(buf, offset)
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        self.inner().try_write_at(buf, offset)
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        self.inner().read_shared(offset, len)
+    }
+    fn write_unit(&self) -> Option<usize> {
+        self.inner().write_unit()
+    }
+    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        self.inner().write_owned(offset, bufs)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner().flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner().trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        self.inner().write_zeroes(offset, len, may_trim, fua)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
+        self.inner().extents(offset, len)
+    }
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner().cache(offset, len)
+    }
+}
+
+impl<F: Filter> BlockDevice for F {
+    fn info(&self) -> DiskInfo {
+        Filter::info(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Filter::read_at(self, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        Filter::write_at(self, buf, offset, fua)
+    }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        Filter::try_read_at(self, buf, offset)
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        Filter::try_write_at(self, buf, offset)
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        Filter::read_shared(self, offset, len)
+    }
+    fn write_unit(&self) -> Option<usize> {
+        Filter::write_unit(self)
+    }
+    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        Filter::write_owned(self, offset, bufs)
+    }
+    fn flush(&self) -> Result<()> {
+        Filter::flush(self)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        Filter::trim(self, offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        Filter::write_zeroes(self, offset, len, may_trim, fua)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
+        Filter::extents(self, offset, len)
+    }
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        Filter::cache(self, offset, len)
+    }
+}

@@ -1,0 +1,360 @@
+//! Filters for vdk disks, and the chain they make.
+//!
+//! A filter is a disk that wraps a disk ([`vdk_core::Filter`]). Filters compose in the order
+//! given: the first wraps the image, the next wraps that, and the front end serves the last.
+//! On the command line each is `NAME[:KEY=VALUE[,KEY=VALUE...]]`:
+//!
+//! | filter | keys | what it does |
+//! | --- | --- | --- |
+//! | `readonly` | | refuses writes, trims and zero writes in the disk itself |
+//! | `stats` | | counts requests, bytes, errors and latency per operation |
+//! | `error` | `op`, `rate`, `errno`, `range`, `seed` | fails chosen requests at a rate |
+//! | `delay` | `op`, `ms`, `range` | adds latency to chosen requests |
+//! | `partition` | `number` (or `partition:N`) | shows one MBR or GPT partition as the disk |
+//!
+//! `op` is `read`, `write`, `flush`, `trim` or `all`, several joined by `+`; `range` is
+//! `START-END` in bytes or with units (`1M-2M`); `errno` is `EIO` or `ENOSPC`.
+
+pub mod partition;
+pub mod simple;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vdk_core::size::parse_size;
+use vdk_core::BlockDevice;
+
+pub use partition::{Partition, PartitionError};
+pub use simple::{Delay, ErrorInjector, Injected, Kind, ReadOnly, Stats, Target};
+
+/// A filter as the user named it.
+#[derive(Clone, Debug)]
+pub enum FilterSpec {
+    /// `readonly`.
+    ReadOnly,
+    /// `stats`.
+    Stats,
+    /// `error`.
+    Error {
+        /// Requests targeted.
+        target: Target,
+        /// Fraction failed, 0 to 1.
+        rate: f64,
+        /// The error.
+        error: Injected,
+        /// Seed of the deterministic coin.
+        seed: u64,
+    },
+    /// `delay`.
+    Delay {
+        /// Requests targeted.
+        target: Target,
+        /// Added latency.
+        delay: Duration,
+    },
+    /// `partition`.
+    Partition {
+        /// 1-based partition number.
+        number: u32,
+    },
+}
+
+/// A filter spec that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("--filter {spec:?}: {why}")]
+pub struct SpecError {
+    spec: String,
+    why: String,
+}
+
+const NAMES: &str = "readonly, stats, error, delay, partition";
+
+fn kinds(v: &str) -> Result<Vec<Kind>, String> {
+    let mut out = Vec::new();
+    for k in v.split('+') {
+        match k {
+            "all" => out.extend(Kind::ALL),
+            _ => out.push(
+                *Kind::ALL
+                    .iter()
+                    .find(|x| x.name() == k)
+                    .ok_or_else(|| format!("unknown op {k:?}: read, write, flush, trim or all"))?,
+            ),
+        }
+    }
+    Ok(out)
+}
+
+fn range(v: &str) -> Result<(u64, u64), String> {
+    let (a, b) = v
+        .split_once('-')
+        .ok_or_else(|| format!("range {v:?} is not START-END"))?;
+    let a = parse_size(a).map_err(|e| e.to_string())?;
+    let b = parse_size(b).map_err(|e| e.to_string())?;
+    if b <= a {
+        return Err(format!("range {v:?} is empty"));
+    }
+    Ok((a, b))
+}
+
+impl FilterSpec {
+    /// Parses `NAME[:KEY=VALUE,...]`.
+    pub fn parse(spec: &str) -> Result<FilterSpec, SpecError> {
+        let fail = |why: String| SpecError {
+            spec: spec.to_owned(),
+            why,
+        };
+        let (name, args) = spec.split_once(':').unwrap_or((spec, ""));
+        let mut pairs = Vec::new();
+        for a in args.split(',').filter(|a| !a.is_empty()) {
+            match a.split_once('=') {
+                Some((k, v)) => pairs.push((k, v)),
+                // `partition:2` is `partition:number=2`.
+                None if name == "partition" => pairs.push(("number", a)),
+                None => return Err(fail(format!("{a:?} is not KEY=VALUE"))),
+            }
+        }
+        let known = |allowed: &[&str]| -> Result<(), SpecError> {
+            match pairs.iter().find(|(k, _)| !allowed.contains(k)) {
+                Some((k, _)) => Err(fail(format!(
+                    "{name} takes no key {k:?} (keys: {})",
+                    allowed.join(", ")
+                ))),
+                None => Ok(()),
+            }
+        };
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .rev()
+                .find(|(key, _)| *key == k)
+                .map(|(_, v)| *v)
+        };
+        let target = |default: &str| -> Result<Target, SpecError> {
+            Ok(Target {
+                kinds: kinds(get("op").unwrap_or(default)).map_err(fail)?,
+                range: get("range")
+                    .map(range)
+                    .transpose()
+                    .map_err(fail)?
+                    .unwrap_or((0, u64::MAX)),
+            })
+        };
+        match name {
+            "readonly" => known(&[]).map(|()| FilterSpec::ReadOnly),
+            "stats" => known(&[]).map(|()| FilterSpec::Stats),
+            "error" => {
+                known(&["op", "rate", "errno", "range", "seed"])?;
+                let rate = match get("rate") {
+                    None => 1.0,
+                    Some(r) => r
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|r| (0.0..=1.0).contains(r))
+                        .ok_or_else(|| fail(format!("rate {r:?} is not a number from 0 to 1")))?,
+                };
+                let error = match get("errno").unwrap_or("EIO") {
+                    "EIO" | "eio" => Injected::Io,
+                    "ENOSPC" | "enospc" => Injected::NoSpace,
+                    e => return Err(fail(format!("errno {e:?}: EIO or ENOSPC"))),
+                };
+                let seed = match get("seed") {
+                    None => 0x5eed,
+                    Some(s) => s
+                        .parse()
+                        .map_err(|_| fail(format!("seed {s:?} is not a number")))?,
+                };
+                Ok(FilterSpec::Error {
+                    target: target("read+write")?,
+                    rate,
+                    error,
+                    seed,
+                })
+            }
+            "delay" => {
+                known(&["op", "ms", "range"])?;
+                let ms = get("ms").ok_or_else(|| fail("delay needs ms=MILLISECONDS".into()))?;
+                let ms: u64 = ms
+                    .parse()
+                    .ok()
+                    .filter(|m| *m <= 60_000)
+                    .ok_or_else(|| fail(format!("ms {ms:?} is not 0 to 60000")))?;
+                Ok(FilterSpec::Delay {
+                    target: target("all")?,
+                    delay: Duration::from_millis(ms),
+                })
+            }
+            "partition" => {
+                known(&["number"])?;
+                let n = get("number")
+                    .ok_or_else(|| fail("partition needs a number (partition:1)".into()))?;
+                let number = n
+                    .parse()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| fail(format!("partition number {n:?} is not 1 or more")))?;
+                Ok(FilterSpec::Partition { number })
+            }
+            other => Err(fail(format!("unknown filter {other:?} (filters: {NAMES})"))),
+        }
+    }
+}
+
+/// A disk with its filters applied, and handles to the filters callers read from.
+#[derive(Debug)]
+pub struct Chain {
+    /// The outermost disk: what front ends serve.
+    pub device: Arc<dyn BlockDevice>,
+    /// The last stats filter in the chain, if any.
+    pub stats: Option<Arc<Stats>>,
+}
+
+/// Applies `specs` in order over `device`.
+pub fn apply(device: Arc<dyn BlockDevice>, specs: &[FilterSpec]) -> Result<Chain, PartitionError> {
+    let mut device = device;
+    let mut stats = None;
+    for spec in specs {
+        device = match spec {
+            FilterSpec::ReadOnly => Arc::new(ReadOnly::new(device)),
+            FilterSpec::Stats => {
+                let s = Arc::new(Stats::new(device));
+                stats = Some(Arc::clone(&s));
+                s
+            }
+            FilterSpec::Error {
+                target,
+                rate,
+                error,
+                seed,
+            } => Arc::new(ErrorInjector::new(
+                device,
+                target.clone(),
+                *rate,
+                *error,
+                *seed,
+            )),
+            FilterSpec::Delay { target, delay } => {
+                Arc::new(Delay::new(device, target.clone(), *delay))
+            }
+            FilterSpec::Partition { number } => Arc::new(Partition::new(device, *number)?),
+        };
+    }
+    Ok(Chain { device, stats })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vdk_backends::MemoryDisk;
+    use vdk_core::conformance;
+
+    fn specs(list: &[&str]) -> Vec<FilterSpec> {
+        list.iter().map(|s| FilterSpec::parse(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn every_filter_alone_and_stacked_conforms() {
+        // Filters that change nothing a client can see, each alone and all together; the
+        // injectors at rate 0 (they must still pass everything through correctly).
+        for chain in [
+            vec!["stats"],
+            vec!["error:op=all,rate=0"],
+            vec!["delay:op=flush,ms=0"],
+            vec![
+                "stats",
+                "error:op=read+write,rate=0",
+                "delay:op=all,ms=0",
+                "stats",
+            ],
+        ] {
+            let s = specs(&chain);
+            conformance::run(&|| {
+                apply(Arc::new(MemoryDisk::new(conformance::MIN_SIZE)), &s)
+                    .unwrap()
+                    .device
+            });
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_problem() {
+        for (spec, want) in [
+            ("nosuch", "unknown filter"),
+            ("error:rate=2", "0 to 1"),
+            ("error:op=sideways", "unknown op"),
+            ("error:errno=EPERM", "EIO or ENOSPC"),
+            ("delay", "needs ms"),
+            ("delay:ms=1,frob=2", "no key"),
+            ("partition", "needs a number"),
+            ("partition:0", "1 or more"),
+            ("error:range=5-1", "empty"),
+            ("readonly:x", "KEY=VALUE"),
+        ] {
+            let e = FilterSpec::parse(spec).unwrap_err().to_string();
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn readonly_refuses_below_the_protocol() {
+        let c = apply(Arc::new(MemoryDisk::new(1 << 20)), &specs(&["readonly"])).unwrap();
+        assert!(c.device.info().read_only);
+        assert!(matches!(
+            c.device.write_at(&[1], 0, false),
+            Err(vdk_core::Error::ReadOnly)
+        ));
+        assert!(matches!(
+            c.device.trim(0, 512),
+            Err(vdk_core::Error::ReadOnly)
+        ));
+        let mut b = [0u8; 1];
+        c.device.read_at(&mut b, 0).unwrap();
+    }
+
+    #[test]
+    fn error_injects_at_the_rate_asked_and_only_where_asked() {
+        let disk = Arc::new(MemoryDisk::new(1 << 20));
+        let c = apply(
+            disk,
+            &specs(&["error:op=write,rate=0.5,range=4096-8192,errno=ENOSPC"]),
+        )
+        .unwrap();
+        let mut failed = 0;
+        for _ in 0..1000 {
+            match c.device.write_at(&[1; 512], 4096, false) {
+                Err(vdk_core::Error::NoSpace) => failed += 1,
+                Err(e) => panic!("{e}"),
+                Ok(()) => {}
+            }
+        }
+        assert!((350..650).contains(&failed), "about half: {failed}");
+        for _ in 0..100 {
+            c.device.write_at(&[1; 512], 0, false).unwrap();
+            let mut b = [0u8; 512];
+            c.device.read_at(&mut b, 4096).unwrap();
+        }
+    }
+
+    #[test]
+    fn stats_count_what_passes() {
+        let c = apply(Arc::new(MemoryDisk::new(1 << 20)), &specs(&["stats"])).unwrap();
+        c.device.write_at(&[1; 4096], 0, false).unwrap();
+        let mut b = [0u8; 100];
+        c.device.read_at(&mut b, 0).unwrap();
+        c.device.flush().unwrap();
+        let _ = c.device.read_at(&mut b, 1 << 20);
+        let s = c.stats.unwrap().snapshot();
+        let get = |k: Kind| s.iter().find(|(x, _)| *x == k).unwrap().1.clone();
+        assert_eq!((get(Kind::Write).count, get(Kind::Write).bytes), (1, 4096));
+        assert_eq!(
+            (
+                get(Kind::Read).count,
+                get(Kind::Read).bytes,
+                get(Kind::Read).errors
+            ),
+            (2, 100, 1)
+        );
+        assert_eq!(get(Kind::Flush).count, 1);
+        assert_eq!(get(Kind::Read).buckets.iter().sum::<u64>(), 2);
+    }
+}

@@ -1,0 +1,456 @@
+//! Filters that change no data: readonly, stats, error injection, delay.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vdk_core::{BlockDevice, DiskInfo, Error, Filter, Piece, Result};
+
+/// Refuses every write, trim and zero write below the protocol: the disk itself says no.
+#[derive(Debug)]
+pub struct ReadOnly {
+    inner: Arc<dyn BlockDevice>,
+}
+
+impl ReadOnly {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn BlockDevice>) -> ReadOnly {
+        ReadOnly { inner }
+    }
+}
+
+impl Filter for ReadOnly {
+    fn inner(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner
+    }
+    fn info(&self) -> DiskInfo {
+        let mut info = self.inner.info();
+        info.read_only = true;
+        info.caps.trim = false;
+        info.caps.fast_zero = false;
+        info
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<()> {
+        Err(Error::ReadOnly)
+    }
+    fn try_write_at(&self, _buf: &[u8], _offset: u64) -> Result<bool> {
+        Err(Error::ReadOnly)
+    }
+    fn write_unit(&self) -> Option<usize> {
+        None
+    }
+    fn write_owned(&self, _offset: u64, _bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        Err(Error::ReadOnly)
+    }
+    fn trim(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(Error::ReadOnly)
+    }
+    fn write_zeroes(&self, _o: u64, _l: u64, _t: bool, _f: bool) -> Result<()> {
+        Err(Error::ReadOnly)
+    }
+}
+
+/// The operations filters can target.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Kind {
+    /// Reads (and cache hints).
+    Read,
+    /// Writes.
+    Write,
+    /// Flushes.
+    Flush,
+    /// Trims and zero writes.
+    Trim,
+}
+
+impl Kind {
+    /// All kinds, in the order stats reports them.
+    pub const ALL: [Kind; 4] = [Kind::Read, Kind::Write, Kind::Flush, Kind::Trim];
+
+    /// Its name in specs and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Read => "read",
+            Kind::Write => "write",
+            Kind::Flush => "flush",
+            Kind::Trim => "trim",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Latency buckets: bucket i counts requests that took less than 2^i microseconds.
+pub const BUCKETS: usize = 32;
+
+#[derive(Debug, Default)]
+struct OpStats {
+    count: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+    total_us: AtomicU64,
+    buckets: [AtomicU64; BUCKETS],
+}
+
+/// Counts requests, bytes, errors and latency (a log2 histogram) per kind of operation.
+#[derive(Debug)]
+pub struct Stats {
+    inner: Arc<dyn BlockDevice>,
+    ops: [OpStats; 4],
+}
+
+/// A snapshot of one kind's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpSnapshot {
+    /// Requests.
+    pub count: u64,
+    /// Bytes moved (reads, writes) or affected (trims).
+    pub bytes: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Sum of latencies, microseconds.
+    pub total_us: u64,
+    /// Bucket i: requests under 2^i microseconds (and at least 2^(i-1)).
+    pub buckets: Vec<u64>,
+}
+
+impl Stats {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn BlockDevice>) -> Stats {
+        Stats {
+            inner,
+            ops: Default::default(),
+        }
+    }
+
+    /// The counters now, per kind.
+    pub fn snapshot(&self) -> Vec<(Kind, OpSnapshot)> {
+        Kind::ALL
+            .iter()
+            .map(|k| {
+                let o = &self.ops[k.index()];
+                let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                (
+                    *k,
+                    OpSnapshot {
+                        count: get(&o.count),
+                        bytes: get(&o.bytes),
+                        errors: get(&o.errors),
+                        total_us: get(&o.total_us),
+                        buckets: o.buckets.iter().map(get).collect(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn record<T>(&self, kind: Kind, bytes: u64, start: Instant, r: Result<T>) -> Result<T> {
+        let o = &self.ops[kind.index()];
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        o.count.fetch_add(1, Ordering::Relaxed);
+        o.total_us.fetch_add(us, Ordering::Relaxed);
+        let bucket = (64 - us.leading_zeros() as usize).min(BUCKETS - 1);
+        o.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        match &r {
+            Ok(_) => o.bytes.fetch_add(bytes, Ordering::Relaxed),
+            Err(_) => o.errors.fetch_add(1, Ordering::Relaxed),
+        };
+        r
+    }
+}
+
+impl Filter for Stats {
+    fn inner(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let t = Instant::now();
+        let n = buf.len() as u64;
+        let r = self.inner.read_at(buf, offset);
+        self.record(Kind::Read, n, t, r)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        let t = Instant::now();
+        let r = self.inner.write_at(buf, offset, fua);
+        self.record(Kind::Write, buf.len() as u64, t, r)
+    }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        let t = Instant::now();
+        let n = buf.len() as u64;
+        match self.inner.try_read_at(buf, offset) {
+            Ok(false) => Ok(false),
+            r => self.record(Kind::Read, n, t, r),
+        }
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        let t = Instant::now();
+        match self.inner.try_write_at(buf, offset) {
+            Ok(false) => Ok(false),
+            r => self.record(Kind::Write, buf.len() as u64, t, r),
+        }
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        let t = Instant::now();
+        match self.inner.read_shared(offset, len) {
+            Ok(None) => Ok(None),
+            r => self.record(Kind::Read, len as u64, t, r),
+        }
+    }
+    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        let t = Instant::now();
+        let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let r = self.inner.write_owned(offset, bufs);
+        self.record(Kind::Write, n, t, r)
+    }
+    fn flush(&self) -> Result<()> {
+        let t = Instant::now();
+        let r = self.inner.flush();
+        self.record(Kind::Flush, 0, t, r)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let t = Instant::now();
+        let r = self.inner.trim(offset, len);
+        self.record(Kind::Trim, len, t, r)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        let t = Instant::now();
+        let r = self.inner.write_zeroes(offset, len, may_trim, fua);
+        self.record(Kind::Trim, len, t, r)
+    }
+}
+
+/// Which requests an injecting filter targets: kinds of operation and a byte range.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Kinds targeted.
+    pub kinds: Vec<Kind>,
+    /// Byte range `[start, end)` a request must touch to be targeted.
+    pub range: (u64, u64),
+}
+
+impl Target {
+    fn hits(&self, kind: Kind, offset: u64, len: u64) -> bool {
+        self.kinds.contains(&kind)
+            && (kind == Kind::Flush
+                || (offset < self.range.1 && offset.saturating_add(len.max(1)) > self.range.0))
+    }
+}
+
+/// A deterministic coin: xorshift, seeded, shared by threads.
+#[derive(Debug)]
+struct Coin {
+    state: AtomicU64,
+    /// Probability, in millionths.
+    ppm: u64,
+}
+
+impl Coin {
+    fn flip(&self) -> bool {
+        if self.ppm >= 1_000_000 {
+            return true;
+        }
+        let mut x = self.state.load(Ordering::Relaxed);
+        loop {
+            let mut y = x;
+            y ^= y << 13;
+            y ^= y >> 7;
+            y ^= y << 17;
+            match self
+                .state
+                .compare_exchange_weak(x, y, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return y % 1_000_000 < self.ppm,
+                Err(now) => x = now,
+            }
+        }
+    }
+}
+
+/// What an injected failure looks like.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Injected {
+    /// EIO.
+    Io,
+    /// ENOSPC.
+    NoSpace,
+}
+
+/// Fails targeted requests at a rate, for testing what uses a disk.
+#[derive(Debug)]
+pub struct ErrorInjector {
+    inner: Arc<dyn BlockDevice>,
+    target: Target,
+    coin: Coin,
+    error: Injected,
+}
+
+impl ErrorInjector {
+    /// Fails `target`ed requests of `inner` with `error`, a `rate` (0 to 1) of the time.
+    pub fn new(
+        inner: Arc<dyn BlockDevice>,
+        target: Target,
+        rate: f64,
+        error: Injected,
+        seed: u64,
+    ) -> ErrorInjector {
+        // rate is checked to lie in [0, 1] by the spec parser; the product fits.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ppm = (rate.clamp(0.0, 1.0) * 1_000_000.0) as u64;
+        ErrorInjector {
+            inner,
+            target,
+            coin: Coin {
+                state: AtomicU64::new(seed | 1),
+                ppm,
+            },
+            error,
+        }
+    }
+
+    fn check(&self, kind: Kind, offset: u64, len: u64) -> Result<()> {
+        if self.target.hits(kind, offset, len) && self.coin.flip() {
+            return Err(match self.error {
+                Injected::Io => Error::Io(std::io::Error::other("injected I/O error")),
+                Injected::NoSpace => Error::NoSpace,
+            });
+        }
+        Ok(())
+    }
+
+    fn targets(&self, kind: Kind) -> bool {
+        self.target.kinds.contains(&kind)
+    }
+}
+
+impl Filter for ErrorInjector {
+    fn inner(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check(Kind::Read, offset, buf.len() as u64)?;
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.check(Kind::Write, offset, buf.len() as u64)?;
+        self.inner.write_at(buf, offset, fua)
+    }
+    // Fast paths: targeted kinds take the slow path, where failures are injected.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        if self.targets(Kind::Read) {
+            return Ok(false);
+        }
+        self.inner.try_read_at(buf, offset)
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        if self.targets(Kind::Write) {
+            return Ok(false);
+        }
+        self.inner.try_write_at(buf, offset)
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        if self.targets(Kind::Read) {
+            return Ok(None);
+        }
+        self.inner.read_shared(offset, len)
+    }
+    fn write_unit(&self) -> Option<usize> {
+        if self.targets(Kind::Write) {
+            return None;
+        }
+        self.inner.write_unit()
+    }
+    fn flush(&self) -> Result<()> {
+        self.check(Kind::Flush, 0, 0)?;
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(Kind::Trim, offset, len)?;
+        self.inner.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        self.check(Kind::Trim, offset, len)?;
+        self.inner.write_zeroes(offset, len, may_trim, fua)
+    }
+}
+
+/// Adds latency to targeted requests, for testing what uses a slow disk.
+#[derive(Debug)]
+pub struct Delay {
+    inner: Arc<dyn BlockDevice>,
+    target: Target,
+    delay: Duration,
+}
+
+impl Delay {
+    /// Delays `target`ed requests of `inner` by `delay`.
+    pub fn new(inner: Arc<dyn BlockDevice>, target: Target, delay: Duration) -> Delay {
+        Delay {
+            inner,
+            target,
+            delay,
+        }
+    }
+
+    fn wait(&self, kind: Kind, offset: u64, len: u64) {
+        if self.target.hits(kind, offset, len) {
+            std::thread::sleep(self.delay);
+        }
+    }
+
+    fn targets(&self, kind: Kind) -> bool {
+        self.target.kinds.contains(&kind)
+    }
+}
+
+impl Filter for Delay {
+    fn inner(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.wait(Kind::Read, offset, buf.len() as u64);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.wait(Kind::Write, offset, buf.len() as u64);
+        self.inner.write_at(buf, offset, fua)
+    }
+    // A delayed request waits: never on a front end's fast path.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        if self.targets(Kind::Read) {
+            return Ok(false);
+        }
+        self.inner.try_read_at(buf, offset)
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        if self.targets(Kind::Write) {
+            return Ok(false);
+        }
+        self.inner.try_write_at(buf, offset)
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        if self.targets(Kind::Read) {
+            return Ok(None);
+        }
+        self.inner.read_shared(offset, len)
+    }
+    fn write_unit(&self) -> Option<usize> {
+        if self.targets(Kind::Write) {
+            return None;
+        }
+        self.inner.write_unit()
+    }
+    fn flush(&self) -> Result<()> {
+        self.wait(Kind::Flush, 0, 0);
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.wait(Kind::Trim, offset, len);
+        self.inner.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        self.wait(Kind::Trim, offset, len);
+        self.inner.write_zeroes(offset, len, may_trim, fua)
+    }
+}

@@ -1,0 +1,165 @@
+//! Filters through the binary: the error filter drives the NBD server's error path for real
+//! clients (nbdsh, qemu-io), readonly refuses below the protocol, partition serves one
+//! partition, bad filter specs are clear errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::{nbdsh_script, need, run, Vdk};
+
+#[test]
+fn injected_errors_reach_clients_and_the_connection_lives_on() {
+    let vdk = Vdk::serve(&[
+        "--memory",
+        "16M",
+        "--filter",
+        "error:op=read,range=1M-2M,errno=EIO",
+        "--filter",
+        "error:op=write,range=3M-4M,errno=ENOSPC",
+    ]);
+    nbdsh_script(&vdk, "injected.py");
+    need("qemu-io");
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read 1M 4k",
+            "-c",
+            "write 0 4k",
+            "-c",
+            "read 0 4k",
+            &vdk.uri("memory"),
+        ])
+        .env("PATH", common::path_env())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("Input/output error"),
+        "qemu-io sees EIO: {text}"
+    );
+    assert!(
+        text.contains("wrote 4096/4096") && text.contains("read 4096/4096"),
+        "and goes on: {text}"
+    );
+}
+
+#[test]
+fn readonly_and_partition_filters_serve_what_they_say() {
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    common::sparse_file(&img, 16 << 20);
+    // An MBR with partition 1 at 1 MiB, 4 MiB long, and a mark at its start.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        let mut mbr = [0u8; 512];
+        mbr[446 + 4] = 0x83;
+        mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        mbr[446 + 12..446 + 16].copy_from_slice(&8192u32.to_le_bytes());
+        mbr[510] = 0x55;
+        mbr[511] = 0xaa;
+        f.write_all_at(&mbr, 0).unwrap();
+        f.write_all_at(&[0x6b; 512], 1 << 20).unwrap();
+    }
+    let vdk = Vdk::serve_in(
+        dir,
+        &["d.img", "--filter", "partition:1", "--filter", "readonly"],
+    );
+    let uri = vdk.uri("d.img");
+    let size = common::stdout(Command::new("nbdinfo").args(["--size", &uri]));
+    assert_eq!(size.trim(), (4u64 << 20).to_string());
+    run(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0x6b 0 512", &uri]));
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512", &uri])
+        .env("PATH", common::path_env())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("failed"),
+        "writes refused: {text}"
+    );
+}
+
+#[test]
+fn bad_filter_specs_are_clear_errors() {
+    for (spec, want) in [
+        ("frob", "unknown filter"),
+        ("error:rate=7", "0 to 1"),
+        ("partition:1", "no partition table"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vdk"))
+            .args([
+                "serve",
+                "--memory",
+                "1M",
+                "--listen",
+                "unix:///nonexistent/x.sock",
+                "--filter",
+                spec,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{spec}: {err}");
+    }
+}
+
+#[test]
+fn an_open_disk_takes_filters_and_reports_stats() {
+    let d = common::Daemon::new();
+    let img = d.path("s.img");
+    let v = d.open(&[
+        img.to_str().unwrap(),
+        "8M",
+        "--attach",
+        "none",
+        "--filter",
+        "stats",
+        "--filter",
+        "delay:op=flush,ms=1",
+    ]);
+    assert_eq!(
+        v["filters"],
+        serde_json::json!(["stats", "delay:op=flush,ms=1"])
+    );
+    let uri = v["nbd"][0].as_str().unwrap().to_owned();
+    need("qemu-io");
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write 0 64k",
+        "-c",
+        "read 0 4k",
+        "-c",
+        "flush",
+        &uri,
+    ]));
+    let s = d.json(&["stats", v["id"].as_str().unwrap()]);
+    assert_eq!(s["ops"]["write"]["bytes"], 65536, "{s}");
+    assert!(s["ops"]["read"]["count"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["ops"]["flush"]["count"].as_u64().unwrap() >= 1, "{s}");
+    let text = d.ok(&["stats", v["id"].as_str().unwrap()]);
+    assert!(text.contains("write") && text.contains("65536"), "{text}");
+    // Without a stats filter there is nothing to show, and a bad spec creates nothing.
+    let plain = d.open(&[d.path("p.img").to_str().unwrap(), "8M", "--attach", "none"]);
+    let err = d.fails(&["stats", plain["id"].as_str().unwrap()]);
+    assert!(err.contains("no stats filter"), "{err}");
+    let err = d.fails(&[
+        "open",
+        d.path("bad.img").to_str().unwrap(),
+        "--attach",
+        "none",
+        "--filter",
+        "frob",
+    ]);
+    assert!(err.contains("unknown filter"), "{err}");
+    assert!(!d.path("bad.img").exists());
+}
