@@ -11,10 +11,12 @@
 //! | `error` | `op`, `rate`, `errno`, `range`, `seed` | fails chosen requests at a rate |
 //! | `delay` | `op`, `ms`, `range` | adds latency to chosen requests |
 //! | `partition` | `number` (or `partition:N`) | shows one MBR or GPT partition as the disk |
+//! | `cow` | `overlay`, `size`, `volatile` | redirects writes to an overlay; the base is only read |
 //!
 //! `op` is `read`, `write`, `flush`, `trim` or `all`, several joined by `+`; `range` is
 //! `START-END` in bytes or with units (`1M-2M`); `errno` is `EIO` or `ENOSPC`.
 
+pub mod cow;
 pub mod partition;
 pub mod simple;
 
@@ -57,6 +59,8 @@ pub enum FilterSpec {
         /// 1-based partition number.
         number: u32,
     },
+    /// `cow`.
+    Cow(cow::CowOptions),
 }
 
 /// A filter spec that does not parse.
@@ -67,7 +71,7 @@ pub struct SpecError {
     why: String,
 }
 
-const NAMES: &str = "readonly, stats, error, delay, partition";
+const NAMES: &str = "cow, readonly, stats, error, delay, partition";
 
 fn kinds(v: &str) -> Result<Vec<Kind>, String> {
     let mut out = Vec::new();
@@ -109,8 +113,9 @@ impl FilterSpec {
         for a in args.split(',').filter(|a| !a.is_empty()) {
             match a.split_once('=') {
                 Some((k, v)) => pairs.push((k, v)),
-                // `partition:2` is `partition:number=2`.
+                // `partition:2` is `partition:number=2`; `cow:volatile` a flag.
                 None if name == "partition" => pairs.push(("number", a)),
+                None if name == "cow" && a == "volatile" => pairs.push(("volatile", "yes")),
                 None => return Err(fail(format!("{a:?} is not KEY=VALUE"))),
             }
         }
@@ -195,6 +200,20 @@ impl FilterSpec {
                     .ok_or_else(|| fail(format!("partition number {n:?} is not 1 or more")))?;
                 Ok(FilterSpec::Partition { number })
             }
+            "cow" => {
+                known(&["overlay", "size", "volatile"])?;
+                let size = get("size")
+                    .map(|s| parse_size(s).map_err(|e| fail(e.to_string())))
+                    .transpose()?;
+                let overlay = match (get("overlay"), get("volatile")) {
+                    (Some(_), Some(_)) => {
+                        return Err(fail("an overlay is either a file or volatile".into()))
+                    }
+                    (Some(p), None) => cow::Overlay::Persistent(p.into()),
+                    (None, _) => cow::Overlay::Volatile,
+                };
+                Ok(FilterSpec::Cow(cow::CowOptions { overlay, size }))
+            }
             other => Err(fail(format!("unknown filter {other:?} (filters: {NAMES})"))),
         }
     }
@@ -209,11 +228,37 @@ pub struct Chain {
     pub stats: Option<Arc<Stats>>,
 }
 
+/// Why a chain cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// The partition filter found no partition.
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    /// The overlay cannot be made or opened.
+    #[error("cow overlay: {0}")]
+    Cow(#[from] std::io::Error),
+}
+
+/// Whether `specs` redirect writes (so the image below should be opened read-only).
+pub fn redirects_writes(specs: &[FilterSpec]) -> bool {
+    specs.iter().any(|s| matches!(s, FilterSpec::Cow(_)))
+}
+
 /// Applies `specs` in order over `device`.
-pub fn apply(device: Arc<dyn BlockDevice>, specs: &[FilterSpec]) -> Result<Chain, PartitionError> {
+pub fn apply(device: Arc<dyn BlockDevice>, specs: &[FilterSpec]) -> Result<Chain, ChainError> {
+    apply_over(device, None, specs)
+}
+
+/// Applies `specs` in order over `device`, which is the image file `base` (recorded by a
+/// cow overlay that sits directly on it, so that qemu-img can read the overlay too).
+pub fn apply_over(
+    device: Arc<dyn BlockDevice>,
+    base: Option<cow::BaseFile>,
+    specs: &[FilterSpec],
+) -> Result<Chain, ChainError> {
     let mut device = device;
     let mut stats = None;
-    for spec in specs {
+    for (i, spec) in specs.iter().enumerate() {
         device = match spec {
             FilterSpec::ReadOnly => Arc::new(ReadOnly::new(device)),
             FilterSpec::Stats => {
@@ -237,6 +282,8 @@ pub fn apply(device: Arc<dyn BlockDevice>, specs: &[FilterSpec]) -> Result<Chain
                 Arc::new(Delay::new(device, target.clone(), *delay))
             }
             FilterSpec::Partition { number } => Arc::new(Partition::new(device, *number)?),
+            // Only a cow right on the image file can record it as the overlay's backing file.
+            FilterSpec::Cow(opts) => cow::cow(device, base.as_ref().filter(|_| i == 0), opts)?,
         };
     }
     Ok(Chain { device, stats })

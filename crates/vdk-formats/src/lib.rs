@@ -176,7 +176,7 @@ fn invalid_data(path: &Path, msg: impl fmt::Display) -> io::Error {
 }
 
 /// Reads and checks the qcow2 header of `file`; returns it with the first cluster's bytes.
-fn qcow2_header(path: &Path, file: &File) -> io::Result<(Header, Vec<u8>)> {
+pub fn qcow2_header(path: &Path, file: &File) -> io::Result<(Header, Vec<u8>)> {
     let len = file.metadata()?.len();
     let mut first = vec![0u8; len.min(2 << 20) as usize];
     let n = read_some(file, &mut first, 0)?;
@@ -265,7 +265,10 @@ fn open_in_chain(
                 file,
                 header,
                 backing,
-                &Qcow2Options { read_only },
+                &Qcow2Options {
+                    read_only,
+                    max_bytes: None,
+                },
             )?)
         }
     };
@@ -527,7 +530,16 @@ pub fn resize(path: &Path, format: Option<Format>, new_size: u64) -> io::Result<
             vdk_backends::lock_image(&file, path, false)?;
             // The backing chain is not needed to grow the tables.
             let (header, _) = qcow2_header(path, &file)?;
-            let q = Qcow2::open(path, file, header, None, &Qcow2Options { read_only: false })?;
+            let q = Qcow2::open(
+                path,
+                file,
+                header,
+                None,
+                &Qcow2Options {
+                    read_only: false,
+                    max_bytes: None,
+                },
+            )?;
             q.resize(new_size).map_err(io::Error::other)
         }
         other => Err(io::Error::new(

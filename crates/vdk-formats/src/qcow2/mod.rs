@@ -113,6 +113,9 @@ struct Meta {
 pub struct Qcow2Options {
     /// Refuse writes.
     pub read_only: bool,
+    /// Most bytes the image file may use: allocations past it fail with ENOSPC (an overlay
+    /// of fixed size).
+    pub max_bytes: Option<u64>,
 }
 
 /// A qcow2 image.
@@ -131,6 +134,8 @@ pub struct Qcow2 {
     allocated: Condvar,
     /// Table capacity of each metadata cache before write-back and eviction.
     cache_tables: usize,
+    /// Clusters the file may use (see [`Qcow2Options::max_bytes`]).
+    max_clusters: u64,
 }
 
 impl Qcow2 {
@@ -234,6 +239,7 @@ impl Qcow2 {
                 reftable_clusters: u64::from(header.refcount_table_clusters),
             }),
             allocated: Condvar::new(),
+            max_clusters: opts.max_bytes.map_or(u64::MAX, |b| b / cluster_size),
             cache_tables: usize::try_from((32u64 << 20) / cluster_size)
                 .unwrap_or(64)
                 .max(64),
@@ -565,6 +571,14 @@ impl Qcow2 {
         let limit = m.reftable.len() as u64 * self.rb_entries;
         let mut c = m.free_hint.max(1);
         loop {
+            if c >= self.max_clusters {
+                warn!(
+                    image = %self.path.display(),
+                    max_bytes = self.max_clusters * self.cluster_size,
+                    "image is full: the write fails with ENOSPC, nothing written before is touched"
+                );
+                return Err(Error::NoSpace);
+            }
             if c >= limit {
                 return Err(Error::NoSpace);
             }
@@ -1314,22 +1328,47 @@ impl BlockDevice for Qcow2 {
 
     fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
         check_range(self.header.size, offset, len)?;
-        let mut e = Extents::new(offset);
+        // Runs of (length, kind), None for "what the backing disk has there".
+        let mut runs: Vec<(u64, Option<ExtentKind>)> = Vec::new();
         self.pieces(offset, len, |gc, _, _, n| {
             let map = self.lookup(&mut lock(&self.meta), gc)?;
             let kind = match map {
-                Map::Zero { .. } => ExtentKind::Zero,
-                Map::Unallocated if self.backing_empty(gc) => ExtentKind::Hole,
+                Map::Zero { .. } => Some(ExtentKind::Zero),
+                Map::Unallocated if self.backing_empty(gc) => Some(ExtentKind::Hole),
+                Map::Unallocated => None,
                 Map::Sub {
                     alloc: 0,
                     zero: u32::MAX,
                     ..
-                } => ExtentKind::Zero,
-                _ => ExtentKind::Data,
+                } => Some(ExtentKind::Zero),
+                _ => Some(ExtentKind::Data),
             };
-            e.push(n as u64, kind);
+            match runs.last_mut() {
+                Some((l, k)) if *k == kind => *l += n as u64,
+                _ => runs.push((n as u64, kind)),
+            }
             Ok(())
         })?;
+        let mut e = Extents::new(offset);
+        let mut at = offset;
+        for (n, kind) in runs {
+            match (kind, &self.backing) {
+                (Some(k), _) => e.push(n, k),
+                (None, Some(b)) => {
+                    // Unallocated here: the backing disk's own map, holes past its end.
+                    let bsize = b.info().size;
+                    let inside = bsize.saturating_sub(at).min(n);
+                    if inside > 0 {
+                        for (_, run) in b.extents(at, inside)?.iter() {
+                            e.push(run.len, run.kind);
+                        }
+                    }
+                    e.push(n - inside, ExtentKind::Hole);
+                }
+                (None, None) => e.push(n, ExtentKind::Hole),
+            }
+            at += n;
+        }
         Ok(e)
     }
 }

@@ -348,3 +348,56 @@ pub fn resize(args: ResizeArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `vdk commit`, `vdk discard`.
+#[derive(Debug, Args)]
+pub struct OverlayArgs {
+    /// The overlay of a cow disk (a qcow2 file recording its base); the disk must be closed.
+    overlay: PathBuf,
+}
+
+/// Runs `vdk commit`.
+pub fn commit(args: OverlayArgs) -> anyhow::Result<()> {
+    let r = vdk_filters::cow::commit(&args.overlay)
+        .with_context(|| format!("cannot commit {}", args.overlay.display()))?;
+    println!(
+        "committed {}: {} of data and {} of zeroes merged into the base; the overlay is empty",
+        args.overlay.display(),
+        Human(r.data),
+        Human(r.zeroed)
+    );
+    Ok(())
+}
+
+/// Runs `vdk discard`.
+pub fn discard(args: OverlayArgs) -> anyhow::Result<()> {
+    vdk_filters::cow::discard(&args.overlay)
+        .with_context(|| format!("cannot discard {}", args.overlay.display()))?;
+    println!(
+        "discarded {}: the disk reads as its base again",
+        args.overlay.display()
+    );
+    Ok(())
+}
+
+/// `vdk snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The current overlay (no longer written after this).
+    overlay: PathBuf,
+    /// The new overlay on top of it.
+    new: PathBuf,
+}
+
+/// Runs `vdk snapshot`.
+pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
+    vdk_filters::cow::snapshot(&args.overlay, &args.new)
+        .with_context(|| format!("cannot make {}", args.new.display()))?;
+    println!(
+        "{} now sits on {}: serve it as an image (vdk serve {})",
+        args.new.display(),
+        args.overlay.display(),
+        args.new.display()
+    );
+    Ok(())
+}

@@ -56,6 +56,12 @@ enum Command {
     Resize(image::ResizeArgs),
     /// Counters and latency histograms of a disk opened with --filter stats.
     Stats(disks::StatsArgs),
+    /// Merge a cow overlay into its base, then empty it (safe to run again if interrupted).
+    Commit(image::OverlayArgs),
+    /// Empty a cow overlay: the disk reads as its base again.
+    Discard(image::OverlayArgs),
+    /// Start a new overlay on top of a cow overlay (a chain).
+    Snapshot(image::SnapshotArgs),
 }
 
 /// Runs the chosen command.
@@ -76,6 +82,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check(args) => image::check(args),
         Command::Resize(args) => image::resize(args),
         Command::Stats(args) => disks::stats(args, &paths()?),
+        Command::Commit(args) => image::commit(args),
+        Command::Discard(args) => image::discard(args),
+        Command::Snapshot(args) => image::snapshot(args),
     }
 }
 

@@ -89,10 +89,16 @@ fn file_name(path: &Path) -> String {
     )
 }
 
-fn open(source: &Source, args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice>> {
+/// Opens a source; an image file comes back with what a cow overlay records of it. With
+/// `read_only` (a cow filter above, or --read-only) the file is opened read-only.
+fn open(
+    source: &Source,
+    args: &ServeArgs,
+    read_only: bool,
+) -> anyhow::Result<(Arc<dyn BlockDevice>, Option<vdk_filters::cow::BaseFile>)> {
     match source {
-        Source::Memory(size) => Ok(Arc::new(MemoryDisk::new(*size))),
-        Source::Pattern(size) => Ok(Arc::new(PatternDisk::new(*size))),
+        Source::Memory(size) => Ok((Arc::new(MemoryDisk::new(*size)), None)),
+        Source::Pattern(size) => Ok((Arc::new(PatternDisk::new(*size)), None)),
         Source::File(path) => {
             let cannot_open = |e: std::io::Error| {
                 let hint = match e.kind() {
@@ -117,18 +123,27 @@ fn open(source: &Source, args: &ServeArgs) -> anyhow::Result<Arc<dyn BlockDevice
                 }
                 let opts = vdk_formats::OpenOptions {
                     format: Some(format),
-                    read_only: args.read_only,
+                    read_only,
                     probe_backing: args.probe_backing,
                 };
-                return Ok(vdk_formats::open(path, &opts).map_err(cannot_open)?.device);
+                let device = vdk_formats::open(path, &opts).map_err(cannot_open)?.device;
+                return Ok((device, Some(base_file(path, format)?)));
             }
             let opts = FileOptions {
-                read_only: args.read_only,
+                read_only,
                 direct: args.direct,
             };
-            Ok(Arc::new(FileDisk::open(path, opts).map_err(cannot_open)?))
+            let device = Arc::new(FileDisk::open(path, opts).map_err(cannot_open)?);
+            Ok((device, Some(base_file(path, format)?)))
         }
     }
+}
+
+fn base_file(path: &Path, format: Format) -> anyhow::Result<vdk_filters::cow::BaseFile> {
+    Ok(vdk_filters::cow::BaseFile {
+        path: std::fs::canonicalize(path)?,
+        format,
+    })
 }
 
 fn exports(args: &ServeArgs) -> anyhow::Result<Vec<(String, Source)>> {
@@ -181,7 +196,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut served = Vec::new();
     for (name, source) in exports(&args)? {
-        let device = vdk_filters::apply(open(&source, &args)?, &specs)
+        let read_only = args.read_only || vdk_filters::redirects_writes(&specs);
+        let (device, base) = open(&source, &args, read_only)?;
+        let device = vdk_filters::apply_over(device, base, &specs)
             .with_context(|| format!("export {name:?}"))?
             .device;
         let mut export = Export::new(name, device);
