@@ -140,25 +140,64 @@ impl Rng {
 
 #[test]
 fn kill_9_at_random_moments_never_corrupts_a_qcow2() {
-    kill_9_loop("qcow2", &["--cluster-size", "4K"], true);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("crash.qcow2");
+    vdk(&[
+        "create",
+        "-f",
+        "qcow2",
+        s(&img),
+        "512M",
+        "--cluster-size",
+        "4K",
+    ]);
+    kill_9_loop(&dir, &img, &[], &img, 30, true);
 }
 
 #[test]
 fn kill_9_at_random_moments_never_corrupts_a_vhdx() {
-    kill_9_loop("vhdx", &[], false);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("crash.vhdx");
+    vdk(&["create", "-f", "vhdx", s(&img), "512M"]);
+    kill_9_loop(&dir, &img, &[], &img, 30, false);
 }
 
-/// 30 rounds: serve a FORMAT image, write and flush records from the workload, kill -9 vdk
-/// at a random moment; then qemu-img check (no corruption) and every record written before
-/// a completed flush must read back. With `vdk_check`, vdk check must agree with qemu-img.
-fn kill_9_loop(format: &str, create_opts: &[&str], vdk_check_agrees: bool) {
+/// 50 kills of a cow disk: the overlay passes qemu-img check, flushed records read back
+/// through base + overlay, and the base never changes.
+#[test]
+fn kill_9_at_random_moments_never_harms_a_cow_disk_or_its_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(&base).unwrap();
+        f.set_len(512 << 20).unwrap();
+        f.write_all_at(&[0x5b; 1 << 20], 100 << 20).unwrap();
+    }
+    let before = fs::read(&base).unwrap();
+    let overlay = dir.path().join("changes.qcow2");
+    let spec = format!("cow:overlay={}", s(&overlay));
+    kill_9_loop(&dir, &base, &["--filter", &spec], &overlay, 50, true);
+    assert!(
+        fs::read(&base).unwrap() == before,
+        "the base is bit-identical after 50 kills"
+    );
+}
+
+/// `rounds` rounds: serve `img` (with `serve_extra` arguments), write and flush records from
+/// the workload, kill -9 vdk at a random moment; then qemu-img check of `checked` (no
+/// corruption) and every record written before a completed flush must read back through it.
+/// With `vdk_check_agrees`, vdk check must agree with qemu-img.
+fn kill_9_loop(
+    dir: &tempfile::TempDir,
+    img: &Path,
+    serve_extra: &[&str],
+    checked: &Path,
+    rounds: usize,
+    vdk_check_agrees: bool,
+) {
     need("qemu-img");
     need("nbdsh"); // python3-libnbd: the workload speaks NBD through it
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join(format!("crash.{format}"));
-    let mut args = vec!["create", "-f", format, s(&img), "512M"];
-    args.extend_from_slice(create_opts);
-    vdk(&args);
     let state = dir.path().join("state");
     fs::write(&state, "").unwrap();
     let sock = dir.path().join("nbd.sock");
@@ -168,15 +207,11 @@ fn kill_9_loop(format: &str, create_opts: &[&str], vdk_check_agrees: bool) {
     let mut rng = Rng(0x5eed);
     let mut first = 0u64;
     let mut progress = Vec::new();
-    for round in 0..30 {
+    for round in 0..rounds {
         let _ = fs::remove_file(&sock);
         let mut server = Command::new(env!("CARGO_BIN_EXE_vdk"))
-            .args([
-                "serve",
-                s(&img),
-                "--listen",
-                &format!("unix://{}", s(&sock)),
-            ])
+            .args(["serve", s(img), "--listen", &format!("unix://{}", s(&sock))])
+            .args(serve_extra)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -200,7 +235,7 @@ fn kill_9_loop(format: &str, create_opts: &[&str], vdk_check_agrees: bool) {
         let _ = writer.kill();
         writer.wait().unwrap();
         let check = Command::new("qemu-img")
-            .args(["check", "--output=json", s(&img)])
+            .args(["check", "--output=json", s(checked)])
             .output()
             .unwrap();
         let report = String::from_utf8_lossy(&check.stdout).into_owned();
@@ -213,7 +248,7 @@ fn kill_9_loop(format: &str, create_opts: &[&str], vdk_check_agrees: bool) {
         if vdk_check_agrees {
             // vdk check sees what qemu-img check sees.
             let q: serde_json::Value = serde_json::from_str(&report).unwrap();
-            let (code, v) = vdk_check(&img, &[]);
+            let (code, v) = vdk_check(checked, &[]);
             assert_eq!(
                 code,
                 check.status.code(),
@@ -226,7 +261,7 @@ fn kill_9_loop(format: &str, create_opts: &[&str], vdk_check_agrees: bool) {
             );
         }
         let _ = fs::remove_file(&raw);
-        run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&img), s(&raw)]));
+        run(Command::new("qemu-img").args(["convert", "-O", "raw", s(checked), s(&raw)]));
         let verified = stdout(Command::new("/usr/bin/python3").arg(&workload).args([
             "verify",
             s(&raw),
@@ -241,10 +276,10 @@ fn kill_9_loop(format: &str, create_opts: &[&str], vdk_check_agrees: bool) {
         progress.windows(2).filter(|w| w[1] > w[0]).count() >= 15,
         "too few rounds wrote anything before the kill: {progress:?}"
     );
-    if format == "qcow2" {
+    if vdk_check_agrees {
         // Leaks left by the crashes are only leaks: qemu-img repairs them.
-        run(Command::new("qemu-img").args(["check", "-r", "leaks", s(&img)]));
-        run(Command::new("qemu-img").args(["check", s(&img)]));
+        run(Command::new("qemu-img").args(["check", "-r", "leaks", s(checked)]));
+        run(Command::new("qemu-img").args(["check", s(checked)]));
     }
 }
 
@@ -506,4 +541,61 @@ fn resize_grows_the_l1_table_and_keeps_the_data() {
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("shrink"));
+}
+
+/// A commit killed at random points and run again ends with base = base + overlay, as the
+/// overlay read before any commit.
+#[test]
+fn commit_interrupted_by_kill_9_finishes_when_run_again() {
+    need("qemu-img");
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(&base).unwrap();
+        f.set_len(320 << 20).unwrap();
+        f.write_all_at(&vec![0x42; 8 << 20], 10 << 20).unwrap();
+    }
+    let overlay = dir.path().join("o.qcow2");
+    vdk(&["create", s(&overlay), "-b", "base.img", "-F", "raw"]);
+    run(Command::new("qemu-io").args([
+        "-c",
+        "write -P 0x61 0 140M",
+        "-c",
+        "write -z 12M 2M",
+        "-c",
+        "write -P 0x62 160M 120M",
+        s(&overlay),
+    ]));
+    let expected = dir.path().join("expected.raw");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&overlay), s(&expected)]));
+    let mut rng = Rng(42);
+    let mut interrupted = 0;
+    for _ in 0..8 {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vdk"))
+            .args(["commit", s(&overlay)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(2 + rng.below(60)));
+        let _ = c.kill();
+        if c.wait().unwrap().code().is_none() {
+            interrupted += 1;
+        }
+        // The overlay stays readable by qemu whatever moment the kill hit.
+        run(Command::new("qemu-img").args(["check", s(&overlay)]));
+    }
+    assert!(
+        interrupted >= 3,
+        "only {interrupted} of 8 kills landed during a commit"
+    );
+    vdk(&["commit", s(&overlay)]);
+    assert!(
+        fs::read(&base).unwrap() == fs::read(&expected).unwrap(),
+        "base = base + overlay"
+    );
+    let out = vdk(&["commit", s(&overlay)]);
+    assert!(out.contains("0 B of data"), "nothing left to commit: {out}");
 }
