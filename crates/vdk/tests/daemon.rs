@@ -782,3 +782,46 @@ fn a_qcow2_disk_is_a_drive_too() {
     d.ok(&["close", field(&again, "id")]);
     run(Command::new("qemu-img").args(["check", s(&image)]));
 }
+
+/// ext4 on a cow disk over a blank base: discard leaves the base as it was; commit puts the
+/// file system into the base, where fsck finds it clean.
+#[test]
+fn ext4_on_a_cow_disk_then_discard_then_commit() {
+    need_root();
+    need("mkfs.ext4");
+    let d = Daemon::new();
+    let base = d.path("blank.img");
+    common::sparse_file(&base, 64 << 20);
+    let overlay = d.path("changes.qcow2");
+    let spec = format!("cow:overlay={}", s(&overlay));
+    let mnt = d.path("mnt");
+    let open = |d: &Daemon| d.open(&[s(&base), "--filter", &spec]);
+    let v = open(&d);
+    let id = field(&v, "id").to_owned();
+    d.ok(&["mount", &id, s(&mnt), "--mkfs", "ext4"]);
+    write_tree(&mnt, 4);
+    d.ok(&["close", &id]);
+    assert!(
+        fs::read(&base).unwrap().iter().all(|b| *b == 0),
+        "the base is untouched"
+    );
+    d.ok(&["discard", s(&overlay)]);
+    let v = open(&d);
+    let probe = Command::new("blkid")
+        .arg(field(&v, "block_device"))
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&probe.stdout).contains("ext4"),
+        "after discard the disk is blank again"
+    );
+    d.ok(&["mount", field(&v, "id"), s(&mnt), "--mkfs", "ext4"]);
+    let files = write_tree(&mnt, 5);
+    d.ok(&["close", field(&v, "id")]);
+    d.ok(&["commit", s(&overlay)]);
+    fsck_clean(&base);
+    // The base alone now holds the files.
+    let plain = d.open(&[s(&base), "--mount", s(&d.path("plain"))]);
+    check_tree(&files, &mnt, &d.path("plain"));
+    d.ok(&["close", field(&plain, "id")]);
+}

@@ -191,7 +191,11 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
         mount: args.mount.as_deref().map(absolute).transpose()?,
         export_name: args.export_name,
         probe_backing: args.probe_backing,
-        filters: args.filters,
+        filters: args
+            .filters
+            .iter()
+            .map(|f| absolute_overlay(f))
+            .collect::<anyhow::Result<_>>()?,
     });
     let mut client = connect(paths, true)?;
     let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
@@ -220,6 +224,22 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
         println!("  nbd           {uri}");
     }
     Ok(())
+}
+
+/// A cow spec's overlay path made absolute: the daemon does not share this command's
+/// working directory.
+fn absolute_overlay(spec: &str) -> anyhow::Result<String> {
+    let Some(args) = spec.strip_prefix("cow:") else {
+        return Ok(spec.to_owned());
+    };
+    let mut out = Vec::new();
+    for a in args.split(',') {
+        match a.strip_prefix("overlay=") {
+            Some(p) => out.push(format!("overlay={}", absolute(Path::new(p))?.display())),
+            None => out.push(a.to_owned()),
+        }
+    }
+    Ok(format!("cow:{}", out.join(",")))
 }
 
 /// `vdk close`.

@@ -44,6 +44,8 @@ struct Attachment {
 struct Disk {
     id: String,
     image: PathBuf,
+    /// What identifies the disk: its image, or its cow overlay.
+    key: PathBuf,
     format: String,
     size: u64,
     read_only: bool,
@@ -68,6 +70,8 @@ pub struct Daemon {
     disks: Mutex<BTreeMap<String, Arc<Disk>>>,
     /// Held by requests that change disks, so that they run one at a time.
     changing: Mutex<()>,
+    /// Numbers volatile cow disks.
+    volatile: std::sync::atomic::AtomicU64,
 }
 
 /// The disk id for an image: its file stem and a hash of its canonical path, so the same
@@ -144,6 +148,7 @@ impl Daemon {
             fuse_loop: Mutex::new(None),
             disks: Mutex::default(),
             changing: Mutex::new(()),
+            volatile: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -213,7 +218,7 @@ impl Daemon {
         let path = fs::canonicalize(key).unwrap_or_else(|_| PathBuf::from(key));
         disks
             .values()
-            .find(|d| d.image == path)
+            .find(|d| d.image == path || d.key == path)
             .cloned()
             .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no open disk is {key:?}")))
     }
@@ -375,11 +380,32 @@ impl Daemon {
         format: Option<Format>,
         attach: &'static str,
     ) -> Result<Arc<Disk>, ApiError> {
-        let id = disk_id(image);
-        if let Some(d) = lock(&self.disks).values().find(|d| d.image == image) {
+        let specs = parse_filters(&req.filters)?;
+        let redirect = vdk_filters::redirects_writes(&specs);
+        // What makes this disk itself: the image, or for a cow disk its overlay (many cow
+        // disks may share one base).
+        let (key, id) = match specs.iter().find_map(|s| match s {
+            vdk_filters::FilterSpec::Cow(o) => Some(o.overlay.clone()),
+            _ => None,
+        }) {
+            Some(vdk_filters::cow::Overlay::Persistent(p)) => {
+                let p = std::path::absolute(&p).map_err(|e| ApiError::io("overlay path", &e))?;
+                let id = disk_id(&p);
+                (p, id)
+            }
+            Some(vdk_filters::cow::Overlay::Volatile) => {
+                let n = self
+                    .volatile
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = format!("{}-v{n}", disk_id(image));
+                (image.join(format!("#volatile-{n}")), id)
+            }
+            None => (image.to_owned(), disk_id(image)),
+        };
+        if let Some(d) = lock(&self.disks).values().find(|d| d.key == key) {
             return Err(ApiError::new(
                 ErrorKind::AlreadyOpen,
-                format!("{} is already open as {}", image.display(), d.id),
+                format!("{} is already open as {}", key.display(), d.id),
             ));
         }
         let shown = image.display();
@@ -391,13 +417,17 @@ impl Daemon {
         drop(file);
         let opts = vdk_formats::OpenOptions {
             format,
-            read_only: req.read_only,
+            // The base of a cow disk is only read.
+            read_only: req.read_only || redirect,
             probe_backing: req.probe_backing,
         };
         let opened = vdk_formats::open(image, &opts)
             .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
-        let specs = parse_filters(&req.filters)?;
-        let chain = vdk_filters::apply(opened.device, &specs)
+        let base = vdk_filters::cow::BaseFile {
+            path: image.to_owned(),
+            format: opened.format,
+        };
+        let chain = vdk_filters::apply_over(opened.device, Some(base), &specs)
             .map_err(|e| invalid(format!("{shown}: {e}")))?;
         let backend = chain.device;
         let size_info = backend.info();
@@ -426,6 +456,7 @@ impl Daemon {
         let disk = Arc::new(Disk {
             id: id.clone(),
             image: image.to_owned(),
+            key,
             format: opened.format.name().into(),
             size,
             // An ISO is read-only whatever was asked.
