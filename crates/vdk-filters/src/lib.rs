@@ -313,6 +313,8 @@ mod tests {
                 "delay:op=all,ms=0",
                 "stats",
             ],
+            vec!["cow", "stats", "error:op=all,rate=0"],
+            vec!["stats", "cow:volatile", "delay:op=flush,ms=0"],
         ] {
             let s = specs(&chain);
             conformance::run(&|| {
