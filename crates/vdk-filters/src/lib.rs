@@ -12,10 +12,12 @@
 //! | `delay` | `op`, `ms`, `range` | adds latency to chosen requests |
 //! | `partition` | `number` (or `partition:N`) | shows one MBR or GPT partition as the disk |
 //! | `cow` | `overlay`, `size`, `volatile` | redirects writes to an overlay; the base is only read |
+//! | `cache` | `size`, `block`, `dir` | a bounded read cache in RAM, or in a file in `dir` |
 //!
 //! `op` is `read`, `write`, `flush`, `trim` or `all`, several joined by `+`; `range` is
 //! `START-END` in bytes or with units (`1M-2M`); `errno` is `EIO` or `ENOSPC`.
 
+pub mod cache;
 pub mod cow;
 pub mod partition;
 pub mod simple;
@@ -61,6 +63,15 @@ pub enum FilterSpec {
     },
     /// `cow`.
     Cow(cow::CowOptions),
+    /// `cache`.
+    Cache {
+        /// Bytes kept at most.
+        size: u64,
+        /// Block size.
+        block: u64,
+        /// Keep blocks in a file in this directory rather than in RAM.
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// A filter spec that does not parse.
@@ -71,7 +82,7 @@ pub struct SpecError {
     why: String,
 }
 
-const NAMES: &str = "cow, readonly, stats, error, delay, partition";
+const NAMES: &str = "cow, cache, readonly, stats, error, delay, partition";
 
 fn kinds(v: &str) -> Result<Vec<Kind>, String> {
     let mut out = Vec::new();
@@ -214,6 +225,27 @@ impl FilterSpec {
                 };
                 Ok(FilterSpec::Cow(cow::CowOptions { overlay, size }))
             }
+            "cache" => {
+                known(&["size", "block", "dir"])?;
+                let num = |k: &str, default: u64| -> Result<u64, SpecError> {
+                    get(k).map_or(Ok(default), |v| {
+                        parse_size(v).map_err(|e| fail(e.to_string()))
+                    })
+                };
+                let size = num("size", 64 << 20)?;
+                let block = num("block", 64 << 10)?;
+                if !block.is_power_of_two() || !(512..=(16 << 20)).contains(&block) || size < block
+                {
+                    return Err(fail(format!(
+                        "block {block} must be a power of two from 512 to 16M, and size at least one block"
+                    )));
+                }
+                Ok(FilterSpec::Cache {
+                    size,
+                    block,
+                    dir: get("dir").map(Into::into),
+                })
+            }
             other => Err(fail(format!("unknown filter {other:?} (filters: {NAMES})"))),
         }
     }
@@ -284,6 +316,9 @@ pub fn apply_over(
             FilterSpec::Partition { number } => Arc::new(Partition::new(device, *number)?),
             // Only a cow right on the image file can record it as the overlay's backing file.
             FilterSpec::Cow(opts) => cow::cow(device, base.as_ref().filter(|_| i == 0), opts)?,
+            FilterSpec::Cache { size, block, dir } => {
+                Arc::new(cache::Cache::new(device, *size, *block, dir.as_deref())?)
+            }
         };
     }
     Ok(Chain { device, stats })
@@ -315,6 +350,9 @@ mod tests {
             ],
             vec!["cow", "stats", "error:op=all,rate=0"],
             vec!["stats", "cow:volatile", "delay:op=flush,ms=0"],
+            vec!["cache:size=1M,block=4K"],
+            vec!["cache:size=256K,block=64K,dir=/tmp"],
+            vec!["cow", "cache:size=2M", "stats"],
         ] {
             let s = specs(&chain);
             conformance::run(&|| {
@@ -405,5 +443,52 @@ mod tests {
         );
         assert_eq!(get(Kind::Flush).count, 1);
         assert_eq!(get(Kind::Read).buckets.iter().sum::<u64>(), 2);
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use vdk_backends::MemoryDisk;
+
+    #[test]
+    fn a_cache_serves_repeated_reads_without_the_slow_disk_and_stays_bounded() {
+        let slow = FilterSpec::parse("delay:op=read,ms=20").unwrap();
+        let cache = FilterSpec::parse("cache:size=256K,block=64K").unwrap();
+        let disk = Arc::new(MemoryDisk::new(4 << 20));
+        disk.write_at(&[7; 4096], 0, false).unwrap();
+        let c = apply(disk, &[slow, cache]).unwrap().device;
+        let mut b = [0u8; 4096];
+        c.read_at(&mut b, 0).unwrap();
+        let t = Instant::now();
+        for _ in 0..10 {
+            assert!(c.try_read_at(&mut b, 0).unwrap(), "a hit is served at once");
+            c.read_at(&mut b[..1000], 100).unwrap();
+            c.read_at(&mut b, 0).unwrap();
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(20),
+            "hits never reach the slow disk"
+        );
+        assert!(b.iter().all(|x| *x == 7));
+        // A write goes through and the next read sees it.
+        c.write_at(&[9; 10], 50, false).unwrap();
+        c.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b[50..60], &[9; 10]);
+        // Reading 1 MiB keeps at most 256 KiB.
+        let mut big = vec![0u8; 1 << 20];
+        c.read_at(&mut big, 1 << 20).unwrap();
+        let mut probe = [0u8; 512];
+        let cached = (0..16u64)
+            .filter(|i| {
+                c.try_read_at(&mut probe, (1 << 20) + i * (64 << 10))
+                    .unwrap()
+            })
+            .count();
+        assert!(
+            cached <= 4,
+            "{cached} blocks of 64 KiB kept in a 256 KiB cache"
+        );
     }
 }
