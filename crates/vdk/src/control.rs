@@ -32,6 +32,10 @@ pub enum Request {
     Shutdown,
     /// Latency histograms and counters of a disk's stats filter.
     Stats(DiskRequest),
+    /// Merge an open cow disk's overlay into its base.
+    Commit(DiskRequest),
+    /// Empty an open cow disk's overlay.
+    Discard(DiskRequest),
 }
 
 /// A request about one disk.

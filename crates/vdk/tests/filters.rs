@@ -163,3 +163,75 @@ fn an_open_disk_takes_filters_and_reports_stats() {
     assert!(err.contains("unknown filter"), "{err}");
     assert!(!d.path("bad.img").exists());
 }
+
+#[test]
+fn commit_and_discard_an_open_cow_disk_live() {
+    need("qemu-io");
+    let d = common::Daemon::new();
+    let base = d.path("base.img");
+    common::sparse_file(&base, 16 << 20);
+    let overlay = d.path("o.qcow2");
+    let spec = format!("cow:overlay={}", overlay.display());
+    let v = d.open(&[
+        base.to_str().unwrap(),
+        "--attach",
+        "none",
+        "--filter",
+        &spec,
+        "--filter",
+        "stats",
+    ]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let uri = v["nbd"][0].as_str().unwrap().to_owned();
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x71 1M 64k", &uri]));
+    assert!(
+        std::fs::read(&base).unwrap().iter().all(|b| *b == 0),
+        "not in the base yet"
+    );
+    // A second disk on the same base: the base cannot be written while it is shared.
+    let other = d.open(&[
+        base.to_str().unwrap(),
+        "--attach",
+        "none",
+        "--filter",
+        "cow",
+    ]);
+    let err = d.fails(&["commit", &id]);
+    assert!(err.contains("in use"), "{err}");
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x71 1M 64k", &uri]));
+    d.ok(&["close", other["id"].as_str().unwrap()]);
+    let out = d.ok(&["commit", &id]);
+    assert!(out.contains("live") && out.contains("64 KiB"), "{out}");
+    let b = std::fs::read(&base).unwrap();
+    assert!(
+        b[1 << 20..(1 << 20) + 65536].iter().all(|x| *x == 0x71),
+        "the base holds the data"
+    );
+    // The disk goes on, same connection URI, reading the same bytes; stats work again.
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x71 1M 64k",
+        "-c",
+        "write -P 0x72 0 4k",
+        &uri,
+    ]));
+    assert!(
+        d.json(&["stats", &id])["ops"]["write"]["count"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    d.ok(&["discard", &id]);
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0 0 4k",
+        "-c",
+        "read -P 0x71 1M 64k",
+        &uri,
+    ]));
+    d.ok(&["close", &id]);
+}

@@ -257,7 +257,7 @@ pub struct CloseArgs {
 }
 
 /// What a disk argument names: an id, or an image path made absolute.
-fn disk_key(arg: &str) -> anyhow::Result<String> {
+pub(crate) fn disk_key(arg: &str) -> anyhow::Result<String> {
     let p = Path::new(arg);
     if p.exists() {
         let p = fs::canonicalize(p).unwrap_or(absolute(p)?);

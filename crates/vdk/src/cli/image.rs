@@ -8,6 +8,9 @@ use clap::Args;
 use vdk_core::size::{parse_size, Human};
 use vdk_formats::{CreateOptions, Format, ImageInfo};
 
+use crate::control::{Client, DiskRequest, ErrorKind, Request};
+use crate::daemon::Paths;
+
 /// `vdk create`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -352,12 +355,44 @@ pub fn resize(args: ResizeArgs) -> anyhow::Result<()> {
 /// `vdk commit`, `vdk discard`.
 #[derive(Debug, Args)]
 pub struct OverlayArgs {
-    /// The overlay of a cow disk (a qcow2 file recording its base); the disk must be closed.
+    /// An open cow disk (its id or overlay), done live by the daemon with the disk's requests
+    /// paused; or the overlay file of a closed one (a qcow2 file recording its base).
     overlay: PathBuf,
 }
 
+/// Asks a running daemon to commit (or discard) an open disk; `None` if no daemon knows it.
+fn live(
+    args: &OverlayArgs,
+    paths: &Paths,
+    discard: bool,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let Ok(mut client) = Client::connect(&paths.socket) else {
+        return Ok(None);
+    };
+    let disk = crate::cli::disks::disk_key(&args.overlay.to_string_lossy())?;
+    let req = if discard {
+        Request::Discard(DiskRequest { disk })
+    } else {
+        Request::Commit(DiskRequest { disk })
+    };
+    match client.call(&req)? {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!(e.message)),
+    }
+}
+
 /// Runs `vdk commit`.
-pub fn commit(args: OverlayArgs) -> anyhow::Result<()> {
+pub fn commit(args: OverlayArgs, paths: &Paths) -> anyhow::Result<()> {
+    if let Some(v) = live(&args, paths, false)? {
+        println!(
+            "committed {} live: {} of data and {} of zeroes merged into the base; the overlay is empty",
+            v["id"].as_str().unwrap_or("?"),
+            Human(v["data"].as_u64().unwrap_or(0)),
+            Human(v["zeroed"].as_u64().unwrap_or(0))
+        );
+        return Ok(());
+    }
     let r = vdk_filters::cow::commit(&args.overlay)
         .with_context(|| format!("cannot commit {}", args.overlay.display()))?;
     println!(
@@ -370,7 +405,14 @@ pub fn commit(args: OverlayArgs) -> anyhow::Result<()> {
 }
 
 /// Runs `vdk discard`.
-pub fn discard(args: OverlayArgs) -> anyhow::Result<()> {
+pub fn discard(args: OverlayArgs, paths: &Paths) -> anyhow::Result<()> {
+    if let Some(v) = live(&args, paths, true)? {
+        println!(
+            "discarded {} live: the disk reads as its base again",
+            v["id"].as_str().unwrap_or("?")
+        );
+        return Ok(());
+    }
     vdk_filters::cow::discard(&args.overlay)
         .with_context(|| format!("cannot discard {}", args.overlay.display()))?;
     println!(

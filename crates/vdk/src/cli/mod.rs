@@ -82,8 +82,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check(args) => image::check(args),
         Command::Resize(args) => image::resize(args),
         Command::Stats(args) => disks::stats(args, &paths()?),
-        Command::Commit(args) => image::commit(args),
-        Command::Discard(args) => image::discard(args),
+        Command::Commit(args) => image::commit(args, &paths()?),
+        Command::Discard(args) => image::discard(args, &paths()?),
         Command::Snapshot(args) => image::snapshot(args),
     }
 }

@@ -53,7 +53,9 @@ struct Disk {
     export: String,
     device: Arc<Tracked>,
     filters: Vec<String>,
-    stats: Option<Arc<vdk_filters::Stats>>,
+    stats: Mutex<Option<Arc<vdk_filters::Stats>>>,
+    /// How to open the chain again (after a live commit or discard).
+    recipe: Recipe,
     state: Mutex<Attachment>,
 }
 
@@ -103,6 +105,48 @@ pub fn disk_id(image: &Path) -> String {
 
 fn invalid(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Invalid, msg)
+}
+
+/// What a disk's chain is made of: the image and the filters over it.
+#[derive(Debug)]
+struct Recipe {
+    image: PathBuf,
+    format: Option<Format>,
+    read_only: bool,
+    probe_backing: bool,
+    specs: Vec<vdk_filters::FilterSpec>,
+}
+
+impl Recipe {
+    /// Opens the image and applies the filters.
+    fn build(&self) -> Result<(vdk_filters::Chain, Format), ApiError> {
+        let shown = self.image.display();
+        let opts = vdk_formats::OpenOptions {
+            format: self.format,
+            read_only: self.read_only,
+            probe_backing: self.probe_backing,
+        };
+        let opened = vdk_formats::open(&self.image, &opts)
+            .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
+        let base = vdk_filters::cow::BaseFile {
+            path: self.image.clone(),
+            format: opened.format,
+        };
+        let chain = vdk_filters::apply_over(opened.device, Some(base), &self.specs)
+            .map_err(|e| invalid(format!("{shown}: {e}")))?;
+        Ok((chain, opened.format))
+    }
+
+    /// The persistent cow overlay, if the disk has one.
+    fn overlay(&self) -> Option<PathBuf> {
+        self.specs.iter().find_map(|s| match s {
+            vdk_filters::FilterSpec::Cow(o) => match &o.overlay {
+                vdk_filters::cow::Overlay::Persistent(p) => Some(p.clone()),
+                vdk_filters::cow::Overlay::Volatile => None,
+            },
+            _ => None,
+        })
+    }
 }
 
 fn parse_filters(specs: &[String]) -> Result<Vec<vdk_filters::FilterSpec>, ApiError> {
@@ -174,10 +218,69 @@ impl Daemon {
         }
     }
 
+    /// Merges an open cow disk's overlay into its base (or, with `discard`, empties it), with
+    /// the disk's requests paused meanwhile: the chain is flushed and closed, the overlay
+    /// committed, and the chain opened again. Refused if another disk shares the base.
+    pub fn commit(&self, key: &str, discard: bool) -> Result<serde_json::Value, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.find(key)?;
+        let Some(overlay) = disk.recipe.overlay() else {
+            return Err(invalid(format!(
+                "{} has no cow overlay file to {}",
+                disk.id,
+                if discard { "discard" } else { "commit" }
+            )));
+        };
+        let mut report = None;
+        disk.device.swap(|old| {
+            if let Err(e) = old.flush() {
+                return Err((
+                    ApiError::new(ErrorKind::Io, format!("flush before commit: {e}")),
+                    old,
+                ));
+            }
+            // The overlay and the base are released with the chain (the stats handle is a
+            // part of it too).
+            *lock(&disk.stats) = None;
+            drop(old);
+            let done = if discard {
+                vdk_filters::cow::discard(&overlay)
+                    .map(|()| vdk_filters::cow::CommitReport::default())
+            } else {
+                vdk_filters::cow::commit(&overlay)
+            };
+            let (chain, _) = match disk.recipe.build() {
+                Ok(c) => c,
+                Err(e) => {
+                    disk.device.close();
+                    let msg = format!(
+                        "the disk could not be opened again and is closed: {}",
+                        e.message
+                    );
+                    return Err((
+                        ApiError::new(ErrorKind::Io, msg),
+                        super::tracked::placeholder(),
+                    ));
+                }
+            };
+            *lock(&disk.stats) = chain.stats.clone();
+            match done {
+                Ok(r) => {
+                    report = Some(r);
+                    Ok(chain.device)
+                }
+                Err(e) => Err((ApiError::io("commit", &e), chain.device)),
+            }
+        })?;
+        let r = report.unwrap_or_default();
+        info!(id = %disk.id, overlay = %overlay.display(), discard, "overlay merged or emptied live");
+        Ok(serde_json::json!({ "id": disk.id, "data": r.data, "zeroed": r.zeroed }))
+    }
+
     /// The stats filter's counters of a disk, per operation.
     pub fn stats(&self, key: &str) -> Result<serde_json::Value, ApiError> {
         let disk = self.find(key)?;
-        let Some(stats) = &disk.stats else {
+        let Some(stats) = lock(&disk.stats).clone() else {
             return Err(invalid(format!(
                 "{} has no stats filter: open it with --filter stats",
                 disk.id
@@ -415,20 +518,15 @@ impl Daemon {
             probe_format(&mut file, image)?;
         }
         drop(file);
-        let opts = vdk_formats::OpenOptions {
+        let recipe = Recipe {
+            image: image.to_owned(),
             format,
             // The base of a cow disk is only read.
             read_only: req.read_only || redirect,
             probe_backing: req.probe_backing,
+            specs,
         };
-        let opened = vdk_formats::open(image, &opts)
-            .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
-        let base = vdk_filters::cow::BaseFile {
-            path: image.to_owned(),
-            format: opened.format,
-        };
-        let chain = vdk_filters::apply_over(opened.device, Some(base), &specs)
-            .map_err(|e| invalid(format!("{shown}: {e}")))?;
+        let (chain, opened_format) = recipe.build()?;
         let backend = chain.device;
         let size_info = backend.info();
         let size = size_info.size;
@@ -457,7 +555,7 @@ impl Daemon {
             id: id.clone(),
             image: image.to_owned(),
             key,
-            format: opened.format.name().into(),
+            format: opened_format.name().into(),
             size,
             // An ISO is read-only whatever was asked.
             read_only: req.read_only || size_info.read_only,
@@ -465,7 +563,8 @@ impl Daemon {
             export: export_name,
             device,
             filters: req.filters.clone(),
-            stats: chain.stats,
+            stats: Mutex::new(chain.stats),
+            recipe,
             state: Mutex::default(),
         });
         let set_up = self.set_up(&disk, req);

@@ -252,6 +252,8 @@ impl Daemon {
             Request::Mount(r) => self.mount(r).map(|s| serde_json::json!(s)),
             Request::Unmount(r) => self.unmount(&r.disk, r.force).map(|s| serde_json::json!(s)),
             Request::Stats(r) => self.stats(&r.disk),
+            Request::Commit(r) => self.commit(&r.disk, false),
+            Request::Discard(r) => self.commit(&r.disk, true),
             Request::Shutdown => Err(ApiError::new(
                 control::ErrorKind::BadRequest,
                 "shutdown is handled by the connection",

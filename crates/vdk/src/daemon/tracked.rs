@@ -2,7 +2,7 @@
 //! fails every later request once the disk is closed (as a disk pulled out of its slot does).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use vdk_core::{BlockDevice, DiskInfo, Error, Extents, Piece, Result};
 
@@ -22,7 +22,9 @@ struct Stats {
 /// A backend with counters and a close switch.
 #[derive(Debug)]
 pub struct Tracked {
-    inner: Arc<dyn BlockDevice>,
+    /// The chain below; swapped (under the write lock, so between requests) by a live
+    /// commit or discard.
+    inner: RwLock<Arc<dyn BlockDevice>>,
     closed: AtomicBool,
     stats: Stats,
 }
@@ -35,7 +37,7 @@ impl Tracked {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn BlockDevice>) -> Tracked {
         Tracked {
-            inner,
+            inner: RwLock::new(inner),
             closed: AtomicBool::new(false),
             stats: Stats::default(),
         }
@@ -48,7 +50,34 @@ impl Tracked {
 
     /// Flushes the backend, even after [`close`](Self::close).
     pub fn flush_backend(&self) -> Result<()> {
-        self.inner.flush()
+        self.below().flush()
+    }
+
+    fn below(&self) -> RwLockReadGuard<'_, Arc<dyn BlockDevice>> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces the chain below with what `f` makes of it, while no request runs: requests
+    /// wait for the swap, which waits for requests in flight. `f` is given the old chain
+    /// (flushed) to drop; it returns the new one, or an error and the chain to keep.
+    pub fn swap<E>(
+        &self,
+        f: impl FnOnce(
+            Arc<dyn BlockDevice>,
+        ) -> std::result::Result<Arc<dyn BlockDevice>, (E, Arc<dyn BlockDevice>)>,
+    ) -> std::result::Result<(), E> {
+        let mut slot = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        let old = std::mem::replace(&mut *slot, Arc::new(Gone));
+        match f(old) {
+            Ok(new) => {
+                *slot = new;
+                Ok(())
+            }
+            Err((e, keep)) => {
+                *slot = keep;
+                Err(e)
+            }
+        }
     }
 
     /// The counters now.
@@ -96,26 +125,26 @@ fn write_done(s: &Stats, n: u64) {
 
 impl BlockDevice for Tracked {
     fn info(&self) -> DiskInfo {
-        self.inner.info()
+        self.below().info()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.open()?;
         let n = buf.len() as u64;
-        let r = self.inner.read_at(buf, offset);
+        let r = self.below().read_at(buf, offset);
         self.count(r, |s, ()| read_done(s, n))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.open()?;
-        let r = self.inner.write_at(buf, offset, fua);
+        let r = self.below().write_at(buf, offset, fua);
         self.count(r, |s, ()| write_done(s, buf.len() as u64))
     }
 
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
         self.open()?;
         let n = buf.len() as u64;
-        let r = self.inner.try_read_at(buf, offset);
+        let r = self.below().try_read_at(buf, offset);
         self.count(r, |s, done| {
             if *done {
                 read_done(s, n);
@@ -125,7 +154,7 @@ impl BlockDevice for Tracked {
 
     fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
         self.open()?;
-        let r = self.inner.try_write_at(buf, offset);
+        let r = self.below().try_write_at(buf, offset);
         self.count(r, |s, done| {
             if *done {
                 write_done(s, buf.len() as u64);
@@ -135,7 +164,7 @@ impl BlockDevice for Tracked {
 
     fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
         self.open()?;
-        let r = self.inner.read_shared(offset, len);
+        let r = self.below().read_shared(offset, len);
         self.count(r, |s, pieces| {
             if pieces.is_some() {
                 read_done(s, len as u64);
@@ -144,42 +173,67 @@ impl BlockDevice for Tracked {
     }
 
     fn write_unit(&self) -> Option<usize> {
-        self.inner.write_unit()
+        self.below().write_unit()
     }
 
     fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
         self.open()?;
         let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        let r = self.inner.write_owned(offset, bufs);
+        let r = self.below().write_owned(offset, bufs);
         self.count(r, |s, _| write_done(s, n))
     }
 
     fn flush(&self) -> Result<()> {
         self.open()?;
-        let r = self.inner.flush();
+        let r = self.below().flush();
         self.count(r, |s, ()| add(&s.flushes, 1))
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.open()?;
-        let r = self.inner.trim(offset, len);
+        let r = self.below().trim(offset, len);
         self.count(r, |s, ()| add(&s.trims, 1))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
         self.open()?;
-        let r = self.inner.write_zeroes(offset, len, may_trim, fua);
+        let r = self.below().write_zeroes(offset, len, may_trim, fua);
         self.count(r, |s, ()| add(&s.trims, 1))
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
         self.open()?;
-        self.inner.extents(offset, len)
+        self.below().extents(offset, len)
     }
 
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         self.open()?;
-        self.inner.cache(offset, len)
+        self.below().cache(offset, len)
+    }
+}
+
+/// Stands in for the chain during a swap (never reached, since requests wait for the swap),
+/// or after a swap that could not open the new chain (every request fails).
+#[derive(Debug)]
+struct Gone;
+
+/// A disk that fails every request: what is left when a chain cannot be opened again.
+pub fn placeholder() -> Arc<dyn BlockDevice> {
+    Arc::new(Gone)
+}
+
+impl BlockDevice for Gone {
+    fn info(&self) -> DiskInfo {
+        DiskInfo::new(0)
+    }
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {
+        Err(Error::Closed)
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<()> {
+        Err(Error::Closed)
+    }
+    fn flush(&self) -> Result<()> {
+        Err(Error::Closed)
     }
 }
 
