@@ -112,6 +112,9 @@ pub fn cow(
             ),
         ));
     }
+    // The disk below the overlay: the base, or an older overlay chained on it (after a
+    // snapshot), opened from its files.
+    let mut backing = base;
     if let (Some(recorded), Some(base)) = (
         header
             .backing_file(&first)
@@ -119,24 +122,47 @@ pub fn cow(
         base_file,
     ) {
         let recorded = vdk_formats::backing_path(&path, &recorded);
-        let same = fs::canonicalize(&recorded).ok() == fs::canonicalize(&base.path).ok();
-        if !same {
-            return Err(io_err(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "overlay {} belongs to base {}, not {}",
-                    path.display(),
-                    recorded.display(),
-                    base.path.display()
-                ),
-            ));
+        let canonical = |p: &Path| fs::canonicalize(p).ok();
+        if canonical(&recorded) != canonical(&base.path) {
+            // An older overlay? Its chain must end at this base.
+            let mut bottom = vdk_formats::info(&recorded, None, true).ok();
+            let mut chain_ok = false;
+            while let Some(i) = bottom {
+                if i.backing.is_none() {
+                    chain_ok = canonical(&i.path) == canonical(&base.path);
+                    break;
+                }
+                bottom = i.backing.map(|b| *b);
+            }
+            if !chain_ok {
+                return Err(io_err(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "overlay {} belongs to base {}, not {}",
+                        path.display(),
+                        recorded.display(),
+                        base.path.display()
+                    ),
+                ));
+            }
+            let format = header
+                .backing_format
+                .as_deref()
+                .map(Format::from_name)
+                .transpose()?;
+            let opts = vdk_formats::OpenOptions {
+                format,
+                read_only: true,
+                probe_backing: false,
+            };
+            backing = vdk_formats::open(&recorded, &opts)?.device;
         }
     }
     let q = Qcow2::open(
         &path,
         file,
         header,
-        Some(base),
+        Some(backing),
         &Qcow2Options {
             read_only: false,
             max_bytes: opts.size,

@@ -36,6 +36,18 @@ pub enum Request {
     Commit(DiskRequest),
     /// Empty an open cow disk's overlay.
     Discard(DiskRequest),
+    /// Start a new overlay on top of an open cow disk's overlay.
+    Snapshot(SnapshotRequest),
+}
+
+/// `snapshot`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The disk's id, or its image's or overlay's absolute path.
+    pub disk: String,
+    /// The new overlay (an absolute path; must not exist).
+    pub new: PathBuf,
 }
 
 /// A request about one disk.

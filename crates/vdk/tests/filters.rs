@@ -235,3 +235,75 @@ fn commit_and_discard_an_open_cow_disk_live() {
     ]));
     d.ok(&["close", &id]);
 }
+
+#[test]
+fn a_live_snapshot_chains_a_new_overlay_and_freezes_the_old_one() {
+    need("qemu-io");
+    need("qemu-img");
+    let d = common::Daemon::new();
+    let base = d.path("base.img");
+    common::sparse_file(&base, 16 << 20);
+    let o1 = d.path("o1.qcow2");
+    let o2 = d.path("o2.qcow2");
+    let spec = format!("cow:overlay={}", o1.display());
+    let v = d.open(&[
+        base.to_str().unwrap(),
+        "--attach",
+        "none",
+        "--filter",
+        &spec,
+    ]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let uri = v["nbd"][0].as_str().unwrap().to_owned();
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x0a 0 64k", &uri]));
+    d.ok(&["snapshot", &id, o2.to_str().unwrap()]);
+    let frozen = std::fs::read(&o1).unwrap();
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x0b 1M 64k",
+        "-c",
+        "read -P 0x0a 0 64k",
+        &uri,
+    ]));
+    assert!(
+        std::fs::read(&o1).unwrap() == frozen,
+        "the old overlay is not written after the snapshot"
+    );
+    d.ok(&["close", &id]);
+    run(Command::new("qemu-img").args(["check", o2.to_str().unwrap()]));
+    let chain = common::stdout(Command::new("qemu-img").args([
+        "info",
+        "--backing-chain",
+        o2.to_str().unwrap(),
+    ]));
+    assert!(
+        chain.contains("o1.qcow2") && chain.contains("base.img"),
+        "{chain}"
+    );
+    // The chain opens again as a cow disk over the same base.
+    let spec2 = format!("cow:overlay={}", o2.display());
+    let v = d.open(&[
+        base.to_str().unwrap(),
+        "--attach",
+        "none",
+        "--filter",
+        &spec2,
+    ]);
+    let uri = v["nbd"][0].as_str().unwrap().to_owned();
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x0a 0 64k",
+        "-c",
+        "read -P 0x0b 1M 64k",
+        &uri,
+    ]));
+    d.ok(&["close", v["id"].as_str().unwrap()]);
+    assert!(
+        std::fs::read(&base).unwrap().iter().all(|b| *b == 0),
+        "the base is untouched"
+    );
+}

@@ -425,14 +425,34 @@ pub fn discard(args: OverlayArgs, paths: &Paths) -> anyhow::Result<()> {
 /// `vdk snapshot`.
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
-    /// The current overlay (no longer written after this).
+    /// An open cow disk (its id or overlay: switched live to the new overlay), or the overlay
+    /// file of a closed one; it is not written any more after this.
     overlay: PathBuf,
     /// The new overlay on top of it.
     new: PathBuf,
 }
 
 /// Runs `vdk snapshot`.
-pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
+pub fn snapshot(args: SnapshotArgs, paths: &Paths) -> anyhow::Result<()> {
+    if let Ok(mut client) = Client::connect(&paths.socket) {
+        let req = Request::Snapshot(crate::control::SnapshotRequest {
+            disk: crate::cli::disks::disk_key(&args.overlay.to_string_lossy())?,
+            new: std::path::absolute(&args.new)?,
+        });
+        match client.call(&req)? {
+            Ok(v) => {
+                println!(
+                    "{} now writes to {}, on top of {}",
+                    v["id"].as_str().unwrap_or("?"),
+                    args.new.display(),
+                    args.overlay.display()
+                );
+                return Ok(());
+            }
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!(e.message),
+        }
+    }
     vdk_filters::cow::snapshot(&args.overlay, &args.new)
         .with_context(|| format!("cannot make {}", args.new.display()))?;
     println!(

@@ -84,7 +84,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(args) => disks::stats(args, &paths()?),
         Command::Commit(args) => image::commit(args, &paths()?),
         Command::Discard(args) => image::discard(args, &paths()?),
-        Command::Snapshot(args) => image::snapshot(args),
+        Command::Snapshot(args) => image::snapshot(args, &paths()?),
     }
 }
 

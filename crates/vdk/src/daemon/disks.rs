@@ -54,8 +54,8 @@ struct Disk {
     device: Arc<Tracked>,
     filters: Vec<String>,
     stats: Mutex<Option<Arc<vdk_filters::Stats>>>,
-    /// How to open the chain again (after a live commit or discard).
-    recipe: Recipe,
+    /// How to open the chain again (after a live commit, discard or snapshot).
+    recipe: Mutex<Recipe>,
     state: Mutex<Attachment>,
 }
 
@@ -135,6 +135,15 @@ impl Recipe {
         let chain = vdk_filters::apply_over(opened.device, Some(base), &self.specs)
             .map_err(|e| invalid(format!("{shown}: {e}")))?;
         Ok((chain, opened.format))
+    }
+
+    /// Makes `overlay` the cow overlay.
+    fn set_overlay(&mut self, overlay: &Path) {
+        for s in &mut self.specs {
+            if let vdk_filters::FilterSpec::Cow(o) = s {
+                o.overlay = vdk_filters::cow::Overlay::Persistent(overlay.to_owned());
+            }
+        }
     }
 
     /// The persistent cow overlay, if the disk has one.
@@ -224,7 +233,7 @@ impl Daemon {
     pub fn commit(&self, key: &str, discard: bool) -> Result<serde_json::Value, ApiError> {
         let _one_at_a_time = lock(&self.changing);
         let disk = self.find(key)?;
-        let Some(overlay) = disk.recipe.overlay() else {
+        let Some(overlay) = lock(&disk.recipe).overlay() else {
             return Err(invalid(format!(
                 "{} has no cow overlay file to {}",
                 disk.id,
@@ -249,7 +258,8 @@ impl Daemon {
             } else {
                 vdk_filters::cow::commit(&overlay)
             };
-            let (chain, _) = match disk.recipe.build() {
+            let rebuilt = lock(&disk.recipe).build();
+            let (chain, _) = match rebuilt {
                 Ok(c) => c,
                 Err(e) => {
                     disk.device.close();
@@ -275,6 +285,74 @@ impl Daemon {
         let r = report.unwrap_or_default();
         info!(id = %disk.id, overlay = %overlay.display(), discard, "overlay merged or emptied live");
         Ok(serde_json::json!({ "id": disk.id, "data": r.data, "zeroed": r.zeroed }))
+    }
+
+    /// Starts a new overlay `new` on top of an open cow disk's overlay and switches the disk
+    /// to it, with the disk's requests paused meanwhile. The old overlay is not written any
+    /// more; the chain is new -> old -> base.
+    pub fn snapshot(&self, key: &str, new: &Path) -> Result<serde_json::Value, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.find(key)?;
+        let Some(old) = lock(&disk.recipe).overlay() else {
+            return Err(invalid(format!(
+                "{} has no cow overlay file to snapshot",
+                disk.id
+            )));
+        };
+        if new.exists() {
+            return Err(invalid(format!(
+                "{} exists: a snapshot makes a new overlay",
+                new.display()
+            )));
+        }
+        disk.device.swap(|chain| {
+            if let Err(e) = chain.flush() {
+                return Err((
+                    ApiError::new(ErrorKind::Io, format!("flush before snapshot: {e}")),
+                    chain,
+                ));
+            }
+            *lock(&disk.stats) = None;
+            drop(chain);
+            let made = vdk_filters::cow::snapshot(&old, new);
+            if made.is_ok() {
+                lock(&disk.recipe).set_overlay(new);
+            }
+            let rebuilt = lock(&disk.recipe).build();
+            let rebuilt = match (made, rebuilt) {
+                (Ok(()), Ok((c, _))) => Ok(c),
+                (Ok(()), Err(e)) => {
+                    // Back to the old overlay, untouched.
+                    let _ = fs::remove_file(new);
+                    lock(&disk.recipe).set_overlay(&old);
+                    Err((e, lock(&disk.recipe).build()))
+                }
+                (Err(e), _) => Err((ApiError::io("snapshot", &e), lock(&disk.recipe).build())),
+            };
+            match rebuilt {
+                Ok(c) => {
+                    *lock(&disk.stats) = c.stats.clone();
+                    Ok(c.device)
+                }
+                Err((e, Ok((c, _)))) => {
+                    *lock(&disk.stats) = c.stats.clone();
+                    Err((e, c.device))
+                }
+                Err((e, Err(e2))) => {
+                    disk.device.close();
+                    let msg = format!(
+                        "{}; the disk could not be opened again and is closed: {}",
+                        e.message, e2.message
+                    );
+                    Err((
+                        ApiError::new(ErrorKind::Io, msg),
+                        super::tracked::placeholder(),
+                    ))
+                }
+            }
+        })?;
+        info!(id = %disk.id, old = %old.display(), new = %new.display(), "snapshot: new overlay");
+        Ok(serde_json::json!({ "id": disk.id, "overlay": new, "previous": old }))
     }
 
     /// The stats filter's counters of a disk, per operation.
@@ -321,7 +399,9 @@ impl Daemon {
         let path = fs::canonicalize(key).unwrap_or_else(|_| PathBuf::from(key));
         disks
             .values()
-            .find(|d| d.image == path || d.key == path)
+            .find(|d| {
+                d.image == path || d.key == path || lock(&d.recipe).overlay() == Some(path.clone())
+            })
             .cloned()
             .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no open disk is {key:?}")))
     }
@@ -564,7 +644,7 @@ impl Daemon {
             device,
             filters: req.filters.clone(),
             stats: Mutex::new(chain.stats),
-            recipe,
+            recipe: Mutex::new(recipe),
             state: Mutex::default(),
         });
         let set_up = self.set_up(&disk, req);

@@ -254,6 +254,7 @@ impl Daemon {
             Request::Stats(r) => self.stats(&r.disk),
             Request::Commit(r) => self.commit(&r.disk, false),
             Request::Discard(r) => self.commit(&r.disk, true),
+            Request::Snapshot(r) => self.snapshot(&r.disk, &r.new),
             Request::Shutdown => Err(ApiError::new(
                 control::ErrorKind::BadRequest,
                 "shutdown is handled by the connection",
