@@ -86,6 +86,7 @@ pub fn cow(
     if !exists {
         let co = CreateOptions {
             backing: if volatile { None } else { backing.clone() },
+            stamp: true,
             ..CreateOptions::default()
         };
         let file = create(&path, size, &co)?;
@@ -112,6 +113,7 @@ pub fn cow(
             ),
         ));
     }
+    check_stamp(&path, &header, &first)?;
     // The disk below the overlay: the base, or an older overlay chained on it (after a
     // snapshot), opened from its files.
     let mut backing = base;
@@ -169,6 +171,42 @@ pub fn cow(
         },
     )?;
     Ok(Arc::new(q))
+}
+
+/// Refuses an overlay whose header no longer matches the check vdk wrote into it (its
+/// version, cluster size, size or backing file changed, by hand or by damage); an overlay
+/// without the check (made by qemu-img, say) is taken as it is.
+fn check_stamp(
+    path: &Path,
+    header: &vdk_formats::qcow2::header::Header,
+    first: &[u8],
+) -> io::Result<()> {
+    let Some((version, crc)) = header.vdk_check else {
+        return Ok(());
+    };
+    if version != 1 {
+        return Err(io_err(
+            io::ErrorKind::Unsupported,
+            format!(
+                "overlay {} was made by a newer vdk (check version {version})",
+                path.display()
+            ),
+        ));
+    }
+    let name = header
+        .backing_file(first)
+        .map_err(|e| io_err(io::ErrorKind::InvalidData, e.to_string()))?;
+    if header.identity_crc(name.as_deref()) != crc {
+        return Err(io_err(
+            io::ErrorKind::InvalidData,
+            format!(
+                "overlay {} does not match its header checksum: its size, cluster size or base \
+                 changed since vdk made it, or the header is damaged",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// What a commit did.
@@ -316,6 +354,7 @@ fn reset(overlay: &Path) -> io::Result<()> {
     let opts = CreateOptions {
         cluster_size: header.cluster_size(),
         backing,
+        stamp: true,
         ..CreateOptions::default()
     };
     drop(create(&fresh, header.size, &opts)?);
@@ -335,6 +374,7 @@ pub fn snapshot(overlay: &Path, new: &Path) -> io::Result<()> {
     let name = std::path::absolute(overlay)?.to_string_lossy().into_owned();
     let opts = CreateOptions {
         backing: Some((name, "qcow2".into())),
+        stamp: true,
         ..CreateOptions::default()
     };
     drop(create(new, header.size, &opts)?);

@@ -265,3 +265,24 @@ fn commit_merges_the_overlay_into_the_base_and_empties_it() {
     disk.read_at(&mut b, 0).unwrap();
     assert!(b[..] == fs::read(&file.path).unwrap()[..4096]);
 }
+
+#[test]
+fn an_overlay_whose_header_changed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, file, _) = base_file(dir.path(), 4 * MIB);
+    let o = dir.path().join("o.qcow2");
+    drop(cow::cow(Arc::clone(&base), Some(&file), &persistent(&o)).unwrap());
+    let info = vdk_formats::info(&o, None, false).unwrap();
+    assert_eq!(info.virtual_size, 4 * MIB);
+    // qemu-img still reads it (the check is a header extension it skips).
+    qemu_img(&["check", o.to_str().unwrap()]);
+    // The virtual size changed behind vdk's back: bytes 24..32 of the header.
+    let mut bytes = fs::read(&o).unwrap();
+    bytes[24..32].copy_from_slice(&(8 * MIB).to_be_bytes());
+    fs::write(&o, &bytes).unwrap();
+    let base2: Arc<dyn BlockDevice> = Arc::new(MemoryDisk::new(8 * MIB));
+    let e = cow::cow(base2, None, &persistent(&o))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("checksum"), "{e}");
+}

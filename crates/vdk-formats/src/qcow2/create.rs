@@ -18,6 +18,9 @@ pub struct CreateOptions {
     /// Backing file name as it will be written (relative to the image's directory, or
     /// absolute) and its format.
     pub backing: Option<(String, String)>,
+    /// Write vdk's header check ([`Header::vdk_check`]): for overlays, which vdk then refuses
+    /// to use if what they are has changed.
+    pub stamp: bool,
 }
 
 impl Default for CreateOptions {
@@ -26,6 +29,7 @@ impl Default for CreateOptions {
             cluster_size: 64 << 10,
             version: 3,
             backing: None,
+            stamp: false,
         }
     }
 }
@@ -101,8 +105,13 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<File> 
         backing_format: opts.backing.as_ref().map(|(_, f)| f.clone()),
         data_file: None,
         has_bitmaps: false,
+        vdk_check: None,
         extensions_end: 0,
     };
+    if opts.stamp {
+        let name = opts.backing.as_ref().map(|(n, _)| n.as_str());
+        header.vdk_check = Some((1, header.identity_crc(name)));
+    }
     let ext_len = header.encode_extensions().len() as u64;
     if let Some((name, _)) = &opts.backing {
         let at = u64::from(header.header_length) + ext_len;

@@ -41,6 +41,8 @@ mod ext {
     pub const BITMAPS: u32 = 0x2385_2875;
     pub const CRYPTO: u32 = 0x0537_be77;
     pub const DATA_FILE: u32 = 0x4441_5441;
+    /// vdk's own: a format version and a CRC-32C of what makes an overlay what it is.
+    pub const VDK_CHECK: u32 = 0x7664_6b63;
 }
 
 /// Smallest and largest cluster sizes (512 B, 2 MiB), as log2.
@@ -126,6 +128,9 @@ pub struct Header {
     pub data_file: Option<String>,
     /// A bitmaps extension is present.
     pub has_bitmaps: bool,
+    /// vdk's header check: its format version and a CRC-32C over the version, cluster size,
+    /// virtual size and backing file (see [`Header::identity_crc`]).
+    pub vdk_check: Option<(u32, u32)>,
     /// Where header extensions end (the backing file name may follow).
     pub extensions_end: u64,
 }
@@ -196,6 +201,7 @@ impl Header {
             backing_format: None,
             data_file: None,
             has_bitmaps: false,
+            vdk_check: None,
             extensions_end: 72,
         };
         if version == 3 {
@@ -332,6 +338,9 @@ impl Header {
                 ext::BACKING_FORMAT => self.backing_format = Some(text()?),
                 ext::DATA_FILE => self.data_file = Some(text()?),
                 ext::BITMAPS => self.has_bitmaps = true,
+                ext::VDK_CHECK if data.len() >= 8 => {
+                    self.vdk_check = Some((be32(data, 0), be32(data, 4)));
+                }
                 ext::FEATURE_TABLE | ext::CRYPTO => {}
                 _ => {}
             }
@@ -396,9 +405,30 @@ impl Header {
             b.extend_from_slice(fmt.as_bytes());
             b.resize(b.len().div_ceil(8) * 8, 0);
         }
+        if let Some((version, crc)) = self.vdk_check {
+            b.extend_from_slice(&ext::VDK_CHECK.to_be_bytes());
+            b.extend_from_slice(&8u32.to_be_bytes());
+            b.extend_from_slice(&version.to_be_bytes());
+            b.extend_from_slice(&crc.to_be_bytes());
+        }
         b.extend_from_slice(&ext::END.to_be_bytes());
         b.extend_from_slice(&0u32.to_be_bytes());
         b
+    }
+
+    /// CRC-32C of what makes an image what it is, for [`Header::vdk_check`]: the version,
+    /// cluster size, virtual size, backing file name and backing format. Fields that change
+    /// as the image is used (table offsets, feature bits) are left out, so qemu and vdk may
+    /// rewrite them freely.
+    pub fn identity_crc(&self, backing_file: Option<&str>) -> u32 {
+        let mut b = Vec::new();
+        b.extend_from_slice(&self.version.to_be_bytes());
+        b.extend_from_slice(&self.cluster_bits.to_be_bytes());
+        b.extend_from_slice(&self.size.to_be_bytes());
+        b.extend_from_slice(backing_file.unwrap_or("").as_bytes());
+        b.push(0);
+        b.extend_from_slice(self.backing_format.as_deref().unwrap_or("").as_bytes());
+        crc32c::crc32c(&b)
     }
 }
 
@@ -429,6 +459,7 @@ mod tests {
             backing_format: Some("raw".into()),
             data_file: None,
             has_bitmaps: false,
+            vdk_check: None,
             extensions_end: 0,
         }
     }
