@@ -147,6 +147,10 @@ pub struct DiskStatus {
     pub filters: Vec<String>,
     /// I/O counters since the disk was opened.
     pub stats: Counters,
+    /// With a stats filter: per operation, counts, bytes, errors, mean latency and a log2
+    /// latency histogram (as `vdk stats` shows them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<serde_json::Value>,
 }
 
 /// I/O counters of a disk.

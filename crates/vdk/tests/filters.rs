@@ -146,6 +146,14 @@ fn an_open_disk_takes_filters_and_reports_stats() {
     assert_eq!(s["ops"]["write"]["bytes"], 65536, "{s}");
     assert!(s["ops"]["read"]["count"].as_u64().unwrap() >= 1, "{s}");
     assert!(s["ops"]["flush"]["count"].as_u64().unwrap() >= 1, "{s}");
+    // vdk list shows the stats filter's figures too.
+    let listed = d.json(&["list"]);
+    assert_eq!(listed[0]["latency"]["write"]["bytes"], 65536, "{listed}");
+    let table = d.ok(&["list"]);
+    assert!(
+        table.contains("LAT R/W") && table.contains(" µs"),
+        "{table}"
+    );
     let text = d.ok(&["stats", v["id"].as_str().unwrap()]);
     assert!(text.contains("write") && text.contains("65536"), "{text}");
     // Without a stats filter there is nothing to show, and a bad spec creates nothing.

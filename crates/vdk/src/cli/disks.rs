@@ -355,7 +355,7 @@ pub fn list(args: ListArgs, paths: &Paths) -> anyhow::Result<()> {
     let dash = || "-".to_owned();
     let mut rows = vec![[
         "ID", "IMAGE", "FORMAT", "SIZE", "RO", "DEVICE", "MOUNT", "READS", "WRITES", "READ",
-        "WRITTEN", "NBD",
+        "WRITTEN", "LAT R/W", "NBD",
     ]
     .map(String::from)];
     for d in &disks {
@@ -375,6 +375,9 @@ pub fn list(args: ListArgs, paths: &Paths) -> anyhow::Result<()> {
             d.stats.writes.to_string(),
             Human(d.stats.bytes_read).to_string(),
             Human(d.stats.bytes_written).to_string(),
+            d.latency.as_ref().map_or_else(dash, |l| {
+                format!("{}/{} µs", l["read"]["mean_us"], l["write"]["mean_us"])
+            }),
             d.nbd.first().cloned().unwrap_or_else(dash),
         ]);
     }

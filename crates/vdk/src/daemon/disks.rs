@@ -158,6 +158,29 @@ impl Recipe {
     }
 }
 
+/// The stats filter's counters and latency histograms per operation, if the disk has one.
+fn filter_stats(disk: &Disk) -> Option<serde_json::Value> {
+    let stats = lock(&disk.stats).clone()?;
+    let ops: serde_json::Map<String, serde_json::Value> = stats
+        .snapshot()
+        .into_iter()
+        .map(|(kind, s)| {
+            let mean = s.total_us.checked_div(s.count).unwrap_or(0);
+            (
+                kind.name().to_owned(),
+                serde_json::json!({
+                    "count": s.count,
+                    "bytes": s.bytes,
+                    "errors": s.errors,
+                    "mean_us": mean,
+                    "latency_us_log2_buckets": s.buckets,
+                }),
+            )
+        })
+        .collect();
+    Some(serde_json::Value::Object(ops))
+}
+
 fn parse_filters(specs: &[String]) -> Result<Vec<vdk_filters::FilterSpec>, ApiError> {
     specs
         .iter()
@@ -224,6 +247,7 @@ impl Daemon {
                 .map(|u| u.replace(EXPORT_PLACEHOLDER, &d.export))
                 .collect(),
             stats: d.device.counters(),
+            latency: filter_stats(d),
         }
     }
 
@@ -358,29 +382,12 @@ impl Daemon {
     /// The stats filter's counters of a disk, per operation.
     pub fn stats(&self, key: &str) -> Result<serde_json::Value, ApiError> {
         let disk = self.find(key)?;
-        let Some(stats) = lock(&disk.stats).clone() else {
+        let Some(ops) = filter_stats(&disk) else {
             return Err(invalid(format!(
                 "{} has no stats filter: open it with --filter stats",
                 disk.id
             )));
         };
-        let ops: serde_json::Map<String, serde_json::Value> = stats
-            .snapshot()
-            .into_iter()
-            .map(|(kind, s)| {
-                let mean = s.total_us.checked_div(s.count).unwrap_or(0);
-                (
-                    kind.name().to_owned(),
-                    serde_json::json!({
-                        "count": s.count,
-                        "bytes": s.bytes,
-                        "errors": s.errors,
-                        "mean_us": mean,
-                        "latency_us_log2_buckets": s.buckets,
-                    }),
-                )
-            })
-            .collect();
         Ok(serde_json::json!({ "id": disk.id, "ops": ops }))
     }
 
