@@ -265,6 +265,12 @@ fn a_live_snapshot_chains_a_new_overlay_and_freezes_the_old_one() {
     let uri = v["nbd"][0].as_str().unwrap().to_owned();
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x0a 0 64k", &uri]));
     d.ok(&["snapshot", &id, o2.to_str().unwrap()]);
+    let listed = d.json(&["list"]);
+    assert_eq!(
+        listed[0]["filters"][0],
+        format!("cow:overlay={}", o2.display()),
+        "{listed}"
+    );
     let frozen = std::fs::read(&o1).unwrap();
     run(Command::new("qemu-io").args([
         "-f",

@@ -52,7 +52,7 @@ struct Disk {
     attach: &'static str,
     export: String,
     device: Arc<Tracked>,
-    filters: Vec<String>,
+    filters: Mutex<Vec<String>>,
     stats: Mutex<Option<Arc<vdk_filters::Stats>>>,
     /// How to open the chain again (after a live commit, discard or snapshot).
     recipe: Mutex<Recipe>,
@@ -240,7 +240,7 @@ impl Daemon {
             block_device: st.block_device.clone(),
             mount: st.mount.clone(),
             export: d.export.clone(),
-            filters: d.filters.clone(),
+            filters: lock(&d.filters).clone(),
             nbd: self
                 .nbd_uris
                 .iter()
@@ -341,6 +341,11 @@ impl Daemon {
             let made = vdk_filters::cow::snapshot(&old, new);
             if made.is_ok() {
                 lock(&disk.recipe).set_overlay(new);
+                for f in lock(&disk.filters).iter_mut() {
+                    if f.starts_with("cow") {
+                        *f = format!("cow:overlay={}", new.display());
+                    }
+                }
             }
             let rebuilt = lock(&disk.recipe).build();
             let rebuilt = match (made, rebuilt) {
@@ -649,7 +654,7 @@ impl Daemon {
             attach,
             export: export_name,
             device,
-            filters: req.filters.clone(),
+            filters: Mutex::new(req.filters.clone()),
             stats: Mutex::new(chain.stats),
             recipe: Mutex::new(recipe),
             state: Mutex::default(),
