@@ -2,33 +2,10 @@
 //! gives data or errors, never a panic, a hang or a read outside the file.
 #![no_main]
 
-use std::io::Write;
+#[path = "common/mod.rs"]
+mod common;
 
 use libfuzzer_sys::fuzz_target;
-use vdk_formats::{open, Format, OpenOptions};
+use vdk_formats::Format;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(mut file) = tempfile::NamedTempFile::new_in("/dev/shm") else {
-        return;
-    };
-    if file.write_all(data).is_err() {
-        return;
-    }
-    let opts = OpenOptions {
-        format: Some(Format::Vhd),
-        read_only: true,
-        probe_backing: false,
-    };
-    let Ok(image) = open(file.path(), &opts) else {
-        return;
-    };
-    let size = image.device.info().size.min(4 << 20);
-    let mut buf = vec![0u8; 64 << 10];
-    let mut at = 0;
-    while at < size {
-        let n = (size - at).min(buf.len() as u64) as usize;
-        let _ = image.device.read_at(&mut buf[..n], at);
-        at += n as u64;
-    }
-    let _ = image.device.extents(0, size);
-});
+fuzz_target!(|data: &[u8]| common::exercise(data, Format::Vhd, false, 4 << 20));

@@ -5,11 +5,13 @@
 //! Input: patches, each a 3-byte offset, a 1-byte length, then that many bytes.
 #![no_main]
 
-use std::io::Write;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use vdk_formats::{create, open, CreateOptions, Format, OpenOptions};
+use vdk_formats::{create, CreateOptions, Format};
 
 fn template() -> &'static [u8] {
     static T: OnceLock<Vec<u8>> = OnceLock::new();
@@ -33,24 +35,5 @@ fuzz_target!(|data: &[u8]| {
         image[at..end].copy_from_slice(&rest[4..4 + (end - at)]);
         rest = &rest[4 + n..];
     }
-    let Ok(mut file) = tempfile::NamedTempFile::new_in("/dev/shm") else {
-        return;
-    };
-    if file.write_all(&image).is_err() {
-        return;
-    }
-    let opts = OpenOptions { format: Some(Format::Vhdx), read_only: false, probe_backing: false };
-    let Ok(img) = open(file.path(), &opts) else {
-        return;
-    };
-    let size = img.device.info().size.min(8 << 20);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while at < size {
-        let n = (size - at).min(buf.len() as u64) as usize;
-        let _ = img.device.read_at(&mut buf[..n], at);
-        at += n as u64;
-    }
-    let _ = img.device.extents(0, size);
-    let _ = img.device.write_at(&[1; 4096], 0, false);
+    common::exercise(&image, Format::Vhdx, true, 8 << 20);
 });

@@ -29,7 +29,7 @@ use vdk_core::size::parse_size;
 use vdk_core::BlockDevice;
 
 pub use partition::{Partition, PartitionError};
-pub use simple::{Delay, ErrorInjector, Injected, Kind, ReadOnly, Stats, Target};
+pub use simple::{Injected, Injector, Kind, ReadOnly, Stats, Target};
 
 /// A filter as the user named it.
 #[derive(Clone, Debug)]
@@ -303,7 +303,7 @@ pub fn apply_over(
                 rate,
                 error,
                 seed,
-            } => Arc::new(ErrorInjector::new(
+            } => Arc::new(Injector::error(
                 device,
                 target.clone(),
                 *rate,
@@ -311,7 +311,7 @@ pub fn apply_over(
                 *seed,
             )),
             FilterSpec::Delay { target, delay } => {
-                Arc::new(Delay::new(device, target.clone(), *delay))
+                Arc::new(Injector::delay(device, target.clone(), *delay))
             }
             FilterSpec::Partition { number } => Arc::new(Partition::new(device, *number)?),
             // Only a cow right on the image file can record it as the overlay's backing file.

@@ -277,46 +277,73 @@ pub enum Injected {
     NoSpace,
 }
 
-/// Fails targeted requests at a rate, for testing what uses a disk.
+/// What an injecting filter does to the requests it targets.
 #[derive(Debug)]
-pub struct ErrorInjector {
-    inner: Arc<dyn BlockDevice>,
-    target: Target,
-    coin: Coin,
-    error: Injected,
+enum Action {
+    /// Fail them, a share of the time.
+    Fail { coin: Coin, error: Injected },
+    /// Make them wait.
+    Delay(Duration),
 }
 
-impl ErrorInjector {
+/// Fails targeted requests at a rate (the `error` filter) or delays them (the `delay`
+/// filter), for testing the software that uses a disk. Targeted kinds never take a front
+/// end's fast path: a failure is injected, or a wait served, on the slow path.
+#[derive(Debug)]
+pub struct Injector {
+    inner: Arc<dyn BlockDevice>,
+    target: Target,
+    action: Action,
+}
+
+impl Injector {
     /// Fails `target`ed requests of `inner` with `error`, a `rate` (0 to 1) of the time.
-    pub fn new(
+    pub fn error(
         inner: Arc<dyn BlockDevice>,
         target: Target,
         rate: f64,
         error: Injected,
         seed: u64,
-    ) -> ErrorInjector {
+    ) -> Injector {
         // rate is checked to lie in [0, 1] by the spec parser; the product fits.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let ppm = (rate.clamp(0.0, 1.0) * 1_000_000.0) as u64;
-        ErrorInjector {
+        let coin = Coin {
+            state: AtomicU64::new(seed | 1),
+            ppm,
+        };
+        Injector {
             inner,
             target,
-            coin: Coin {
-                state: AtomicU64::new(seed | 1),
-                ppm,
-            },
-            error,
+            action: Action::Fail { coin, error },
         }
     }
 
-    fn check(&self, kind: Kind, offset: u64, len: u64) -> Result<()> {
-        if self.target.hits(kind, offset, len) && self.coin.flip() {
-            return Err(match self.error {
+    /// Delays `target`ed requests of `inner` by `delay`.
+    pub fn delay(inner: Arc<dyn BlockDevice>, target: Target, delay: Duration) -> Injector {
+        Injector {
+            inner,
+            target,
+            action: Action::Delay(delay),
+        }
+    }
+
+    /// What a targeted request meets before it goes below.
+    fn before(&self, kind: Kind, offset: u64, len: u64) -> Result<()> {
+        if !self.target.hits(kind, offset, len) {
+            return Ok(());
+        }
+        match &self.action {
+            Action::Fail { coin, error } if coin.flip() => Err(match error {
                 Injected::Io => Error::Io(std::io::Error::other("injected I/O error")),
                 Injected::NoSpace => Error::NoSpace,
-            });
+            }),
+            Action::Fail { .. } => Ok(()),
+            Action::Delay(d) => {
+                std::thread::sleep(*d);
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     fn targets(&self, kind: Kind) -> bool {
@@ -324,19 +351,18 @@ impl ErrorInjector {
     }
 }
 
-impl Filter for ErrorInjector {
+impl Filter for Injector {
     fn inner(&self) -> &Arc<dyn BlockDevice> {
         &self.inner
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check(Kind::Read, offset, buf.len() as u64)?;
+        self.before(Kind::Read, offset, buf.len() as u64)?;
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.check(Kind::Write, offset, buf.len() as u64)?;
+        self.before(Kind::Write, offset, buf.len() as u64)?;
         self.inner.write_at(buf, offset, fua)
     }
-    // Fast paths: targeted kinds take the slow path, where failures are injected.
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
         if self.targets(Kind::Read) {
             return Ok(false);
@@ -362,95 +388,15 @@ impl Filter for ErrorInjector {
         self.inner.write_unit()
     }
     fn flush(&self) -> Result<()> {
-        self.check(Kind::Flush, 0, 0)?;
+        self.before(Kind::Flush, 0, 0)?;
         self.inner.flush()
     }
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.check(Kind::Trim, offset, len)?;
+        self.before(Kind::Trim, offset, len)?;
         self.inner.trim(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
-        self.check(Kind::Trim, offset, len)?;
-        self.inner.write_zeroes(offset, len, may_trim, fua)
-    }
-}
-
-/// Adds latency to targeted requests, for testing what uses a slow disk.
-#[derive(Debug)]
-pub struct Delay {
-    inner: Arc<dyn BlockDevice>,
-    target: Target,
-    delay: Duration,
-}
-
-impl Delay {
-    /// Delays `target`ed requests of `inner` by `delay`.
-    pub fn new(inner: Arc<dyn BlockDevice>, target: Target, delay: Duration) -> Delay {
-        Delay {
-            inner,
-            target,
-            delay,
-        }
-    }
-
-    fn wait(&self, kind: Kind, offset: u64, len: u64) {
-        if self.target.hits(kind, offset, len) {
-            std::thread::sleep(self.delay);
-        }
-    }
-
-    fn targets(&self, kind: Kind) -> bool {
-        self.target.kinds.contains(&kind)
-    }
-}
-
-impl Filter for Delay {
-    fn inner(&self) -> &Arc<dyn BlockDevice> {
-        &self.inner
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.wait(Kind::Read, offset, buf.len() as u64);
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.wait(Kind::Write, offset, buf.len() as u64);
-        self.inner.write_at(buf, offset, fua)
-    }
-    // A delayed request waits: never on a front end's fast path.
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        if self.targets(Kind::Read) {
-            return Ok(false);
-        }
-        self.inner.try_read_at(buf, offset)
-    }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        if self.targets(Kind::Write) {
-            return Ok(false);
-        }
-        self.inner.try_write_at(buf, offset)
-    }
-    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        if self.targets(Kind::Read) {
-            return Ok(None);
-        }
-        self.inner.read_shared(offset, len)
-    }
-    fn write_unit(&self) -> Option<usize> {
-        if self.targets(Kind::Write) {
-            return None;
-        }
-        self.inner.write_unit()
-    }
-    fn flush(&self) -> Result<()> {
-        self.wait(Kind::Flush, 0, 0);
-        self.inner.flush()
-    }
-    fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.wait(Kind::Trim, offset, len);
-        self.inner.trim(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
-        self.wait(Kind::Trim, offset, len);
+        self.before(Kind::Trim, offset, len)?;
         self.inner.write_zeroes(offset, len, may_trim, fua)
     }
 }

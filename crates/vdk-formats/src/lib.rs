@@ -58,6 +58,50 @@ pub(crate) fn mapped_extents(
     Ok(e)
 }
 
+/// Calls `f(guest_offset, at, n)` for each piece of `[offset, offset + len)` that lies in one
+/// block of `block` bytes (`at` is the piece's position in the request).
+pub(crate) fn pieces(
+    offset: u64,
+    len: u64,
+    block: u64,
+    mut f: impl FnMut(u64, usize, usize) -> vdk_core::Result<()>,
+) -> vdk_core::Result<()> {
+    let mut pos = 0u64;
+    while pos < len {
+        let g = offset + pos;
+        let n = (block - g % block).min(len - pos);
+        // pos and n are within a request held in memory.
+        #[allow(clippy::cast_possible_truncation)]
+        f(g, pos as usize, n as usize)?;
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Zero writes for block formats that cannot free blocks (VHD, VHDX): unallocated blocks read
+/// as zeroes already and are skipped; the rest get zero buffers. `piece` is a power of two no
+/// larger than a block, so a piece never straddles two blocks.
+pub(crate) fn zero_allocated(
+    dev: &dyn BlockDevice,
+    offset: u64,
+    len: u64,
+    piece: u64,
+    fua: bool,
+    allocated: impl Fn(u64) -> bool,
+) -> vdk_core::Result<()> {
+    let zeroes = vec![0u8; usize::try_from(piece).unwrap_or(1 << 20)];
+    pieces(offset, len, piece, |pos, _, n| {
+        if allocated(pos) {
+            dev.write_at(&zeroes[..n], pos, false)?;
+        }
+        Ok(())
+    })?;
+    if fua {
+        dev.flush()?;
+    }
+    Ok(())
+}
+
 /// Longest backing chain followed.
 pub const MAX_CHAIN: usize = 16;
 

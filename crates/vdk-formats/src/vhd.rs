@@ -302,23 +302,6 @@ impl Vhd {
         d.next_block = end;
         Ok(start + d.bitmap)
     }
-
-    fn pieces(
-        &self,
-        offset: u64,
-        len: u64,
-        block: u64,
-        mut f: impl FnMut(u64, usize, usize) -> Result<()>,
-    ) -> Result<()> {
-        let mut pos = 0u64;
-        while pos < len {
-            let g = offset + pos;
-            let n = (block - g % block).min(len - pos);
-            f(g, pos as usize, n as usize)?;
-            pos += n;
-        }
-        Ok(())
-    }
 }
 
 impl BlockDevice for Vhd {
@@ -345,7 +328,7 @@ impl BlockDevice for Vhd {
         let block = d.block;
         let spots: Vec<(usize, usize, Option<u64>)> = {
             let mut v = Vec::new();
-            self.pieces(offset, buf.len() as u64, block, |g, at, n| {
+            crate::pieces(offset, buf.len() as u64, block, |g, at, n| {
                 v.push((at, n, Self::locate(&d, g)));
                 Ok(())
             })?;
@@ -370,7 +353,7 @@ impl BlockDevice for Vhd {
             None => self.file.write_all_at(buf, offset)?,
             Some(dynamic) => {
                 let block = Self::dyn_lock(dynamic).block;
-                self.pieces(offset, buf.len() as u64, block, |g, at, n| {
+                crate::pieces(offset, buf.len() as u64, block, |g, at, n| {
                     let host = {
                         let mut d = Self::dyn_lock(dynamic);
                         match Self::locate(&d, g) {
@@ -401,24 +384,15 @@ impl BlockDevice for Vhd {
             return Err(Error::ReadOnly);
         }
         check_range(self.size, offset, len)?;
-        let zeroes = vec![0u8; 1 << 20];
-        let block = self
+        let piece = self
             .dynamic
             .as_ref()
-            .map_or(1 << 20, |d| Self::dyn_lock(d).block);
-        self.pieces(offset, len, block.min(1 << 20), |g, _, n| {
-            // Unallocated blocks read as zeroes already.
-            if let Some(d) = &self.dynamic {
-                if Self::locate(&Self::dyn_lock(d), g).is_none() {
-                    return Ok(());
-                }
-            }
-            self.write_at(&zeroes[..n], g, false)
-        })?;
-        if fua {
-            self.flush()?;
-        }
-        Ok(())
+            .map_or(1 << 20, |d| Self::dyn_lock(d).block.min(1 << 20));
+        crate::zero_allocated(self, offset, len, piece, fua, |pos| {
+            self.dynamic
+                .as_ref()
+                .is_none_or(|d| Self::locate(&Self::dyn_lock(d), pos).is_some())
+        })
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
@@ -429,7 +403,7 @@ impl BlockDevice for Vhd {
         let spots: Vec<(u64, Option<u64>)> = {
             let d = Self::dyn_lock(d);
             let mut v = Vec::new();
-            self.pieces(offset, len, d.block, |g, _, n| {
+            crate::pieces(offset, len, d.block, |g, _, n| {
                 v.push((n as u64, Self::locate(&d, g)));
                 Ok(())
             })?;

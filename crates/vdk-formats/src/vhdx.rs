@@ -572,22 +572,6 @@ impl Vhdx {
         }
         Ok(())
     }
-
-    fn pieces(
-        &self,
-        offset: u64,
-        len: u64,
-        mut f: impl FnMut(u64, usize, usize) -> Result<()>,
-    ) -> Result<()> {
-        let mut pos = 0u64;
-        while pos < len {
-            let g = offset + pos;
-            let n = (self.block - g % self.block).min(len - pos);
-            f(g, pos as usize, n as usize)?;
-            pos += n;
-        }
-        Ok(())
-    }
 }
 
 impl BlockDevice for Vhdx {
@@ -612,7 +596,7 @@ impl BlockDevice for Vhdx {
         let spots: Vec<(usize, usize, Option<u64>)> = {
             let st = lock(&self.state);
             let mut v = Vec::new();
-            self.pieces(offset, buf.len() as u64, |g, at, n| {
+            crate::pieces(offset, buf.len() as u64, self.block, |g, at, n| {
                 v.push((at, n, self.locate(&st, g)));
                 Ok(())
             })?;
@@ -644,7 +628,7 @@ impl BlockDevice for Vhdx {
         }
         check_range(self.size, offset, buf.len() as u64)?;
         self.announce()?;
-        self.pieces(offset, buf.len() as u64, |g, at, n| {
+        crate::pieces(offset, buf.len() as u64, self.block, |g, at, n| {
             let mut st = lock(&self.state);
             if let Some(h) = self.locate(&st, g) {
                 drop(st);
@@ -682,20 +666,9 @@ impl BlockDevice for Vhdx {
             return Err(Error::ReadOnly);
         }
         check_range(self.size, offset, len)?;
-        let zeroes = vec![0u8; MIB as usize];
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (MIB - pos % MIB).min(offset + len - pos);
-            // Blocks never written read as zeroes already.
-            if self.locate(&lock(&self.state), pos).is_some() {
-                self.write_at(&zeroes[..n as usize], pos, false)?;
-            }
-            pos += n;
-        }
-        if fua {
-            self.flush()?;
-        }
-        Ok(())
+        crate::zero_allocated(self, offset, len, MIB, fua, |pos| {
+            self.locate(&lock(&self.state), pos).is_some()
+        })
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
@@ -703,7 +676,7 @@ impl BlockDevice for Vhdx {
         let spots: Vec<(u64, Option<u64>)> = {
             let st = lock(&self.state);
             let mut v = Vec::new();
-            self.pieces(offset, len, |g, _, n| {
+            crate::pieces(offset, len, self.block, |g, _, n| {
                 v.push((n as u64, self.locate(&st, g)));
                 Ok(())
             })?;

@@ -891,16 +891,9 @@ impl Qcow2 {
         len: u64,
         mut f: impl FnMut(u64, u64, usize, usize) -> Result<()>,
     ) -> Result<()> {
-        let mut pos = 0u64;
-        while pos < len {
-            let g = offset + pos;
-            let in_cl = g & (self.cluster_size - 1);
-            let n = (self.cluster_size - in_cl).min(len - pos);
-            // pos and n are within a request held in memory.
-            f(g >> self.cluster_bits, in_cl, pos as usize, n as usize)?;
-            pos += n;
-        }
-        Ok(())
+        crate::pieces(offset, len, self.cluster_size, |g, at, n| {
+            f(g >> self.cluster_bits, g & (self.cluster_size - 1), at, n)
+        })
     }
 
     // ---- writing -----------------------------------------------------------------------
