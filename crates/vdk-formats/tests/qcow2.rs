@@ -214,46 +214,15 @@ fn backing_chains_read_through_and_never_write_below() {
 
 #[test]
 fn conformance() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = std::sync::atomic::AtomicUsize::new(0);
-    vdk_core::conformance::run(&|| {
-        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = dir.path().join(format!("c{i}.qcow2"));
-        let opts = CreateOptions {
-            format: Format::Qcow2,
-            cluster_size: Some(4096),
-            backing: None,
-            fixed: false,
-        };
-        create(&p, vdk_core::conformance::MIN_SIZE, &opts).unwrap();
-        open_rw(&p)
-    });
+    conformance_of(Format::Qcow2, Some(4096));
 }
 
 #[test]
 fn a_terabyte_image_costs_little() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("big.qcow2");
-    let opts = CreateOptions {
-        format: Format::Qcow2,
-        cluster_size: None,
-        backing: None,
-        fixed: false,
-    };
-    create(&img, 1 << 40, &opts).unwrap();
-    let dev = open_rw(&img);
-    let data = vec![0x5au8; MIB as usize];
-    dev.write_at(&data, 700 << 30, false).unwrap();
-    dev.flush().unwrap();
-    drop(dev);
-    let used = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&img).unwrap()) * 512;
-    assert!(
-        used < 8 * MIB,
-        "a 1 TiB image with 1 MiB written uses {used} bytes"
-    );
+    let img = terabyte_with_a_mebibyte(dir.path(), Format::Qcow2);
     check_clean(&img);
-    let dev = open_ro(&img);
-    let e = dev.extents(0, 1 << 40).unwrap();
+    let e = open_ro(&img).extents(0, 1 << 40).unwrap();
     assert_eq!(
         e.runs()
             .iter()

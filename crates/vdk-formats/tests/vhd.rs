@@ -127,18 +127,5 @@ fn parallel_writers_on_a_dynamic_vhd() {
 
 #[test]
 fn conformance() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = std::sync::atomic::AtomicUsize::new(0);
-    vdk_core::conformance::run(&|| {
-        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = dir.path().join(format!("c{i}.vhd"));
-        let opts = CreateOptions {
-            format: Format::Vhd,
-            cluster_size: None,
-            backing: None,
-            fixed: false,
-        };
-        create(&p, vdk_core::conformance::MIN_SIZE, &opts).unwrap();
-        open_rw(&p)
-    });
+    conformance_of(Format::Vhd, None);
 }

@@ -148,3 +148,62 @@ pub fn exercise(img: &Path, mirror: &Path, size: u64, seed: u64, ops: usize) {
     dev.flush().unwrap();
     drop(dev);
 }
+
+/// Creates an empty image of `format` at `path` and opens it for writing.
+pub fn new_image(
+    path: &Path,
+    format: vdk_formats::Format,
+    size: u64,
+    cluster: Option<u64>,
+) -> Arc<dyn BlockDevice> {
+    let opts = vdk_formats::CreateOptions {
+        format,
+        cluster_size: cluster,
+        backing: None,
+        fixed: false,
+    };
+    vdk_formats::create(path, size, &opts).unwrap();
+    open_rw(path)
+}
+
+/// The generic conformance suite on fresh images of `format`.
+pub fn conformance_of(format: vdk_formats::Format, cluster: Option<u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    vdk_core::conformance::run(&|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        new_image(
+            &dir.path().join(format!("c{i}")),
+            format,
+            vdk_core::conformance::MIN_SIZE,
+            cluster,
+        )
+    });
+}
+
+/// A 1 TiB image of `format` with 1 MiB written at 700 GiB: a few MiB on disk, and only the
+/// written range mapped as data. Returns the image (in `dir`) for format-specific checks.
+pub fn terabyte_with_a_mebibyte(dir: &Path, format: vdk_formats::Format) -> PathBuf {
+    let img = dir.join("big");
+    let dev = new_image(&img, format, 1 << 40, None);
+    dev.write_at(&vec![0x5a; MIB as usize], 700 << 30, true)
+        .unwrap();
+    drop(dev);
+    let used = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&img).unwrap()) * 512;
+    assert!(
+        used < 8 * MIB,
+        "a 1 TiB {format} image with 1 MiB written uses {used} bytes"
+    );
+    let e = open_ro(&img).extents(0, 1 << 40).unwrap();
+    let data: u64 = e
+        .runs()
+        .iter()
+        .filter(|r| r.kind == vdk_core::ExtentKind::Data)
+        .map(|r| r.len)
+        .sum();
+    assert!(
+        (MIB..=2 * MIB).contains(&data),
+        "only the written MiB is data: {data}"
+    );
+    img
+}
