@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -186,26 +186,6 @@ fn parse_filters(specs: &[String]) -> Result<Vec<vdk_filters::FilterSpec>, ApiEr
         .iter()
         .map(|s| vdk_filters::FilterSpec::parse(s).map_err(|e| invalid(e.to_string())))
         .collect()
-}
-
-/// Refuses images in formats this build cannot serve yet, told by their magic.
-fn probe_format(file: &mut fs::File, image: &Path) -> Result<(), ApiError> {
-    let mut head = [0u8; 8];
-    let n = file.read(&mut head).unwrap_or(0);
-    let known: &[(&[u8], &str)] = &[(b"vhdxfile", "VHDX")];
-    for (magic, name) in known {
-        if n >= magic.len() && head.starts_with(magic) {
-            return Err(ApiError::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{} is a {name} image, which this build of vdk does not read yet; \
-                     pass --format raw to serve its bytes as they are",
-                    image.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 impl Daemon {
@@ -604,12 +584,6 @@ impl Daemon {
             ));
         }
         let shown = image.display();
-        let mut file =
-            fs::File::open(image).map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
-        if format.is_none() {
-            probe_format(&mut file, image)?;
-        }
-        drop(file);
         let recipe = Recipe {
             image: image.to_owned(),
             format,
