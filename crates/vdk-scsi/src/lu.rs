@@ -148,6 +148,16 @@ impl LogicalUnit {
         }
     }
 
+    /// A logical unit serving `device` under the name `name` (a disk id): a CD-ROM drive
+    /// holding it if the device is a CD-ROM medium (an ISO), a disk otherwise.
+    pub fn for_device(name: &str, device: Arc<dyn BlockDevice>) -> LogicalUnit {
+        let kind = match device.info().media {
+            vdk_core::MediaKind::CdRom => DeviceType::CdRom,
+            _ => DeviceType::Disk,
+        };
+        LogicalUnit::new(kind, Identity::from_name(name, kind), Some(device))
+    }
+
     /// The device type.
     pub fn device_type(&self) -> DeviceType {
         self.device

@@ -127,11 +127,12 @@ fn write(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Response {
         if m.info.read_only {
             return Err(Sense::WRITE_PROTECTED);
         }
-        if req.data_out.len() < want {
-            // Less data than the CDB asks for: refuse rather than write a partial block.
-            return Err(Sense::INVALID_FIELD_IN_IU);
-        }
-        if want == 0 {
+        // Less data than the CDB asks for (the transport's expected length was shorter):
+        // the whole blocks that came are written, as SAM-5 lets a target do; the transport
+        // reports the rest as a residual.
+        let bs = m.block as usize;
+        let have = req.data_out.len().min(want) / bs * bs;
+        if have == 0 {
             return Ok(());
         }
         // FUA (or a disabled write cache, or WRITE AND VERIFY) makes the data durable first.
@@ -143,7 +144,7 @@ fn write(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Response {
             );
         let _shared = lu.io.read().unwrap_or_else(|e| e.into_inner());
         m.dev
-            .write_at(&req.data_out[..want], off, fua)
+            .write_at(&req.data_out[..have], off, fua)
             .map_err(|e| Sense::from_error(&e, true))
     })();
     match r {
@@ -334,20 +335,22 @@ fn write_same(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Result<(), 
             None,
         ));
     }
-    if n > u64::from(MAX_UNMAP_BLOCKS) {
+    let bs = m.block as usize;
+    if n > u64::from(MAX_TRANSFER / m.block) {
+        // Past the MAXIMUM WRITE SAME LENGTH of the Block Limits page.
         return Err(Sense::invalid_cdb(
             if cdb.opcode() == WRITE_SAME10 { 7 } else { 10 },
             None,
         ));
     }
-    let bs = m.block as usize;
     let block: Vec<u8> = if ndob {
         vec![0u8; bs]
     } else {
-        if req.data_out.len() < bs {
+        // Exactly one block of data: anything else is a broken command.
+        if req.data_out.len() != bs {
             return Err(Sense::INVALID_FIELD_IN_IU);
         }
-        req.data_out[..bs].to_vec()
+        req.data_out.to_vec()
     };
     let _shared = lu.io.read().unwrap_or_else(|e| e.into_inner());
     let fua = !m.wce;
@@ -424,11 +427,13 @@ fn compare_and_write(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Resu
     let m = writable(lu)?;
     let (off, len) = m.range(lba, u64::from(n))?;
     let len = usize::try_from(len).map_err(|_| Sense::LBA_OUT_OF_RANGE)?;
+    // The verify and write data of exactly NUMBER OF LOGICAL BLOCKS: a count that does not
+    // match the data (a length that wrapped, say) must not compare or write a part.
+    if req.data_out.len() != 2 * len {
+        return Err(Sense::invalid_cdb(13, None));
+    }
     if n == 0 {
         return Ok(());
-    }
-    if req.data_out.len() < 2 * len {
-        return Err(Sense::INVALID_FIELD_IN_IU);
     }
     let (verify, data) = req.data_out[..2 * len].split_at(len);
     let _exclusive = lu.io.write().unwrap_or_else(|e| e.into_inner());

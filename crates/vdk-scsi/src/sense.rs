@@ -105,6 +105,10 @@ impl Sense {
     pub const MISCOMPARE: Sense = Sense::new(key::MISCOMPARE, 0x1d, 0x00);
     /// The command was aborted by the target.
     pub const COMMAND_ABORTED: Sense = Sense::new(key::ABORTED_COMMAND, 0x00, 0x00);
+    /// The transport delivered the command's data out of sequence.
+    pub const DATA_PHASE_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x00);
+    /// A digest of the command's data was wrong.
+    pub const PROTOCOL_CRC_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x47, 0x05);
 
     /// INVALID FIELD IN CDB, pointing at `byte` (and `bit`) of the CDB.
     pub const fn invalid_cdb(byte: u16, bit: Option<u8>) -> Sense {

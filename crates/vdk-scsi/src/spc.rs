@@ -123,8 +123,8 @@ const VPD_BLOCK_LIMITS: u8 = 0xb0;
 const VPD_CHARACTERISTICS: u8 = 0xb1;
 const VPD_PROVISIONING: u8 = 0xb2;
 
-/// Most blocks one UNMAP descriptor or WRITE SAME may cover (1 GiB of 512-byte blocks).
-pub const MAX_UNMAP_BLOCKS: u32 = 1 << 21;
+/// Most blocks one UNMAP descriptor may cover (512 MiB of 512-byte blocks).
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 /// Most descriptors in one UNMAP parameter list.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// Most blocks one COMPARE AND WRITE covers.
@@ -200,7 +200,8 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
     b[20..24].copy_from_slice(&MAX_UNMAP_DESCRIPTORS.to_be_bytes());
     let phys = info.map(|i| i.physical_block_size.max(bs)).unwrap_or(4096);
     b[24..28].copy_from_slice(&per(phys).to_be_bytes());
-    b[32..40].copy_from_slice(&u64::from(MAX_UNMAP_BLOCKS).to_be_bytes());
+    // MAXIMUM WRITE SAME LENGTH: what one WRITE of the largest transfer could write.
+    b[32..40].copy_from_slice(&u64::from(per(MAX_TRANSFER)).to_be_bytes());
     b
 }
 

@@ -158,11 +158,44 @@ fn protection_fields_are_refused() {
 }
 
 #[test]
-fn short_data_out_is_refused_and_reported() {
+fn short_data_out_writes_the_whole_blocks_sent() {
+    let (t, mem) = disk_target(1 << 20);
+    let r = run(&t, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0], &[1u8; 700]);
+    assert_eq!(r.status, status::GOOD);
+    assert_eq!(
+        r.data_out_len,
+        Some(1024),
+        "the transport reports the residual"
+    );
+    let mut back = [9u8; 1024];
+    mem.read_at(&mut back, 0).unwrap();
+    assert!(back[..512].iter().all(|&b| b == 1));
+    assert!(
+        back[512..].iter().all(|&b| b == 0),
+        "the partial block is not written"
+    );
+}
+
+#[test]
+fn write_same_needs_exactly_one_block_of_data() {
     let (t, _) = disk_target(1 << 20);
-    let r = run(&t, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0], &[1u8; 512]);
-    assert_eq!(sense_of(&r), (key::ILLEGAL_REQUEST, 0x0e, 0x03));
-    assert_eq!(r.data_out_len, Some(1024));
+    let r = run(&t, &[0x41, 0, 0, 0, 0, 0, 0, 0, 4, 0], &[1u8; 256]);
+    assert_eq!(sense_of(&r).0, key::ILLEGAL_REQUEST);
+    let r = run(&t, &[0x41, 0, 0, 0, 0, 0, 0, 0, 4, 0], &[1u8; 1024]);
+    assert_eq!(sense_of(&r).0, key::ILLEGAL_REQUEST);
+}
+
+#[test]
+fn compare_and_write_needs_data_of_its_length() {
+    let (t, _) = disk_target(1 << 20);
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x89;
+    cdb[13] = 1;
+    let r = run(&t, &cdb, &[0u8; 2048]);
+    assert_eq!(sense_of(&r), (key::ILLEGAL_REQUEST, 0x24, 0));
+    cdb[13] = 0; // a count of 256 that wrapped, with 256 blocks of data
+    let r = run(&t, &cdb, &[0u8; 1024]);
+    assert_eq!(sense_of(&r), (key::ILLEGAL_REQUEST, 0x24, 0));
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! `vdk serve`: NBD exports in the foreground.
+//! `vdk serve`: NBD exports and iSCSI targets in the foreground.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,7 +24,10 @@ Examples:
   vdk serve disk.img                          the file as the default export, on port 10809
   vdk serve --memory 4G                       a 4 GiB RAM disk
   vdk serve --listen unix:///run/vdk.sock a.img b.img
-  vdk serve --export data=data.img --export scratch=memory:1G --read-only")]
+  vdk serve --export data=data.img --export scratch=memory:1G --read-only
+  vdk serve --listen iscsi://0.0.0.0 disk.img movie.iso
+                                              iSCSI targets iqn.2026-11.org.vdk:disk.img (a disk)
+                                              and ...:movie.iso (a CD-ROM), LUN 0 each")]
 pub struct ServeArgs {
     /// Raw image files to export, each under its file name; the first is also the default
     /// export (the empty name).
@@ -39,9 +42,20 @@ pub struct ServeArgs {
     /// Refuse writes (files are opened read-only).
     #[arg(long)]
     read_only: bool,
-    /// Where to listen: tcp://HOST:PORT or unix:///PATH. Repeatable.
+    /// Where to listen: tcp://HOST:PORT or unix:///PATH for NBD, iscsi://HOST[:PORT] for
+    /// iSCSI (port 3260 by default). Repeatable; both protocols at once are fine.
     #[arg(long, value_name = "URI")]
     listen: Vec<String>,
+    /// iSCSI: initiators must log in with CHAP as the user:secret on the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    iscsi_chap: Option<PathBuf>,
+    /// iSCSI: the target's own user:secret (first line of FILE), for initiators that ask for
+    /// mutual CHAP.
+    #[arg(long, value_name = "FILE", requires = "iscsi_chap")]
+    iscsi_mutual_chap: Option<PathBuf>,
+    /// iSCSI: only this initiator name may log in (repeatable; default: any).
+    #[arg(long = "iscsi-initiator", value_name = "IQN")]
+    iscsi_initiators: Vec<String>,
     /// Open files with O_DIRECT (requests must then be 4096-aligned; raw images only).
     #[arg(long)]
     direct: bool,
@@ -211,10 +225,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         args.listen.clone()
     };
-    let listeners = uris
+    let (iscsi_uris, nbd_uris): (Vec<&String>, Vec<&String>) =
+        uris.iter().partition(|u| u.starts_with("iscsi://"));
+    let listeners = nbd_uris
         .iter()
         .map(|u| listener(u))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let portals = iscsi_uris
+        .iter()
+        .map(|u| vdk_iscsi::bind(u).with_context(|| format!("cannot listen on {u}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if portals.is_empty() && (args.iscsi_chap.is_some() || !args.iscsi_initiators.is_empty()) {
+        bail!("--iscsi-chap and --iscsi-initiator need an iSCSI portal: --listen iscsi://HOST");
+    }
     for e in &served {
         let info = e.device.info();
         let mode = if e.read_only || info.read_only {
@@ -227,12 +250,32 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     for l in &listeners {
         info!(uri = %l.uri(), "listening");
     }
+    let iscsi = if portals.is_empty() {
+        None
+    } else {
+        let server = Arc::new(vdk_iscsi::Server::new(vdk_iscsi::ServerConfig {
+            threads_per_connection: usize::from(args.threads),
+            ..Default::default()
+        }));
+        let auth = iscsi_auth(&args)?;
+        for e in &served {
+            add_target(&server, e, &auth)?;
+        }
+        for p in &portals {
+            let addr = p.local_addr()?;
+            for t in server.targets() {
+                info!(uri = %vdk_iscsi::target_uri(addr, &t.name, 0), "iSCSI target");
+            }
+        }
+        Some(server)
+    };
     let config = ServerConfig {
         threads_per_connection: usize::from(args.threads),
         ..Default::default()
     };
-    let server = Server::new(served, config);
-    let handle = server.shutdown_handle();
+    let nbd = (!listeners.is_empty()).then(|| Server::new(served, config));
+    let nbd_handle = nbd.as_ref().map(Server::shutdown_handle);
+    let iscsi_handle = iscsi.as_ref().map(|s| s.shutdown_handle());
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
     let signal_thread = signals.handle();
     thread::spawn(move || {
@@ -244,11 +287,102 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             info!(signal = sig, "shutting down: finishing requests in flight");
-            handle.shutdown();
+            if let Some(h) = &nbd_handle {
+                h.shutdown();
+            }
+            if let Some(h) = &iscsi_handle {
+                h.shutdown();
+            }
         }
     });
-    let result = server.serve(listeners).context("flush at shutdown failed");
+    let result = thread::scope(|s| {
+        let iscsi_run = iscsi
+            .as_ref()
+            .map(|server| s.spawn(move || server.serve(portals)));
+        let nbd_result = nbd
+            .as_ref()
+            .map_or(Ok(()), |server| server.serve(listeners))
+            .context("flush at shutdown failed");
+        let iscsi_result = match iscsi_run.map(|h| h.join()) {
+            None => Ok(()),
+            Some(Ok(r)) => r.context("iSCSI flush at shutdown failed"),
+            Some(Err(_)) => Err(anyhow::anyhow!("the iSCSI server thread panicked")),
+        };
+        nbd_result.and(iscsi_result)
+    });
     signal_thread.close();
     info!("stopped");
     result
+}
+
+/// The first line of a CHAP credentials file, `user:secret`.
+pub fn read_chap(path: &Path) -> anyhow::Result<vdk_iscsi::chap::Credentials> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read CHAP credentials from {}", path.display()))?;
+    let line = text.lines().next().unwrap_or("");
+    let creds = vdk_iscsi::chap::Credentials::parse(line)
+        .with_context(|| format!("{}: the first line must be USER:SECRET", path.display()))?;
+    if creds.secret.len() < vdk_iscsi::chap::MIN_SECRET {
+        warn!(
+            file = %path.display(),
+            "CHAP secret shorter than {} bytes: initiators such as Windows refuse it",
+            vdk_iscsi::chap::MIN_SECRET
+        );
+    }
+    Ok(creds)
+}
+
+fn iscsi_auth(args: &ServeArgs) -> anyhow::Result<vdk_iscsi::Auth> {
+    let chap = args.iscsi_chap.as_deref().map(read_chap).transpose()?;
+    let mutual = args
+        .iscsi_mutual_chap
+        .as_deref()
+        .map(read_chap)
+        .transpose()?;
+    if let (Some(a), Some(b)) = (&chap, &mutual) {
+        if a.secret == b.secret {
+            bail!("the mutual CHAP secret must differ from the initiators' (RFC 7143 12.1.3)");
+        }
+    }
+    for i in &args.iscsi_initiators {
+        if !vdk_iscsi::valid_name(i) {
+            bail!("--iscsi-initiator {i:?} is not an iSCSI name (iqn.YYYY-MM.domain:name)");
+        }
+    }
+    Ok(vdk_iscsi::Auth {
+        chap,
+        mutual,
+        initiators: args.iscsi_initiators.clone(),
+    })
+}
+
+/// An export as an iSCSI target of its own, the disk as LUN 0 (a CD-ROM for an ISO).
+fn add_target(
+    server: &vdk_iscsi::Server,
+    export: &Export,
+    auth: &vdk_iscsi::Auth,
+) -> anyhow::Result<()> {
+    let device = if export.read_only {
+        vdk_filters::apply(
+            Arc::clone(&export.device),
+            &[vdk_filters::FilterSpec::parse("readonly")?],
+        )?
+        .device
+    } else {
+        Arc::clone(&export.device)
+    };
+    let luns = Arc::new(vdk_scsi::Target::new());
+    luns.add(
+        0,
+        Arc::new(vdk_scsi::LogicalUnit::for_device(&export.name, device)),
+    );
+    server
+        .add_target(vdk_iscsi::Target {
+            name: vdk_iscsi::iqn_for(&export.name),
+            alias: Some(export.name.clone()),
+            luns,
+            auth: auth.clone(),
+        })
+        .with_context(|| format!("export {:?}", export.name))?;
+    Ok(())
 }
