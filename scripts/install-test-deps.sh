@@ -14,7 +14,12 @@ packages=(
   e2fsprogs       # mkfs.ext4, fsck.ext4
   xfsprogs        # mkfs.xfs (vdk open --mkfs xfs)
   dosfstools      # mkfs.vfat (vdk open --mkfs vfat)
-  xorriso         # ISO images for the iso format tests
+  xorriso         # ISO images for the iso format and ISO browser tests
+  genisoimage     # ISO images with Rock Ridge deep-directory relocation
+  libiscsi-bin    # iscsi-ls, iscsi-inq, iscsi-readcapacity16, iscsi-test-cu, iscsi-perf
+  libiscsi-dev    # the MMC test client is built against libiscsi
+  gcc             # ... with the C compiler
+  tgt             # tgtd: the peer iSCSI target in benchmarks and the iscsi-test-cu comparison
   fdisk           # sfdisk: MBR and GPT tables for the partition filter tests
   mount           # losetup, mount
   util-linux      # setpriv (a test drops root to see a permission error)
@@ -32,6 +37,26 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# qemu-img and qemu-io reach iscsi:// through qemu-block-extra, which must be the very
+# version of qemu-utils (a mismatch makes apt replace qemu-utils). That may be a backport.
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+qemu_version=$(dpkg-query -W -f='${Version}' qemu-utils)
+if ! dpkg-query -W -f='${Status} ${Version}\n' qemu-block-extra 2>/dev/null \
+    | grep -qx "install ok installed $qemu_version"; then
+  echo "installing: qemu-block-extra=$qemu_version"
+  if ! DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      "qemu-block-extra=$qemu_version" qemu-utils; then
+    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    echo "qemu-block-extra $qemu_version is not in the sources; adding $codename-backports"
+    echo "deb http://deb.debian.org/debian $codename-backports main" \
+      | $sudo tee /etc/apt/sources.list.d/vdk-backports.list >/dev/null
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      "qemu-block-extra=$qemu_version" qemu-utils
+  fi
 fi
 
 if command -v rustup >/dev/null 2>&1; then

@@ -406,20 +406,28 @@ impl Server {
                 debug!(%peer, "login took too long");
                 return None;
             }
-            let h = match wire::read_header(&mut reader, Digests::default(), max_text) {
-                Ok(h) => h,
+            let bhs = match wire::read_bhs(&mut reader) {
+                Ok(b) => b,
                 Err(e) => {
                     debug!(%peer, error = %e, "connection ended during login");
                     return None;
                 }
             };
-            let mut data = vec![0u8; h.bhs.data_len()];
-            if wire::read_data(&mut reader, &mut data, Digests::default()).is_err() {
+            if bhs.opcode() != opcode::LOGIN || bhs.ahs_len() != 0 {
+                // Only Login Requests, which have no AHS, may come before the login
+                // completes (RFC 7143 6.1): nothing else of this stream can be trusted.
+                warn!(%peer, opcode = bhs.opcode(), "not a login request, closing");
                 return None;
             }
-            if h.bhs.opcode() != opcode::LOGIN {
-                // Only Login Requests are allowed before the login completes (RFC 7143 6.1).
-                warn!(%peer, opcode = h.bhs.opcode(), "PDU before login completed, closing");
+            let h = match wire::read_after_bhs(&mut reader, bhs, Digests::default(), max_text) {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!(%peer, error = %e, "bad login request, closing");
+                    return None;
+                }
+            };
+            let mut data = vec![0u8; h.bhs.data_len()];
+            if wire::read_data(&mut reader, &mut data, Digests::default()).is_err() {
                 return None;
             }
             let req = match Request::parse(&h.bhs, &h.ahs) {

@@ -56,19 +56,35 @@ pub fn read_header(
     digests: Digests,
     max_data: usize,
 ) -> Result<Header, ReadError> {
+    let bhs = read_bhs(r)?;
+    read_after_bhs(r, bhs, digests, max_data)
+}
+
+/// Reads the 48 bytes of the next BHS only, so that the caller can check it before trusting
+/// the lengths it gives.
+pub fn read_bhs(r: &mut impl Read) -> Result<Bhs, ReadError> {
     let mut b = [0u8; BHS_LEN];
     // EOF before the first byte is a clean close; after it, a broken PDU.
-    match r.read(&mut b[..1]) {
-        Ok(0) => return Err(ReadError::Closed),
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-            return read_header(r, digests, max_data)
+    loop {
+        match r.read(&mut b[..1]) {
+            Ok(0) => return Err(ReadError::Closed),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ReadError::Closed),
+            Err(e) => return Err(e.into()),
         }
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ReadError::Closed),
-        Err(e) => return Err(e.into()),
     }
     r.read_exact(&mut b[1..])?;
-    let bhs = Bhs(b);
+    Ok(Bhs(b))
+}
+
+/// Reads the AHS and header digest that follow `bhs`, and checks the data segment length.
+pub fn read_after_bhs(
+    r: &mut impl Read,
+    bhs: Bhs,
+    digests: Digests,
+    max_data: usize,
+) -> Result<Header, ReadError> {
     let mut ahs = vec![0u8; bhs.ahs_len()];
     r.read_exact(&mut ahs)?;
     if digests.header {

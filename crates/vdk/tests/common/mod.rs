@@ -33,6 +33,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("fsx", "cargo install fsx --locked"),
     ("fio", "fio"),
     ("xorriso", "xorriso"),
+    ("genisoimage", "genisoimage"),
+    ("iscsi-ls", "libiscsi-bin"),
+    ("iscsi-inq", "libiscsi-bin"),
+    ("iscsi-readcapacity16", "libiscsi-bin"),
+    ("iscsi-test-cu", "libiscsi-bin"),
+    ("iscsi-perf", "libiscsi-bin"),
+    ("cc", "gcc"),
+    ("tgtd", "tgt"),
 ];
 
 /// PATH with Debian's directories first, so that `nbdsh` runs Debian's python3, which has
@@ -155,6 +163,41 @@ impl Vdk {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts `vdk serve ARGS` with an iSCSI portal on a free loopback port as well as the
+    /// Unix NBD socket; [`Vdk::iscsi`] gives the portal.
+    pub fn serve_iscsi(dir: TempDir, args: &[&str]) -> Vdk {
+        let mut all = vec!["--listen", "iscsi://127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let vdk = Vdk::serve_in(dir, &all);
+        wait_for(20, "the iSCSI portal in the log", || {
+            vdk.iscsi_portal().is_some()
+        });
+        vdk
+    }
+
+    /// `HOST:PORT` of the iSCSI portal, from the target URIs vdk logs at start.
+    fn iscsi_portal(&self) -> Option<String> {
+        let log = self.log();
+        let at = log.find("uri=iscsi://")? + "uri=iscsi://".len();
+        let rest = &log[at..];
+        Some(rest[..rest.find('/')?].to_owned())
+    }
+
+    /// The iSCSI URL of LUN 0 of the target named after `export`:
+    /// `iscsi://127.0.0.1:PORT/iqn.2026-11.org.vdk:EXPORT/0`.
+    pub fn iscsi(&self, export: &str) -> String {
+        let portal = self.iscsi_portal().expect("vdk serves iSCSI");
+        format!("iscsi://{portal}/iqn.2026-11.org.vdk:{export}/0")
+    }
+
+    /// The iSCSI portal URL, for discovery.
+    pub fn iscsi_root(&self) -> String {
+        format!(
+            "iscsi://{}/",
+            self.iscsi_portal().expect("vdk serves iSCSI")
+        )
     }
 
     /// The NBD URI of an export ("" for the default export).

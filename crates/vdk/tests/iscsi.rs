@@ -1,0 +1,471 @@
+//! The iSCSI target driven by initiators nobody here wrote: libiscsi's tools (iscsi-ls,
+//! iscsi-inq, iscsi-readcapacity16, iscsi-test-cu) and QEMU's iSCSI block driver (qemu-img,
+//! qemu-io over `iscsi://`), plus hostile bytes on a raw socket.
+#![allow(clippy::cast_possible_truncation)] // test sizes are small constants
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{need, run, sparse_file, stdout, Vdk};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A directory with a sparse 64 MiB `disk.img` and a small `disc.iso` made by xorriso.
+fn images() -> tempfile::TempDir {
+    need("xorriso");
+    let dir = tempfile::tempdir().unwrap();
+    sparse_file(&dir.path().join("disk.img"), 64 << 20);
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("data.bin"), common::pattern(500_000, 3)).unwrap();
+    run(Command::new("xorriso").args([
+        "-as",
+        "mkisofs",
+        "-quiet",
+        "-V",
+        "VDKISCSI",
+        "-o",
+        s(&dir.path().join("disc.iso")),
+        s(&tree),
+    ]));
+    dir
+}
+
+fn failing(cmd: &mut Command) -> String {
+    let out = cmd
+        .env("PATH", common::path_env())
+        .output()
+        .expect("run the client");
+    assert!(
+        !out.status.success(),
+        "{cmd:?} should have failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn discovery_lists_a_disk_and_a_cd_rom() {
+    need("iscsi-ls");
+    let vdk = Vdk::serve_iscsi(images(), &["disk.img", "disc.iso"]);
+    let out = stdout(Command::new("iscsi-ls").args(["-s", &vdk.iscsi_root()]));
+    assert!(out.contains("Target:iqn.2026-11.org.vdk:disk.img"), "{out}");
+    assert!(out.contains("Target:iqn.2026-11.org.vdk:disc.iso"), "{out}");
+    assert!(out.contains("Lun:0    Type:DIRECT_ACCESS (Size:"), "{out}");
+    assert!(out.contains("Type:MMC"), "{out}");
+}
+
+#[test]
+fn inquiry_vpd_pages_and_capacity() {
+    need("iscsi-inq");
+    need("iscsi-readcapacity16");
+    let vdk = Vdk::serve_iscsi(images(), &["disk.img"]);
+    let url = vdk.iscsi("disk.img");
+    let std = stdout(Command::new("iscsi-inq").arg(&url));
+    assert!(
+        std.contains("Peripheral Device Type:DIRECT_ACCESS"),
+        "{std}"
+    );
+    assert!(std.contains("Vendor:VDK"), "{std}");
+    assert!(std.contains("Product:Virtual Disk"), "{std}");
+    let pages = stdout(Command::new("iscsi-inq").args(["-e", "1", &url]));
+    for p in ["0x80", "0x83", "0xb0", "0xb1", "0xb2"] {
+        assert!(pages.contains(&format!("Page:{p}")), "{pages}");
+    }
+    let serial = stdout(Command::new("iscsi-inq").args(["-e", "1", "-c", "128", &url]));
+    // The NAA designator is printed as raw bytes.
+    let ids = run(Command::new("iscsi-inq").args(["-e", "1", "-c", "131", &url])).stdout;
+    let ids = String::from_utf8_lossy(&ids);
+    let sn = serial
+        .split("Unit Serial Number:[")
+        .nth(1)
+        .and_then(|r| r.split(']').next())
+        .expect("a serial number");
+    assert_eq!(sn.len(), 16, "{serial}");
+    assert!(ids.contains("Designator Type:(3) NAA"), "{ids}");
+    assert!(
+        ids.contains(sn),
+        "the T10 designator holds the serial: {ids}"
+    );
+    let limits = stdout(Command::new("iscsi-inq").args(["-e", "1", "-c", "176", &url]));
+    assert!(limits.contains("maximum transfer length:16384"), "{limits}");
+    let cap = stdout(Command::new("iscsi-readcapacity16").arg(&url));
+    assert!(cap.contains("Total size:67108864"), "{cap}");
+    assert!(
+        cap.contains("LBPME:1"),
+        "thin provisioning is advertised: {cap}"
+    );
+}
+
+/// Tests of `iscsi-test-cu -t ALL` that fail on vdk, each with the reason.
+const KNOWN_FAILURES: &[(&str, &str)] = &[(
+    "GetLBAStatus.UnmapSingle",
+    "the test expects the first descriptor for LBA n+1 to start at n + blocks per physical \
+     block, which only holds with one logical block per physical block; SBC-4 5.7 asks \
+     for the descriptor that holds LBA n+1, as vdk sends",
+)];
+
+#[test]
+fn iscsi_test_cu_passes_all_its_families() {
+    need("iscsi-test-cu");
+    let dir = tempfile::tempdir().unwrap();
+    sparse_file(&dir.path().join("lun.img"), 1 << 30);
+    let vdk = Vdk::serve_iscsi(dir, &["lun.img"]);
+    let out = Command::new("iscsi-test-cu")
+        .args(["--dataloss", "-t", "ALL", &vdk.iscsi("lun.img")])
+        .env("PATH", common::path_env())
+        .output()
+        .expect("run iscsi-test-cu");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut failed = Vec::new();
+    let (mut suite, mut test) = (String::new(), String::new());
+    for line in text.lines() {
+        if let Some(s) = line.strip_prefix("Suite: ") {
+            suite = s.trim().to_owned();
+        }
+        if let Some(t) = line.trim_start().strip_prefix("Test: ") {
+            test = t.split(" ...").next().unwrap_or("").trim().to_owned();
+        }
+        if line.ends_with("FAILED") && !line.contains("[FAILED]") {
+            let name = format!("{suite}.{test}");
+            if !failed.contains(&name) {
+                failed.push(name);
+            }
+        }
+    }
+    let summary = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("tests"))
+        .unwrap_or_else(|| panic!("no summary in:\n{text}"));
+    let counts: Vec<u32> = summary
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (total, passed) = (counts[0], counts[2]);
+    for f in &failed {
+        assert!(
+            KNOWN_FAILURES.iter().any(|(k, _)| k == f),
+            "iscsi-test-cu {f} fails ({passed} of {total} pass):\n{}",
+            text.lines()
+                .filter(|l| l.contains("FAILED"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // tgt passes 222 of these 230 tests; vdk must not fall below what it reaches today.
+    assert_eq!(total, 230, "{summary}");
+    assert!(passed >= total - KNOWN_FAILURES.len() as u32, "{summary}");
+    eprintln!("iscsi-test-cu -t ALL: {passed} of {total} passed");
+}
+
+#[test]
+fn qemu_img_reads_an_iso_lun_byte_for_byte() {
+    need("qemu-img");
+    let vdk = Vdk::serve_iscsi(images(), &["disc.iso"]);
+    let url = vdk.iscsi("disc.iso");
+    let iso = vdk.path("disc.iso");
+    let info: serde_json::Value = serde_json::from_str(&stdout(Command::new("qemu-img").args([
+        "info",
+        "--output=json",
+        &url,
+    ])))
+    .unwrap();
+    assert_eq!(info["virtual-size"], fs::metadata(&iso).unwrap().len());
+    let copy = vdk.path("copy.raw");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw", &url, s(&copy)]));
+    assert_eq!(fs::read(&copy).unwrap(), fs::read(&iso).unwrap());
+    run(Command::new("qemu-img").args(["compare", "-F", "raw", &url, s(&iso)]));
+}
+
+#[test]
+fn qemu_io_writes_reach_the_image_and_read_back() {
+    need("qemu-io");
+    let vdk = Vdk::serve_iscsi(images(), &["disk.img"]);
+    let url = vdk.iscsi("disk.img");
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 1M 3M",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0x5a 1M 3M",
+        "-c",
+        "write -z 2M 64k",
+        "-c",
+        "read -P 0 2M 64k",
+        "-c",
+        "discard 3M 64k",
+        "-c",
+        "read -P 0 3M 64k",
+        &url,
+    ]));
+    let img = fs::read(vdk.path("disk.img")).unwrap();
+    assert!(img[1 << 20..2 << 20].iter().all(|&b| b == 0x5a));
+    assert!(img[2 << 20..(2 << 20) + (64 << 10)].iter().all(|&b| b == 0));
+    assert!(img[(2 << 20) + (64 << 10)..3 << 20]
+        .iter()
+        .all(|&b| b == 0x5a));
+    assert!(
+        img[..1 << 20].iter().all(|&b| b == 0),
+        "nothing else was written"
+    );
+}
+
+#[test]
+fn qemu_img_converts_an_image_into_a_lun() {
+    need("qemu-img");
+    let dir = images();
+    let src = dir.path().join("src.raw");
+    fs::write(&src, common::pattern(8 << 20, 9)).unwrap();
+    sparse_file(&dir.path().join("target.img"), 8 << 20);
+    let vdk = Vdk::serve_iscsi(dir, &["target.img"]);
+    let url = vdk.iscsi("target.img");
+    run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw", s(&src), &url]));
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", s(&src), &url]));
+    assert_eq!(
+        fs::read(vdk.path("target.img")).unwrap(),
+        fs::read(&src).unwrap()
+    );
+}
+
+#[test]
+fn a_read_only_lun_refuses_writes() {
+    need("qemu-io");
+    let vdk = Vdk::serve_iscsi(images(), &["--read-only", "disk.img"]);
+    let url = vdk.iscsi("disk.img");
+    let out = failing(Command::new("qemu-io").args(["-f", "raw", "-c", "write 0 4k", &url]));
+    assert!(
+        out.contains("ermission") || out.contains("read-only") || out.contains("protected"),
+        "{out}"
+    );
+    let img = fs::read(vdk.path("disk.img")).unwrap();
+    assert!(img.iter().all(|&b| b == 0));
+}
+
+fn chap_file(dir: &Path, name: &str, line: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, format!("{line}\n")).unwrap();
+    p
+}
+
+#[test]
+fn chap_one_way_and_mutual() {
+    need("iscsi-inq");
+    let dir = images();
+    chap_file(dir.path(), "chap", "alice:alice-secret-123");
+    chap_file(dir.path(), "mutual", "target-user:target-secret-456");
+    let vdk = Vdk::serve_iscsi(
+        dir,
+        &[
+            "--iscsi-chap",
+            "chap",
+            "--iscsi-mutual-chap",
+            "mutual",
+            "disk.img",
+        ],
+    );
+    let url = vdk.iscsi("disk.img");
+    let with = |user: &str| url.replacen("iscsi://", &format!("iscsi://{user}@"), 1);
+    let out = stdout(Command::new("iscsi-inq").arg(with("alice%alice-secret-123")));
+    assert!(out.contains("Vendor:VDK"), "{out}");
+    failing(Command::new("iscsi-inq").arg(with("alice%wrong-secret-000")));
+    failing(Command::new("iscsi-inq").arg(with("mallory%alice-secret-123")));
+    failing(Command::new("iscsi-inq").arg(&url));
+    // Mutual: the initiator checks the target's answer to its own challenge.
+    let mutual = format!(
+        "{}?target_user=target-user&target_password=target-secret-456",
+        with("alice%alice-secret-123")
+    );
+    let out = stdout(Command::new("iscsi-inq").arg(&mutual));
+    assert!(out.contains("Vendor:VDK"), "{out}");
+    let wrong = format!(
+        "{}?target_user=target-user&target_password=not-the-target-secret",
+        with("alice%alice-secret-123")
+    );
+    failing(Command::new("iscsi-inq").arg(&wrong));
+    let log = vdk.log();
+    assert!(log.contains("iSCSI login refused"), "{log}");
+}
+
+#[test]
+fn header_digests_are_negotiated_and_used() {
+    need("qemu-io");
+    let vdk = Vdk::serve_iscsi(images(), &["disk.img"]);
+    let portal = vdk.iscsi_root();
+    let portal = portal.trim_start_matches("iscsi://").trim_end_matches('/');
+    let opts = format!(
+        "driver=iscsi,transport=tcp,portal={portal},target=iqn.2026-11.org.vdk:disk.img,\
+         lun=0,header-digest=crc32c"
+    );
+    run(Command::new("qemu-io").args([
+        "--image-opts",
+        &opts,
+        "-c",
+        "write -P 0x3c 0 1M",
+        "-c",
+        "read -P 0x3c 0 1M",
+    ]));
+    assert!(vdk.log().contains("header_digest=true"), "{}", vdk.log());
+}
+
+#[test]
+fn only_listed_initiators_see_and_log_in() {
+    need("iscsi-ls");
+    let ok = "iqn.2026-11.org.example:allowed";
+    let other = "iqn.2026-11.org.example:other";
+    let vdk = Vdk::serve_iscsi(images(), &["--iscsi-initiator", ok, "disk.img"]);
+    let url = vdk.iscsi("disk.img");
+    let out = stdout(Command::new("iscsi-inq").args(["-i", ok, &url]));
+    assert!(out.contains("Vendor:VDK"), "{out}");
+    failing(Command::new("iscsi-inq").args(["-i", other, &url]));
+    let listed = stdout(Command::new("iscsi-ls").args(["-i", ok, &vdk.iscsi_root()]));
+    assert!(listed.contains("disk.img"), "{listed}");
+    let hidden = stdout(Command::new("iscsi-ls").args(["-i", other, &vdk.iscsi_root()]));
+    assert!(!hidden.contains("disk.img"), "{hidden}");
+}
+
+#[test]
+fn flushed_writes_survive_kill_9() {
+    need("qemu-io");
+    let mut vdk = Vdk::serve_iscsi(images(), &["disk.img"]);
+    let url = vdk.iscsi("disk.img");
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-t",
+        "none",
+        "-c",
+        "write -P 0x77 4M 1M",
+        "-c",
+        "flush",
+        &url,
+    ]));
+    vdk.kill9();
+    let img = fs::read(vdk.path("disk.img")).unwrap();
+    assert!(img[4 << 20..5 << 20].iter().all(|&b| b == 0x77));
+}
+
+/// Connects to the portal of `vdk`.
+fn connect(vdk: &Vdk) -> TcpStream {
+    let portal = vdk
+        .iscsi_root()
+        .trim_start_matches("iscsi://")
+        .trim_end_matches('/')
+        .to_owned();
+    let s = TcpStream::connect(portal).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Whether the target closed `s` (EOF) after what was sent, reading whatever it answered.
+fn closed(mut s: TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn hostile_bytes_close_only_their_connection() {
+    need("iscsi-inq");
+    let vdk = Vdk::serve_iscsi(images(), &["disk.img"]);
+    // Garbage instead of a login.
+    let mut s = connect(&vdk);
+    s.write_all(&[0xff; 48]).unwrap();
+    assert!(closed(s), "garbage must close the connection");
+    // A SCSI command before login.
+    let mut s = connect(&vdk);
+    let mut cmd = [0u8; 48];
+    cmd[0] = 0x01;
+    cmd[1] = 0x80;
+    cmd[32] = 0x00; // TEST UNIT READY
+    s.write_all(&cmd).unwrap();
+    assert!(
+        closed(s),
+        "a command before login must close the connection"
+    );
+    // A login whose data segment claims 16 MiB.
+    let mut s = connect(&vdk);
+    let mut login = [0u8; 48];
+    login[0] = 0x43;
+    login[1] = 0x87;
+    login[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+    s.write_all(&login).unwrap();
+    assert!(closed(s), "an oversized login must close the connection");
+    // Half a header, then nothing: the login time-out is long; the server keeps serving.
+    let mut half = connect(&vdk);
+    half.write_all(&[0x43, 0x87, 0, 0]).unwrap();
+    let out = stdout(Command::new("iscsi-inq").arg(vdk.iscsi("disk.img")));
+    assert!(out.contains("Vendor:VDK"), "{out}");
+    assert!(!vdk.log().contains("panicked"), "{}", vdk.log());
+}
+
+/// Logs in with a hand-made Login Request and returns the response header and text.
+fn raw_login(s: &mut TcpStream, text: &str) -> ([u8; 48], String) {
+    let mut bhs = [0u8; 48];
+    bhs[0] = 0x43;
+    bhs[1] = 0x80 | (1 << 2) | 3; // T, CSG operational, NSG full feature
+    bhs[8] = 0x80; // ISID: random format
+    let data = text.replace(';', "\0") + "\0";
+    let len = data.len();
+    bhs[5..8].copy_from_slice(&(len as u32).to_be_bytes()[1..]);
+    let mut pdu = bhs.to_vec();
+    pdu.extend_from_slice(data.as_bytes());
+    pdu.resize(48 + len.div_ceil(4) * 4, 0);
+    s.write_all(&pdu).unwrap();
+    let mut rsp = [0u8; 48];
+    s.read_exact(&mut rsp).unwrap();
+    let dlen = u32::from_be_bytes([0, rsp[5], rsp[6], rsp[7]]) as usize;
+    let mut d = vec![0u8; dlen.div_ceil(4) * 4];
+    s.read_exact(&mut d).unwrap();
+    d.truncate(dlen);
+    (rsp, String::from_utf8_lossy(&d).replace('\0', ";"))
+}
+
+#[test]
+fn login_errors_carry_the_status_the_rfc_names() {
+    let vdk = Vdk::serve_iscsi(images(), &["disk.img"]);
+    let mut s = connect(&vdk);
+    let (rsp, _) = raw_login(
+        &mut s,
+        "InitiatorName=iqn.2026-11.org.example:t;TargetName=iqn.2026-11.org.vdk:nothing",
+    );
+    assert_eq!(rsp[0] & 0x3f, 0x23);
+    assert_eq!((rsp[36], rsp[37]), (0x02, 0x03), "target not found");
+    assert!(closed(s));
+    let mut s = connect(&vdk);
+    let (rsp, _) = raw_login(&mut s, "TargetName=iqn.2026-11.org.vdk:disk.img");
+    assert_eq!((rsp[36], rsp[37]), (0x02, 0x07), "missing InitiatorName");
+    let mut s = connect(&vdk);
+    let (rsp, text) = raw_login(
+        &mut s,
+        "InitiatorName=iqn.2026-11.org.example:t;TargetName=iqn.2026-11.org.vdk:disk.img;\
+         X-org.example.Unknown=1;MaxBurstLength=banana",
+    );
+    assert_eq!((rsp[36], rsp[37]), (0, 0), "{text}");
+    assert!(
+        text.contains("X-org.example.Unknown=NotUnderstood"),
+        "{text}"
+    );
+    assert!(text.contains("MaxBurstLength=Reject"), "{text}");
+    assert!(text.contains("TargetPortalGroupTag=1"), "{text}");
+}
