@@ -38,6 +38,20 @@ pub enum Request {
     Discard(DiskRequest),
     /// Start a new overlay on top of an open cow disk's overlay.
     Snapshot(SnapshotRequest),
+    /// Take the disc out of an open CD-ROM disk.
+    Eject(CloseRequest),
+    /// Put a new disc (an ISO image) in an open CD-ROM disk.
+    Insert(InsertRequest),
+}
+
+/// `insert`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InsertRequest {
+    /// The disk's id, or its image's absolute path.
+    pub disk: String,
+    /// The new disc: an ISO image (an absolute path).
+    pub image: PathBuf,
 }
 
 /// `snapshot`.
@@ -93,6 +107,16 @@ pub struct OpenRequest {
     /// delay, partition).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<String>,
+    /// Serve the disk as a LUN of an iSCSI target (a CD-ROM LUN for an ISO).
+    #[serde(default)]
+    pub iscsi: bool,
+    /// The target's iSCSI name; by default one derived from the disk's id. Disks opened with
+    /// the same name are LUNs of one target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi_target: Option<String>,
+    /// The LUN; by default the lowest free one of the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi_lun: Option<u16>,
 }
 
 /// `close` and `unmount`.
@@ -140,8 +164,16 @@ pub struct DiskStatus {
     pub mount: Option<PathBuf>,
     /// NBD export name.
     pub export: String,
-    /// NBD URIs of the export, one per listener of the daemon.
+    /// NBD URIs of the export, one per listener of the daemon (none while a CD-ROM disk has
+    /// no disc).
     pub nbd: Vec<String>,
+    /// iSCSI URLs of the disk's LUN, one per portal of the daemon (empty if not served over
+    /// iSCSI).
+    #[serde(default)]
+    pub iscsi: Vec<String>,
+    /// A CD-ROM disk whose disc is out (`vdk eject`, or an initiator's eject).
+    #[serde(default)]
+    pub ejected: bool,
     /// Filters over the image, in order.
     #[serde(default)]
     pub filters: Vec<String>,

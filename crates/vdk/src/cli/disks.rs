@@ -14,7 +14,7 @@ use clap::Args;
 use vdk_core::size::{parse_size, Human};
 
 use crate::control::{
-    ApiError, Client, CloseRequest, DiskStatus, MountRequest, OpenRequest, Request,
+    ApiError, Client, CloseRequest, DiskStatus, InsertRequest, MountRequest, OpenRequest, Request,
 };
 use crate::daemon::Paths;
 
@@ -169,6 +169,16 @@ pub struct OpenArgs {
     /// partition. Repeatable, applied in order.
     #[arg(long = "filter", value_name = "SPEC")]
     filters: Vec<String>,
+    /// Also serve the disk over iSCSI, as a LUN of a target (a CD-ROM LUN for an ISO).
+    #[arg(long)]
+    iscsi: bool,
+    /// The iSCSI target's name (default: iqn.2026-11.org.vdk:ID); disks opened with the
+    /// same name are LUNs of one target.
+    #[arg(long, value_name = "IQN", requires = "iscsi")]
+    iscsi_target: Option<String>,
+    /// The LUN (default: the lowest free one of the target).
+    #[arg(long, value_name = "N", requires = "iscsi")]
+    iscsi_lun: Option<u16>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -196,6 +206,9 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
             .iter()
             .map(|f| absolute_overlay(f))
             .collect::<anyhow::Result<_>>()?,
+        iscsi: args.iscsi,
+        iscsi_target: args.iscsi_target,
+        iscsi_lun: args.iscsi_lun,
     });
     let mut client = connect(paths, true)?;
     let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
@@ -220,9 +233,80 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
     if let Some(dir) = &status.mount {
         println!("  mounted on    {}", dir.display());
     }
+    print_uris(&status);
+    Ok(())
+}
+
+fn print_uris(status: &DiskStatus) {
     for uri in &status.nbd {
         println!("  nbd           {uri}");
     }
+    for uri in &status.iscsi {
+        println!("  iscsi         {uri}");
+    }
+}
+
+/// `vdk insert`.
+#[derive(Debug, Args)]
+pub struct InsertArgs {
+    /// The CD-ROM disk: its id or its image file.
+    disk: String,
+    /// The new disc: an ISO image.
+    image: PathBuf,
+    /// Print the disk as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `vdk eject`.
+#[derive(Debug, Args)]
+pub struct EjectArgs {
+    /// The CD-ROM disk: its id or its image file.
+    disk: String,
+    /// Eject even if an iSCSI initiator prevents medium removal.
+    #[arg(long)]
+    force: bool,
+    /// Print the disk as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `vdk eject`.
+pub fn eject(args: EjectArgs, paths: &Paths) -> anyhow::Result<()> {
+    let mut client = connect(paths, false)?;
+    let req = Request::Eject(CloseRequest {
+        disk: disk_key(&args.disk)?,
+        force: args.force,
+    });
+    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    if args.json {
+        return print_json(&status);
+    }
+    println!("ejected the disc of {}", status.id);
+    Ok(())
+}
+
+/// Runs `vdk insert`.
+pub fn insert(args: InsertArgs, paths: &Paths) -> anyhow::Result<()> {
+    let mut client = connect(paths, false)?;
+    let req = Request::Insert(InsertRequest {
+        disk: disk_key(&args.disk)?,
+        image: absolute(&args.image)?,
+    });
+    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    if args.json {
+        return print_json(&status);
+    }
+    println!(
+        "inserted {} in {} ({})",
+        status.image.display(),
+        status.id,
+        Human(status.size)
+    );
+    if let Some(dev) = &status.block_device {
+        println!("  block device  {}", dev.display());
+    }
+    print_uris(&status);
     Ok(())
 }
 
@@ -355,7 +439,7 @@ pub fn list(args: ListArgs, paths: &Paths) -> anyhow::Result<()> {
     let dash = || "-".to_owned();
     let mut rows = vec![[
         "ID", "IMAGE", "FORMAT", "SIZE", "RO", "DEVICE", "MOUNT", "READS", "WRITES", "READ",
-        "WRITTEN", "LAT R/W", "NBD",
+        "WRITTEN", "LAT R/W", "NBD", "ISCSI",
     ]
     .map(String::from)];
     for d in &disks {
@@ -378,7 +462,12 @@ pub fn list(args: ListArgs, paths: &Paths) -> anyhow::Result<()> {
             d.latency.as_ref().map_or_else(dash, |l| {
                 format!("{}/{} µs", l["read"]["mean_us"], l["write"]["mean_us"])
             }),
-            d.nbd.first().cloned().unwrap_or_else(dash),
+            if d.ejected {
+                "(no disc)".into()
+            } else {
+                d.nbd.first().cloned().unwrap_or_else(dash)
+            },
+            d.iscsi.first().cloned().unwrap_or_else(dash),
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())

@@ -5,9 +5,11 @@ mod disks;
 mod image;
 mod serve;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use tracing::warn;
 
 use crate::daemon::{self, Paths};
 use tracing_subscriber::EnvFilter;
@@ -62,6 +64,10 @@ enum Command {
     Discard(image::OverlayArgs),
     /// Start a new overlay on top of a cow overlay (a chain).
     Snapshot(image::SnapshotArgs),
+    /// Take the disc out of an open CD-ROM disk (an ISO): iSCSI initiators see no medium.
+    Eject(disks::EjectArgs),
+    /// Put an ISO image in an open CD-ROM disk, as a new disc.
+    Insert(disks::InsertArgs),
 }
 
 /// Runs the chosen command.
@@ -85,6 +91,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Commit(args) => image::commit(args, &paths()?),
         Command::Discard(args) => image::discard(args, &paths()?),
         Command::Snapshot(args) => image::snapshot(args, &paths()?),
+        Command::Eject(args) => disks::eject(args, &paths()?),
+        Command::Insert(args) => disks::insert(args, &paths()?),
     }
 }
 
@@ -101,4 +109,47 @@ pub fn init_logging(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// The first line of a CHAP credentials file, `user:secret`.
+fn read_chap(path: &Path) -> anyhow::Result<vdk_iscsi::chap::Credentials> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read CHAP credentials from {}", path.display()))?;
+    let line = text.lines().next().unwrap_or("");
+    let creds = vdk_iscsi::chap::Credentials::parse(line)
+        .with_context(|| format!("{}: the first line must be USER:SECRET", path.display()))?;
+    if creds.secret.len() < vdk_iscsi::chap::MIN_SECRET {
+        warn!(
+            file = %path.display(),
+            "CHAP secret shorter than {} bytes: initiators such as Windows refuse it",
+            vdk_iscsi::chap::MIN_SECRET
+        );
+    }
+    Ok(creds)
+}
+
+/// The iSCSI authentication that `--iscsi-chap`, `--iscsi-mutual-chap` and
+/// `--iscsi-initiator` ask for.
+pub(crate) fn iscsi_auth(
+    chap: Option<&Path>,
+    mutual: Option<&Path>,
+    initiators: &[String],
+) -> anyhow::Result<vdk_iscsi::Auth> {
+    let chap = chap.map(read_chap).transpose()?;
+    let mutual = mutual.map(read_chap).transpose()?;
+    if let (Some(a), Some(b)) = (&chap, &mutual) {
+        if a.secret == b.secret {
+            bail!("the mutual CHAP secret must differ from the initiators' (RFC 7143 12.1.3)");
+        }
+    }
+    for i in initiators {
+        if !vdk_iscsi::valid_name(i) {
+            bail!("--iscsi-initiator {i:?} is not an iSCSI name (iqn.YYYY-MM.domain:name)");
+        }
+    }
+    Ok(vdk_iscsi::Auth {
+        chap,
+        mutual,
+        initiators: initiators.to_vec(),
+    })
 }

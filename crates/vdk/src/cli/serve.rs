@@ -257,7 +257,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             threads_per_connection: usize::from(args.threads),
             ..Default::default()
         }));
-        let auth = iscsi_auth(&args)?;
+        let auth = super::iscsi_auth(
+            args.iscsi_chap.as_deref(),
+            args.iscsi_mutual_chap.as_deref(),
+            &args.iscsi_initiators,
+        )?;
         for e in &served {
             add_target(&server, e, &auth)?;
         }
@@ -313,47 +317,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     signal_thread.close();
     info!("stopped");
     result
-}
-
-/// The first line of a CHAP credentials file, `user:secret`.
-pub fn read_chap(path: &Path) -> anyhow::Result<vdk_iscsi::chap::Credentials> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read CHAP credentials from {}", path.display()))?;
-    let line = text.lines().next().unwrap_or("");
-    let creds = vdk_iscsi::chap::Credentials::parse(line)
-        .with_context(|| format!("{}: the first line must be USER:SECRET", path.display()))?;
-    if creds.secret.len() < vdk_iscsi::chap::MIN_SECRET {
-        warn!(
-            file = %path.display(),
-            "CHAP secret shorter than {} bytes: initiators such as Windows refuse it",
-            vdk_iscsi::chap::MIN_SECRET
-        );
-    }
-    Ok(creds)
-}
-
-fn iscsi_auth(args: &ServeArgs) -> anyhow::Result<vdk_iscsi::Auth> {
-    let chap = args.iscsi_chap.as_deref().map(read_chap).transpose()?;
-    let mutual = args
-        .iscsi_mutual_chap
-        .as_deref()
-        .map(read_chap)
-        .transpose()?;
-    if let (Some(a), Some(b)) = (&chap, &mutual) {
-        if a.secret == b.secret {
-            bail!("the mutual CHAP secret must differ from the initiators' (RFC 7143 12.1.3)");
-        }
-    }
-    for i in &args.iscsi_initiators {
-        if !vdk_iscsi::valid_name(i) {
-            bail!("--iscsi-initiator {i:?} is not an iSCSI name (iqn.YYYY-MM.domain:name)");
-        }
-    }
-    Ok(vdk_iscsi::Auth {
-        chap,
-        mutual,
-        initiators: args.iscsi_initiators.clone(),
-    })
 }
 
 /// An export as an iSCSI target of its own, the disk as LUN 0 (a CD-ROM for an ISO).

@@ -24,54 +24,67 @@ pub const EXPORT_PLACEHOLDER: &str = "{export}";
 /// Size of an image `open` creates when none is given.
 pub const DEFAULT_SIZE: u64 = 100 << 20;
 
-const ATTACH_FUSE_LOOP: &str = "fuse-loop";
+pub(super) const ATTACH_FUSE_LOOP: &str = "fuse-loop";
 const ATTACH_NONE: &str = "none";
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What changes while a disk is open.
 #[derive(Debug, Default)]
-struct Attachment {
-    attached: Option<Box<dyn Attached>>,
-    block_device: Option<PathBuf>,
-    mount: Option<PathBuf>,
+pub(super) struct Attachment {
+    pub attached: Option<Box<dyn Attached>>,
+    pub block_device: Option<PathBuf>,
+    pub mount: Option<PathBuf>,
+    /// A CD-ROM disk's disc is out: no NBD export, no block device.
+    pub ejected: bool,
+}
+
+/// What a disk holds now: its image (for a CD-ROM disk, the disc in it).
+#[derive(Clone, Debug)]
+pub(super) struct Disc {
+    pub image: PathBuf,
+    pub format: String,
+    pub size: u64,
 }
 
 /// An open disk.
 #[derive(Debug)]
-struct Disk {
-    id: String,
-    image: PathBuf,
+pub(super) struct Disk {
+    pub id: String,
     /// What identifies the disk: its image, or its cow overlay.
-    key: PathBuf,
-    format: String,
-    size: u64,
-    read_only: bool,
-    attach: &'static str,
-    export: String,
-    device: Arc<Tracked>,
-    filters: Mutex<Vec<String>>,
-    stats: Mutex<Option<Arc<vdk_filters::Stats>>>,
+    pub key: PathBuf,
+    pub disc: Mutex<Disc>,
+    pub read_only: bool,
+    /// A CD/DVD-ROM (an ISO): its disc can be ejected and another inserted.
+    pub cdrom: bool,
+    pub attach: &'static str,
+    pub export: String,
+    pub device: Arc<Tracked>,
+    pub filters: Mutex<Vec<String>>,
+    pub stats: Mutex<Option<Arc<vdk_filters::Stats>>>,
     /// How to open the chain again (after a live commit, discard or snapshot).
-    recipe: Mutex<Recipe>,
-    state: Mutex<Attachment>,
+    pub recipe: Mutex<Recipe>,
+    pub state: Mutex<Attachment>,
+    /// Its LUN, when served over iSCSI.
+    pub iscsi: Mutex<Option<super::iscsi::Lun>>,
 }
 
 /// The daemon's disks and front ends.
 #[derive(Debug)]
 pub struct Daemon {
-    paths: Paths,
-    nbd: Arc<Server>,
+    pub(super) paths: Paths,
+    pub(super) nbd: Arc<Server>,
+    pub(super) iscsi: super::iscsi::Front,
     /// NBD URI of each listener, with [`EXPORT_PLACEHOLDER`] for the export name.
     nbd_uris: Vec<String>,
     fuse_threads: usize,
     /// The fuse-loop attacher, made (and its FUSE export mounted) on first use.
     fuse_loop: Mutex<Option<Arc<FuseLoop>>>,
-    disks: Mutex<BTreeMap<String, Arc<Disk>>>,
+    pub(super) disks: Mutex<BTreeMap<String, Arc<Disk>>>,
     /// Held by requests that change disks, so that they run one at a time.
-    changing: Mutex<()>,
+    pub(super) changing: Mutex<()>,
     /// Numbers volatile cow disks.
     volatile: std::sync::atomic::AtomicU64,
 }
@@ -103,23 +116,23 @@ pub fn disk_id(image: &Path) -> String {
     format!("{stem}-{:08x}", h >> 32)
 }
 
-fn invalid(msg: impl Into<String>) -> ApiError {
+pub(super) fn invalid(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Invalid, msg)
 }
 
 /// What a disk's chain is made of: the image and the filters over it.
 #[derive(Debug)]
-struct Recipe {
-    image: PathBuf,
-    format: Option<Format>,
-    read_only: bool,
-    probe_backing: bool,
-    specs: Vec<vdk_filters::FilterSpec>,
+pub(super) struct Recipe {
+    pub image: PathBuf,
+    pub format: Option<Format>,
+    pub read_only: bool,
+    pub probe_backing: bool,
+    pub specs: Vec<vdk_filters::FilterSpec>,
 }
 
 impl Recipe {
     /// Opens the image and applies the filters.
-    fn build(&self) -> Result<(vdk_filters::Chain, Format), ApiError> {
+    pub fn build(&self) -> Result<(vdk_filters::Chain, Format), ApiError> {
         let shown = self.image.display();
         let opts = vdk_formats::OpenOptions {
             format: self.format,
@@ -189,16 +202,19 @@ fn parse_filters(specs: &[String]) -> Result<Vec<vdk_filters::FilterSpec>, ApiEr
 }
 
 impl Daemon {
-    /// A daemon serving NBD with `nbd`, whose listeners have the URIs `nbd_uris`.
+    /// A daemon serving NBD with `nbd`, whose listeners have the URIs `nbd_uris`, and
+    /// iSCSI as `iscsi` says.
     pub fn new(
         paths: Paths,
         nbd: Arc<Server>,
         nbd_uris: Vec<String>,
         fuse_threads: usize,
+        iscsi: super::iscsi::Settings,
     ) -> Daemon {
         Daemon {
             paths,
             nbd,
+            iscsi: super::iscsi::Front::new(iscsi),
             nbd_uris,
             fuse_threads,
             fuse_loop: Mutex::new(None),
@@ -208,24 +224,33 @@ impl Daemon {
         }
     }
 
-    fn status(&self, d: &Disk) -> DiskStatus {
+    pub(super) fn status(&self, d: &Disk) -> DiskStatus {
         let st = lock(&d.state);
+        let disc = lock(&d.disc).clone();
+        let lun = lock(&d.iscsi);
+        // An initiator may have ejected the disc itself (START STOP UNIT).
+        let ejected = st.ejected || lun.as_ref().is_some_and(|l| l.unit.medium().is_none());
         DiskStatus {
             id: d.id.clone(),
-            image: d.image.clone(),
-            format: d.format.clone(),
-            size: d.size,
+            image: disc.image,
+            format: disc.format,
+            size: disc.size,
+            iscsi: lun.as_ref().map(|l| self.iscsi.uris(l)).unwrap_or_default(),
+            ejected,
             read_only: d.read_only,
             attach: d.attach.to_owned(),
             block_device: st.block_device.clone(),
             mount: st.mount.clone(),
             export: d.export.clone(),
             filters: lock(&d.filters).clone(),
-            nbd: self
-                .nbd_uris
-                .iter()
-                .map(|u| u.replace(EXPORT_PLACEHOLDER, &d.export))
-                .collect(),
+            nbd: if st.ejected {
+                Vec::new()
+            } else {
+                self.nbd_uris
+                    .iter()
+                    .map(|u| u.replace(EXPORT_PLACEHOLDER, &d.export))
+                    .collect()
+            },
             stats: d.device.counters(),
             latency: filter_stats(d),
         }
@@ -376,6 +401,11 @@ impl Daemon {
         Ok(serde_json::json!({ "id": disk.id, "ops": ops }))
     }
 
+    /// Starts the iSCSI server now rather than on first use.
+    pub fn start_iscsi(&self) -> Result<(), ApiError> {
+        self.iscsi.start()
+    }
+
     /// Every open disk.
     pub fn list(&self) -> Vec<DiskStatus> {
         let disks: Vec<Arc<Disk>> = lock(&self.disks).values().cloned().collect();
@@ -383,7 +413,7 @@ impl Daemon {
     }
 
     /// The disk `key` names: an id, or an image path.
-    fn find(&self, key: &str) -> Result<Arc<Disk>, ApiError> {
+    pub(super) fn find(&self, key: &str) -> Result<Arc<Disk>, ApiError> {
         let disks = lock(&self.disks);
         if let Some(d) = disks.get(key) {
             return Ok(Arc::clone(d));
@@ -392,13 +422,15 @@ impl Daemon {
         disks
             .values()
             .find(|d| {
-                d.image == path || d.key == path || lock(&d.recipe).overlay() == Some(path.clone())
+                lock(&d.disc).image == path
+                    || d.key == path
+                    || lock(&d.recipe).overlay() == Some(path.clone())
             })
             .cloned()
             .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no open disk is {key:?}")))
     }
 
-    fn attacher(&self) -> Result<Arc<FuseLoop>, ApiError> {
+    pub(super) fn attacher(&self) -> Result<Arc<FuseLoop>, ApiError> {
         let mut slot = lock(&self.fuse_loop);
         if let Some(a) = &*slot {
             return Ok(Arc::clone(a));
@@ -460,6 +492,9 @@ impl Daemon {
             if name.is_empty() || name.len() > 4096 {
                 return Err(invalid("--export-name must be 1 to 4096 bytes"));
             }
+        }
+        if !req.iscsi && (req.iscsi_target.is_some() || req.iscsi_lun.is_some()) {
+            return Err(invalid("--iscsi-target and --iscsi-lun go with --iscsi"));
         }
         let (image, created) = self.image(&req, format)?;
         let opened = self.open_image(&req, &image, format, attach);
@@ -619,12 +654,16 @@ impl Daemon {
             .map_err(|e| ApiError::new(ErrorKind::AlreadyOpen, format!("NBD export: {e}")))?;
         let disk = Arc::new(Disk {
             id: id.clone(),
-            image: image.to_owned(),
             key,
-            format: opened_format.name().into(),
-            size,
+            disc: Mutex::new(Disc {
+                image: image.to_owned(),
+                format: opened_format.name().into(),
+                size,
+            }),
             // An ISO is read-only whatever was asked.
             read_only: req.read_only || size_info.read_only,
+            cdrom: size_info.media == vdk_core::MediaKind::CdRom,
+            iscsi: Mutex::new(None),
             attach,
             export: export_name,
             device,
@@ -644,20 +683,17 @@ impl Daemon {
 
     /// Attaches, formats and mounts a disk as `req` asks.
     fn set_up(&self, disk: &Disk, req: &OpenRequest) -> Result<(), ApiError> {
+        if req.iscsi || self.iscsi.all() {
+            let lun = self.iscsi.expose(
+                &disk.id,
+                Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
+                req.iscsi_target.as_deref(),
+                req.iscsi_lun,
+            )?;
+            *lock(&disk.iscsi) = Some(lun);
+        }
         if disk.attach == ATTACH_FUSE_LOOP {
-            let attached = self
-                .attacher()?
-                .attach(
-                    &disk.id,
-                    Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
-                    disk.read_only,
-                )
-                .map_err(|e| ApiError::io("cannot attach a loop device", &e))?;
-            let dev = attached.block_device();
-            info!(id = %disk.id, dev = %dev.display(), "attached");
-            let mut st = lock(&disk.state);
-            st.block_device = Some(dev);
-            st.attached = Some(attached);
+            self.attach(disk)?;
         }
         if let Some(fs) = &req.mkfs {
             let dev = lock(&disk.state).block_device.clone();
@@ -666,6 +702,24 @@ impl Daemon {
         if let Some(dir) = &req.mount {
             self.mount_disk(disk, dir, req.mkfs.as_deref())?;
         }
+        Ok(())
+    }
+
+    /// Gives a disk its block device (fuse-loop).
+    pub(super) fn attach(&self, disk: &Disk) -> Result<(), ApiError> {
+        let attached = self
+            .attacher()?
+            .attach(
+                &disk.id,
+                Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
+                disk.read_only,
+            )
+            .map_err(|e| ApiError::io("cannot attach a loop device", &e))?;
+        let dev = attached.block_device();
+        info!(id = %disk.id, dev = %dev.display(), "attached");
+        let mut st = lock(&disk.state);
+        st.block_device = Some(dev);
+        st.attached = Some(attached);
         Ok(())
     }
 
@@ -697,7 +751,7 @@ impl Daemon {
         Ok(())
     }
 
-    /// Unmounts, detaches, withdraws the export and flushes. With `force`, a busy mount is
+    /// Unmounts, detaches, withdraws the exports and flushes. With `force`, a busy mount is
     /// detached lazily and the disk refuses everything still queued.
     fn tear_down(&self, disk: &Disk, force: bool) -> Result<(), ApiError> {
         let mount = lock(&disk.state).mount.clone();
@@ -714,6 +768,22 @@ impl Daemon {
             }
             lock(&disk.state).mount = None;
         }
+        self.detach(disk);
+        if let Some(l) = lock(&disk.iscsi).take() {
+            self.iscsi.withdraw(&l);
+        }
+        self.nbd.remove_export(&disk.export);
+        disk.device.close();
+        disk.device.flush_backend().map_err(|e| {
+            ApiError::new(
+                ErrorKind::Io,
+                format!("flushing {}: {e}", lock(&disk.disc).image.display()),
+            )
+        })
+    }
+
+    /// Takes a disk's block device away (it must not be mounted).
+    pub(super) fn detach(&self, disk: &Disk) {
         let attached = lock(&disk.state).attached.take();
         if let Some(a) = attached {
             let dev = a.block_device();
@@ -722,14 +792,6 @@ impl Daemon {
             }
             lock(&disk.state).block_device = None;
         }
-        self.nbd.remove_export(&disk.export);
-        disk.device.close();
-        disk.device.flush_backend().map_err(|e| {
-            ApiError::new(
-                ErrorKind::Io,
-                format!("flushing {}: {e}", disk.image.display()),
-            )
-        })
     }
 
     /// Closes a disk: unmount (sync first), detach, stop the export, flush, release.
@@ -805,6 +867,7 @@ impl Daemon {
         if let Some(a) = lock(&self.fuse_loop).take() {
             a.export().unmount();
         }
+        self.iscsi.stop();
     }
 }
 

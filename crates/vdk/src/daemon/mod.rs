@@ -6,6 +6,8 @@
 //! run one at a time; `list` never waits for them.
 
 mod disks;
+mod iscsi;
+mod media;
 pub mod mount;
 pub mod tracked;
 
@@ -87,9 +89,23 @@ The daemon starts by itself when `vdk open` needs it; run it by hand for systemd
 container. It serves every open disk over NBD (by default on nbd.sock beside the control
 socket) and stops on SIGTERM or SIGINT, closing every disk as `vdk close` does.")]
 pub struct DaemonArgs {
-    /// Where the NBD server listens: unix:///PATH or tcp://HOST:PORT. Repeatable.
+    /// Where to listen: unix:///PATH or tcp://HOST:PORT for NBD, iscsi://HOST[:PORT] for
+    /// iSCSI (default for iSCSI: iscsi://127.0.0.1:3260, started when a disk first asks).
+    /// Repeatable.
     #[arg(long, value_name = "URI")]
     pub listen: Vec<String>,
+    /// iSCSI: initiators must log in with CHAP as the user:secret on the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    pub iscsi_chap: Option<PathBuf>,
+    /// iSCSI: the target's own user:secret (first line of FILE), for mutual CHAP.
+    #[arg(long, value_name = "FILE", requires = "iscsi_chap")]
+    pub iscsi_mutual_chap: Option<PathBuf>,
+    /// iSCSI: only this initiator name may log in (repeatable; default: any).
+    #[arg(long = "iscsi-initiator", value_name = "IQN")]
+    pub iscsi_initiators: Vec<String>,
+    /// Serve every disk opened over iSCSI, as if each were opened with --iscsi.
+    #[arg(long)]
+    pub iscsi_all: bool,
     /// Threads answering the FUSE export (requests served in parallel).
     #[arg(long, default_value_t = vdk_attach::fuse::DEFAULT_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -114,10 +130,24 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
             debug!(error = %e, "cannot mark the daemon as an I/O flusher");
         }
     }
-    let uris = if args.listen.is_empty() {
+    let (iscsi_listen, nbd_listen): (Vec<String>, Vec<String>) = args
+        .listen
+        .iter()
+        .cloned()
+        .partition(|u| u.starts_with("iscsi://"));
+    let uris = if nbd_listen.is_empty() {
         vec![format!("unix://{}", paths.nbd_socket.display())]
     } else {
-        args.listen.clone()
+        nbd_listen
+    };
+    let iscsi_settings = iscsi::Settings {
+        listen: iscsi_listen.clone(),
+        auth: crate::cli::iscsi_auth(
+            args.iscsi_chap.as_deref(),
+            args.iscsi_mutual_chap.as_deref(),
+            &args.iscsi_initiators,
+        )?,
+        all: args.iscsi_all,
     };
     let listeners = uris
         .iter()
@@ -132,7 +162,14 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
             .map(|l| l.export_uri(disks::EXPORT_PLACEHOLDER))
             .collect(),
         usize::from(args.fuse_threads),
+        iscsi_settings,
     ));
+    if !iscsi_listen.is_empty() {
+        // Portals asked for by name start now, so that a wrong one fails at once.
+        daemon
+            .start_iscsi()
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+    }
     let nbd_thread = thread::Builder::new().name("nbd".into()).spawn({
         let server = Arc::clone(&server);
         move || server.serve(listeners)
@@ -255,6 +292,8 @@ impl Daemon {
             Request::Commit(r) => self.commit(&r.disk, false),
             Request::Discard(r) => self.commit(&r.disk, true),
             Request::Snapshot(r) => self.snapshot(&r.disk, &r.new),
+            Request::Eject(r) => self.eject(&r.disk, r.force).map(|s| serde_json::json!(s)),
+            Request::Insert(r) => self.insert(&r.disk, &r.image).map(|s| serde_json::json!(s)),
             Request::Shutdown => Err(ApiError::new(
                 control::ErrorKind::BadRequest,
                 "shutdown is handled by the connection",

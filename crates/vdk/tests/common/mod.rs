@@ -306,13 +306,19 @@ pub fn nbdsh_script(vdk: &Vdk, script: &str) {
 pub struct Daemon {
     pub dir: TempDir,
     pub socket: PathBuf,
+    /// A daemon started by [`Daemon::start`] (not by `vdk open`), reaped on drop.
+    child: std::cell::RefCell<Option<Child>>,
 }
 
 impl Daemon {
     pub fn new() -> Daemon {
         let dir = tempfile::tempdir().expect("temporary directory");
         let socket = dir.path().join("run/control.sock");
-        Daemon { dir, socket }
+        Daemon {
+            dir,
+            socket,
+            child: std::cell::RefCell::new(None),
+        }
     }
 
     /// `vdk ARGS` against this daemon.
@@ -365,6 +371,41 @@ impl Daemon {
         self.dir.path().join(name)
     }
 
+    /// Starts the daemon in the background with `vdk daemon ARGS` (instead of letting the
+    /// first `vdk open` start it with the defaults), and waits until it answers.
+    pub fn start(&self, args: &[&str]) {
+        let run = self.dir.path().join("run");
+        std::fs::create_dir_all(&run).expect("run directory");
+        let log = std::fs::File::create(run.join("daemon.log")).expect("daemon log");
+        let child = self
+            .cmd(&["daemon"])
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start vdk daemon");
+        // Kept (and reaped) by this handle; `Drop` stops the daemon over the socket.
+        *self.child.borrow_mut() = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&self.socket).is_err() {
+            let exited = self
+                .child
+                .borrow_mut()
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!("vdk daemon exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The daemon's pid, asked over the control socket.
     pub fn pid(&self) -> u32 {
         let v = self.request(r#"{"op":"version"}"#);
@@ -391,6 +432,14 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         if self.socket.exists() {
             let _ = self.cmd(&["daemon", "--stop"]).output();
+        }
+        if let Some(mut child) = self.child.borrow_mut().take() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
         // Whatever a failed test left mounted under the directory.
         let dir = self.dir.path().to_string_lossy().into_owned();
@@ -425,5 +474,150 @@ pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
             "timed out waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `scsi-shell` test client (tests/helpers/scsi-shell.c), built against libiscsi once
+/// per test run: one iSCSI session to one LUN, commands on stdin, answers on stdout.
+pub fn scsi_shell() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            need("cc");
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/helpers/scsi-shell.c");
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let bin = dir.join("scsi-shell");
+            // Built under a name of its own, then renamed: test binaries build it at once.
+            let tmp = dir.join(format!("scsi-shell.{}", std::process::id()));
+            let out = Command::new("cc")
+                .arg("-O2")
+                .arg("-o")
+                .arg(&tmp)
+                .arg(&src)
+                .arg("-liscsi")
+                .env("PATH", path_env())
+                .output()
+                .expect("run cc");
+            assert!(
+                out.status.success(),
+                "cannot build scsi-shell (install libiscsi-dev and gcc; \
+                 scripts/install-test-deps.sh does):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::rename(&tmp, &bin).expect("install scsi-shell");
+            bin
+        })
+        .clone()
+}
+
+/// The answer to one command of [`ScsiShell`].
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u8,
+    pub key: u8,
+    pub asc: u8,
+    pub ascq: u8,
+    /// The sense-key specific field pointer, if the sense had one.
+    pub field: Option<u16>,
+    /// The bit pointer, if the sense had one.
+    pub bit: Option<u8>,
+    pub data: Vec<u8>,
+}
+
+impl Answer {
+    /// Whether the command ended in CHECK CONDITION with this key, ASC and ASCQ.
+    pub fn is(&self, key: u8, asc: u8, ascq: u8) -> bool {
+        self.status == 2 && (self.key, self.asc, self.ascq) == (key, asc, ascq)
+    }
+}
+
+/// A running `scsi-shell`: one iSCSI session (one I_T nexus) of libiscsi.
+pub struct ScsiShell {
+    child: Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl ScsiShell {
+    /// Logs in to `url` as `initiator`.
+    pub fn connect(url: &str, initiator: &str) -> ScsiShell {
+        use std::io::BufRead;
+        let mut child = Command::new(scsi_shell())
+            .args([url, initiator])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start scsi-shell");
+        let input = child.stdin.take().unwrap();
+        let mut output = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "scsi-shell did not log in to {url}");
+        ScsiShell {
+            child,
+            input,
+            output,
+        }
+    }
+
+    fn send(&mut self, line: &str) -> Answer {
+        use std::io::{BufRead, Write};
+        writeln!(self.input, "{line}").unwrap();
+        self.input.flush().unwrap();
+        let mut out = String::new();
+        self.output.read_line(&mut out).unwrap();
+        assert!(
+            out.starts_with("status="),
+            "scsi-shell: {out:?} for {line:?}"
+        );
+        let field = |name: &str| -> i64 {
+            out.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-1)
+        };
+        let hex = out
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("data="))
+            .unwrap_or("");
+        let data = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let opt = |v: i64| (v >= 0).then_some(v);
+        Answer {
+            status: field("status=") as u8,
+            key: field("key=") as u8,
+            asc: field("asc=") as u8,
+            ascq: field("ascq=") as u8,
+            field: opt(field("field=")).map(|v| v as u16),
+            bit: opt(field("bit=")).map(|v| v as u8),
+            data,
+        }
+    }
+
+    /// A command that reads up to `len` bytes.
+    pub fn read(&mut self, cdb: &[u8], len: usize) -> Answer {
+        self.send(&format!("in {len} {}", hex(cdb)))
+    }
+
+    /// A command that sends `data`.
+    pub fn write(&mut self, cdb: &[u8], data: &[u8]) -> Answer {
+        self.send(&format!("out {} {}", hex(cdb), hex(data)))
+    }
+
+    /// A command without data.
+    pub fn none(&mut self, cdb: &[u8]) -> Answer {
+        self.send(&format!("none {}", hex(cdb)))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Drop for ScsiShell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

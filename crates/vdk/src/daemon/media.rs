@@ -1,0 +1,173 @@
+//! Discs of CD-ROM disks: `vdk eject` takes the disc out, `vdk insert` puts another in.
+//!
+//! The disk stays open as a drive: its id, and its iSCSI LUN, whose initiators see the medium
+//! go (NOT READY, MEDIUM NOT PRESENT) and come back (UNIT ATTENTION, MEDIUM MAY HAVE CHANGED,
+//! and a media event). While the drive is empty it has no NBD export and no block device, and
+//! its image file is closed; inserting opens the new image and gives both back.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tracing::info;
+use vdk_core::BlockDevice;
+use vdk_nbd::Export;
+
+use super::disks::{invalid, lock, Daemon, Disc, Disk};
+use super::tracked;
+use crate::control::{ApiError, DiskStatus, ErrorKind};
+
+impl Daemon {
+    fn drive(&self, key: &str) -> Result<Arc<Disk>, ApiError> {
+        let disk = self.find(key)?;
+        if !disk.cdrom {
+            return Err(invalid(format!(
+                "{} is not a CD-ROM disk (only an ISO image's disc can be ejected or inserted)",
+                disk.id
+            )));
+        }
+        Ok(disk)
+    }
+
+    /// Takes the disc out of a CD-ROM disk. Refused while its file system is mounted, and,
+    /// unless `force`, while an iSCSI initiator prevents medium removal.
+    pub fn eject(&self, key: &str, force: bool) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.drive(key)?;
+        if lock(&disk.state).ejected {
+            return Err(invalid(format!("{} has no disc in it", disk.id)));
+        }
+        if let Some(m) = &lock(&disk.state).mount {
+            return Err(ApiError::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is mounted on {}: unmount it before ejecting",
+                    disk.id,
+                    m.display()
+                ),
+            ));
+        }
+        if let Some(l) = lock(&disk.iscsi).as_ref() {
+            l.unit.eject(force).map_err(|_| {
+                ApiError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "an iSCSI initiator prevents the removal of {}'s disc \
+                         (--force ejects it anyway)",
+                        disk.id
+                    ),
+                )
+            })?;
+        }
+        self.detach(&disk);
+        self.nbd.remove_export(&disk.export);
+        // The image is closed: the file can be replaced or removed while the drive is empty.
+        disk.device.swap::<ApiError>(|old| {
+            drop(old);
+            Ok(tracked::placeholder())
+        })?;
+        lock(&disk.state).ejected = true;
+        info!(id = %disk.id, "disc ejected");
+        Ok(self.status(&disk))
+    }
+
+    /// Puts the ISO image `image` in a CD-ROM disk, in place of its disc if it has one.
+    pub fn insert(&self, key: &str, image: &Path) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.drive(key)?;
+        if !image.is_absolute() {
+            return Err(invalid(format!(
+                "{}: the path must be absolute",
+                image.display()
+            )));
+        }
+        let canonical = std::fs::canonicalize(image)
+            .map_err(|e| ApiError::io(format!("cannot open {}", image.display()), &e))?;
+        let shown = canonical.display().to_string();
+        let opened = vdk_formats::open(
+            &canonical,
+            &vdk_formats::OpenOptions {
+                format: None,
+                read_only: true,
+                probe_backing: false,
+            },
+        )
+        .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
+        let info = opened.device.info();
+        if info.media != vdk_core::MediaKind::CdRom {
+            return Err(invalid(format!(
+                "{shown} is a {} image, not a CD/DVD image (ISO 9660)",
+                opened.format
+            )));
+        }
+        let was_empty = lock(&disk.state).ejected;
+        let prevented = lock(&disk.iscsi)
+            .as_ref()
+            .is_some_and(|l| l.unit.medium().is_some() && l.unit.removal_prevented());
+        if prevented {
+            return Err(ApiError::new(
+                ErrorKind::Busy,
+                format!(
+                    "an iSCSI initiator prevents the removal of {}'s disc",
+                    disk.id
+                ),
+            ));
+        }
+        if !was_empty {
+            if let Some(m) = &lock(&disk.state).mount {
+                return Err(ApiError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{} is mounted on {}: unmount it before changing the disc",
+                        disk.id,
+                        m.display()
+                    ),
+                ));
+            }
+            self.detach(&disk);
+            self.nbd.remove_export(&disk.export);
+        }
+        let device = opened.device;
+        disk.device.swap::<ApiError>(|old| {
+            drop(old);
+            Ok(device)
+        })?;
+        {
+            let mut r = lock(&disk.recipe);
+            r.image = canonical.clone();
+            r.format = Some(opened.format);
+        }
+        *lock(&disk.disc) = Disc {
+            image: canonical,
+            format: opened.format.name().into(),
+            size: info.size,
+        };
+        lock(&disk.state).ejected = false;
+        if let Some(l) = lock(&disk.iscsi).as_ref() {
+            l.unit
+                .insert(Arc::clone(&disk.device) as Arc<dyn BlockDevice>)
+                .map_err(|_| {
+                    ApiError::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "an iSCSI initiator prevents the removal of {}'s disc",
+                            disk.id
+                        ),
+                    )
+                })?;
+        }
+        let mut export = Export::new(
+            disk.export.clone(),
+            Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
+        );
+        export.read_only = true;
+        export.description = format!("vdk disk {}: {shown}", disk.id);
+        self.nbd
+            .add_export(export)
+            .map_err(|e| ApiError::new(ErrorKind::AlreadyOpen, format!("NBD export: {e}")))?;
+        if disk.attach == super::disks::ATTACH_FUSE_LOOP {
+            self.attach(&disk)?;
+        }
+        info!(id = %disk.id, image = %shown, "disc inserted");
+        Ok(self.status(&disk))
+    }
+}
