@@ -42,6 +42,53 @@ pub enum Request {
     Eject(CloseRequest),
     /// Put a new disc (an ISO image) in an open CD-ROM disk.
     Insert(InsertRequest),
+    /// Mount the ISO 9660 file system of an image or an open disk.
+    FsMount(FsMountRequest),
+    /// Unmount a file system of `fs_mount`.
+    FsUnmount(FsUnmountRequest),
+    /// The mounted file systems.
+    FsList,
+}
+
+/// `fs_mount`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsMountRequest {
+    /// An open disk (id or image path), or an image file (an absolute path) of any format
+    /// vdk reads, holding an ISO 9660 file system.
+    pub source: String,
+    /// Where to mount it (an absolute path; created if missing).
+    pub dir: PathBuf,
+}
+
+/// `fs_unmount`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsUnmountRequest {
+    /// The mount point.
+    pub dir: PathBuf,
+    /// Detach it even if busy.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A mounted file system, as `fs_mount` and `fs_list` report it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct FsStatus {
+    /// Where it is mounted.
+    pub dir: PathBuf,
+    /// Its type: `iso9660`.
+    pub kind: String,
+    /// What it reads: an image file, or an open disk's image.
+    pub source: String,
+    /// The open disk it reads, if any.
+    pub disk: Option<String>,
+    /// The volume label.
+    pub label: String,
+    /// Which names it shows: `rock-ridge`, `joliet` or `iso9660`.
+    pub names: String,
+    /// The size of the image in bytes.
+    pub size: u64,
 }
 
 /// `insert`.

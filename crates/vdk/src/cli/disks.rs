@@ -14,7 +14,8 @@ use clap::Args;
 use vdk_core::size::{parse_size, Human};
 
 use crate::control::{
-    ApiError, Client, CloseRequest, DiskStatus, InsertRequest, MountRequest, OpenRequest, Request,
+    ApiError, Client, CloseRequest, DiskStatus, FsMountRequest, FsStatus, FsUnmountRequest,
+    InsertRequest, MountRequest, OpenRequest, Request,
 };
 use crate::daemon::Paths;
 
@@ -546,6 +547,107 @@ pub fn stats(args: StatsArgs, paths: &Paths) -> anyhow::Result<()> {
                 s["mean_us"],
                 buckets.join(" ")
             );
+        }
+    }
+    Ok(())
+}
+
+/// `vdk fs`: file systems in user space, run by the daemon.
+#[derive(Debug, clap::Subcommand)]
+pub enum FsCommand {
+    /// Mount the ISO 9660 file system (Joliet, Rock Ridge, El Torito) of an image (an ISO,
+    /// or an ISO inside any image vdk reads) or of an open disk, read-only, on DIR.
+    Mount(FsMountArgs),
+    /// Unmount a file system mounted with `vdk fs mount`.
+    Unmount(FsUnmountArgs),
+    /// List the file systems mounted with `vdk fs mount`.
+    List(ListArgs),
+}
+
+/// `vdk fs mount`.
+#[derive(Debug, Args)]
+pub struct FsMountArgs {
+    /// An image file, or an open disk (its id or image).
+    source: String,
+    /// Where to mount it (created if missing).
+    dir: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `vdk fs unmount`.
+#[derive(Debug, Args)]
+pub struct FsUnmountArgs {
+    /// The mount point.
+    dir: PathBuf,
+    /// Detach it even if busy (it goes when its last user lets go).
+    #[arg(long)]
+    force: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `vdk fs ...`.
+pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
+    match cmd {
+        FsCommand::Mount(a) => {
+            let mut client = connect(paths, true)?;
+            let req = Request::FsMount(FsMountRequest {
+                source: disk_key(&a.source)?,
+                dir: absolute(&a.dir)?,
+            });
+            let st: FsStatus = serde_json::from_value(call(&mut client, &req)?)?;
+            if a.json {
+                return print_json(&st);
+            }
+            println!(
+                "mounted {} ({}, {} names, label {:?}) on {}",
+                st.source,
+                Human(st.size),
+                st.names,
+                st.label,
+                st.dir.display()
+            );
+        }
+        FsCommand::Unmount(a) => {
+            let mut client = connect(paths, false)?;
+            let req = Request::FsUnmount(FsUnmountRequest {
+                dir: absolute(&a.dir)?,
+                force: a.force,
+            });
+            let st: FsStatus = serde_json::from_value(call(&mut client, &req)?)?;
+            if a.json {
+                return print_json(&st);
+            }
+            println!("unmounted {}", st.dir.display());
+        }
+        FsCommand::List(a) => {
+            let list: Vec<FsStatus> = match connect(paths, false) {
+                Ok(mut client) => serde_json::from_value(call(&mut client, &Request::FsList)?)?,
+                Err(_) if !paths.socket.exists() => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            if a.json {
+                return print_json(&list);
+            }
+            if list.is_empty() {
+                println!("no file systems mounted");
+            }
+            for st in &list {
+                println!(
+                    "{}  {}  {}  {} names  label {:?}{}",
+                    st.dir.display(),
+                    st.kind,
+                    st.source,
+                    st.names,
+                    st.label,
+                    st.disk
+                        .as_ref()
+                        .map_or_else(String::new, |d| format!("  (disk {d})"))
+                );
+            }
         }
     }
     Ok(())

@@ -68,6 +68,9 @@ enum Command {
     Eject(disks::EjectArgs),
     /// Put an ISO image in an open CD-ROM disk, as a new disc.
     Insert(disks::InsertArgs),
+    /// File systems in user space: browse an ISO image as a read-only directory tree.
+    #[command(subcommand)]
+    Fs(disks::FsCommand),
 }
 
 /// Runs the chosen command.
@@ -93,6 +96,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshot(args) => image::snapshot(args, &paths()?),
         Command::Eject(args) => disks::eject(args, &paths()?),
         Command::Insert(args) => disks::insert(args, &paths()?),
+        Command::Fs(cmd) => disks::fs(cmd, &paths()?),
     }
 }
 

@@ -83,6 +83,8 @@ pub struct Daemon {
     /// The fuse-loop attacher, made (and its FUSE export mounted) on first use.
     fuse_loop: Mutex<Option<Arc<FuseLoop>>>,
     pub(super) disks: Mutex<BTreeMap<String, Arc<Disk>>>,
+    /// File systems of `vdk fs mount`, by mount point.
+    pub(super) filesystems: Mutex<super::userfs::Table>,
     /// Held by requests that change disks, so that they run one at a time.
     pub(super) changing: Mutex<()>,
     /// Numbers volatile cow disks.
@@ -219,6 +221,7 @@ impl Daemon {
             fuse_threads,
             fuse_loop: Mutex::new(None),
             disks: Mutex::default(),
+            filesystems: Mutex::default(),
             changing: Mutex::new(()),
             volatile: std::sync::atomic::AtomicU64::new(0),
         }
@@ -754,6 +757,22 @@ impl Daemon {
     /// Unmounts, detaches, withdraws the exports and flushes. With `force`, a busy mount is
     /// detached lazily and the disk refuses everything still queued.
     fn tear_down(&self, disk: &Disk, force: bool) -> Result<(), ApiError> {
+        for dir in self.filesystems_on(&disk.id) {
+            if !force {
+                return Err(ApiError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{} has a file system mounted on {} (vdk fs unmount it, or close \
+                         with --force)",
+                        disk.id,
+                        dir.display()
+                    ),
+                ));
+            }
+            if let Some(m) = lock(&self.filesystems).remove(&dir) {
+                drop(m); // unmounts lazily
+            }
+        }
         let mount = lock(&disk.state).mount.clone();
         if let Some(dir) = mount {
             if force {
@@ -848,6 +867,7 @@ impl Daemon {
 
     /// Closes every disk (forcing busy ones: the daemon is going away) and the FUSE export.
     pub fn close_all(&self) {
+        self.fs_unmount_all();
         let _one_at_a_time = lock(&self.changing);
         let disks: Vec<Arc<Disk>> = lock(&self.disks).values().cloned().collect();
         for d in disks {

@@ -10,6 +10,7 @@ mod iscsi;
 mod media;
 pub mod mount;
 pub mod tracked;
+mod userfs;
 
 use std::fs;
 use std::io::{self, BufReader, Write};
@@ -294,6 +295,11 @@ impl Daemon {
             Request::Snapshot(r) => self.snapshot(&r.disk, &r.new),
             Request::Eject(r) => self.eject(&r.disk, r.force).map(|s| serde_json::json!(s)),
             Request::Insert(r) => self.insert(&r.disk, &r.image).map(|s| serde_json::json!(s)),
+            Request::FsMount(r) => self.fs_mount(&r).map(|s| serde_json::json!(s)),
+            Request::FsUnmount(r) => self
+                .fs_unmount(&r.dir, r.force)
+                .map(|s| serde_json::json!(s)),
+            Request::FsList => Ok(serde_json::json!(self.fs_list())),
             Request::Shutdown => Err(ApiError::new(
                 control::ErrorKind::BadRequest,
                 "shutdown is handled by the connection",

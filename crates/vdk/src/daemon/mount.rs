@@ -153,7 +153,7 @@ pub fn unmount(dir: &Path, force: bool) -> Result<(), ApiError> {
             Ok(())
         }
         // Already gone (unmounted by hand): nothing to do.
-        Err(rustix::io::Errno::INVAL) if !is_mountpoint(dir) => Ok(()),
+        Err(rustix::io::Errno::INVAL) if !is_mount_point(dir) => Ok(()),
         Err(rustix::io::Errno::BUSY) if force => {
             warn!(dir = %dir.display(), "mount busy: detaching it lazily");
             rustix::mount::unmount(dir, UnmountFlags::DETACH)
@@ -182,7 +182,7 @@ pub fn unmount(dir: &Path, force: bool) -> Result<(), ApiError> {
 }
 
 /// Whether `dir` is the root of a mount.
-fn is_mountpoint(dir: &Path) -> bool {
+pub fn is_mount_point(dir: &Path) -> bool {
     let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
