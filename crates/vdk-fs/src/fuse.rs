@@ -106,9 +106,19 @@ fn attr(n: &Node) -> FileAttr {
 #[derive(Debug)]
 struct IsoFs(Arc<State>);
 
+thread_local! {
+    /// Each FUSE thread's read buffer.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Filesystem for IsoFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        let _ = config.set_max_readahead(READAHEAD);
+        // Reads of up to 1 MiB: fuser sizes max_pages from max_write and max_readahead, and
+        // the kernel caps read-ahead at what it offers (128 KiB by default; see mount()).
+        let _ = config.set_max_write(READAHEAD);
+        if let Err(max) = config.set_max_readahead(READAHEAD) {
+            let _ = config.set_max_readahead(max);
+        }
         Ok(())
     }
 
@@ -181,14 +191,19 @@ impl Filesystem for IsoFs {
             return reply.error(Errno::ENOENT);
         };
         let want = usize::try_from(u64::from(size).min(n.size.saturating_sub(offset))).unwrap_or(0);
-        let mut buf = vec![0u8; want];
-        match self.0.iso.read(&n, offset, &mut buf) {
-            Ok(got) => reply.data(&buf[..got]),
-            Err(e) => {
-                debug!(error = %e, ino = ino.0, offset, "read failed");
-                reply.error(errno(&e));
+        READ_BUF.with_borrow_mut(|buf| {
+            // Kept between requests: a fresh 1 MiB buffer costs page faults every time.
+            if buf.len() < want {
+                buf.resize(want, 0);
             }
-        }
+            match self.0.iso.read(&n, offset, &mut buf[..want]) {
+                Ok(got) => reply.data(&buf[..got]),
+                Err(e) => {
+                    debug!(error = %e, ino = ino.0, offset, "read failed");
+                    reply.error(errno(&e));
+                }
+            }
+        });
     }
 
     fn readdir(
@@ -387,6 +402,25 @@ impl Filesystem for IsoFs {
     }
 }
 
+/// Raises the read-ahead of the mount's backing device info to [`READAHEAD`]: the kernel
+/// gives a FUSE mount 128 KiB, which makes a stream of small reads (`cat` reads 128 KiB at a
+/// time) wait for one FUSE round trip per read. Best effort: only root may, and a kernel
+/// without the knob keeps its default.
+fn raise_readahead(mountpoint: &Path) {
+    let Ok(st) = rustix::fs::stat(mountpoint) else {
+        return;
+    };
+    let dev = st.st_dev;
+    let bdi = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    if let Err(e) = std::fs::write(&bdi, format!("{}\n", READAHEAD >> 10)) {
+        debug!(path = %bdi, error = %e, "cannot raise the read-ahead");
+    }
+}
+
 /// An ISO image mounted as a read-only file system.
 #[derive(Debug)]
 pub struct IsoMount {
@@ -430,6 +464,7 @@ impl IsoMount {
             )
         })?;
         let session = session.spawn()?;
+        raise_readahead(mountpoint);
         info!(mountpoint = %mountpoint.display(), label = %label, "ISO file system mounted");
         Ok(IsoMount {
             mountpoint: mountpoint.to_owned(),

@@ -469,3 +469,198 @@ fn login_errors_carry_the_status_the_rfc_names() {
     assert!(text.contains("MaxBurstLength=Reject"), "{text}");
     assert!(text.contains("TargetPortalGroupTag=1"), "{text}");
 }
+
+/// A hand-driven iSCSI connection, for what no initiator here negotiates: several connections
+/// in one session (MC/S) and data digests. Only the PDU layout is written here; the CRC32C is
+/// the one libiscsi checks vdk's header digests with (header_digests_are_negotiated_and_used).
+struct Raw {
+    s: TcpStream,
+    digests: (bool, bool),
+    cmd_sn: u32,
+    itt: u32,
+}
+
+fn crc(parts: &[&[u8]]) -> [u8; 4] {
+    vdk_iscsi::pdu::digest(parts).to_le_bytes()
+}
+
+impl Raw {
+    fn send(&mut self, mut bhs: [u8; 48], data: &[u8], corrupt_data_digest: bool) {
+        bhs[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+        let mut pdu = bhs.to_vec();
+        if self.digests.0 {
+            pdu.extend_from_slice(&crc(&[&bhs]));
+        }
+        let mut padded = data.to_vec();
+        padded.resize(data.len().div_ceil(4) * 4, 0);
+        pdu.extend_from_slice(&padded);
+        if self.digests.1 && !data.is_empty() {
+            let mut d = crc(&[&padded]);
+            if corrupt_data_digest {
+                d[0] ^= 0xff;
+            }
+            pdu.extend_from_slice(&d);
+        }
+        self.s.write_all(&pdu).unwrap();
+    }
+
+    fn recv(&mut self) -> ([u8; 48], Vec<u8>) {
+        let mut bhs = [0u8; 48];
+        self.s.read_exact(&mut bhs).unwrap();
+        if self.digests.0 {
+            let mut d = [0u8; 4];
+            self.s.read_exact(&mut d).unwrap();
+            assert_eq!(d, crc(&[&bhs]), "header digest from vdk");
+        }
+        let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+        let mut data = vec![0u8; len.div_ceil(4) * 4];
+        self.s.read_exact(&mut data).unwrap();
+        if self.digests.1 && len > 0 {
+            let mut d = [0u8; 4];
+            self.s.read_exact(&mut d).unwrap();
+            assert_eq!(d, crc(&[&data]), "data digest from vdk");
+        }
+        data.truncate(len);
+        (bhs, data)
+    }
+
+    /// Logs in to `target` in one operational-stage request; returns the TSIH.
+    fn login(vdk: &Vdk, target: &str, tsih: u16, cid: u16, keys: &str) -> (Raw, u16) {
+        let mut raw = Raw {
+            s: connect(vdk),
+            digests: (false, false),
+            cmd_sn: 1,
+            itt: 1,
+        };
+        let mut bhs = [0u8; 48];
+        bhs[0] = 0x43;
+        bhs[1] = 0x80 | (1 << 2) | 3;
+        bhs[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0x12, 0x34]);
+        bhs[14..16].copy_from_slice(&tsih.to_be_bytes());
+        bhs[20..22].copy_from_slice(&cid.to_be_bytes());
+        bhs[24..28].copy_from_slice(&raw.cmd_sn.to_be_bytes());
+        let text = format!(
+            "InitiatorName=iqn.2026-11.org.vdk.test:raw\0TargetName={target}\0{}",
+            keys.replace(';', "\0")
+        );
+        raw.send(bhs, text.as_bytes(), false);
+        let (rsp, data) = raw.recv();
+        let answer = String::from_utf8_lossy(&data).replace('\0', ";");
+        assert_eq!((rsp[36], rsp[37]), (0, 0), "login refused: {answer}");
+        assert_eq!(rsp[1] & 0x83, 0x83, "full feature phase: {answer}");
+        raw.digests = (
+            answer.contains("HeaderDigest=CRC32C"),
+            answer.contains("DataDigest=CRC32C"),
+        );
+        let tsih = u16::from_be_bytes([rsp[14], rsp[15]]);
+        (raw, tsih)
+    }
+
+    /// Sends a SCSI command (LUN 0, simple); returns (status, sense key, data).
+    fn command(&mut self, cdb: &[u8], read: u32, out: &[u8], corrupt: bool) -> (u8, u8, Vec<u8>) {
+        let mut bhs = [0u8; 48];
+        bhs[0] = 0x01;
+        bhs[1] = 0x80 | 0x01 | if read > 0 { 0x40 } else { 0 } | if out.is_empty() { 0 } else { 0x20 };
+        self.itt += 1;
+        bhs[16..20].copy_from_slice(&self.itt.to_be_bytes());
+        let edtl = if out.is_empty() { read } else { out.len() as u32 };
+        bhs[20..24].copy_from_slice(&edtl.to_be_bytes());
+        self.cmd_sn += 1;
+        bhs[24..28].copy_from_slice(&(self.cmd_sn - 1).to_be_bytes());
+        bhs[32..32 + cdb.len()].copy_from_slice(cdb);
+        self.send(bhs, out, corrupt);
+        let mut data = Vec::new();
+        loop {
+            let (rsp, d) = self.recv();
+            match rsp[0] & 0x3f {
+                0x25 => {
+                    data.extend_from_slice(&d);
+                    if rsp[1] & 0x01 != 0 {
+                        return (rsp[3], 0, data);
+                    }
+                }
+                0x21 => {
+                    let key = if d.len() > 4 { d[4] & 0x0f } else { 0 };
+                    return (rsp[3], key, data);
+                }
+                0x3f => {
+                    // A Reject (a data digest error): the command's status follows.
+                    assert_eq!(rsp[2], 0x02, "reject reason: data digest error");
+                }
+                op => panic!("unexpected opcode {op:#x}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn several_connections_share_one_session() {
+    let vdk = Vdk::serve_iscsi(images(), &["disk.img"]);
+    let target = "iqn.2026-11.org.vdk:disk.img";
+    let (mut a, tsih) = Raw::login(&vdk, target, 0, 0, "MaxConnections=2");
+    assert_ne!(tsih, 0);
+    let (mut b, joined) = Raw::login(&vdk, target, tsih, 1, "");
+    assert_eq!(joined, tsih, "the second connection joined the session");
+    // One command window: CmdSNs run on across both connections.
+    let (st, _, cap) = a.command(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8, &[], false);
+    assert_eq!(st, 0);
+    assert_eq!(u32::from_be_bytes([cap[4], cap[5], cap[6], cap[7]]), 512);
+    b.cmd_sn = a.cmd_sn;
+    let (st, _, _) = b.command(&[0, 0, 0, 0, 0, 0], 0, &[], false);
+    assert_eq!(st, 0);
+    // A third connection is over the negotiated MaxConnections.
+    let mut c = Raw {
+        s: connect(&vdk),
+        digests: (false, false),
+        cmd_sn: 1,
+        itt: 1,
+    };
+    let mut bhs = [0u8; 48];
+    bhs[0] = 0x43;
+    bhs[1] = 0x80 | (1 << 2) | 3;
+    bhs[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0x12, 0x34]);
+    bhs[14..16].copy_from_slice(&tsih.to_be_bytes());
+    bhs[20..22].copy_from_slice(&2u16.to_be_bytes());
+    c.send(
+        bhs,
+        format!("InitiatorName=iqn.2026-11.org.vdk.test:raw\0TargetName={target}\0").as_bytes(),
+        false,
+    );
+    let (rsp, _) = c.recv();
+    assert_eq!((rsp[36], rsp[37]), (0x02, 0x06), "too many connections");
+    // Logout of the whole session from one connection closes the other too.
+    let mut lo = [0u8; 48];
+    lo[0] = 0x46;
+    lo[1] = 0x80;
+    lo[16..20].copy_from_slice(&99u32.to_be_bytes());
+    lo[24..28].copy_from_slice(&b.cmd_sn.to_be_bytes());
+    a.send(lo, &[], false);
+    let (rsp, _) = a.recv();
+    assert_eq!((rsp[0] & 0x3f, rsp[2]), (0x26, 0), "logout response: closed");
+    assert!(closed(b.s), "the session's other connection is closed");
+}
+
+#[test]
+fn data_digests_guard_writes() {
+    let vdk = Vdk::serve_iscsi(images(), &["disk.img"]);
+    let (mut raw, _) = Raw::login(
+        &vdk,
+        "iqn.2026-11.org.vdk:disk.img",
+        0,
+        0,
+        "HeaderDigest=CRC32C;DataDigest=CRC32C;ImmediateData=Yes",
+    );
+    assert_eq!(raw.digests, (true, true), "both digests negotiated");
+    let block = common::pattern(512, 8);
+    let write = [0x2a, 0, 0, 0, 0, 4, 0, 0, 1, 0];
+    let (st, _, _) = raw.command(&write, 0, &block, false);
+    assert_eq!(st, 0);
+    let (st, _, back) = raw.command(&[0x28, 0, 0, 0, 0, 4, 0, 0, 1, 0], 512, &[], false);
+    assert_eq!((st, &back[..]), (0, &block[..]));
+    // A wrong data digest: the PDU is rejected and the write fails; the disk keeps its data.
+    let other = common::pattern(512, 9);
+    let (st, key, _) = raw.command(&write, 0, &other, true);
+    assert_eq!((st, key), (2, 0x0b), "CHECK CONDITION, ABORTED COMMAND");
+    let img = fs::read(vdk.path("disk.img")).unwrap();
+    assert_eq!(&img[4 * 512..5 * 512], &block[..]);
+}
