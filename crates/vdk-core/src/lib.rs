@@ -27,6 +27,7 @@ mod error;
 mod extents;
 mod filter;
 mod info;
+pub mod io;
 pub mod pool;
 mod shared;
 pub mod size;

@@ -43,6 +43,11 @@ impl<J> Pool<J> {
         }
     }
 
+    /// The most workers it runs.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     fn lock(&self) -> MutexGuard<'_, State<J>> {
         // The state is a queue and counters: still sound after a panic elsewhere.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)

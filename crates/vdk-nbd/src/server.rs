@@ -20,7 +20,6 @@
 //! side of every connection: requests already read are finished and answered, then the
 //! connection closes and every export is flushed.
 
-use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +28,7 @@ use std::thread;
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
+use vdk_core::pool::Pool;
 use vdk_core::{zeroed_buffer, BlockDevice, Errno, Error, ExtentKind, Piece};
 
 use crate::export::Export;
@@ -380,7 +380,7 @@ struct Conn {
     sparse_reads: bool,
     /// A reply could not be sent: the connection is finished.
     broken: AtomicBool,
-    pool: Pool,
+    pool: Pool<Job>,
     /// Payload buffers back from workers, reused so that a write does not allocate (large
     /// allocations cost page faults and zero-filling every time).
     spare: Mutex<Vec<Vec<u8>>>,
@@ -408,77 +408,21 @@ enum Payload {
     Owned(Vec<Arc<[u8]>>),
 }
 
-/// Worker threads of one connection, started on demand up to `max`.
-struct Pool {
-    state: Mutex<PoolState>,
-    ready: Condvar,
-    max: usize,
-}
-
-#[derive(Default)]
-struct PoolState {
-    jobs: VecDeque<Job>,
-    idle: usize,
-    threads: Vec<thread::JoinHandle<()>>,
-    closed: bool,
-}
-
-impl Pool {
-    fn new(max: usize) -> Pool {
-        Pool {
-            state: Mutex::default(),
-            ready: Condvar::new(),
-            max,
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
-        self.state.locked()
-    }
-
-    fn submit(conn: &Arc<Conn>, job: Job) {
-        let mut st = conn.pool.lock();
-        st.jobs.push_back(job);
-        if st.idle == 0 && st.threads.len() < conn.pool.max {
-            let c = Arc::clone(conn);
-            match thread::Builder::new()
-                .name("nbd-worker".into())
-                .spawn(move || worker(&c))
-            {
-                Ok(h) => st.threads.push(h),
-                // The threads already running will take the job.
-                Err(e) => debug!(error = %e, "cannot start another worker"),
-            }
-        }
-        drop(st);
-        conn.pool.ready.notify_one();
-    }
-
-    fn next(&self) -> Option<Job> {
-        let mut st = self.lock();
-        loop {
-            if let Some(job) = st.jobs.pop_front() {
-                return Some(job);
-            }
-            if st.closed {
-                return None;
-            }
-            st.idle += 1;
-            st = self.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
-            st.idle -= 1;
-        }
-    }
-
-    /// Lets the workers finish every queued job, then joins them.
-    fn close(&self) {
-        let threads = {
-            let mut st = self.lock();
-            st.closed = true;
-            std::mem::take(&mut st.threads)
-        };
-        self.ready.notify_all();
-        for t in threads {
-            let _ = t.join(); // a worker that panicked has already been reported
+/// Queues a job for the connection's workers, starting one if none is idle.
+fn submit(conn: &Arc<Conn>, job: Job) {
+    let start = || {
+        let c = Arc::clone(conn);
+        thread::Builder::new()
+            .name("nbd-worker".into())
+            .spawn(move || worker(&c))
+    };
+    if let Err((job, e)) = conn.pool.submit(job, start) {
+        // No thread could start and none runs: the reader serves it, waiting as it must.
+        debug!(error = %e, "no worker thread: serving on the reader");
+        let mut batch = Batch::default();
+        serve_blocking(conn, job, &mut batch);
+        if batch.flush(conn).is_err() {
+            conn.broken.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -622,13 +566,13 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
             if header.len <= INLINE_MAX {
                 serve_blocking(conn, job, &mut batch); // an owned write never waits
             } else {
-                Pool::submit(conn, job);
+                submit(conn, job);
             }
         } else if !serve_inline(conn, &header, command, &payload, &mut batch) {
             let spare = conn.spare.locked().pop();
             let payload =
                 Payload::Bytes(std::mem::replace(&mut payload, spare.unwrap_or_default()));
-            Pool::submit(
+            submit(
                 conn,
                 Job {
                     header,
@@ -858,7 +802,7 @@ fn serve_blocking(conn: &Conn, job: Job, b: &mut Batch) {
     }
     if payload.capacity() > 0 {
         let mut spare = conn.spare.locked();
-        if spare.len() < conn.pool.max {
+        if spare.len() < conn.pool.max() {
             spare.push(payload);
         }
     }

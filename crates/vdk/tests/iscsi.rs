@@ -560,10 +560,15 @@ impl Raw {
     fn command(&mut self, cdb: &[u8], read: u32, out: &[u8], corrupt: bool) -> (u8, u8, Vec<u8>) {
         let mut bhs = [0u8; 48];
         bhs[0] = 0x01;
-        bhs[1] = 0x80 | 0x01 | if read > 0 { 0x40 } else { 0 } | if out.is_empty() { 0 } else { 0x20 };
+        bhs[1] =
+            0x80 | 0x01 | if read > 0 { 0x40 } else { 0 } | if out.is_empty() { 0 } else { 0x20 };
         self.itt += 1;
         bhs[16..20].copy_from_slice(&self.itt.to_be_bytes());
-        let edtl = if out.is_empty() { read } else { out.len() as u32 };
+        let edtl = if out.is_empty() {
+            read
+        } else {
+            out.len() as u32
+        };
         bhs[20..24].copy_from_slice(&edtl.to_be_bytes());
         self.cmd_sn += 1;
         bhs[24..28].copy_from_slice(&(self.cmd_sn - 1).to_be_bytes());
@@ -636,7 +641,11 @@ fn several_connections_share_one_session() {
     lo[24..28].copy_from_slice(&b.cmd_sn.to_be_bytes());
     a.send(lo, &[], false);
     let (rsp, _) = a.recv();
-    assert_eq!((rsp[0] & 0x3f, rsp[2]), (0x26, 0), "logout response: closed");
+    assert_eq!(
+        (rsp[0] & 0x3f, rsp[2]),
+        (0x26, 0),
+        "logout response: closed"
+    );
     assert!(closed(b.s), "the session's other connection is closed");
 }
 
