@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
                 encode_lun(lun),
                 &Request {
                     nexus,
+                    initiator: "",
                     cdb,
                     data_out: out,
                 },

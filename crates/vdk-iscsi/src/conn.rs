@@ -342,6 +342,7 @@ fn run_job(conn: &Conn, job: Job) {
             job.lun,
             &vdk_scsi::Request {
                 nexus: conn.session.nexus,
+                initiator: &conn.session.port,
                 cdb: &job.cdb,
                 data_out: &job.data,
             },

@@ -566,9 +566,11 @@ impl Server {
                 close_session(&s, false);
             }
             let tsih = self.allocate_tsih();
+            let isid: String = first.isid.iter().map(|b| format!("{b:02x}")).collect();
             let session = Arc::new(Session {
                 tsih,
                 isid: first.isid,
+                port: format!("{initiator},i,0x{isid}"),
                 initiator,
                 kind,
                 nexus: self.next_nexus.fetch_add(1, Ordering::Relaxed),

@@ -84,6 +84,9 @@ pub(crate) struct Session {
     pub tsih: u16,
     pub isid: [u8; 6],
     pub initiator: String,
+    /// The initiator port's name, `InitiatorName,i,0xISID` (RFC 7143 4.2.7.1): what
+    /// persistent reservations are registered to.
+    pub port: String,
     pub kind: Kind,
     /// The I_T nexus number the SCSI layer tells initiators apart by.
     pub nexus: u64,

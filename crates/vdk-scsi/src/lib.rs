@@ -15,6 +15,8 @@ mod cdb;
 mod lu;
 mod mmc;
 mod mode;
+pub mod pr;
+mod rsoc;
 mod sbc;
 pub mod sense;
 mod spc;
@@ -47,6 +49,10 @@ pub const MAX_TRANSFER: u32 = 8 << 20;
 pub struct Request<'a> {
     /// The I_T nexus the command came on.
     pub nexus: u64,
+    /// The initiator port's name (for iSCSI `InitiatorName,i,0xISID`): persistent
+    /// reservations belong to it, across sessions. Empty when the transport has none; the
+    /// nexus then stands for the port.
+    pub initiator: &'a str,
     /// The command descriptor block (padding after it is ignored).
     pub cdb: &'a [u8],
     /// The data the initiator sent with it (Data-Out), as much as it sent.

@@ -83,6 +83,10 @@ pub(crate) struct State {
     pub reserved_by: Option<u64>,
     /// Write cache enabled (caching mode page WCE). Off: every write is FUA.
     pub wce: bool,
+    /// Persistent reservations.
+    pub pr: crate::pr::Reservations,
+    /// The initiator port of each nexus seen.
+    pub ports: HashMap<u64, String>,
 }
 
 impl State {
@@ -92,6 +96,24 @@ impl State {
             let q = self.attention.entry(n).or_default();
             if !q.contains(&sense) {
                 q.push(sense);
+            }
+        }
+    }
+
+    /// Queues the unit attentions a persistent reservation change left for other ports.
+    pub fn attention_ports(&mut self, att: crate::pr::Attentions) {
+        for (port, sense) in att {
+            let nexuses: Vec<u64> = self
+                .ports
+                .iter()
+                .filter(|(_, p)| **p == port)
+                .map(|(n, _)| *n)
+                .collect();
+            for n in nexuses {
+                let q = self.attention.entry(n).or_default();
+                if !q.contains(&sense) {
+                    q.push(sense);
+                }
             }
         }
     }
@@ -143,6 +165,8 @@ impl LogicalUnit {
                 prevent: HashSet::new(),
                 reserved_by: None,
                 wce: true,
+                pr: crate::pr::Reservations::default(),
+                ports: HashMap::new(),
             }),
             io: RwLock::new(()),
         }
@@ -220,6 +244,8 @@ impl LogicalUnit {
         st.attention.remove(&nexus);
         st.events.remove(&nexus);
         st.prevent.remove(&nexus);
+        // Persistent reservations belong to the port and stay; only the nexus goes.
+        st.ports.remove(&nexus);
         if st.reserved_by == Some(nexus) {
             st.reserved_by = None;
         }
@@ -267,9 +293,13 @@ impl LogicalUnit {
             ));
         }
         let op = cdb.opcode();
+        let port = port_of(req);
         {
             let mut st = self.lock();
             st.nexuses.insert(req.nexus);
+            if st.ports.get(&req.nexus) != Some(&port) {
+                st.ports.insert(req.nexus, port.clone());
+            }
             if !matches!(op, INQUIRY | REQUEST_SENSE | REPORT_LUNS) {
                 if let Some(q) = st.attention.get_mut(&req.nexus) {
                     // GET EVENT STATUS NOTIFICATION and GET CONFIGURATION do not clear a
@@ -290,6 +320,10 @@ impl LogicalUnit {
                     return Response::status(status::RESERVATION_CONFLICT);
                 }
             }
+            let access = crate::pr::access_of(op, cdb.byte(1) & 0x1f);
+            if !st.pr.allows(&port, access) {
+                return Response::status(status::RESERVATION_CONFLICT);
+            }
         }
         let r = spc::execute(self, req, &cdb).or_else(|| match self.device {
             DeviceType::Disk => sbc::execute(self, req, &cdb),
@@ -297,6 +331,15 @@ impl LogicalUnit {
         });
         r.or_else(|| mode::execute(self, req, &cdb))
             .unwrap_or_else(|| Response::check(Sense::INVALID_OPCODE))
+    }
+}
+
+/// The name persistent reservations know a request's initiator port by.
+pub(crate) fn port_of(req: &Request<'_>) -> String {
+    if req.initiator.is_empty() {
+        format!("nexus-{}", req.nexus)
+    } else {
+        req.initiator.to_owned()
     }
 }
 

@@ -13,6 +13,11 @@ const RESERVE6: u8 = 0x16;
 const RELEASE6: u8 = 0x17;
 const START_STOP_UNIT: u8 = 0x1b;
 const PREVENT_ALLOW: u8 = 0x1e;
+const PERSISTENT_RESERVE_IN: u8 = 0x5e;
+const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
+const MAINTENANCE_IN: u8 = 0xa3;
+/// MAINTENANCE IN's REPORT SUPPORTED OPERATION CODES.
+const SA_REPORT_OPCODES: u8 = 0x0c;
 
 /// Version descriptors (SPC-4 table 146): SAM-5, SPC-4, iSCSI, and SBC-3 or MMC-6.
 const VERSION_SAM5: u16 = 0x00a0;
@@ -31,8 +36,32 @@ pub fn execute(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Option<Res
         REQUEST_SENSE => request_sense(lu, req, cdb).into(),
         START_STOP_UNIT => start_stop(lu, req, cdb).into(),
         PREVENT_ALLOW => prevent_allow(lu, req, cdb).into(),
+        PERSISTENT_RESERVE_IN => lu.lock().pr.read(cdb).into(),
+        PERSISTENT_RESERVE_OUT => {
+            let port = crate::lu::port_of(req);
+            let mut st = lu.lock();
+            let changed = st.pr.change(&port, cdb, req.data_out);
+            match changed {
+                Ok(att) => {
+                    st.attention_ports(att);
+                    Response::good(Vec::new())
+                }
+                Err(crate::pr::Refused::Conflict) => {
+                    Response::status(crate::status::RESERVATION_CONFLICT)
+                }
+                Err(crate::pr::Refused::Check(s)) => Response::check(s),
+            }
+        }
+        MAINTENANCE_IN if cdb.byte(1) & 0x1f == SA_REPORT_OPCODES => {
+            crate::rsoc::report(lu.device, cdb).into()
+        }
+        MAINTENANCE_IN => Response::check(Sense::invalid_cdb(1, Some(4))),
         RESERVE6 => {
             let mut st = lu.lock();
+            // With a persistent reservation, RESERVE(6) conflicts (SPC-4 5.13.3).
+            if st.pr.reserved() {
+                return Some(Response::status(crate::status::RESERVATION_CONFLICT));
+            }
             match st.reserved_by {
                 Some(n) if n != req.nexus => {
                     return Some(Response::status(crate::status::RESERVATION_CONFLICT));

@@ -41,6 +41,7 @@ fn run_on(t: &Target, nexus: u64, cdb: &[u8], out: &[u8]) -> Response {
         encode_lun(0),
         &Request {
             nexus,
+            initiator: "",
             cdb: &c,
             data_out: out,
         },
@@ -100,6 +101,7 @@ fn missing_lun_inquiry_has_qualifier_3() {
         encode_lun(5),
         &Request {
             nexus: 1,
+            initiator: "",
             cdb: &[0x12, 0, 0, 0, 36, 0],
             data_out: &[],
         },
@@ -109,6 +111,7 @@ fn missing_lun_inquiry_has_qualifier_3() {
         encode_lun(5),
         &Request {
             nexus: 1,
+            initiator: "",
             cdb: &[0x00, 0, 0, 0, 0, 0],
             data_out: &[],
         },
@@ -477,4 +480,71 @@ fn lun_fields_round_trip() {
         assert_eq!(decode_lun(encode_lun(n)), Some(n));
     }
     assert_eq!(decode_lun([0x80, 0, 0, 0, 0, 0, 0, 0]), None);
+}
+
+fn prout(t: &Target, port: &str, sa: u8, kind: u8, key: u64, sa_key: u64) -> Response {
+    let mut data = key.to_be_bytes().to_vec();
+    data.extend_from_slice(&sa_key.to_be_bytes());
+    data.resize(24, 0);
+    t.execute(
+        encode_lun(0),
+        &Request {
+            nexus: u64::from(port.as_bytes()[0]),
+            initiator: port,
+            cdb: &[0x5f, sa, kind, 0, 0, 0, 0, 0, 24, 0],
+            data_out: &data,
+        },
+    )
+}
+
+fn from_port(t: &Target, port: &str, cdb: &[u8], out: &[u8]) -> Response {
+    let mut c = cdb.to_vec();
+    c.resize(16, 0);
+    t.execute(
+        encode_lun(0),
+        &Request {
+            nexus: u64::from(port.as_bytes()[0]),
+            initiator: port,
+            cdb: &c,
+            data_out: out,
+        },
+    )
+}
+
+#[test]
+fn a_write_exclusive_reservation_blocks_only_others_writes() {
+    let (t, _) = disk_target(1 << 20);
+    assert_eq!(prout(&t, "a", 6, 0, 0, 7).status, status::GOOD);
+    assert_eq!(prout(&t, "a", 1, 1, 7, 0).status, status::GOOD);
+    let write = [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    let read = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    assert_eq!(from_port(&t, "a", &write, &[1; 512]).status, status::GOOD);
+    assert_eq!(
+        from_port(&t, "b", &write, &[2; 512]).status,
+        status::RESERVATION_CONFLICT
+    );
+    assert_eq!(from_port(&t, "b", &read, &[]).status, status::GOOD);
+    assert_eq!(
+        from_port(&t, "b", &[0x12, 0, 0, 0, 36, 0], &[]).status,
+        status::GOOD
+    );
+    // RESERVE(6) conflicts while a persistent reservation is held.
+    assert_eq!(
+        from_port(&t, "b", &[0x16, 0, 0, 0, 0, 0], &[]).status,
+        status::RESERVATION_CONFLICT
+    );
+}
+
+#[test]
+fn a_preempted_initiator_is_told_by_a_unit_attention() {
+    let (t, _) = disk_target(1 << 20);
+    prout(&t, "a", 6, 0, 0, 1);
+    prout(&t, "b", 6, 0, 0, 2);
+    prout(&t, "a", 1, 3, 1, 0);
+    assert_eq!(prout(&t, "b", 4, 3, 2, 1).status, status::GOOD);
+    let r = from_port(&t, "a", &[0, 0, 0, 0, 0, 0], &[]);
+    assert_eq!(sense_of(&r), (key::UNIT_ATTENTION, 0x2a, 0x05));
+    // a is gone: its own writes now conflict with b's exclusive access.
+    let r = from_port(&t, "a", &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]);
+    assert_eq!(r.status, status::RESERVATION_CONFLICT);
 }
