@@ -42,6 +42,9 @@ const READ_BUF: usize = 256 << 10;
 /// command (COMPARE AND WRITE, or a WRITE of `vdk_scsi::MAX_TRANSFER`) can take, with room.
 pub const MAX_WRITE: u32 = 2 * vdk_scsi::MAX_TRANSFER;
 
+/// Reads up to this size are tried on the reader's thread first (see `try_inline`).
+const INLINE_MAX: u32 = 128 << 10;
+
 /// Tags of recently failed or aborted writes, whose late Data-Out is dropped silently.
 const DEAD_TAGS: usize = 64;
 
@@ -549,7 +552,9 @@ impl Reader<'_> {
                 conn.reject(reject::PROTOCOL_ERROR, bhs);
                 return;
             }
-            self.dispatch(c, Vec::new(), 0, counted, Arc::default());
+            if let Some(c) = self.try_inline(c, &[], counted) {
+                self.dispatch(c, Vec::new(), 0, counted, Arc::default());
+            }
             return;
         }
         let p = &conn.params;
@@ -595,6 +600,13 @@ impl Reader<'_> {
         if w.received == w.buf.len() {
             let counted = !w.cmd.immediate;
             let r2ts = w.r2t_sn;
+            if r2ts == 0 {
+                // All its data came with it: a write the page cache takes is answered here.
+                match self.try_inline(w.cmd, &w.buf, counted) {
+                    None => return,
+                    Some(c) => w.cmd = c,
+                }
+            }
             self.dispatch(w.cmd, w.buf, r2ts, counted, w.aborted);
             return;
         }
@@ -626,6 +638,44 @@ impl Reader<'_> {
             }
         }
         self.writes.insert(w.cmd.itt, w);
+    }
+
+    /// Answers a small read on this thread if the disk has its data at hand (a page cache,
+    /// memory): no hand-off to a worker. Gives the command back if it would wait.
+    fn try_inline(&mut self, c: ScsiCommand, data: &[u8], counted: bool) -> Option<ScsiCommand> {
+        let conn = self.conn;
+        if c.edtl > INLINE_MAX || (c.read && c.write) {
+            return Some(c);
+        }
+        let Some(t) = conn.target() else {
+            return Some(c);
+        };
+        let req = vdk_scsi::Request {
+            nexus: conn.session.nexus,
+            initiator: &conn.session.port,
+            cdb: &c.cdb,
+            data_out: data,
+        };
+        let Some(resp) = t.luns.try_execute(c.lun, &req) else {
+            return Some(c);
+        };
+        conn.complete_window(counted);
+        let job = Job {
+            itt: c.itt,
+            lun: c.lun,
+            cdb: Vec::new(),
+            data: Vec::new(),
+            edtl: c.edtl,
+            read: c.read,
+            write: c.write,
+            counted,
+            r2ts: 0,
+            aborted: Arc::default(),
+        };
+        if let Err(e) = respond(conn, &job, &resp) {
+            debug!(error = %e, itt = c.itt, "cannot send a response");
+        }
+        None
     }
 
     fn new_ttt(&mut self) -> u32 {

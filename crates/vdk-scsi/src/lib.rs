@@ -182,6 +182,12 @@ impl Target {
         }
     }
 
+    /// Runs a command at once if it is a read the medium answers without waiting (see
+    /// [`LogicalUnit::try_execute`]); `None` if `execute` must run it.
+    pub fn try_execute(&self, lun: [u8; 8], req: &Request<'_>) -> Option<Response> {
+        decode_lun(lun).and_then(|n| self.lun(n))?.try_execute(req)
+    }
+
     /// An I_T nexus is gone (its session ended): drop what it held.
     pub fn nexus_lost(&self, nexus: u64) {
         for (_, lu) in self.luns.read().unwrap_or_else(|e| e.into_inner()).iter() {

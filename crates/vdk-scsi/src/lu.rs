@@ -278,52 +278,81 @@ impl LogicalUnit {
         }
     }
 
-    /// Runs one command for this unit.
-    pub fn execute(&self, req: &Request<'_>) -> Response {
-        let cdb = Cdb::new(req.cdb);
+    /// What every command goes through first: CDB length and control byte, unit
+    /// attentions, reservations. `Err` is the command's response.
+    fn admit(&self, req: &Request<'_>, cdb: &Cdb<'_>) -> Result<(), Response> {
         if cdb.len() < cdb.needed_len() {
-            return Response::check(Sense::invalid_cdb(0, None));
+            return Err(Response::check(Sense::invalid_cdb(0, None)));
         }
         // NACA is not supported: a CDB asking for it is refused (SAM-5 5.9.1.2).
         let control = cdb.byte(cdb.needed_len() - 1);
         if control & 0x04 != 0 {
-            return Response::check(Sense::invalid_cdb(
+            return Err(Response::check(Sense::invalid_cdb(
                 crate::cdb::u16_of(cdb.needed_len() - 1),
                 Some(2),
-            ));
+            )));
         }
         let op = cdb.opcode();
         let port = port_of(req);
-        {
-            let mut st = self.lock();
-            st.nexuses.insert(req.nexus);
-            if st.ports.get(&req.nexus) != Some(&port) {
-                st.ports.insert(req.nexus, port.clone());
-            }
-            if !matches!(op, INQUIRY | REQUEST_SENSE | REPORT_LUNS) {
-                if let Some(q) = st.attention.get_mut(&req.nexus) {
-                    // GET EVENT STATUS NOTIFICATION and GET CONFIGURATION do not clear a
-                    // medium-change attention (MMC-6 4.1.6.1): they run and the attention
-                    // waits for the next command.
-                    let skip = self.device == DeviceType::CdRom
-                        && matches!(op, GET_EVENT_STATUS | GET_CONFIGURATION);
-                    if !q.is_empty() && !skip {
-                        let s = q.remove(0);
-                        return Response::check(s);
-                    }
+        let mut st = self.lock();
+        st.nexuses.insert(req.nexus);
+        if st.ports.get(&req.nexus).map(String::as_str) != Some(&*port) {
+            st.ports.insert(req.nexus, port.clone().into_owned());
+        }
+        if !matches!(op, INQUIRY | REQUEST_SENSE | REPORT_LUNS) {
+            if let Some(q) = st.attention.get_mut(&req.nexus) {
+                // GET EVENT STATUS NOTIFICATION and GET CONFIGURATION do not clear a
+                // medium-change attention (MMC-6 4.1.6.1): they run and the attention
+                // waits for the next command.
+                let skip = self.device == DeviceType::CdRom
+                    && matches!(op, GET_EVENT_STATUS | GET_CONFIGURATION);
+                if !q.is_empty() && !skip {
+                    let s = q.remove(0);
+                    return Err(Response::check(s));
                 }
             }
-            if let Some(holder) = st.reserved_by {
-                if holder != req.nexus
-                    && !matches!(op, INQUIRY | REQUEST_SENSE | REPORT_LUNS | RELEASE6)
-                {
-                    return Response::status(status::RESERVATION_CONFLICT);
-                }
+        }
+        if let Some(holder) = st.reserved_by {
+            if holder != req.nexus
+                && !matches!(op, INQUIRY | REQUEST_SENSE | REPORT_LUNS | RELEASE6)
+            {
+                return Err(Response::status(status::RESERVATION_CONFLICT));
             }
-            let access = crate::pr::access_of(op, cdb.byte(1) & 0x1f);
-            if !st.pr.allows(&port, access) {
-                return Response::status(status::RESERVATION_CONFLICT);
-            }
+        }
+        let access = crate::pr::access_of(op, cdb.byte(1) & 0x1f);
+        if !st.pr.allows(&port, access) {
+            return Err(Response::status(status::RESERVATION_CONFLICT));
+        }
+        Ok(())
+    }
+
+    /// Runs `req` at once if it is a READ (or a plain WRITE, without FUA) that the medium
+    /// answers without waiting (from memory or a page cache), as a front end's reader thread
+    /// may: `Some` is the response (a failure included), `None` means it would wait or is
+    /// not such a command, and `execute` must run it.
+    pub fn try_execute(&self, req: &Request<'_>) -> Option<Response> {
+        let cdb = Cdb::new(req.cdb);
+        let op = cdb.opcode();
+        let read = matches!(op, sbc::READ6 | sbc::READ10 | sbc::READ12 | sbc::READ16);
+        let write = matches!(op, sbc::WRITE6 | sbc::WRITE10 | sbc::WRITE12 | sbc::WRITE16);
+        if !(read || write && self.device == DeviceType::Disk) {
+            return None;
+        }
+        if let Err(r) = self.admit(req, &cdb) {
+            return Some(r);
+        }
+        if read {
+            sbc::try_read(self, &cdb).map(Response::from)
+        } else {
+            sbc::try_write(self, req, &cdb)
+        }
+    }
+
+    /// Runs one command for this unit.
+    pub fn execute(&self, req: &Request<'_>) -> Response {
+        let cdb = Cdb::new(req.cdb);
+        if let Err(r) = self.admit(req, &cdb) {
+            return r;
         }
         let r = spc::execute(self, req, &cdb).or_else(|| match self.device {
             DeviceType::Disk => sbc::execute(self, req, &cdb),
@@ -335,11 +364,11 @@ impl LogicalUnit {
 }
 
 /// The name persistent reservations know a request's initiator port by.
-pub(crate) fn port_of(req: &Request<'_>) -> String {
+pub(crate) fn port_of<'a>(req: &Request<'a>) -> std::borrow::Cow<'a, str> {
     if req.initiator.is_empty() {
-        format!("nexus-{}", req.nexus)
+        std::borrow::Cow::Owned(format!("nexus-{}", req.nexus))
     } else {
-        req.initiator.to_owned()
+        std::borrow::Cow::Borrowed(req.initiator)
     }
 }
 

@@ -109,6 +109,44 @@ pub fn read(lu: &LogicalUnit, cdb: &Cdb<'_>) -> Result<Vec<u8>, Sense> {
     Ok(buf)
 }
 
+/// A READ if the medium answers it without waiting: None if it would wait.
+pub fn try_read(lu: &LogicalUnit, cdb: &Cdb<'_>) -> Option<Result<Vec<u8>, Sense>> {
+    let m = match lu.loaded() {
+        Ok(m) => m,
+        Err(s) => return Some(Err(s)),
+    };
+    let (off, len) = match transfer(&m, cdb) {
+        Ok(r) => r,
+        Err(s) => return Some(Err(s)),
+    };
+    let mut buf = vec![0u8; usize::try_from(len).ok()?];
+    match m.dev.try_read_at(&mut buf, off) {
+        Ok(true) => Some(Ok(buf)),
+        Ok(false) => None,
+        Err(e) => Some(Err(Sense::from_error(&e, false))),
+    }
+}
+
+/// A WRITE (without FUA, with the write cache on, with all its data) if the medium takes it
+/// without waiting: None if it would wait.
+pub fn try_write(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Option<Response> {
+    let m = lu.loaded().ok()?;
+    if cdb.bit(1, 3) || !m.wce || m.info.read_only {
+        return None;
+    }
+    let (off, len) = transfer(&m, cdb).ok()?;
+    let want = usize::try_from(len).ok()?;
+    if want == 0 || req.data_out.len() < want {
+        return None;
+    }
+    let _shared = lu.io.read().unwrap_or_else(|e| e.into_inner());
+    match m.dev.try_write_at(&req.data_out[..want], off) {
+        Ok(true) => Some(Response::good(Vec::new()).with_out_len(want)),
+        Ok(false) => None,
+        Err(e) => Some(Response::check(Sense::from_error(&e, true)).with_out_len(want)),
+    }
+}
+
 fn write(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Response {
     let m = match lu.loaded() {
         Ok(m) => m,

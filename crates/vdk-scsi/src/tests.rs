@@ -548,3 +548,39 @@ fn a_preempted_initiator_is_told_by_a_unit_attention() {
     let r = from_port(&t, "a", &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]);
     assert_eq!(r.status, status::RESERVATION_CONFLICT);
 }
+
+fn try_run(t: &Target, cdb: &[u8], out: &[u8]) -> Option<Response> {
+    let mut c = cdb.to_vec();
+    c.resize(16, 0);
+    t.try_execute(
+        encode_lun(0),
+        &Request {
+            nexus: 1,
+            initiator: "",
+            cdb: &c,
+            data_out: out,
+        },
+    )
+}
+
+#[test]
+fn reads_and_plain_writes_from_memory_answer_at_once() {
+    let (t, _) = disk_target(1 << 20);
+    let w = try_run(&t, &[0x2a, 0, 0, 0, 0, 2, 0, 0, 1, 0], &[7u8; 512]).expect("inline");
+    assert_eq!(w.status, status::GOOD);
+    let r = try_run(&t, &[0x28, 0, 0, 0, 0, 2, 0, 0, 1, 0], &[]).expect("inline");
+    assert_eq!(r.data, vec![7u8; 512]);
+    // FUA, and commands other than READ and WRITE, go the normal way.
+    assert!(try_run(&t, &[0x2a, 0x08, 0, 0, 0, 2, 0, 0, 1, 0], &[7u8; 512]).is_none());
+    assert!(try_run(&t, &[0x12, 0, 0, 0, 36, 0], &[]).is_none());
+}
+
+#[test]
+fn the_fast_path_still_reports_unit_attentions_first() {
+    let (t, _) = cd_target(1 << 20);
+    assert_eq!(run(&t, &[0, 0, 0, 0, 0, 0], &[]).status, status::GOOD);
+    let lu = t.lun(0).unwrap();
+    lu.insert(Arc::new(MemoryDisk::new(1 << 20))).unwrap();
+    let r = try_run(&t, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]).expect("answered");
+    assert_eq!(sense_of(&r), (key::UNIT_ATTENTION, 0x28, 0));
+}
