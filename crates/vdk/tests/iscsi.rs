@@ -673,3 +673,28 @@ fn data_digests_guard_writes() {
     let img = fs::read(vdk.path("disk.img")).unwrap();
     assert_eq!(&img[4 * 512..5 * 512], &block[..]);
 }
+
+#[test]
+fn nop_out_pings_are_answered_with_their_data() {
+    let vdk = Vdk::serve_iscsi(images(), &["disk.img"]);
+    let (mut raw, _) = Raw::login(&vdk, "iqn.2026-11.org.vdk:disk.img", 0, 0, "");
+    let mut nop = [0u8; 48];
+    nop[0] = 0x40; // immediate NOP-Out
+    nop[1] = 0x80;
+    nop[16..20].copy_from_slice(&0x1234u32.to_be_bytes());
+    nop[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+    nop[24..28].copy_from_slice(&raw.cmd_sn.to_be_bytes());
+    raw.send(nop, b"are you there", false);
+    let (rsp, data) = raw.recv();
+    assert_eq!(rsp[0] & 0x3f, 0x20, "NOP-In");
+    assert_eq!(&rsp[16..20], &0x1234u32.to_be_bytes(), "the ping's tag");
+    assert_eq!(
+        &rsp[20..24],
+        &u32::MAX.to_be_bytes(),
+        "no target transfer tag"
+    );
+    assert_eq!(data, b"are you there");
+    // The connection still serves commands.
+    let (st, _, _) = raw.command(&[0, 0, 0, 0, 0, 0], 0, &[], false);
+    assert_eq!(st, 0);
+}
