@@ -450,3 +450,40 @@ fn what_is_not_an_iso_is_refused_clearly() {
     let v = d.request(r#"{"op":"fs_list"}"#);
     assert_eq!(v["ok"], true, "{v}");
 }
+
+#[test]
+fn zisofs_compressed_files_read_uncompressed() {
+    need_root();
+    let d = Daemon::new();
+    let tree = d.path("tree");
+    fs::create_dir_all(&tree).unwrap();
+    let text: String = (0..60_000)
+        .map(|i| format!("line {i} of compressible text\n"))
+        .collect();
+    fs::write(tree.join("text.txt"), &text).unwrap();
+    fs::write(tree.join("random.bin"), common::pattern(200_000, 7)).unwrap();
+    fs::write(tree.join("zeros.bin"), vec![0u8; 300_000]).unwrap();
+    let iso = d.path("z.iso");
+    need("xorriso");
+    run(Command::new("xorriso").args([
+        "-outdev",
+        s(&iso),
+        "-zisofs",
+        "level=6:block_size=32k",
+        "-map",
+        s(&tree),
+        "/",
+        "-set_filter_r",
+        "--zisofs",
+        "/",
+        "--",
+    ]));
+    // The image holds less than the files: they are compressed in it.
+    assert!(fs::metadata(&iso).unwrap().len() < text.len() as u64);
+    let mnt = d.path("mnt");
+    mounted(&d, s(&iso), &mnt);
+    same_trees(&tree, &mnt, &[], false);
+    let out = d.path("extracted");
+    xorriso_extract(&iso, &out);
+    same_trees(&out, &mnt, &[], false);
+}

@@ -1,7 +1,8 @@
 //! A read-only ISO 9660 file system over any vdk disk (ECMA-119), with its extensions:
 //! Joliet (UCS-2 names), Rock Ridge (POSIX names, modes, owners, times, symlinks, device
 //! nodes, hard links, deep directories relocated and shown back in place), multi-extent
-//! files over 4 GiB, and El Torito boot images, shown as files of a `[BOOT]` directory.
+//! files over 4 GiB, zisofs-compressed files (shown uncompressed), and El Torito boot images,
+//! shown as files of a `[BOOT]` directory.
 //!
 //! ```text
 //!   sector 16..: volume descriptors ─► root directory record ─► directory extents
@@ -20,6 +21,7 @@ mod eltorito;
 mod record;
 mod susp;
 mod volume;
+mod zisofs;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -132,8 +134,9 @@ pub struct Node {
     pub atime: Time,
     /// Attribute change time.
     pub ctime: Time,
-    /// Whether the data is zisofs-compressed (shown as stored).
+    /// Whether the data is stored zisofs-compressed (it reads uncompressed).
     pub zisofs: bool,
+    zf: Option<zisofs::Zf>,
     extents: Vec<Extent>,
 }
 
@@ -497,6 +500,7 @@ impl Iso {
             atime: t,
             ctime: t,
             zisofs: false,
+            zf: None,
             extents: vec![self.extent_of(r)?],
         };
         match self.scheme {
@@ -537,9 +541,10 @@ impl Iso {
             // A directory is known by its extent, wherever its record is.
             n.ino = n.extents[0].at;
         } else {
-            n.size = match &n.kind {
-                Kind::Symlink(t) => t.len() as u64,
-                Kind::File => n.size,
+            n.size = match (&n.kind, n.zf) {
+                (Kind::Symlink(t), _) => t.len() as u64,
+                (Kind::File, Some(zf)) => zf.size,
+                (Kind::File, None) => n.size,
                 _ => 0,
             };
         }
@@ -550,12 +555,32 @@ impl Iso {
     }
 
     /// Reads file data at `offset` into `buf`; returns the bytes read (short only at the end
-    /// of the file).
+    /// of the file). A zisofs file reads uncompressed.
     pub fn read(&self, file: &Node, offset: u64, buf: &mut [u8]) -> Result<usize, IsoError> {
         if offset >= file.size {
             return Ok(0);
         }
         let want = usize::try_from((file.size - offset).min(buf.len() as u64)).unwrap_or(buf.len());
+        match &file.zf {
+            Some(zf) => {
+                let mut stored = |at: u64, b: &mut [u8]| match self.read_stored(file, at, b)? {
+                    n if n == b.len() => Ok(()),
+                    _ => Err(IsoError::Malformed("zisofs data")),
+                };
+                zisofs::read(zf, offset, &mut buf[..want], &mut stored)?;
+                Ok(want)
+            }
+            None => self.read_stored(file, offset, &mut buf[..want]),
+        }
+    }
+
+    /// Reads the bytes of a file as stored on the disc (its extents end to end).
+    fn read_stored(&self, file: &Node, offset: u64, buf: &mut [u8]) -> Result<usize, IsoError> {
+        let stored: u64 = file.extents.iter().map(|e| e.len).sum();
+        if offset >= stored {
+            return Ok(0);
+        }
+        let want = usize::try_from((stored - offset).min(buf.len() as u64)).unwrap_or(buf.len());
         let mut done = 0;
         let mut base = 0u64;
         for e in &file.extents {
@@ -601,6 +626,7 @@ fn placeholder_root() -> Node {
         atime: (0, 0),
         ctime: (0, 0),
         zisofs: false,
+        zf: None,
         extents: Vec::new(),
     }
 }
@@ -650,7 +676,10 @@ fn apply_rock_ridge(n: &mut Node, su: &susp::SystemUse) {
     n.mtime = su.mtime.unwrap_or(n.mtime);
     n.atime = su.atime.unwrap_or(n.atime);
     n.ctime = su.ctime.unwrap_or(n.ctime);
-    n.zisofs = su.zisofs;
+    if let (Some(zf), Kind::File) = (su.zf, &n.kind) {
+        n.zisofs = true;
+        n.zf = Some(zf);
+    }
 }
 
 /// An ISO 9660 identifier without its `;version`, and without the `.` of a name that has no

@@ -54,8 +54,8 @@ pub struct SystemUse {
     pub ctime: Option<Time>,
     /// TF: creation time.
     pub crtime: Option<Time>,
-    /// ZF: the file's data is zisofs-compressed.
-    pub zisofs: bool,
+    /// ZF: the file's data is zisofs-compressed (algorithm `pz`).
+    pub zf: Option<super::zisofs::Zf>,
 }
 
 /// Where a continuation area is: block, offset in it, length.
@@ -137,7 +137,7 @@ pub fn parse(
                     su.rock_ridge = true;
                     times(data, &mut su);
                 }
-                b"ZF" => su.zisofs = true,
+                b"ZF" => su.zf = super::zisofs::Zf::parse(data),
                 b"RR" | b"ER" | b"ES" => su.rock_ridge |= &sig == b"RR",
                 _ => {}
             }
