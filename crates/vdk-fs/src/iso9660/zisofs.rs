@@ -53,13 +53,16 @@ impl Zf {
     }
 }
 
+/// Reads stored (compressed) bytes of the file: `(offset, buf)`, all of `buf` or an error.
+pub type Stored<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), IsoError> + 'a;
+
 /// Reads uncompressed bytes at `offset` into `buf` (already cut to the file's size), reading
 /// stored bytes with `stored(offset, buf)`.
 pub fn read(
     zf: &Zf,
     offset: u64,
     buf: &mut [u8],
-    stored: &mut dyn FnMut(u64, &mut [u8]) -> Result<(), IsoError>,
+    stored: &mut Stored<'_>,
 ) -> Result<(), IsoError> {
     let bad = || IsoError::Malformed("zisofs data");
     if buf.is_empty() {
