@@ -58,12 +58,7 @@ pub type Stored<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), IsoError> + 'a;
 
 /// Reads uncompressed bytes at `offset` into `buf` (already cut to the file's size), reading
 /// stored bytes with `stored(offset, buf)`.
-pub fn read(
-    zf: &Zf,
-    offset: u64,
-    buf: &mut [u8],
-    stored: &mut Stored<'_>,
-) -> Result<(), IsoError> {
+pub fn read(zf: &Zf, offset: u64, buf: &mut [u8], stored: &mut Stored<'_>) -> Result<(), IsoError> {
     let bad = || IsoError::Malformed("zisofs data");
     if buf.is_empty() {
         return Ok(());
