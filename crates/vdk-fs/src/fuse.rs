@@ -119,6 +119,8 @@ impl Filesystem for IsoFs {
         if let Err(max) = config.set_max_readahead(READAHEAD) {
             let _ = config.set_max_readahead(max);
         }
+        // Read-ahead requests in flight at once (the kernel's default is 12).
+        let _ = config.set_max_background(64);
         Ok(())
     }
 
