@@ -37,8 +37,6 @@ const CHUNKS: &str = "chunks";
 const IN_FLIGHT: usize = 16;
 /// Bytes read ahead of a sequential reader.
 const READ_AHEAD: u64 = 32 << 20;
-/// A dirty chunk is uploaded in the background once it has been dirty this long.
-const WRITEBACK_AGE: Duration = Duration::from_secs(1);
 const UPLOAD_LOCKS: u64 = 64;
 
 /// What to do, at open, with chunks a stopped process wrote and did not upload.
@@ -229,6 +227,32 @@ pub fn info(url: &str, store: &StoreOptions) -> Result<DiskStats, ObjError> {
     })
 }
 
+/// Deletes the disk at `url`: its chunks, lease and metadata. The caller makes sure nobody
+/// has it open.
+pub fn destroy(url: &str, store: &StoreOptions) -> Result<(), ObjError> {
+    let loc = Location::parse(url, store, false)?;
+    small_runtime()?.block_on(async {
+        let chunks: Vec<object_store::path::Path> = loc
+            .store
+            .list(Some(&loc.key(CHUNKS)))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await?;
+        let names = futures::stream::iter(chunks.into_iter().map(Ok)).boxed();
+        loc.store
+            .delete_stream(names)
+            .try_collect::<Vec<_>>()
+            .await?;
+        for name in [LEASE, META] {
+            match loc.store.delete(&loc.key(name)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -259,6 +283,8 @@ struct Inner {
     /// Where the last read ended, to spot sequential readers.
     seq_end: AtomicU64,
     read_ahead: u64,
+    /// A dirty chunk is uploaded in the background once it has been dirty this long.
+    writeback_delay: Duration,
     /// Background uploads that failed (retried at the next round).
     failures: AtomicU64,
 }
@@ -491,7 +517,7 @@ impl Inner {
                 0
             };
             let mut pick = Vec::new();
-            for (i, old) in self.cache.dirty(WRITEBACK_AGE) {
+            for (i, old) in self.cache.dirty(self.writeback_delay) {
                 if old || over > 0 {
                     pick.push(i);
                     over = over.saturating_sub(1);
@@ -576,14 +602,14 @@ impl ObjectDisk {
         };
         let remote = rt.block_on(list_chunks(&loc, meta.chunks()))?;
         let remote: HashMap<u64, String> = remote.into_iter().map(|(i, (t, _))| (i, t)).collect();
+        let root = opts.cache_root.clone().unwrap_or_else(default_cache_root);
         let (dir, scratch) = match &opts.cache_dir {
             Some(d) => (d.clone(), None),
             None if opts.read_only => {
-                let d =
-                    default_cache_root().join(format!("{}-ro-{}", meta.uuid, std::process::id()));
+                let d = root.join(format!("{}-ro-{}", meta.uuid, std::process::id()));
                 (d.clone(), Some(d))
             }
-            None => (default_cache_root().join(&meta.uuid), None),
+            None => (root.join(&meta.uuid), None),
         };
         let (cache, leftovers) = Cache::open(
             &dir,
@@ -625,6 +651,7 @@ impl ObjectDisk {
             closing: AtomicBool::new(false),
             seq_end: AtomicU64::new(u64::MAX),
             failures: AtomicU64::new(0),
+            writeback_delay: opts.writeback_delay,
             meta,
         });
         let mut disk = ObjectDisk {

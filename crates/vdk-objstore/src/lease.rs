@@ -40,6 +40,10 @@ struct Record {
     id: String,
     host: String,
     pid: u32,
+    /// The process's start time (clock ticks after boot), so that a reused pid is not
+    /// taken for the holder.
+    #[serde(default)]
+    start: u64,
     /// Unix seconds.
     expires: u64,
     #[serde(default)]
@@ -103,8 +107,29 @@ fn random_id() -> Result<String, ObjError> {
     Ok(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn pid_runs(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+/// When process `pid` started (clock ticks after boot), or None if it does not run (a
+/// zombie does not).
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold anything, so split after its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&("Z" | "X" | "x"))) {
+        return None;
+    }
+    // Field 22 of the line is the 20th after the comm.
+    fields.get(19)?.parse().ok()
+}
+
+/// Whether a lease record names a process on this host that no longer runs.
+fn stale(r: &Record) -> bool {
+    if r.host != hostname() {
+        return false;
+    }
+    match process_start(r.pid) {
+        None => true,
+        Some(start) => r.start != 0 && start != r.start,
+    }
 }
 
 impl Lease {
@@ -130,8 +155,7 @@ impl Lease {
                     let body = got.bytes().await?;
                     if let Ok(r) = serde_json::from_slice::<Record>(&body) {
                         let now = now_unix();
-                        let stale = r.host == hostname() && !pid_runs(r.pid);
-                        if !r.released && r.expires > now && !stale {
+                        if !r.released && r.expires > now && !stale(&r) {
                             return Err(ObjError::LeaseHeld {
                                 holder: r.holder,
                                 expires_in: Some(Duration::from_secs(r.expires - now)),
@@ -146,6 +170,7 @@ impl Lease {
                 id: id.clone(),
                 host: hostname(),
                 pid: std::process::id(),
+                start: process_start(std::process::id()).unwrap_or(0),
                 expires: now_unix() + ttl.as_secs().max(1),
                 released: false,
             };
@@ -269,6 +294,7 @@ impl Lease {
             id: self.id.clone(),
             host: hostname(),
             pid: std::process::id(),
+            start: process_start(std::process::id()).unwrap_or(0),
             expires: now_unix() + self.ttl.as_secs().max(1),
             released: false,
         };
@@ -317,6 +343,7 @@ impl Lease {
             id: self.id.clone(),
             host: hostname(),
             pid: std::process::id(),
+            start: process_start(std::process::id()).unwrap_or(0),
             expires: 0,
             released: true,
         };
@@ -348,6 +375,28 @@ async fn put(
 mod tests {
     use super::*;
     use crate::location::StoreOptions;
+
+    #[test]
+    fn this_process_runs_and_others_are_told_apart() {
+        let me = std::process::id();
+        let start = process_start(me).unwrap();
+        let mut r = Record {
+            holder: "x".into(),
+            id: "y".into(),
+            host: hostname(),
+            pid: me,
+            start,
+            expires: 0,
+            released: false,
+        };
+        assert!(!stale(&r));
+        r.start = start + 1;
+        assert!(stale(&r), "the pid was reused");
+        r.pid = 4_194_304 + 1; // above the kernel's pid_max
+        assert!(stale(&r));
+        r.host = "elsewhere".into();
+        assert!(!stale(&r), "another host's processes are not known here");
+    }
 
     #[test]
     fn a_local_lease_is_exclusive_and_names_its_holder() {

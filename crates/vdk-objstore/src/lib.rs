@@ -30,7 +30,8 @@ use std::time::Duration;
 
 pub use codec::{read_key, KEY_LEN};
 pub use disk::{
-    create, create_at, info, CreateOptions, DiskStats, ObjectDisk, Recovery, RecoveryReport,
+    create, create_at, destroy, info, CreateOptions, DiskStats, ObjectDisk, Recovery,
+    RecoveryReport,
 };
 pub use location::{is_url, Location, StoreOptions};
 pub use meta::{Compression, Encryption, Meta, DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK};
@@ -117,8 +118,10 @@ impl From<ObjError> for vdk_core::Error {
 pub struct OpenOptions {
     /// Open read-only: no lease, many readers at once.
     pub read_only: bool,
-    /// The cache directory; by default one under [`default_cache_root`] named after the disk.
+    /// The cache directory; by default one under `cache_root` named after the disk.
     pub cache_dir: Option<PathBuf>,
+    /// Where default cache directories go (default: [`default_cache_root`]).
+    pub cache_root: Option<PathBuf>,
     /// The most the cache holds, in bytes (at least 8 chunks).
     pub cache_size: u64,
     /// The key of an encrypted disk.
@@ -127,6 +130,9 @@ pub struct OpenOptions {
     pub recovery: Recovery,
     /// How long a writer's lease lasts unless renewed (renewed at a third of it).
     pub lease_ttl: Duration,
+    /// How long a chunk stays dirty before the background writeback uploads it (unless
+    /// dirty chunks fill their share of the cache first, or a flush comes).
+    pub writeback_delay: Duration,
     /// Endpoint, region and such.
     pub store: StoreOptions,
 }
@@ -136,10 +142,12 @@ impl Default for OpenOptions {
         OpenOptions {
             read_only: false,
             cache_dir: None,
+            cache_root: None,
             cache_size: 1 << 30,
             key: None,
             recovery: Recovery::Upload,
             lease_ttl: Duration::from_secs(30),
+            writeback_delay: Duration::from_secs(1),
             store: StoreOptions::default(),
         }
     }

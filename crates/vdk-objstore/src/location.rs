@@ -17,7 +17,7 @@ use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use url::Url;
 
 use crate::ObjError;
@@ -31,6 +31,8 @@ pub struct StoreOptions {
     pub region: Option<String>,
     /// How long to keep retrying a failing request before it fails (default 60 s).
     pub retry_timeout: Option<Duration>,
+    /// S3 access key id and secret (default: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+    pub credentials: Option<(String, String)>,
 }
 
 /// A parsed disk location.
@@ -67,9 +69,16 @@ impl Location {
             let decoded = percent_decode(p);
             Path::parse(&decoded).map_err(|e| bad(format!("bad prefix in {url:?}: {e}")))
         };
+        // Retried for the time, however many tries that takes, and tried at least every two
+        // seconds: a store back after an outage is noticed soon.
         let retry = RetryConfig {
             retry_timeout: opts.retry_timeout.unwrap_or(Duration::from_secs(60)),
-            ..RetryConfig::default()
+            max_retries: 10_000,
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
         };
         let client = ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(10))
@@ -92,6 +101,9 @@ impl Location {
                     .or_else(|| std::env::var("AWS_ENDPOINT").ok());
                 if let Some(e) = endpoint {
                     b = b.with_allow_http(e.starts_with("http://")).with_endpoint(e);
+                }
+                if let Some((id, secret)) = &opts.credentials {
+                    b = b.with_access_key_id(id).with_secret_access_key(secret);
                 }
                 if let Some(r) = &opts.region {
                     b = b.with_region(r);

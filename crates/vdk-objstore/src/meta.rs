@@ -50,9 +50,9 @@ pub enum Encryption {
 #[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Meta {
-    /// Always [`FORMAT`].
+    /// Always `"vdk-objstore"`.
     pub format: String,
-    /// [`VERSION`] at creation.
+    /// The format version (1) at creation.
     pub version: u32,
     /// A random id: caches and encrypted chunks are bound to it.
     pub uuid: String,
