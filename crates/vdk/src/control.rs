@@ -19,7 +19,7 @@ pub enum Request {
     /// Is the daemon there, and which version is it?
     Version,
     /// Open (or create) an image.
-    Open(OpenRequest),
+    Open(Box<OpenRequest>),
     /// Close a disk.
     Close(CloseRequest),
     /// Every open disk.
@@ -164,6 +164,45 @@ pub struct OpenRequest {
     /// The LUN; by default the lowest free one of the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iscsi_lun: Option<u16>,
+    /// For an object-store disk (`path` an `s3://`, `gs://`, `az://` or `file://` URL): how
+    /// to reach it and cache it.
+    #[serde(default, skip_serializing_if = "CloudOptions::is_default")]
+    pub cloud: CloudOptions,
+}
+
+/// How to reach and cache a disk in object storage. Credentials come from the daemon's
+/// environment (`AWS_ACCESS_KEY_ID`, ...), never over the socket.
+#[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudOptions {
+    /// The S3 endpoint URL (default: `AWS_ENDPOINT_URL`, else AWS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The S3 region (default: `AWS_REGION`, else us-east-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The cache directory (absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PathBuf>,
+    /// The most bytes the cache holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_size: Option<u64>,
+    /// The key file of an encrypted disk (absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Drop chunks a stopped writer left in the cache instead of uploading them.
+    #[serde(default)]
+    pub discard_unflushed: bool,
+    /// Seconds a chunk stays dirty before it is uploaded in the background (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writeback_delay: Option<u64>,
+}
+
+impl CloudOptions {
+    /// Whether nothing is set.
+    pub fn is_default(&self) -> bool {
+        *self == CloudOptions::default()
+    }
 }
 
 /// `close` and `unmount`.

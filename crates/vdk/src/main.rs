@@ -3,6 +3,7 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 mod cli;
+mod cloud;
 mod daemon;
 
 // The control API lives in the library, where fuzzers and other programs reach it too.

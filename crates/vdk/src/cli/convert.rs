@@ -3,12 +3,14 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::{Mutex, PoisonError};
 use std::thread;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use tracing::warn;
 use vdk_core::size::{parse_size, Human};
 use vdk_core::{BlockDevice, ExtentKind};
 use vdk_formats::{CreateOptions, Format, OpenOptions};
@@ -26,11 +28,14 @@ const MAP_STEP: u64 = 1 << 30;
 #[command(after_help = "\
 Examples:
   vdk convert disk.img disk.qcow2 -O qcow2      raw to qcow2, holes and zeroes left out
-  vdk convert overlay.qcow2 flat.img            a backing chain flattened into one raw file")]
+  vdk convert overlay.qcow2 flat.img            a backing chain flattened into one raw file
+  vdk convert disk.qcow2 s3://bucket/disks/d1   into object storage (a new disk there)
+  vdk convert s3://bucket/disks/d1 copy.qcow2 -O qcow2")]
 pub struct ConvertArgs {
-    /// The image to read (any format vdk reads; its backing chain is read through).
+    /// The image to read (any format vdk reads; its backing chain is read through), or an
+    /// object-store disk's URL.
     src: PathBuf,
-    /// The new image (must not exist).
+    /// The new image (must not exist), or the URL of a new object-store disk.
     dst: PathBuf,
     /// Format of SRC; probed from its magic if not given.
     #[arg(short = 'f', long = "format", value_name = "FORMAT")]
@@ -52,6 +57,60 @@ pub struct ConvertArgs {
     /// Never show a progress bar (it shows only on a terminal anyway).
     #[arg(short, long)]
     quiet: bool,
+    /// A new object-store disk: bytes per chunk (default 4M).
+    #[arg(long, value_name = "SIZE")]
+    chunk_size: Option<String>,
+    /// A new object-store disk: chunk compression, none (default) or zstd.
+    #[arg(long, value_name = "HOW", default_value = "none")]
+    compression: String,
+    #[command(flatten)]
+    cloud: crate::cloud::CloudArgs,
+}
+
+fn url_of(p: &std::path::Path) -> Option<&str> {
+    p.to_str().filter(|s| crate::cloud::is_url(s))
+}
+
+/// `vdk convert` into a new object-store disk.
+fn to_cloud(args: &ConvertArgs, url: &str, src: &dyn BlockDevice) -> anyhow::Result<()> {
+    let cloud = args.cloud.options()?;
+    let mut opts = vdk_objstore::CreateOptions::new(src.info().size);
+    opts.store = crate::cloud::store_options(&cloud);
+    opts.compression = match args.compression.as_str() {
+        "none" => vdk_objstore::Compression::None,
+        "zstd" => vdk_objstore::Compression::Zstd,
+        other => bail!("unknown --compression {other:?}: none or zstd"),
+    };
+    if let Some(c) = &args.chunk_size {
+        opts.chunk_size = parse_size(c).with_context(|| format!("bad chunk size {c:?}"))?;
+    }
+    if cloud.key_file.is_some() {
+        opts.encryption = vdk_objstore::Encryption::Aes256Gcm;
+        opts.key = cloud
+            .key_file
+            .as_deref()
+            .map(crate::cloud::read_key)
+            .transpose()?;
+    }
+    vdk_objstore::create(url, &opts).with_context(|| format!("cannot create {url}"))?;
+    let copied = (|| {
+        let dst = crate::cloud::open(url, &cloud, false, None)?;
+        copy(src, &dst, args.quiet)?;
+        let (_, dirty) = dst.cache_usage();
+        if !args.quiet && dirty > 0 {
+            eprintln!("uploading the last {}", Human(dirty));
+        }
+        dst.flush()?;
+        anyhow::Ok(())
+    })();
+    if let Err(e) = copied {
+        // A half-written disk is worse than none.
+        if let Err(d) = vdk_objstore::destroy(url, &opts.store) {
+            warn!("cannot delete the half-written {url}: {d}");
+        }
+        return Err(e.context(format!("converting {} failed", args.src.display())));
+    }
+    Ok(())
 }
 
 /// Runs `vdk convert`.
@@ -62,16 +121,24 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         .map(Format::from_name)
         .transpose()?;
     let dst_format = Format::from_name(&args.dst_format)?;
-    let src = vdk_formats::open(
-        &args.src,
-        &OpenOptions {
-            format: src_format,
-            read_only: true,
-            probe_backing: args.probe_backing,
-        },
-    )
-    .with_context(|| format!("cannot open {}", args.src.display()))?
-    .device;
+    let src: Arc<dyn BlockDevice> = match url_of(&args.src) {
+        Some(url) => Arc::new(crate::cloud::open(url, &args.cloud.options()?, true, None)?),
+        None => {
+            vdk_formats::open(
+                &args.src,
+                &OpenOptions {
+                    format: src_format,
+                    read_only: true,
+                    probe_backing: args.probe_backing,
+                },
+            )
+            .with_context(|| format!("cannot open {}", args.src.display()))?
+            .device
+        }
+    };
+    if let Some(url) = url_of(&args.dst) {
+        return to_cloud(&args, url, &*src);
+    }
     if args.dst.exists() {
         bail!(
             "{} exists: vdk convert writes only new images",

@@ -183,6 +183,8 @@ pub struct OpenArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    cloud: crate::cloud::CloudArgs,
 }
 
 /// Runs `vdk open`.
@@ -192,8 +194,14 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
         .as_deref()
         .map(|s| parse_size(s).with_context(|| format!("bad size {s:?}")))
         .transpose()?;
-    let req = Request::Open(OpenRequest {
-        path: absolute(&args.file)?,
+    let is_url = args.file.to_str().is_some_and(crate::cloud::is_url);
+    let req = Request::Open(Box::new(OpenRequest {
+        path: if is_url {
+            args.file.clone()
+        } else {
+            absolute(&args.file)?
+        },
+        cloud: args.cloud.options()?,
         size,
         read_only: args.read_only,
         format: args.format,
@@ -210,7 +218,7 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
         iscsi: args.iscsi,
         iscsi_target: args.iscsi_target,
         iscsi_lun: args.iscsi_lun,
-    });
+    }));
     let mut client = connect(paths, true)?;
     let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
     if args.json {

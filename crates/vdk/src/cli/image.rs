@@ -8,6 +8,7 @@ use clap::Args;
 use vdk_core::size::{parse_size, Human};
 use vdk_formats::{CreateOptions, Format, ImageInfo};
 
+use crate::cloud::StoreArgs;
 use crate::control::{Client, DiskRequest, ErrorKind, Request};
 use crate::daemon::Paths;
 
@@ -17,15 +18,18 @@ use crate::daemon::Paths;
 Examples:
   vdk create disk.qcow2 100G                     a sparse qcow2 image (the default format)
   vdk create -f raw disk.img 10G
-  vdk create overlay.qcow2 --backing base.img    size and backing format from the base")]
+  vdk create overlay.qcow2 --backing base.img    size and backing format from the base
+  vdk create s3://bucket/disks/d1 10G            a disk in object storage, 4 MiB chunks
+  vdk create s3://bucket/d2 1T --compression zstd --encryption aes-256-gcm --key-file k")]
 pub struct CreateArgs {
-    /// The new image (must not exist).
+    /// The new image (must not exist): a path, or an s3://, gs://, az:// or file:// URL
+    /// for a disk in object storage.
     file: PathBuf,
     /// Virtual size (e.g. 10G); with --backing, defaults to the backing image's size.
     size: Option<String>,
-    /// Format: qcow2 (default) or raw.
-    #[arg(long, short = 'f', default_value = "qcow2")]
-    format: String,
+    /// Format of a file: qcow2 (default), raw, vhd or vhdx.
+    #[arg(long, short = 'f')]
+    format: Option<String>,
     /// Backing image (qcow2 only), recorded as given: relative to the new image's directory,
     /// or absolute.
     #[arg(long, short = 'b', value_name = "BASE")]
@@ -39,11 +43,93 @@ pub struct CreateArgs {
     /// VHD kind: dynamic (grows, the default) or fixed (all space up front).
     #[arg(long, value_name = "KIND", default_value = "dynamic")]
     subformat: String,
+    /// Object storage: bytes per chunk, a power of two from 64K to 64M (default 4M).
+    #[arg(long, value_name = "SIZE")]
+    chunk_size: Option<String>,
+    /// Object storage: chunk compression, none (default) or zstd.
+    #[arg(long, value_name = "HOW", default_value = "none")]
+    compression: String,
+    /// Object storage: chunk encryption, none (default) or aes-256-gcm (needs --key-file).
+    #[arg(long, value_name = "HOW", default_value = "none")]
+    encryption: String,
+    /// Object storage: the key of an encrypted disk, 32 raw bytes or 64 hex digits.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// `vdk create URL`: a disk in object storage.
+fn create_cloud(url: &str, args: &CreateArgs) -> anyhow::Result<()> {
+    if args.format.as_deref().is_some_and(|f| f != "objstore") {
+        bail!("{url} is a URL: it holds a disk in vdk's object-store layout, not a file format");
+    }
+    if args.backing.is_some() || args.cluster_size.is_some() {
+        bail!("--backing and --cluster-size are for image files, not object-store disks");
+    }
+    let Some(size) = &args.size else {
+        bail!("give a SIZE for the new disk (e.g. 10G)");
+    };
+    let size = parse_size(size).with_context(|| format!("bad size {size:?}"))?;
+    let compression = match args.compression.as_str() {
+        "none" => vdk_objstore::Compression::None,
+        "zstd" => vdk_objstore::Compression::Zstd,
+        other => bail!("unknown --compression {other:?}: none or zstd"),
+    };
+    let encryption = match args.encryption.as_str() {
+        "none" => vdk_objstore::Encryption::None,
+        "aes-256-gcm" => vdk_objstore::Encryption::Aes256Gcm,
+        other => bail!("unknown --encryption {other:?}: none or aes-256-gcm"),
+    };
+    if encryption != vdk_objstore::Encryption::None && args.key_file.is_none() {
+        bail!("--encryption needs a --key-file (32 raw bytes or 64 hex digits, e.g. from `openssl rand -hex 32`)");
+    }
+    let mut opts = vdk_objstore::CreateOptions {
+        compression,
+        encryption,
+        key: args
+            .key_file
+            .as_deref()
+            .map(crate::cloud::read_key)
+            .transpose()?,
+        store: args.store.store_options(),
+        ..vdk_objstore::CreateOptions::new(size)
+    };
+    if let Some(c) = &args.chunk_size {
+        opts.chunk_size = parse_size(c).with_context(|| format!("bad chunk size {c:?}"))?;
+    }
+    let meta = vdk_objstore::create(url, &opts).with_context(|| format!("cannot create {url}"))?;
+    println!(
+        "created {url} (object store, {}, {} chunks{}{})",
+        Human(meta.size),
+        Human(meta.chunk_size),
+        if compression == vdk_objstore::Compression::Zstd {
+            ", zstd"
+        } else {
+            ""
+        },
+        if encryption == vdk_objstore::Encryption::None {
+            ""
+        } else {
+            ", aes-256-gcm"
+        },
+    );
+    Ok(())
 }
 
 /// Runs `vdk create`.
 pub fn create(args: CreateArgs) -> anyhow::Result<()> {
-    let format = Format::from_name(&args.format)?;
+    if let Some(url) = args.file.to_str().filter(|f| crate::cloud::is_url(f)) {
+        return create_cloud(url, &args);
+    }
+    if args.chunk_size.is_some()
+        || args.key_file.is_some()
+        || args.compression != "none"
+        || args.encryption != "none"
+    {
+        bail!("--chunk-size, --compression, --encryption and --key-file are for object-store disks (s3://...)");
+    }
+    let format = Format::from_name(args.format.as_deref().unwrap_or("qcow2"))?;
     let mut size = args
         .size
         .as_deref()
@@ -113,6 +199,54 @@ pub struct InfoArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// `vdk info URL`.
+fn info_cloud(url: &str, args: &InfoArgs) -> anyhow::Result<()> {
+    let s = vdk_objstore::info(url, &args.store.store_options())
+        .with_context(|| format!("cannot read {url}"))?;
+    let m = &s.meta;
+    let compression = match m.compression {
+        vdk_objstore::Compression::None => "none",
+        vdk_objstore::Compression::Zstd => "zstd",
+    };
+    let encryption = match m.encryption {
+        vdk_objstore::Encryption::None => "none",
+        vdk_objstore::Encryption::Aes256Gcm => "aes-256-gcm",
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let v = serde_json::json!({
+            "filename": url,
+            "format": "vdk-objstore",
+            "version": m.version,
+            "uuid": m.uuid,
+            "virtual-size": m.size,
+            "actual-size": s.stored_bytes,
+            "chunk-size": m.chunk_size,
+            "chunks": m.chunks(),
+            "chunks-stored": s.stored_chunks,
+            "compression": compression,
+            "encryption": encryption,
+            "writer": s.writer,
+        });
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "image: {url}")?;
+    writeln!(out, "file format: vdk-objstore (version {})", m.version)?;
+    writeln!(out, "virtual size: {} ({} bytes)", Human(m.size), m.size)?;
+    writeln!(out, "disk size: {}", Human(s.stored_bytes))?;
+    writeln!(out, "chunk size: {}", m.chunk_size)?;
+    writeln!(out, "chunks stored: {} of {}", s.stored_chunks, m.chunks())?;
+    writeln!(out, "compression: {compression}")?;
+    writeln!(out, "encryption: {encryption}")?;
+    writeln!(out, "uuid: {}", m.uuid)?;
+    writeln!(out, "writer: {}", s.writer.as_deref().unwrap_or("none"))?;
+    Ok(())
 }
 
 fn to_json(i: &ImageInfo) -> serde_json::Value {
@@ -199,6 +333,9 @@ fn print_text(out: &mut impl Write, i: &ImageInfo) -> std::io::Result<()> {
 
 /// Runs `vdk info`.
 pub fn info(args: InfoArgs) -> anyhow::Result<()> {
+    if let Some(url) = args.file.to_str().filter(|f| crate::cloud::is_url(f)) {
+        return info_cloud(url, &args);
+    }
     let format = args.format.as_deref().map(Format::from_name).transpose()?;
     let info = vdk_formats::info(Path::new(&args.file), format, args.backing_chain)
         .with_context(|| format!("cannot read {}", args.file.display()))?;

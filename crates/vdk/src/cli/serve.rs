@@ -77,11 +77,14 @@ pub struct ServeArgs {
     /// A description shown to clients that list exports.
     #[arg(long)]
     description: Option<String>,
+    #[command(flatten)]
+    cloud: crate::cloud::CloudArgs,
 }
 
 /// What one export serves.
 enum Source {
     File(PathBuf),
+    Cloud(String),
     Memory(u64),
     Pattern(u64),
 }
@@ -92,6 +95,9 @@ fn parse_source(text: &str) -> anyhow::Result<Source> {
     }
     if let Some(size) = text.strip_prefix("pattern:") {
         return Ok(Source::Pattern(parse_size(size)?));
+    }
+    if crate::cloud::is_url(text) {
+        return Ok(Source::Cloud(text.to_owned()));
     }
     Ok(Source::File(PathBuf::from(text)))
 }
@@ -113,6 +119,10 @@ fn open(
     match source {
         Source::Memory(size) => Ok((Arc::new(MemoryDisk::new(*size)), None)),
         Source::Pattern(size) => Ok((Arc::new(PatternDisk::new(*size)), None)),
+        Source::Cloud(url) => {
+            let disk = crate::cloud::open(url, &args.cloud.options()?, read_only, None)?;
+            Ok((Arc::new(disk), None))
+        }
         Source::File(path) => {
             let cannot_open = |e: std::io::Error| {
                 let hint = match e.kind() {
@@ -163,7 +173,11 @@ fn base_file(path: &Path, format: Format) -> anyhow::Result<vdk_filters::cow::Ba
 fn exports(args: &ServeArgs) -> anyhow::Result<Vec<(String, Source)>> {
     let mut list: Vec<(String, Source)> = Vec::new();
     for path in &args.images {
-        list.push((file_name(path), Source::File(path.clone())));
+        let source = match path.to_str().filter(|p| crate::cloud::is_url(p)) {
+            Some(url) => Source::Cloud(url.to_owned()),
+            None => Source::File(path.clone()),
+        };
+        list.push((file_name(path), source));
     }
     if let Some(size) = &args.memory {
         list.push(("memory".into(), Source::Memory(parse_size(size)?)));

@@ -118,6 +118,23 @@ pub fn disk_id(image: &Path) -> String {
     format!("{stem}-{:08x}", h >> 32)
 }
 
+/// An object-store error as the control API answers it.
+fn cloud_error(e: anyhow::Error) -> ApiError {
+    let kind = match e.downcast_ref::<vdk_objstore::ObjError>() {
+        Some(vdk_objstore::ObjError::NotFound(_)) => ErrorKind::NotFound,
+        Some(vdk_objstore::ObjError::LeaseHeld { .. }) => ErrorKind::Busy,
+        Some(
+            vdk_objstore::ObjError::BadUrl(_)
+            | vdk_objstore::ObjError::KeyNeeded
+            | vdk_objstore::ObjError::KeyNotWanted
+            | vdk_objstore::ObjError::WrongKey
+            | vdk_objstore::ObjError::BadKey,
+        ) => ErrorKind::Invalid,
+        _ => ErrorKind::Io,
+    };
+    ApiError::new(kind, format!("{e:#}"))
+}
+
 pub(super) fn invalid(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Invalid, msg)
 }
@@ -130,12 +147,23 @@ pub(super) struct Recipe {
     pub read_only: bool,
     pub probe_backing: bool,
     pub specs: Vec<vdk_filters::FilterSpec>,
+    /// For a disk in object storage (`image` is its URL): how to reach it, and where its
+    /// cache goes by default.
+    pub cloud: Option<(crate::control::CloudOptions, PathBuf)>,
 }
 
 impl Recipe {
     /// Opens the image and applies the filters.
     pub fn build(&self) -> Result<(vdk_filters::Chain, Format), ApiError> {
         let shown = self.image.display();
+        if let Some((opts, cache_root)) = &self.cloud {
+            let url = self.image.to_string_lossy();
+            let disk = crate::cloud::open(&url, opts, self.read_only, Some(cache_root))
+                .map_err(cloud_error)?;
+            let chain = vdk_filters::apply_over(Arc::new(disk), None, &self.specs)
+                .map_err(|e| invalid(format!("{shown}: {e}")))?;
+            return Ok((chain, Format::Raw));
+        }
         let opts = vdk_formats::OpenOptions {
             format: self.format,
             read_only: self.read_only,
@@ -485,7 +513,13 @@ impl Daemon {
             return Err(invalid("--mkfs cannot format a disk opened --read-only"));
         }
         parse_filters(&req.filters)?;
-        if !req.path.is_absolute() {
+        let cloud = req.path.to_str().is_some_and(crate::cloud::is_url);
+        if !cloud && !req.cloud.is_default() {
+            return Err(invalid(
+                "--s3-endpoint, --cache, --key-file and such are for object-store disks (s3://...)",
+            ));
+        }
+        if !cloud && !req.path.is_absolute() {
             return Err(invalid(format!(
                 "{}: the path must be absolute",
                 req.path.display()
@@ -499,7 +533,11 @@ impl Daemon {
         if !req.iscsi && (req.iscsi_target.is_some() || req.iscsi_lun.is_some()) {
             return Err(invalid("--iscsi-target and --iscsi-lun go with --iscsi"));
         }
-        let (image, created) = self.image(&req, format)?;
+        let (image, created) = if cloud {
+            self.cloud_image(&req)?
+        } else {
+            self.image(&req, format)?
+        };
         let opened = self.open_image(&req, &image, format, attach);
         match opened {
             Ok(d) => {
@@ -515,6 +553,47 @@ impl Daemon {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// An object-store disk's URL, the disk created first if missing; `true` if it was.
+    fn cloud_image(&self, req: &OpenRequest) -> Result<(PathBuf, bool), ApiError> {
+        let url = req.path.to_string_lossy().into_owned();
+        let store = crate::cloud::store_options(&req.cloud);
+        match vdk_objstore::info(&url, &store) {
+            Ok(s) => {
+                if let Some(size) = req.size.filter(|z| *z != s.meta.size) {
+                    return Err(invalid(format!(
+                        "{url} exists and has {} bytes, not {size}: a size is for new disks",
+                        s.meta.size
+                    )));
+                }
+                if req.mkfs.is_some() {
+                    return Err(invalid(format!(
+                        "{url} exists: --mkfs formats only the new disks open creates"
+                    )));
+                }
+                Ok((PathBuf::from(url), false))
+            }
+            Err(vdk_objstore::ObjError::NotFound(_)) => {
+                if req.read_only {
+                    return Err(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!("{url}: no disk there (a new disk cannot be read-only)"),
+                    ));
+                }
+                let size = req.size.unwrap_or(DEFAULT_SIZE);
+                let mut opts = vdk_objstore::CreateOptions::new(size);
+                opts.store = store;
+                vdk_objstore::create(&url, &opts).map_err(|e| {
+                    cloud_error(anyhow::Error::new(e).context(format!("cannot create {url}")))
+                })?;
+                info!(image = %url, size = %Human(size), "created");
+                Ok((PathBuf::from(url), true))
+            }
+            Err(e) => Err(cloud_error(
+                anyhow::Error::new(e).context(format!("cannot open {url}")),
+            )),
         }
     }
 
@@ -629,6 +708,10 @@ impl Daemon {
             read_only: req.read_only || redirect,
             probe_backing: req.probe_backing,
             specs,
+            cloud: image
+                .to_str()
+                .is_some_and(crate::cloud::is_url)
+                .then(|| (req.cloud.clone(), self.paths.dir.join("cache"))),
         };
         let (chain, opened_format) = recipe.build()?;
         let backend = chain.device;

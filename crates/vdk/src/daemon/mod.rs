@@ -284,7 +284,7 @@ impl Daemon {
                 "version": env!("CARGO_PKG_VERSION"),
                 "pid": std::process::id(),
             })),
-            Request::Open(r) => self.open(r).map(|s| serde_json::json!(s)),
+            Request::Open(r) => self.open(*r).map(|s| serde_json::json!(s)),
             Request::Close(r) => self.close(&r.disk, r.force).map(|s| serde_json::json!(s)),
             Request::List => Ok(serde_json::json!(self.list())),
             Request::Mount(r) => self.mount(r).map(|s| serde_json::json!(s)),
