@@ -24,6 +24,8 @@ packages=(
   mount           # losetup, mount
   util-linux      # setpriv (a test drops root to see a permission error)
   python3         # nbdsh runs on Debian's python3
+  python3-venv    # moto_server, the S3 server of the object-store tests, in a venv of its own
+  s3backer        # the peer of the object-store disk in benchmarks
 )
 
 missing=()
@@ -68,5 +70,24 @@ FSX_VERSION=0.3.2
 if ! command -v fsx >/dev/null 2>&1 || ! fsx --version 2>/dev/null | grep -q "$FSX_VERSION"; then
   echo "installing fsx $FSX_VERSION"
   cargo install --quiet --locked --version "$FSX_VERSION" fsx
+fi
+# Real S3-protocol servers for the object-store tests, where the tests look for them:
+# moto_server (PyPI moto[server], in a venv) and s3s-fs (crates.io), pinned.
+tools=${VDK_TEST_TOOLS:-}
+if [ -z "$tools" ]; then
+  if [ "$(id -u)" -eq 0 ]; then tools=/opt/vdk-test; else tools="$HOME/.local/share/vdk-test"; fi
+fi
+MOTO_VERSION=5.2.5
+if ! "$tools/moto/bin/pip" show moto 2>/dev/null | grep -qx "Version: $MOTO_VERSION"; then
+  echo "installing moto[server] $MOTO_VERSION into $tools/moto"
+  python3 -m venv "$tools/moto"
+  "$tools/moto/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi
+mkdir -p "$tools/bin"
+ln -sf "$tools/moto/bin/moto_server" "$tools/bin/moto_server"
+S3S_FS_VERSION=0.14.1
+if ! "$tools/bin/s3s-fs" --version 2>/dev/null | grep -q "$S3S_FS_VERSION"; then
+  echo "installing s3s-fs $S3S_FS_VERSION into $tools"
+  cargo install --quiet --locked --version "$S3S_FS_VERSION" --features binary --root "$tools" s3s-fs
 fi
 echo "test dependencies are installed"

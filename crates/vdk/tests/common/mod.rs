@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod s3;
+
 /// Debian package of each client program the tests use.
 const PACKAGES: &[(&str, &str)] = &[
     ("nbdinfo", "libnbd-bin"),
