@@ -1,0 +1,125 @@
+//! A cloud drive: the objects and prefixes under a bucket's prefix as files and folders of a
+//! FUSE file system.
+//!
+//! Reads fetch the ranges they need and keep them in a local cache; writes go to the cache
+//! and the file is uploaded when it is closed or synced (multipart when large); rename,
+//! delete, mkdir and rmdir change the objects as rclone's mounts do. What is not POSIX is
+//! listed in the project's README (*Cloud drive*). See [`drive`] for how it works.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod drive;
+mod fuse;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use fuser::MountOption;
+use tracing::{debug, info};
+use vdk_objstore::Location;
+
+pub use drive::Drive;
+
+/// Threads answering FUSE requests.
+pub const THREADS: usize = 8;
+
+/// A mapped drive.
+#[derive(Debug)]
+pub struct DriveMount {
+    mountpoint: PathBuf,
+    drive: Arc<Drive>,
+    session: Mutex<Option<fuser::BackgroundSession>>,
+}
+
+impl DriveMount {
+    /// Maps `location` on `mountpoint` (an existing directory), caching in `cache_dir`.
+    /// `source` names it in /proc/mounts.
+    pub fn map(
+        location: &Location,
+        mountpoint: &Path,
+        cache_dir: &Path,
+        source: &str,
+    ) -> io::Result<DriveMount> {
+        let drive = Arc::new(Drive::new(
+            Arc::clone(&location.store),
+            location.prefix.clone(),
+            cache_dir.to_owned(),
+        )?);
+        // The bucket must answer now, not at the first `ls`.
+        drive.readdir(drive::ROOT).map_err(|e| {
+            io::Error::new(
+                io::Error::from_raw_os_error(e.code()).kind(),
+                format!(
+                    "cannot list {source}: {}",
+                    io::Error::from_raw_os_error(e.code())
+                ),
+            )
+        })?;
+        let uid = rustix::process::getuid().as_raw();
+        let gid = rustix::process::getgid().as_raw();
+        let fs = fuse::DriveFs::new(Arc::clone(&drive), uid, gid);
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            MountOption::FSName(source.to_owned()),
+            MountOption::Subtype("vdk-drive".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoSuid,
+            MountOption::NoDev,
+            MountOption::NoAtime,
+        ];
+        config.acl = fuser::SessionACL::All;
+        config.n_threads = Some(THREADS);
+        config.clone_fd = true;
+        let session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot mount on {}: {e}", mountpoint.display()),
+            )
+        })?;
+        let session = session.spawn()?;
+        info!(mountpoint = %mountpoint.display(), source, "cloud drive mapped");
+        Ok(DriveMount {
+            mountpoint: mountpoint.to_owned(),
+            drive,
+            session: Mutex::new(Some(session)),
+        })
+    }
+
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmaps it, uploading what is still changed. With `lazy`, a busy mount is detached and
+    /// goes when its last user lets go; without, a busy mount is refused (`EBUSY`) and stays.
+    pub fn unmap(&self, lazy: bool) -> io::Result<()> {
+        let mut slot = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(session) = slot.take() else {
+            return Ok(());
+        };
+        if !lazy {
+            if let Err(e) =
+                rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::empty())
+            {
+                if e == rustix::io::Errno::BUSY {
+                    *slot = Some(session);
+                    return Err(io::Error::from(e));
+                }
+            }
+        }
+        if let Err(e) = session.umount_and_join() {
+            debug!(error = %e, "cloud drive busy, detaching lazily");
+            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+        }
+        self.drive.upload_all();
+        info!(mountpoint = %self.mountpoint.display(), "cloud drive unmapped");
+        Ok(())
+    }
+}
+
+impl Drop for DriveMount {
+    fn drop(&mut self) {
+        let _ = self.unmap(true);
+    }
+}
