@@ -48,6 +48,30 @@ pub enum Request {
     FsUnmount(FsUnmountRequest),
     /// The mounted file systems.
     FsList,
+    /// Map a cloud drive: a bucket's objects as files.
+    FsMap(FsMapRequest),
+}
+
+/// `fs_map`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsMapRequest {
+    /// The bucket and prefix: `s3://BUCKET/PREFIX`, `gs://`, `az://`, `file:///DIR`.
+    pub url: String,
+    /// Where to mount it (an absolute path; created if missing).
+    pub dir: PathBuf,
+    /// A name for it (default: a new UUID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The cache directory (absolute; default: `drives/LABEL` in the daemon's directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PathBuf>,
+    /// The S3 endpoint URL (default: `AWS_ENDPOINT_URL`, else AWS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The S3 region (default: `AWS_REGION`, else us-east-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// `fs_mount`.
@@ -77,18 +101,21 @@ pub struct FsUnmountRequest {
 pub struct FsStatus {
     /// Where it is mounted.
     pub dir: PathBuf,
-    /// Its type: `iso9660`.
+    /// Its type: `iso9660` or `cloud-drive`.
     pub kind: String,
     /// What it reads: an image file, or an open disk's image.
     pub source: String,
     /// The open disk it reads, if any.
     pub disk: Option<String>,
-    /// The volume label.
+    /// The volume label, or the cloud drive's label.
     pub label: String,
-    /// Which names it shows: `rock-ridge`, `joliet` or `iso9660`.
+    /// Which names it shows: `rock-ridge`, `joliet` or `iso9660`; `objects` for a drive.
     pub names: String,
-    /// The size of the image in bytes.
+    /// The size of the image in bytes (0 for a drive).
     pub size: u64,
+    /// A cloud drive's cache directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PathBuf>,
 }
 
 /// `insert`.

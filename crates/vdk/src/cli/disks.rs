@@ -14,8 +14,8 @@ use clap::Args;
 use vdk_core::size::{parse_size, Human};
 
 use crate::control::{
-    ApiError, Client, CloseRequest, DiskStatus, FsMountRequest, FsStatus, FsUnmountRequest,
-    InsertRequest, MountRequest, OpenRequest, Request,
+    ApiError, Client, CloseRequest, DiskStatus, FsMapRequest, FsMountRequest, FsStatus,
+    FsUnmountRequest, InsertRequest, MountRequest, OpenRequest, Request,
 };
 use crate::daemon::Paths;
 
@@ -441,8 +441,22 @@ pub fn list(args: ListArgs, paths: &Paths) -> anyhow::Result<()> {
     if args.json {
         return print_json(&disks);
     }
+    // File systems and drives of `vdk fs`, under the disks (`vdk fs list --json` for scripts).
+    let filesystems: Vec<FsStatus> = if disks.is_empty() && !paths.socket.exists() {
+        Vec::new()
+    } else {
+        let mut client = connect(paths, false)?;
+        serde_json::from_value(call(&mut client, &Request::FsList)?)?
+    };
+    let show_fs = || {
+        if !filesystems.is_empty() {
+            println!("\nfile systems and drives (vdk fs):");
+            print_filesystems(&filesystems);
+        }
+    };
     if disks.is_empty() {
         println!("no disks open");
+        show_fs();
         return Ok(());
     }
     let dash = || "-".to_owned();
@@ -491,7 +505,29 @@ pub fn list(args: ListArgs, paths: &Paths) -> anyhow::Result<()> {
             .collect();
         writeln!(out, "{}", cells.join("  ").trim_end())?;
     }
+    drop(out);
+    show_fs();
     Ok(())
+}
+
+/// One line per file system of `vdk fs`.
+fn print_filesystems(list: &[FsStatus]) {
+    for st in list {
+        let how = match &st.cache {
+            Some(c) => format!("cache {}", c.display()),
+            None => format!("{} names", st.names),
+        };
+        println!(
+            "{}  {}  {}  {how}  label {:?}{}",
+            st.dir.display(),
+            st.kind,
+            st.source,
+            st.label,
+            st.disk
+                .as_ref()
+                .map_or_else(String::new, |d| format!("  (disk {d})"))
+        );
+    }
 }
 
 /// Runs `vdk daemon --stop`.
@@ -568,8 +604,35 @@ pub enum FsCommand {
     Mount(FsMountArgs),
     /// Unmount a file system mounted with `vdk fs mount`.
     Unmount(FsUnmountArgs),
-    /// List the file systems mounted with `vdk fs mount`.
+    /// Map a cloud drive: the objects and prefixes under a bucket's prefix as the files and
+    /// folders of DIR. Reads fetch what they need into the cache; a file written is uploaded
+    /// when closed or synced.
+    Map(FsMapArgs),
+    /// Unmap a cloud drive (uploading what is not uploaded yet).
+    Unmap(FsUnmountArgs),
+    /// List the file systems mounted with `vdk fs mount` and the drives mapped with `vdk fs
+    /// map`.
     List(ListArgs),
+}
+
+/// `vdk fs map`.
+#[derive(Debug, Args)]
+pub struct FsMapArgs {
+    /// The bucket and prefix: s3://BUCKET[/PREFIX], gs://, az://, file:///DIR.
+    url: String,
+    /// Where to mount it (created if missing).
+    dir: PathBuf,
+    /// A name for the drive (default: a new UUID), shown by `vdk fs list`.
+    #[arg(long, value_name = "NAME")]
+    label: Option<String>,
+    /// The cache directory (default: drives/LABEL in the daemon's directory).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    #[command(flatten)]
+    store: crate::cloud::StoreArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `vdk fs mount`.
@@ -619,7 +682,29 @@ pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
                 st.dir.display()
             );
         }
-        FsCommand::Unmount(a) => {
+        FsCommand::Map(a) => {
+            let mut client = connect(paths, true)?;
+            let req = Request::FsMap(FsMapRequest {
+                url: a.url,
+                dir: absolute(&a.dir)?,
+                label: a.label,
+                cache: a.cache.as_deref().map(absolute).transpose()?,
+                endpoint: a.store.s3_endpoint,
+                region: a.store.s3_region,
+            });
+            let st: FsStatus = serde_json::from_value(call(&mut client, &req)?)?;
+            if a.json {
+                return print_json(&st);
+            }
+            println!(
+                "mapped {} on {} (label {}, cache {})",
+                st.source,
+                st.dir.display(),
+                st.label,
+                st.cache.as_deref().unwrap_or(Path::new("-")).display()
+            );
+        }
+        FsCommand::Unmount(a) | FsCommand::Unmap(a) => {
             let mut client = connect(paths, false)?;
             let req = Request::FsUnmount(FsUnmountRequest {
                 dir: absolute(&a.dir)?,
@@ -629,7 +714,12 @@ pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
             if a.json {
                 return print_json(&st);
             }
-            println!("unmounted {}", st.dir.display());
+            let verb = if st.kind == "cloud-drive" {
+                "unmapped"
+            } else {
+                "unmounted"
+            };
+            println!("{verb} {}", st.dir.display());
         }
         FsCommand::List(a) => {
             let list: Vec<FsStatus> = match connect(paths, false) {
@@ -643,19 +733,7 @@ pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
             if list.is_empty() {
                 println!("no file systems mounted");
             }
-            for st in &list {
-                println!(
-                    "{}  {}  {}  {} names  label {:?}{}",
-                    st.dir.display(),
-                    st.kind,
-                    st.source,
-                    st.names,
-                    st.label,
-                    st.disk
-                        .as_ref()
-                        .map_or_else(String::new, |d| format!("  (disk {d})"))
-                );
-            }
+            print_filesystems(&list);
         }
     }
     Ok(())

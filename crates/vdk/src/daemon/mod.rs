@@ -300,6 +300,7 @@ impl Daemon {
                 .fs_unmount(&r.dir, r.force)
                 .map(|s| serde_json::json!(s)),
             Request::FsList => Ok(serde_json::json!(self.fs_list())),
+            Request::FsMap(r) => self.fs_map(&r).map(|s| serde_json::json!(s)),
             Request::Shutdown => Err(ApiError::new(
                 control::ErrorKind::BadRequest,
                 "shutdown is handled by the connection",

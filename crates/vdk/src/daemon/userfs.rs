@@ -1,5 +1,6 @@
 //! File systems the daemon mounts in user space: `vdk fs mount` shows an ISO 9660 image (a
-//! file of any format vdk reads, or an open disk) as a read-only directory tree.
+//! file of any format vdk reads, or an open disk) as a read-only directory tree; `vdk fs map`
+//! shows a bucket's objects as a cloud drive.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -8,58 +9,115 @@ use std::sync::Arc;
 
 use tracing::info;
 use vdk_core::BlockDevice;
+use vdk_drive::DriveMount;
 use vdk_fs::iso9660::{Iso, Scheme};
 use vdk_fs::IsoMount;
 
 use super::disks::{invalid, lock, Daemon};
-use crate::control::{ApiError, ErrorKind, FsMountRequest, FsStatus};
+use crate::control::{ApiError, ErrorKind, FsMapRequest, FsMountRequest, FsStatus};
+
+/// What is mounted.
+#[derive(Debug)]
+enum Kind {
+    Iso {
+        mount: IsoMount,
+        scheme: Scheme,
+    },
+    Drive {
+        mount: DriveMount,
+        label: String,
+        cache: PathBuf,
+    },
+}
 
 /// A mounted file system.
 #[derive(Debug)]
 pub struct Mounted {
-    mount: IsoMount,
+    kind: Kind,
     source: String,
     /// The open disk it reads, if it reads one.
     disk: Option<String>,
-    scheme: Scheme,
     size: u64,
+}
+
+impl Mounted {
+    fn unmount(&self, lazy: bool) -> std::io::Result<()> {
+        match &self.kind {
+            Kind::Iso { mount, .. } => mount.unmount(lazy),
+            Kind::Drive { mount, .. } => mount.unmap(lazy),
+        }
+    }
 }
 
 /// The daemon's file systems, by mount point.
 pub type Table = BTreeMap<PathBuf, Mounted>;
 
 fn status(dir: &Path, m: &Mounted) -> FsStatus {
+    let (kind, label, names, cache) = match &m.kind {
+        Kind::Iso { mount, scheme } => (
+            "iso9660",
+            mount.label().to_owned(),
+            match scheme {
+                Scheme::RockRidge { .. } => "rock-ridge",
+                Scheme::Joliet => "joliet",
+                Scheme::Plain => "iso9660",
+            },
+            None,
+        ),
+        Kind::Drive { label, cache, .. } => {
+            ("cloud-drive", label.clone(), "objects", Some(cache.clone()))
+        }
+    };
     FsStatus {
         dir: dir.to_owned(),
-        kind: "iso9660".into(),
+        kind: kind.into(),
         source: m.source.clone(),
         disk: m.disk.clone(),
-        label: m.mount.label().to_owned(),
-        names: match m.scheme {
-            Scheme::RockRidge { .. } => "rock-ridge",
-            Scheme::Joliet => "joliet",
-            Scheme::Plain => "iso9660",
-        }
-        .into(),
+        label,
+        names: names.into(),
         size: m.size,
+        cache,
+    }
+}
+
+/// A new label: a random UUID.
+fn new_label() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/uuid").map_or_else(
+        |_| format!("drive-{}", std::process::id()),
+        |s| s.trim().to_owned(),
+    )
+}
+
+/// A label is a name for a directory: no separators, no dot names, not empty.
+fn check_label(label: &str) -> Result<(), ApiError> {
+    let ok = !label.is_empty()
+        && label.len() <= 128
+        && label != "."
+        && label != ".."
+        && !label.contains('/')
+        && !label.chars().any(char::is_control);
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{label:?} is not a label: give up to 128 characters, no '/'"
+        )))
     }
 }
 
 impl Daemon {
-    /// Mounts the ISO 9660 file system of `req.source` (an open disk's id or image, or an
-    /// image file) on `req.dir`, read-only.
-    pub fn fs_mount(&self, req: &FsMountRequest) -> Result<FsStatus, ApiError> {
-        let _one_at_a_time = lock(&self.changing);
-        if !req.dir.is_absolute() {
+    /// `dir` made ready to mount on: absolute, created, canonical, not a mount point.
+    fn mount_point(&self, dir: &Path) -> Result<PathBuf, ApiError> {
+        if !dir.is_absolute() {
             return Err(invalid(format!(
                 "{}: the mount point must be absolute",
-                req.dir.display()
+                dir.display()
             )));
         }
-        fs::create_dir_all(&req.dir)
-            .map_err(|e| ApiError::io(format!("cannot create {}", req.dir.display()), &e))?;
-        let dir = fs::canonicalize(&req.dir)
-            .map_err(|e| ApiError::io(format!("{}", req.dir.display()), &e))?;
+        fs::create_dir_all(dir)
+            .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), &e))?;
+        let dir =
+            fs::canonicalize(dir).map_err(|e| ApiError::io(format!("{}", dir.display()), &e))?;
         if lock(&self.filesystems).contains_key(&dir) {
             return Err(ApiError::new(
                 ErrorKind::AlreadyOpen,
@@ -75,6 +133,86 @@ impl Daemon {
                 format!("{} is a mount point already", dir.display()),
             ));
         }
+        Ok(dir)
+    }
+
+    /// Maps the cloud drive `req.url` on `req.dir`.
+    pub fn fs_map(&self, req: &FsMapRequest) -> Result<FsStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        if !crate::cloud::is_url(&req.url) {
+            return Err(invalid(format!(
+                "{:?} is not a bucket URL (s3://BUCKET/PREFIX, gs://, az://, file:///DIR)",
+                req.url
+            )));
+        }
+        let label = match &req.label {
+            Some(l) => {
+                check_label(l)?;
+                l.clone()
+            }
+            None => new_label(),
+        };
+        let cache = match &req.cache {
+            Some(c) if !c.is_absolute() => {
+                return Err(invalid(format!(
+                    "{}: the cache directory must be absolute",
+                    c.display()
+                )))
+            }
+            Some(c) => c.clone(),
+            None => self.paths.dir.join("drives").join(&label),
+        };
+        for (d, m) in lock(&self.filesystems).iter() {
+            if let Kind::Drive {
+                label: l, cache: c, ..
+            } = &m.kind
+            {
+                if *l == label || *c == cache {
+                    return Err(ApiError::new(
+                        ErrorKind::AlreadyOpen,
+                        format!(
+                            "the drive {l:?} on {} has that {} already",
+                            d.display(),
+                            if *l == label { "label" } else { "cache" }
+                        ),
+                    ));
+                }
+            }
+        }
+        let dir = self.mount_point(&req.dir)?;
+        let opts = vdk_objstore::StoreOptions {
+            endpoint: req.endpoint.clone(),
+            region: req.region.clone(),
+            retry_timeout: Some(std::time::Duration::from_secs(30)),
+            ..vdk_objstore::StoreOptions::default()
+        };
+        let location = vdk_objstore::Location::parse(&req.url, &opts, false)
+            .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("{}: {e}", req.url)))?;
+        fs::create_dir_all(&cache)
+            .map_err(|e| ApiError::io(format!("cannot create {}", cache.display()), &e))?;
+        let mount = DriveMount::map(&location, &dir, &cache, &req.url)
+            .map_err(|e| ApiError::io(format!("cannot map {}", req.url), &e))?;
+        let m = Mounted {
+            kind: Kind::Drive {
+                mount,
+                label,
+                cache,
+            },
+            source: req.url.clone(),
+            disk: None,
+            size: 0,
+        };
+        let st = status(&dir, &m);
+        info!(dir = %dir.display(), url = %req.url, label = %st.label, "cloud drive mapped");
+        lock(&self.filesystems).insert(dir, m);
+        Ok(st)
+    }
+
+    /// Mounts the ISO 9660 file system of `req.source` (an open disk's id or image, or an
+    /// image file) on `req.dir`, read-only.
+    pub fn fs_mount(&self, req: &FsMountRequest) -> Result<FsStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let dir = self.mount_point(&req.dir)?;
         let (device, source, disk): (Arc<dyn BlockDevice>, String, Option<String>) =
             match self.find(&req.source) {
                 Ok(d) => (
@@ -109,10 +247,9 @@ impl Daemon {
         let mount = IsoMount::mount(iso, &dir, &source, vdk_fs::DEFAULT_THREADS)
             .map_err(|e| ApiError::io("FUSE", &e))?;
         let m = Mounted {
-            mount,
+            kind: Kind::Iso { mount, scheme },
             source,
             disk,
-            scheme,
             size,
         };
         let st = status(&dir, &m);
@@ -133,7 +270,7 @@ impl Daemon {
                 format!("no file system of vdk's is mounted on {}", dir.display()),
             ));
         };
-        m.mount.unmount(force).map_err(|e| {
+        m.unmount(force).map_err(|e| {
             let who = super::mount::holders(&dir);
             let who = if who.is_empty() {
                 String::new()
@@ -175,7 +312,7 @@ impl Daemon {
     pub(super) fn fs_unmount_all(&self) {
         let all = std::mem::take(&mut *lock(&self.filesystems));
         for (dir, m) in all {
-            let _ = m.mount.unmount(true);
+            let _ = m.unmount(true);
             info!(dir = %dir.display(), "file system unmounted");
         }
     }
