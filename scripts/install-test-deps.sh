@@ -90,4 +90,14 @@ if ! "$tools/bin/s3s-fs" --version 2>/dev/null | grep -q "$S3S_FS_VERSION"; then
   echo "installing s3s-fs $S3S_FS_VERSION into $tools"
   cargo install --quiet --locked --version "$S3S_FS_VERSION" --features binary --root "$tools" s3s-fs
 fi
+# pjdfstest, the POSIX file system test suite, for the cloud drive (crates.io, pinned); it
+# switches to the users nobody and tests.
+PJDFSTEST_VERSION=0.2.2
+if ! "$tools/bin/pjdfstest" --version 2>/dev/null | grep -q "$PJDFSTEST_VERSION"; then
+  echo "installing pjdfstest $PJDFSTEST_VERSION into $tools"
+  cargo install --quiet --locked --version "$PJDFSTEST_VERSION" --root "$tools" pjdfstest
+fi
+if [ "$(id -u)" -eq 0 ] && ! id tests >/dev/null 2>&1; then
+  useradd --system --no-create-home --user-group tests
+fi
 echo "test dependencies are installed"
