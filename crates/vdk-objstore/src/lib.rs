@@ -28,7 +28,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use codec::{read_key, KEY_LEN};
+pub use codec::{read_key, Codec, KEY_LEN};
 pub use disk::{
     create, create_at, destroy, info, CreateOptions, DiskStats, ObjectDisk, Recovery,
     RecoveryReport,
