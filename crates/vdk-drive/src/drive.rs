@@ -157,11 +157,7 @@ fn store_errno(e: &object_store::Error) -> Errno {
 }
 
 fn io_errno(e: &std::io::Error) -> Errno {
-    Errno::from_i32(e.raw_os_error().unwrap_or(libc_eio()))
-}
-
-const fn libc_eio() -> i32 {
-    5
+    e.raw_os_error().map_or(Errno::EIO, Errno::from_i32)
 }
 
 /// The parent directory and the last name of a path.
@@ -649,7 +645,7 @@ impl Drive {
             }
             let (ino, _) = self.remember(&path, false);
             let f = self.open(ino)?;
-            self.truncate(&f, 0)?;
+            self.truncate(ino, &f, 0)?;
             return Ok((self.getattr(ino)?, f));
         }
         let now = SystemTime::now();
@@ -812,11 +808,10 @@ impl Drive {
     }
 
     /// Sets the size of an open file's contents.
-    pub fn truncate(&self, f: &Arc<FileState>, size: u64) -> Result<(), Errno> {
+    pub fn truncate(&self, ino: u64, f: &Arc<FileState>, size: u64) -> Result<(), Errno> {
         if size > object_store_max() {
             return Err(Errno::EFBIG);
         }
-        let ino = self.ino_of(f);
         if size > 0 {
             self.make_full(ino, f)?;
         }
@@ -830,19 +825,12 @@ impl Drive {
         Ok(())
     }
 
-    fn ino_of(&self, f: &Arc<FileState>) -> u64 {
-        let inner = lock(&self.inner);
-        inner
-            .nodes
-            .iter()
-            .find(|(_, n)| n.file.as_ref().is_some_and(|x| Arc::ptr_eq(x, f)))
-            .map_or(0, |(i, _)| *i)
-    }
-
     /// `setattr` of the size, of a file open or not (then it is uploaded at once).
     pub fn set_size(&self, ino: u64, size: u64) -> Result<(), Errno> {
         let f = self.open(ino)?;
-        let r = self.truncate(&f, size).and_then(|()| self.upload(ino, &f));
+        let r = self
+            .truncate(ino, &f, size)
+            .and_then(|()| self.upload(ino, &f));
         self.release(ino, &f);
         r
     }
@@ -1012,14 +1000,12 @@ impl Drive {
         // An open file keeps its contents: fetch what is missing before the object goes.
         let file = {
             let inner = lock(&self.inner);
-            inner
-                .by_path
-                .get(&path)
-                .and_then(|i| inner.nodes.get(i))
-                .and_then(|n| n.file.clone())
+            inner.by_path.get(&path).and_then(|&i| {
+                let f = inner.nodes.get(&i)?.file.clone()?;
+                Some((i, f))
+            })
         };
-        if let Some(f) = file.filter(|f| f.opens.load(Ordering::Acquire) > 0) {
-            let ino = self.ino_of(&f);
+        if let Some((ino, f)) = file.filter(|(_, f)| f.opens.load(Ordering::Acquire) > 0) {
             self.make_full(ino, &f)?;
         }
         self.delete(&self.key(&path)?)?;

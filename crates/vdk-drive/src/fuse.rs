@@ -73,6 +73,17 @@ impl DriveFs {
             .map(|(i, f)| (*i, Arc::clone(f)))
     }
 
+    /// Uploads the file of `fh` if it changed: close (`flush`) and `fsync` alike.
+    fn upload(&self, fh: FileHandle, reply: ReplyEmpty) {
+        let Some((ino, f)) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        match self.drive.upload(ino, &f) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn add_handle(&self, ino: u64, f: Arc<FileState>) -> FileHandle {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles
@@ -132,7 +143,7 @@ impl Filesystem for DriveFs {
         // Modes and owners are not kept (see the README): accepted and left as they are.
         if let Some(size) = size {
             let r = match fh.and_then(|fh| self.handle(fh)) {
-                Some((_, f)) => self.drive.truncate(&f, size),
+                Some((_, f)) => self.drive.truncate(ino.0, &f, size),
                 None => self.drive.set_size(ino.0, size),
             };
             if let Err(e) = r {
@@ -295,13 +306,7 @@ impl Filesystem for DriveFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let Some((ino, f)) = self.handle(fh) else {
-            return reply.error(Errno::EBADF);
-        };
-        match self.drive.upload(ino, &f) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.upload(fh, reply);
     }
 
     fn fsync(
@@ -312,13 +317,7 @@ impl Filesystem for DriveFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Some((ino, f)) = self.handle(fh) else {
-            return reply.error(Errno::EBADF);
-        };
-        match self.drive.upload(ino, &f) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.upload(fh, reply);
     }
 
     fn release(

@@ -13,10 +13,10 @@ mod fuse;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use fuser::MountOption;
-use tracing::{debug, info};
+use tracing::info;
 use vdk_objstore::Location;
 
 pub use drive::Drive;
@@ -94,26 +94,10 @@ impl DriveMount {
     /// Unmaps it, uploading what is still changed. With `lazy`, a busy mount is detached and
     /// goes when its last user lets go; without, a busy mount is refused (`EBUSY`) and stays.
     pub fn unmap(&self, lazy: bool) -> io::Result<()> {
-        let mut slot = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(session) = slot.take() else {
-            return Ok(());
-        };
-        if !lazy {
-            if let Err(e) =
-                rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::empty())
-            {
-                if e == rustix::io::Errno::BUSY {
-                    *slot = Some(session);
-                    return Err(io::Error::from(e));
-                }
-            }
+        if vdk_fs::unmount_session(&self.mountpoint, &self.session, lazy)? {
+            self.drive.upload_all();
+            info!(mountpoint = %self.mountpoint.display(), "cloud drive unmapped");
         }
-        if let Err(e) = session.umount_and_join() {
-            debug!(error = %e, "cloud drive busy, detaching lazily");
-            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
-        }
-        self.drive.upload_all();
-        info!(mountpoint = %self.mountpoint.display(), "cloud drive unmapped");
         Ok(())
     }
 }

@@ -423,6 +423,34 @@ fn raise_readahead(mountpoint: &Path) {
     }
 }
 
+/// Unmounts the FUSE session in `slot`, mounted on `mountpoint`, and waits for its threads;
+/// `Ok(false)` if it was unmounted already. With `lazy`, a busy mount is detached and goes
+/// when its last user lets go; without, a busy mount is refused (`EBUSY`) and stays.
+pub fn unmount_session(
+    mountpoint: &Path,
+    slot: &Mutex<Option<fuser::BackgroundSession>>,
+    lazy: bool,
+) -> io::Result<bool> {
+    let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(session) = slot.take() else {
+        return Ok(false);
+    };
+    if !lazy {
+        // Try first, so that a busy mount is refused and left as it is.
+        if let Err(e) = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
+            if e == rustix::io::Errno::BUSY {
+                *slot = Some(session);
+                return Err(io::Error::from(e));
+            }
+        }
+    }
+    if let Err(e) = session.umount_and_join() {
+        debug!(error = %e, mountpoint = %mountpoint.display(), "busy, detaching lazily");
+        let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+    }
+    Ok(true)
+}
+
 /// An ISO image mounted as a read-only file system.
 #[derive(Debug)]
 pub struct IsoMount {
@@ -488,26 +516,9 @@ impl IsoMount {
     /// Unmounts it. With `lazy`, a busy mount is detached and goes when its last user lets
     /// go; without, a busy mount is refused (`EBUSY`) and stays.
     pub fn unmount(&self, lazy: bool) -> io::Result<()> {
-        let mut slot = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(session) = slot.take() else {
-            return Ok(());
-        };
-        if !lazy {
-            // Try first, so that a busy mount is refused and left as it is.
-            if let Err(e) =
-                rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::empty())
-            {
-                if e == rustix::io::Errno::BUSY {
-                    *slot = Some(session);
-                    return Err(io::Error::from(e));
-                }
-            }
+        if unmount_session(&self.mountpoint, &self.session, lazy)? {
+            info!(mountpoint = %self.mountpoint.display(), "ISO file system unmounted");
         }
-        if let Err(e) = session.umount_and_join() {
-            debug!(error = %e, "ISO file system busy, detaching lazily");
-            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
-        }
-        info!(mountpoint = %self.mountpoint.display(), "ISO file system unmounted");
         Ok(())
     }
 }

@@ -11,4 +11,4 @@
 mod fuse;
 pub mod iso9660;
 
-pub use fuse::{IsoMount, DEFAULT_THREADS};
+pub use fuse::{unmount_session, IsoMount, DEFAULT_THREADS};
