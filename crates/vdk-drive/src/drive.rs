@@ -11,9 +11,9 @@
 //! file fetches the rest of it; from then on the cache file is the file, uploaded whole on
 //! close or fsync (in [`PART`]-sized multipart pieces when large) and replacing the object.
 //!
-//! Locks: the drive's table (`Inner`) and a file's state (`FileInner`) are never held
-//! together, and no lock is held over a request to the store except a file's own, while its
-//! missing blocks are fetched for a write or while it uploads.
+//! Locks: a file's state (`FileInner`) may be held while the drive's table (`Inner`) is
+//! taken, never the other way round; no lock is held over a request to the store except a
+//! file's own, while its missing blocks are fetched for a write or while it uploads.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -728,7 +728,8 @@ impl Drive {
             };
             let etag = g.etag.clone();
             if !ahead.is_empty() {
-                let key = self.key(&self.path_of(ino).unwrap_or_default());
+                // Unlinked files have no key: nothing to fetch ahead.
+                let key = self.path_of(ino).and_then(|p| self.key(&p));
                 let (store, f2, etag2) = (Arc::clone(&self.store), Arc::clone(f), etag.clone());
                 match key {
                     Ok(key) => {
