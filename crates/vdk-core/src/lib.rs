@@ -39,7 +39,7 @@ use std::fmt;
 
 pub use error::{Errno, Error, Op, Result};
 pub use extents::{Extent, ExtentKind, Extents};
-pub use filter::Filter;
+pub use filter::{Filter, ReadOnly};
 pub use info::{Capabilities, DiskInfo, MediaKind};
 pub use shared::{zeroed_buffer, Piece, SharedBytes};
 

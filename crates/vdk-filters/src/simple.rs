@@ -4,51 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vdk_core::{BlockDevice, DiskInfo, Error, Filter, Piece, Result};
-
-/// Refuses every write, trim and zero write below the protocol: the disk itself says no.
-#[derive(Debug)]
-pub struct ReadOnly {
-    inner: Arc<dyn BlockDevice>,
-}
-
-impl ReadOnly {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn BlockDevice>) -> ReadOnly {
-        ReadOnly { inner }
-    }
-}
-
-impl Filter for ReadOnly {
-    fn inner(&self) -> &Arc<dyn BlockDevice> {
-        &self.inner
-    }
-    fn info(&self) -> DiskInfo {
-        let mut info = self.inner.info();
-        info.read_only = true;
-        info.caps.trim = false;
-        info.caps.fast_zero = false;
-        info
-    }
-    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-    fn try_write_at(&self, _buf: &[u8], _offset: u64) -> Result<bool> {
-        Err(Error::ReadOnly)
-    }
-    fn write_unit(&self) -> Option<usize> {
-        None
-    }
-    fn write_owned(&self, _offset: u64, _bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
-        Err(Error::ReadOnly)
-    }
-    fn trim(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-    fn write_zeroes(&self, _o: u64, _l: u64, _t: bool, _f: bool) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-}
+pub use vdk_core::ReadOnly;
+use vdk_core::{BlockDevice, Error, Filter, Piece, Result};
 
 /// The operations filters can target.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]

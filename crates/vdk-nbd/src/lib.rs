@@ -23,14 +23,16 @@ pub mod negotiate;
 pub mod proto;
 mod server;
 mod stream;
+pub mod tls;
 
 use std::sync::Arc;
 
 use vdk_core::BlockDevice;
 
-pub use export::Export;
+pub use export::{Export, Peer, Rule};
 pub use server::{Server, ServerConfig, ShutdownHandle};
 pub use stream::{Listener, Stream};
+pub use tls::{Tls, TlsMode};
 
 /// Serves one disk as the default export at `uri` (`tcp://HOST:PORT` or `unix:///PATH`) until
 /// the process ends: the one call a custom disk needs.

@@ -4,15 +4,16 @@
 //!  greeting -> [option -> reply]* -> GO / EXPORT_NAME -> transmission
 //!                                 -> ABORT / EOF       -> closed
 //! ```
-//! State carried across options: whether structured replies were negotiated, and which
-//! metadata context was selected for which export.
+//! State carried across options: whether structured replies were negotiated, which metadata
+//! context was selected for which export, and whether TLS is up. Exports that the client may
+//! not open ([`Export::allows`]) are invisible to it: not listed, and unknown by name.
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use tracing::debug;
 
-use crate::export::Export;
+use crate::export::{Export, Peer};
 use crate::proto::handshake::{
     self as hs, info, opt, parse_option, parse_option_header, rep, ClientOption, InfoRequest,
     MetaContextRequest, OptionError,
@@ -21,6 +22,7 @@ use crate::proto::{
     BASE_ALLOCATION, CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
     IHAVEOPT, NBDMAGIC,
 };
+use crate::tls::TlsMode;
 
 /// The id of the base:allocation context when selected.
 pub const BASE_ALLOCATION_ID: u32 = 1;
@@ -42,6 +44,9 @@ pub struct Negotiated {
     pub meta_context: bool,
     /// The transmission flags sent.
     pub flags: u16,
+    /// The client asked for NBD_INFO_BLOCK_SIZE, so it keeps to the maximum sent. Clients
+    /// that did not may send larger requests (nbd-server takes them), up to a hard limit.
+    pub block_size_agreed: bool,
 }
 
 /// Why a connection ended during the handshake.
@@ -81,9 +86,32 @@ impl Exports for Vec<Arc<Export>> {
     }
 }
 
-struct State<'a, S> {
+/// What the handshake knows of the client, and how it turns TLS on.
+pub struct Client<'a, S> {
+    /// Who the client is, for export allow-lists; certificate names are added once TLS is up.
+    pub peer: Peer,
+    /// Whether STARTTLS is offered or required.
+    pub tls: TlsMode,
+    /// Called once STARTTLS is acknowledged: runs the TLS handshake on the stream, replaces
+    /// the stream by the decrypted one, and returns the client certificate's names.
+    pub start_tls: &'a mut dyn FnMut(&mut S) -> io::Result<Vec<String>>,
+}
+
+impl<S> std::fmt::Debug for Client<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("peer", &self.peer)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+struct State<'a, 'c, S> {
     stream: &'a mut S,
     exports: &'a dyn Exports,
+    client: Client<'c, S>,
+    /// TLS is up.
+    secure: bool,
     no_zeroes: bool,
     structured: bool,
     /// The export name the selected context was set for.
@@ -91,10 +119,26 @@ struct State<'a, S> {
     out: Vec<u8>,
 }
 
-/// Runs the handshake on `stream` until the client picks an export.
+/// Runs the handshake on `stream` until the client picks an export, with TLS off and every
+/// export open to the client.
 pub fn negotiate<S: Read + Write>(
     stream: &mut S,
     exports: &dyn Exports,
+) -> Result<Negotiated, HandshakeError> {
+    let mut no_tls = |_: &mut S| Err(io::Error::other("tls is off"));
+    let client = Client {
+        peer: Peer::default(),
+        tls: TlsMode::Off,
+        start_tls: &mut no_tls,
+    };
+    negotiate_client(stream, exports, client)
+}
+
+/// Runs the handshake on `stream` for `client` until it picks an export.
+pub fn negotiate_client<S: Read + Write>(
+    stream: &mut S,
+    exports: &dyn Exports,
+    client: Client<'_, S>,
 ) -> Result<Negotiated, HandshakeError> {
     let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -111,6 +155,8 @@ pub fn negotiate<S: Read + Write>(
     let mut st = State {
         stream,
         exports,
+        client,
+        secure: false,
         no_zeroes: client_flags & CLIENT_NO_ZEROES != 0,
         structured: false,
         meta_export: None,
@@ -124,7 +170,38 @@ pub fn negotiate<S: Read + Write>(
     Err(HandshakeError::TooManyOptions)
 }
 
-impl<S: Read + Write> State<'_, S> {
+impl<S: Read + Write> State<'_, '_, S> {
+    /// The export `name` if this client may open it.
+    fn find(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports
+            .find(name)
+            .filter(|e| e.allows(&self.client.peer))
+    }
+
+    /// Whether TLS must come first (FORCEDTLS, and not yet up).
+    fn tls_required(&self) -> bool {
+        self.client.tls == TlsMode::Require && !self.secure
+    }
+
+    fn start_tls(&mut self, option: u32) -> Result<Option<Negotiated>, HandshakeError> {
+        if self.client.tls == TlsMode::Off {
+            return self.reply_error(option, rep::ERR_UNSUP, "tls is not enabled on this server");
+        }
+        if self.secure {
+            return self.reply_error(option, rep::ERR_INVALID, "tls is already on");
+        }
+        self.reply(option, rep::ACK, &[])?;
+        let names = (self.client.start_tls)(self.stream)?;
+        debug!(?names, "tls is up");
+        self.client.peer.cert_names = names;
+        self.secure = true;
+        // What was agreed in the clear is not trusted once encrypted (proto.md: the state
+        // is as if the connection had just begun).
+        self.structured = false;
+        self.meta_export = None;
+        Ok(None)
+    }
+
     fn one_option(&mut self) -> Result<Option<Negotiated>, HandshakeError> {
         let mut header = [0u8; 16];
         match self.stream.read_exact(&mut header) {
@@ -152,6 +229,18 @@ impl<S: Read + Write> State<'_, S> {
             Err(e) => return Err(HandshakeError::Protocol(e.to_string())),
         };
         debug!(?option, "nbd option");
+        if self.tls_required() {
+            match option {
+                ClientOption::Abort | ClientOption::StartTls => {}
+                ClientOption::ExportName(_) => {
+                    // No error reply exists for it: the connection can only close.
+                    return Err(HandshakeError::Protocol(
+                        "NBD_OPT_EXPORT_NAME before the required STARTTLS".into(),
+                    ));
+                }
+                _ => return self.reply_error(h.option, rep::ERR_TLS_REQD, "tls is required"),
+            }
+        }
         match option {
             ClientOption::Abort => {
                 // The client may already have gone; the ACK is a courtesy.
@@ -160,17 +249,20 @@ impl<S: Read + Write> State<'_, S> {
             }
             ClientOption::ExportName(name) => self.export_name(&name).map(Some),
             ClientOption::List => {
-                for e in self.exports.all() {
+                let peer = &self.client.peer;
+                let visible: Vec<_> = self
+                    .exports
+                    .all()
+                    .into_iter()
+                    .filter(|e| e.allows(peer))
+                    .collect();
+                for e in visible {
                     let entry = hs::server_entry(&e.name, &e.description);
                     self.out_reply(h.option, rep::SERVER, &entry);
                 }
                 self.reply(h.option, rep::ACK, &[]).map(|()| None)
             }
-            ClientOption::StartTls => self.reply_error(
-                h.option,
-                rep::ERR_UNSUP,
-                "tls is not enabled on this server",
-            ),
+            ClientOption::StartTls => self.start_tls(h.option),
             ClientOption::Info(req) => self.info(opt::INFO, &req).map(|_| None),
             ClientOption::Go(req) => self.info(opt::GO, &req),
             ClientOption::StructuredReply if self.structured => {
@@ -222,18 +314,17 @@ impl<S: Read + Write> State<'_, S> {
             structured: self.structured,
             meta_context,
             flags,
+            block_size_agreed: false,
         }
     }
 
     fn is_default(&self, export: &Arc<Export>) -> bool {
-        self.exports
-            .find("")
-            .is_some_and(|d| Arc::ptr_eq(&d, export))
+        self.find("").is_some_and(|d| Arc::ptr_eq(&d, export))
     }
 
     fn export_name(&mut self, name: &str) -> Result<Negotiated, HandshakeError> {
         // NBD_OPT_EXPORT_NAME has no error reply: an unknown name can only close.
-        let Some(export) = self.exports.find(name) else {
+        let Some(export) = self.find(name) else {
             return Err(HandshakeError::Protocol(format!("unknown export {name:?}")));
         };
         let n = self.negotiated(export);
@@ -251,11 +342,12 @@ impl<S: Read + Write> State<'_, S> {
         option: u32,
         req: &InfoRequest,
     ) -> Result<Option<Negotiated>, HandshakeError> {
-        let Some(export) = self.exports.find(&req.name) else {
+        let Some(export) = self.find(&req.name) else {
             let msg = format!("no export named {:?}", req.name);
             return self.reply_error(option, rep::ERR_UNKNOWN, &msg);
         };
-        let n = self.negotiated(export);
+        let mut n = self.negotiated(export);
+        n.block_size_agreed = req.requests.contains(&info::BLOCK_SIZE);
         let dinfo = n.export.device.info();
         self.out_reply(option, rep::INFO, &hs::info_export(dinfo.size, n.flags));
         if req.requests.contains(&info::NAME) {
@@ -289,7 +381,7 @@ impl<S: Read + Write> State<'_, S> {
                 "structured replies not negotiated",
             );
         }
-        if self.exports.find(&req.export).is_none() {
+        if self.find(&req.export).is_none() {
             let msg = format!("no export named {:?}", req.export);
             return self.reply_error(option, rep::ERR_UNKNOWN, &msg);
         }

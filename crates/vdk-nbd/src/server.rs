@@ -16,26 +16,33 @@
 //! out as they finish, in any order. Replies are whole: the write lock is held for a reply's
 //! header and data together.
 //!
+//! What a client can cost is bounded ([`ServerConfig`]): connections per server and per
+//! address, the handshake's whole duration, requests and bytes queued for workers per
+//! connection (past them the reader stops reading, and TCP pushes back on the client), a
+//! stall inside a request or a reply, and, if set, time without requests.
+//!
 //! Shutdown ([`ShutdownHandle::shutdown`]) stops the listeners, then shuts down the reading
 //! side of every connection: requests already read are finished and answered, then the
 //! connection closes and every export is flushed.
 
-use std::io::{self, BufRead, BufReader, IoSlice, Read};
-use std::net::Shutdown;
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
+use std::net::{IpAddr, Shutdown};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use vdk_core::pool::Pool;
-use vdk_core::{zeroed_buffer, BlockDevice, Errno, Error, ExtentKind, Piece};
+use vdk_core::{zeroed_buffer, BlockDevice, Errno, Error, ExtentKind, Piece, ReadOnly};
 
-use crate::export::Export;
-use crate::negotiate::{negotiate, Exports, HandshakeError, BASE_ALLOCATION_ID};
+use crate::export::{Export, Peer};
+use crate::negotiate::{negotiate_client, Client, Exports, HandshakeError, BASE_ALLOCATION_ID};
 use crate::proto::transmission::{self as tx, check_request, Command, Limits, RequestHeader};
 use crate::proto::{errno, STATE_HOLE, STATE_ZERO};
 use crate::stream::{Listener, Stream};
+use crate::tls::{Tls, TlsMode};
 
 /// Locks a mutex. A panic while it was held leaves plain data (buffers, counters, queues) that
 /// is still sound, so a poisoned lock is taken as it is rather than spreading the panic.
@@ -49,14 +56,29 @@ impl<T> Locked<T> for Mutex<T> {
     }
 }
 
-/// Tunables of a server.
+/// Tunables and limits of a server.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Most threads serving one connection at once (requests in parallel).
     pub threads_per_connection: usize,
-    /// Longest wait for a client's next bytes during the handshake (a per-read time-out; a
-    /// bound on the whole handshake comes with the resource limits of issue 8).
+    /// Longest a whole handshake may take, TLS included, from accept to the export chosen.
     pub handshake_timeout: Duration,
+    /// Longest a request may take to arrive once its first byte has, and a reply to be taken
+    /// by the client: past it the connection is stalled and is closed.
+    pub io_timeout: Duration,
+    /// Close a connection with no request for this long (`None`: never; block devices of
+    /// idle machines stay connected for days).
+    pub idle_timeout: Option<Duration>,
+    /// Most connections at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Most connections at once from one IP address.
+    pub max_connections_per_address: usize,
+    /// Most requests of one connection queued for or running on workers.
+    pub max_requests_in_flight: usize,
+    /// Most request and reply bytes of one connection queued for or held by workers.
+    pub max_bytes_in_flight: u64,
+    /// TLS, if offered.
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +86,13 @@ impl Default for ServerConfig {
         ServerConfig {
             threads_per_connection: 16,
             handshake_timeout: Duration::from_secs(30),
+            io_timeout: Duration::from_secs(60),
+            idle_timeout: None,
+            max_connections: 1024,
+            max_connections_per_address: 256,
+            max_requests_in_flight: 256,
+            max_bytes_in_flight: 128 << 20,
+            tls: None,
         }
     }
 }
@@ -71,6 +100,10 @@ impl Default for ServerConfig {
 /// Reads shorter than this are sent as one data chunk without asking the disk for holes:
 /// for small random reads an extents call costs more than the zeroes it would save.
 const SPARSE_READ_MIN: u32 = 64 << 10;
+
+/// Largest read or write taken from a client that did not ask for the block size limits (it
+/// cannot know the advertised maximum; nbd-tester-client's integrityhuge sends 48 MiB).
+const UNAGREED_MAX_PAYLOAD: u32 = 64 << 20;
 
 /// Most descriptors in one block status reply.
 const MAX_DESCRIPTORS: usize = 1 << 16;
@@ -100,6 +133,8 @@ struct Shared {
     live: Mutex<usize>,
     all_closed: Condvar,
     listeners: Mutex<Vec<Arc<Listener>>>,
+    /// Live connections per client address (TCP only).
+    per_address: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// Stops a running server from another thread (a signal handler's thread, a test).
@@ -207,6 +242,13 @@ impl Server {
         self.flush_all()
     }
 
+    /// Serves the one client on `stream` (inetd style), then flushes every export.
+    pub fn serve_one(&self, stream: Stream) -> io::Result<()> {
+        self.spawn_connection(stream);
+        self.wait_closed();
+        self.flush_all()
+    }
+
     fn accept_loop(&self, listener: &Listener) {
         while !self.shared.stopping.load(Ordering::SeqCst) {
             match listener.accept() {
@@ -222,12 +264,17 @@ impl Server {
         }
     }
 
-    /// Serves one already-connected client on new threads.
+    /// Serves one already-connected client on new threads, unless the connection limits
+    /// are reached: then it is closed at once.
     pub fn spawn_connection(&self, stream: Stream) {
         let shared = Arc::clone(&self.shared);
         let exports = Arc::clone(&self.exports);
         let config = self.config.clone();
-        *shared.live.locked() += 1;
+        let ip = stream.peer_ip();
+        if let Err(why) = self.admit(ip) {
+            warn!(peer = %stream.peer(), "connection refused: {why}");
+            return;
+        }
         let spawned = thread::Builder::new().name("nbd-conn".into()).spawn({
             let shared = Arc::clone(&shared);
             move || {
@@ -237,13 +284,31 @@ impl Server {
                 }
                 run_connection(stream, id, &exports, &config, &shared);
                 shared.conns.locked().retain(|c| c.0 != id);
-                connection_closed(&shared);
+                connection_closed(&shared, ip);
             }
         });
         if let Err(e) = spawned {
             warn!(error = %e, "cannot start a connection thread");
-            connection_closed(&shared);
+            connection_closed(&shared, ip);
         }
+    }
+
+    /// Counts a new connection from `ip`, or says which limit it would break.
+    fn admit(&self, ip: Option<IpAddr>) -> Result<(), String> {
+        let mut live = self.shared.live.locked();
+        if *live >= self.config.max_connections {
+            return Err(format!("{} connections already", *live));
+        }
+        if let Some(ip) = ip {
+            let mut per = self.shared.per_address.locked();
+            let n = per.entry(ip).or_insert(0);
+            if *n >= self.config.max_connections_per_address {
+                return Err(format!("{n} connections from {ip} already"));
+            }
+            *n += 1;
+        }
+        *live += 1;
+        Ok(())
     }
 
     fn wait_closed(&self) {
@@ -287,15 +352,69 @@ impl Exports for ExportSet {
     }
 }
 
-fn connection_closed(shared: &Shared) {
+fn connection_closed(shared: &Shared, ip: Option<IpAddr>) {
+    if let Some(ip) = ip {
+        let mut per = shared.per_address.locked();
+        if let Some(n) = per.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&ip);
+            }
+        }
+    }
     let mut live = shared.live.locked();
     *live -= 1;
     // Woken on every close: remove_export waits for some connections, serve for all.
     shared.all_closed.notify_all();
 }
 
+/// A stream during the handshake: every read and write must end before the deadline.
+struct Deadline {
+    stream: Stream,
+    until: Instant,
+}
+
+impl Deadline {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake time-out",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs the TLS handshake on the deadline's stream and puts the decrypted stream in its place.
+fn start_tls(tls: Option<&Tls>, d: &mut Deadline) -> io::Result<Vec<String>> {
+    let tls = tls.ok_or_else(|| io::Error::other("tls is off"))?;
+    let net = d.stream.try_clone()?;
+    let (plain, names) = tls.accept(net, d)?;
+    d.stream = plain;
+    Ok(names)
+}
+
 fn run_connection(
-    mut stream: Stream,
+    stream: Stream,
     id: u64,
     exports: &ExportSet,
     config: &ServerConfig,
@@ -306,11 +425,24 @@ fn run_connection(
     if shared.stopping.load(Ordering::SeqCst) {
         return;
     }
-    if let Err(e) = stream.set_read_timeout(Some(config.handshake_timeout)) {
-        warn!(%peer, error = %e, "cannot set handshake time-out");
-        return;
-    }
-    let negotiated = match negotiate(&mut stream, exports) {
+    let client_peer = Peer {
+        ip: stream.peer_ip(),
+        cert_names: Vec::new(),
+    };
+    let mut hs = Deadline {
+        stream,
+        until: Instant::now() + config.handshake_timeout,
+    };
+    let tls = config.tls.as_deref();
+    let mut upgrade = |d: &mut Deadline| start_tls(tls, d);
+    let client = Client {
+        peer: client_peer,
+        tls: tls.map_or(TlsMode::Off, Tls::mode),
+        start_tls: &mut upgrade,
+    };
+    let negotiated = negotiate_client(&mut hs, exports, client);
+    let stream = hs.stream;
+    let negotiated = match negotiated {
         Ok(n) => n,
         Err(HandshakeError::Ended) => {
             debug!(%peer, "client left during the handshake");
@@ -321,8 +453,16 @@ fn run_connection(
             return;
         }
     };
-    if let Err(e) = stream.set_read_timeout(None) {
-        warn!(%peer, error = %e, "cannot clear handshake time-out");
+    // Reads wake this often to look at the idle time; a request or reply stalled this long
+    // ends the connection.
+    let wake = config
+        .idle_timeout
+        .map_or(config.io_timeout, |i| i.min(config.io_timeout));
+    let timeouts = stream
+        .set_read_timeout(Some(wake.max(Duration::from_millis(1))))
+        .and_then(|()| stream.set_write_timeout(Some(config.io_timeout)));
+    if let Err(e) = timeouts {
+        warn!(%peer, error = %e, "cannot set time-outs");
         return;
     }
     let export = &negotiated.export;
@@ -337,8 +477,19 @@ fn run_connection(
         }
     }
     info!(%peer, export = %export.name, structured = negotiated.structured, "client connected");
-    let info = export.device.info();
-    let (min_block, _, max_payload) = Export::block_sizes(&info);
+    // Read-only is enforced by the disk, not only by the advertised flag.
+    let device: Arc<dyn BlockDevice> = if export.read_only && !export.device.info().read_only {
+        Arc::new(ReadOnly::new(Arc::clone(&export.device)))
+    } else {
+        Arc::clone(&export.device)
+    };
+    let info = device.info();
+    let (min_block, _, advertised_max) = Export::block_sizes(&info);
+    let max_payload = if negotiated.block_size_agreed {
+        advertised_max
+    } else {
+        advertised_max.max(UNAGREED_MAX_PAYLOAD)
+    };
     let limits = Limits {
         size: info.size,
         flags: negotiated.flags,
@@ -356,16 +507,21 @@ fn run_connection(
     };
     let conn = Arc::new(Conn {
         writer: Mutex::new(writer),
-        device: Arc::clone(&export.device),
+        device: Arc::clone(&device),
         limits,
         fast_zero: info.caps.fast_zero,
         sparse_reads: info.caps.extents,
         broken: AtomicBool::new(false),
         pool: Pool::new(config.threads_per_connection.max(1)),
         spare: Mutex::default(),
-        write_unit: export.device.write_unit().filter(|u| *u > 0),
-        lends_memory: matches!(export.device.read_shared(0, 0), Ok(Some(_))),
+        write_unit: device.write_unit().filter(|u| *u > 0),
+        lends_memory: matches!(device.read_shared(0, 0), Ok(Some(_))),
         spare_units: Mutex::default(),
+        in_flight: Mutex::default(),
+        drained: Condvar::new(),
+        max_requests: config.max_requests_in_flight.max(1),
+        max_bytes: config.max_bytes_in_flight,
+        idle_timeout: config.idle_timeout,
     });
     transmission(&conn, stream);
     info!(%peer, "client disconnected");
@@ -391,6 +547,55 @@ struct Conn {
     lends_memory: bool,
     /// Buffers of `write_unit` bytes that the disk gave back, for the next owned write.
     spare_units: Mutex<Vec<Arc<[u8]>>>,
+    /// Requests and bytes handed to workers and not yet answered.
+    in_flight: Mutex<(usize, u64)>,
+    /// Signalled when a worker finishes a request.
+    drained: Condvar,
+    max_requests: usize,
+    max_bytes: u64,
+    idle_timeout: Option<Duration>,
+}
+
+impl Conn {
+    /// Waits until one more request of `bytes` fits in the connection's limits, and counts it.
+    /// A single request larger than the byte limit still goes, alone.
+    fn reserve(&self, bytes: u64) {
+        let mut f = self.in_flight.locked();
+        while self.over(*f, bytes) {
+            f = self.drained.wait(f).unwrap_or_else(PoisonError::into_inner);
+        }
+        f.0 += 1;
+        f.1 += bytes;
+    }
+
+    fn over(&self, f: (usize, u64), bytes: u64) -> bool {
+        f.0 > 0 && (f.0 >= self.max_requests || f.1 + bytes > self.max_bytes)
+    }
+
+    /// Whether [`reserve`](Self::reserve) would wait now.
+    fn would_wait(&self, bytes: u64) -> bool {
+        self.over(*self.in_flight.locked(), bytes)
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut f = self.in_flight.locked();
+        f.0 -= 1;
+        f.1 -= bytes;
+        drop(f);
+        self.drained.notify_one();
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.locked().0 > 0
+    }
+}
+
+/// The bytes a request holds while it waits and runs: its payload or its read buffer.
+fn cost(h: &RequestHeader) -> u64 {
+    match h.kind {
+        tx::cmd::READ | tx::cmd::WRITE => u64::from(h.len),
+        _ => 0,
+    }
 }
 
 /// A request handed to a worker because it may wait.
@@ -408,8 +613,14 @@ enum Payload {
     Owned(Vec<Arc<[u8]>>),
 }
 
-/// Queues a job for the connection's workers, starting one if none is idle.
-fn submit(conn: &Arc<Conn>, job: Job) {
+/// Queues a job for the connection's workers, starting one if none is idle. Waits first while
+/// the connection has as much in flight as it may.
+fn submit(conn: &Arc<Conn>, job: Job, batch: &mut Batch) {
+    let bytes = cost(&job.header);
+    if conn.would_wait(bytes) && batch.flush(conn).is_err() {
+        conn.broken.store(true, Ordering::SeqCst);
+    }
+    conn.reserve(bytes);
     let start = || {
         let c = Arc::clone(conn);
         thread::Builder::new()
@@ -419,9 +630,10 @@ fn submit(conn: &Arc<Conn>, job: Job) {
     if let Err((job, e)) = conn.pool.submit(job, start) {
         // No thread could start and none runs: the reader serves it, waiting as it must.
         debug!(error = %e, "no worker thread: serving on the reader");
-        let mut batch = Batch::default();
-        serve_blocking(conn, job, &mut batch);
-        if batch.flush(conn).is_err() {
+        let mut own = Batch::default();
+        serve_blocking(conn, job, &mut own);
+        conn.release(bytes);
+        if own.flush(conn).is_err() {
             conn.broken.store(true, Ordering::SeqCst);
         }
     }
@@ -539,6 +751,9 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
                 break;
             }
         }
+        if !wait_request(conn, &mut reader, &mut batch) {
+            break;
+        }
         let (header, command, owned) = match read_request(conn, &mut reader, &mut payload) {
             Next::Request(h, c, owned) => (h, c, owned),
             Next::Closed => break,
@@ -553,6 +768,14 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
             }
             Ok(c) => c,
             Err(code) => {
+                debug!(
+                    cmd = header.kind,
+                    flags = header.flags,
+                    offset = header.offset,
+                    len = header.len,
+                    code,
+                    "request refused"
+                );
                 batch.error(conn, &header, code, "invalid request");
                 continue;
             }
@@ -566,7 +789,7 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
             if header.len <= INLINE_MAX {
                 serve_blocking(conn, job, &mut batch); // an owned write never waits
             } else {
-                submit(conn, job);
+                submit(conn, job, &mut batch);
             }
         } else if !serve_inline(conn, &header, command, &payload, &mut batch) {
             let spare = conn.spare.locked().pop();
@@ -579,12 +802,50 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
                     command,
                     payload,
                 },
+                &mut batch,
             );
         }
     }
     // Requests already read are answered before the connection closes.
     let _ = batch.flush(conn); // the client may be gone; nothing else to tell it
     conn.pool.close();
+}
+
+/// Waits for the next request's first bytes. False: the client closed, or was idle too long,
+/// or the connection failed.
+fn wait_request(conn: &Conn, reader: &mut BufReader<Stream>, batch: &mut Batch) -> bool {
+    let mut idle_since = Instant::now();
+    loop {
+        match reader.fill_buf() {
+            Ok(b) => return !b.is_empty(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if conn.broken.load(Ordering::SeqCst) {
+                    return false;
+                }
+                if conn.busy() || !batch.is_empty() {
+                    idle_since = Instant::now(); // requests are being served: not idle
+                    if batch.flush(conn).is_err() {
+                        return false;
+                    }
+                    continue;
+                }
+                if conn.idle_timeout.is_some_and(|t| idle_since.elapsed() >= t) {
+                    info!("client idle too long, closing the connection");
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                debug!(error = %e, "read failed");
+                return false;
+            }
+        }
+    }
 }
 
 /// Whether the read buffer holds a whole request (header and payload).
@@ -599,8 +860,11 @@ fn request_buffered(buf: &[u8]) -> bool {
 fn worker(conn: &Arc<Conn>) {
     let mut batch = Batch::default();
     while let Some(job) = conn.pool.next() {
+        let bytes = cost(&job.header);
         serve_blocking(conn, job, &mut batch);
-        if let Err(e) = batch.flush(conn) {
+        let sent = batch.flush(conn);
+        conn.release(bytes);
+        if let Err(e) = sent {
             debug!(error = %e, "cannot send reply, closing");
             conn.broken.store(true, Ordering::SeqCst);
             // Wake the reader so it sees the connection is finished.
@@ -636,11 +900,7 @@ fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, payload: &mut Vec<u
     }
     if len > 0 {
         let got = if command.is_ok() {
-            // Grows once to the largest write seen, then is reused: no allocation per write.
-            if payload.len() < len {
-                payload.resize(len, 0);
-            }
-            read_exact_direct(reader, &mut payload[..len])
+            receive(reader, payload, len)
         } else {
             // A refused write's data is skipped in small pieces, never held whole.
             discard(reader, u64::from(header.payload_len()))
@@ -653,6 +913,25 @@ fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, payload: &mut Vec<u
     Next::Request(header, command, None)
 }
 
+/// Receives a write's `len` bytes into `payload[..len]`. The buffer grows to the largest write
+/// seen, then is reused (no allocation per write); it grows only as the data arrives, so that
+/// a client announcing a large write and sending nothing costs no memory.
+fn receive(reader: &mut BufReader<Stream>, payload: &mut Vec<u8>, len: usize) -> io::Result<()> {
+    let mut have = 0;
+    while have < len {
+        let end = len.min(have + RECEIVE_STEP);
+        if payload.len() < end {
+            payload.resize(end, 0);
+        }
+        read_exact_direct(reader, &mut payload[have..end])?;
+        have = end;
+    }
+    Ok(())
+}
+
+/// Bytes of a payload received before the buffer grows again.
+const RECEIVE_STEP: usize = 4 << 20;
+
 /// Receives `count` units of a write's payload straight into buffers for the disk to keep.
 fn receive_owned(
     conn: &Conn,
@@ -660,20 +939,21 @@ fn receive_owned(
     count: usize,
     unit: usize,
 ) -> io::Result<Vec<Arc<[u8]>>> {
-    let mut bufs = Vec::with_capacity(count);
-    let mut spare = conn.spare_units.locked();
+    // One unit at a time, as the data arrives: an announced write costs nothing until sent.
+    let mut bufs = Vec::with_capacity(count.min(MAX_SPARE_UNITS));
     for _ in 0..count {
-        let mut buf = spare.pop().unwrap_or_else(|| zeroed_buffer(unit));
+        let mut buf = conn
+            .spare_units
+            .locked()
+            .pop()
+            .unwrap_or_else(|| zeroed_buffer(unit));
         if Arc::get_mut(&mut buf).is_none() {
             buf = zeroed_buffer(unit); // still lent to a reader: leave it to them
         }
-        bufs.push(buf);
-    }
-    drop(spare);
-    for buf in &mut bufs {
-        // Each buffer was just checked or made unique.
-        let dst = Arc::get_mut(buf).ok_or_else(|| io::Error::other("shared write buffer"))?;
+        // The buffer was just checked or made unique.
+        let dst = Arc::get_mut(&mut buf).ok_or_else(|| io::Error::other("shared write buffer"))?;
         read_exact_direct(reader, dst)?;
+        bufs.push(buf);
     }
     Ok(bufs)
 }

@@ -1,7 +1,8 @@
 //! TCP and Unix sockets behind one type.
 
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -40,6 +41,30 @@ impl Stream {
         }
     }
 
+    /// Sets the write time-out (`None`: block forever).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Makes reads and writes return `WouldBlock` instead of waiting.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    /// The client's IP address (`None` on a Unix socket).
+    pub fn peer_ip(&self) -> Option<IpAddr> {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+            Stream::Unix(_) => None,
+        }
+    }
+
     /// The peer, for log lines.
     pub fn peer(&self) -> String {
         match self {
@@ -56,32 +81,66 @@ impl Stream {
     }
 }
 
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
         }
     }
 }
 
-impl Write for Stream {
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match *self {
+            Stream::Tcp(s) => (&mut &*s).read(buf),
+            Stream::Unix(s) => (&mut &*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+        match *self {
+            Stream::Tcp(s) => (&mut &*s).write(buf),
+            Stream::Unix(s) => (&mut &*s).write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
+        match *self {
+            Stream::Tcp(s) => (&mut &*s).write_vectored(bufs),
+            Stream::Unix(s) => (&mut &*s).write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        (&*self).write_vectored(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// TCP keep-alive: first probe after this long without traffic...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// ... then one probe at this interval ...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// ... and the connection is dead after this many unanswered.
+const KEEPALIVE_PROBES: u32 = 6;
 
 /// Send buffer asked for on Unix connections.
 const UNIX_SNDBUF: usize = 4 << 20;
@@ -138,6 +197,13 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 s.set_nodelay(true)?;
+                // A client that vanished (cable, crash of its host) is found in about two
+                // minutes instead of TCP's hours; failures only leave the kernel's defaults.
+                use rustix::net::sockopt as so;
+                let _ = so::set_socket_keepalive(&s, true);
+                let _ = so::set_tcp_keepidle(&s, KEEPALIVE_IDLE);
+                let _ = so::set_tcp_keepintvl(&s, KEEPALIVE_INTERVAL);
+                let _ = so::set_tcp_keepcnt(&s, KEEPALIVE_PROBES);
                 Ok(Stream::Tcp(s))
             }
             Listener::Unix(l, _) => {

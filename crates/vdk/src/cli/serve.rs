@@ -6,14 +6,14 @@ use std::thread;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{info, warn};
 use vdk_backends::{FileDisk, FileOptions, MemoryDisk, PatternDisk};
 use vdk_core::size::{parse_size, Human};
 use vdk_core::BlockDevice;
 use vdk_formats::Format;
-use vdk_nbd::{Export, Listener, Server, ServerConfig};
+use vdk_nbd::{Export, Listener, Rule, Server, ServerConfig, Tls, TlsMode};
 
 /// The NBD port, on loopback only unless told otherwise.
 const DEFAULT_LISTEN: &str = "tcp://127.0.0.1:10809";
@@ -27,7 +27,14 @@ Examples:
   vdk serve --export data=data.img --export scratch=memory:1G --read-only
   vdk serve --listen iscsi://0.0.0.0 disk.img movie.iso
                                               iSCSI targets iqn.2026-11.org.vdk:disk.img (a disk)
-                                              and ...:movie.iso (a CD-ROM), LUN 0 each")]
+                                              and ...:movie.iso (a CD-ROM), LUN 0 each
+  vdk serve --tls require --tls-certificates /etc/vdk/pki --tls-verify-peer \\
+            --listen tcp://0.0.0.0:10809 --allow cert:backup-host disk.img
+                                              TLS only, clients with a certificate of the CA,
+                                              and only the one named backup-host sees the disk
+  vdk serve -s disk.img                       one client on stdin/stdout (inetd, nbdkit -s)
+
+SIGHUP reads the TLS certificates again (for new connections).")]
 pub struct ServeArgs {
     /// Raw image files to export, each under its file name; the first is also the default
     /// export (the empty name).
@@ -77,6 +84,42 @@ pub struct ServeArgs {
     /// A description shown to clients that list exports.
     #[arg(long)]
     description: Option<String>,
+    /// Serve one client on standard input and output, which must be a socket (inetd, or a
+    /// client that starts the server: nbdkit -s, nbd-tester-client -I), then exit.
+    #[arg(long, short = 's', conflicts_with = "listen")]
+    single: bool,
+    /// NBD over TLS: off, on (clients choose) or require (nothing but STARTTLS until TLS is
+    /// up).
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    tls: String,
+    /// The TLS certificates: server-cert.pem, server-key.pem and, for --tls-verify-peer,
+    /// ca-cert.pem (nbdkit's and qemu's layout).
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// TLS clients must show a certificate signed by ca-cert.pem.
+    #[arg(long)]
+    tls_verify_peer: bool,
+    /// TLS with pre-shared keys (USERNAME:HEXKEY lines): not available, see the error.
+    #[arg(long, value_name = "FILE")]
+    tls_psk: Option<PathBuf>,
+    /// Only these NBD clients may see and open the exports: ADDR[/PREFIX], unix (Unix socket
+    /// clients) or cert:NAME (a verified TLS certificate's common or DNS name). EXPORT=RULE
+    /// limits one export. Repeatable; an export with no rule is open to every client.
+    #[arg(long = "allow", value_name = "[EXPORT=]RULE")]
+    allow: Vec<String>,
+    /// Most NBD connections at once.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_connections: usize,
+    /// Most NBD connections at once from one address.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    max_connections_per_address: usize,
+    /// Close NBD connections after this many seconds without a request (0: never).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    idle_timeout: u64,
+    /// Longest an NBD handshake (TLS included) may take, in seconds.
+    #[arg(long, default_value_t = 30, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    handshake_timeout: u64,
     #[command(flatten)]
     cloud: crate::cloud::CloudArgs,
 }
@@ -208,6 +251,75 @@ fn exports(args: &ServeArgs) -> anyhow::Result<Vec<(String, Source)>> {
     Ok(list)
 }
 
+/// The TLS of `vdk serve`, if turned on.
+fn tls(args: &ServeArgs) -> anyhow::Result<Option<Arc<Tls>>> {
+    let mode: TlsMode = args
+        .tls
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--tls: {e}"))?;
+    if args.tls_psk.is_some() {
+        bail!(
+            "--tls-psk: TLS with pre-shared keys is not available: vdk's TLS library (rustls) \
+             has no external PSK support; use X.509 certificates (--tls-certificates DIR)"
+        );
+    }
+    if mode == TlsMode::Off {
+        if args.tls_certificates.is_some() || args.tls_verify_peer {
+            bail!("--tls-certificates and --tls-verify-peer need --tls on or --tls require");
+        }
+        return Ok(None);
+    }
+    let Some(dir) = &args.tls_certificates else {
+        bail!("--tls {mode} needs --tls-certificates DIR (server-cert.pem, server-key.pem)");
+    };
+    let tls = Tls::new(mode, dir, args.tls_verify_peer).context("--tls-certificates")?;
+    Ok(Some(Arc::new(tls)))
+}
+
+/// Applies the `--allow` rules to the exports.
+fn apply_allow(rules: &[String], exports: &mut [Export]) -> anyhow::Result<()> {
+    for text in rules {
+        let (name, rule) = match text.split_once('=') {
+            Some((n, r)) => (Some(n), r),
+            None => (None, text.as_str()),
+        };
+        let rule: Rule = rule
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--allow {text:?}: {e}"))?;
+        if let Some(n) = name {
+            if !exports.iter().any(|e| e.name == n) {
+                bail!("--allow {text:?}: there is no export named {n:?}");
+            }
+        }
+        for e in exports
+            .iter_mut()
+            .filter(|e| name.is_none_or(|n| e.name == n))
+        {
+            e.allow.push(rule.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Standard input as the one client's socket.
+fn stdin_stream() -> anyhow::Result<vdk_nbd::Stream> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("standard input")?;
+    let st = rustix::fs::fstat(&fd).context("standard input")?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+        bail!(
+            "-s: standard input is not a socket; run vdk serve -s from inetd or from a client \
+             that starts its server (nbdsh's connect_command, nbd-tester-client -I)"
+        );
+    }
+    Ok(vdk_nbd::Stream::Unix(std::os::unix::net::UnixStream::from(
+        fd,
+    )))
+}
+
 fn listener(uri: &str) -> anyhow::Result<Listener> {
     match Listener::bind(uri) {
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => bail!("--listen: {e}"),
@@ -233,6 +345,24 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         export.read_only = args.read_only;
         export.description = args.description.clone().unwrap_or_default();
         served.push(export);
+    }
+    apply_allow(&args.allow, &mut served)?;
+    let tls = tls(&args)?;
+    let config = ServerConfig {
+        threads_per_connection: usize::from(args.threads),
+        handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
+        idle_timeout: (args.idle_timeout > 0)
+            .then(|| std::time::Duration::from_secs(args.idle_timeout)),
+        max_connections: args.max_connections,
+        max_connections_per_address: args.max_connections_per_address,
+        tls: tls.clone(),
+        ..Default::default()
+    };
+    if args.single {
+        let server = Server::new(served, config);
+        return server
+            .serve_one(stdin_stream()?)
+            .context("flush at the end failed");
     }
     let uris = if args.listen.is_empty() {
         vec![DEFAULT_LISTEN.to_string()]
@@ -287,18 +417,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         Some(server)
     };
-    let config = ServerConfig {
-        threads_per_connection: usize::from(args.threads),
-        ..Default::default()
-    };
     let nbd = (!listeners.is_empty()).then(|| Server::new(served, config));
     let nbd_handle = nbd.as_ref().map(Server::shutdown_handle);
     let iscsi_handle = iscsi.as_ref().map(|s| s.shutdown_handle());
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
     let signal_thread = signals.handle();
     thread::spawn(move || {
         let mut count = 0;
         for sig in signals.forever() {
+            if sig == SIGHUP {
+                match tls.as_deref().map(Tls::reload) {
+                    None => info!("SIGHUP: nothing to reload (TLS is off)"),
+                    Some(Ok(())) => info!("SIGHUP: TLS certificates reloaded"),
+                    Some(Err(e)) => warn!(error = %e, "SIGHUP: TLS certificates not reloaded"),
+                }
+                continue;
+            }
             count += 1;
             if count > 1 {
                 warn!(signal = sig, "second signal: exiting without waiting");
