@@ -56,7 +56,7 @@ pub enum HandshakeError {
     #[error("client ended the handshake")]
     Ended,
     /// Reading or writing failed.
-    #[error("handshake i/o")]
+    #[error("handshake i/o: {0}")]
     Io(#[from] io::Error),
     /// The client broke the protocol in a way that cannot be answered.
     #[error("protocol violation: {0}")]

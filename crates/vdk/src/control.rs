@@ -174,6 +174,9 @@ pub struct OpenRequest {
     /// NBD export name; the disk's id when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_name: Option<String>,
+    /// Who may see and open the NBD export: `ADDR[/PREFIX]`, `unix`, `cert:NAME` (any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
     /// Probe the format of backing files whose parent does not record it.
     #[serde(default)]
     pub probe_backing: bool,

@@ -180,6 +180,10 @@ pub struct OpenArgs {
     /// The LUN (default: the lowest free one of the target).
     #[arg(long, value_name = "N", requires = "iscsi")]
     iscsi_lun: Option<u16>,
+    /// Only these NBD clients may see and open the disk's export: ADDR[/PREFIX], unix or
+    /// cert:NAME (a verified TLS client certificate's name). Repeatable; default: any.
+    #[arg(long = "allow", value_name = "RULE")]
+    allow: Vec<String>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -209,6 +213,7 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
         mkfs: args.mkfs,
         mount: args.mount.as_deref().map(absolute).transpose()?,
         export_name: args.export_name,
+        allow: args.allow,
         probe_backing: args.probe_backing,
         filters: args
             .filters

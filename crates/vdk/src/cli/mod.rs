@@ -3,6 +3,7 @@
 mod convert;
 mod disks;
 mod image;
+pub mod nbd_opts;
 mod serve;
 
 use std::path::{Path, PathBuf};

@@ -13,7 +13,7 @@ use vdk_backends::{FileDisk, FileOptions, MemoryDisk, PatternDisk};
 use vdk_core::size::{parse_size, Human};
 use vdk_core::BlockDevice;
 use vdk_formats::Format;
-use vdk_nbd::{Export, Listener, Rule, Server, ServerConfig, Tls, TlsMode};
+use vdk_nbd::{Export, Listener, Rule, Server};
 
 /// The NBD port, on loopback only unless told otherwise.
 const DEFAULT_LISTEN: &str = "tcp://127.0.0.1:10809";
@@ -88,38 +88,13 @@ pub struct ServeArgs {
     /// client that starts the server: nbdkit -s, nbd-tester-client -I), then exit.
     #[arg(long, short = 's', conflicts_with = "listen")]
     single: bool,
-    /// NBD over TLS: off, on (clients choose) or require (nothing but STARTTLS until TLS is
-    /// up).
-    #[arg(long, value_name = "MODE", default_value = "off")]
-    tls: String,
-    /// The TLS certificates: server-cert.pem, server-key.pem and, for --tls-verify-peer,
-    /// ca-cert.pem (nbdkit's and qemu's layout).
-    #[arg(long, value_name = "DIR")]
-    tls_certificates: Option<PathBuf>,
-    /// TLS clients must show a certificate signed by ca-cert.pem.
-    #[arg(long)]
-    tls_verify_peer: bool,
-    /// TLS with pre-shared keys (USERNAME:HEXKEY lines): not available, see the error.
-    #[arg(long, value_name = "FILE")]
-    tls_psk: Option<PathBuf>,
     /// Only these NBD clients may see and open the exports: ADDR[/PREFIX], unix (Unix socket
     /// clients) or cert:NAME (a verified TLS certificate's common or DNS name). EXPORT=RULE
     /// limits one export. Repeatable; an export with no rule is open to every client.
     #[arg(long = "allow", value_name = "[EXPORT=]RULE")]
     allow: Vec<String>,
-    /// Most NBD connections at once.
-    #[arg(long, default_value_t = 1024, value_name = "N")]
-    max_connections: usize,
-    /// Most NBD connections at once from one address.
-    #[arg(long, default_value_t = 256, value_name = "N")]
-    max_connections_per_address: usize,
-    /// Close NBD connections after this many seconds without a request (0: never).
-    #[arg(long, default_value_t = 0, value_name = "SECS")]
-    idle_timeout: u64,
-    /// Longest an NBD handshake (TLS included) may take, in seconds.
-    #[arg(long, default_value_t = 30, value_name = "SECS",
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    handshake_timeout: u64,
+    #[command(flatten)]
+    nbd: super::nbd_opts::NbdArgs,
     #[command(flatten)]
     cloud: crate::cloud::CloudArgs,
 }
@@ -251,31 +226,6 @@ fn exports(args: &ServeArgs) -> anyhow::Result<Vec<(String, Source)>> {
     Ok(list)
 }
 
-/// The TLS of `vdk serve`, if turned on.
-fn tls(args: &ServeArgs) -> anyhow::Result<Option<Arc<Tls>>> {
-    let mode: TlsMode = args
-        .tls
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--tls: {e}"))?;
-    if args.tls_psk.is_some() {
-        bail!(
-            "--tls-psk: TLS with pre-shared keys is not available: vdk's TLS library (rustls) \
-             has no external PSK support; use X.509 certificates (--tls-certificates DIR)"
-        );
-    }
-    if mode == TlsMode::Off {
-        if args.tls_certificates.is_some() || args.tls_verify_peer {
-            bail!("--tls-certificates and --tls-verify-peer need --tls on or --tls require");
-        }
-        return Ok(None);
-    }
-    let Some(dir) = &args.tls_certificates else {
-        bail!("--tls {mode} needs --tls-certificates DIR (server-cert.pem, server-key.pem)");
-    };
-    let tls = Tls::new(mode, dir, args.tls_verify_peer).context("--tls-certificates")?;
-    Ok(Some(Arc::new(tls)))
-}
-
 /// Applies the `--allow` rules to the exports.
 fn apply_allow(rules: &[String], exports: &mut [Export]) -> anyhow::Result<()> {
     for text in rules {
@@ -347,17 +297,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         served.push(export);
     }
     apply_allow(&args.allow, &mut served)?;
-    let tls = tls(&args)?;
-    let config = ServerConfig {
-        threads_per_connection: usize::from(args.threads),
-        handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
-        idle_timeout: (args.idle_timeout > 0)
-            .then(|| std::time::Duration::from_secs(args.idle_timeout)),
-        max_connections: args.max_connections,
-        max_connections_per_address: args.max_connections_per_address,
-        tls: tls.clone(),
-        ..Default::default()
-    };
+    let config = args.nbd.config(usize::from(args.threads))?;
+    let tls = config.tls.clone();
     if args.single {
         let server = Server::new(served, config);
         return server
@@ -427,11 +368,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let mut count = 0;
         for sig in signals.forever() {
             if sig == SIGHUP {
-                match tls.as_deref().map(Tls::reload) {
-                    None => info!("SIGHUP: nothing to reload (TLS is off)"),
-                    Some(Ok(())) => info!("SIGHUP: TLS certificates reloaded"),
-                    Some(Err(e)) => warn!(error = %e, "SIGHUP: TLS certificates not reloaded"),
-                }
+                super::nbd_opts::reload(tls.as_deref());
                 continue;
             }
             count += 1;

@@ -513,6 +513,7 @@ impl Daemon {
             return Err(invalid("--mkfs cannot format a disk opened --read-only"));
         }
         parse_filters(&req.filters)?;
+        allow_rules(&req.allow)?;
         let cloud = req.path.to_str().is_some_and(crate::cloud::is_url);
         if !cloud && !req.cloud.is_default() {
             return Err(invalid(
@@ -734,6 +735,7 @@ impl Daemon {
             Arc::clone(&device) as Arc<dyn BlockDevice>,
         );
         export.read_only = req.read_only;
+        export.allow = allow_rules(&req.allow)?;
         export.description = format!("vdk disk {id}: {shown}");
         self.nbd
             .add_export(export)
@@ -972,6 +974,14 @@ impl Daemon {
         }
         self.iscsi.stop();
     }
+}
+
+/// The NBD allow-list of an `open` request.
+fn allow_rules(rules: &[String]) -> Result<Vec<vdk_nbd::Rule>, ApiError> {
+    rules
+        .iter()
+        .map(|r| r.parse::<vdk_nbd::Rule>().map_err(invalid))
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! the FUSE export have their own. Requests that change disks (open, close, mount, unmount)
 //! run one at a time; `list` never waits for them.
 
+mod access;
 mod disks;
 mod iscsi;
 mod media;
@@ -23,12 +24,12 @@ use std::thread;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{debug, info, warn};
 use vdk_nbd::{Listener, Server, ServerConfig};
 
-use crate::control::{self, ApiError, Request, Response};
+use crate::control::{self, ApiError, ErrorKind, Request, Response};
 pub use disks::Daemon;
 
 /// Where a daemon keeps its sockets, its FUSE export and its log: the directory of its
@@ -114,6 +115,43 @@ pub struct DaemonArgs {
     /// Ask the running daemon to close every disk and stop.
     #[arg(long)]
     pub stop: bool,
+    /// Serve this user too (a name or uid): a daemon run as root (for loop devices and
+    /// mounts) on behalf of an unprivileged user. The control and NBD sockets become that
+    /// user's, and every path in the user's requests is checked against the user's own
+    /// rights.
+    #[arg(long, value_name = "USER")]
+    pub owner: Option<String>,
+    #[command(flatten)]
+    pub nbd: crate::cli::nbd_opts::NbdArgs,
+}
+
+/// The uid and primary gid of `user` (a name from /etc/passwd, or a number).
+fn user_ids(user: &str) -> anyhow::Result<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let found = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 3 && (f[0] == user || f[2] == user))
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .flatten()
+    });
+    match (found, user.parse::<u32>()) {
+        (Some(ids), _) => Ok(ids),
+        (None, Ok(uid)) => Ok((uid, uid)),
+        (None, Err(_)) => bail!("--owner {user:?}: no such user"),
+    }
+}
+
+/// Hands a socket file to the user the daemon serves.
+fn give(path: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<()> {
+    if let Some((uid, gid)) = owner {
+        rustix::fs::chown(
+            path,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )
+        .with_context(|| format!("cannot give {} to uid {uid}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Runs the daemon in the foreground until SIGTERM, SIGINT or a `shutdown` request.
@@ -123,7 +161,14 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
         .mode(0o700)
         .create(&paths.dir)
         .with_context(|| format!("cannot create {}", paths.dir.display()))?;
+    let owner = args.owner.as_deref().map(user_ids).transpose()?;
+    if owner.is_some() {
+        // The user may reach the sockets in it, not list or change it.
+        fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("cannot set the mode of {}", paths.dir.display()))?;
+    }
     let control = bind_control(&paths.socket)?;
+    give(&paths.socket, owner)?;
     if rustix::process::geteuid().is_root() {
         // The daemon writes back the pages of the disks it serves: let it allocate memory
         // under pressure instead of waiting for its own writeback (as loop and NBD daemons do).
@@ -154,7 +199,16 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
         .iter()
         .map(|u| Listener::bind(u).with_context(|| format!("cannot listen on {u}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let server = Arc::new(Server::new(Vec::new(), ServerConfig::default()));
+    for l in &listeners {
+        if let Listener::Unix(_, path) = l {
+            give(path, owner)?;
+        }
+    }
+    let config = args
+        .nbd
+        .config(ServerConfig::default().threads_per_connection)?;
+    let tls = config.tls.clone();
+    let server = Arc::new(Server::new(Vec::new(), config));
     let daemon = Arc::new(Daemon::new(
         paths.clone(),
         Arc::clone(&server),
@@ -176,15 +230,21 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
         move || server.serve(listeners)
     })?;
     let stopping = Arc::new(AtomicBool::new(false));
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
     thread::spawn({
         let stopping = Arc::clone(&stopping);
         let socket = paths.socket.clone();
         move || {
-            if let Some(sig) = signals.forever().next() {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    crate::cli::nbd_opts::reload(tls.as_deref());
+                    continue;
+                }
                 info!(signal = sig, "stopping: closing every disk");
                 stop(&stopping, &socket);
+                break;
             }
         }
     });
@@ -198,8 +258,9 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
                 let daemon = Arc::clone(&daemon);
                 let stopping = Arc::clone(&stopping);
                 let socket = paths.socket.clone();
+                let owner = owner.map(|o| o.0);
                 thread::spawn(move || {
-                    if let Err(e) = serve_control(&daemon, conn, &stopping, &socket) {
+                    if let Err(e) = serve_control(&daemon, conn, &stopping, &socket, owner) {
                         debug!(error = %e, "control connection ended");
                     }
                 });
@@ -248,18 +309,45 @@ fn serve_control(
     conn: UnixStream,
     stopping: &AtomicBool,
     socket: &Path,
+    owner: Option<u32>,
 ) -> io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut writer = conn;
+    let mut writer = conn.try_clone()?;
+    let caller = match access::Caller::of(&conn, owner) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "control connection refused");
+            let resp = Response::err(ApiError::new(ErrorKind::Permission, e.to_string()));
+            let mut out = serde_json::to_vec(&resp).map_err(io::Error::other)?;
+            out.push(b'\n');
+            return writer.write_all(&out);
+        }
+    };
+    let mut reader = BufReader::new(conn);
     while let Some(line) = control::read_line(&mut reader)? {
         let too_long = line.is_err();
         let mut stop_after = false;
-        let resp = match line.and_then(|l| control::parse(&l)) {
+        let checked = line
+            .and_then(|l| control::parse(&l))
+            .and_then(|r| caller.check(&r).map(|()| r));
+        let resp = match checked {
+            Ok(Request::Shutdown)
+                if caller.uid != rustix::process::geteuid().as_raw() && caller.uid != 0 =>
+            {
+                Response::err(ApiError::new(
+                    ErrorKind::Permission,
+                    "only the daemon's own user or root may stop it",
+                ))
+            }
             Ok(Request::Shutdown) => {
                 stop_after = true;
                 Response::ok(serde_json::json!({}))
             }
-            Ok(req) => daemon.handle(req),
+            Ok(req) => {
+                let made = caller.would_create(&req);
+                let resp = daemon.handle(req);
+                caller.adopt(&made);
+                resp
+            }
             Err(e) => Response::err(e),
         };
         let mut out = serde_json::to_vec(&resp).map_err(io::Error::other)?;

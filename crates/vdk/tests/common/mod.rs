@@ -43,6 +43,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iscsi-perf", "libiscsi-bin"),
     ("cc", "gcc"),
     ("tgtd", "tgt"),
+    ("openssl", "openssl"),
 ];
 
 /// PATH with Debian's directories first, so that `nbdsh` runs Debian's python3, which has
@@ -179,6 +180,38 @@ impl Vdk {
         vdk
     }
 
+    /// Starts `vdk serve ARGS` on a free loopback TCP port as well as the Unix socket;
+    /// [`Vdk::tcp`] gives `127.0.0.1:PORT`.
+    pub fn serve_tcp(dir: TempDir, args: &[&str]) -> Vdk {
+        let mut all = vec!["--listen", "tcp://127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let vdk = Vdk::serve_in(dir, &all);
+        wait_for(20, "the TCP port in the log", || vdk.tcp_addr().is_some());
+        vdk
+    }
+
+    fn tcp_addr(&self) -> Option<String> {
+        let log = self.log();
+        let at = log.find("uri=nbd://")? + "uri=nbd://".len();
+        let rest = &log[at..];
+        Some(rest[..rest.find(|c: char| c.is_whitespace())?].to_owned())
+    }
+
+    /// `127.0.0.1:PORT` of the TCP listener of [`Vdk::serve_tcp`].
+    pub fn tcp(&self) -> String {
+        self.tcp_addr().expect("vdk listens on TCP")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("vdk is running").id()
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, ...).
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.as_ref().expect("vdk is running"), sig);
+    }
+
     /// `HOST:PORT` of the iSCSI portal, from the target URIs vdk logs at start.
     fn iscsi_portal(&self) -> Option<String> {
         let log = self.log();
@@ -269,6 +302,16 @@ impl Drop for Vdk {
             let _ = child.wait();
         }
     }
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
 }
 
 /// Creates a sparse file of `size` bytes.

@@ -1,0 +1,246 @@
+//! Who is asking, and what they may touch.
+//!
+//! The control socket is mode 0600 in a directory of the daemon's, so only its owner can
+//! connect; on top of that every connection's credentials are read with `SO_PEERCRED` and a
+//! caller that is neither the daemon's user, root, nor the `--owner` the daemon serves is
+//! refused. A daemon run as root for another user (`vdk daemon --owner alice`) opens files
+//! with root's rights: every path in that user's requests is resolved (symbolic links
+//! followed) and checked against the user's own uid and groups, directory by directory, so
+//! that nobody opens through the daemon a file or device they could not open themselves.
+
+use std::fs::Metadata;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use crate::control::{ApiError, ErrorKind, Request};
+
+/// The credentials of a control connection's peer.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Its user id.
+    pub uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    /// Its rights are the daemon's own (the daemon's user, or root): nothing is checked.
+    trusted: bool,
+}
+
+/// What a request does with a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    /// Reads an existing file.
+    Read,
+    /// Reads and writes an existing file, or creates it.
+    Write,
+    /// Mounts on a directory, or fills it (created if missing): write access to it, or to
+    /// its parent when it does not exist.
+    Dir,
+}
+
+const R: u32 = 4;
+const W: u32 = 2;
+const X: u32 = 1;
+
+impl Caller {
+    /// The peer of `conn`. `owner` is the user the daemon serves besides its own.
+    pub fn of(conn: &UnixStream, owner: Option<u32>) -> io::Result<Caller> {
+        let cred = rustix::net::sockopt::socket_peercred(conn)?;
+        let uid = cred.uid.as_raw();
+        let me = rustix::process::geteuid().as_raw();
+        if uid != me && uid != 0 && owner != Some(uid) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "this daemon (uid {me}) takes no requests from uid {uid}: start your own \
+                     with `vdk daemon`"
+                ),
+            ));
+        }
+        Ok(Caller {
+            uid,
+            gid: cred.gid.as_raw(),
+            groups: supplementary_groups(cred.pid.as_raw_nonzero().get()).unwrap_or_default(),
+            trusted: uid == me || uid == 0,
+        })
+    }
+
+    fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+
+    /// Whether the mode bits of `meta` grant this caller all of `bits`.
+    fn granted(&self, meta: &Metadata, bits: u32) -> bool {
+        let mode = meta.mode();
+        let have = if meta.uid() == self.uid {
+            mode >> 6
+        } else if self.in_group(meta.gid()) {
+            mode >> 3
+        } else {
+            mode
+        } & 7;
+        have & bits == bits
+    }
+
+    /// Checks every path of `req` for an untrusted caller.
+    pub fn check(&self, req: &Request) -> Result<(), ApiError> {
+        if self.trusted {
+            return Ok(());
+        }
+        for (path, want) in paths(req) {
+            self.check_path(&path, want)?;
+        }
+        Ok(())
+    }
+
+    /// The files `req` would create for an untrusted caller: to be given to the caller once
+    /// made ([`Caller::adopt`]), as if the caller had made them.
+    pub fn would_create(&self, req: &Request) -> Vec<PathBuf> {
+        if self.trusted {
+            return Vec::new();
+        }
+        paths(req)
+            .into_iter()
+            .filter(|(p, w)| *w == Want::Write && !p.exists())
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Gives the files in `made` to the caller.
+    pub fn adopt(&self, made: &[PathBuf]) {
+        for p in made.iter().filter(|p| p.exists()) {
+            let r = rustix::fs::chown(
+                p,
+                Some(rustix::fs::Uid::from_raw(self.uid)),
+                Some(rustix::fs::Gid::from_raw(self.gid)),
+            );
+            if let Err(e) = r {
+                tracing::warn!(path = %p.display(), error = %e, "cannot give a new file to its user");
+            }
+        }
+    }
+
+    fn check_path(&self, path: &Path, want: Want) -> Result<(), ApiError> {
+        let denied = |why: &str| {
+            ApiError::new(
+                ErrorKind::Permission,
+                format!("{}: {why} (uid {})", path.display(), self.uid),
+            )
+        };
+        if !path.is_absolute() {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                format!("{}: not an absolute path", path.display()),
+            ));
+        }
+        // The file itself if it exists, else the directory it would be made in.
+        let (target, exists) = match std::fs::canonicalize(path) {
+            Ok(p) => (p, true),
+            Err(_) => {
+                let parent = path.parent().unwrap_or(Path::new("/"));
+                let parent = std::fs::canonicalize(parent)
+                    .map_err(|_| denied("neither it nor its directory exists"))?;
+                (parent, false)
+            }
+        };
+        self.search_ancestors(&target)
+            .map_err(|dir| denied(&format!("{} is not searchable", dir.display())))?;
+        let meta = std::fs::metadata(&target).map_err(|e| denied(&e.to_string()))?;
+        let ok = match (want, exists) {
+            (_, false) => meta.is_dir() && self.granted(&meta, W | X),
+            (Want::Read, true) => self.granted(&meta, R),
+            (Want::Write, true) => self.granted(&meta, R | W),
+            (Want::Dir, true) => meta.is_dir() && self.granted(&meta, W | X),
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(denied(match (want, exists) {
+            (_, false) => "you may not create files in its directory",
+            (Want::Read, true) => "you may not read it",
+            (Want::Write, true) => "you may not read and write it",
+            (Want::Dir, true) => "you may not write in that directory",
+        }))
+    }
+
+    /// Fails with the first directory above `path` that the caller may not search.
+    fn search_ancestors(&self, path: &Path) -> Result<(), PathBuf> {
+        for dir in path.ancestors().skip(1) {
+            let meta = std::fs::metadata(dir).map_err(|_| dir.to_owned())?;
+            if !self.granted(&meta, X) {
+                return Err(dir.to_owned());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The supplementary groups of process `pid`, from /proc.
+fn supplementary_groups(pid: i32) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect(),
+    )
+}
+
+/// The local paths a request touches, and how.
+fn paths(req: &Request) -> Vec<(PathBuf, Want)> {
+    let mut out = Vec::new();
+    match req {
+        Request::Open(r) => {
+            if !crate::cloud::is_url(&r.path.to_string_lossy()) {
+                let want = if r.read_only { Want::Read } else { Want::Write };
+                out.push((r.path.clone(), want));
+            }
+            if let Some(m) = &r.mount {
+                out.push((m.clone(), Want::Dir));
+            }
+            if let Some(c) = &r.cloud.cache {
+                out.push((c.clone(), Want::Dir));
+            }
+            if let Some(k) = &r.cloud.key_file {
+                out.push((k.clone(), Want::Read));
+            }
+            for f in &r.filters {
+                out.extend(filter_paths(f));
+            }
+        }
+        Request::Mount(r) => out.push((r.dir.clone(), Want::Dir)),
+        Request::Snapshot(r) => out.push((r.new.clone(), Want::Write)),
+        Request::Insert(r) => out.push((r.image.clone(), Want::Read)),
+        Request::FsMount(r) => {
+            if r.source.starts_with('/') {
+                out.push((PathBuf::from(&r.source), Want::Read));
+            }
+            out.push((r.dir.clone(), Want::Dir));
+        }
+        Request::FsMap(r) => {
+            out.push((r.dir.clone(), Want::Dir));
+            if let Some(c) = &r.cache {
+                out.push((c.clone(), Want::Dir));
+            }
+        }
+        Request::FsUnmount(r) => out.push((r.dir.clone(), Want::Dir)),
+        _ => {}
+    }
+    out
+}
+
+/// The files a filter spec names: a cow overlay, a cache directory.
+fn filter_paths(spec: &str) -> Vec<(PathBuf, Want)> {
+    let Some((_, args)) = spec.split_once(':') else {
+        return Vec::new();
+    };
+    args.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| match k {
+            "overlay" => Some((PathBuf::from(v), Want::Write)),
+            "dir" => Some((PathBuf::from(v), Want::Dir)),
+            _ => None,
+        })
+        .collect()
+}
