@@ -930,7 +930,7 @@ fn receive(reader: &mut BufReader<Stream>, payload: &mut Vec<u8>, len: usize) ->
 }
 
 /// Bytes of a payload received before the buffer grows again.
-const RECEIVE_STEP: usize = 4 << 20;
+const RECEIVE_STEP: usize = 256 << 10;
 
 /// Receives `count` units of a write's payload straight into buffers for the disk to keep.
 fn receive_owned(

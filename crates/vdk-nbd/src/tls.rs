@@ -134,6 +134,9 @@ impl Tls {
         while conn.is_handshaking() {
             conn.complete_io(io)?;
         }
+        // Back-pressure is the pump's (a chunk is encrypted only once the last one is sent):
+        // rustls's own limit would make a large write fail half done.
+        conn.set_buffer_limit(None);
         let names = conn
             .peer_certificates()
             .and_then(|c| c.first())
