@@ -140,7 +140,7 @@ impl Tls {
         let names = conn
             .peer_certificates()
             .and_then(|c| c.first())
-            .map(certificate_names)
+            .map(|c| certificate_names(c.as_ref()))
             .unwrap_or_default();
         let (inner, outer) = UnixStream::pair()?;
         thread::Builder::new()
@@ -203,8 +203,9 @@ fn load(dir: &Path, verify_peer: bool) -> io::Result<Arc<ServerConfig>> {
 
 /// The names a client certificate is known by: the subject's common names, then its DNS
 /// subject alternative names. A certificate that does not parse has none.
-pub fn certificate_names(der: &CertificateDer<'_>) -> Vec<String> {
-    let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    let der = CertificateDer::from(der.to_vec());
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
         return Vec::new();
     };
     let mut names = common_names(cert.subject());

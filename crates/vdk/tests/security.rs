@@ -10,6 +10,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::raw::{closed_within, greeting, option_reply, raw_client, send_option};
+use common::raw::{OPT_EXPORT_NAME, OPT_LIST, REP_ERR_TLS_REQD};
 use common::{need, path_env, pki, rss_kib, run, stdout, wait_for, Vdk};
 
 /// nbdinfo ARGS, whatever its outcome.
@@ -79,68 +81,6 @@ h.flush()
 assert h.pread(4 << 20, 1 << 20) == data
 print('round trip ok')
 ";
-
-// ---- the protocol, for the clients that must misbehave -------------------------------
-
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_LIST: u32 = 3;
-const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
-
-/// Reads the server's greeting; `None` if the connection closes first.
-fn greeting(s: &mut impl Read) -> Option<[u8; 18]> {
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).ok()?;
-    assert_eq!(&g[..8], b"NBDMAGIC", "greeting");
-    Some(g)
-}
-
-fn send_option(s: &mut impl Write, opt: u32, data: &[u8]) {
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&opt.to_be_bytes());
-    let len = u32::try_from(data.len()).expect("small option");
-    m.extend_from_slice(&len.to_be_bytes());
-    m.extend_from_slice(data);
-    s.write_all(&m).expect("send option");
-}
-
-/// The reply type and data of one option reply.
-fn option_reply(s: &mut impl Read) -> (u32, Vec<u8>) {
-    let mut h = [0u8; 20];
-    s.read_exact(&mut h).expect("option reply");
-    let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-    let mut d = vec![0u8; len as usize];
-    s.read_exact(&mut d).expect("option reply data");
-    (kind, d)
-}
-
-/// Whether the peer closed: a read returns end of file or an error within `within`.
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut b = [0u8; 64];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
-            Err(_) => return true,
-        }
-    }
-}
-
-/// Connects over TCP, does the fixed-newstyle handshake for `export` with
-/// NBD_OPT_EXPORT_NAME, and returns the connection in transmission.
-fn raw_client(addr: &str, export: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    greeting(&mut s).expect("greeting");
-    s.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
-    send_option(&mut s, OPT_EXPORT_NAME, export.as_bytes());
-    let mut r = [0u8; 10];
-    s.read_exact(&mut r).expect("export size and flags");
-    s
-}
 
 // ---- TLS -------------------------------------------------------------------------------
 
@@ -583,12 +523,7 @@ fn clients_that_announce_data_and_send_none_cost_no_memory() {
     let mut stalled = Vec::new();
     for i in 0..200u64 {
         let mut s = raw_client(&vdk.tcp(), if i % 2 == 0 { "big" } else { "file" });
-        let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
-        req.extend_from_slice(&0u16.to_be_bytes()); // flags
-        req.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
-        req.extend_from_slice(&i.to_be_bytes()); // cookie
-        req.extend_from_slice(&(i << 22).to_be_bytes()); // offset
-        req.extend_from_slice(&(32u32 << 20).to_be_bytes());
+        let mut req = common::raw::request(common::raw::CMD_WRITE, i, i << 22, 32 << 20);
         req.extend_from_slice(&[0xab; 100]);
         s.write_all(&req).unwrap();
         stalled.push(s);
@@ -707,6 +642,27 @@ fn the_control_socket_takes_its_owner_only_and_checks_the_owners_paths() {
         ],
     );
     assert!(text(&o).contains("you may not read it"), "{}", text(&o));
+    // An image of the user's own whose header names the secret as its backing file.
+    let evil = home.join("evil.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&secret)
+        .arg(&evil));
+    run(Command::new("chown").arg(user).arg(&evil));
+    let o = vdk_as(
+        &d,
+        user,
+        &["open", evil.to_str().unwrap(), "--attach", "none"],
+    );
+    assert!(
+        !o.status.success(),
+        "a backing file of root's was opened for {user}"
+    );
+    assert!(
+        text(&o).contains("secret.img: you may not read it"),
+        "{}",
+        text(&o)
+    );
     let o = vdk_as(&d, user, &["daemon", "--stop"]);
     assert!(
         text(&o).contains("only the daemon's own user or root"),

@@ -34,6 +34,11 @@ pub struct NbdArgs {
     /// Close NBD connections after this many seconds without a request (0: never).
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     pub idle_timeout: u64,
+    /// Close an NBD connection whose request stops arriving half way, or whose client stops
+    /// taking replies, for this many seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub io_timeout: u64,
     /// Longest an NBD handshake (TLS included) may take, in seconds.
     #[arg(long, default_value_t = 30, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -46,6 +51,7 @@ impl NbdArgs {
         Ok(ServerConfig {
             threads_per_connection: threads,
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            io_timeout: Duration::from_secs(self.io_timeout),
             idle_timeout: (self.idle_timeout > 0).then(|| Duration::from_secs(self.idle_timeout)),
             max_connections: self.max_connections,
             max_connections_per_address: self.max_connections_per_address,

@@ -6,7 +6,8 @@
 //! refused. A daemon run as root for another user (`vdk daemon --owner alice`) opens files
 //! with root's rights: every path in that user's requests is resolved (symbolic links
 //! followed) and checked against the user's own uid and groups, directory by directory, so
-//! that nobody opens through the daemon a file or device they could not open themselves.
+//! that nobody opens through the daemon a file or device they could not open themselves; the
+//! backing files and data files an image's header names are checked the same way.
 
 use std::fs::Metadata;
 use std::io;
@@ -90,8 +91,33 @@ impl Caller {
         }
         for (path, want) in paths(req) {
             self.check_path(&path, want)?;
+            if want != Want::Dir && path.is_file() {
+                self.check_chain(&path)?;
+            }
         }
         Ok(())
+    }
+
+    /// The files an image's header makes the daemon open too (backing files, a qcow2
+    /// external data file) are checked like the image: a header can name any path.
+    fn check_chain(&self, image: &Path) -> Result<(), ApiError> {
+        let Ok(mut info) = vdk_formats::info(image, None, true) else {
+            return Ok(()); // not an image with a header (raw, or refused later when opened)
+        };
+        loop {
+            if let Some(data) = &info.data_file {
+                self.check_path(&vdk_formats::backing_path(&info.path, data), Want::Write)?;
+            }
+            let Some(next) = info.backing.take() else {
+                if let Some(name) = &info.backing_file {
+                    // Named but not opened by info (missing, or too deep): check the name.
+                    self.check_path(&vdk_formats::backing_path(&info.path, name), Want::Read)?;
+                }
+                return Ok(());
+            };
+            self.check_path(&next.path, Want::Read)?;
+            info = *next;
+        }
     }
 
     /// The files `req` would create for an untrusted caller: to be given to the caller once

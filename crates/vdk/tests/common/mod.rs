@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod pki;
+pub mod raw;
 pub mod s3;
 
 /// Debian package of each client program the tests use.

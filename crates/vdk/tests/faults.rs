@@ -1,0 +1,218 @@
+//! Faults under real clients: a client killed mid-request, a client that stops taking
+//! replies, a full overlay, an image deleted or truncated under an open disk. The requests
+//! that meet the fault fail with the right errno; every other disk and client carries on;
+//! what was acknowledged is still there.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::raw::{closed_within, raw_client, request, CMD_READ};
+use common::{need, need_root, path_env, wait_for, Daemon, Vdk};
+
+fn nbdsh(uri: &str, code: &str) -> Output {
+    need("nbdsh");
+    Command::new("nbdsh")
+        .args(["-u", uri, "-c", code])
+        .env("PATH", path_env())
+        .output()
+        .expect("run nbdsh")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Writes a pattern, flushes, reads it back: prints "ok".
+const ROUND_TRIP: &str = "
+data = bytes((i * 13 + 1) % 249 for i in range(1 << 20))
+h.pwrite(data, 0)
+h.flush()
+assert h.pread(1 << 20, 0) == data
+print('ok')
+";
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_client_killed_mid_request_costs_nobody_else() {
+    let vdk = Vdk::serve(&["--memory", "64M", "--filter", "delay:op=write,ms=300"]);
+    let base_threads = threads(vdk.pid());
+    // Sixteen slow writes in flight, then the client dies before any is answered.
+    let mut victim = Command::new("nbdsh")
+        .args([
+            "-u",
+            &vdk.uri("memory"),
+            "-c",
+            "import time\nfor i in range(16):\n    h.aio_pwrite(b'x' * (1 << 20), i << 20)\nprint('sent', flush=True)\ntime.sleep(60)",
+        ])
+        .env("PATH", path_env())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start nbdsh");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(victim.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "sent");
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    // Another client, at once and later, is served as if nothing happened.
+    let o = nbdsh(&vdk.uri("memory"), ROUND_TRIP);
+    assert!(text(&o).contains("ok"), "{}", text(&o));
+    wait_for(30, "the dead client's threads to end", || {
+        threads(vdk.pid()) <= base_threads
+    });
+    assert!(vdk.log().contains("client disconnected"), "{}", vdk.log());
+    assert!(!vdk.log().contains("panicked"), "{}", vdk.log());
+}
+
+#[test]
+fn a_client_that_stops_taking_replies_is_cut_and_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let vdk = Vdk::serve_tcp(dir, &["--memory", "256M", "--io-timeout", "2"]);
+    // Asks for 8 x 32 MiB and reads none of it: the replies fill the socket and stop.
+    let mut s = raw_client(&vdk.tcp(), "memory");
+    for i in 0..8u64 {
+        s.write_all(&request(CMD_READ, i, i << 25, 32 << 20))
+            .unwrap();
+    }
+    let o = nbdsh(&vdk.uri("memory"), ROUND_TRIP);
+    assert!(text(&o).contains("ok"), "{}", text(&o));
+    wait_for(20, "the stalled connection to be cut", || {
+        vdk.log().contains("cannot send")
+    });
+    // Its socket is closed: what it now reads ends.
+    let t = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(20)), "still open");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    let o = nbdsh(&vdk.uri("memory"), ROUND_TRIP);
+    assert!(text(&o).contains("ok"), "{}", text(&o));
+}
+
+/// A tmpfs of `size` mounted on `dir`, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        common::run(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+        );
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_overlay_fails_writes_with_enospc_and_keeps_what_was_acknowledged() {
+    need_root();
+    let d = Daemon::new();
+    let small = Tmpfs::mount(&d.path("small"), "4M");
+    let base = d.path("base.img");
+    common::sparse_file(&base, 64 << 20);
+    let overlay = small.0.join("overlay.cow");
+    let cow = d.open(&[
+        base.to_str().unwrap(),
+        "--attach",
+        "none",
+        "--filter",
+        &format!("cow:overlay={}", overlay.display()),
+    ]);
+    let other = d.open(&[
+        d.path("other.img").to_str().unwrap(),
+        "16M",
+        "--attach",
+        "none",
+    ]);
+    let uri = cow["nbd"][0].as_str().expect("nbd uri").to_owned();
+    // 1 MiB at a time with a flush after each, until the overlay's file system is full.
+    let o = nbdsh(
+        &uri,
+        "done = 0
+try:
+    for i in range(32):
+        h.pwrite(bytes([i + 1]) * (1 << 20), i << 20)
+        h.flush()
+        done = i + 1
+    print('never full')
+except nbd.Error as e:
+    print('full after', done, 'errno', e.errno == 'ENOSPC', e)
+for i in range(done):
+    assert h.pread(1 << 20, i << 20) == bytes([i + 1]) * (1 << 20), i
+print('acknowledged intact', done)
+assert h.pread(4096, 40 << 20) == bytes(4096)
+print('reads go on')",
+    );
+    let out = text(&o);
+    assert!(out.contains("errno True"), "{out}");
+    assert!(out.contains("acknowledged intact"), "{out}");
+    assert!(out.contains("reads go on"), "{out}");
+    // The base was never touched, and the other disk is fine.
+    assert!(std::fs::read(&base).unwrap().iter().all(|&b| b == 0));
+    let o = nbdsh(other["nbd"][0].as_str().unwrap(), ROUND_TRIP);
+    assert!(text(&o).contains("ok"), "{}", text(&o));
+    d.ok(&["close", cow["id"].as_str().unwrap()]);
+    drop(small);
+}
+
+#[test]
+fn an_image_deleted_or_truncated_under_an_open_disk() {
+    let d = Daemon::new();
+    let gone = d.path("gone.img");
+    let short = d.path("short.img");
+    let a = d.open(&[gone.to_str().unwrap(), "16M", "--attach", "none"]);
+    let b = d.open(&[short.to_str().unwrap(), "16M", "--attach", "none"]);
+    for disk in [&a, &b] {
+        let o = nbdsh(disk["nbd"][0].as_str().unwrap(), ROUND_TRIP);
+        assert!(text(&o).contains("ok"), "{}", text(&o));
+    }
+    // Deleted: the open file lives on; data written and flushed reads back.
+    std::fs::remove_file(&gone).unwrap();
+    let o = nbdsh(a["nbd"][0].as_str().unwrap(), ROUND_TRIP);
+    assert!(text(&o).contains("ok"), "deleted image: {}", text(&o));
+    // Truncated to 4 MiB: reads past the new end fail with EIO (never zeroes passed off as
+    // data), reads before it still work, and the other disk does not notice.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&short)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let o = nbdsh(
+        b["nbd"][0].as_str().unwrap(),
+        "data = bytes((i * 13 + 1) % 249 for i in range(1 << 20))
+assert h.pread(1 << 20, 0) == data
+try:
+    h.pread(4096, 8 << 20)
+    print('read past the end')
+except nbd.Error as e:
+    print('failed', e.errno == 'EIO', e)
+assert h.pread(4096, 0) == data[:4096]
+print('still serving')",
+    );
+    let out = text(&o);
+    assert!(out.contains("failed True"), "{out}");
+    assert!(out.contains("still serving"), "{out}");
+    let o = nbdsh(a["nbd"][0].as_str().unwrap(), ROUND_TRIP);
+    assert!(text(&o).contains("ok"), "{}", text(&o));
+}
