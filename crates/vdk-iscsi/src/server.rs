@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread;
@@ -117,6 +117,10 @@ pub struct ServerConfig {
     pub login_timeout: Duration,
     /// Most non-immediate commands a session may have in flight (the command window).
     pub queue_depth: u32,
+    /// Most connections at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Most connections at once from one IP address.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for ServerConfig {
@@ -128,6 +132,8 @@ impl Default for ServerConfig {
             threads_per_connection: 16,
             login_timeout: Duration::from_secs(30),
             queue_depth: 128,
+            max_connections: 1024,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -160,6 +166,8 @@ pub(crate) struct Shared {
     live: Mutex<usize>,
     all_closed: Condvar,
     listeners: Mutex<Vec<SocketAddr>>,
+    /// Live connections per initiator address.
+    per_address: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// Stops a running server from another thread.
@@ -304,11 +312,26 @@ impl Server {
 
     /// Serves one connection (from any listener, or made by the caller) on its own thread.
     pub fn spawn_connection(self: &Arc<Self>, stream: TcpStream) {
+        let ip = stream.peer_addr().ok().map(|a| a.ip());
+        if let Err(why) = self.admit(ip) {
+            warn!(peer = ?ip, "connection refused: {why}");
+            return;
+        }
+        // An initiator whose host vanished is found in about two minutes; failures only
+        // leave the kernel's defaults.
+        {
+            use rustix::net::sockopt as so;
+            let _ = so::set_socket_keepalive(&stream, true);
+            let _ = so::set_tcp_keepidle(&stream, Duration::from_secs(60));
+            let _ = so::set_tcp_keepintvl(&stream, Duration::from_secs(10));
+            let _ = so::set_tcp_keepcnt(&stream, 6);
+        }
         let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let clone = match stream.try_clone() {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "cannot clone a client socket");
+                self.release(ip);
                 return;
             }
         };
@@ -319,21 +342,52 @@ impl Server {
                 ffp: None,
             },
         );
-        *lock(&self.shared.live) += 1;
         let server = Arc::clone(self);
         let spawned = thread::Builder::new()
             .name("iscsi-conn".into())
             .spawn(move || {
                 server.run_connection(stream, id);
                 lock(&server.shared.conns).remove(&id);
-                *lock(&server.shared.live) -= 1;
-                server.shared.all_closed.notify_all();
+                server.release(ip);
             });
         if let Err(e) = spawned {
             warn!(error = %e, "cannot start a connection thread");
             lock(&self.shared.conns).remove(&id);
-            *lock(&self.shared.live) -= 1;
+            self.release(ip);
         }
+    }
+
+    /// Counts a new connection from `ip`, or says which limit it would break.
+    fn admit(&self, ip: Option<IpAddr>) -> Result<(), String> {
+        let mut live = lock(&self.shared.live);
+        if *live >= self.config.max_connections {
+            return Err(format!("{} connections already", *live));
+        }
+        if let Some(ip) = ip {
+            let mut per = lock(&self.shared.per_address);
+            let n = per.entry(ip).or_insert(0);
+            if *n >= self.config.max_connections_per_address {
+                return Err(format!("{n} connections from {ip} already"));
+            }
+            *n += 1;
+        }
+        *live += 1;
+        Ok(())
+    }
+
+    /// Uncounts a connection from `ip`.
+    fn release(&self, ip: Option<IpAddr>) {
+        if let Some(ip) = ip {
+            let mut per = lock(&self.shared.per_address);
+            if let Some(n) = per.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per.remove(&ip);
+                }
+            }
+        }
+        *lock(&self.shared.live) -= 1;
+        self.shared.all_closed.notify_all();
     }
 
     fn wait_closed(&self) {

@@ -68,6 +68,31 @@ fn discovery_lists_a_disk_and_a_cd_rom() {
 }
 
 #[test]
+fn connections_per_initiator_address_are_limited() {
+    need("iscsi-ls");
+    let dir = tempfile::tempdir().unwrap();
+    sparse_file(&dir.path().join("disk.img"), 16 << 20);
+    let vdk = Vdk::serve_iscsi(dir, &["disk.img", "--max-connections-per-address", "2"]);
+    let ls = || {
+        Command::new("iscsi-ls")
+            .args(["-s", &vdk.iscsi_root()])
+            .output()
+            .expect("run iscsi-ls")
+    };
+    assert!(ls().status.success());
+    // Two idle connections hold both places; a third initiator is turned away.
+    let portal = vdk.iscsi_root();
+    let addr = portal.trim_start_matches("iscsi://").trim_end_matches('/');
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ls();
+    assert!(!out.status.success(), "a third connection was served");
+    drop(held);
+    common::wait_for(10, "the places to free up", || ls().status.success());
+    assert!(vdk.log().contains("connection refused"), "{}", vdk.log());
+}
+
+#[test]
 fn inquiry_vpd_pages_and_capacity() {
     need("iscsi-inq");
     need("iscsi-readcapacity16");

@@ -1,4 +1,5 @@
-//! The NBD server options shared by `vdk serve` and `vdk daemon`: TLS and resource limits.
+//! The NBD server options shared by `vdk serve` and `vdk daemon`: TLS and resource limits
+//! (the connection limits apply to iSCSI portals too).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,10 +26,10 @@ pub struct NbdArgs {
     /// TLS with pre-shared keys (USERNAME:HEXKEY lines): not available, see the error.
     #[arg(long, value_name = "FILE")]
     pub tls_psk: Option<PathBuf>,
-    /// Most NBD connections at once.
+    /// Most connections at once (NBD; and iSCSI, counted apart).
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_connections: usize,
-    /// Most NBD connections at once from one address.
+    /// Most connections at once from one address (NBD; and iSCSI, counted apart).
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_connections_per_address: usize,
     /// Close NBD connections after this many seconds without a request (0: never).

@@ -340,6 +340,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         let server = Arc::new(vdk_iscsi::Server::new(vdk_iscsi::ServerConfig {
             threads_per_connection: usize::from(args.threads),
+            max_connections: args.nbd.max_connections,
+            max_connections_per_address: args.nbd.max_connections_per_address,
             ..Default::default()
         }));
         let auth = super::iscsi_auth(
