@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS (default 60) each; crashes land in fuzz/artifacts/ and
-# fail the run. CI (scripts/test.sh) runs each for a short while; run it longer by hand, e.g.
-# scripts/fuzz.sh 3600 nbd_handshake. New inputs that reach new code join fuzz/corpus/.
+# Runs every fuzz target (or the TARGETs named) for SECONDS (default 60) each, starting from
+# the corpus in fuzz/corpus/TARGET; a crash stops the run and lands in fuzz/artifacts/TARGET/
+# (turn it into a unit test). By hand, inputs that reach new code are added to the corpus:
+#   scripts/fuzz.sh 3600 nbd_handshake
+# With VDK_FUZZ_SCRATCH=1 (CI: scripts/test.sh) new inputs go to a temporary directory and
+# the repository is left as it was.
 # cargo-fuzz needs nightly features; on a stable toolchain RUSTC_BOOTSTRAP=1 allows them.
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
@@ -12,11 +15,24 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo fuzz list)
-# One build of every target first: each run then starts at once.
-cargo fuzz build "${targets[@]:0:1}" >/dev/null 2>&1 || true
-cargo fuzz build
+scratch=""
+if [ -n "${VDK_FUZZ_SCRATCH:-}" ]; then
+  scratch=$(mktemp -d)
+  trap 'rm -rf "$scratch"' EXIT
+fi
+cargo fuzz build # every target at once: each run then starts at once
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t"
+  dirs=("fuzz/corpus/$t")
+  if [ -n "$scratch" ]; then
+    mkdir -p "$scratch/$t"
+    dirs=("$scratch/$t" "fuzz/corpus/$t") # libFuzzer writes new inputs to the first
+  fi
   echo "== fuzzing $t for ${seconds}s"
-  cargo fuzz run "$t" "fuzz/corpus/$t" -- -max_total_time="$seconds" -max_len=4096
+  set +e
+  cargo fuzz run "$t" "${dirs[@]}" -- -max_total_time="$seconds" -max_len=4096 2>&1 \
+    | grep -E "^(==|INFO: seed corpus|Done|SUMMARY|artifact_prefix|Test unit written|thread .* panicked)"
+  status=${PIPESTATUS[0]}
+  set -e
+  [ "$status" -eq 0 ] || { echo "fuzz target $t failed: see fuzz/artifacts/$t" >&2; exit 1; }
 done

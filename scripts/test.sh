@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what the tests need, checks formatting and
-# lints (warnings are errors), then runs every test. End-to-end tests drive vdk with nbdinfo,
-# nbdsh, qemu-img, qemu-io, nbdcopy, and (as root) nbdfuse + losetup + mkfs.ext4 + mount.
+# lints (warnings are errors), runs every test, then each fuzz target for 10 seconds.
+# End-to-end tests drive vdk with nbdinfo, nbdsh, qemu-img, qemu-io, nbdcopy, fio, libiscsi,
+# and (as root) nbdfuse + losetup + mkfs + mount.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,3 +12,5 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 cargo test --workspace --all-targets --all-features --locked
 cargo test --workspace --doc --all-features --locked
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+# Every fuzz target for a bounded time (scripts/fuzz.sh runs them longer by hand).
+VDK_FUZZ_SCRATCH=1 scripts/fuzz.sh 10
