@@ -86,7 +86,9 @@ fn many_clients_many_disks_verified_and_memory_flat() {
             failures.push(format!("client {i}: {}\n{stdout}\n{stderr}", out.status));
             continue;
         }
-        let v: serde_json::Value = match serde_json::from_str(&stdout) {
+        // fio's nbd engine prints a line of its own before the report.
+        let json = stdout.find('{').map_or("", |at| &stdout[at..]);
+        let v: serde_json::Value = match serde_json::from_str(json) {
             Ok(v) => v,
             Err(e) => panic!("client {i}: fio output is not JSON ({e}): {stdout}"),
         };
