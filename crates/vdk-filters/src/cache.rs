@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vdk_core::{check_range, BlockDevice, Filter, Result};
@@ -50,6 +50,8 @@ pub struct Cache {
     writes: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// A block could not be stored once (logged once).
+    put_failed: AtomicBool,
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -90,6 +92,7 @@ impl Cache {
             writes: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            put_failed: AtomicBool::new(false),
         })
     }
 
@@ -169,7 +172,10 @@ impl Cache {
             }
             Store::File { file, slots, free } => {
                 let Some(s) = free.pop() else { return Ok(()) };
-                file.write_all_at(data, s * block)?;
+                if let Err(e) = file.write_all_at(data, s * block) {
+                    free.push(s); // the slot is still free
+                    return Err(e.into());
+                }
                 slots.insert(b, s);
             }
         }
@@ -215,7 +221,13 @@ impl Cache {
                 // Keep it only if no write could have changed it while it was read.
                 let mut st = lock(&self.state);
                 if self.writes.load(Ordering::Acquire) == epoch && len as u64 == self.block {
-                    self.put(&mut st, b, &whole)?;
+                    // A cache that cannot keep it (its disk full, ...) costs a later read,
+                    // not this one: the data is here.
+                    if let Err(e) = self.put(&mut st, b, &whole) {
+                        if !self.put_failed.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "cache: cannot store a block, reading through");
+                        }
+                    }
                 }
             }
             done += n;

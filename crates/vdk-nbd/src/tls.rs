@@ -263,15 +263,17 @@ const CHUNK: usize = 256 << 10;
 fn pump(mut conn: ServerConnection, net: &Stream, plain: &UnixStream) -> io::Result<()> {
     net.set_nonblocking(true)?;
     plain.set_nonblocking(true)?;
-    let (mut net_r, mut net_w) = (net, net);
+    // rustls reads 4 KiB at a time: the socket is read in large chunks behind it.
+    let mut net_r = Buffered::new(net);
+    let mut net_w = net;
     let (mut plain_r, mut plain_w) = (plain, plain);
     let mut down: Vec<u8> = Vec::new(); // decrypted, not yet taken by the server side
     let mut down_at = 0;
     let mut buf = vec![0u8; CHUNK];
     let (mut net_eof, mut plain_eof, mut plain_shut) = (false, false, false);
     loop {
-        // The client's records, decrypted.
-        if !net_eof && conn.wants_read() && down.len() - down_at < DOWN_MAX {
+        // The client's records, decrypted, as long as they come and there is room.
+        while !net_eof && conn.wants_read() && down.len() - down_at < DOWN_MAX {
             match conn.read_tls(&mut net_r) {
                 Ok(0) => net_eof = true,
                 Ok(_) => {
@@ -280,21 +282,13 @@ fn pump(mut conn: ServerConnection, net: &Stream, plain: &UnixStream) -> io::Res
                         return Err(io::Error::new(io::ErrorKind::InvalidData, e));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        loop {
-            match conn.reader().read(&mut buf) {
-                Ok(0) => {
-                    net_eof = true; // close_notify
-                    break;
-                }
-                Ok(n) => down.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
+            net_eof |= drain(&mut conn, &mut down, &mut buf)?;
         }
+        // Plaintext rustls already holds (read along with the handshake) comes out too.
+        net_eof |= drain(&mut conn, &mut down, &mut buf)?;
         // ... handed to the server side.
         while down_at < down.len() {
             match plain_w.write(&down[down_at..]) {
@@ -334,8 +328,12 @@ fn pump(mut conn: ServerConnection, net: &Stream, plain: &UnixStream) -> io::Res
             let _ = net.shutdown(std::net::Shutdown::Both);
             return Ok(());
         }
+        let net_room = !net_eof && conn.wants_read() && down.len() - down_at < DOWN_MAX;
+        if net_room && !net_r.is_empty() {
+            continue; // bytes already read from the client, and room for them now
+        }
         let mut net_flags = PollFlags::empty();
-        if !net_eof && conn.wants_read() && down.len() - down_at < DOWN_MAX {
+        if net_room {
             net_flags |= PollFlags::IN;
         }
         if conn.wants_write() {
@@ -362,6 +360,56 @@ fn pump(mut conn: ServerConnection, net: &Stream, plain: &UnixStream) -> io::Res
         if net_flags.is_empty() && plain_flags.is_empty() && (hup(&fds[0]) || hup(&fds[1])) {
             return Ok(());
         }
+    }
+}
+
+/// Moves what rustls has decrypted into `down`. True: the client sent close_notify.
+fn drain(conn: &mut ServerConnection, down: &mut Vec<u8>, buf: &mut [u8]) -> io::Result<bool> {
+    loop {
+        match conn.reader().read(buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => down.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads a socket in chunks of [`CHUNK`] and hands them out in whatever pieces are asked for.
+struct Buffered<'a> {
+    inner: &'a Stream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl<'a> Buffered<'a> {
+    fn new(inner: &'a Stream) -> Buffered<'a> {
+        Buffered {
+            inner,
+            buf: vec![0; CHUNK],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+}
+
+impl Read for Buffered<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.is_empty() {
+            let mut r = self.inner;
+            let n = r.read(&mut self.buf)?;
+            self.start = 0;
+            self.end = n;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
     }
 }
 

@@ -216,3 +216,27 @@ print('still serving')",
     let o = nbdsh(a["nbd"][0].as_str().unwrap(), ROUND_TRIP);
     assert!(text(&o).contains("ok"), "{}", text(&o));
 }
+
+#[test]
+fn a_full_cache_disk_costs_speed_not_reads() {
+    need_root();
+    let dir = tempfile::tempdir().unwrap();
+    let small = Tmpfs::mount(&dir.path().join("small"), "1M");
+    common::sparse_file(&dir.path().join("disk.img"), 64 << 20);
+    let spec = format!("cache:dir={},size=32M", small.0.display());
+    let vdk = Vdk::serve_in(dir, &["--export", "disk=disk.img", "--filter", &spec]);
+    // 8 MiB written through, then read twice: the cache fills its 1 MiB file system at once.
+    let o = nbdsh(
+        &vdk.uri("disk"),
+        "data = bytes((i * 31 + 7) % 253 for i in range(8 << 20))
+h.pwrite(data, 0)
+h.flush()
+for _ in range(2):
+    assert h.pread(8 << 20, 0) == data
+print('reads ok')",
+    );
+    assert!(text(&o).contains("reads ok"), "{}\n{}", text(&o), vdk.log());
+    assert!(vdk.log().contains("cannot store a block"), "{}", vdk.log());
+    drop(vdk);
+    drop(small);
+}

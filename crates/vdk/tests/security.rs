@@ -682,3 +682,28 @@ fn the_control_socket_takes_its_owner_only_and_checks_the_owners_paths() {
     // Root still manages it, and sees the owner's disk.
     assert!(d.ok(&["list"]).contains("mine.img"));
 }
+
+#[test]
+fn hundreds_of_idle_connections_cost_bounded_memory_and_nobody_elses_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let vdk = Vdk::serve_tcp(dir, &["--memory", "64M"]);
+    let before = rss_kib(vdk.pid());
+    // 600 connections from one address: 256 (the default limit) are served and sit silent
+    // after the greeting, the rest are turned away at accept.
+    let mut held = Vec::new();
+    let mut greeted = 0;
+    for _ in 0..600 {
+        let mut s = TcpStream::connect(vdk.tcp()).unwrap();
+        if greeting(&mut s).is_some() {
+            greeted += 1;
+            held.push(s);
+        }
+    }
+    assert_eq!(greeted, 256, "connections served from one address");
+    let out = nbdsh(&vdk.uri("memory"), ROUND_TRIP);
+    assert!(text(&out).contains("round trip ok"), "{}", text(&out));
+    let grown_mib = rss_kib(vdk.pid()).saturating_sub(before) / 1024;
+    eprintln!("RSS grew by {grown_mib} MiB with 256 idle connections");
+    assert!(grown_mib < 200, "RSS grew by {grown_mib} MiB");
+    drop(held);
+}
