@@ -710,3 +710,44 @@ fn hundreds_of_idle_connections_cost_bounded_memory_and_nobody_elses_service() {
     assert!(grown_mib < 200, "RSS grew by {grown_mib} MiB");
     drop(held);
 }
+
+#[test]
+fn what_a_connection_has_in_flight_is_bounded_whatever_it_pipelines() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every write waits 2 s on the disk: what the client sends piles up in the server.
+    let vdk = Vdk::serve_tcp(
+        dir,
+        &["--memory", "2G", "--filter", "delay:op=write,ms=2000"],
+    );
+    let before = rss_kib(vdk.pid());
+    let s = raw_client(&vdk.tcp(), "memory");
+    let stop = s.try_clone().unwrap();
+    // 48 writes of 32 MiB (1.5 GiB) as fast as the socket takes them.
+    let sender = std::thread::spawn(move || {
+        let mut s = s;
+        let data = vec![0x5a; 32 << 20];
+        for i in 0..48u64 {
+            let req = common::raw::request(common::raw::CMD_WRITE, i, i << 25, 32 << 20);
+            if s.write_all(&req).and_then(|()| s.write_all(&data)).is_err() {
+                return i;
+            }
+        }
+        48
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let during = rss_kib(vdk.pid());
+    let grown_mib = during.saturating_sub(before) / 1024;
+    eprintln!("RSS grew by {grown_mib} MiB while a client pipelined 1.5 GiB of slow writes");
+    // 128 MiB may be queued for the workers, plus the buffers being filled and the disk's
+    // own pages for what was written.
+    assert!(grown_mib < 400, "RSS grew by {grown_mib} MiB");
+    // Others are not held up by it.
+    let o = nbdinfo(&[&vdk.uri("memory")]);
+    assert!(o.status.success(), "{}", text(&o));
+    stop.shutdown(std::net::Shutdown::Both).unwrap();
+    let sent = sender.join().unwrap();
+    assert!(
+        sent < 48,
+        "the server took all 1.5 GiB in 3 s without back-pressure"
+    );
+}
