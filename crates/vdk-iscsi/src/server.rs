@@ -325,6 +325,8 @@ impl Server {
             let _ = so::set_tcp_keepidle(&stream, Duration::from_secs(60));
             let _ = so::set_tcp_keepintvl(&stream, Duration::from_secs(10));
             let _ = so::set_tcp_keepcnt(&stream, 6);
+            // Unacknowledged data is given as long (retransmission alone would take 15 min).
+            let _ = so::set_tcp_user_timeout(&stream, 120_000);
         }
         let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let clone = match stream.try_clone() {

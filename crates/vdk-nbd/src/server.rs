@@ -69,6 +69,8 @@ pub struct ServerConfig {
     /// Close a connection with no request for this long (`None`: never; block devices of
     /// idle machines stay connected for days).
     pub idle_timeout: Option<Duration>,
+    /// TCP keep-alive: a client whose host vanished is found after about twice this.
+    pub keepalive: Duration,
     /// Most connections at once; more are closed at accept.
     pub max_connections: usize,
     /// Most connections at once from one IP address.
@@ -88,6 +90,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(60),
             idle_timeout: None,
+            keepalive: Duration::from_secs(60),
             max_connections: 1024,
             max_connections_per_address: 256,
             max_requests_in_flight: 256,
@@ -275,6 +278,7 @@ impl Server {
             warn!(peer = %stream.peer(), "connection refused: {why}");
             return;
         }
+        stream.set_keepalive(self.config.keepalive);
         let spawned = thread::Builder::new().name("nbd-conn".into()).spawn({
             let shared = Arc::clone(&shared);
             move || {
@@ -446,6 +450,18 @@ fn run_connection(
         Ok(n) => n,
         Err(HandshakeError::Ended) => {
             debug!(%peer, "client left during the handshake");
+            return;
+        }
+        Err(HandshakeError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            // A probe (connect and close), or a client that gave up: nothing went wrong here.
+            debug!(%peer, error = %e, "client left during the handshake");
             return;
         }
         Err(e) => {

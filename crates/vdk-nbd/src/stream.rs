@@ -57,6 +57,28 @@ impl Stream {
         }
     }
 
+    /// TCP keep-alive: the first probe after `idle` without traffic, then one every sixth of
+    /// it (at least a second); six unanswered and the connection is dead, so that a client
+    /// whose host vanished is found in about twice `idle` instead of TCP's hours; data left
+    /// unacknowledged that long ends it too (TCP_USER_TIMEOUT). Nothing on a Unix socket; a
+    /// failure only leaves the kernel's defaults.
+    pub fn set_keepalive(&self, idle: Duration) {
+        if let Stream::Tcp(s) = self {
+            use rustix::net::sockopt as so;
+            let interval = (idle / 6).max(Duration::from_secs(1));
+            let _ = so::set_socket_keepalive(s, true);
+            let _ = so::set_tcp_keepidle(s, idle.max(Duration::from_secs(1)));
+            let _ = so::set_tcp_keepintvl(s, interval);
+            let _ = so::set_tcp_keepcnt(s, KEEPALIVE_PROBES);
+            // Keep-alive probes only go out on a quiet connection; replies that the vanished
+            // client never acknowledged are retransmitted instead, for up to 15 minutes,
+            // unless a user time-out ends it as soon.
+            let dead = idle.max(Duration::from_secs(1)) + interval * KEEPALIVE_PROBES;
+            let ms = u32::try_from(dead.as_millis()).unwrap_or(u32::MAX);
+            let _ = so::set_tcp_user_timeout(s, ms);
+        }
+    }
+
     /// The client's IP address (`None` on a Unix socket).
     pub fn peer_ip(&self) -> Option<IpAddr> {
         match self {
@@ -135,11 +157,7 @@ impl Write for Stream {
     }
 }
 
-/// TCP keep-alive: first probe after this long without traffic...
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
-/// ... then one probe at this interval ...
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// ... and the connection is dead after this many unanswered.
+/// Unanswered keep-alive probes after which a TCP connection is dead.
 const KEEPALIVE_PROBES: u32 = 6;
 
 /// Send buffer asked for on Unix connections.
@@ -197,13 +215,6 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 s.set_nodelay(true)?;
-                // A client that vanished (cable, crash of its host) is found in about two
-                // minutes instead of TCP's hours; failures only leave the kernel's defaults.
-                use rustix::net::sockopt as so;
-                let _ = so::set_socket_keepalive(&s, true);
-                let _ = so::set_tcp_keepidle(&s, KEEPALIVE_IDLE);
-                let _ = so::set_tcp_keepintvl(&s, KEEPALIVE_INTERVAL);
-                let _ = so::set_tcp_keepcnt(&s, KEEPALIVE_PROBES);
                 Ok(Stream::Tcp(s))
             }
             Listener::Unix(l, _) => {

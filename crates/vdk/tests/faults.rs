@@ -240,3 +240,114 @@ print('reads ok')",
     drop(vdk);
     drop(small);
 }
+
+/// A network namespace with a veth pair: 10.199.N.1 on this side, 10.199.N.2 inside.
+struct Netns {
+    name: String,
+    link: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        need("ip");
+        let id = std::process::id();
+        let ns = Netns {
+            name: format!("vdk-test-{id}"),
+            link: format!("vdk{}", id % 100_000),
+        };
+        let ip = |args: &str| {
+            common::run(Command::new("ip").args(args.split_whitespace()));
+        };
+        ip(&format!("netns add {}", ns.name));
+        ip(&format!(
+            "link add {}a type veth peer name {}b",
+            ns.link, ns.link
+        ));
+        ip(&format!("link set {}b netns {}", ns.link, ns.name));
+        ip(&format!("addr add {}/24 dev {}a", ns.host(), ns.link));
+        ip(&format!("link set {}a up", ns.link));
+        ns.exec(&format!("ip addr add {}/24 dev {}b", ns.peer(), ns.link));
+        ns.exec(&format!("ip link set {}b up", ns.link));
+        ns.exec("ip link set lo up");
+        ns
+    }
+
+    fn subnet(&self) -> u32 {
+        std::process::id() % 250 + 1
+    }
+
+    fn host(&self) -> String {
+        format!("10.199.{}.1", self.subnet())
+    }
+
+    fn peer(&self) -> String {
+        format!("10.199.{}.2", self.subnet())
+    }
+
+    fn exec(&self, cmd: &str) {
+        common::run(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .args(cmd.split_whitespace()),
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}a", self.link)])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_half_open_connection_is_found_and_closed() {
+    need_root();
+    need("nbdsh");
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("tcp://{}:0", ns.host());
+    let vdk = Vdk::serve_in(
+        dir,
+        &["--memory", "16M", "--listen", &listen, "--keepalive", "2"],
+    );
+    let uri = format!("nbd://{}/memory", vdk.tcp());
+    // A client in the namespace connects, reads, and goes quiet.
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nbdsh", "-u", &uri, "-c"])
+        .arg("import time\nh.pread(512, 0)\nprint('up', flush=True)\ntime.sleep(600)")
+        .env("PATH", path_env())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start nbdsh in the namespace");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "up");
+    // Its host vanishes: the link goes down, then the client dies; no FIN or RST can reach
+    // the server, which sees a connection that is open and silent.
+    ns.exec(&format!("ip link set {}b down", ns.link));
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let t = Instant::now();
+    while !vdk.log().contains("client disconnected") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not closed:\n{}",
+            vdk.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("half-open connection closed after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    // The server serves on.
+    let o = nbdsh(&vdk.uri("memory"), ROUND_TRIP);
+    assert!(text(&o).contains("ok"), "{}", text(&o));
+}

@@ -40,6 +40,11 @@ pub struct NbdArgs {
     #[arg(long, default_value_t = 60, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub io_timeout: u64,
+    /// TCP keep-alive: probe an idle connection after this many seconds; a client whose host
+    /// vanished (no FIN, no RST: a half-open connection) is cut after about twice this.
+    #[arg(long, default_value_t = 60, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub keepalive: u64,
     /// Longest an NBD handshake (TLS included) may take, in seconds.
     #[arg(long, default_value_t = 30, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -53,6 +58,7 @@ impl NbdArgs {
             threads_per_connection: threads,
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             io_timeout: Duration::from_secs(self.io_timeout),
+            keepalive: Duration::from_secs(self.keepalive),
             idle_timeout: (self.idle_timeout > 0).then(|| Duration::from_secs(self.idle_timeout)),
             max_connections: self.max_connections,
             max_connections_per_address: self.max_connections_per_address,
