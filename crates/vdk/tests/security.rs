@@ -751,3 +751,50 @@ fn what_a_connection_has_in_flight_is_bounded_whatever_it_pipelines() {
         "the server took all 1.5 GiB in 3 s without back-pressure"
     );
 }
+
+#[test]
+fn the_daemon_serves_its_disks_over_tls_with_allow_lists() {
+    let d = common::Daemon::new();
+    let certs = pki::make(&d.path("pki"), "vdk test CA", "alice");
+    d.start(&[
+        "--tls",
+        "require",
+        "--tls-certificates",
+        certs.to_str().unwrap(),
+        "--tls-verify-peer",
+    ]);
+    let open = |name: &str, extra: &[&str]| {
+        let img = d.path(name);
+        let mut args = vec![img.to_str().unwrap().to_owned(), "16M".into()];
+        args.extend(["--attach", "none"].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        d.open(&args)["nbd"][0].as_str().unwrap().to_owned()
+    };
+    let mine = open("alice.img", &["--allow", "cert:alice"]);
+    let theirs = open("bob.img", &["--allow", "cert:bob"]);
+    let tls = |plain: &str| {
+        format!(
+            "{}&tls-certificates={}",
+            plain.replacen("nbd+unix", "nbds+unix", 1),
+            certs.display()
+        )
+    };
+    assert!(!nbdinfo(&[&mine]).status.success(), "plain client served");
+    let o = nbdsh(&tls(&mine), ROUND_TRIP);
+    assert!(text(&o).contains("round trip ok"), "{}", text(&o));
+    assert!(
+        !nbdinfo(&[&tls(&theirs)]).status.success(),
+        "alice opened bob's disk"
+    );
+    let bad = d
+        .cmd(&[
+            "open",
+            d.path("x.img").to_str().unwrap(),
+            "--allow",
+            "10.0.0.0/99",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid allow rule"));
+}
