@@ -61,6 +61,8 @@ pub(super) struct Disk {
     pub cdrom: bool,
     pub attach: &'static str,
     pub export: String,
+    /// Who may see and open the NBD export (kept for a new disc's export).
+    pub allow: Vec<vdk_nbd::Rule>,
     pub device: Arc<Tracked>,
     pub filters: Mutex<Vec<String>>,
     pub stats: Mutex<Option<Arc<vdk_filters::Stats>>>,
@@ -735,7 +737,8 @@ impl Daemon {
             Arc::clone(&device) as Arc<dyn BlockDevice>,
         );
         export.read_only = req.read_only;
-        export.allow = allow_rules(&req.allow)?;
+        let allow = allow_rules(&req.allow)?;
+        export.allow = allow.clone();
         export.description = format!("vdk disk {id}: {shown}");
         self.nbd
             .add_export(export)
@@ -754,6 +757,7 @@ impl Daemon {
             iscsi: Mutex::new(None),
             attach,
             export: export_name,
+            allow,
             device,
             filters: Mutex::new(req.filters.clone()),
             stats: Mutex::new(chain.stats),

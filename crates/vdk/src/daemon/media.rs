@@ -160,6 +160,7 @@ impl Daemon {
             Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
         );
         export.read_only = true;
+        export.allow = disk.allow.clone();
         export.description = format!("vdk disk {}: {shown}", disk.id);
         self.nbd
             .add_export(export)
