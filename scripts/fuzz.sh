@@ -16,11 +16,14 @@ export RUSTC_BOOTSTRAP=1
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo fuzz list)
 scratch=""
+build=()
 if [ -n "${VDK_FUZZ_SCRATCH:-}" ]; then
   scratch=$(mktemp -d)
   trap 'rm -rf "$scratch"' EXIT
+  # Short runs: an unoptimised build (same assertions and sanitizer) compiles in half the time.
+  build=(--dev)
 fi
-cargo fuzz build # every target at once: each run then starts at once
+cargo fuzz build "${build[@]}" # every target at once: each run then starts at once
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t"
   dirs=("fuzz/corpus/$t")
@@ -30,7 +33,7 @@ for t in "${targets[@]}"; do
   fi
   echo "== fuzzing $t for ${seconds}s"
   set +e
-  cargo fuzz run "$t" "${dirs[@]}" -- -max_total_time="$seconds" -max_len=4096 2>&1 \
+  cargo fuzz run "${build[@]}" "$t" "${dirs[@]}" -- -max_total_time="$seconds" -max_len=4096 2>&1 \
     | grep -E "^(==|INFO: seed corpus|Done|SUMMARY|artifact_prefix|Test unit written|thread .* panicked)"
   status=${PIPESTATUS[0]}
   set -e
