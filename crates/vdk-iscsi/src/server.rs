@@ -170,6 +170,30 @@ pub(crate) struct Shared {
     per_address: Mutex<HashMap<IpAddr, usize>>,
 }
 
+/// Longest a reply may wait for the initiator to take it.
+const REPLY_STALL: Duration = Duration::from_secs(60);
+
+/// A socket whose reads must all end before a deadline (the login's).
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "login took too long",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut s = self.stream;
+        s.read(buf)
+    }
+}
+
 /// Stops a running server from another thread.
 #[derive(Clone, Debug)]
 pub struct ShutdownHandle(Arc<Shared>);
@@ -447,12 +471,20 @@ impl Server {
     fn login(self: &Arc<Self>, stream: &TcpStream, peer: &str) -> Option<Arc<Conn>> {
         let deadline = Instant::now() + self.config.login_timeout * 4;
         if stream
-            .set_read_timeout(Some(self.config.login_timeout))
+            .set_write_timeout(Some(self.config.login_timeout))
             .is_err()
         {
             return None;
         }
-        let mut reader = BufReader::with_capacity(16 << 10, stream);
+        // Every read gets what is left of the deadline: bytes dripped in one at a time cannot
+        // stretch a login past it.
+        let mut reader = BufReader::with_capacity(
+            16 << 10,
+            Deadline {
+                stream,
+                until: deadline,
+            },
+        );
         let mut writer = stream;
         let mut login = Login::new(self.config.limits, self.config.portal_group);
         let mut stat_sn: Option<u32> = None;
@@ -578,7 +610,12 @@ impl Server {
             }
             let c = established?;
             c.set_stat_sn(sn.wrapping_add(1));
-            if stream.set_read_timeout(None).is_err() {
+            // Full feature phase: reads wait as long as the initiator is quiet; a reply it stops
+            // taking ends the connection after a minute, as with NBD's --io-timeout.
+            let timeouts = stream
+                .set_read_timeout(None)
+                .and_then(|()| stream.set_write_timeout(Some(REPLY_STALL)));
+            if timeouts.is_err() {
                 self.connection_ended(&c);
                 return None;
             }
