@@ -27,6 +27,7 @@ packages=(
   python3-venv    # moto_server, the S3 server of the object-store tests, in a venv of its own
   s3backer        # the peer of the object-store disk in benchmarks
   openssl         # test certificates (CA, server, clients) for NBD over TLS
+  iproute2        # ip: a network namespace for the half-open TCP connection test
 )
 
 missing=()

@@ -46,6 +46,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("cc", "gcc"),
     ("tgtd", "tgt"),
     ("openssl", "openssl"),
+    ("ip", "iproute2"),
 ];
 
 /// PATH with Debian's directories first, so that `nbdsh` runs Debian's python3, which has
