@@ -798,3 +798,31 @@ fn the_daemon_serves_its_disks_over_tls_with_allow_lists() {
         .unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid allow rule"));
 }
+
+#[test]
+fn single_mode_serves_one_client_on_its_standard_input() {
+    need("nbdsh");
+    // libnbd starts the server itself with a socket as its stdin and stdout (inetd style).
+    let code = format!(
+        "h.connect_command([{:?}, 'serve', '-s', '--memory', '16M'])\n{ROUND_TRIP}",
+        env!("CARGO_BIN_EXE_vdk")
+    );
+    let o = Command::new("nbdsh")
+        .args(["-c", &code])
+        .env("PATH", path_env())
+        .output()
+        .expect("run nbdsh");
+    assert!(text(&o).contains("round trip ok"), "{}", text(&o));
+    // Anything but a socket on stdin is a clear error.
+    let o = Command::new(env!("CARGO_BIN_EXE_vdk"))
+        .args(["serve", "-s", "--memory", "1M"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("standard input is not a socket"),
+        "{}",
+        text(&o)
+    );
+}
