@@ -28,6 +28,7 @@ mod extents;
 mod filter;
 mod info;
 pub mod io;
+pub mod net;
 pub mod pool;
 mod shared;
 pub mod size;

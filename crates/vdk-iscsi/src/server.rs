@@ -11,11 +11,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
+use vdk_core::net::{Admission, Deadline};
 
 use tracing::{debug, info, warn};
 
@@ -166,33 +168,13 @@ pub(crate) struct Shared {
     live: Mutex<usize>,
     all_closed: Condvar,
     listeners: Mutex<Vec<SocketAddr>>,
-    /// Live connections per initiator address.
-    per_address: Mutex<HashMap<IpAddr, usize>>,
 }
+
+/// TCP keep-alive of initiator connections (vdk_core::net::set_keepalive).
+const KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Longest a reply may wait for the initiator to take it.
 const REPLY_STALL: Duration = Duration::from_secs(60);
-
-/// A socket whose reads must all end before a deadline (the login's).
-struct Deadline<'a> {
-    stream: &'a TcpStream,
-    until: Instant,
-}
-
-impl io::Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "login took too long",
-            ));
-        }
-        self.stream.set_read_timeout(Some(left))?;
-        let mut s = self.stream;
-        s.read(buf)
-    }
-}
 
 /// Stops a running server from another thread.
 #[derive(Clone, Debug)]
@@ -229,11 +211,13 @@ pub struct Server {
     next_nexus: AtomicU64,
     config: ServerConfig,
     shared: Arc<Shared>,
+    admission: Arc<Admission>,
 }
 
 impl Server {
     /// A server with no targets.
     pub fn new(config: ServerConfig) -> Server {
+        let admission = Admission::new(config.max_connections, config.max_connections_per_address);
         Server {
             targets: RwLock::default(),
             sessions: Mutex::default(),
@@ -241,6 +225,7 @@ impl Server {
             next_nexus: AtomicU64::new(1),
             config,
             shared: Arc::default(),
+            admission,
         }
     }
 
@@ -337,27 +322,20 @@ impl Server {
     /// Serves one connection (from any listener, or made by the caller) on its own thread.
     pub fn spawn_connection(self: &Arc<Self>, stream: TcpStream) {
         let ip = stream.peer_addr().ok().map(|a| a.ip());
-        if let Err(why) = self.admit(ip) {
-            warn!(peer = ?ip, "connection refused: {why}");
-            return;
-        }
-        // An initiator whose host vanished is found in about two minutes; failures only
-        // leave the kernel's defaults.
-        {
-            use rustix::net::sockopt as so;
-            let _ = so::set_socket_keepalive(&stream, true);
-            let _ = so::set_tcp_keepidle(&stream, Duration::from_secs(60));
-            let _ = so::set_tcp_keepintvl(&stream, Duration::from_secs(10));
-            let _ = so::set_tcp_keepcnt(&stream, 6);
-            // Unacknowledged data is given as long (retransmission alone would take 15 min).
-            let _ = so::set_tcp_user_timeout(&stream, 120_000);
-        }
+        let place = match self.admission.admit(ip) {
+            Ok(p) => p,
+            Err(why) => {
+                warn!(peer = ?ip, "connection refused: {why}");
+                return;
+            }
+        };
+        // An initiator whose host vanished is found in about two minutes.
+        vdk_core::net::set_keepalive(&stream, KEEPALIVE);
         let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let clone = match stream.try_clone() {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "cannot clone a client socket");
-                self.release(ip);
                 return;
             }
         };
@@ -368,50 +346,24 @@ impl Server {
                 ffp: None,
             },
         );
+        *lock(&self.shared.live) += 1;
         let server = Arc::clone(self);
         let spawned = thread::Builder::new()
             .name("iscsi-conn".into())
             .spawn(move || {
                 server.run_connection(stream, id);
                 lock(&server.shared.conns).remove(&id);
-                server.release(ip);
+                drop(place);
+                server.connection_closed();
             });
         if let Err(e) = spawned {
             warn!(error = %e, "cannot start a connection thread");
             lock(&self.shared.conns).remove(&id);
-            self.release(ip);
+            self.connection_closed();
         }
     }
 
-    /// Counts a new connection from `ip`, or says which limit it would break.
-    fn admit(&self, ip: Option<IpAddr>) -> Result<(), String> {
-        let mut live = lock(&self.shared.live);
-        if *live >= self.config.max_connections {
-            return Err(format!("{} connections already", *live));
-        }
-        if let Some(ip) = ip {
-            let mut per = lock(&self.shared.per_address);
-            let n = per.entry(ip).or_insert(0);
-            if *n >= self.config.max_connections_per_address {
-                return Err(format!("{n} connections from {ip} already"));
-            }
-            *n += 1;
-        }
-        *live += 1;
-        Ok(())
-    }
-
-    /// Uncounts a connection from `ip`.
-    fn release(&self, ip: Option<IpAddr>) {
-        if let Some(ip) = ip {
-            let mut per = lock(&self.shared.per_address);
-            if let Some(n) = per.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    per.remove(&ip);
-                }
-            }
-        }
+    fn connection_closed(&self) {
         *lock(&self.shared.live) -= 1;
         self.shared.all_closed.notify_all();
     }

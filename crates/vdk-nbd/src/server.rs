@@ -25,15 +25,15 @@
 //! side of every connection: requests already read are finished and answered, then the
 //! connection closes and every export is flushed.
 
-use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
-use std::net::{IpAddr, Shutdown};
+use std::io::{self, BufRead, BufReader, IoSlice, Read};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
+use vdk_core::net::Admission;
 use vdk_core::pool::Pool;
 use vdk_core::{zeroed_buffer, BlockDevice, Errno, Error, ExtentKind, Piece, ReadOnly};
 
@@ -123,6 +123,7 @@ pub struct Server {
     exports: Arc<ExportSet>,
     config: ServerConfig,
     shared: Arc<Shared>,
+    admission: Arc<Admission>,
 }
 
 /// State shared by the server, its connections and its shutdown handles.
@@ -136,8 +137,6 @@ struct Shared {
     live: Mutex<usize>,
     all_closed: Condvar,
     listeners: Mutex<Vec<Arc<Listener>>>,
-    /// Live connections per client address (TCP only).
-    per_address: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// Stops a running server from another thread (a signal handler's thread, a test).
@@ -163,10 +162,12 @@ impl Server {
     /// A server of `exports`; the first is the default export.
     pub fn new(exports: Vec<Export>, config: ServerConfig) -> Server {
         let exports = exports.into_iter().map(Arc::new).collect();
+        let admission = Admission::new(config.max_connections, config.max_connections_per_address);
         Server {
             exports: Arc::new(ExportSet(RwLock::new(exports))),
             config,
             shared: Arc::default(),
+            admission,
         }
     }
 
@@ -273,12 +274,15 @@ impl Server {
         let shared = Arc::clone(&self.shared);
         let exports = Arc::clone(&self.exports);
         let config = self.config.clone();
-        let ip = stream.peer_ip();
-        if let Err(why) = self.admit(ip) {
-            warn!(peer = %stream.peer(), "connection refused: {why}");
-            return;
-        }
+        let place = match self.admission.admit(stream.peer_ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                warn!(peer = %stream.peer(), "connection refused: {why}");
+                return;
+            }
+        };
         stream.set_keepalive(self.config.keepalive);
+        *shared.live.locked() += 1;
         let spawned = thread::Builder::new().name("nbd-conn".into()).spawn({
             let shared = Arc::clone(&shared);
             move || {
@@ -288,31 +292,14 @@ impl Server {
                 }
                 run_connection(stream, id, &exports, &config, &shared);
                 shared.conns.locked().retain(|c| c.0 != id);
-                connection_closed(&shared, ip);
+                drop(place);
+                connection_closed(&shared);
             }
         });
         if let Err(e) = spawned {
             warn!(error = %e, "cannot start a connection thread");
-            connection_closed(&shared, ip);
+            connection_closed(&shared);
         }
-    }
-
-    /// Counts a new connection from `ip`, or says which limit it would break.
-    fn admit(&self, ip: Option<IpAddr>) -> Result<(), String> {
-        let mut live = self.shared.live.locked();
-        if *live >= self.config.max_connections {
-            return Err(format!("{} connections already", *live));
-        }
-        if let Some(ip) = ip {
-            let mut per = self.shared.per_address.locked();
-            let n = per.entry(ip).or_insert(0);
-            if *n >= self.config.max_connections_per_address {
-                return Err(format!("{n} connections from {ip} already"));
-            }
-            *n += 1;
-        }
-        *live += 1;
-        Ok(())
     }
 
     fn wait_closed(&self) {
@@ -356,59 +343,17 @@ impl Exports for ExportSet {
     }
 }
 
-fn connection_closed(shared: &Shared, ip: Option<IpAddr>) {
-    if let Some(ip) = ip {
-        let mut per = shared.per_address.locked();
-        if let Some(n) = per.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&ip);
-            }
-        }
-    }
+fn connection_closed(shared: &Shared) {
     let mut live = shared.live.locked();
     *live -= 1;
     // Woken on every close: remove_export waits for some connections, serve for all.
     shared.all_closed.notify_all();
 }
 
-/// A stream during the handshake: every read and write must end before the deadline.
-struct Deadline {
-    stream: Stream,
-    until: Instant,
-}
-
-impl Deadline {
-    fn left(&self) -> io::Result<Duration> {
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "handshake time-out",
-            ));
-        }
-        Ok(left)
-    }
-}
-
-impl Read for Deadline {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.set_read_timeout(Some(self.left()?))?;
-        self.stream.read(buf)
-    }
-}
-
-impl Write for Deadline {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.stream.set_write_timeout(Some(self.left()?))?;
-        self.stream.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Runs the TLS handshake on the deadline's stream and puts the decrypted stream in its place.
+/// The handshake's stream: every read and write must end before its deadline.
+type Deadline = vdk_core::net::Deadline<Stream>;
+
 fn start_tls(tls: Option<&Tls>, d: &mut Deadline) -> io::Result<Vec<String>> {
     let tls = tls.ok_or_else(|| io::Error::other("tls is off"))?;
     let net = d.stream.try_clone()?;
@@ -588,9 +533,15 @@ impl Conn {
         f.0 > 0 && (f.0 >= self.max_requests || f.1 + bytes > self.max_bytes)
     }
 
-    /// Whether [`reserve`](Self::reserve) would wait now.
-    fn would_wait(&self, bytes: u64) -> bool {
-        self.over(*self.in_flight.locked(), bytes)
+    /// Counts one more request of `bytes` if it fits now; false: it would have to wait.
+    fn try_reserve(&self, bytes: u64) -> bool {
+        let mut f = self.in_flight.locked();
+        if self.over(*f, bytes) {
+            return false;
+        }
+        f.0 += 1;
+        f.1 += bytes;
+        true
     }
 
     fn release(&self, bytes: u64) {
@@ -633,10 +584,13 @@ enum Payload {
 /// the connection has as much in flight as it may.
 fn submit(conn: &Arc<Conn>, job: Job, batch: &mut Batch) {
     let bytes = cost(&job.header);
-    if conn.would_wait(bytes) && batch.flush(conn).is_err() {
-        conn.broken.store(true, Ordering::SeqCst);
+    if !conn.try_reserve(bytes) {
+        // About to wait for the workers: the replies at hand go out first.
+        if batch.flush(conn).is_err() {
+            conn.broken.store(true, Ordering::SeqCst);
+        }
+        conn.reserve(bytes);
     }
-    conn.reserve(bytes);
     let start = || {
         let c = Arc::clone(conn);
         thread::Builder::new()

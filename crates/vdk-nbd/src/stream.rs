@@ -57,25 +57,10 @@ impl Stream {
         }
     }
 
-    /// TCP keep-alive: the first probe after `idle` without traffic, then one every sixth of
-    /// it (at least a second); six unanswered and the connection is dead, so that a client
-    /// whose host vanished is found in about twice `idle` instead of TCP's hours; data left
-    /// unacknowledged that long ends it too (TCP_USER_TIMEOUT). Nothing on a Unix socket; a
-    /// failure only leaves the kernel's defaults.
+    /// TCP keep-alive ([`vdk_core::net::set_keepalive`]); nothing on a Unix socket.
     pub fn set_keepalive(&self, idle: Duration) {
         if let Stream::Tcp(s) = self {
-            use rustix::net::sockopt as so;
-            let interval = (idle / 6).max(Duration::from_secs(1));
-            let _ = so::set_socket_keepalive(s, true);
-            let _ = so::set_tcp_keepidle(s, idle.max(Duration::from_secs(1)));
-            let _ = so::set_tcp_keepintvl(s, interval);
-            let _ = so::set_tcp_keepcnt(s, KEEPALIVE_PROBES);
-            // Keep-alive probes only go out on a quiet connection; replies that the vanished
-            // client never acknowledged are retransmitted instead, for up to 15 minutes,
-            // unless a user time-out ends it as soon.
-            let dead = idle.max(Duration::from_secs(1)) + interval * KEEPALIVE_PROBES;
-            let ms = u32::try_from(dead.as_millis()).unwrap_or(u32::MAX);
-            let _ = so::set_tcp_user_timeout(s, ms);
+            vdk_core::net::set_keepalive(s, idle);
         }
     }
 
@@ -100,6 +85,15 @@ impl Stream {
     /// Writes every byte of every slice, in order.
     pub fn write_all_vectored(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         vdk_core::io::write_all_vectored(self, bufs)
+    }
+}
+
+impl vdk_core::net::Timeouts for Stream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        Stream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        Stream::set_write_timeout(self, t)
     }
 }
 
@@ -156,9 +150,6 @@ impl Write for Stream {
         Ok(())
     }
 }
-
-/// Unanswered keep-alive probes after which a TCP connection is dead.
-const KEEPALIVE_PROBES: u32 = 6;
 
 /// Send buffer asked for on Unix connections.
 const UNIX_SNDBUF: usize = 4 << 20;

@@ -84,11 +84,6 @@ impl fmt::Debug for Tls {
     }
 }
 
-/// The file of a certificate directory that holds `what`.
-fn file(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
-}
-
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
@@ -159,8 +154,8 @@ pub(crate) trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
 fn load(dir: &Path, verify_peer: bool) -> io::Result<Arc<ServerConfig>> {
-    let cert_file = file(dir, "server-cert.pem");
-    let key_file = file(dir, "server-key.pem");
+    let cert_file = dir.join("server-cert.pem");
+    let key_file = dir.join("server-key.pem");
     let certs = CertificateDer::pem_file_iter(&cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| invalid(format!("{}: {e}", cert_file.display())))?;
@@ -174,7 +169,7 @@ fn load(dir: &Path, verify_peer: bool) -> io::Result<Arc<ServerConfig>> {
         .map_err(|e| invalid(format!("{}: {e}", key_file.display())))?;
     let builder = ServerConfig::builder();
     let builder = if verify_peer {
-        let ca_file = file(dir, "ca-cert.pem");
+        let ca_file = dir.join("ca-cert.pem");
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(&ca_file)
             .map_err(|e| invalid(format!("{}: {e}", ca_file.display())))?

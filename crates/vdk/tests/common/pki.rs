@@ -11,24 +11,25 @@ fn openssl(dir: &Path, args: &[&str]) {
     run(Command::new("openssl").args(args).current_dir(dir));
 }
 
+/// openssl's arguments for a new P-256 key, unencrypted.
+const NEW_KEY: &[&str] = &[
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
 /// A new P-256 key in `key` and a request for `subject` in `csr`.
 fn request(dir: &Path, key: &str, csr: &str, subject: &str) {
     openssl(
         dir,
         &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key,
-            "-out",
-            csr,
-            "-subj",
-            subject,
-        ],
+            &["req"],
+            NEW_KEY,
+            &["-keyout", key, "-out", csr, "-subj", subject],
+        ]
+        .concat(),
     );
 }
 
@@ -68,22 +69,20 @@ pub fn make(dir: &Path, ca_name: &str, client: &str) -> PathBuf {
     openssl(
         dir,
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca-cert.pem",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={ca_name}"),
-        ],
+            &["req", "-x509"],
+            NEW_KEY,
+            &[
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca-cert.pem",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={ca_name}"),
+            ],
+        ]
+        .concat(),
     );
     request(dir, "server-key.pem", "server.csr", "/CN=localhost");
     sign(
