@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-test-deps.sh
+# The suite must leave the tree as it found it (no state files, no lock file rewritten).
+tree_before=$(git status --porcelain 2>/dev/null || true)
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 cargo test --workspace --all-targets --all-features --locked
@@ -14,3 +16,9 @@ cargo test --workspace --doc --all-features --locked
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 # Every fuzz target for a bounded time (scripts/fuzz.sh runs them longer by hand).
 VDK_FUZZ_SCRATCH=1 scripts/fuzz.sh 10
+tree_after=$(git status --porcelain 2>/dev/null || true)
+if [ "$tree_before" != "$tree_after" ]; then
+  echo "the test command changed the tree (git status --porcelain):" >&2
+  diff <(echo "$tree_before") <(echo "$tree_after") >&2 || true
+  exit 1
+fi

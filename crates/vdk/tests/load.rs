@@ -63,6 +63,8 @@ fn many_clients_many_disks_verified_and_memory_flat() {
                     "--output-format=json",
                 ])
                 .env("PATH", path_env())
+                // fio leaves verify state files in its working directory.
+                .current_dir(d.dir.path())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
