@@ -27,6 +27,24 @@ pub struct FileOptions {
     pub read_only: bool,
     /// Bypass the page cache (`O_DIRECT`, Linux only). Requests must be 4096-aligned.
     pub direct: bool,
+    /// Take no lock and respect nobody's (read-only opens only), as `qemu-img -U` does: a
+    /// look at an image another program may be writing, whose metadata may be changing.
+    pub force_share: bool,
+}
+
+impl FileOptions {
+    /// Takes the lock these options call for on `file` (see [`lock_image`]); none with
+    /// `force_share`, which a writable open may not ask for.
+    pub fn lock(&self, file: &File, path: &Path) -> io::Result<()> {
+        match (self.force_share, self.read_only) {
+            (false, _) => lock_image(file, path, self.read_only),
+            (true, true) => Ok(()),
+            (true, false) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "force-share (-U) is for read-only opens only",
+            )),
+        }
+    }
 }
 
 /// Takes the image's lock for as long as the file stays open: shared for reading, exclusive
@@ -42,18 +60,33 @@ pub fn lock_image(file: &File, path: &Path, read_only: bool) -> io::Result<()> {
     };
     match flock(file, op) {
         Ok(()) => Ok(()),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            format!(
-                "{} is in use: another program holds a lock on it{}",
-                path.display(),
-                if read_only { " for writing" } else { "" }
-            ),
-        )),
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let holders = vdk_core::proc::flock_holders(path);
+            let who = if holders.is_empty() {
+                "another program".to_owned()
+            } else {
+                holders.join(", ")
+            };
+            Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "{} is in use: {who} holds a lock on it{}",
+                    path.display(),
+                    if read_only { " for writing" } else { "" }
+                ),
+            ))
+        }
         // File systems without flock (some network ones): no lock, as qemu does.
         Err(rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Fails, naming who holds it, if a program has the image open for writing (its lock taken
+/// exclusively); takes the shared lock and lets it go at once.
+pub fn check_not_written(path: &Path) -> io::Result<()> {
+    let file = File::open(path)?;
+    lock_image(&file, path, true)
 }
 
 /// Alignment required with `O_DIRECT`: the page size, which covers any sector size.
@@ -82,7 +115,7 @@ impl FileDisk {
             set_direct(&mut oo)?;
         }
         let mut file = oo.open(path)?;
-        lock_image(&file, path, opts.read_only)?;
+        opts.lock(&file, path)?;
         let size = file.seek(SeekFrom::End(0))?;
         let sparse = cfg!(target_os = "linux") && file.metadata()?.is_file();
         let nowait_writes = AtomicBool::new(!opts.direct && cfg!(target_os = "linux"));

@@ -13,6 +13,6 @@ mod file;
 mod memory;
 mod pattern;
 
-pub use file::{file_extents, lock_image, FileDisk, FileOptions};
+pub use file::{check_not_written, file_extents, lock_image, FileDisk, FileOptions};
 pub use memory::MemoryDisk;
 pub use pattern::PatternDisk;

@@ -30,6 +30,7 @@ mod info;
 pub mod io;
 pub mod net;
 pub mod pool;
+pub mod proc;
 mod shared;
 pub mod size;
 

@@ -156,6 +156,7 @@ pub fn cow(
                 format,
                 read_only: true,
                 probe_backing: false,
+                ..Default::default()
             };
             backing = vdk_formats::open(&recorded, &opts)?.device;
         }
@@ -218,6 +219,16 @@ pub struct CommitReport {
     pub zeroed: u64,
 }
 
+/// The base image an overlay file records (resolved as qcow2 resolves it), if any.
+pub fn base_of(overlay: &Path) -> io::Result<Option<PathBuf>> {
+    let file = fs::File::open(overlay)?;
+    let (header, first) = vdk_formats::qcow2_header(overlay, &file)?;
+    let name = header
+        .backing_file(&first)
+        .map_err(|e| io_err(io::ErrorKind::InvalidData, e.to_string()))?;
+    Ok(name.map(|n| vdk_formats::backing_path(overlay, &n)))
+}
+
 /// The base an overlay file records, opened for writing, and the overlay itself.
 fn open_pair(overlay: &Path) -> io::Result<(Arc<dyn BlockDevice>, Qcow2, PathBuf)> {
     let file = fs::OpenOptions::new()
@@ -250,6 +261,7 @@ fn open_pair(overlay: &Path) -> io::Result<(Arc<dyn BlockDevice>, Qcow2, PathBuf
             format,
             read_only: false,
             probe_backing: false,
+            ..Default::default()
         },
     )
     .map_err(|e| io_err(e.kind(), format!("cannot open the base for writing: {e}")))?
@@ -318,15 +330,30 @@ pub fn commit(overlay: &Path) -> io::Result<CommitReport> {
     Ok(report)
 }
 
-/// Empties an overlay: the disk reads as its base again.
-pub fn discard(overlay: &Path) -> io::Result<()> {
+/// Empties an overlay: the disk reads as its base again. An image that records no base is
+/// refused unless vdk made it as an overlay (its header carries vdk's stamp) or `known` says
+/// the caller knows it is one: emptying an ordinary qcow2 image would erase it.
+pub fn discard(overlay: &Path, known: bool) -> io::Result<()> {
     // Not while a disk uses it; the base is not needed.
     let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(overlay)?;
     vdk_backends::lock_image(&file, overlay, false)?;
-    vdk_formats::qcow2_header(overlay, &file)?;
+    let (header, first) = vdk_formats::qcow2_header(overlay, &file)?;
+    let base = header
+        .backing_file(&first)
+        .map_err(|e| io_err(io::ErrorKind::InvalidData, e.to_string()))?;
+    if base.is_none() && header.vdk_check.is_none() && !known {
+        return Err(io_err(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} records no base image: it is a disk of its own, not an overlay, and \
+                 discarding would erase it",
+                overlay.display()
+            ),
+        ));
+    }
     drop(file);
     reset(overlay)
 }

@@ -259,7 +259,7 @@ fn commit_merges_the_overlay_into_the_base_and_empties_it() {
     let disk = cow::cow(Arc::clone(&base2), Some(&file), &persistent(&o)).unwrap();
     disk.write_at(&[0x77; 4096], 0, true).unwrap();
     drop(disk);
-    cow::discard(&o).unwrap();
+    cow::discard(&o, false).unwrap();
     let disk = cow::cow(base2, Some(&file), &persistent(&o)).unwrap();
     let mut b = [0u8; 4096];
     disk.read_at(&mut b, 0).unwrap();
@@ -285,4 +285,21 @@ fn an_overlay_whose_header_changed_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("checksum"), "{e}");
+}
+
+#[test]
+fn discarding_an_image_that_is_no_overlay_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let q = vdk_formats::qcow2::create::create(
+        &img,
+        4 * MIB,
+        &vdk_formats::qcow2::create::CreateOptions::default(),
+    )
+    .unwrap();
+    drop(q);
+    let before = fs::read(&img).unwrap();
+    let e = cow::discard(&img, false).unwrap_err();
+    assert!(e.to_string().contains("records no base image"), "{e}");
+    assert_eq!(fs::read(&img).unwrap(), before, "the image is untouched");
 }

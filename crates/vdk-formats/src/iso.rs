@@ -43,13 +43,13 @@ pub struct IsoDisk {
 }
 
 impl IsoDisk {
-    /// Opens the ISO image at `path`.
-    pub fn open(path: &Path) -> io::Result<IsoDisk> {
+    /// Opens the ISO image at `path` (always read-only; `opts.force_share` is honoured).
+    pub fn open(path: &Path, opts: FileOptions) -> io::Result<IsoDisk> {
         let file = FileDisk::open(
             path,
             FileOptions {
                 read_only: true,
-                ..FileOptions::default()
+                ..opts
             },
         )?;
         Ok(IsoDisk { file })

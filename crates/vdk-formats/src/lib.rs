@@ -102,6 +102,14 @@ pub(crate) fn zero_allocated(
     Ok(())
 }
 
+/// How [`info`] and the `describe` functions open an image: read-only, taking no lock, so
+/// that they can describe an image that is open for writing (by this process too).
+pub(crate) const LOOK: FileOptions = FileOptions {
+    read_only: true,
+    direct: false,
+    force_share: true,
+};
+
 /// Longest backing chain followed.
 pub const MAX_CHAIN: usize = 16;
 
@@ -156,6 +164,48 @@ impl fmt::Display for Format {
     }
 }
 
+/// The format an image's file name says it has (`.qcow2`, `.vhd`, `.vhdx`, `.iso`), if any.
+/// Names only suggest: [`probe`] reads what the file holds.
+pub fn format_by_name(path: &Path) -> Option<Format> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "qcow2" | "qcow" => Some(Format::Qcow2),
+        "vhd" | "vpc" => Some(Format::Vhd),
+        "vhdx" => Some(Format::Vhdx),
+        "iso" => Some(Format::Iso),
+        _ => None,
+    }
+}
+
+/// Refuses to write `path` as `probed` when its name says it is an image of another format
+/// with a header (qcow2, VHD, VHDX): a header that is not there is a damaged image, or a
+/// file that is not what its name says, and writing it as raw data would ruin it for good.
+/// Naming the format (`--format raw`) says the user knows.
+pub fn check_named(path: &Path, probed: Format) -> io::Result<()> {
+    match format_by_name(path) {
+        Some(named @ (Format::Qcow2 | Format::Vhd | Format::Vhdx)) if named != probed => {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is named as a {named} image but holds {}; vdk will not write it \
+                     (give --format {probed} if that is what it is)",
+                    path.display(),
+                    what_it_holds(probed)
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What a probed format means, for messages about files that are not what they say.
+pub fn what_it_holds(probed: Format) -> String {
+    match probed {
+        Format::Raw => "no image header (it reads as raw data)".to_owned(),
+        other => format!("a {other} image"),
+    }
+}
+
 /// The format of the image at `path`, told by its magic only: `QFI\xfb` at 0 is qcow2, an
 /// ISO 9660 volume descriptor (`CD001` in sector 16) is iso, anything else is raw.
 pub fn probe(path: &Path) -> io::Result<Format> {
@@ -193,7 +243,7 @@ fn read_some(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 }
 
 /// How to open an image.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct OpenOptions {
     /// The format; probed from the magic when `None`.
     pub format: Option<Format>,
@@ -201,6 +251,9 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Probe the format of backing files whose parent does not record it (off: refuse).
     pub probe_backing: bool,
+    /// Take no image locks (with `read_only` only), as `qemu-img -U` does: read an image that
+    /// another program has open for writing.
+    pub force_share: bool,
 }
 
 /// An open image.
@@ -231,22 +284,21 @@ pub fn qcow2_header(path: &Path, file: &File) -> io::Result<(Header, Vec<u8>)> {
 
 /// Opens the image at `path`.
 pub fn open(path: &Path, opts: &OpenOptions) -> io::Result<Image> {
-    open_in_chain(
-        path,
-        opts.format,
-        opts.read_only,
-        opts.probe_backing,
-        &mut Vec::new(),
-    )
+    open_in_chain(path, opts, &mut Vec::new())
 }
 
-fn open_in_chain(
-    path: &Path,
-    format: Option<Format>,
-    read_only: bool,
-    probe_backing: bool,
-    chain: &mut Vec<PathBuf>,
-) -> io::Result<Image> {
+fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> io::Result<Image> {
+    let OpenOptions {
+        format,
+        read_only,
+        probe_backing,
+        force_share,
+    } = *opts;
+    let file_opts = FileOptions {
+        read_only,
+        force_share,
+        ..FileOptions::default()
+    };
     let canonical = fs::canonicalize(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     if chain.contains(&canonical) {
@@ -261,25 +313,25 @@ fn open_in_chain(
     chain.push(canonical);
     let format = match format {
         Some(f) => f,
-        None => probe(path)?,
+        None => {
+            let probed = probe(path)?;
+            if !read_only {
+                check_named(path, probed)?;
+            }
+            probed
+        }
     };
     let device: Arc<dyn BlockDevice> = match format {
-        Format::Raw => Arc::new(FileDisk::open(
-            path,
-            FileOptions {
-                read_only,
-                ..FileOptions::default()
-            },
-        )?),
-        Format::Iso => Arc::new(iso::IsoDisk::open(path)?),
-        Format::Vhd => Arc::new(vhd::Vhd::open(path, read_only)?),
-        Format::Vhdx => Arc::new(vhdx::Vhdx::open(path, read_only)?),
+        Format::Raw => Arc::new(FileDisk::open(path, file_opts)?),
+        Format::Iso => Arc::new(iso::IsoDisk::open(path, file_opts)?),
+        Format::Vhd => Arc::new(vhd::Vhd::open(path, file_opts)?),
+        Format::Vhdx => Arc::new(vhdx::Vhdx::open(path, file_opts)?),
         Format::Qcow2 => {
             let file = fs::OpenOptions::new()
                 .read(true)
                 .write(!read_only)
                 .open(path)?;
-            vdk_backends::lock_image(&file, path, read_only)?;
+            file_opts.lock(&file, path)?;
             let (header, first) = qcow2_header(path, &file)?;
             let backing = match header
                 .backing_file(&first)
@@ -301,7 +353,12 @@ fn open_in_chain(
                             ))
                         }
                     };
-                    Some(open_in_chain(&bpath, bformat, true, probe_backing, chain)?.device)
+                    let bopts = OpenOptions {
+                        format: bformat,
+                        read_only: true,
+                        ..*opts
+                    };
+                    Some(open_in_chain(&bpath, &bopts, chain)?.device)
                 }
             };
             Arc::new(Qcow2::open(
@@ -355,6 +412,8 @@ pub struct ImageInfo {
     pub dirty: bool,
     /// Marked corrupt.
     pub corrupt: bool,
+    /// qcow2 lazy refcounts (a compatible feature): refcounts are repaired after a crash.
+    pub lazy_refcounts: bool,
     /// Extended L2 entries (subclusters).
     pub extended_l2: bool,
     /// Internal snapshots.
@@ -406,6 +465,7 @@ fn info_in_chain(
         backing_format: None,
         dirty: false,
         corrupt: false,
+        lazy_refcounts: false,
         extended_l2: false,
         snapshots: 0,
         encrypted: false,
@@ -415,9 +475,10 @@ fn info_in_chain(
         subformat: None,
     };
     if format == Format::Vhd {
-        let (size, kind) = vhd::describe(path)?;
+        let (size, kind, block) = vhd::describe(path)?;
         info.virtual_size = size;
         info.subformat = Some(kind);
+        info.cluster_size = block;
     }
     if format == Format::Vhdx {
         let (size, block) = vhdx::describe(path)?;
@@ -442,6 +503,7 @@ fn info_in_chain(
         info.backing_format = h.backing_format.clone();
         info.dirty = h.incompatible_features & qcow2::header::incompat::DIRTY != 0;
         info.corrupt = h.incompatible_features & qcow2::header::incompat::CORRUPT != 0;
+        info.lazy_refcounts = h.compatible_features & 1 != 0;
         info.extended_l2 = h.extended_l2();
         info.snapshots = h.nb_snapshots;
         info.encrypted = h.crypt_method != 0;
@@ -474,8 +536,34 @@ pub struct CreateOptions {
     pub fixed: bool,
 }
 
-/// Creates a new image of `size` bytes at `path` (which must not exist).
+/// Creates a new image of `size` bytes at `path` (which must not exist). If it fails, no file
+/// is left behind.
 pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<()> {
+    if fs::symlink_metadata(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists", path.display()),
+        ));
+    }
+    let made = create_new(path, size, opts);
+    if let Err(e) = made {
+        // Whatever part of the file was made is no image.
+        let _ = fs::remove_file(path);
+        return Err(match e.kind() {
+            io::ErrorKind::FileTooLarge => io::Error::new(
+                e.kind(),
+                format!(
+                    "{} ({size} bytes) is more than its file system allows in one file",
+                    vdk_core::size::Human(size)
+                ),
+            ),
+            _ => e,
+        });
+    }
+    Ok(())
+}
+
+fn create_new(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<()> {
     match opts.format {
         Format::Raw => {
             if opts.backing.is_some() {
@@ -528,11 +616,13 @@ pub fn backing_path(image: &Path, name: &str) -> PathBuf {
 }
 
 /// Checks the consistency of the image at `path`; with `repair`, fixes refcounts. Raw images
-/// have nothing to check.
+/// have nothing to check. With `force_share` (not with `repair`) no lock is taken, so an
+/// image open for writing elsewhere can be looked at.
 pub fn check(
     path: &Path,
     format: Option<Format>,
     repair: bool,
+    force_share: bool,
 ) -> io::Result<Option<qcow2::check::CheckReport>> {
     let format = match format {
         Some(f) => f,
@@ -542,16 +632,22 @@ pub fn check(
         Format::Raw | Format::Iso | Format::Vhd | Format::Vhdx => Ok(None),
         Format::Qcow2 => {
             let file = File::open(path)?;
-            vdk_backends::lock_image(&file, path, !repair)?;
+            let lock = FileOptions {
+                read_only: !repair,
+                force_share,
+                ..FileOptions::default()
+            };
+            lock.lock(&file, path)?;
             let (header, _) = qcow2_header(path, &file)?;
             qcow2::check::check(path, &header, repair).map(Some)
         }
     }
 }
 
-/// Grows the image at `path` to `new_size` bytes (qcow2: growing its L1 table if needed; raw:
-/// extending the file). Shrinking, and resizing other formats, is refused.
-pub fn resize(path: &Path, format: Option<Format>, new_size: u64) -> io::Result<()> {
+/// Resizes the image at `path` to `new_size` bytes: grows it (qcow2: growing its L1 table if
+/// needed; raw: extending the file), or with `shrink` makes it smaller (raw: cut; qcow2: only
+/// when nothing is allocated past the new end). Other formats are refused.
+pub fn resize(path: &Path, format: Option<Format>, new_size: u64, shrink: bool) -> io::Result<()> {
     let format = match format {
         Some(f) => f,
         None => probe(path)?,
@@ -560,10 +656,10 @@ pub fn resize(path: &Path, format: Option<Format>, new_size: u64) -> io::Result<
         Format::Raw => {
             let file = fs::OpenOptions::new().write(true).open(path)?;
             vdk_backends::lock_image(&file, path, false)?;
-            if new_size < file.metadata()?.len() {
+            if new_size < file.metadata()?.len() && !shrink {
                 return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "shrinking would drop data: vdk only grows images",
+                    io::ErrorKind::InvalidInput,
+                    "shrinking drops what lies past the new end: asked only with --shrink",
                 ));
             }
             file.set_len(new_size)?;
@@ -572,8 +668,14 @@ pub fn resize(path: &Path, format: Option<Format>, new_size: u64) -> io::Result<
         Format::Qcow2 => {
             let file = fs::OpenOptions::new().read(true).write(true).open(path)?;
             vdk_backends::lock_image(&file, path, false)?;
-            // The backing chain is not needed to grow the tables.
+            // The backing chain is not needed to change the tables.
             let (header, _) = qcow2_header(path, &file)?;
+            if new_size < header.size && !shrink {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "shrinking drops what lies past the new end: asked only with --shrink",
+                ));
+            }
             let q = Qcow2::open(
                 path,
                 file,
@@ -584,7 +686,10 @@ pub fn resize(path: &Path, format: Option<Format>, new_size: u64) -> io::Result<
                     max_bytes: None,
                 },
             )?;
-            q.resize(new_size).map_err(io::Error::other)
+            q.resize(new_size).map_err(|e| match e {
+                vdk_core::Error::Io(e) => e,
+                other => io::Error::other(other),
+            })
         }
         other => Err(io::Error::new(
             io::ErrorKind::Unsupported,

@@ -26,7 +26,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
-use crate::{be32, be64};
+use crate::{be32, be64, LOOK};
+use vdk_backends::FileOptions;
 use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
 
 /// Footer cookie.
@@ -90,16 +91,16 @@ fn chs_sectors(g: (u16, u8, u8)) -> u64 {
 }
 
 /// What `vdk info` shows of a VHD: its size and whether it is fixed.
-pub fn describe(path: &Path) -> io::Result<(u64, &'static str)> {
-    let v = Vhd::open(path, true)?;
-    Ok((
-        v.size,
-        if v.dynamic.is_some() {
-            "dynamic"
-        } else {
-            "fixed"
-        },
-    ))
+pub fn describe(path: &Path) -> io::Result<(u64, &'static str, Option<u64>)> {
+    let v = Vhd::open(path, LOOK)?;
+    Ok(match &v.dynamic {
+        Some(d) => (
+            v.size,
+            "dynamic",
+            Some(d.lock().unwrap_or_else(PoisonError::into_inner).block),
+        ),
+        None => (v.size, "fixed", None),
+    })
 }
 
 /// A parsed footer.
@@ -172,9 +173,10 @@ pub struct Vhd {
 
 impl Vhd {
     /// Opens a VHD (fixed or dynamic).
-    pub fn open(path: &Path, read_only: bool) -> io::Result<Vhd> {
+    pub fn open(path: &Path, opts: FileOptions) -> io::Result<Vhd> {
+        let read_only = opts.read_only;
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        vdk_backends::lock_image(&file, path, read_only)?;
+        opts.lock(&file, path)?;
         let len = file.metadata()?.len();
         if len < FOOTER {
             return Err(bad(path, "too short to be a VHD"));

@@ -30,6 +30,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use vdk_backends::FileOptions;
 use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
 
 /// File identifier signature.
@@ -459,9 +460,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Vhdx {
     /// Opens a VHDX image, replaying its log first if it has one (which needs write access).
-    pub fn open(path: &Path, read_only: bool) -> io::Result<Vhdx> {
+    pub fn open(path: &Path, opts: FileOptions) -> io::Result<Vhdx> {
+        let read_only = opts.read_only;
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        vdk_backends::lock_image(&file, path, read_only)?;
+        opts.lock(&file, path)?;
         let len = file.metadata()?.len();
         let mut magic = [0u8; 8];
         if len < 4 * MIB {
@@ -784,6 +786,6 @@ pub fn create(path: &Path, size: u64) -> io::Result<()> {
 
 /// What `vdk info` shows of a VHDX: size and block size.
 pub fn describe(path: &Path) -> io::Result<(u64, u64)> {
-    let v = Vhdx::open(path, true)?;
+    let v = Vhdx::open(path, crate::LOOK)?;
     Ok((v.size, v.block))
 }

@@ -8,19 +8,53 @@
 //! - `az://CONTAINER/PREFIX`: `AZURE_*` variables (`AZURE_STORAGE_ACCOUNT_NAME`, ...).
 //! - `file:///DIR`: a local directory; the lease is a lock on a file in it.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
-use object_store::azure::MicrosoftAzureBuilder;
-use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use url::Url;
 
 use crate::ObjError;
+
+/// The variables a store's settings and credentials come from: `AWS_*` for S3, `GOOGLE_*`
+/// for GCS, `AZURE_*` for Azure, as the cloud tools read them. A daemon gets a client's with
+/// its request, so that it never needs (or uses) its own environment on a client's behalf.
+/// Its `Debug` shows names only: values may be secrets.
+#[derive(Clone, Default, Eq, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(transparent)]
+pub struct StoreEnv(pub BTreeMap<String, String>);
+
+/// Prefixes of the variables a [`StoreEnv`] carries.
+const ENV_PREFIXES: &[&str] = &["AWS_", "GOOGLE_", "AZURE_"];
+
+impl StoreEnv {
+    /// The store variables of this process's environment.
+    pub fn current() -> StoreEnv {
+        StoreEnv(
+            std::env::vars()
+                .filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
+                .collect(),
+        )
+    }
+
+    /// Whether it holds no variable.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for StoreEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
 
 /// Settings of the store beyond the URL; the environment fills in what is not set.
 #[derive(Clone, Debug, Default)]
@@ -33,6 +67,33 @@ pub struct StoreOptions {
     pub retry_timeout: Option<Duration>,
     /// S3 access key id and secret (default: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
     pub credentials: Option<(String, String)>,
+    /// Where the rest comes from: these variables, or (`None`) this process's environment.
+    pub env: Option<StoreEnv>,
+}
+
+impl StoreOptions {
+    /// The variable `name` of the environment these options read.
+    fn var(&self, name: &str) -> Option<String> {
+        match &self.env {
+            Some(env) => env.0.get(name).cloned(),
+            None => std::env::var(name).ok(),
+        }
+    }
+
+    /// The variables of the environment these options read whose names start with `prefix`.
+    fn vars(&self, prefix: &str) -> Vec<(String, String)> {
+        match &self.env {
+            Some(env) => env
+                .0
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            None => std::env::vars()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .collect(),
+        }
+    }
 }
 
 /// A parsed disk location.
@@ -89,7 +150,13 @@ impl Location {
                 if u.host_str().is_none_or(str::is_empty) {
                     return Err(bad(format!("{url:?}: give a bucket (s3://BUCKET/PREFIX)")));
                 }
-                let mut b = AmazonS3Builder::from_env()
+                let mut b = AmazonS3Builder::new();
+                for (k, v) in opts.vars("AWS_") {
+                    if let Ok(key) = k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                let mut b = b
                     .with_url(url)
                     .with_conditional_put(S3ConditionalPut::ETagMatch)
                     .with_retry(retry)
@@ -97,8 +164,8 @@ impl Location {
                 let endpoint = opts
                     .endpoint
                     .clone()
-                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
-                    .or_else(|| std::env::var("AWS_ENDPOINT").ok());
+                    .or_else(|| opts.var("AWS_ENDPOINT_URL"))
+                    .or_else(|| opts.var("AWS_ENDPOINT"));
                 if let Some(e) = endpoint {
                     b = b.with_allow_http(e.starts_with("http://")).with_endpoint(e);
                 }
@@ -107,22 +174,34 @@ impl Location {
                 }
                 if let Some(r) = &opts.region {
                     b = b.with_region(r);
-                } else if std::env::var_os("AWS_REGION").is_none()
-                    && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+                } else if opts.var("AWS_REGION").is_none()
+                    && opts.var("AWS_DEFAULT_REGION").is_none()
                 {
                     b = b.with_region("us-east-1");
                 }
                 (Arc::new(b.build()?), prefix_of(&u)?, None)
             }
             "gs" => {
-                let b = GoogleCloudStorageBuilder::from_env()
+                let mut b = GoogleCloudStorageBuilder::new();
+                for (k, v) in opts.vars("GOOGLE_") {
+                    if let Ok(key) = k.to_ascii_lowercase().parse::<GoogleConfigKey>() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                let b = b
                     .with_url(url)
                     .with_retry(retry)
                     .with_client_options(client);
                 (Arc::new(b.build()?), prefix_of(&u)?, None)
             }
             "az" | "abfs" | "abfss" => {
-                let b = MicrosoftAzureBuilder::from_env()
+                let mut b = MicrosoftAzureBuilder::new();
+                for (k, v) in opts.vars("AZURE_") {
+                    if let Ok(key) = k.to_ascii_lowercase().parse::<AzureConfigKey>() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                let b = b
                     .with_url(url)
                     .with_retry(retry)
                     .with_client_options(client);

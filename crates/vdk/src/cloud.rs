@@ -83,15 +83,17 @@ impl CloudArgs {
             key_file: abs(&self.key_file)?,
             discard_unflushed: self.discard_unflushed,
             writeback_delay: self.writeback_delay,
+            env: None,
         })
     }
 }
 
-/// Endpoint and region.
+/// Endpoint, region and the environment they and the credentials come from.
 pub fn store_options(o: &CloudOptions) -> StoreOptions {
     StoreOptions {
         endpoint: o.endpoint.clone(),
         region: o.region.clone(),
+        env: o.env.clone(),
         ..StoreOptions::default()
     }
 }

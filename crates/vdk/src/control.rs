@@ -33,9 +33,9 @@ pub enum Request {
     /// Latency histograms and counters of a disk's stats filter.
     Stats(DiskRequest),
     /// Merge an open cow disk's overlay into its base.
-    Commit(DiskRequest),
+    Commit(OverlayRequest),
     /// Empty an open cow disk's overlay.
-    Discard(DiskRequest),
+    Discard(OverlayRequest),
     /// Start a new overlay on top of an open cow disk's overlay.
     Snapshot(SnapshotRequest),
     /// Take the disc out of an open CD-ROM disk.
@@ -72,6 +72,9 @@ pub struct FsMapRequest {
     /// The S3 region (default: `AWS_REGION`, else us-east-1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// The client's store variables, as in `open`'s `cloud.env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<vdk_objstore::StoreEnv>,
 }
 
 /// `fs_mount`.
@@ -136,6 +139,20 @@ pub struct SnapshotRequest {
     pub disk: String,
     /// The new overlay (an absolute path; must not exist).
     pub new: PathBuf,
+    /// Even while a file system on the disk is mounted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+/// `commit` and `discard`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlayRequest {
+    /// The disk's id, or its image's or overlay's absolute path.
+    pub disk: String,
+    /// Even while a file system on the disk is mounted (it sees its disk change under it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// A request about one disk.
@@ -165,9 +182,16 @@ pub struct OpenRequest {
     /// root and none for other users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach: Option<String>,
-    /// Format the new image with this file system (ext4, xfs, vfat).
+    /// Format the disk with this file system (ext4, xfs, vfat): a new image, or a blank one
+    /// (all zeroes or unallocated); one that holds data only with `force`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mkfs: Option<String>,
+    /// With `mkfs`: format even a disk that holds data (it is erased).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+    /// Fail if the image does not exist instead of creating it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_create: bool,
     /// Mount the disk's file system here (an absolute path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount: Option<PathBuf>,
@@ -200,8 +224,9 @@ pub struct OpenRequest {
     pub cloud: CloudOptions,
 }
 
-/// How to reach and cache a disk in object storage. Credentials come from the daemon's
-/// environment (`AWS_ACCESS_KEY_ID`, ...), never over the socket.
+/// How to reach and cache a disk in object storage. The store's settings and credentials come
+/// from `env`, the `AWS_*`, `GOOGLE_*` and `AZURE_*` variables of the client (the `vdk`
+/// command sends its own), or from the daemon's environment when it is absent.
 #[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudOptions {
@@ -226,6 +251,11 @@ pub struct CloudOptions {
     /// Seconds a chunk stays dirty before it is uploaded in the background (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writeback_delay: Option<u64>,
+    /// The client's store variables (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`,
+    /// `GOOGLE_APPLICATION_CREDENTIALS`, ...); the daemon's own environment when absent.
+    /// Never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<vdk_objstore::StoreEnv>,
 }
 
 impl CloudOptions {
@@ -254,9 +284,13 @@ pub struct MountRequest {
     pub disk: String,
     /// Where to mount (an absolute path; created if missing).
     pub dir: PathBuf,
-    /// Format first with this file system (ext4, xfs, vfat).
+    /// Format first with this file system (ext4, xfs, vfat): only a blank disk, unless
+    /// `force`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mkfs: Option<String>,
+    /// With `mkfs`: format even a disk that holds data (it is erased).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// An open disk, as `open` and `list` report it.
@@ -370,7 +404,10 @@ impl ApiError {
             io::ErrorKind::Unsupported => ErrorKind::Unsupported,
             _ => ErrorKind::Io,
         };
-        ApiError::new(kind, format!("{what}: {e}"))
+        ApiError::new(
+            kind,
+            crate::message::one_line([what.to_string(), e.to_string()]),
+        )
     }
 }
 

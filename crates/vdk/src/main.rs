@@ -9,18 +9,32 @@ mod daemon;
 // The control API lives in the library, where fuzzers and other programs reach it too.
 pub(crate) use vdk::control;
 
+use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::init_logging(args.verbose);
-    match cli::run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+    let log = match cli::log::init(args.verbose, args.log_file()) {
+        Ok(guard) => guard,
         Err(e) => {
-            eprintln!("vdk: {e:#}");
+            let _ = writeln!(io::stderr(), "vdk: cannot write the log: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match cli::run(args) {
+        Ok(code) => code,
+        // Its reader went away (`vdk list | head -1`): stop as a tool killed by SIGPIPE
+        // would, without a word on a stderr that may be gone too.
+        Err(e) if cli::out::is_closed(&e) => ExitCode::from(141),
+        Err(e) => {
+            let msg = vdk::message::one_line(e.chain().map(ToString::to_string));
+            let _ = writeln!(io::stderr(), "vdk: {msg}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Lines still queued for the log reach it before the process ends.
+    drop(log);
+    code
 }

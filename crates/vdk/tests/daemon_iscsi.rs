@@ -48,7 +48,7 @@ fn a_disk_is_a_lun_and_an_nbd_export_of_the_same_bytes() {
     let list = d.json(&["list"]);
     assert_eq!(list[0]["iscsi"][0], url.as_str());
     assert!(list[0]["stats"]["writes"].as_u64().unwrap() > 0);
-    let table = d.ok(&["list"]);
+    let table = d.ok(&["list", "-o", "+ISCSI", "--wide"]);
     assert!(table.contains("ISCSI") && table.contains(&url), "{table}");
     // Closed: the target is gone from discovery.
     d.ok(&["close", &id]);

@@ -89,7 +89,7 @@ fn connections_per_initiator_address_are_limited() {
     assert!(!out.status.success(), "a third connection was served");
     drop(held);
     common::wait_for(10, "the places to free up", || ls().status.success());
-    assert!(vdk.log().contains("connection refused"), "{}", vdk.log());
+    assert!(vdk.log_has("connection refused"), "{}", vdk.log());
 }
 
 #[test]
@@ -322,8 +322,7 @@ fn chap_one_way_and_mutual() {
         with("alice%alice-secret-123")
     );
     failing(Command::new("iscsi-inq").arg(&wrong));
-    let log = vdk.log();
-    assert!(log.contains("iSCSI login refused"), "{log}");
+    assert!(vdk.log_has("iSCSI login refused"), "{}", vdk.log());
 }
 
 #[test]
@@ -344,7 +343,7 @@ fn header_digests_are_negotiated_and_used() {
         "-c",
         "read -P 0x3c 0 1M",
     ]));
-    assert!(vdk.log().contains("header_digest=true"), "{}", vdk.log());
+    assert!(vdk.log_has("header_digest=true"), "{}", vdk.log());
 }
 
 #[test]

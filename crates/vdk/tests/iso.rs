@@ -47,7 +47,7 @@ fn info_recognises_an_iso() {
         ])))
         .unwrap();
     assert_eq!(v["format"], "iso");
-    assert_eq!(v["volume-id"], "VDKTEST");
+    assert_eq!(v["format-specific"]["data"]["volume-id"], "VDKTEST");
     assert_eq!(v["virtual-size"], fs::metadata(&iso).unwrap().len());
 }
 

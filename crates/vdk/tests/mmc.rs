@@ -279,7 +279,7 @@ fn vdk_eject_and_insert_change_the_disc_under_initiators() {
     let r = b.read(&[0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8, 0], 8);
     assert_eq!(r.data[4] & 0x0f, 3, "media removal event");
     // With the drive empty, the image file is closed: it could be replaced.
-    assert!(d.log().contains("disc ejected"), "{}", d.log());
+    assert!(d.log_has("disc ejected"), "{}", d.log());
 
     // A new disc: attention again, a new-media event, and its size and bytes.
     let v = d.json(&["insert", &id, s(&two)]);

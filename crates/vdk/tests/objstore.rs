@@ -156,10 +156,13 @@ fn nbd_clients_see_what_they_wrote_and_a_fresh_cache_reads_it_back() {
     let info = stdout(vdk(&s3).args(["info", "--json", &url]));
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(
-        (v["virtual-size"].as_u64(), v["chunk-size"].as_u64()),
+        (v["virtual-size"].as_u64(), v["cluster-size"].as_u64()),
         (Some(64 * MIB), Some(MIB))
     );
-    assert_eq!(v["chunks-stored"], 0, "a new disk costs nothing");
+    assert_eq!(
+        v["format-specific"]["data"]["chunks-stored"], 0,
+        "a new disk costs nothing"
+    );
     let c1 = tempfile::tempdir().unwrap();
     let srv = Served::start(&s3, &url, c1.path(), &[]);
     let shown = stdout(Command::new("nbdinfo").arg(&srv.uri));
@@ -175,11 +178,11 @@ fn nbd_clients_see_what_they_wrote_and_a_fresh_cache_reads_it_back() {
     let v: serde_json::Value =
         serde_json::from_str(&stdout(vdk(&s3).args(["info", "--json", &url]))).unwrap();
     assert_eq!(
-        v["chunks-stored"], 4,
+        v["format-specific"]["data"]["chunks-stored"], 4,
         "chunks 3, 6, 7 and 40 hold data: {v}"
     );
     assert_eq!(
-        v["writer"],
+        v["format-specific"]["data"]["writer"],
         serde_json::Value::Null,
         "the lease was given up at exit"
     );
@@ -493,7 +496,10 @@ fn convert_to_and_from_the_bucket() {
     let v: serde_json::Value =
         serde_json::from_str(&stdout(vdk(&s3).args(["info", "--json", &url]))).unwrap();
     assert_eq!(v["virtual-size"], 40 * MIB);
-    assert_eq!(v["chunks-stored"], 4, "only the data went up: {v}");
+    assert_eq!(
+        v["format-specific"]["data"]["chunks-stored"], 4,
+        "only the data went up: {v}"
+    );
     let back = c.path().join("back.qcow2");
     run(vdk(&s3)
         .args([
@@ -584,7 +590,13 @@ fn ext4_on_a_bucket_disk_through_the_loop_attach_survives_close_and_a_clean_cach
     assert!(!is_mounted(&mnt));
     let info: serde_json::Value =
         serde_json::from_str(&stdout(vdk(&s3).args(["info", "--json", &url]))).unwrap();
-    assert!(info["chunks-stored"].as_u64().unwrap() > 1, "{info}");
+    assert!(
+        info["format-specific"]["data"]["chunks-stored"]
+            .as_u64()
+            .unwrap()
+            > 1,
+        "{info}"
+    );
     // Another cache, empty: everything comes from the bucket.
     let mnt2 = d.path("mnt2");
     let again = daemon(&[

@@ -42,9 +42,16 @@ fn create_and_info_agree_with_qemu_img() {
     assert_eq!(q[0]["virtual-size"], 3u64 << 30, "size taken from the base");
     let v: serde_json::Value =
         serde_json::from_str(&vdk(&["info", "--json", "--backing-chain", s(&top)])).unwrap();
-    assert_eq!(v["virtual-size"], q[0]["virtual-size"]);
-    assert_eq!(v["backing-filename"], q[0]["backing-filename"]);
-    assert_eq!(v["backing-image"]["cluster-size"], 128 << 10);
+    for key in [
+        "virtual-size",
+        "backing-filename",
+        "full-backing-filename",
+        "format",
+    ] {
+        assert_eq!(v[0][key], q[0][key], "{key}");
+    }
+    assert_eq!(v[1]["cluster-size"], 128 << 10);
+    assert_eq!(v[1]["filename"], q[1]["filename"]);
     // qemu-img's own images, described by vdk.
     let q2 = dir.path().join("q.qcow2");
     run(Command::new("qemu-img").args([
@@ -57,7 +64,7 @@ fn create_and_info_agree_with_qemu_img() {
         "5M",
     ]));
     let v: serde_json::Value = serde_json::from_str(&vdk(&["info", "--json", s(&q2)])).unwrap();
-    assert_eq!(v["version"], 2);
+    assert_eq!(v["format-specific"]["data"]["compat"], "0.10");
     assert_eq!(v["cluster-size"], 4096);
     assert_eq!(v["virtual-size"], 5u64 << 20);
     let text = vdk(&["info", s(&q2)]);

@@ -17,6 +17,7 @@ pub fn exercise(bytes: &[u8], format: Format, writable: bool, max: u64) {
         format: Some(format),
         read_only: !writable,
         probe_backing: false,
+            ..Default::default()
     };
     let Ok(image) = open(file.path(), &opts) else {
         return;

@@ -280,18 +280,35 @@ impl Qcow2 {
         r.map_err(Error::Io)
     }
 
+    /// Whether no cluster of `[offset, offset + len)` is allocated or marked zero in this
+    /// image (what its backing file has there does not count).
+    fn unallocated(&self, offset: u64, len: u64) -> Result<bool> {
+        let mut all = true;
+        self.pieces(offset, len, |gc, _, _, _| {
+            all &= matches!(self.lookup(&mut lock(&self.meta), gc)?, Map::Unallocated);
+            Ok(())
+        })?;
+        Ok(all)
+    }
+
     /// Grows the virtual disk to `new_size` bytes, growing the L1 table if it is too small:
     /// a new table past everything, written and synced, then the header switched to it (size,
-    /// L1 size and offset in one sector), then the old table freed. Consumes the image: open
-    /// it again to use it at its new size.
+    /// L1 size and offset in one sector), then the old table freed. Shrinks it only where no
+    /// cluster past the new end is allocated (the header's size alone changes). Consumes the
+    /// image: open it again to use it at its new size.
     pub fn resize(self, new_size: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        if new_size < self.header.size {
+        if new_size < self.header.size
+            && !self.unallocated(new_size, self.header.size - new_size)?
+        {
             return Err(Error::Io(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "shrinking a qcow2 image would drop data: vdk only grows images",
+                format!(
+                    "clusters past {new_size} bytes are allocated: a qcow2 image shrinks only \
+                     where nothing was ever written (qemu-img resize --shrink drops data)"
+                ),
             )));
         }
         if new_size > header::MAX_SIZE {

@@ -40,14 +40,14 @@ pub struct ConvertArgs {
     /// Format of SRC; probed from its magic if not given.
     #[arg(short = 'f', long = "format", value_name = "FORMAT")]
     src_format: Option<String>,
-    /// Format of DST: raw (default, as qemu-img) or qcow2.
-    #[arg(
-        short = 'O',
-        long = "output-format",
-        value_name = "FORMAT",
-        default_value = "raw"
-    )]
-    dst_format: String,
+    /// Format of DST: qcow2, vhd, vhdx or raw; by default the one its name says
+    /// (disk.qcow2, disk.vhdx), else raw (as qemu-img).
+    #[arg(short = 'O', long = "output-format", value_name = "FORMAT")]
+    dst_format: Option<String>,
+    /// Read SRC even if a program has it open for writing (a copy of a disk in use may be
+    /// inconsistent), as qemu-img's -U.
+    #[arg(short = 'U', long)]
+    force_share: bool,
     /// qcow2 cluster size of DST.
     #[arg(long, value_name = "SIZE")]
     cluster_size: Option<String>,
@@ -120,7 +120,10 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(Format::from_name)
         .transpose()?;
-    let dst_format = Format::from_name(&args.dst_format)?;
+    let dst_format = match &args.dst_format {
+        Some(name) => Format::from_name(name)?,
+        None => vdk_formats::format_by_name(&args.dst).unwrap_or(Format::Raw),
+    };
     let src: Arc<dyn BlockDevice> = match url_of(&args.src) {
         Some(url) => Arc::new(crate::cloud::open(url, &args.cloud.options()?, true, None)?),
         None => {
@@ -130,6 +133,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
                     format: src_format,
                     read_only: true,
                     probe_backing: args.probe_backing,
+                    force_share: args.force_share,
                 },
             )
             .with_context(|| format!("cannot open {}", args.src.display()))?

@@ -23,34 +23,34 @@ use crate::daemon::Paths;
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Connects to the daemon; with `start`, starts one in the background if none runs.
-fn connect(paths: &Paths, start: bool) -> anyhow::Result<Client> {
+pub(super) fn connect(paths: &Paths, start: bool) -> anyhow::Result<Client> {
+    match try_connect(paths)? {
+        Some(c) => Ok(c),
+        None if start => start_daemon(paths),
+        None => bail!(
+            "no vdk daemon is running on {} (nothing is open)",
+            paths.socket.display()
+        ),
+    }
+}
+
+/// Connects to the daemon; `None` if none runs (no socket, or one a dead daemon left).
+pub(super) fn try_connect(paths: &Paths) -> anyhow::Result<Option<Client>> {
     match Client::connect(&paths.socket) {
-        Ok(c) => return Ok(c),
-        Err(e)
-            if start
-                && matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                ) => {}
+        Ok(c) => Ok(Some(c)),
         Err(e)
             if matches!(
                 e.kind(),
                 io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
             ) =>
         {
-            bail!(
-                "no vdk daemon is running on {} (nothing is open)",
-                paths.socket.display()
-            )
+            Ok(None)
         }
-        Err(e) => {
-            return Err(anyhow!(e).context(format!(
-                "cannot reach the vdk daemon on {}",
-                paths.socket.display()
-            )))
-        }
+        Err(e) => Err(anyhow!(e).context(format!(
+            "cannot reach the vdk daemon on {}",
+            paths.socket.display()
+        ))),
     }
-    start_daemon(paths)
 }
 
 /// Starts `vdk daemon` in the background, logging to `daemon.log` beside its socket, and
@@ -71,6 +71,8 @@ fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
         .arg("daemon")
         .arg("--socket")
         .arg(&paths.socket)
+        .arg("--log")
+        .arg(&paths.log)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -80,7 +82,13 @@ fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
         .context("cannot start the vdk daemon")?;
     let started = Instant::now();
     loop {
-        if let Ok(c) = Client::connect(&paths.socket) {
+        if let Ok(mut c) = Client::connect(&paths.socket) {
+            // What the new daemon found a dead one had left mounted, the user hears of.
+            if let Ok(Ok(v)) = c.call(&Request::Version) {
+                for note in v["recovered"].as_array().into_iter().flatten() {
+                    let _ = writeln!(io::stderr(), "vdk: {}", note.as_str().unwrap_or(""));
+                }
+            }
             return Ok(c);
         }
         if let Some(status) = child.try_wait()? {
@@ -114,7 +122,7 @@ fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
 }
 
 /// Sends one request; an error answer becomes the command's error.
-fn call(client: &mut Client, req: &Request) -> anyhow::Result<serde_json::Value> {
+pub(super) fn call(client: &mut Client, req: &Request) -> anyhow::Result<serde_json::Value> {
     client
         .call(req)
         .context("lost the connection to the vdk daemon")?
@@ -126,10 +134,7 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
-    Ok(())
+    super::out::json(v)
 }
 
 /// `vdk open`.
@@ -137,25 +142,40 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 #[command(after_help = "\
 Examples:
   vdk open disk.img                       open it (or create a 100 MiB one) as /dev/loopN
-  vdk open data.img 2G --mkfs ext4 --mount /mnt/data
-  vdk open golden.img --read-only --attach none   NBD only, no block device")]
+  vdk open data.qcow2 2G --mkfs ext4 --mount /mnt/data   a new qcow2 image, formatted, mounted
+  vdk open data.qcow2 --mount /mnt/data   the same disk again
+  vdk open golden.img --read-only --attach none   NBD only, no block device
+  vdk open movie.iso --mount /mnt/movie   a CD-ROM, its files through the ISO browser
+  vdk open s3://bucket/disks/web 10G --mkfs ext4 --mount /mnt/web")]
 pub struct OpenArgs {
-    /// The image; created if it does not exist.
+    /// The image, or an s3://, gs://, az:// or file:// URL of a disk in object storage;
+    /// created if it does not exist, in the format its name says (.qcow2, .vhd, .vhdx; raw
+    /// otherwise).
     file: PathBuf,
     /// Size of a new image (e.g. 10G; default 100M).
     size: Option<String>,
+    /// Do not create the image if it does not exist (fail instead), as losetup.
+    #[arg(long)]
+    no_create: bool,
     /// Open read-only (the block device and the NBD export refuse writes).
     #[arg(long)]
     read_only: bool,
-    /// Image format (raw); probed from its first bytes when not given.
-    #[arg(long)]
+    /// Image format: raw, qcow2, vhd, vhdx or iso; probed from its first bytes when not
+    /// given (a file named .qcow2, .vhd or .vhdx that holds no such header is refused for
+    /// writing unless its format is given).
+    #[arg(long, short = 'f')]
     format: Option<String>,
-    /// Mount the disk's file system on DIR (created if missing).
+    /// Mount the disk's file system on DIR (created if missing); an ISO's files through the
+    /// ISO browser.
     #[arg(long, value_name = "DIR")]
     mount: Option<PathBuf>,
-    /// Format a new image first: ext4, xfs or vfat.
+    /// Format the disk first: ext4, xfs or vfat. Only a new or blank disk (all zeroes or
+    /// unallocated) unless --force.
     #[arg(long, value_name = "TYPE")]
     mkfs: Option<String>,
+    /// With --mkfs: format even a disk that holds data (it is erased).
+    #[arg(long, requires = "mkfs")]
+    force: bool,
     /// How the kernel sees the disk: fuse-loop (a /dev/loopN; needs root, the default for
     /// root) or none (NBD only, the default for other users).
     #[arg(long, value_name = "MODE")]
@@ -166,8 +186,8 @@ pub struct OpenArgs {
     /// Probe the format of backing files whose parent does not record it.
     #[arg(long)]
     probe_backing: bool,
-    /// A filter over the image, NAME[:KEY=VALUE,...]: readonly, stats, error, delay,
-    /// partition. Repeatable, applied in order.
+    /// A filter over the image, NAME[:KEY=VALUE,...]: cow, cache, readonly, stats, error,
+    /// delay, partition (docs/filters.md). Repeatable, applied in order.
     #[arg(long = "filter", value_name = "SPEC")]
     filters: Vec<String>,
     /// Also serve the disk over iSCSI, as a LUN of a target (a CD-ROM LUN for an ISO).
@@ -205,12 +225,22 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
         } else {
             absolute(&args.file)?
         },
-        cloud: args.cloud.options()?,
+        cloud: if is_url {
+            // The daemon reaches the store with this command's settings and credentials.
+            crate::control::CloudOptions {
+                env: Some(vdk_objstore::StoreEnv::current()),
+                ..args.cloud.options()?
+            }
+        } else {
+            args.cloud.options()?
+        },
         size,
         read_only: args.read_only,
         format: args.format,
         attach: args.attach,
         mkfs: args.mkfs,
+        force: args.force,
+        no_create: args.no_create,
         mount: args.mount.as_deref().map(absolute).transpose()?,
         export_name: args.export_name,
         allow: args.allow,
@@ -234,30 +264,31 @@ pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
     } else {
         "read-write"
     };
-    println!(
+    crate::outln!(
         "opened {}: {} ({}, {}, {mode})",
         status.id,
         status.image.display(),
         Human(status.size),
         status.format
-    );
+    )?;
     if let Some(dev) = &status.block_device {
-        println!("  block device  {}", dev.display());
+        crate::outln!("  block device  {}", dev.display())?;
     }
     if let Some(dir) = &status.mount {
-        println!("  mounted on    {}", dir.display());
+        crate::outln!("  mounted on    {}", dir.display())?;
     }
-    print_uris(&status);
+    print_uris(&status)?;
     Ok(())
 }
 
-fn print_uris(status: &DiskStatus) {
+fn print_uris(status: &DiskStatus) -> anyhow::Result<()> {
     for uri in &status.nbd {
-        println!("  nbd           {uri}");
+        crate::outln!("  nbd           {uri}")?;
     }
     for uri in &status.iscsi {
-        println!("  iscsi         {uri}");
+        crate::outln!("  iscsi         {uri}")?;
     }
+    Ok(())
 }
 
 /// `vdk insert`.
@@ -296,7 +327,7 @@ pub fn eject(args: EjectArgs, paths: &Paths) -> anyhow::Result<()> {
     if args.json {
         return print_json(&status);
     }
-    println!("ejected the disc of {}", status.id);
+    crate::outln!("ejected the disc of {}", status.id)?;
     Ok(())
 }
 
@@ -311,16 +342,16 @@ pub fn insert(args: InsertArgs, paths: &Paths) -> anyhow::Result<()> {
     if args.json {
         return print_json(&status);
     }
-    println!(
+    crate::outln!(
         "inserted {} in {} ({})",
         status.image.display(),
         status.id,
         Human(status.size)
-    );
+    )?;
     if let Some(dev) = &status.block_device {
-        println!("  block device  {}", dev.display());
+        crate::outln!("  block device  {}", dev.display())?;
     }
-    print_uris(&status);
+    print_uris(&status)?;
     Ok(())
 }
 
@@ -375,7 +406,7 @@ pub fn close(args: CloseArgs, paths: &Paths) -> anyhow::Result<()> {
     if args.json {
         return print_json(&status);
     }
-    println!("closed {}: {}", status.id, status.image.display());
+    crate::outln!("closed {}: {}", status.id, status.image.display())?;
     Ok(())
 }
 
@@ -386,9 +417,13 @@ pub struct MountArgs {
     disk: String,
     /// Where to mount it (created if missing).
     dir: PathBuf,
-    /// Format it first: ext4, xfs or vfat (erases the disk).
+    /// Format it first: ext4, xfs or vfat. Only a blank disk (all zeroes or unallocated)
+    /// unless --force.
     #[arg(long, value_name = "TYPE")]
     mkfs: Option<String>,
+    /// With --mkfs: format even a disk that holds data (it is erased).
+    #[arg(long, requires = "mkfs")]
+    force: bool,
     /// Print the disk as JSON.
     #[arg(long)]
     json: bool,
@@ -401,13 +436,14 @@ pub fn mount(args: MountArgs, paths: &Paths) -> anyhow::Result<()> {
         disk: disk_key(&args.disk)?,
         dir: absolute(&args.dir)?,
         mkfs: args.mkfs,
+        force: args.force,
     });
     let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
     if args.json {
         return print_json(&status);
     }
     if let Some(dir) = &status.mount {
-        println!("mounted {} on {}", status.id, dir.display());
+        crate::outln!("mounted {} on {}", status.id, dir.display())?;
     }
     Ok(())
 }
@@ -423,116 +459,8 @@ pub fn unmount(args: CloseArgs, paths: &Paths) -> anyhow::Result<()> {
     if args.json {
         return print_json(&status);
     }
-    println!("unmounted {}", status.id);
+    crate::outln!("unmounted {}", status.id)?;
     Ok(())
-}
-
-/// `vdk list`.
-#[derive(Debug, Args)]
-pub struct ListArgs {
-    /// Print JSON (an array of disks) instead of a table.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Runs `vdk list`.
-pub fn list(args: ListArgs, paths: &Paths) -> anyhow::Result<()> {
-    let disks: Vec<DiskStatus> = match connect(paths, false) {
-        Ok(mut client) => serde_json::from_value(call(&mut client, &Request::List)?)?,
-        // No daemon: nothing is open.
-        Err(_) if !paths.socket.exists() => Vec::new(),
-        Err(e) => return Err(e),
-    };
-    if args.json {
-        return print_json(&disks);
-    }
-    // File systems and drives of `vdk fs`, under the disks (`vdk fs list --json` for scripts).
-    let filesystems: Vec<FsStatus> = if disks.is_empty() && !paths.socket.exists() {
-        Vec::new()
-    } else {
-        let mut client = connect(paths, false)?;
-        serde_json::from_value(call(&mut client, &Request::FsList)?)?
-    };
-    let show_fs = || {
-        if !filesystems.is_empty() {
-            println!("\nfile systems and drives (vdk fs):");
-            print_filesystems(&filesystems);
-        }
-    };
-    if disks.is_empty() {
-        println!("no disks open");
-        show_fs();
-        return Ok(());
-    }
-    let dash = || "-".to_owned();
-    let mut rows = vec![[
-        "ID", "IMAGE", "FORMAT", "SIZE", "RO", "DEVICE", "MOUNT", "READS", "WRITES", "READ",
-        "WRITTEN", "LAT R/W", "NBD", "ISCSI",
-    ]
-    .map(String::from)];
-    for d in &disks {
-        rows.push([
-            d.id.clone(),
-            d.image.display().to_string(),
-            d.format.clone(),
-            Human(d.size).to_string(),
-            if d.read_only { "yes" } else { "no" }.into(),
-            d.block_device
-                .as_ref()
-                .map_or_else(dash, |p| p.display().to_string()),
-            d.mount
-                .as_ref()
-                .map_or_else(dash, |p| p.display().to_string()),
-            d.stats.reads.to_string(),
-            d.stats.writes.to_string(),
-            Human(d.stats.bytes_read).to_string(),
-            Human(d.stats.bytes_written).to_string(),
-            d.latency.as_ref().map_or_else(dash, |l| {
-                format!("{}/{} µs", l["read"]["mean_us"], l["write"]["mean_us"])
-            }),
-            if d.ejected {
-                "(no disc)".into()
-            } else {
-                d.nbd.first().cloned().unwrap_or_else(dash)
-            },
-            d.iscsi.first().cloned().unwrap_or_else(dash),
-        ]);
-    }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = io::stdout().lock();
-    for r in &rows {
-        let cells: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        writeln!(out, "{}", cells.join("  ").trim_end())?;
-    }
-    drop(out);
-    show_fs();
-    Ok(())
-}
-
-/// One line per file system of `vdk fs`.
-fn print_filesystems(list: &[FsStatus]) {
-    for st in list {
-        let how = match &st.cache {
-            Some(c) => format!("cache {}", c.display()),
-            None => format!("{} names", st.names),
-        };
-        println!(
-            "{}  {}  {}  {how}  label {:?}{}",
-            st.dir.display(),
-            st.kind,
-            st.source,
-            st.label,
-            st.disk
-                .as_ref()
-                .map_or_else(String::new, |d| format!("  (disk {d})"))
-        );
-    }
 }
 
 /// Runs `vdk daemon --stop`.
@@ -547,56 +475,6 @@ pub fn stop_daemon(paths: &Paths) -> anyhow::Result<()> {
             bail!("the vdk daemon is still running after 60s");
         }
         thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// `vdk stats`.
-#[derive(Debug, Args)]
-pub struct StatsArgs {
-    /// The disk: its id or its image file.
-    disk: String,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Runs `vdk stats`.
-pub fn stats(args: StatsArgs, paths: &Paths) -> anyhow::Result<()> {
-    let mut client = connect(paths, false)?;
-    let req = Request::Stats(crate::control::DiskRequest {
-        disk: disk_key(&args.disk)?,
-    });
-    let v = call(&mut client, &req)?;
-    if args.json {
-        return print_json(&v);
-    }
-    println!("{}", v["id"].as_str().unwrap_or("?"));
-    println!(
-        "{:<6} {:>10} {:>12} {:>7} {:>10}  latency (log2 µs buckets, non-empty)",
-        "op", "count", "bytes", "errors", "mean µs"
-    );
-    if let Some(ops) = v["ops"].as_object() {
-        for (op, s) in ops {
-            let buckets: Vec<String> = s["latency_us_log2_buckets"]
-                .as_array()
-                .map(|b| {
-                    b.iter()
-                        .enumerate()
-                        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
-                        .map(|(i, n)| format!("<{}:{}", 1u64 << i, n))
-                        .collect()
-                })
-                .unwrap_or_default();
-            println!(
-                "{op:<6} {:>10} {:>12} {:>7} {:>10}  {}",
-                s["count"],
-                s["bytes"],
-                s["errors"],
-                s["mean_us"],
-                buckets.join(" ")
-            );
-        }
     }
     Ok(())
 }
@@ -617,7 +495,7 @@ pub enum FsCommand {
     Unmap(FsUnmountArgs),
     /// List the file systems mounted with `vdk fs mount` and the drives mapped with `vdk fs
     /// map`.
-    List(ListArgs),
+    List(super::list::FsListArgs),
 }
 
 /// `vdk fs map`.
@@ -678,14 +556,14 @@ pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
             if a.json {
                 return print_json(&st);
             }
-            println!(
+            crate::outln!(
                 "mounted {} ({}, {} names, label {:?}) on {}",
                 st.source,
                 Human(st.size),
                 st.names,
                 st.label,
                 st.dir.display()
-            );
+            )?;
         }
         FsCommand::Map(a) => {
             let mut client = connect(paths, true)?;
@@ -696,21 +574,37 @@ pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
                 cache: a.cache.as_deref().map(absolute).transpose()?,
                 endpoint: a.store.s3_endpoint,
                 region: a.store.s3_region,
+                env: Some(vdk_objstore::StoreEnv::current()),
             });
             let st: FsStatus = serde_json::from_value(call(&mut client, &req)?)?;
             if a.json {
                 return print_json(&st);
             }
-            println!(
+            crate::outln!(
                 "mapped {} on {} (label {}, cache {})",
                 st.source,
                 st.dir.display(),
                 st.label,
                 st.cache.as_deref().unwrap_or(Path::new("-")).display()
-            );
+            )?;
         }
         FsCommand::Unmount(a) | FsCommand::Unmap(a) => {
-            let mut client = connect(paths, false)?;
+            let dir = absolute(&a.dir)?;
+            let Some(mut client) = try_connect(paths)? else {
+                // No daemon: a mount a dead one left can still be taken away.
+                if crate::daemon::recover::is_stale_fuse(&dir) {
+                    rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::DETACH)
+                        .with_context(|| format!("cannot detach {}", dir.display()))?;
+                    return crate::outln!(
+                        "detached {}: a stale mount (the vdk daemon that served it had died)",
+                        dir.display()
+                    );
+                }
+                bail!(
+                    "no vdk daemon is running on {} (nothing is mounted by vdk)",
+                    paths.socket.display()
+                );
+            };
             let req = Request::FsUnmount(FsUnmountRequest {
                 dir: absolute(&a.dir)?,
                 force: a.force,
@@ -719,26 +613,30 @@ pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
             if a.json {
                 return print_json(&st);
             }
-            let verb = if st.kind == "cloud-drive" {
-                "unmapped"
-            } else {
-                "unmounted"
-            };
-            println!("{verb} {}", st.dir.display());
+            match st.kind.as_str() {
+                "stale" => crate::outln!(
+                    "detached {}: a stale mount (the vdk daemon that served it had died)",
+                    st.dir.display()
+                )?,
+                "cloud-drive" => crate::outln!("unmapped {}", st.dir.display())?,
+                _ => crate::outln!("unmounted {}", st.dir.display())?,
+            }
         }
         FsCommand::List(a) => {
-            let list: Vec<FsStatus> = match connect(paths, false) {
-                Ok(mut client) => serde_json::from_value(call(&mut client, &Request::FsList)?)?,
-                Err(_) if !paths.socket.exists() => Vec::new(),
-                Err(e) => return Err(e),
+            let list: Vec<FsStatus> = match try_connect(paths)? {
+                Some(mut client) => serde_json::from_value(call(&mut client, &Request::FsList)?)?,
+                None => Vec::new(),
             };
             if a.json {
                 return print_json(&list);
             }
             if list.is_empty() {
-                println!("no file systems mounted");
+                if !a.no_headers {
+                    crate::outln!("no file systems mounted")?;
+                }
+            } else {
+                super::list::print_filesystems(&list, a.no_headers)?;
             }
-            print_filesystems(&list);
         }
     }
     Ok(())

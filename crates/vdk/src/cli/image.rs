@@ -1,15 +1,15 @@
 //! `vdk create` and `vdk info`: making and describing image files, as `qemu-img` does.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use vdk_core::size::{parse_size, Human};
-use vdk_formats::{CreateOptions, Format, ImageInfo};
+use vdk_formats::{CreateOptions, Format};
 
 use crate::cloud::StoreArgs;
-use crate::control::{Client, DiskRequest, ErrorKind, Request};
+use crate::control::{Client, ErrorKind, OverlayRequest, Request};
 use crate::daemon::Paths;
 
 /// `vdk create`.
@@ -99,7 +99,7 @@ fn create_cloud(url: &str, args: &CreateArgs) -> anyhow::Result<()> {
         opts.chunk_size = parse_size(c).with_context(|| format!("bad chunk size {c:?}"))?;
     }
     let meta = vdk_objstore::create(url, &opts).with_context(|| format!("cannot create {url}"))?;
-    println!(
+    crate::outln!(
         "created {url} (object store, {}, {} chunks{}{})",
         Human(meta.size),
         Human(meta.chunk_size),
@@ -113,7 +113,7 @@ fn create_cloud(url: &str, args: &CreateArgs) -> anyhow::Result<()> {
         } else {
             ", aes-256-gcm"
         },
-    );
+    )?;
     Ok(())
 }
 
@@ -177,175 +177,11 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.file.display()))?;
     // The size it has: a VHD's is rounded up to whole CHS geometry.
     let size = vdk_formats::info(&args.file, Some(format), false).map_or(size, |i| i.virtual_size);
-    println!(
+    crate::outln!(
         "created {} ({format}, {})",
         args.file.display(),
         Human(size)
-    );
-    Ok(())
-}
-
-/// `vdk info`.
-#[derive(Debug, Args)]
-pub struct InfoArgs {
-    /// The image.
-    file: PathBuf,
-    /// Its format; probed from its magic if not given.
-    #[arg(long, short = 'f')]
-    format: Option<String>,
-    /// Describe the backing images too.
-    #[arg(long)]
-    backing_chain: bool,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    store: StoreArgs,
-}
-
-/// `vdk info URL`.
-fn info_cloud(url: &str, args: &InfoArgs) -> anyhow::Result<()> {
-    let s = vdk_objstore::info(url, &args.store.store_options())
-        .with_context(|| format!("cannot read {url}"))?;
-    let m = &s.meta;
-    let compression = match m.compression {
-        vdk_objstore::Compression::None => "none",
-        vdk_objstore::Compression::Zstd => "zstd",
-    };
-    let encryption = match m.encryption {
-        vdk_objstore::Encryption::None => "none",
-        vdk_objstore::Encryption::Aes256Gcm => "aes-256-gcm",
-    };
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let v = serde_json::json!({
-            "filename": url,
-            "format": "vdk-objstore",
-            "version": m.version,
-            "uuid": m.uuid,
-            "virtual-size": m.size,
-            "actual-size": s.stored_bytes,
-            "chunk-size": m.chunk_size,
-            "chunks": m.chunks(),
-            "chunks-stored": s.stored_chunks,
-            "compression": compression,
-            "encryption": encryption,
-            "writer": s.writer,
-        });
-        serde_json::to_writer_pretty(&mut out, &v)?;
-        writeln!(out)?;
-        return Ok(());
-    }
-    writeln!(out, "image: {url}")?;
-    writeln!(out, "file format: vdk-objstore (version {})", m.version)?;
-    writeln!(out, "virtual size: {} ({} bytes)", Human(m.size), m.size)?;
-    writeln!(out, "disk size: {}", Human(s.stored_bytes))?;
-    writeln!(out, "chunk size: {}", m.chunk_size)?;
-    writeln!(out, "chunks stored: {} of {}", s.stored_chunks, m.chunks())?;
-    writeln!(out, "compression: {compression}")?;
-    writeln!(out, "encryption: {encryption}")?;
-    writeln!(out, "uuid: {}", m.uuid)?;
-    writeln!(out, "writer: {}", s.writer.as_deref().unwrap_or("none"))?;
-    Ok(())
-}
-
-fn to_json(i: &ImageInfo) -> serde_json::Value {
-    serde_json::json!({
-        "filename": i.path,
-        "format": i.format.name(),
-        "virtual-size": i.virtual_size,
-        "actual-size": i.disk_size,
-        "cluster-size": i.cluster_size,
-        "version": i.version,
-        "refcount-bits": i.refcount_bits,
-        "compression-type": i.compression,
-        "backing-filename": i.backing_file,
-        "backing-filename-format": i.backing_format,
-        "dirty-flag": i.dirty,
-        "corrupt": i.corrupt,
-        "extended-l2": i.extended_l2,
-        "snapshots": i.snapshots,
-        "encrypted": i.encrypted,
-        "data-file": i.data_file,
-        "backing-image": i.backing.as_deref().map(to_json),
-        "volume-id": i.volume_id,
-        "subformat": i.subformat,
-    })
-}
-
-fn print_text(out: &mut impl Write, i: &ImageInfo) -> std::io::Result<()> {
-    writeln!(out, "image: {}", i.path.display())?;
-    writeln!(out, "file format: {}", i.format)?;
-    writeln!(
-        out,
-        "virtual size: {} ({} bytes)",
-        Human(i.virtual_size),
-        i.virtual_size
     )?;
-    writeln!(out, "disk size: {}", Human(i.disk_size))?;
-    if let Some(cs) = i.cluster_size {
-        writeln!(out, "cluster_size: {cs}")?;
-    }
-    if let Some(k) = i.subformat {
-        writeln!(out, "subformat: {k}")?;
-    }
-    if let Some(v) = &i.volume_id {
-        writeln!(out, "volume id: {v}")?;
-    }
-    if let Some(b) = &i.backing_file {
-        writeln!(out, "backing file: {b}")?;
-        if let Some(f) = &i.backing_format {
-            writeln!(out, "backing file format: {f}")?;
-        }
-    }
-    if let Some(v) = i.version {
-        writeln!(out, "Format specific information:")?;
-        writeln!(out, "    compat: {}", if v >= 3 { "1.1" } else { "0.10" })?;
-        if let Some(c) = i.compression {
-            writeln!(out, "    compression type: {c}")?;
-        }
-        if let Some(r) = i.refcount_bits {
-            writeln!(out, "    refcount bits: {r}")?;
-        }
-        writeln!(out, "    dirty: {}", i.dirty)?;
-        writeln!(out, "    corrupt: {}", i.corrupt)?;
-        writeln!(out, "    extended l2: {}", i.extended_l2)?;
-        if i.snapshots > 0 {
-            writeln!(
-                out,
-                "    internal snapshots: {} (read-only in vdk)",
-                i.snapshots
-            )?;
-        }
-        if i.encrypted {
-            writeln!(out, "    encrypted: yes (not supported by vdk)")?;
-        }
-        if let Some(d) = &i.data_file {
-            writeln!(out, "    data file: {d} (not supported by vdk)")?;
-        }
-    }
-    if let Some(b) = &i.backing {
-        writeln!(out)?;
-        print_text(out, b)?;
-    }
-    Ok(())
-}
-
-/// Runs `vdk info`.
-pub fn info(args: InfoArgs) -> anyhow::Result<()> {
-    if let Some(url) = args.file.to_str().filter(|f| crate::cloud::is_url(f)) {
-        return info_cloud(url, &args);
-    }
-    let format = args.format.as_deref().map(Format::from_name).transpose()?;
-    let info = vdk_formats::info(Path::new(&args.file), format, args.backing_chain)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &to_json(&info))?;
-        writeln!(out)?;
-    } else {
-        print_text(&mut out, &info)?;
-    }
     Ok(())
 }
 
@@ -362,15 +198,35 @@ pub struct CheckArgs {
     /// Rewrite refcounts that disagree with the tables (fixes leaks; and refcounts too low).
     #[arg(long, short = 'r')]
     repair: bool,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+    /// Check the image even if a program has it open for writing (what it is writing may
+    /// show as errors), as qemu-img's -U; not with --repair.
+    #[arg(short = 'U', long, conflicts_with = "repair")]
+    force_share: bool,
+    #[command(flatten)]
+    output: super::info::OutputArgs,
 }
 
-/// Runs `vdk check`.
-pub fn check(args: CheckArgs) -> anyhow::Result<()> {
+/// Runs `vdk check`; its exit status is qemu-img check's.
+pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let format = args.format.as_deref().map(Format::from_name).transpose()?;
-    let report = vdk_formats::check(&args.file, format, args.repair)
+    if format.is_none() {
+        // A file named as an image with a header that has none is damaged or misnamed:
+        // either way not "consistent".
+        let probed = vdk_formats::probe(&args.file)
+            .with_context(|| format!("cannot check {}", args.file.display()))?;
+        if let Err(e) = vdk_formats::check_named(&args.file, probed) {
+            let named = vdk_formats::format_by_name(&args.file).map_or("?", Format::name);
+            crate::outln!(
+                "{}: not a {named} image: it holds {} (its header is damaged, or the file \
+                 is not what its name says)",
+                args.file.display(),
+                vdk_formats::what_it_holds(probed)
+            )?;
+            tracing::debug!(error = %e, "named format and content disagree");
+            return Ok(ExitCode::from(2));
+        }
+    }
+    let report = vdk_formats::check(&args.file, format, args.repair, args.force_share)
         .with_context(|| format!("cannot check {}", args.file.display()))?;
     let Some(r) = report else {
         let format = match format {
@@ -378,11 +234,11 @@ pub fn check(args: CheckArgs) -> anyhow::Result<()> {
             None => vdk_formats::probe(&args.file)?,
         };
         if format == Format::Raw || format == Format::Iso {
-            println!(
+            crate::outln!(
                 "{}: {format} images have no metadata to check",
                 args.file.display()
-            );
-            return Ok(());
+            )?;
+            return Ok(ExitCode::SUCCESS);
         }
         // VHD and VHDX: opening checks every header, table and checksum (and fails on any
         // inconsistency); there are no refcounts to compare.
@@ -391,16 +247,17 @@ pub fn check(args: CheckArgs) -> anyhow::Result<()> {
             &vdk_formats::OpenOptions {
                 format: Some(format),
                 read_only: true,
-                probe_backing: false,
+                force_share: args.force_share,
+                ..Default::default()
             },
         )
         .with_context(|| format!("{} is inconsistent", args.file.display()))?;
-        println!("No errors were found on the image.");
-        return Ok(());
+        crate::outln!("No errors were found on the image.")?;
+        return Ok(ExitCode::SUCCESS);
     };
     let left_leaks = r.leaks - r.leaks_fixed;
     let left_corruptions = r.corruptions - r.corruptions_fixed;
-    if args.json {
+    if args.output.json() {
         let v = serde_json::json!({
             "filename": args.file,
             "format": "qcow2",
@@ -413,79 +270,137 @@ pub fn check(args: CheckArgs) -> anyhow::Result<()> {
             "total-clusters": r.total_clusters,
             "allocated-clusters": r.allocated_clusters,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         for m in &r.messages {
-            println!("{m}");
+            crate::outln!("{m}")?;
         }
         if r.leaks_fixed + r.corruptions_fixed > 0 {
-            println!(
+            crate::outln!(
                 "The following inconsistencies were found and repaired: {} leaked clusters, {} corruptions",
                 r.leaks_fixed, r.corruptions_fixed
-            );
+            )?;
         }
         if left_corruptions + r.errors > 0 {
-            println!(
+            crate::outln!(
                 "{} errors were found on the image.",
                 left_corruptions + r.errors
-            );
+            )?;
         }
         if left_leaks > 0 {
-            println!("{left_leaks} leaked clusters were found on the image (space only: repair with --repair).");
+            crate::outln!("{left_leaks} leaked clusters were found on the image (space only: repair with --repair).")?;
         }
         if left_corruptions + r.errors + left_leaks == 0 {
-            println!("No errors were found on the image.");
+            crate::outln!("No errors were found on the image.")?;
         }
-        println!(
+        crate::outln!(
             "{}/{} = {:.2}% allocated clusters",
             r.allocated_clusters,
             r.total_clusters,
             100.0 * r.allocated_clusters as f64 / r.total_clusters.max(1) as f64
-        );
-        println!("Image end offset: {}", r.image_end_offset);
+        )?;
+        crate::outln!("Image end offset: {}", r.image_end_offset)?;
     }
-    let code = if left_corruptions + r.errors > 0 {
-        2
+    Ok(if left_corruptions + r.errors > 0 {
+        ExitCode::from(2)
     } else if left_leaks > 0 {
-        3
+        ExitCode::from(3)
     } else {
-        0
-    };
-    if code != 0 {
-        std::process::exit(code);
-    }
-    Ok(())
+        ExitCode::SUCCESS
+    })
 }
 
 /// `vdk resize`.
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  vdk resize disk.qcow2 +10G          grow by 10 GiB (the file system inside is not grown:
+                                      resize2fs or xfs_growfs do that)
+  vdk resize disk.img 2G --shrink     cut a raw image to 2 GiB (what lies past it is lost)")]
 pub struct ResizeArgs {
-    /// The image (raw or qcow2; not open elsewhere).
+    /// The image (raw or qcow2), not open in vdk or elsewhere.
     file: PathBuf,
-    /// The new size, or +SIZE to grow by that much. Images only grow.
+    /// The new size, +SIZE to grow by that much, or -SIZE to shrink by that much.
+    #[arg(allow_hyphen_values = true)]
     size: String,
     /// Its format; probed from its magic if not given.
     #[arg(long, short = 'f')]
     format: Option<String>,
+    /// Allow the image to get smaller: raw images lose what lies past the new end; qcow2
+    /// images only shrink when nothing is allocated there.
+    #[arg(long)]
+    shrink: bool,
+}
+
+/// The open disk of the daemon (if one runs) whose image or cow overlay is `file`.
+fn open_disk(file: &std::path::Path, paths: &Paths) -> Option<crate::control::DiskStatus> {
+    let mut client = Client::connect(&paths.socket).ok()?;
+    let list = client.call(&Request::List).ok()?.ok()?;
+    let disks: Vec<crate::control::DiskStatus> = serde_json::from_value(list).ok()?;
+    let file = std::fs::canonicalize(file).ok()?;
+    let overlay = format!("overlay={}", file.display());
+    disks
+        .into_iter()
+        .find(|d| d.image == file || d.filters.iter().any(|f| f.contains(&overlay)))
 }
 
 /// Runs `vdk resize`.
-pub fn resize(args: ResizeArgs) -> anyhow::Result<()> {
+pub fn resize(args: ResizeArgs, paths: &Paths) -> anyhow::Result<()> {
     let format = args.format.as_deref().map(Format::from_name).transpose()?;
+    if let Some(d) = open_disk(&args.file, paths) {
+        let mounted = d
+            .mount
+            .as_ref()
+            .map_or_else(String::new, |m| format!(", mounted on {}", m.display()));
+        bail!(
+            "{} is open as disk {}{mounted}: close it first (`vdk close {}`); vdk resizes only \
+             images not in use",
+            args.file.display(),
+            d.id,
+            d.id
+        );
+    }
     let info = vdk_formats::info(&args.file, format, false)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let new_size = match args.size.strip_prefix('+') {
-        Some(more) => info.virtual_size.saturating_add(parse_size(more)?),
-        None => parse_size(&args.size)?,
+    let bad_size = |e: vdk_core::size::SizeError| anyhow::anyhow!("{e}");
+    let new_size = if let Some(more) = args.size.strip_prefix('+') {
+        info.virtual_size
+            .checked_add(parse_size(more).map_err(bad_size)?)
+            .with_context(|| format!("{} + {more} is more than 16 EiB", Human(info.virtual_size)))?
+    } else if let Some(less) = args.size.strip_prefix('-') {
+        let less = parse_size(less).map_err(bad_size)?;
+        info.virtual_size.checked_sub(less).with_context(|| {
+            format!(
+                "{} is {}: it cannot lose {}",
+                args.file.display(),
+                Human(info.virtual_size),
+                Human(less)
+            )
+        })?
+    } else {
+        parse_size(&args.size).map_err(bad_size)?
     };
-    vdk_formats::resize(&args.file, Some(info.format), new_size)
+    if new_size == 0 || !new_size.is_multiple_of(512) {
+        bail!("the new size {new_size} must be a positive multiple of 512 bytes");
+    }
+    if new_size < info.virtual_size && !args.shrink {
+        bail!(
+            "{} would shrink from {} to {}: add --shrink if that is meant (what lies past the \
+             new end is lost)",
+            args.file.display(),
+            Human(info.virtual_size),
+            Human(new_size)
+        );
+    }
+    refuse_if_loop_mounted(&args.file, None)?;
+    vdk_formats::resize(&args.file, Some(info.format), new_size, args.shrink)
         .with_context(|| format!("cannot resize {}", args.file.display()))?;
-    println!(
+    crate::outln!(
         "resized {} from {} to {}",
         args.file.display(),
         Human(info.virtual_size),
         Human(new_size)
-    );
+    )?;
     Ok(())
 }
 
@@ -495,6 +410,10 @@ pub struct OverlayArgs {
     /// An open cow disk (its id or overlay), done live by the daemon with the disk's requests
     /// paused; or the overlay file of a closed one (a qcow2 file recording its base).
     overlay: PathBuf,
+    /// Even while a file system on the disk is mounted (it sees its disk change under it,
+    /// which can damage it), or, for discard, an image that records no base.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Asks a running daemon to commit (or discard) an open disk; `None` if no daemon knows it.
@@ -506,11 +425,14 @@ fn live(
     let Ok(mut client) = Client::connect(&paths.socket) else {
         return Ok(None);
     };
-    let disk = crate::cli::disks::disk_key(&args.overlay.to_string_lossy())?;
+    let req = OverlayRequest {
+        disk: crate::cli::disks::disk_key(&args.overlay.to_string_lossy())?,
+        force: args.force,
+    };
     let req = if discard {
-        Request::Discard(DiskRequest { disk })
+        Request::Discard(req)
     } else {
-        Request::Commit(DiskRequest { disk })
+        Request::Commit(req)
     };
     match client.call(&req)? {
         Ok(v) => Ok(Some(v)),
@@ -519,43 +441,63 @@ fn live(
     }
 }
 
+/// Refuses to change `file` under a loop device someone has mounted, unless `force` is
+/// `Some(true)` (`None`: the command has no --force).
+fn refuse_if_loop_mounted(file: &std::path::Path, force: Option<bool>) -> anyhow::Result<()> {
+    let uses = crate::daemon::mount::loop_uses(file);
+    if uses.is_empty() || force == Some(true) {
+        return Ok(());
+    }
+    bail!(
+        "{} is in use by {}: unmount it first{}",
+        file.display(),
+        uses.join(", "),
+        if force.is_some() { ", or add --force" } else { "" }
+    )
+}
+
 /// Runs `vdk commit`.
 pub fn commit(args: OverlayArgs, paths: &Paths) -> anyhow::Result<()> {
     if let Some(v) = live(&args, paths, false)? {
-        println!(
+        crate::outln!(
             "committed {} live: {} of data and {} of zeroes merged into the base; the overlay is empty",
             v["id"].as_str().unwrap_or("?"),
             Human(v["data"].as_u64().unwrap_or(0)),
             Human(v["zeroed"].as_u64().unwrap_or(0))
-        );
+        )?;
         return Ok(());
+    }
+    refuse_if_loop_mounted(&args.overlay, Some(args.force))?;
+    if let Ok(Some(base)) = vdk_filters::cow::base_of(&args.overlay) {
+        refuse_if_loop_mounted(&base, Some(args.force))?;
     }
     let r = vdk_filters::cow::commit(&args.overlay)
         .with_context(|| format!("cannot commit {}", args.overlay.display()))?;
-    println!(
+    crate::outln!(
         "committed {}: {} of data and {} of zeroes merged into the base; the overlay is empty",
         args.overlay.display(),
         Human(r.data),
         Human(r.zeroed)
-    );
+    )?;
     Ok(())
 }
 
 /// Runs `vdk discard`.
 pub fn discard(args: OverlayArgs, paths: &Paths) -> anyhow::Result<()> {
     if let Some(v) = live(&args, paths, true)? {
-        println!(
+        crate::outln!(
             "discarded {} live: the disk reads as its base again",
             v["id"].as_str().unwrap_or("?")
-        );
+        )?;
         return Ok(());
     }
-    vdk_filters::cow::discard(&args.overlay)
+    refuse_if_loop_mounted(&args.overlay, Some(args.force))?;
+    vdk_filters::cow::discard(&args.overlay, args.force)
         .with_context(|| format!("cannot discard {}", args.overlay.display()))?;
-    println!(
+    crate::outln!(
         "discarded {}: the disk reads as its base again",
         args.overlay.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -567,6 +509,9 @@ pub struct SnapshotArgs {
     overlay: PathBuf,
     /// The new overlay on top of it.
     new: PathBuf,
+    /// Even while a file system on the disk is mounted.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Runs `vdk snapshot`.
@@ -575,28 +520,30 @@ pub fn snapshot(args: SnapshotArgs, paths: &Paths) -> anyhow::Result<()> {
         let req = Request::Snapshot(crate::control::SnapshotRequest {
             disk: crate::cli::disks::disk_key(&args.overlay.to_string_lossy())?,
             new: std::path::absolute(&args.new)?,
+            force: args.force,
         });
         match client.call(&req)? {
             Ok(v) => {
-                println!(
+                crate::outln!(
                     "{} now writes to {}, on top of {}",
                     v["id"].as_str().unwrap_or("?"),
                     args.new.display(),
                     args.overlay.display()
-                );
+                )?;
                 return Ok(());
             }
             Err(e) if e.kind == ErrorKind::NotFound => {}
             Err(e) => anyhow::bail!(e.message),
         }
     }
+    refuse_if_loop_mounted(&args.overlay, Some(args.force))?;
     vdk_filters::cow::snapshot(&args.overlay, &args.new)
         .with_context(|| format!("cannot make {}", args.new.display()))?;
-    println!(
+    crate::outln!(
         "{} now sits on {}: serve it as an image (vdk serve {})",
         args.new.display(),
         args.overlay.display(),
         args.new.display()
-    );
+    )?;
     Ok(())
 }

@@ -3,17 +3,21 @@
 mod convert;
 mod disks;
 mod image;
+mod info;
+mod list;
+pub mod log;
 pub mod nbd_opts;
+pub mod out;
 mod serve;
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tracing::warn;
 
 use crate::daemon::{self, Paths};
-use tracing_subscriber::EnvFilter;
 
 /// vdk, the virtual disk kit: serve disks from user space.
 #[derive(Debug, Parser)]
@@ -40,7 +44,7 @@ enum Command {
     /// Close a disk: unmount (after a sync), detach, stop its export, flush, release.
     Close(disks::CloseArgs),
     /// List open disks, with their attachments and I/O counters.
-    List(disks::ListArgs),
+    List(list::ListArgs),
     /// Mount an open disk's file system.
     Mount(disks::MountArgs),
     /// Unmount an open disk's file system; the disk stays open.
@@ -50,15 +54,15 @@ enum Command {
     /// Create an image file (qcow2 or raw), optionally over a backing image.
     Create(image::CreateArgs),
     /// Describe an image: format, sizes, cluster size, backing chain, flags.
-    Info(image::InfoArgs),
+    Info(info::InfoArgs),
     /// Copy an image into a new one of any format, leaving holes and zeroes out.
     Convert(convert::ConvertArgs),
     /// Check an image's consistency (refcounts against tables); --repair fixes refcounts.
     Check(image::CheckArgs),
-    /// Grow an image's virtual size (raw, qcow2).
+    /// Change an image's virtual size (raw, qcow2): grow it, or with --shrink make it smaller.
     Resize(image::ResizeArgs),
     /// Counters and latency histograms of a disk opened with --filter stats.
-    Stats(disks::StatsArgs),
+    Stats(list::StatsArgs),
     /// Merge a cow overlay into its base, then empty it (safe to run again if interrupted).
     Commit(image::OverlayArgs),
     /// Empty a cow overlay: the disk reads as its base again.
@@ -74,46 +78,42 @@ enum Command {
     Fs(disks::FsCommand),
 }
 
-/// Runs the chosen command.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+impl Cli {
+    /// The file a daemon logs to, when told to (`vdk daemon --log FILE`); stderr otherwise.
+    pub fn log_file(&self) -> Option<&Path> {
+        match &self.command {
+            Command::Daemon(args) => args.log.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Runs the chosen command; its exit status (`check` has more than two).
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let paths = || Paths::new(cli.socket.as_deref());
-    match cli.command {
+    let done = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Open(args) => disks::open(args, &paths()?),
         Command::Close(args) => disks::close(args, &paths()?),
-        Command::List(args) => disks::list(args, &paths()?),
+        Command::List(args) => list::list(args, &paths()?),
         Command::Mount(args) => disks::mount(args, &paths()?),
         Command::Unmount(args) => disks::unmount(args, &paths()?),
         Command::Daemon(args) if args.stop => disks::stop_daemon(&paths()?),
         Command::Daemon(args) => daemon::run(&args, &paths()?),
         Command::Create(args) => image::create(args),
-        Command::Info(args) => image::info(args),
+        Command::Info(args) => info::info(args),
         Command::Convert(args) => convert::run(args),
-        Command::Check(args) => image::check(args),
-        Command::Resize(args) => image::resize(args),
-        Command::Stats(args) => disks::stats(args, &paths()?),
+        Command::Check(args) => return image::check(args),
+        Command::Resize(args) => image::resize(args, &paths()?),
+        Command::Stats(args) => list::stats(args, &paths()?),
         Command::Commit(args) => image::commit(args, &paths()?),
         Command::Discard(args) => image::discard(args, &paths()?),
         Command::Snapshot(args) => image::snapshot(args, &paths()?),
         Command::Eject(args) => disks::eject(args, &paths()?),
         Command::Insert(args) => disks::insert(args, &paths()?),
         Command::Fs(cmd) => disks::fs(cmd, &paths()?),
-    }
-}
-
-/// Logs to stderr at `info`, `debug` with `-v`, `trace` with `-vv`, or as `RUST_LOG` says.
-pub fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 /// The first line of a CHAP credentials file, `user:secret`.

@@ -167,6 +167,7 @@ fn open(
                     format: Some(format),
                     read_only,
                     probe_backing: args.probe_backing,
+                    ..Default::default()
                 };
                 let device = vdk_formats::open(path, &opts).map_err(cannot_open)?.device;
                 return Ok((device, Some(base_file(path, format)?)));
@@ -174,6 +175,7 @@ fn open(
             let opts = FileOptions {
                 read_only,
                 direct: args.direct,
+                ..FileOptions::default()
             };
             let device = Arc::new(FileDisk::open(path, opts).map_err(cannot_open)?);
             Ok((device, Some(base_file(path, format)?)))

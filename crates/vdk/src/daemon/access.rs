@@ -22,6 +22,8 @@ use crate::control::{ApiError, ErrorKind, Request};
 pub struct Caller {
     /// Its user id.
     pub uid: u32,
+    /// Its process id (as the socket saw it when it connected).
+    pub pid: u32,
     gid: u32,
     groups: Vec<u32>,
     /// Its rights are the daemon's own (the daemon's user, or root): nothing is checked.
@@ -61,6 +63,7 @@ impl Caller {
         }
         Ok(Caller {
             uid,
+            pid: u32::try_from(cred.pid.as_raw_nonzero().get()).unwrap_or(0),
             gid: cred.gid.as_raw(),
             groups: supplementary_groups(cred.pid.as_raw_nonzero().get()).unwrap_or_default(),
             trusted: uid == me || uid == 0,

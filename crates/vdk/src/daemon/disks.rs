@@ -2,21 +2,18 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tracing::{info, warn};
-use vdk_attach::{Attach, Attached, FuseExport, FuseLoop};
-use vdk_core::size::Human;
-use vdk_core::BlockDevice;
+use vdk_attach::{Attached, FuseExport, FuseLoop};
 use vdk_formats::Format;
-use vdk_nbd::{Export, Server};
+use vdk_nbd::Server;
 
 use super::mount;
 use super::tracked::Tracked;
 use super::Paths;
-use crate::control::{ApiError, DiskStatus, ErrorKind, MountRequest, OpenRequest};
+use crate::control::{ApiError, DiskStatus, ErrorKind, MountRequest};
 
 /// Stands for the export name in the NBD URI templates.
 pub const EXPORT_PLACEHOLDER: &str = "{export}";
@@ -25,7 +22,7 @@ pub const EXPORT_PLACEHOLDER: &str = "{export}";
 pub const DEFAULT_SIZE: u64 = 100 << 20;
 
 pub(super) const ATTACH_FUSE_LOOP: &str = "fuse-loop";
-const ATTACH_NONE: &str = "none";
+pub(super) const ATTACH_NONE: &str = "none";
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -90,7 +87,9 @@ pub struct Daemon {
     /// Held by requests that change disks, so that they run one at a time.
     pub(super) changing: Mutex<()>,
     /// Numbers volatile cow disks.
-    volatile: std::sync::atomic::AtomicU64,
+    pub(super) volatile: std::sync::atomic::AtomicU64,
+    /// What it found a dead daemon had left mounted, and detached, when it started.
+    pub(super) recovered: Vec<String>,
 }
 
 /// The disk id for an image: its file stem and a hash of its canonical path, so the same
@@ -121,7 +120,7 @@ pub fn disk_id(image: &Path) -> String {
 }
 
 /// An object-store error as the control API answers it.
-fn cloud_error(e: anyhow::Error) -> ApiError {
+pub(super) fn cloud_error(e: anyhow::Error) -> ApiError {
     let kind = match e.downcast_ref::<vdk_objstore::ObjError>() {
         Some(vdk_objstore::ObjError::NotFound(_)) => ErrorKind::NotFound,
         Some(vdk_objstore::ObjError::LeaseHeld { .. }) => ErrorKind::Busy,
@@ -170,6 +169,7 @@ impl Recipe {
             format: self.format,
             read_only: self.read_only,
             probe_backing: self.probe_backing,
+            ..Default::default()
         };
         let opened = vdk_formats::open(&self.image, &opts)
             .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;
@@ -183,7 +183,7 @@ impl Recipe {
     }
 
     /// Makes `overlay` the cow overlay.
-    fn set_overlay(&mut self, overlay: &Path) {
+    pub(super) fn set_overlay(&mut self, overlay: &Path) {
         for s in &mut self.specs {
             if let vdk_filters::FilterSpec::Cow(o) = s {
                 o.overlay = vdk_filters::cow::Overlay::Persistent(overlay.to_owned());
@@ -192,7 +192,7 @@ impl Recipe {
     }
 
     /// The persistent cow overlay, if the disk has one.
-    fn overlay(&self) -> Option<PathBuf> {
+    pub(super) fn overlay(&self) -> Option<PathBuf> {
         self.specs.iter().find_map(|s| match s {
             vdk_filters::FilterSpec::Cow(o) => match &o.overlay {
                 vdk_filters::cow::Overlay::Persistent(p) => Some(p.clone()),
@@ -226,7 +226,7 @@ fn filter_stats(disk: &Disk) -> Option<serde_json::Value> {
     Some(serde_json::Value::Object(ops))
 }
 
-fn parse_filters(specs: &[String]) -> Result<Vec<vdk_filters::FilterSpec>, ApiError> {
+pub(super) fn parse_filters(specs: &[String]) -> Result<Vec<vdk_filters::FilterSpec>, ApiError> {
     specs
         .iter()
         .map(|s| vdk_filters::FilterSpec::parse(s).map_err(|e| invalid(e.to_string())))
@@ -242,6 +242,7 @@ impl Daemon {
         nbd_uris: Vec<String>,
         fuse_threads: usize,
         iscsi: super::iscsi::Settings,
+        recovered: Vec<String>,
     ) -> Daemon {
         Daemon {
             paths,
@@ -254,6 +255,7 @@ impl Daemon {
             filesystems: Mutex::default(),
             changing: Mutex::new(()),
             volatile: std::sync::atomic::AtomicU64::new(0),
+            recovered,
         }
     }
 
@@ -287,139 +289,6 @@ impl Daemon {
             stats: d.device.counters(),
             latency: filter_stats(d),
         }
-    }
-
-    /// Merges an open cow disk's overlay into its base (or, with `discard`, empties it), with
-    /// the disk's requests paused meanwhile: the chain is flushed and closed, the overlay
-    /// committed, and the chain opened again. Refused if another disk shares the base.
-    pub fn commit(&self, key: &str, discard: bool) -> Result<serde_json::Value, ApiError> {
-        let _one_at_a_time = lock(&self.changing);
-        let disk = self.find(key)?;
-        let Some(overlay) = lock(&disk.recipe).overlay() else {
-            return Err(invalid(format!(
-                "{} has no cow overlay file to {}",
-                disk.id,
-                if discard { "discard" } else { "commit" }
-            )));
-        };
-        let mut report = None;
-        disk.device.swap(|old| {
-            if let Err(e) = old.flush() {
-                return Err((
-                    ApiError::new(ErrorKind::Io, format!("flush before commit: {e}")),
-                    old,
-                ));
-            }
-            // The overlay and the base are released with the chain (the stats handle is a
-            // part of it too).
-            *lock(&disk.stats) = None;
-            drop(old);
-            let done = if discard {
-                vdk_filters::cow::discard(&overlay)
-                    .map(|()| vdk_filters::cow::CommitReport::default())
-            } else {
-                vdk_filters::cow::commit(&overlay)
-            };
-            let rebuilt = lock(&disk.recipe).build();
-            let (chain, _) = match rebuilt {
-                Ok(c) => c,
-                Err(e) => {
-                    disk.device.close();
-                    let msg = format!(
-                        "the disk could not be opened again and is closed: {}",
-                        e.message
-                    );
-                    return Err((
-                        ApiError::new(ErrorKind::Io, msg),
-                        super::tracked::placeholder(),
-                    ));
-                }
-            };
-            *lock(&disk.stats) = chain.stats.clone();
-            match done {
-                Ok(r) => {
-                    report = Some(r);
-                    Ok(chain.device)
-                }
-                Err(e) => Err((ApiError::io("commit", &e), chain.device)),
-            }
-        })?;
-        let r = report.unwrap_or_default();
-        info!(id = %disk.id, overlay = %overlay.display(), discard, "overlay merged or emptied live");
-        Ok(serde_json::json!({ "id": disk.id, "data": r.data, "zeroed": r.zeroed }))
-    }
-
-    /// Starts a new overlay `new` on top of an open cow disk's overlay and switches the disk
-    /// to it, with the disk's requests paused meanwhile. The old overlay is not written any
-    /// more; the chain is new -> old -> base.
-    pub fn snapshot(&self, key: &str, new: &Path) -> Result<serde_json::Value, ApiError> {
-        let _one_at_a_time = lock(&self.changing);
-        let disk = self.find(key)?;
-        let Some(old) = lock(&disk.recipe).overlay() else {
-            return Err(invalid(format!(
-                "{} has no cow overlay file to snapshot",
-                disk.id
-            )));
-        };
-        if new.exists() {
-            return Err(invalid(format!(
-                "{} exists: a snapshot makes a new overlay",
-                new.display()
-            )));
-        }
-        disk.device.swap(|chain| {
-            if let Err(e) = chain.flush() {
-                return Err((
-                    ApiError::new(ErrorKind::Io, format!("flush before snapshot: {e}")),
-                    chain,
-                ));
-            }
-            *lock(&disk.stats) = None;
-            drop(chain);
-            let made = vdk_filters::cow::snapshot(&old, new);
-            if made.is_ok() {
-                lock(&disk.recipe).set_overlay(new);
-                for f in lock(&disk.filters).iter_mut() {
-                    if f.starts_with("cow") {
-                        *f = format!("cow:overlay={}", new.display());
-                    }
-                }
-            }
-            let rebuilt = lock(&disk.recipe).build();
-            let rebuilt = match (made, rebuilt) {
-                (Ok(()), Ok((c, _))) => Ok(c),
-                (Ok(()), Err(e)) => {
-                    // Back to the old overlay, untouched.
-                    let _ = fs::remove_file(new);
-                    lock(&disk.recipe).set_overlay(&old);
-                    Err((e, lock(&disk.recipe).build()))
-                }
-                (Err(e), _) => Err((ApiError::io("snapshot", &e), lock(&disk.recipe).build())),
-            };
-            match rebuilt {
-                Ok(c) => {
-                    *lock(&disk.stats) = c.stats.clone();
-                    Ok(c.device)
-                }
-                Err((e, Ok((c, _)))) => {
-                    *lock(&disk.stats) = c.stats.clone();
-                    Err((e, c.device))
-                }
-                Err((e, Err(e2))) => {
-                    disk.device.close();
-                    let msg = format!(
-                        "{}; the disk could not be opened again and is closed: {}",
-                        e.message, e2.message
-                    );
-                    Err((
-                        ApiError::new(ErrorKind::Io, msg),
-                        super::tracked::placeholder(),
-                    ))
-                }
-            }
-        })?;
-        info!(id = %disk.id, old = %old.display(), new = %new.display(), "snapshot: new overlay");
-        Ok(serde_json::json!({ "id": disk.id, "overlay": new, "previous": old }))
     }
 
     /// The stats filter's counters of a disk, per operation.
@@ -475,378 +344,14 @@ impl Daemon {
         Ok(a)
     }
 
-    /// Opens (or creates) an image and attaches it as asked.
-    pub fn open(&self, req: OpenRequest) -> Result<DiskStatus, ApiError> {
-        let _one_at_a_time = lock(&self.changing);
-        let root = rustix::process::geteuid().is_root();
-        let attach = match req.attach.as_deref() {
-            None if root => ATTACH_FUSE_LOOP,
-            None => ATTACH_NONE,
-            Some(ATTACH_FUSE_LOOP) if !root => {
-                return Err(ApiError::new(
-                    ErrorKind::Permission,
-                    "attaching a block device (fuse-loop) needs root; \
-                     use --attach none to serve the disk over NBD only",
-                ))
-            }
-            Some(ATTACH_FUSE_LOOP) => ATTACH_FUSE_LOOP,
-            Some(ATTACH_NONE) => ATTACH_NONE,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "unknown attach mode {other:?}: use fuse-loop or none"
-                )))
-            }
-        };
-        let format = req
-            .format
-            .as_deref()
-            .map(Format::from_name)
-            .transpose()
-            .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?;
-        if let Some(fs) = &req.mkfs {
-            mount::check_fs_type(fs)?;
-        }
-        if attach == ATTACH_NONE && (req.mkfs.is_some() || req.mount.is_some()) {
-            return Err(invalid(
-                "--mkfs and --mount need a block device: not with --attach none",
-            ));
-        }
-        if req.mkfs.is_some() && req.read_only {
-            return Err(invalid("--mkfs cannot format a disk opened --read-only"));
-        }
-        parse_filters(&req.filters)?;
-        allow_rules(&req.allow)?;
-        let cloud = req.path.to_str().is_some_and(crate::cloud::is_url);
-        if !cloud && !req.cloud.is_default() {
-            return Err(invalid(
-                "--s3-endpoint, --cache, --key-file and such are for object-store disks (s3://...)",
-            ));
-        }
-        if !cloud && !req.path.is_absolute() {
-            return Err(invalid(format!(
-                "{}: the path must be absolute",
-                req.path.display()
-            )));
-        }
-        if let Some(name) = &req.export_name {
-            if name.is_empty() || name.len() > 4096 {
-                return Err(invalid("--export-name must be 1 to 4096 bytes"));
-            }
-        }
-        if !req.iscsi && (req.iscsi_target.is_some() || req.iscsi_lun.is_some()) {
-            return Err(invalid("--iscsi-target and --iscsi-lun go with --iscsi"));
-        }
-        let (image, created) = if cloud {
-            self.cloud_image(&req)?
-        } else {
-            self.image(&req, format)?
-        };
-        let opened = self.open_image(&req, &image, format, attach);
-        match opened {
-            Ok(d) => {
-                let status = self.status(&d);
-                lock(&self.disks).insert(d.id.clone(), d);
-                info!(id = %status.id, image = %image.display(), size = %Human(status.size), "disk open");
-                Ok(status)
-            }
-            Err(e) => {
-                if created {
-                    // Nothing of a half-made image is worth keeping.
-                    let _ = fs::remove_file(&image);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// An object-store disk's URL, the disk created first if missing; `true` if it was.
-    fn cloud_image(&self, req: &OpenRequest) -> Result<(PathBuf, bool), ApiError> {
-        let url = req.path.to_string_lossy().into_owned();
-        let store = crate::cloud::store_options(&req.cloud);
-        match vdk_objstore::info(&url, &store) {
-            Ok(s) => {
-                if let Some(size) = req.size.filter(|z| *z != s.meta.size) {
-                    return Err(invalid(format!(
-                        "{url} exists and has {} bytes, not {size}: a size is for new disks",
-                        s.meta.size
-                    )));
-                }
-                if req.mkfs.is_some() {
-                    return Err(invalid(format!(
-                        "{url} exists: --mkfs formats only the new disks open creates"
-                    )));
-                }
-                Ok((PathBuf::from(url), false))
-            }
-            Err(vdk_objstore::ObjError::NotFound(_)) => {
-                if req.read_only {
-                    return Err(ApiError::new(
-                        ErrorKind::NotFound,
-                        format!("{url}: no disk there (a new disk cannot be read-only)"),
-                    ));
-                }
-                let size = req.size.unwrap_or(DEFAULT_SIZE);
-                let mut opts = vdk_objstore::CreateOptions::new(size);
-                opts.store = store;
-                vdk_objstore::create(&url, &opts).map_err(|e| {
-                    cloud_error(anyhow::Error::new(e).context(format!("cannot create {url}")))
-                })?;
-                info!(image = %url, size = %Human(size), "created");
-                Ok((PathBuf::from(url), true))
-            }
-            Err(e) => Err(cloud_error(
-                anyhow::Error::new(e).context(format!("cannot open {url}")),
-            )),
-        }
-    }
-
-    /// The image's canonical path, created first if missing; `true` if it was created.
-    fn image(
-        &self,
-        req: &OpenRequest,
-        format: Option<Format>,
-    ) -> Result<(PathBuf, bool), ApiError> {
-        let path = &req.path;
-        let shown = path.display();
-        match fs::metadata(path) {
-            Ok(m) if m.is_dir() => Err(invalid(format!("{shown} is a directory, not an image"))),
-            Ok(m) if !m.is_file() => Err(invalid(format!("{shown} is not a regular file"))),
-            Ok(m) => {
-                if let Some(size) = req.size.filter(|s| *s != m.len()) {
-                    return Err(invalid(format!(
-                        "{shown} exists and has {} bytes, not {size}: a size is for new images",
-                        m.len()
-                    )));
-                }
-                if req.mkfs.is_some() {
-                    return Err(invalid(format!(
-                        "{shown} exists: --mkfs formats only the new images open creates \
-                         (format /dev/loopN yourself to wipe an existing one)"
-                    )));
-                }
-                let canonical =
-                    fs::canonicalize(path).map_err(|e| ApiError::io(format!("{shown}"), &e))?;
-                Ok((canonical, false))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if req.read_only {
-                    return Err(ApiError::new(
-                        ErrorKind::NotFound,
-                        format!("{shown} does not exist (a new image cannot be read-only)"),
-                    ));
-                }
-                let size = req.size.unwrap_or(DEFAULT_SIZE);
-                if size == 0 || !size.is_multiple_of(512) {
-                    return Err(invalid(format!(
-                        "size {size} must be a positive multiple of 512 bytes"
-                    )));
-                }
-                let parent = path.parent().unwrap_or(Path::new("/"));
-                if !parent.is_dir() {
-                    return Err(ApiError::new(
-                        ErrorKind::NotFound,
-                        format!(
-                            "cannot create {shown}: {} is not a directory",
-                            parent.display()
-                        ),
-                    ));
-                }
-                let opts = vdk_formats::CreateOptions {
-                    format: format.unwrap_or(Format::Raw),
-                    cluster_size: None,
-                    backing: None,
-                    fixed: false,
-                };
-                vdk_formats::create(path, size, &opts)
-                    .map_err(|e| ApiError::io(format!("cannot create {shown}"), &e))?;
-                info!(image = %shown, size = %Human(size), "created");
-                let canonical =
-                    fs::canonicalize(path).map_err(|e| ApiError::io(format!("{shown}"), &e))?;
-                Ok((canonical, true))
-            }
-            Err(e) => Err(ApiError::io(format!("cannot open {shown}"), &e)),
-        }
-    }
-
-    fn open_image(
-        &self,
-        req: &OpenRequest,
-        image: &Path,
-        format: Option<Format>,
-        attach: &'static str,
-    ) -> Result<Arc<Disk>, ApiError> {
-        let specs = parse_filters(&req.filters)?;
-        let redirect = vdk_filters::redirects_writes(&specs);
-        // What makes this disk itself: the image, or for a cow disk its overlay (many cow
-        // disks may share one base).
-        let (key, id) = match specs.iter().find_map(|s| match s {
-            vdk_filters::FilterSpec::Cow(o) => Some(o.overlay.clone()),
-            _ => None,
-        }) {
-            Some(vdk_filters::cow::Overlay::Persistent(p)) => {
-                let p = std::path::absolute(&p).map_err(|e| ApiError::io("overlay path", &e))?;
-                let id = disk_id(&p);
-                (p, id)
-            }
-            Some(vdk_filters::cow::Overlay::Volatile) => {
-                let n = self
-                    .volatile
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let id = format!("{}-v{n}", disk_id(image));
-                (image.join(format!("#volatile-{n}")), id)
-            }
-            None => (image.to_owned(), disk_id(image)),
-        };
-        if let Some(d) = lock(&self.disks).values().find(|d| d.key == key) {
-            return Err(ApiError::new(
-                ErrorKind::AlreadyOpen,
-                format!("{} is already open as {}", key.display(), d.id),
-            ));
-        }
-        let shown = image.display();
-        let recipe = Recipe {
-            image: image.to_owned(),
-            format,
-            // The base of a cow disk is only read.
-            read_only: req.read_only || redirect,
-            probe_backing: req.probe_backing,
-            specs,
-            cloud: image
-                .to_str()
-                .is_some_and(crate::cloud::is_url)
-                .then(|| (req.cloud.clone(), self.paths.dir.join("cache"))),
-        };
-        let (chain, opened_format) = recipe.build()?;
-        let backend = chain.device;
-        let size_info = backend.info();
-        let size = size_info.size;
-        if size == 0 {
-            return Err(invalid(format!(
-                "{shown} is empty (0 bytes): nothing to serve"
-            )));
-        }
-        if size % 512 != 0 {
-            return Err(invalid(format!(
-                "{shown} has {size} bytes, not a multiple of 512: a truncated image?"
-            )));
-        }
-        let device = Arc::new(Tracked::new(backend));
-        let export_name = req.export_name.clone().unwrap_or_else(|| id.clone());
-        let mut export = Export::new(
-            export_name.clone(),
-            Arc::clone(&device) as Arc<dyn BlockDevice>,
-        );
-        export.read_only = req.read_only;
-        let allow = allow_rules(&req.allow)?;
-        export.allow = allow.clone();
-        export.description = format!("vdk disk {id}: {shown}");
-        self.nbd
-            .add_export(export)
-            .map_err(|e| ApiError::new(ErrorKind::AlreadyOpen, format!("NBD export: {e}")))?;
-        let disk = Arc::new(Disk {
-            id: id.clone(),
-            key,
-            disc: Mutex::new(Disc {
-                image: image.to_owned(),
-                format: opened_format.name().into(),
-                size,
-            }),
-            // An ISO is read-only whatever was asked.
-            read_only: req.read_only || size_info.read_only,
-            cdrom: size_info.media == vdk_core::MediaKind::CdRom,
-            iscsi: Mutex::new(None),
-            attach,
-            export: export_name,
-            allow,
-            device,
-            filters: Mutex::new(req.filters.clone()),
-            stats: Mutex::new(chain.stats),
-            recipe: Mutex::new(recipe),
-            state: Mutex::default(),
-        });
-        let set_up = self.set_up(&disk, req);
-        if let Err(e) = set_up {
-            // Undo whatever part was done; the error to report is the first one.
-            let _ = self.tear_down(&disk, true);
-            return Err(e);
-        }
-        Ok(disk)
-    }
-
-    /// Attaches, formats and mounts a disk as `req` asks.
-    fn set_up(&self, disk: &Disk, req: &OpenRequest) -> Result<(), ApiError> {
-        if req.iscsi || self.iscsi.all() {
-            let lun = self.iscsi.expose(
-                &disk.id,
-                Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
-                req.iscsi_target.as_deref(),
-                req.iscsi_lun,
-            )?;
-            *lock(&disk.iscsi) = Some(lun);
-        }
-        if disk.attach == ATTACH_FUSE_LOOP {
-            self.attach(disk)?;
-        }
-        if let Some(fs) = &req.mkfs {
-            let dev = lock(&disk.state).block_device.clone();
-            mount::mkfs(fs, dev.as_deref().unwrap_or(Path::new("")))?;
-        }
-        if let Some(dir) = &req.mount {
-            self.mount_disk(disk, dir, req.mkfs.as_deref())?;
-        }
-        Ok(())
-    }
-
-    /// Gives a disk its block device (fuse-loop).
-    pub(super) fn attach(&self, disk: &Disk) -> Result<(), ApiError> {
-        let attached = self
-            .attacher()?
-            .attach(
-                &disk.id,
-                Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
-                disk.read_only,
-            )
-            .map_err(|e| ApiError::io("cannot attach a loop device", &e))?;
-        let dev = attached.block_device();
-        info!(id = %disk.id, dev = %dev.display(), "attached");
-        let mut st = lock(&disk.state);
-        st.block_device = Some(dev);
-        st.attached = Some(attached);
-        Ok(())
-    }
-
-    fn mount_disk(&self, disk: &Disk, dir: &Path, fs: Option<&str>) -> Result<(), ApiError> {
-        if !dir.is_absolute() {
-            return Err(invalid(format!(
-                "{}: the mount point must be absolute",
-                dir.display()
-            )));
-        }
-        let dev = {
-            let st = lock(&disk.state);
-            if let Some(m) = &st.mount {
-                return Err(invalid(format!(
-                    "{} is already mounted on {}",
-                    disk.id,
-                    m.display()
-                )));
-            }
-            st.block_device.clone().ok_or_else(|| {
-                invalid(format!(
-                    "{} has no block device (opened with --attach none)",
-                    disk.id
-                ))
-            })?
-        };
-        mount::mount(&dev, dir, fs, disk.read_only)?;
-        lock(&disk.state).mount = Some(dir.to_owned());
-        Ok(())
-    }
-
     /// Unmounts, detaches, withdraws the exports and flushes. With `force`, a busy mount is
     /// detached lazily and the disk refuses everything still queued.
-    fn tear_down(&self, disk: &Disk, force: bool) -> Result<(), ApiError> {
+    pub(super) fn tear_down(&self, disk: &Disk, force: bool) -> Result<(), ApiError> {
+        let mount = lock(&disk.state).mount.clone();
         for dir in self.filesystems_on(&disk.id) {
+            if mount.as_ref() == Some(&dir) {
+                continue; // the disk's own mount (a CD-ROM's, by the ISO browser): below
+            }
             if !force {
                 return Err(ApiError::new(
                     ErrorKind::Busy,
@@ -858,13 +363,16 @@ impl Daemon {
                     ),
                 ));
             }
-            if let Some(m) = lock(&self.filesystems).remove(&dir) {
+            let mut table = lock(&self.filesystems);
+            if let Some(m) = table.remove(&dir) {
                 drop(m); // unmounts lazily
             }
+            self.record(&table);
         }
-        let mount = lock(&disk.state).mount.clone();
         if let Some(dir) = mount {
-            if force {
+            if disk.cdrom {
+                self.unmount_fs(&dir, force)?;
+            } else if force {
                 // What the busy mount still sends fails, as on a disk pulled out.
                 if let Err(e) = mount::unmount(&dir, false) {
                     warn!(id = %disk.id, error = %e.message, "forcing the disk closed");
@@ -922,23 +430,22 @@ impl Daemon {
     pub fn mount(&self, req: MountRequest) -> Result<DiskStatus, ApiError> {
         let _one_at_a_time = lock(&self.changing);
         let disk = self.find(&req.disk)?;
-        if let Some(fs) = &req.mkfs {
-            mount::check_fs_type(fs)?;
-            let dev = lock(&disk.state).block_device.clone().ok_or_else(|| {
-                invalid(format!(
-                    "{} has no block device (opened with --attach none)",
-                    disk.id
-                ))
-            })?;
-            if lock(&disk.state).mount.is_some() {
-                return Err(invalid(format!(
-                    "{} is mounted: unmount it before formatting",
-                    disk.id
-                )));
-            }
-            mount::mkfs(fs, &dev)?;
+        if req.force && req.mkfs.is_none() {
+            return Err(invalid(
+                "--force goes with --mkfs (to format a disk that holds data)",
+            ));
         }
-        self.mount_disk(&disk, &req.dir, req.mkfs.as_deref())?;
+        let again = |extra: &str| {
+            let mkfs = match (&req.mkfs, extra.starts_with("--mkfs")) {
+                (Some(fs), false) => format!(" --mkfs {fs}"),
+                _ => String::new(),
+            };
+            format!("vdk mount {} {}{mkfs} {extra}", disk.id, req.dir.display())
+        };
+        if let Some(fs) = &req.mkfs {
+            self.format(&disk, fs, req.force, &again)?;
+        }
+        self.mount_disk(&disk, &req.dir, req.mkfs.as_deref(), &again)?;
         Ok(self.status(&disk))
     }
 
@@ -949,7 +456,11 @@ impl Daemon {
         let Some(dir) = lock(&disk.state).mount.clone() else {
             return Err(invalid(format!("{} is not mounted", disk.id)));
         };
-        mount::unmount(&dir, force)?;
+        if disk.cdrom {
+            self.unmount_fs(&dir, force)?;
+        } else {
+            mount::unmount(&dir, force)?;
+        }
         lock(&disk.state).mount = None;
         Ok(self.status(&disk))
     }
@@ -978,14 +489,6 @@ impl Daemon {
         }
         self.iscsi.stop();
     }
-}
-
-/// The NBD allow-list of an `open` request.
-fn allow_rules(rules: &[String]) -> Result<Vec<vdk_nbd::Rule>, ApiError> {
-    rules
-        .iter()
-        .map(|r| r.parse::<vdk_nbd::Rule>().map_err(invalid))
-        .collect()
 }
 
 #[cfg(test)]

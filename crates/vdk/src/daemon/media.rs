@@ -89,6 +89,7 @@ impl Daemon {
                 format: None,
                 read_only: true,
                 probe_backing: false,
+                ..Default::default()
             },
         )
         .map_err(|e| ApiError::io(format!("cannot open {shown}"), &e))?;

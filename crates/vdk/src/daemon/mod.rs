@@ -10,6 +10,9 @@ mod disks;
 mod iscsi;
 mod media;
 pub mod mount;
+mod open;
+mod overlay;
+pub mod recover;
 pub mod tracked;
 mod userfs;
 
@@ -115,6 +118,10 @@ pub struct DaemonArgs {
     /// Ask the running daemon to close every disk and stop.
     #[arg(long)]
     pub stop: bool,
+    /// Log to FILE instead of stderr; past 16 MiB it moves to FILE.1 and a new one starts
+    /// (a daemon `vdk open` starts logs to daemon.log beside its socket this way).
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
     /// Serve this user too (a name or uid): a daemon run as root (for loop devices and
     /// mounts) on behalf of an unprivileged user. The control and NBD sockets become that
     /// user's, and every path in the user's requests is checked against the user's own
@@ -169,6 +176,14 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
     }
     let control = bind_control(&paths.socket)?;
     give(&paths.socket, owner)?;
+    // A daemon that died here may have left mounts that no longer answer.
+    let recovered = recover::stale_mounts(paths);
+    if !recovered.is_empty() {
+        warn!(
+            mounts = recovered.len(),
+            "detached what a vdk daemon that died left mounted"
+        );
+    }
     if rustix::process::geteuid().is_root() {
         // The daemon writes back the pages of the disks it serves: let it allocate memory
         // under pressure instead of waiting for its own writeback (as loop and NBD daemons do).
@@ -218,6 +233,7 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
             .collect(),
         usize::from(args.fuse_threads),
         iscsi_settings,
+        recovered,
     ));
     if !iscsi_listen.is_empty() {
         // Portals asked for by name start now, so that a wrong one fails at once.
@@ -322,6 +338,7 @@ fn serve_control(
             return writer.write_all(&out);
         }
     };
+    mount::set_requester(Some(caller.pid));
     let mut reader = BufReader::new(conn);
     while let Some(line) = control::read_line(&mut reader)? {
         let too_long = line.is_err();
@@ -371,6 +388,7 @@ impl Daemon {
             Request::Version => Ok(serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "pid": std::process::id(),
+                "recovered": self.recovered,
             })),
             Request::Open(r) => self.open(*r).map(|s| serde_json::json!(s)),
             Request::Close(r) => self.close(&r.disk, r.force).map(|s| serde_json::json!(s)),
@@ -378,9 +396,9 @@ impl Daemon {
             Request::Mount(r) => self.mount(r).map(|s| serde_json::json!(s)),
             Request::Unmount(r) => self.unmount(&r.disk, r.force).map(|s| serde_json::json!(s)),
             Request::Stats(r) => self.stats(&r.disk),
-            Request::Commit(r) => self.commit(&r.disk, false),
-            Request::Discard(r) => self.commit(&r.disk, true),
-            Request::Snapshot(r) => self.snapshot(&r.disk, &r.new),
+            Request::Commit(r) => self.commit(&r.disk, false, r.force),
+            Request::Discard(r) => self.commit(&r.disk, true, r.force),
+            Request::Snapshot(r) => self.snapshot(&r.disk, &r.new, r.force),
             Request::Eject(r) => self.eject(&r.disk, r.force).map(|s| serde_json::json!(s)),
             Request::Insert(r) => self.insert(&r.disk, &r.image).map(|s| serde_json::json!(s)),
             Request::FsMount(r) => self.fs_mount(&r).map(|s| serde_json::json!(s)),

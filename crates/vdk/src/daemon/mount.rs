@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use rustix::mount::{MountFlags, UnmountFlags};
@@ -80,23 +80,25 @@ fn kernel_fs_types() -> Vec<String> {
 /// Mounts `dev` on `dir` (created if missing), as `fs` or, without it, as the first file
 /// system type of this kernel that takes it (what mount(8) does when blkid cannot tell).
 pub fn mount(dev: &Path, dir: &Path, fs: Option<&str>, read_only: bool) -> Result<(), ApiError> {
-    match fs::metadata(dir) {
+    let made = match fs::metadata(dir) {
         Ok(m) if !m.is_dir() => {
             return Err(ApiError::new(
                 ErrorKind::Invalid,
                 format!("cannot mount on {}: not a directory", dir.display()),
             ))
         }
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(dir)
-            .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), &e))?,
+        Ok(_) => None,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Some(
+            super::userfs::MadeDirs::create(dir)
+                .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), &e))?,
+        ),
         Err(e) => {
             return Err(ApiError::io(
                 format!("cannot mount on {}", dir.display()),
                 &e,
             ))
         }
-    }
+    };
     let mut flags = MountFlags::NOSUID | MountFlags::NODEV;
     if read_only {
         flags |= MountFlags::RDONLY;
@@ -109,6 +111,9 @@ pub fn mount(dev: &Path, dir: &Path, fs: Option<&str>, read_only: bool) -> Resul
         match rustix::mount::mount(dev, dir, t.as_str(), flags, None) {
             Ok(()) => {
                 info!(dev = %dev.display(), dir = %dir.display(), fs = %t, "mounted");
+                if let Some(m) = made {
+                    m.keep();
+                }
                 return Ok(());
             }
             // Not this type: try the next.
@@ -160,12 +165,7 @@ pub fn unmount(dir: &Path, force: bool) -> Result<(), ApiError> {
                 .map_err(|e| ApiError::io(format!("cannot detach {}", dir.display()), &e.into()))
         }
         Err(rustix::io::Errno::BUSY) => {
-            let who = holders(dir);
-            let who = if who.is_empty() {
-                "something (a nested mount, or a process this daemon cannot see)".to_owned()
-            } else {
-                who.join(", ")
-            };
+            let who = busy_with(dir);
             Err(ApiError::new(
                 ErrorKind::Busy,
                 format!(
@@ -193,43 +193,156 @@ pub fn is_mount_point(dir: &Path) -> bool {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
+pub(super) fn unescape(s: &str) -> String {
     s.replace("\\040", " ")
         .replace("\\011", "\t")
         .replace("\\012", "\n")
         .replace("\\134", "\\")
 }
 
-/// Processes with a file, a working directory or a root under `dir`, as "pid 123 (dd)".
+std::thread_local! {
+    /// The pid of the program whose control request this thread is answering: it is left out
+    /// of the "in use by" lists (`cd /mnt/x && vdk close x` must not name vdk itself).
+    static REQUESTER: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Marks the requests this thread answers next as coming from process `pid`.
+pub fn set_requester(pid: Option<u32>) {
+    REQUESTER.with(|r| r.set(pid));
+}
+
+/// Processes using `dir` (files, working directories, roots under it), as "pid 123 (dd)";
+/// neither the daemon nor the program asking is named.
 pub fn holders(dir: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return found;
-    };
-    let me = std::process::id().to_string();
-    for p in procs.flatten() {
-        let name = p.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let base = p.path();
-        let under = |link: PathBuf| fs::read_link(link).is_ok_and(|t| t.starts_with(dir));
-        let mut uses = under(base.join("cwd")) || under(base.join("root"));
-        if !uses {
-            if let Ok(fds) = fs::read_dir(base.join("fd")) {
-                uses = fds.flatten().any(|fd| under(fd.path()));
+    let asking: Vec<u32> = REQUESTER.with(std::cell::Cell::get).into_iter().collect();
+    vdk_core::proc::users_under(dir, &asking)
+}
+
+/// Who keeps `dir` busy, for an error message: the processes using it, or, when it is only
+/// the program asking (its working directory is inside), that.
+pub fn busy_with(dir: &Path) -> String {
+    let who = holders(dir);
+    if !who.is_empty() {
+        return who.join(", ");
+    }
+    if !vdk_core::proc::users_under(dir, &[]).is_empty() {
+        return "the command itself (its working directory is inside: cd out of it)".to_owned();
+    }
+    "something (a nested mount, or a process this daemon cannot see)".to_owned()
+}
+
+/// What uses block device `dev` besides vdk: the mount points of file systems on it (read
+/// from /proc/self/mountinfo, so whoever mounted them) and the devices stacked on it
+/// (device mapper, md: its holders in sysfs), as "mounted on DIR" and "held by NAME".
+pub fn device_uses(dev: &Path) -> Vec<String> {
+    let mut uses: Vec<String> = mounts_of_device(dev)
+        .iter()
+        .map(|m| format!("mounted on {}", m.display()))
+        .collect();
+    if let Some(name) = dev.file_name() {
+        let held = Path::new("/sys/class/block").join(name).join("holders");
+        if let Ok(entries) = fs::read_dir(held) {
+            for e in entries.flatten() {
+                uses.push(format!("held by {}", e.file_name().to_string_lossy()));
             }
         }
-        if uses {
-            let comm = fs::read_to_string(base.join("comm")).unwrap_or_default();
-            found.push(format!("pid {pid} ({})", comm.trim()));
+    }
+    uses
+}
+
+/// Where file systems on block device `dev` are mounted (by anyone), from mountinfo.
+pub fn mounts_of_device(dev: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(meta) = fs::metadata(dev) else {
+        return Vec::new();
+    };
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&meta);
+    let id = format!("{}:{}", rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(2) == Some(id.as_str()))
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| std::path::PathBuf::from(unescape(m)))
+        .collect()
+}
+
+/// Loop devices of anyone's whose backing file is `file`, each with what uses it, as
+/// "/dev/loop3 (mounted on /mnt/x)": a file written under a mounted loop device damages
+/// the file system on it.
+pub fn loop_uses(file: &Path) -> Vec<String> {
+    let Ok(file) = fs::canonicalize(file) else {
+        return Vec::new();
+    };
+    let Ok(devs) = fs::read_dir("/sys/class/block") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for d in devs.flatten() {
+        let name = d.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let backing = fs::read_to_string(d.path().join("loop/backing_file")).unwrap_or_default();
+        if Path::new(backing.trim()) != file {
+            continue;
+        }
+        let dev = Path::new("/dev").join(&name);
+        let uses = device_uses(&dev);
+        if !uses.is_empty() {
+            found.push(format!("{} ({})", dev.display(), uses.join(", ")));
         }
     }
     found
+}
+
+/// Where the first byte that is not zero is on `dev`, or `None` for a blank disk (all of it
+/// unallocated or zeroes). Reads only what its extents call data.
+pub fn first_data(dev: &dyn vdk_core::BlockDevice) -> Result<Option<u64>, ApiError> {
+    const STEP: u64 = 1 << 30;
+    let size = dev.info().size;
+    let failed =
+        |e: vdk_core::Error| ApiError::new(ErrorKind::Io, format!("cannot read the disk: {e}"));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let len = STEP.min(size - at);
+        for (off, run) in dev.extents(at, len).map_err(failed)?.iter() {
+            if run.kind != vdk_core::ExtentKind::Data {
+                continue;
+            }
+            let end = off + run.len;
+            let mut p = off;
+            while p < end {
+                let n = usize::try_from(end - p).map_or(buf.len(), |n| n.min(buf.len()));
+                dev.read_at(&mut buf[..n], p).map_err(failed)?;
+                if let Some(i) = buf[..n].iter().position(|b| *b != 0) {
+                    return Ok(Some(p + i as u64));
+                }
+                p += n as u64;
+            }
+        }
+        at += len;
+    }
+    Ok(None)
+}
+
+/// What `blkid` says is on `dev` ("a file system (ext4)", "a partition table (dos)"), if
+/// it recognises anything.
+pub fn probe_fs(dev: &Path) -> Option<String> {
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(dev)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('=').map(str::to_owned))
+    };
+    if let Some(t) = value("TYPE") {
+        return Some(format!("a file system ({t})"));
+    }
+    value("PTTYPE").map(|t| format!("a partition table ({t})"))
 }

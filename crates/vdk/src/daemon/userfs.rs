@@ -16,6 +16,39 @@ use vdk_fs::IsoMount;
 use super::disks::{invalid, lock, Daemon};
 use crate::control::{ApiError, ErrorKind, FsMapRequest, FsMountRequest, FsStatus};
 
+/// Directories made for a mount point or a cache: removed again (deepest first, only while
+/// empty) when dropped, unless kept, so that a mount that fails leaves no directory behind.
+#[derive(Debug)]
+#[must_use = "the directories are removed when this is dropped"]
+pub struct MadeDirs(Vec<PathBuf>);
+
+impl MadeDirs {
+    /// Creates `dir` and the parents it lacks.
+    pub fn create(dir: &Path) -> std::io::Result<MadeDirs> {
+        let mut missing = Vec::new();
+        let mut d = Some(dir);
+        while let Some(p) = d.filter(|p| fs::symlink_metadata(p).is_err()) {
+            missing.push(p.to_owned());
+            d = p.parent();
+        }
+        fs::create_dir_all(dir)?;
+        Ok(MadeDirs(missing))
+    }
+
+    /// They stay.
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for MadeDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
 /// What is mounted.
 #[derive(Debug)]
 enum Kind {
@@ -106,15 +139,16 @@ fn check_label(label: &str) -> Result<(), ApiError> {
 }
 
 impl Daemon {
-    /// `dir` made ready to mount on: absolute, created, canonical, not a mount point.
-    fn mount_point(&self, dir: &Path) -> Result<PathBuf, ApiError> {
+    /// `dir` made ready to mount on: absolute, created, canonical, not a mount point. The
+    /// directories made for it go again (if still empty) unless the guard is kept.
+    fn mount_point(&self, dir: &Path) -> Result<(PathBuf, MadeDirs), ApiError> {
         if !dir.is_absolute() {
             return Err(invalid(format!(
                 "{}: the mount point must be absolute",
                 dir.display()
             )));
         }
-        fs::create_dir_all(dir)
+        let made = MadeDirs::create(dir)
             .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), &e))?;
         let dir =
             fs::canonicalize(dir).map_err(|e| ApiError::io(format!("{}", dir.display()), &e))?;
@@ -133,7 +167,7 @@ impl Daemon {
                 format!("{} is a mount point already", dir.display()),
             ));
         }
-        Ok(dir)
+        Ok((dir, made))
     }
 
     /// Maps the cloud drive `req.url` on `req.dir`.
@@ -179,19 +213,22 @@ impl Daemon {
                 }
             }
         }
-        let dir = self.mount_point(&req.dir)?;
+        let (dir, made_dir) = self.mount_point(&req.dir)?;
         let opts = vdk_objstore::StoreOptions {
             endpoint: req.endpoint.clone(),
             region: req.region.clone(),
+            env: req.env.clone(),
             retry_timeout: Some(std::time::Duration::from_secs(30)),
             ..vdk_objstore::StoreOptions::default()
         };
         let location = vdk_objstore::Location::parse(&req.url, &opts, false)
             .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("{}: {e}", req.url)))?;
-        fs::create_dir_all(&cache)
+        let made_cache = MadeDirs::create(&cache)
             .map_err(|e| ApiError::io(format!("cannot create {}", cache.display()), &e))?;
         let mount = DriveMount::map(&location, &dir, &cache, &req.url)
             .map_err(|e| ApiError::io(format!("cannot map {}", req.url), &e))?;
+        made_dir.keep();
+        made_cache.keep();
         let m = Mounted {
             kind: Kind::Drive {
                 mount,
@@ -204,7 +241,9 @@ impl Daemon {
         };
         let st = status(&dir, &m);
         info!(dir = %dir.display(), url = %req.url, label = %st.label, "cloud drive mapped");
-        lock(&self.filesystems).insert(dir, m);
+        let mut table = lock(&self.filesystems);
+        table.insert(dir, m);
+        self.record(&table);
         Ok(st)
     }
 
@@ -212,7 +251,6 @@ impl Daemon {
     /// image file) on `req.dir`, read-only.
     pub fn fs_mount(&self, req: &FsMountRequest) -> Result<FsStatus, ApiError> {
         let _one_at_a_time = lock(&self.changing);
-        let dir = self.mount_point(&req.dir)?;
         let (device, source, disk): (Arc<dyn BlockDevice>, String, Option<String>) =
             match self.find(&req.source) {
                 Ok(d) => (
@@ -231,52 +269,86 @@ impl Daemon {
                     let opened = vdk_formats::open(
                         path,
                         &vdk_formats::OpenOptions {
-                            format: None,
                             read_only: true,
-                            probe_backing: false,
+                            ..Default::default()
                         },
                     )
                     .map_err(|e| ApiError::io(format!("cannot open {}", path.display()), &e))?;
                     (opened.device, path.display().to_string(), None)
                 }
             };
+        let dir = self.mount_iso(device, source, disk, &req.dir)?;
+        Ok(status(&dir, &lock(&self.filesystems)[&dir]))
+    }
+
+    /// Mounts the ISO 9660 file system on `device` (read from `source`, or open disk `disk`)
+    /// on `dir`; the caller holds `changing`. Returns the canonical mount point.
+    pub(super) fn mount_iso(
+        &self,
+        device: Arc<dyn BlockDevice>,
+        source: String,
+        disk: Option<String>,
+        dir: &Path,
+    ) -> Result<PathBuf, ApiError> {
+        let (dir, made) = self.mount_point(dir)?;
         let size = device.info().size;
         let iso = Iso::open(device)
             .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("{source}: {e}")))?;
         let scheme = iso.scheme();
         let mount = IsoMount::mount(iso, &dir, &source, vdk_fs::DEFAULT_THREADS)
             .map_err(|e| ApiError::io("FUSE", &e))?;
+        made.keep();
         let m = Mounted {
             kind: Kind::Iso { mount, scheme },
             source,
             disk,
             size,
         };
-        let st = status(&dir, &m);
-        info!(dir = %dir.display(), source = %st.source, label = %st.label, "file system mounted");
-        lock(&self.filesystems).insert(dir, m);
-        Ok(st)
+        info!(dir = %dir.display(), source = %m.source, label = %status(&dir, &m).label, "file system mounted");
+        let mut table = lock(&self.filesystems);
+        table.insert(dir.clone(), m);
+        self.record(&table);
+        Ok(dir)
     }
 
     /// Unmounts a file system of `vdk fs mount`. A busy one is refused unless `force`
     /// (then it is detached and goes when its last user lets go).
     pub fn fs_unmount(&self, dir: &Path, force: bool) -> Result<FsStatus, ApiError> {
         let _one_at_a_time = lock(&self.changing);
+        self.unmount_fs(dir, force)
+    }
+
+    /// [`fs_unmount`](Self::fs_unmount) for a caller that holds `changing`.
+    pub(super) fn unmount_fs(&self, dir: &Path, force: bool) -> Result<FsStatus, ApiError> {
         let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
         let mut table = lock(&self.filesystems);
         let Some(m) = table.get(&dir) else {
+            if super::recover::is_stale_fuse(&dir) {
+                // A FUSE mount whose server died (a daemon killed): nothing answers in it,
+                // so it only goes away.
+                rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::DETACH).map_err(|e| {
+                    ApiError::io(format!("cannot detach {}", dir.display()), &e.into())
+                })?;
+                info!(dir = %dir.display(), "stale file system detached");
+                return Ok(FsStatus {
+                    dir,
+                    kind: "stale".into(),
+                    source: String::new(),
+                    disk: None,
+                    label: String::new(),
+                    names: String::new(),
+                    size: 0,
+                    cache: None,
+                });
+            }
             return Err(ApiError::new(
                 ErrorKind::NotFound,
                 format!("no file system of vdk's is mounted on {}", dir.display()),
             ));
         };
         m.unmount(force).map_err(|e| {
-            let who = super::mount::holders(&dir);
-            let who = if who.is_empty() {
-                String::new()
-            } else {
-                format!(", in use by {}", who.join(", "))
-            };
+            let who = super::mount::busy_with(&dir);
+            let who = format!(", in use by {who}");
             ApiError::new(
                 ErrorKind::Busy,
                 format!(
@@ -287,8 +359,15 @@ impl Daemon {
         })?;
         let st = status(&dir, m);
         table.remove(&dir);
+        self.record(&table);
         info!(dir = %dir.display(), "file system unmounted");
         Ok(st)
+    }
+
+    /// Writes down where the file systems are mounted, for a daemon that follows a crash.
+    pub(super) fn record(&self, table: &Table) {
+        let dirs: Vec<&Path> = table.keys().map(PathBuf::as_path).collect();
+        super::recover::record_mounts(&self.paths, &dirs);
     }
 
     /// The mounted file systems.
@@ -311,6 +390,7 @@ impl Daemon {
     /// Unmounts every file system (lazily: the daemon is going away).
     pub(super) fn fs_unmount_all(&self) {
         let all = std::mem::take(&mut *lock(&self.filesystems));
+        self.record(&Table::new());
         for (dir, m) in all {
             let _ = m.unmount(true);
             info!(dir = %dir.display(), "file system unmounted");

@@ -257,6 +257,12 @@ impl Vdk {
         s
     }
 
+    /// Whether vdk logs `text` within 10 s (log lines are written by a thread of their own,
+    /// a moment after what they tell of).
+    pub fn log_has(&self, text: &str) -> bool {
+        eventually(|| self.log().contains(text))
+    }
+
     /// Sends SIGTERM and waits for vdk to exit.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("vdk is running");
@@ -474,6 +480,23 @@ impl Daemon {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("run/daemon.log")).unwrap_or_default()
     }
+
+    /// Whether the daemon logs `text` within 10 s.
+    pub fn log_has(&self, text: &str) -> bool {
+        eventually(|| self.log().contains(text))
+    }
+}
+
+/// Whether `cond` holds within 10 s.
+pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > Duration::from_secs(10) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 impl Drop for Daemon {

@@ -1,0 +1,515 @@
+//! Opening disks: the image (created if missing, in the format its name says), the chain of
+//! filters over it, its NBD export, and as asked an iSCSI LUN, a block device, a new file
+//! system and a mount. Whatever fails half way is undone: no image, export or mount is left
+//! behind by an `open` that failed.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+use vdk_attach::Attach;
+use vdk_core::size::Human;
+use vdk_core::BlockDevice;
+use vdk_formats::Format;
+use vdk_nbd::Export;
+
+use super::disks::{
+    cloud_error, disk_id, invalid, lock, parse_filters, Daemon, Disc, Disk, Recipe,
+    ATTACH_FUSE_LOOP, ATTACH_NONE, DEFAULT_SIZE,
+};
+use super::mount;
+use super::tracked::Tracked;
+use crate::control::{ApiError, DiskStatus, ErrorKind, OpenRequest};
+
+impl Daemon {
+    /// Opens (or creates) an image and attaches it as asked.
+    pub fn open(&self, req: OpenRequest) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let root = rustix::process::geteuid().is_root();
+        let attach = match req.attach.as_deref() {
+            None if root => ATTACH_FUSE_LOOP,
+            None => ATTACH_NONE,
+            Some(ATTACH_FUSE_LOOP) if !root => {
+                return Err(ApiError::new(
+                    ErrorKind::Permission,
+                    "attaching a block device (fuse-loop) needs root; \
+                     use --attach none to serve the disk over NBD only",
+                ))
+            }
+            Some(ATTACH_FUSE_LOOP) => ATTACH_FUSE_LOOP,
+            Some(ATTACH_NONE) => ATTACH_NONE,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "unknown attach mode {other:?}: use fuse-loop or none"
+                )))
+            }
+        };
+        let format = req
+            .format
+            .as_deref()
+            .map(Format::from_name)
+            .transpose()
+            .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?;
+        if let Some(fs) = &req.mkfs {
+            mount::check_fs_type(fs)?;
+        }
+        if attach == ATTACH_NONE && (req.mkfs.is_some() || req.mount.is_some()) {
+            return Err(invalid(
+                "--mkfs and --mount need a block device: not with --attach none",
+            ));
+        }
+        if req.mkfs.is_some() && req.read_only {
+            return Err(invalid("--mkfs cannot format a disk opened --read-only"));
+        }
+        if req.force && req.mkfs.is_none() {
+            return Err(invalid(
+                "--force goes with --mkfs (to format a disk that holds data)",
+            ));
+        }
+        parse_filters(&req.filters)?;
+        allow_rules(&req.allow)?;
+        let cloud = req.path.to_str().is_some_and(crate::cloud::is_url);
+        if !cloud && !req.cloud.is_default() {
+            return Err(invalid(
+                "--s3-endpoint, --cache, --key-file and such are for object-store disks (s3://...)",
+            ));
+        }
+        if !cloud && !req.path.is_absolute() {
+            return Err(invalid(format!(
+                "{}: the path must be absolute",
+                req.path.display()
+            )));
+        }
+        if let Some(name) = &req.export_name {
+            if name.is_empty() || name.len() > 4096 {
+                return Err(invalid("--export-name must be 1 to 4096 bytes"));
+            }
+        }
+        if !req.iscsi && (req.iscsi_target.is_some() || req.iscsi_lun.is_some()) {
+            return Err(invalid("--iscsi-target and --iscsi-lun go with --iscsi"));
+        }
+        let (image, created) = if cloud {
+            self.cloud_image(&req)?
+        } else {
+            self.image(&req, format)?
+        };
+        let opened = self.open_image(&req, &image, format, attach);
+        match opened {
+            Ok(d) => {
+                let status = self.status(&d);
+                lock(&self.disks).insert(d.id.clone(), d);
+                info!(id = %status.id, image = %image.display(), size = %Human(status.size), "disk open");
+                Ok(status)
+            }
+            Err(e) => {
+                if created {
+                    // Nothing of a half-made image is worth keeping.
+                    self.remove_new_image(&req, &image);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// An object-store disk's URL, the disk created first if missing; `true` if it was.
+    fn cloud_image(&self, req: &OpenRequest) -> Result<(PathBuf, bool), ApiError> {
+        let url = req.path.to_string_lossy().into_owned();
+        let store = crate::cloud::store_options(&req.cloud);
+        match vdk_objstore::info(&url, &store) {
+            Ok(s) => {
+                if let Some(size) = req.size.filter(|z| *z != s.meta.size) {
+                    return Err(invalid(format!(
+                        "{url} exists and has {} bytes, not {size}: a size is for new disks",
+                        s.meta.size
+                    )));
+                }
+                Ok((PathBuf::from(url), false))
+            }
+            Err(vdk_objstore::ObjError::NotFound(_)) => {
+                if req.no_create {
+                    return Err(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!("{url}: no disk there (and --no-create was given)"),
+                    ));
+                }
+                if req.read_only {
+                    return Err(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!("{url}: no disk there (a new disk cannot be read-only)"),
+                    ));
+                }
+                let size = req.size.unwrap_or(DEFAULT_SIZE);
+                let mut opts = vdk_objstore::CreateOptions::new(size);
+                opts.store = store;
+                vdk_objstore::create(&url, &opts).map_err(|e| {
+                    cloud_error(anyhow::Error::new(e).context(format!("cannot create {url}")))
+                })?;
+                info!(image = %url, size = %Human(size), "created");
+                Ok((PathBuf::from(url), true))
+            }
+            Err(e) => Err(cloud_error(
+                anyhow::Error::new(e).context(format!("cannot open {url}")),
+            )),
+        }
+    }
+
+    /// The image's canonical path, created first if missing; `true` if it was created. A new
+    /// image takes the format its name says (disk.qcow2, disk.vhdx), else raw.
+    fn image(
+        &self,
+        req: &OpenRequest,
+        format: Option<Format>,
+    ) -> Result<(PathBuf, bool), ApiError> {
+        let path = &req.path;
+        let shown = path.display();
+        match fs::metadata(path) {
+            Ok(m) if m.is_dir() => Err(invalid(format!("{shown} is a directory, not an image"))),
+            Ok(m) if !m.is_file() => Err(invalid(format!("{shown} is not a regular file"))),
+            Ok(m) => {
+                if let Some(size) = req.size {
+                    // A raw file's size is its length; an image's is in its header.
+                    let have =
+                        vdk_formats::info(path, format, false).map_or(m.len(), |i| i.virtual_size);
+                    if size != have {
+                        return Err(invalid(format!(
+                            "{shown} exists and has {} ({have} bytes), not {}: a size is for \
+                             new images (`vdk resize` changes one)",
+                            Human(have),
+                            Human(size)
+                        )));
+                    }
+                }
+                let canonical =
+                    fs::canonicalize(path).map_err(|e| ApiError::io(format!("{shown}"), &e))?;
+                Ok((canonical, false))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if req.no_create {
+                    return Err(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!("{shown} does not exist (and --no-create was given)"),
+                    ));
+                }
+                if req.read_only {
+                    return Err(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!("{shown} does not exist (a new image cannot be read-only)"),
+                    ));
+                }
+                let size = req.size.unwrap_or(DEFAULT_SIZE);
+                if size == 0 || !size.is_multiple_of(512) {
+                    return Err(invalid(format!(
+                        "size {size} must be a positive multiple of 512 bytes"
+                    )));
+                }
+                let parent = path.parent().unwrap_or(Path::new("/"));
+                if !parent.is_dir() {
+                    return Err(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "cannot create {shown}: {} is not a directory",
+                            parent.display()
+                        ),
+                    ));
+                }
+                let format = format
+                    .or_else(|| vdk_formats::format_by_name(path))
+                    .unwrap_or(Format::Raw);
+                let opts = vdk_formats::CreateOptions {
+                    format,
+                    cluster_size: None,
+                    backing: None,
+                    fixed: false,
+                };
+                vdk_formats::create(path, size, &opts)
+                    .map_err(|e| ApiError::io(format!("cannot create {shown}"), &e))?;
+                info!(image = %shown, size = %Human(size), %format, "created");
+                let canonical =
+                    fs::canonicalize(path).map_err(|e| ApiError::io(format!("{shown}"), &e))?;
+                Ok((canonical, true))
+            }
+            Err(e) => Err(ApiError::io(format!("cannot open {shown}"), &e)),
+        }
+    }
+
+    fn open_image(
+        &self,
+        req: &OpenRequest,
+        image: &Path,
+        format: Option<Format>,
+        attach: &'static str,
+    ) -> Result<Arc<Disk>, ApiError> {
+        let specs = parse_filters(&req.filters)?;
+        let redirect = vdk_filters::redirects_writes(&specs);
+        // What makes this disk itself: the image, or for a cow disk its overlay (many cow
+        // disks may share one base).
+        let (key, id) = match specs.iter().find_map(|s| match s {
+            vdk_filters::FilterSpec::Cow(o) => Some(o.overlay.clone()),
+            _ => None,
+        }) {
+            Some(vdk_filters::cow::Overlay::Persistent(p)) => {
+                let p = std::path::absolute(&p).map_err(|e| ApiError::io("overlay path", &e))?;
+                let id = disk_id(&p);
+                (p, id)
+            }
+            Some(vdk_filters::cow::Overlay::Volatile) => {
+                let n = self
+                    .volatile
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = format!("{}-v{n}", disk_id(image));
+                (image.join(format!("#volatile-{n}")), id)
+            }
+            None => (image.to_owned(), disk_id(image)),
+        };
+        if let Some(d) = lock(&self.disks).values().find(|d| d.key == key) {
+            return Err(ApiError::new(
+                ErrorKind::AlreadyOpen,
+                format!("{} is already open as {}", key.display(), d.id),
+            ));
+        }
+        let shown = image.display();
+        let recipe = Recipe {
+            image: image.to_owned(),
+            format,
+            // The base of a cow disk is only read.
+            read_only: req.read_only || redirect,
+            probe_backing: req.probe_backing,
+            specs,
+            cloud: image
+                .to_str()
+                .is_some_and(crate::cloud::is_url)
+                .then(|| (req.cloud.clone(), self.paths.dir.join("cache"))),
+        };
+        let (chain, opened_format) = recipe.build()?;
+        let backend = chain.device;
+        let size_info = backend.info();
+        let size = size_info.size;
+        if size == 0 {
+            return Err(invalid(format!(
+                "{shown} is empty (0 bytes): nothing to serve"
+            )));
+        }
+        if size % 512 != 0 {
+            return Err(invalid(format!(
+                "{shown} has {size} bytes, not a multiple of 512: a truncated image?"
+            )));
+        }
+        let device = Arc::new(Tracked::new(backend));
+        let export_name = req.export_name.clone().unwrap_or_else(|| id.clone());
+        let mut export = Export::new(
+            export_name.clone(),
+            Arc::clone(&device) as Arc<dyn BlockDevice>,
+        );
+        export.read_only = req.read_only;
+        let allow = allow_rules(&req.allow)?;
+        export.allow = allow.clone();
+        export.description = format!("vdk disk {id}: {shown}");
+        self.nbd
+            .add_export(export)
+            .map_err(|e| ApiError::new(ErrorKind::AlreadyOpen, format!("NBD export: {e}")))?;
+        let disk = Arc::new(Disk {
+            id: id.clone(),
+            key,
+            disc: Mutex::new(Disc {
+                image: image.to_owned(),
+                format: opened_format.name().into(),
+                size,
+            }),
+            // An ISO is read-only whatever was asked.
+            read_only: req.read_only || size_info.read_only,
+            cdrom: size_info.media == vdk_core::MediaKind::CdRom,
+            iscsi: Mutex::new(None),
+            attach,
+            export: export_name,
+            allow,
+            device,
+            filters: Mutex::new(req.filters.clone()),
+            stats: Mutex::new(chain.stats),
+            recipe: Mutex::new(recipe),
+            state: Mutex::default(),
+        });
+        let set_up = self.set_up(&disk, req);
+        if let Err(e) = set_up {
+            // Undo whatever part was done; the error to report is the first one.
+            let _ = self.tear_down(&disk, true);
+            return Err(e);
+        }
+        Ok(disk)
+    }
+
+    /// Attaches, formats and mounts a disk as `req` asks.
+    fn set_up(&self, disk: &Disk, req: &OpenRequest) -> Result<(), ApiError> {
+        if req.iscsi || self.iscsi.all() {
+            let lun = self.iscsi.expose(
+                &disk.id,
+                Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
+                req.iscsi_target.as_deref(),
+                req.iscsi_lun,
+            )?;
+            *lock(&disk.iscsi) = Some(lun);
+        }
+        if disk.attach == ATTACH_FUSE_LOOP {
+            self.attach(disk)?;
+        }
+        if let Some(fs) = &req.mkfs {
+            self.format(disk, fs, req.force, &open_again(req))?;
+        }
+        if let Some(dir) = &req.mount {
+            self.mount_disk(disk, dir, req.mkfs.as_deref(), &open_again(req))?;
+        }
+        Ok(())
+    }
+
+    /// Formats a disk with `fs`: only a blank one (all zeroes or unallocated) unless `force`,
+    /// so that no typo erases a disk's data.
+    pub(super) fn format(
+        &self,
+        disk: &Disk,
+        fs: &str,
+        force: bool,
+        again: &dyn Fn(&str) -> String,
+    ) -> Result<(), ApiError> {
+        mount::check_fs_type(fs)?;
+        let dev = lock(&disk.state).block_device.clone().ok_or_else(|| {
+            invalid(format!(
+                "{} has no block device (opened with --attach none)",
+                disk.id
+            ))
+        })?;
+        if lock(&disk.state).mount.is_some() {
+            return Err(invalid(format!(
+                "{} is mounted: unmount it before formatting",
+                disk.id
+            )));
+        }
+        if !force {
+            if let Some(at) = mount::first_data(&*disk.device)? {
+                let holds = match mount::probe_fs(&dev) {
+                    Some(t) => format!("holds {t}"),
+                    None => format!("holds data (from byte {at})"),
+                };
+                return Err(ApiError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{} {holds}: vdk formats only blank disks; to erase it and format it, \
+                         run `{}`",
+                        lock(&disk.disc).image.display(),
+                        again("--force")
+                    ),
+                ));
+            }
+        }
+        mount::mkfs(fs, &dev)
+    }
+
+    /// Gives a disk its block device (fuse-loop).
+    pub(super) fn attach(&self, disk: &Disk) -> Result<(), ApiError> {
+        let attached = self
+            .attacher()?
+            .attach(
+                &disk.id,
+                Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
+                disk.read_only,
+            )
+            .map_err(|e| ApiError::io("cannot attach a loop device", &e))?;
+        let dev = attached.block_device();
+        info!(id = %disk.id, dev = %dev.display(), "attached");
+        let mut st = lock(&disk.state);
+        st.block_device = Some(dev);
+        st.attached = Some(attached);
+        Ok(())
+    }
+
+    /// Mounts a disk's file system on `dir`; a CD-ROM's through the ISO browser (this kernel
+    /// may have no iso9660). A blank disk gets the command that formats it.
+    pub(super) fn mount_disk(
+        &self,
+        disk: &Disk,
+        dir: &Path,
+        fs: Option<&str>,
+        again: &dyn Fn(&str) -> String,
+    ) -> Result<(), ApiError> {
+        if !dir.is_absolute() {
+            return Err(invalid(format!(
+                "{}: the mount point must be absolute",
+                dir.display()
+            )));
+        }
+        if let Some(m) = &lock(&disk.state).mount {
+            return Err(invalid(format!(
+                "{} is already mounted on {}",
+                disk.id,
+                m.display()
+            )));
+        }
+        if disk.cdrom {
+            let source = lock(&disk.disc).image.display().to_string();
+            let dir = self.mount_iso(
+                Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
+                source,
+                Some(disk.id.clone()),
+                dir,
+            )?;
+            lock(&disk.state).mount = Some(dir);
+            return Ok(());
+        }
+        let dev = lock(&disk.state).block_device.clone().ok_or_else(|| {
+            invalid(format!(
+                "{} has no block device (opened with --attach none)",
+                disk.id
+            ))
+        })?;
+        if fs.is_none() && mount::first_data(&*disk.device)?.is_none() {
+            return Err(invalid(format!(
+                "{} is blank (no file system yet): format it as you mount it: `{}`",
+                lock(&disk.disc).image.display(),
+                again("--mkfs ext4")
+            )));
+        }
+        mount::mount(&dev, dir, fs, disk.read_only)?;
+        lock(&disk.state).mount = Some(dir.to_owned());
+        Ok(())
+    }
+
+    /// Removes an image `open` created for a disk that then failed to open.
+    fn remove_new_image(&self, req: &OpenRequest, image: &Path) {
+        let url = image.to_string_lossy();
+        if crate::cloud::is_url(&url) {
+            let store = crate::cloud::store_options(&req.cloud);
+            if let Err(e) = vdk_objstore::destroy(&url, &store) {
+                warn!(disk = %url, error = %e, "cannot delete the disk just made");
+            }
+        } else if let Err(e) = fs::remove_file(image) {
+            warn!(image = %image.display(), error = %e, "cannot delete the image just made");
+        }
+    }
+}
+
+/// The `vdk open` command of a request again, with `extra` options: what an error tells the
+/// user to run instead.
+fn open_again(req: &OpenRequest) -> impl Fn(&str) -> String + '_ {
+    move |extra: &str| {
+        let mut cmd = format!("vdk open {}", req.path.display());
+        if let Some(fs) = &req.mkfs {
+            if !extra.starts_with("--mkfs") {
+                cmd.push_str(&format!(" --mkfs {fs}"));
+            }
+        }
+        cmd.push(' ');
+        cmd.push_str(extra);
+        if let Some(dir) = &req.mount {
+            cmd.push_str(&format!(" --mount {}", dir.display()));
+        }
+        cmd
+    }
+}
+
+/// The NBD allow-list of an `open` request.
+fn allow_rules(rules: &[String]) -> Result<Vec<vdk_nbd::Rule>, ApiError> {
+    rules
+        .iter()
+        .map(|r| r.parse::<vdk_nbd::Rule>().map_err(invalid))
+        .collect()
+}
