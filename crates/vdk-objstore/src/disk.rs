@@ -148,7 +148,9 @@ async fn list_chunks(loc: &Location, chunks: u64) -> Result<HashMap<u64, (String
 /// Creates a disk at `url`: writes its metadata object. Fails if a disk, or chunks of one,
 /// are there already.
 pub fn create(url: &str, opts: &CreateOptions) -> Result<Meta, ObjError> {
-    create_at(&Location::parse(url, &opts.store, true)?, opts)
+    let loc = Location::parse(url, &opts.store, true)?;
+    loc.check_reachable()?;
+    create_at(&loc, opts)
 }
 
 /// [`create`] at a location already parsed.
@@ -192,6 +194,7 @@ pub fn create_at(loc: &Location, opts: &CreateOptions) -> Result<Meta, ObjError>
 /// Describes the disk at `url` as the bucket has it.
 pub fn info(url: &str, store: &StoreOptions) -> Result<DiskStats, ObjError> {
     let loc = Location::parse(url, store, false)?;
+    loc.check_reachable()?;
     small_runtime()?.block_on(async {
         let meta = read_meta(&loc).await?;
         let chunks = list_chunks(&loc, meta.chunks()).await?;
@@ -231,6 +234,7 @@ pub fn info(url: &str, store: &StoreOptions) -> Result<DiskStats, ObjError> {
 /// has it open.
 pub fn destroy(url: &str, store: &StoreOptions) -> Result<(), ObjError> {
     let loc = Location::parse(url, store, false)?;
+    loc.check_reachable()?;
     small_runtime()?.block_on(async {
         let chunks: Vec<object_store::path::Path> = loc
             .store
@@ -583,7 +587,9 @@ pub struct ObjectDisk {
 impl ObjectDisk {
     /// Opens the disk at `url`.
     pub fn open(url: &str, opts: &OpenOptions) -> Result<ObjectDisk, ObjError> {
-        ObjectDisk::open_at(Location::parse(url, &opts.store, false)?, opts)
+        let loc = Location::parse(url, &opts.store, false)?;
+        loc.check_reachable()?;
+        ObjectDisk::open_at(loc, opts)
     }
 
     /// [`ObjectDisk::open`] at a location already parsed.
@@ -607,6 +613,10 @@ impl ObjectDisk {
             Some(d) => (d.clone(), None),
             None if opts.read_only => {
                 let d = root.join(format!("{}-ro-{}", meta.uuid, std::process::id()));
+                (d.clone(), Some(d))
+            }
+            None if opts.ephemeral_cache => {
+                let d = root.join(&meta.uuid);
                 (d.clone(), Some(d))
             }
             None => (root.join(&meta.uuid), None),
@@ -928,7 +938,18 @@ impl Drop for ObjectDisk {
             rt.shutdown_timeout(Duration::from_secs(2));
         }
         if let Some(d) = &self.scratch {
-            let _ = std::fs::remove_dir_all(d); // a private read-only cache
+            // A cache of this open only (read-only, or asked for): nothing in it is needed
+            // unless it holds what could not be uploaded.
+            let dirty = inner.cache.dirty_bytes();
+            if inner.read_only || (dirty == 0 && !self.abandoned) {
+                let _ = std::fs::remove_dir_all(d);
+            } else if !self.abandoned {
+                tracing::warn!(
+                    "{}: {dirty} bytes could not be uploaded; the cache {} keeps them",
+                    inner.loc.url,
+                    d.display()
+                );
+            }
         }
     }
 }

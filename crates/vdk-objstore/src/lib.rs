@@ -33,7 +33,7 @@ pub use disk::{
     create, create_at, destroy, info, CreateOptions, DiskStats, ObjectDisk, Recovery,
     RecoveryReport,
 };
-pub use location::{is_url, Location, StoreEnv, StoreOptions};
+pub use location::{is_url, store_message, Location, StoreEnv, StoreOptions};
 pub use meta::{Compression, Encryption, Meta, DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK};
 
 /// Why an object-store disk could not be made, opened or used.
@@ -43,9 +43,19 @@ pub enum ObjError {
     /// A local file (the cache) failed.
     #[error("{0}")]
     Io(#[from] io::Error),
-    /// The object store failed.
-    #[error("{0}")]
-    Store(#[from] object_store::Error),
+    /// The object store failed. Its display is the store's answer in one line; the full
+    /// error (with the response body) is the field, not a `source`, so that error chains
+    /// do not print it again.
+    #[error("{}", location::store_message(.0))]
+    Store(object_store::Error),
+    /// Nothing answers at the store's endpoint.
+    #[error("cannot reach {endpoint}: {reason}")]
+    Unreachable {
+        /// The endpoint tried.
+        endpoint: String,
+        /// Why it could not be reached.
+        reason: String,
+    },
     /// The URL is not one vdk reads.
     #[error("{0}")]
     BadUrl(String),
@@ -98,6 +108,12 @@ pub enum ObjError {
     ReadOnly,
 }
 
+impl From<object_store::Error> for ObjError {
+    fn from(e: object_store::Error) -> ObjError {
+        ObjError::Store(e)
+    }
+}
+
 fn until(d: &Option<Duration>) -> String {
     d.map(|d| format!(" (its lease ends in {} s unless renewed)", d.as_secs()))
         .unwrap_or_default()
@@ -135,6 +151,11 @@ pub struct OpenOptions {
     pub writeback_delay: Duration,
     /// Endpoint, region and such.
     pub store: StoreOptions,
+    /// The default cache (no `cache_dir`) serves this open only: it is removed at close once
+    /// nothing in it waits for upload (kept, and said, otherwise). For one-shot commands;
+    /// a cache that outlives the process is what lets a crashed writer's data be uploaded
+    /// later, and a crash leaves this one too.
+    pub ephemeral_cache: bool,
 }
 
 impl Default for OpenOptions {
@@ -149,6 +170,7 @@ impl Default for OpenOptions {
             lease_ttl: Duration::from_secs(30),
             writeback_delay: Duration::from_secs(1),
             store: StoreOptions::default(),
+            ephemeral_cache: false,
         }
     }
 }

@@ -107,6 +107,9 @@ pub struct Location {
     pub url: String,
     /// For `file://`, the directory.
     pub local: Option<PathBuf>,
+    /// The endpoint given for the store (S3's `--s3-endpoint` or `AWS_ENDPOINT_URL`), which
+    /// [`check_reachable`](Location::check_reachable) tries.
+    pub endpoint: Option<String>,
 }
 
 const SCHEMES: &[&str] = &["s3", "s3a", "gs", "az", "abfs", "abfss", "file"];
@@ -144,6 +147,7 @@ impl Location {
         let client = ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(10))
             .with_timeout(Duration::from_secs(120));
+        let mut given_endpoint = None;
         let (store, prefix, local): (Arc<dyn ObjectStore>, Path, Option<PathBuf>) = match u.scheme()
         {
             "s3" | "s3a" => {
@@ -167,6 +171,7 @@ impl Location {
                     .or_else(|| opts.var("AWS_ENDPOINT_URL"))
                     .or_else(|| opts.var("AWS_ENDPOINT"));
                 if let Some(e) = endpoint {
+                    given_endpoint = Some(e.clone());
                     b = b.with_allow_http(e.starts_with("http://")).with_endpoint(e);
                 }
                 if let Some((id, secret)) = &opts.credentials {
@@ -231,7 +236,39 @@ impl Location {
             prefix,
             url: url.to_owned(),
             local,
+            endpoint: given_endpoint,
         })
+    }
+
+    /// Fails at once, naming the endpoint, when nothing answers a TCP connection there: the
+    /// store's requests would otherwise be retried for a minute before a command could say
+    /// anything. A store without a given endpoint (AWS itself, GCS, Azure) is not tried.
+    pub fn check_reachable(&self) -> Result<(), ObjError> {
+        let Some(endpoint) = &self.endpoint else {
+            return Ok(());
+        };
+        let unreachable = |reason: String| ObjError::Unreachable {
+            endpoint: endpoint.clone(),
+            reason,
+        };
+        let u = Url::parse(endpoint).map_err(|e| unreachable(format!("not a URL: {e}")))?;
+        let host = u
+            .host_str()
+            .ok_or_else(|| unreachable("no host in it".into()))?;
+        let port = u.port_or_known_default().unwrap_or(443);
+        let addrs = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+            .map_err(|e| unreachable(format!("cannot resolve {host}: {e}")))?;
+        let mut last = None;
+        for a in addrs {
+            match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(unreachable(last.map_or_else(
+            || format!("{host} has no address"),
+            |e| describe_io(&e),
+        )))
     }
 
     /// The object `name` under the disk's prefix.
@@ -261,6 +298,74 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A connection error in a few words: "connection refused", "timed out".
+fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        std::io::ErrorKind::TimedOut => "no answer within 5 s".into(),
+        _ => {
+            let text = e.to_string();
+            let text = text.split(" (os error").next().unwrap_or(&text);
+            text.to_ascii_lowercase()
+        }
+    }
+}
+
+/// An object store's error in one line: what S3 said (its error code and message, not the
+/// XML around them), or why it could not be reached, without request timings and retry
+/// counts.
+pub fn store_message(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let close = format!("</{name}>");
+        let start = text.find(&open)? + open.len();
+        let len = text[start..].find(&close)?;
+        Some(text[start..start + len].to_owned())
+    };
+    if let Some(code) = tag("Code") {
+        let message = tag("Message").unwrap_or_default();
+        return match code.as_str() {
+            "NoSuchBucket" => match tag("BucketName") {
+                Some(b) => format!("bucket {b} does not exist"),
+                None => "the bucket does not exist".into(),
+            },
+            "AccessDenied" => format!("access denied: {message}"),
+            "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
+                format!("the store refused the credentials ({code}: {message})")
+            }
+            _ if message.is_empty() => code,
+            _ => format!("{code}: {message}"),
+        };
+    }
+    if let Some(url) = text
+        .split_whitespace()
+        .find(|w| w.starts_with("http://") || w.starts_with("https://"))
+    {
+        let lower = text.to_ascii_lowercase();
+        let why = ["connection refused", "timed out", "dns error", "connection reset"]
+            .into_iter()
+            .find(|w| lower.contains(w));
+        if let Some(why) = why {
+            let origin = Url::parse(url).map_or_else(|_| url.to_owned(), |u| {
+                u.origin().ascii_serialization()
+            });
+            return format!("cannot reach {origin}: {why}");
+        }
+    }
+    // The first line, without " in 4.2ms" and the retry report.
+    let first = text.lines().next().unwrap_or(&text);
+    let first = first.split(", after ").next().unwrap_or(first);
+    match first.find(" in ") {
+        Some(at) if first[at + 4..].starts_with(|c: char| c.is_ascii_digit()) => {
+            let rest = &first[at + 4..];
+            let tail = rest.find(" - ").map_or("", |i| &rest[i..]);
+            format!("{}{tail}", &first[..at])
+        }
+        _ => first.to_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -123,6 +123,9 @@ pub fn open(
             Recovery::Upload
         },
         store: store_options(o),
+        // A command's own cache (serve, convert) goes when it ends, unless it holds what
+        // could not be uploaded; the daemon's and one given with --cache stay.
+        ephemeral_cache: cache_root.is_none() && o.cache.is_none(),
         ..vdk_objstore::OpenOptions::default()
     };
     if let Some(s) = o.cache_size {

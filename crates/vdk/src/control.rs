@@ -335,6 +335,30 @@ pub struct DiskStatus {
     pub latency: Option<serde_json::Value>,
 }
 
+/// A stats filter's figures as `stats` and `list` answer them: per operation, `count`,
+/// `bytes`, `errors`, `mean_us` and `latency_us_log2_buckets` (requests whose latency was
+/// under 2^i microseconds, bucket by bucket).
+pub fn stats_report(stats: &vdk_filters::Stats) -> serde_json::Value {
+    let ops: serde_json::Map<String, serde_json::Value> = stats
+        .snapshot()
+        .into_iter()
+        .map(|(kind, s)| {
+            let mean = s.total_us.checked_div(s.count).unwrap_or(0);
+            (
+                kind.name().to_owned(),
+                serde_json::json!({
+                    "count": s.count,
+                    "bytes": s.bytes,
+                    "errors": s.errors,
+                    "mean_us": mean,
+                    "latency_us_log2_buckets": s.buckets,
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(ops)
+}
+
 /// I/O counters of a disk.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize)]
 pub struct Counters {

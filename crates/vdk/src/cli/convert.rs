@@ -114,7 +114,7 @@ fn to_cloud(args: &ConvertArgs, url: &str, src: &dyn BlockDevice) -> anyhow::Res
 }
 
 /// Runs `vdk convert`.
-pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
+pub fn run(args: ConvertArgs, paths: &crate::daemon::Paths) -> anyhow::Result<()> {
     let src_format = args
         .src_format
         .as_deref()
@@ -136,7 +136,10 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
                     force_share: args.force_share,
                 },
             )
-            .with_context(|| format!("cannot open {}", args.src.display()))?
+            .with_context(|| format!("cannot open {}", args.src.display()))
+            .map_err(|e| {
+                super::name_holder(e, &args.src, paths, "; add -U to copy it as it is now")
+            })?
             .device
         }
     };

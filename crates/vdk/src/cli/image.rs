@@ -207,7 +207,7 @@ pub struct CheckArgs {
 }
 
 /// Runs `vdk check`; its exit status is qemu-img check's.
-pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+pub fn check(args: CheckArgs, paths: &Paths) -> anyhow::Result<ExitCode> {
     let format = args.format.as_deref().map(Format::from_name).transpose()?;
     if format.is_none() {
         // A file named as an image with a header that has none is damaged or misnamed:
@@ -227,7 +227,10 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let report = vdk_formats::check(&args.file, format, args.repair, args.force_share)
-        .with_context(|| format!("cannot check {}", args.file.display()))?;
+        .with_context(|| format!("cannot check {}", args.file.display()))
+        .map_err(|e| {
+            super::name_holder(e, &args.file, paths, "; add -U to check it as it is now")
+        })?;
     let Some(r) = report else {
         let format = match format {
             Some(f) => f,
@@ -332,22 +335,10 @@ pub struct ResizeArgs {
     shrink: bool,
 }
 
-/// The open disk of the daemon (if one runs) whose image or cow overlay is `file`.
-fn open_disk(file: &std::path::Path, paths: &Paths) -> Option<crate::control::DiskStatus> {
-    let mut client = Client::connect(&paths.socket).ok()?;
-    let list = client.call(&Request::List).ok()?.ok()?;
-    let disks: Vec<crate::control::DiskStatus> = serde_json::from_value(list).ok()?;
-    let file = std::fs::canonicalize(file).ok()?;
-    let overlay = format!("overlay={}", file.display());
-    disks
-        .into_iter()
-        .find(|d| d.image == file || d.filters.iter().any(|f| f.contains(&overlay)))
-}
-
 /// Runs `vdk resize`.
 pub fn resize(args: ResizeArgs, paths: &Paths) -> anyhow::Result<()> {
     let format = args.format.as_deref().map(Format::from_name).transpose()?;
-    if let Some(d) = open_disk(&args.file, paths) {
+    if let Some(d) = super::open_disk(&args.file, paths) {
         let mounted = d
             .mount
             .as_ref()

@@ -71,16 +71,21 @@ pub struct InfoArgs {
 }
 
 /// Runs `vdk info`.
-pub fn info(args: InfoArgs) -> anyhow::Result<()> {
+pub fn info(args: InfoArgs, paths: &crate::daemon::Paths) -> anyhow::Result<()> {
     if let Some(url) = args.file.to_str().filter(|f| crate::cloud::is_url(f)) {
         return info_cloud(url, &args);
     }
     let format = args.format.as_deref().map(Format::from_name).transpose()?;
     if !args.force_share {
         match vdk_backends::check_not_written(&args.file) {
-            Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => anyhow::bail!(
-                "{e}; add -U to read it anyway (what is being written may show half done)"
-            ),
+            Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+                return Err(super::name_holder(
+                    e.into(),
+                    &args.file,
+                    paths,
+                    "; add -U to read it anyway (what is being written may show half done)",
+                ));
+            }
             // Anything else (no such file, not readable) is for vdk_formats::info to say.
             _ => {}
         }

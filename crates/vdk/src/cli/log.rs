@@ -20,9 +20,11 @@ const QUEUED_LINES: usize = 64 * 1024;
 /// Logs at `info`, `debug` with `-v`, `trace` with `-vv`, or as `RUST_LOG` says, to stderr or
 /// to `file`. Lines still queued are written when the returned guard drops.
 pub fn init(verbose: u8, file: Option<&Path>) -> io::Result<WorkerGuard> {
+    // The object-store client logs each retry at info: a store that is down would bury
+    // vdk's own lines.
     let default = match verbose {
-        0 => "info",
-        1 => "debug",
+        0 => "info,object_store=warn",
+        1 => "debug,object_store=warn",
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

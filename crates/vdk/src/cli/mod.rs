@@ -4,7 +4,7 @@ mod convert;
 mod disks;
 mod image;
 mod info;
-mod list;
+pub(crate) mod list;
 pub mod log;
 pub mod nbd_opts;
 pub mod out;
@@ -101,9 +101,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(args) if args.stop => disks::stop_daemon(&paths()?),
         Command::Daemon(args) => daemon::run(&args, &paths()?),
         Command::Create(args) => image::create(args),
-        Command::Info(args) => info::info(args),
-        Command::Convert(args) => convert::run(args),
-        Command::Check(args) => return image::check(args),
+        Command::Info(args) => info::info(args, &paths()?),
+        Command::Convert(args) => convert::run(args, &paths()?),
+        Command::Check(args) => return image::check(args, &paths()?),
         Command::Resize(args) => image::resize(args, &paths()?),
         Command::Stats(args) => list::stats(args, &paths()?),
         Command::Commit(args) => image::commit(args, &paths()?),
@@ -114,6 +114,41 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Fs(cmd) => disks::fs(cmd, &paths()?),
     };
     done.map(|()| ExitCode::SUCCESS)
+}
+
+/// The open disk of the daemon (if one runs) whose image or cow overlay is `file`.
+pub(crate) fn open_disk(file: &std::path::Path, paths: &Paths) -> Option<crate::control::DiskStatus> {
+    let mut client = crate::control::Client::connect(&paths.socket).ok()?;
+    let list = client.call(&crate::control::Request::List).ok()?.ok()?;
+    let disks: Vec<crate::control::DiskStatus> = serde_json::from_value(list).ok()?;
+    let file = std::fs::canonicalize(file).ok()?;
+    let overlay = format!("overlay={}", file.display());
+    disks
+        .into_iter()
+        .find(|d| d.image == file || d.filters.iter().any(|f| f.contains(&overlay)))
+}
+
+/// For an error that is a lock on `file` held elsewhere: the same said with what to do
+/// (`hint`), naming the vdk disk when it is a vdk daemon that holds it (the lock error itself
+/// can only name the process). Other errors are returned as they are.
+pub(crate) fn name_holder(e: anyhow::Error, file: &Path, paths: &Paths, hint: &str) -> anyhow::Error {
+    let busy = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ResourceBusy)
+    });
+    if !busy {
+        return e;
+    }
+    let said = match open_disk(file, paths) {
+        Some(d) => format!(
+            "{} is open as vdk disk {} (`vdk close {}` closes it)",
+            file.display(),
+            d.id,
+            d.id
+        ),
+        None => vdk::message::one_line(e.chain().map(ToString::to_string)),
+    };
+    anyhow::anyhow!("{said}{hint}")
 }
 
 /// The first line of a CHAP credentials file, `user:secret`.

@@ -287,12 +287,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .map(|f| vdk_filters::FilterSpec::parse(f))
         .collect::<Result<Vec<_>, _>>()?;
     let mut served = Vec::new();
+    let mut stats = Vec::new();
     for (name, source) in exports(&args)? {
         let read_only = args.read_only || vdk_filters::redirects_writes(&specs);
         let (device, base) = open(&source, &args, read_only)?;
-        let device = vdk_filters::apply_over(device, base, &specs)
-            .with_context(|| format!("export {name:?}"))?
-            .device;
+        let chain = vdk_filters::apply_over(device, base, &specs)
+            .with_context(|| format!("export {name:?}"))?;
+        if let Some(s) = chain.stats {
+            stats.push((name.clone(), s));
+        }
+        let device = chain.device;
         let mut export = Export::new(name, device);
         export.read_only = args.read_only;
         export.description = args.description.clone().unwrap_or_default();
@@ -303,9 +307,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let tls = config.tls.clone();
     if args.single {
         let server = Server::new(served, config);
-        return server
+        let done = server
             .serve_one(stdin_stream()?)
             .context("flush at the end failed");
+        // Standard output is the client's socket: the figures go to the log.
+        for (name, s) in &stats {
+            info!(export = %name, stats = %crate::control::stats_report(s), "stats filter");
+        }
+        return done;
     }
     let uris = if args.listen.is_empty() {
         vec![DEFAULT_LISTEN.to_string()]
@@ -406,6 +415,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     signal_thread.close();
     info!("stopped");
+    // What the stats filters counted, for a run with --filter stats.
+    for (name, s) in &stats {
+        crate::outln!("export {name:?}:")?;
+        super::list::print_stats(&crate::control::stats_report(s))?;
+    }
     result
 }
 

@@ -206,24 +206,7 @@ impl Recipe {
 /// The stats filter's counters and latency histograms per operation, if the disk has one.
 fn filter_stats(disk: &Disk) -> Option<serde_json::Value> {
     let stats = lock(&disk.stats).clone()?;
-    let ops: serde_json::Map<String, serde_json::Value> = stats
-        .snapshot()
-        .into_iter()
-        .map(|(kind, s)| {
-            let mean = s.total_us.checked_div(s.count).unwrap_or(0);
-            (
-                kind.name().to_owned(),
-                serde_json::json!({
-                    "count": s.count,
-                    "bytes": s.bytes,
-                    "errors": s.errors,
-                    "mean_us": mean,
-                    "latency_us_log2_buckets": s.buckets,
-                }),
-            )
-        })
-        .collect();
-    Some(serde_json::Value::Object(ops))
+    Some(crate::control::stats_report(&stats))
 }
 
 pub(super) fn parse_filters(specs: &[String]) -> Result<Vec<vdk_filters::FilterSpec>, ApiError> {
