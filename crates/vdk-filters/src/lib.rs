@@ -82,7 +82,16 @@ pub struct SpecError {
     why: String,
 }
 
-const NAMES: &str = "cow, cache, readonly, stats, error, delay, partition";
+/// The name of every filter [`FilterSpec::parse`] takes.
+pub const FILTERS: &[&str] = &[
+    "cow",
+    "cache",
+    "readonly",
+    "stats",
+    "error",
+    "delay",
+    "partition",
+];
 
 fn kinds(v: &str) -> Result<Vec<Kind>, String> {
     let mut out = Vec::new();
@@ -246,7 +255,10 @@ impl FilterSpec {
                     dir: get("dir").map(Into::into),
                 })
             }
-            other => Err(fail(format!("unknown filter {other:?} (filters: {NAMES})"))),
+            other => Err(fail(format!(
+                "unknown filter {other:?} (filters: {})",
+                FILTERS.join(", ")
+            ))),
         }
     }
 }
@@ -364,9 +376,23 @@ mod tests {
     }
 
     #[test]
+    fn every_listed_filter_parses() {
+        // The list help texts and errors show is the list parse takes: no more, no less.
+        for name in FILTERS {
+            let spec = match *name {
+                "delay" => "delay:ms=1".to_owned(),
+                "partition" => "partition:1".to_owned(),
+                n => n.to_owned(),
+            };
+            assert!(FilterSpec::parse(&spec).is_ok(), "{spec}");
+        }
+    }
+
+    #[test]
     fn parse_errors_name_the_problem() {
         for (spec, want) in [
             ("nosuch", "unknown filter"),
+            ("nosuch", "cow, cache, readonly"),
             ("error:rate=2", "0 to 1"),
             ("error:op=sideways", "unknown op"),
             ("error:errno=EPERM", "EIO or ENOSPC"),

@@ -129,6 +129,15 @@ pub enum Format {
 }
 
 impl Format {
+    /// Every format, in the order help texts list them.
+    pub const ALL: [Format; 5] = [
+        Format::Raw,
+        Format::Qcow2,
+        Format::Vhd,
+        Format::Vhdx,
+        Format::Iso,
+    ];
+
     /// Its name, as `qemu-img` spells it.
     pub fn name(self) -> &'static str {
         match self {

@@ -345,13 +345,17 @@ pub fn store_message(e: &object_store::Error) -> String {
         .find(|w| w.starts_with("http://") || w.starts_with("https://"))
     {
         let lower = text.to_ascii_lowercase();
-        let why = ["connection refused", "timed out", "dns error", "connection reset"]
-            .into_iter()
-            .find(|w| lower.contains(w));
+        let why = [
+            "connection refused",
+            "timed out",
+            "dns error",
+            "connection reset",
+        ]
+        .into_iter()
+        .find(|w| lower.contains(w));
         if let Some(why) = why {
-            let origin = Url::parse(url).map_or_else(|_| url.to_owned(), |u| {
-                u.origin().ascii_serialization()
-            });
+            let origin = Url::parse(url)
+                .map_or_else(|_| url.to_owned(), |u| u.origin().ascii_serialization());
             return format!("cannot reach {origin}: {why}");
         }
     }

@@ -29,8 +29,7 @@ fn main() -> ExitCode {
         // would, without a word on a stderr that may be gone too.
         Err(e) if cli::out::is_closed(&e) => ExitCode::from(141),
         Err(e) => {
-            let msg = vdk::message::one_line(e.chain().map(ToString::to_string));
-            let _ = writeln!(io::stderr(), "vdk: {msg}");
+            cli::out::error(&vdk::message::one_line(e.chain().map(ToString::to_string)));
             ExitCode::FAILURE
         }
     };

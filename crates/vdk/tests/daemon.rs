@@ -684,9 +684,9 @@ fn permissions_are_reported_not_worked_around() {
     assert!(!out.status.success() && err.contains("needs root"), "{err}");
     // A control socket where this user may not create one.
     let out = as_nobody(&[
+        "open",
         "--socket",
         "/root/vdk-test/control.sock",
-        "open",
         s(&home.join("a.img")),
     ]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -268,6 +268,7 @@ fn memory_disk(store: &Arc<InMemory>) -> Location {
         prefix: object_store::path::Path::from("disk"),
         url: "memory:///disk".into(),
         local: None,
+        endpoint: None,
     }
 }
 

@@ -209,6 +209,8 @@ pub struct OpenArgs {
     json: bool,
     #[command(flatten)]
     cloud: crate::cloud::CloudArgs,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// Runs `vdk open`.
@@ -301,6 +303,8 @@ pub struct InsertArgs {
     /// Print the disk as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// `vdk eject`.
@@ -314,6 +318,8 @@ pub struct EjectArgs {
     /// Print the disk as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// Runs `vdk eject`.
@@ -383,6 +389,8 @@ pub struct CloseArgs {
     /// Print the disk as it was, as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// What a disk argument names: an id, or an image path made absolute.
@@ -427,6 +435,8 @@ pub struct MountArgs {
     /// Print the disk as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// Runs `vdk mount`.
@@ -516,6 +526,8 @@ pub struct FsMapArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// `vdk fs mount`.
@@ -528,6 +540,8 @@ pub struct FsMountArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// `vdk fs unmount`.
@@ -541,12 +555,15 @@ pub struct FsUnmountArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// Runs `vdk fs ...`.
-pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
+pub fn fs(cmd: FsCommand) -> anyhow::Result<()> {
     match cmd {
         FsCommand::Mount(a) => {
+            let paths = &a.socket.paths()?;
             let mut client = connect(paths, true)?;
             let req = Request::FsMount(FsMountRequest {
                 source: disk_key(&a.source)?,
@@ -566,6 +583,7 @@ pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
             )?;
         }
         FsCommand::Map(a) => {
+            let paths = &a.socket.paths()?;
             let mut client = connect(paths, true)?;
             let req = Request::FsMap(FsMapRequest {
                 url: a.url,
@@ -589,6 +607,7 @@ pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
             )?;
         }
         FsCommand::Unmount(a) | FsCommand::Unmap(a) => {
+            let paths = &a.socket.paths()?;
             let dir = absolute(&a.dir)?;
             let Some(mut client) = try_connect(paths)? else {
                 // No daemon: a mount a dead one left can still be taken away.
@@ -623,6 +642,7 @@ pub fn fs(cmd: FsCommand, paths: &Paths) -> anyhow::Result<()> {
             }
         }
         FsCommand::List(a) => {
+            let paths = &a.socket.paths()?;
             let list: Vec<FsStatus> = match try_connect(paths)? {
                 Some(mut client) => serde_json::from_value(call(&mut client, &Request::FsList)?)?,
                 None => Vec::new(),

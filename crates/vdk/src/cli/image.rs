@@ -27,7 +27,8 @@ pub struct CreateArgs {
     file: PathBuf,
     /// Virtual size (e.g. 10G); with --backing, defaults to the backing image's size.
     size: Option<String>,
-    /// Format of a file: qcow2 (default), raw, vhd or vhdx.
+    /// Format of a file: qcow2, raw, vhd or vhdx; by default the one its name says
+    /// (disk.vhdx), else qcow2.
     #[arg(long, short = 'f')]
     format: Option<String>,
     /// Backing image (qcow2 only), recorded as given: relative to the new image's directory,
@@ -129,7 +130,10 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
     {
         bail!("--chunk-size, --compression, --encryption and --key-file are for object-store disks (s3://...)");
     }
-    let format = Format::from_name(args.format.as_deref().unwrap_or("qcow2"))?;
+    let format = match args.format.as_deref() {
+        Some(name) => Format::from_name(name)?,
+        None => vdk_formats::format_by_name(&args.file).unwrap_or(Format::Qcow2),
+    };
     let mut size = args
         .size
         .as_deref()
@@ -192,7 +196,7 @@ Exit status, as qemu-img check: 0 consistent, 2 corruption found, 3 only leaked 
 pub struct CheckArgs {
     /// The image.
     file: PathBuf,
-    /// Its format; probed from its magic if not given.
+    /// Its format (raw, qcow2, vhd, vhdx, iso); probed from its magic if not given.
     #[arg(long, short = 'f')]
     format: Option<String>,
     /// Rewrite refcounts that disagree with the tables (fixes leaks; and refcounts too low).
@@ -326,7 +330,7 @@ pub struct ResizeArgs {
     /// The new size, +SIZE to grow by that much, or -SIZE to shrink by that much.
     #[arg(allow_hyphen_values = true)]
     size: String,
-    /// Its format; probed from its magic if not given.
+    /// Its format (raw, qcow2, vhd, vhdx, iso); probed from its magic if not given.
     #[arg(long, short = 'f')]
     format: Option<String>,
     /// Allow the image to get smaller: raw images lose what lies past the new end; qcow2
@@ -405,6 +409,8 @@ pub struct OverlayArgs {
     /// which can damage it), or, for discard, an image that records no base.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// Asks a running daemon to commit (or discard) an open disk; `None` if no daemon knows it.
@@ -443,7 +449,11 @@ fn refuse_if_loop_mounted(file: &std::path::Path, force: Option<bool>) -> anyhow
         "{} is in use by {}: unmount it first{}",
         file.display(),
         uses.join(", "),
-        if force.is_some() { ", or add --force" } else { "" }
+        if force.is_some() {
+            ", or add --force"
+        } else {
+            ""
+        }
     )
 }
 
@@ -503,6 +513,8 @@ pub struct SnapshotArgs {
     /// Even while a file system on the disk is mounted.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// Runs `vdk snapshot`.

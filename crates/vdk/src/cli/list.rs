@@ -277,6 +277,8 @@ pub struct ListArgs {
     /// Do not shorten long paths to fit 100 columns.
     #[arg(long)]
     wide: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// `-o help`.
@@ -382,6 +384,8 @@ pub struct FsListArgs {
     /// No header line (for scripts).
     #[arg(long, short = 'n')]
     pub no_headers: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// `vdk stats`.
@@ -392,6 +396,8 @@ pub struct StatsArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// Runs `vdk stats`.

@@ -1,7 +1,9 @@
 //! The command line.
 
+mod compare;
 mod convert;
 mod disks;
+mod generate;
 mod image;
 mod info;
 pub(crate) mod list;
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tracing::warn;
 
 use crate::daemon::{self, Paths};
@@ -26,12 +28,31 @@ pub struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
-    /// The daemon's control socket (default: /run/vdk/control.sock for root,
-    /// $XDG_RUNTIME_DIR/vdk/control.sock for other users).
-    #[arg(long, global = true, env = "VDK_SOCKET", value_name = "PATH")]
-    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--socket`, on the commands that talk to the daemon.
+#[derive(Clone, Debug, Default, Args)]
+#[command(next_help_heading = "Daemon")]
+pub struct SocketArg {
+    /// The daemon's control socket (default: /run/vdk/control.sock for root,
+    /// $XDG_RUNTIME_DIR/vdk/control.sock for other users).
+    #[arg(long, env = "VDK_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    /// The daemon's paths.
+    pub fn paths(&self) -> anyhow::Result<Paths> {
+        Paths::new(self.socket.as_deref())
+    }
+}
+
+/// The daemon's paths for commands that only ask it about an image (who has it open): the
+/// default socket, or `VDK_SOCKET`.
+fn env_paths() -> anyhow::Result<Paths> {
+    Paths::new(std::env::var_os("VDK_SOCKET").map(PathBuf::from).as_deref())
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,12 +72,16 @@ enum Command {
     Unmount(disks::CloseArgs),
     /// Run the daemon that owns open disks, in the foreground.
     Daemon(daemon::DaemonArgs),
-    /// Create an image file (qcow2 or raw), optionally over a backing image.
+    /// Create an image (qcow2, raw, vhd or vhdx; or a disk in object storage), optionally
+    /// over a backing image.
     Create(image::CreateArgs),
     /// Describe an image: format, sizes, cluster size, backing chain, flags.
     Info(info::InfoArgs),
-    /// Copy an image into a new one of any format, leaving holes and zeroes out.
+    /// Copy an image into a new one (raw, qcow2, vhd, vhdx, or object storage), leaving holes
+    /// and zeroes out.
     Convert(convert::ConvertArgs),
+    /// Whether two images hold the same disk (as qemu-img compare): exit 0 if so, 1 if not.
+    Compare(compare::CompareArgs),
     /// Check an image's consistency (refcounts against tables); --repair fixes refcounts.
     Check(image::CheckArgs),
     /// Change an image's virtual size (raw, qcow2): grow it, or with --shrink make it smaller.
@@ -73,9 +98,14 @@ enum Command {
     Eject(disks::EjectArgs),
     /// Put an ISO image in an open CD-ROM disk, as a new disc.
     Insert(disks::InsertArgs),
-    /// File systems in user space: browse an ISO image as a read-only directory tree.
+    /// File systems in user space: browse an ISO image as a read-only directory tree, or map
+    /// a bucket as a cloud drive.
     #[command(subcommand)]
     Fs(disks::FsCommand),
+    /// Print a shell completion script: vdk completions bash > /etc/bash_completion.d/vdk.
+    Completions(generate::CompletionsArgs),
+    /// Print the manual page of vdk or of one of its commands (roff): vdk man | man -l -.
+    Man(generate::ManArgs),
 }
 
 impl Cli {
@@ -88,36 +118,74 @@ impl Cli {
     }
 }
 
-/// Runs the chosen command; its exit status (`check` has more than two).
+/// Runs the chosen command; its exit status (`check` and `compare` have more than two).
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let paths = || Paths::new(cli.socket.as_deref());
     let done = match cli.command {
         Command::Serve(args) => serve::run(args),
-        Command::Open(args) => disks::open(args, &paths()?),
-        Command::Close(args) => disks::close(args, &paths()?),
-        Command::List(args) => list::list(args, &paths()?),
-        Command::Mount(args) => disks::mount(args, &paths()?),
-        Command::Unmount(args) => disks::unmount(args, &paths()?),
-        Command::Daemon(args) if args.stop => disks::stop_daemon(&paths()?),
-        Command::Daemon(args) => daemon::run(&args, &paths()?),
+        Command::Open(args) => {
+            let p = args.socket.paths()?;
+            disks::open(args, &p)
+        }
+        Command::Close(args) => {
+            let p = args.socket.paths()?;
+            disks::close(args, &p)
+        }
+        Command::List(args) => {
+            let p = args.socket.paths()?;
+            list::list(args, &p)
+        }
+        Command::Mount(args) => {
+            let p = args.socket.paths()?;
+            disks::mount(args, &p)
+        }
+        Command::Unmount(args) => {
+            let p = args.socket.paths()?;
+            disks::unmount(args, &p)
+        }
+        Command::Daemon(args) if args.stop => disks::stop_daemon(&args.socket.paths()?),
+        Command::Daemon(args) => daemon::run(&args, &args.socket.paths()?),
         Command::Create(args) => image::create(args),
-        Command::Info(args) => info::info(args, &paths()?),
-        Command::Convert(args) => convert::run(args, &paths()?),
-        Command::Check(args) => return image::check(args, &paths()?),
-        Command::Resize(args) => image::resize(args, &paths()?),
-        Command::Stats(args) => list::stats(args, &paths()?),
-        Command::Commit(args) => image::commit(args, &paths()?),
-        Command::Discard(args) => image::discard(args, &paths()?),
-        Command::Snapshot(args) => image::snapshot(args, &paths()?),
-        Command::Eject(args) => disks::eject(args, &paths()?),
-        Command::Insert(args) => disks::insert(args, &paths()?),
-        Command::Fs(cmd) => disks::fs(cmd, &paths()?),
+        Command::Info(args) => info::info(args, &env_paths()?),
+        Command::Convert(args) => convert::run(args, &env_paths()?),
+        Command::Check(args) => return image::check(args, &env_paths()?),
+        Command::Compare(args) => return compare::run(args, &env_paths()?),
+        Command::Resize(args) => image::resize(args, &env_paths()?),
+        Command::Stats(args) => {
+            let p = args.socket.paths()?;
+            list::stats(args, &p)
+        }
+        Command::Commit(args) => {
+            let p = args.socket.paths()?;
+            image::commit(args, &p)
+        }
+        Command::Discard(args) => {
+            let p = args.socket.paths()?;
+            image::discard(args, &p)
+        }
+        Command::Snapshot(args) => {
+            let p = args.socket.paths()?;
+            image::snapshot(args, &p)
+        }
+        Command::Eject(args) => {
+            let p = args.socket.paths()?;
+            disks::eject(args, &p)
+        }
+        Command::Insert(args) => {
+            let p = args.socket.paths()?;
+            disks::insert(args, &p)
+        }
+        Command::Fs(cmd) => disks::fs(cmd),
+        Command::Completions(args) => generate::completions(&args),
+        Command::Man(args) => generate::man(&args),
     };
     done.map(|()| ExitCode::SUCCESS)
 }
 
 /// The open disk of the daemon (if one runs) whose image or cow overlay is `file`.
-pub(crate) fn open_disk(file: &std::path::Path, paths: &Paths) -> Option<crate::control::DiskStatus> {
+pub(crate) fn open_disk(
+    file: &std::path::Path,
+    paths: &Paths,
+) -> Option<crate::control::DiskStatus> {
     let mut client = crate::control::Client::connect(&paths.socket).ok()?;
     let list = client.call(&crate::control::Request::List).ok()?.ok()?;
     let disks: Vec<crate::control::DiskStatus> = serde_json::from_value(list).ok()?;
@@ -131,7 +199,12 @@ pub(crate) fn open_disk(file: &std::path::Path, paths: &Paths) -> Option<crate::
 /// For an error that is a lock on `file` held elsewhere: the same said with what to do
 /// (`hint`), naming the vdk disk when it is a vdk daemon that holds it (the lock error itself
 /// can only name the process). Other errors are returned as they are.
-pub(crate) fn name_holder(e: anyhow::Error, file: &Path, paths: &Paths, hint: &str) -> anyhow::Error {
+pub(crate) fn name_holder(
+    e: anyhow::Error,
+    file: &Path,
+    paths: &Paths,
+    hint: &str,
+) -> anyhow::Error {
     let busy = e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::ResourceBusy)

@@ -46,6 +46,12 @@ pub fn json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     write(format_args!("{text}\n"))
 }
 
+/// Says `msg` on standard error as vdk's errors are said ("vdk: ..."); a closed stderr is
+/// not an error of its own.
+pub fn error(msg: &str) {
+    let _ = writeln!(io::stderr(), "vdk: {msg}");
+}
+
 /// Whether `e` is only standard output closing.
 pub fn is_closed(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<StdoutClosed>())

@@ -36,7 +36,8 @@ Examples:
 
 SIGHUP reads the TLS certificates again (for new connections).")]
 pub struct ServeArgs {
-    /// Raw image files to export, each under its file name; the first is also the default
+    /// Images to export (raw, qcow2, vhd, vhdx, iso; or s3://, gs://, az://, file:// URLs of
+    /// disks in object storage), each under its file name; the first is also the default
     /// export (the empty name).
     images: Vec<PathBuf>,
     /// Export a sparse RAM disk of this size (e.g. 4G) under the name "memory".
@@ -74,8 +75,9 @@ pub struct ServeArgs {
     /// an image is refused rather than guessed).
     #[arg(long)]
     probe_backing: bool,
-    /// A filter on every export, NAME[:KEY=VALUE,...]: readonly, stats, error, delay,
-    /// partition. Repeatable; applied in the order given (the first wraps the image).
+    /// A filter on every export, NAME[:KEY=VALUE,...]: cow, cache, readonly, stats, error,
+    /// delay, partition (docs/filters.md). Repeatable; applied in the order given (the
+    /// first wraps the image).
     #[arg(long = "filter", value_name = "SPEC")]
     filters: Vec<String>,
     /// Most threads serving one connection (requests handled in parallel).

@@ -130,6 +130,8 @@ pub struct DaemonArgs {
     pub owner: Option<String>,
     #[command(flatten)]
     pub nbd: crate::cli::nbd_opts::NbdArgs,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
 }
 
 /// The uid and primary gid of `user` (a name from /etc/passwd, or a number).
@@ -265,6 +267,10 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
         }
     });
     info!(socket = %paths.socket.display(), pid = std::process::id(), "daemon ready");
+    // Under systemd (Type=notify): ready now that requests are answered.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        warn!(error = %e, "cannot tell the service manager the daemon is ready");
+    }
     for conn in control.incoming() {
         if stopping.load(Ordering::SeqCst) {
             break;
@@ -285,6 +291,7 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
         }
     }
     signal_handle.close();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     daemon.close_all();
     server.shutdown_handle().shutdown();
     let nbd = nbd_thread.join();
