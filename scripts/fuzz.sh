@@ -23,6 +23,11 @@ if [ -n "${VDK_FUZZ_SCRATCH:-}" ]; then
   # Short runs: an unoptimised build (same assertions and sanitizer) compiles in half the time.
   build=(--dev)
 fi
+# The fuzz crate's lock file is committed: a build must not rewrite it.
+if ! (cd fuzz && cargo metadata --locked --format-version 1 >/dev/null 2>&1); then
+  echo "fuzz/Cargo.lock is out of date: run (cd fuzz && cargo tree >/dev/null) and commit it" >&2
+  exit 1
+fi
 cargo fuzz build "${build[@]}" # every target at once: each run then starts at once
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t"

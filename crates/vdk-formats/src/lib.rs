@@ -549,9 +549,10 @@ pub struct CreateOptions {
 /// is left behind.
 pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<()> {
     if fs::symlink_metadata(path).is_ok() {
+        // The caller names the path.
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{} exists", path.display()),
+            "it exists already (a new image is made only where there is none)",
         ));
     }
     let made = create_new(path, size, opts);

@@ -156,7 +156,13 @@ fn open(
             };
             let format = match args.format.as_deref() {
                 Some(name) => Format::from_name(name)?,
-                None => vdk_formats::probe(path).map_err(cannot_open)?,
+                None => {
+                    let probed = vdk_formats::probe(path).map_err(cannot_open)?;
+                    if !read_only {
+                        vdk_formats::check_named(path, probed)?;
+                    }
+                    probed
+                }
             };
             if format != Format::Raw {
                 if args.direct {

@@ -47,6 +47,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tgtd", "tgt"),
     ("openssl", "openssl"),
     ("ip", "iproute2"),
+    ("man", "man-db"),
+    ("bash", "bash"),
+    ("systemd-analyze", "systemd"),
 ];
 
 /// PATH with Debian's directories first, so that `nbdsh` runs Debian's python3, which has
