@@ -33,7 +33,11 @@ fn one_line_error(cmd: &mut Command) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{cmd:?} should have failed");
     assert!(err.starts_with("vdk: "), "{cmd:?}: {err:?}");
-    assert_eq!(err.lines().count(), 1, "{cmd:?}: more than one line: {err:?}");
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "{cmd:?}: more than one line: {err:?}"
+    );
     assert!(!err.contains("os error"), "{cmd:?}: {err:?}");
     assert!(!err.contains("panicked"), "{cmd:?}: {err:?}");
     err
@@ -136,7 +140,10 @@ fn live_overlay_changes_refuse_while_a_file_system_is_mounted() {
         );
     }
     assert!(!new.exists(), "a refused snapshot makes no file");
-    assert_eq!(fs::read_to_string(mnt.join("kept.txt")).unwrap(), "still here");
+    assert_eq!(
+        fs::read_to_string(mnt.join("kept.txt")).unwrap(),
+        "still here"
+    );
     // Mounted by someone else, not by vdk: still refused, naming the device and the place.
     d.ok(&["unmount", &id]);
     let other = d.path("other");
@@ -194,7 +201,10 @@ fn a_file_named_as_an_image_that_holds_none_is_not_written() {
         text.contains("not a qcow2 image") && text.contains("no image header"),
         "{text}"
     );
-    assert!(fs::read(&fake).unwrap().iter().all(|b| *b == 7), "untouched");
+    assert!(
+        fs::read(&fake).unwrap().iter().all(|b| *b == 7),
+        "untouched"
+    );
 }
 
 #[test]
@@ -289,7 +299,10 @@ fn serve_keeps_serving_with_its_log_closed_and_stops_at_once() {
             break st;
         }
         // It takes about 50 ms; a hang on its log is what this catches.
-        assert!(start.elapsed() < Duration::from_secs(3), "no exit after SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "no exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "{status}");
@@ -378,7 +391,13 @@ fn mkfs_formats_new_and_blank_disks_and_erases_data_only_when_forced() {
     let err = d.fails(&["open", s(&raw), "--mkfs", "ext4"]);
     assert!(err.contains("holds data (from byte 1048576)"), "{err}");
     let v = d.open(&[s(&raw)]);
-    let err = d.fails(&["mount", v["id"].as_str().unwrap(), s(&mnt), "--mkfs", "ext4"]);
+    let err = d.fails(&[
+        "mount",
+        v["id"].as_str().unwrap(),
+        s(&mnt),
+        "--mkfs",
+        "ext4",
+    ]);
     assert!(err.contains("--force"), "{err}");
     qemu_io("raw", s(&raw), &["read -P 9 1M 4k"]);
 }
@@ -448,7 +467,14 @@ fn a_busy_mount_names_who_holds_it_but_never_the_command_asking() {
     need("mkfs.ext4");
     let d = Daemon::new();
     let mnt = d.path("mnt");
-    let v = d.open(&[s(&d.path("d.img")), "32M", "--mkfs", "ext4", "--mount", s(&mnt)]);
+    let v = d.open(&[
+        s(&d.path("d.img")),
+        "32M",
+        "--mkfs",
+        "ext4",
+        "--mount",
+        s(&mnt),
+    ]);
     let id = v["id"].as_str().unwrap().to_owned();
     let out = d.cmd(&["close", &id]).current_dir(&mnt).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -489,7 +515,10 @@ fn errors_say_each_thing_once() {
         (vec!["resize", s(&q), "4M", "--shrink"], "allocated"),
         (vec!["resize", s(&small), "12Q"], "12Q"),
         (vec!["serve", s(&missing)], "vdk create"),
-        (vec!["open", s(&missing), "1000", "--attach", "none"], "1000"),
+        (
+            vec!["open", s(&missing), "1000", "--attach", "none"],
+            "1000",
+        ),
         (vec!["open", s(&missing), "--no-create"], "does not exist"),
     ] {
         let err = one_line_error(&mut d.cmd(&args).current_dir(dir));
@@ -564,13 +593,17 @@ fn info_json_has_qemu_img_s_keys() {
             assert_eq!(data_keys(&v), data_keys(&q), "{name}");
             assert_eq!(v["format-specific"]["type"], "qcow2");
         }
-        for k in ["virtual-size", "cluster-size", "backing-filename", "dirty-flag"] {
+        for k in [
+            "virtual-size",
+            "cluster-size",
+            "backing-filename",
+            "dirty-flag",
+        ] {
             assert_eq!(v[k], q[k], "{name}: {k}");
         }
     }
-    let chain = |cmd: &mut Command| -> serde_json::Value {
-        serde_json::from_str(&stdout(cmd)).unwrap()
-    };
+    let chain =
+        |cmd: &mut Command| -> serde_json::Value { serde_json::from_str(&stdout(cmd)).unwrap() };
     let v = chain(&mut vdk(&[
         "info",
         "--output=json",
@@ -640,12 +673,20 @@ fn compare_tells_the_same_disk_from_another() {
     let big = dir.path().join("big.img");
     run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&q), s(&big)]));
     run(Command::new("qemu-img").args(["resize", "-q", "-f", "raw", s(&big), "16M"]));
-    assert_eq!(vdk(&["compare", s(&q), s(&big)]).status().unwrap().code(), Some(0));
     assert_eq!(
-        vdk(&["compare", "-s", s(&q), s(&big)]).status().unwrap().code(),
+        vdk(&["compare", s(&q), s(&big)]).status().unwrap().code(),
+        Some(0)
+    );
+    assert_eq!(
+        vdk(&["compare", "-s", s(&q), s(&big)])
+            .status()
+            .unwrap()
+            .code(),
         Some(1)
     );
-    let missing = vdk(&["compare", s(&q), "/nonexistent.img"]).output().unwrap();
+    let missing = vdk(&["compare", s(&q), "/nonexistent.img"])
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(2));
 }
 
@@ -690,7 +731,10 @@ fn list_fits_a_terminal_and_scripts_can_choose_its_columns() {
     let wide = d.ok(&["list", "--wide"]);
     assert!(wide.contains(s(&img)), "{wide}");
     let cut = d.ok(&["list", "-o", "ID,SIZE", "--no-headers"]);
-    assert_eq!(cut.split_whitespace().collect::<Vec<_>>(), [id, "16", "MiB"]);
+    assert_eq!(
+        cut.split_whitespace().collect::<Vec<_>>(),
+        [id, "16", "MiB"]
+    );
     let more = d.ok(&["list", "-o", "+NBD"]);
     assert!(more.lines().next().unwrap().ends_with("NBD"), "{more}");
     assert!(d.ok(&["list", "-o", "help"]).contains("WRITTEN"));
@@ -746,7 +790,12 @@ fn completions_and_manual_pages_render() {
                 .arg(&roff_file)
                 .env("MANWIDTH", "100"),
         );
-        let title = ["vdk"].iter().chain(&page).copied().collect::<Vec<_>>().join("-");
+        let title = ["vdk"]
+            .iter()
+            .chain(&page)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("-");
         assert!(text.contains("NAME") && text.contains(&title), "{text}");
     }
     let err = one_line_error(&mut vdk(&["man", "nosuch"]));
@@ -824,24 +873,30 @@ fn the_daemon_tells_systemd_it_is_ready_and_the_unit_verifies() {
     let mut buf = [0u8; 256];
     let n = listener.recv(&mut buf).expect("a notification");
     assert_eq!(&buf[..n], b"READY=1\n");
-    assert!(UnixStream::connect(&socket).is_ok(), "ready before answering");
+    assert!(
+        UnixStream::connect(&socket).is_ok(),
+        "ready before answering"
+    );
     run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
     let n = listener.recv(&mut buf).expect("a notification");
     assert_eq!(&buf[..n], b"STOPPING=1\n");
     assert!(child.wait().unwrap().success());
     // The unit file, with this build's binary and its manual pages, passes systemd's check.
     need("systemd-analyze");
-    let unit = fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/vdk.service"),
-    )
-    .unwrap()
-    .replace("/usr/local/bin/vdk", env!("CARGO_BIN_EXE_vdk"));
+    let unit =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/vdk.service"))
+            .unwrap()
+            .replace("/usr/local/bin/vdk", env!("CARGO_BIN_EXE_vdk"));
     let unit_file = dir.path().join("vdk.service");
     fs::write(&unit_file, unit).unwrap();
     let man1 = dir.path().join("man/man1");
     fs::create_dir_all(&man1).unwrap();
     fs::write(man1.join("vdk.1"), stdout(&mut vdk(&["man"]))).unwrap();
-    fs::write(man1.join("vdk-daemon.1"), stdout(&mut vdk(&["man", "daemon"]))).unwrap();
+    fs::write(
+        man1.join("vdk-daemon.1"),
+        stdout(&mut vdk(&["man", "daemon"])),
+    )
+    .unwrap();
     run(Command::new("systemd-analyze")
         .args(["verify", s(&unit_file)])
         .env("MANPATH", dir.path().join("man")));
@@ -889,16 +944,15 @@ fn a_daemon_reaches_a_bucket_with_the_clients_settings_and_errors_are_one_line()
         vec!["convert", s(&src), "s3://vdk/y"],
     ] {
         let start = Instant::now();
-        let err = one_line_error(
-            vdk(&args)
-                .envs(s3.env())
-                .env("AWS_ENDPOINT_URL", &endpoint),
-        );
+        let err = one_line_error(vdk(&args).envs(s3.env()).env("AWS_ENDPOINT_URL", &endpoint));
         assert!(
             err.contains(&format!("cannot reach {endpoint}: connection refused")),
             "{args:?}: {err}"
         );
-        assert!(start.elapsed() < Duration::from_secs(10), "{args:?} took long");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{args:?} took long"
+        );
     }
 }
 

@@ -274,7 +274,8 @@ pub struct ListArgs {
     /// No header line (for scripts).
     #[arg(long, short = 'n')]
     no_headers: bool,
-    /// Do not shorten long paths to fit 100 columns.
+    /// Do not shorten long paths to fit 100 columns (columns chosen with -o are never
+    /// shortened).
     #[arg(long)]
     wide: bool,
     #[command(flatten)]
@@ -327,13 +328,9 @@ pub fn list(args: ListArgs, paths: &Paths) -> anyhow::Result<()> {
             .collect();
         let right: Vec<bool> = cols.iter().map(|c| c.right()).collect();
         let elidable: Vec<bool> = cols.iter().map(|c| c.elidable()).collect();
-        table(
-            headers,
-            rows,
-            &right,
-            &elidable,
-            (!args.wide).then_some(WIDTH),
-        )?;
+        // The default columns fit 100 characters; columns asked for by name are shown whole.
+        let fit = !args.wide && args.output.is_none();
+        table(headers, rows, &right, &elidable, fit.then_some(WIDTH))?;
     }
     if !filesystems.is_empty() && !args.no_headers {
         crate::outln!("\nfile systems and drives (vdk fs):")?;
