@@ -50,6 +50,37 @@ fn closed_pipe() -> Stdio {
     writer.into()
 }
 
+/// A child process killed and reaped when dropped, so that a failing test leaves none.
+struct Guard(Option<std::process::Child>);
+
+impl Guard {
+    fn take(&mut self) -> std::process::Child {
+        self.0.take().expect("running")
+    }
+}
+
+impl std::ops::Deref for Guard {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        self.0.as_ref().expect("running")
+    }
+}
+
+impl std::ops::DerefMut for Guard {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("running")
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A qcow2 image made by qemu-img.
 fn qemu_qcow2(path: &Path, size: &str) {
     need("qemu-img");
@@ -277,14 +308,14 @@ fn serve_keeps_serving_with_its_log_closed_and_stops_at_once() {
     need("nbdinfo");
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
-    let mut child = vdk(&["serve", "--memory", "8M", "--listen"])
+    let mut child = Guard(Some(vdk(&["serve", "--memory", "8M", "--listen"])
         .arg(format!("unix://{}", s(&sock)))
         // Every request logs at debug: each of those lines meets the closed pipe.
         .env("RUST_LOG", "debug")
         .stdout(closed_pipe())
         .stderr(closed_pipe())
         .spawn()
-        .unwrap();
+        .unwrap()));
     wait_for(20, "vdk to listen", || UnixStream::connect(&sock).is_ok());
     let uri = format!("nbd+unix:///memory?socket={}", s(&sock));
     for _ in 0..3 {
@@ -306,6 +337,47 @@ fn serve_keeps_serving_with_its_log_closed_and_stops_at_once() {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn serve_never_waits_for_a_log_nobody_reads() {
+    need("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    // Its stderr is a pipe this test never reads: it is full after 64 KiB of log.
+    let mut child = Guard(Some(vdk(&["serve", "--memory", "8M", "--listen"])
+        .arg(format!("unix://{}", s(&sock)))
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()));
+    wait_for(20, "vdk to listen", || UnixStream::connect(&sock).is_ok());
+    // Every connection is logged: thousands of them say far more than the pipe holds.
+    for _ in 0..3000 {
+        drop(UnixStream::connect(&sock).unwrap());
+    }
+    // A server that waits for its log never answers: this fails instead of hanging.
+    let uri = format!("nbd+unix:///memory?socket={}", s(&sock));
+    let mut client = Command::new("nbdinfo")
+        .args(["--size", &uri])
+        .env("PATH", path_env())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while client.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            client.kill().unwrap();
+            child.kill().unwrap();
+            panic!("the server waits for its log");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "8388608");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[test]
@@ -521,7 +593,7 @@ fn errors_say_each_thing_once() {
         ),
         (vec!["open", s(&missing), "--no-create"], "does not exist"),
     ] {
-        let err = one_line_error(&mut d.cmd(&args).current_dir(dir));
+        let err = one_line_error(d.cmd(&args).current_dir(dir));
         assert!(err.contains(want), "{args:?}: {err}");
         for path in [&missing, &small, &q] {
             assert!(
@@ -639,7 +711,7 @@ fn force_share_reads_an_image_a_daemon_has_open() {
         vec!["check", s(&img)],
         vec!["convert", s(&img), "copy.img"],
     ] {
-        let err = one_line_error(&mut d.cmd(&args).current_dir(d.dir.path()));
+        let err = one_line_error(d.cmd(&args).current_dir(d.dir.path()));
         assert!(err.contains("-U"), "{args:?}: {err}");
     }
     d.ok(&["info", "-U", s(&img)]);
@@ -747,17 +819,17 @@ fn serve_with_a_stats_filter_prints_its_figures_at_exit() {
     need("qemu-io");
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
-    let child = vdk(&["serve", "--memory", "8M", "--filter", "stats", "--listen"])
+    let mut child = Guard(Some(vdk(&["serve", "--memory", "8M", "--filter", "stats", "--listen"])
         .arg(format!("unix://{}", s(&sock)))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()));
     wait_for(20, "vdk to listen", || UnixStream::connect(&sock).is_ok());
     let uri = format!("nbd+unix:///memory?socket={}", s(&sock));
     qemu_io("raw", &uri, &["write 0 1M", "read 0 64k"]);
     run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
-    let out = child.wait_with_output().unwrap();
+    let out = child.take().wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(text.contains("export \"memory\""), "{text}");
@@ -865,11 +937,11 @@ fn the_daemon_tells_systemd_it_is_ready_and_the_unit_verifies() {
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let socket = dir.path().join("run/control.sock");
-    let mut child = vdk(&["daemon", "--socket", s(&socket)])
+    let mut child = Guard(Some(vdk(&["daemon", "--socket", s(&socket)])
         .env("NOTIFY_SOCKET", &notify)
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()));
     let mut buf = [0u8; 256];
     let n = listener.recv(&mut buf).expect("a notification");
     assert_eq!(&buf[..n], b"READY=1\n");
@@ -957,6 +1029,29 @@ fn a_daemon_reaches_a_bucket_with_the_clients_settings_and_errors_are_one_line()
 }
 
 #[test]
+fn a_new_bucket_disk_is_formatted_and_mounted_as_a_file_is() {
+    need_root();
+    need("mkfs.ext4");
+    let s3 = common::s3::S3::moto();
+    let d = Daemon::new();
+    let url = s3.url("fresh");
+    let mnt = d.path("mnt");
+    stdout(vdk(&["create", &url, "64M"]).envs(s3.env()));
+    let v: serde_json::Value = serde_json::from_str(&stdout(
+        d.cmd(&["open", &url, "--mkfs", "ext4", "--mount", s(&mnt), "--json"])
+            .envs(s3.env()),
+    ))
+    .unwrap();
+    fs::write(mnt.join("f"), "in the bucket").unwrap();
+    d.ok(&["close", v["id"].as_str().unwrap()]);
+    let err = one_line_error(
+        d.cmd(&["open", &url, "--mkfs", "ext4", "--mount", s(&mnt)])
+            .envs(s3.env()),
+    );
+    assert!(err.contains("file system (ext4)") && err.contains("--force"), "{err}");
+}
+
+#[test]
 fn serve_and_convert_leave_no_cache_behind() {
     let s3 = common::s3::S3::moto();
     let dir = tempfile::tempdir().unwrap();
@@ -980,19 +1075,18 @@ fn serve_and_convert_leave_no_cache_behind() {
     };
     assert!(caches().is_empty(), "convert left {:?}", caches());
     let sock = dir.path().join("nbd.sock");
-    let child = vdk(&["serve", &url, "--listen"])
+    let mut child = Guard(Some(vdk(&["serve", &url, "--listen"])
         .arg(format!("unix://{}", s(&sock)))
         .envs(s3.env())
         .env("XDG_CACHE_HOME", &cache_home)
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()));
     wait_for(20, "vdk to listen", || UnixStream::connect(&sock).is_ok());
     let uri = format!("nbd+unix:///cached?socket={}", s(&sock));
     qemu_io("raw", &uri, &["read -P 5 0 2M", "write -P 6 0 1M", "flush"]);
     assert!(!caches().is_empty(), "serve keeps its cache while it runs");
     run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
-    let mut child = child;
     assert!(child.wait().unwrap().success());
     assert!(caches().is_empty(), "serve left {:?}", caches());
 }
