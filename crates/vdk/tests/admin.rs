@@ -81,6 +81,32 @@ impl Drop for Guard {
     }
 }
 
+/// Starts `cmd` (a `vdk serve` without `--listen`) on a Unix socket in `dir` and waits until
+/// it listens; returns it and the NBD URI of `export`.
+fn serve_on(dir: &Path, export: &str, cmd: &mut Command) -> (Guard, String) {
+    let sock = dir.join("nbd.sock");
+    let child = Guard(Some(
+        cmd.arg("--listen")
+            .arg(format!("unix://{}", s(&sock)))
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for(20, "vdk to listen", || UnixStream::connect(&sock).is_ok());
+    (child, format!("nbd+unix:///{export}?socket={}", s(&sock)))
+}
+
+/// The exit status of `child` if it exits within `secs`.
+fn exit_within(child: &mut std::process::Child, secs: u64) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
 /// A qcow2 image made by qemu-img.
 fn qemu_qcow2(path: &Path, size: &str) {
     need("qemu-img");
@@ -307,35 +333,23 @@ fn commands_end_quietly_when_their_output_is_closed() {
 fn serve_keeps_serving_with_its_log_closed_and_stops_at_once() {
     need("nbdinfo");
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("nbd.sock");
-    let mut child = Guard(Some(vdk(&["serve", "--memory", "8M", "--listen"])
-        .arg(format!("unix://{}", s(&sock)))
-        // Every request logs at debug: each of those lines meets the closed pipe.
-        .env("RUST_LOG", "debug")
-        .stdout(closed_pipe())
-        .stderr(closed_pipe())
-        .spawn()
-        .unwrap()));
-    wait_for(20, "vdk to listen", || UnixStream::connect(&sock).is_ok());
-    let uri = format!("nbd+unix:///memory?socket={}", s(&sock));
+    let (mut child, uri) = serve_on(
+        dir.path(),
+        "memory",
+        vdk(&["serve", "--memory", "8M"])
+            // Every request logs at debug: each of those lines meets the closed pipe.
+            .env("RUST_LOG", "debug")
+            .stdout(closed_pipe())
+            .stderr(closed_pipe()),
+    );
     for _ in 0..3 {
         let size = stdout(Command::new("nbdinfo").args(["--size", &uri]));
         assert_eq!(size.trim(), "8388608");
     }
     qemu_io("raw", &uri, &["write -P 0x33 0 1M", "read -P 0x33 0 1M"]);
     run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        // It takes about 50 ms; a hang on its log is what this catches.
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    // It takes about 50 ms; a hang on its log is what this catches.
+    let status = exit_within(&mut child, 3).expect("no exit after SIGTERM");
     assert!(status.success(), "{status}");
 }
 
@@ -343,41 +357,32 @@ fn serve_keeps_serving_with_its_log_closed_and_stops_at_once() {
 fn serve_never_waits_for_a_log_nobody_reads() {
     need("nbdinfo");
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("nbd.sock");
     // Its stderr is a pipe this test never reads: it is full after 64 KiB of log.
-    let mut child = Guard(Some(vdk(&["serve", "--memory", "8M", "--listen"])
-        .arg(format!("unix://{}", s(&sock)))
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()));
-    wait_for(20, "vdk to listen", || UnixStream::connect(&sock).is_ok());
+    let (_server, uri) = serve_on(
+        dir.path(),
+        "memory",
+        vdk(&["serve", "--memory", "8M"])
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let sock = dir.path().join("nbd.sock");
     // Every connection is logged: thousands of them say far more than the pipe holds.
     for _ in 0..3000 {
         drop(UnixStream::connect(&sock).unwrap());
     }
     // A server that waits for its log never answers: this fails instead of hanging.
-    let uri = format!("nbd+unix:///memory?socket={}", s(&sock));
-    let mut client = Command::new("nbdinfo")
-        .args(["--size", &uri])
-        .env("PATH", path_env())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while client.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(30) {
-            client.kill().unwrap();
-            child.kill().unwrap();
-            panic!("the server waits for its log");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = client.wait_with_output().unwrap();
+    let mut client = Guard(Some(
+        Command::new("nbdinfo")
+            .args(["--size", &uri])
+            .env("PATH", path_env())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    exit_within(&mut client, 30).expect("the server waits for its log");
+    let out = client.take().wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "8388608");
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[test]
@@ -818,15 +823,13 @@ fn list_fits_a_terminal_and_scripts_can_choose_its_columns() {
 fn serve_with_a_stats_filter_prints_its_figures_at_exit() {
     need("qemu-io");
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("nbd.sock");
-    let mut child = Guard(Some(vdk(&["serve", "--memory", "8M", "--filter", "stats", "--listen"])
-        .arg(format!("unix://{}", s(&sock)))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()));
-    wait_for(20, "vdk to listen", || UnixStream::connect(&sock).is_ok());
-    let uri = format!("nbd+unix:///memory?socket={}", s(&sock));
+    let (mut child, uri) = serve_on(
+        dir.path(),
+        "memory",
+        vdk(&["serve", "--memory", "8M", "--filter", "stats"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
     qemu_io("raw", &uri, &["write 0 1M", "read 0 64k"]);
     run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
     let out = child.take().wait_with_output().unwrap();
@@ -937,11 +940,13 @@ fn the_daemon_tells_systemd_it_is_ready_and_the_unit_verifies() {
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let socket = dir.path().join("run/control.sock");
-    let mut child = Guard(Some(vdk(&["daemon", "--socket", s(&socket)])
-        .env("NOTIFY_SOCKET", &notify)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()));
+    let mut child = Guard(Some(
+        vdk(&["daemon", "--socket", s(&socket)])
+            .env("NOTIFY_SOCKET", &notify)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
     let mut buf = [0u8; 256];
     let n = listener.recv(&mut buf).expect("a notification");
     assert_eq!(&buf[..n], b"READY=1\n");
@@ -1048,7 +1053,10 @@ fn a_new_bucket_disk_is_formatted_and_mounted_as_a_file_is() {
         d.cmd(&["open", &url, "--mkfs", "ext4", "--mount", s(&mnt)])
             .envs(s3.env()),
     );
-    assert!(err.contains("file system (ext4)") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("file system (ext4)") && err.contains("--force"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -1074,16 +1082,14 @@ fn serve_and_convert_leave_no_cache_behind() {
             .unwrap_or_default()
     };
     assert!(caches().is_empty(), "convert left {:?}", caches());
-    let sock = dir.path().join("nbd.sock");
-    let mut child = Guard(Some(vdk(&["serve", &url, "--listen"])
-        .arg(format!("unix://{}", s(&sock)))
-        .envs(s3.env())
-        .env("XDG_CACHE_HOME", &cache_home)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()));
-    wait_for(20, "vdk to listen", || UnixStream::connect(&sock).is_ok());
-    let uri = format!("nbd+unix:///cached?socket={}", s(&sock));
+    let (mut child, uri) = serve_on(
+        dir.path(),
+        "cached",
+        vdk(&["serve", &url])
+            .envs(s3.env())
+            .env("XDG_CACHE_HOME", &cache_home)
+            .stderr(Stdio::null()),
+    );
     qemu_io("raw", &uri, &["read -P 5 0 2M", "write -P 6 0 1M", "flush"]);
     assert!(!caches().is_empty(), "serve keeps its cache while it runs");
     run(Command::new("kill").args(["-TERM", &child.id().to_string()]));

@@ -214,7 +214,8 @@ pub struct OpenArgs {
 }
 
 /// Runs `vdk open`.
-pub fn open(args: OpenArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn open(args: OpenArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     let size = args
         .size
         .as_deref()
@@ -323,7 +324,8 @@ pub struct EjectArgs {
 }
 
 /// Runs `vdk eject`.
-pub fn eject(args: EjectArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn eject(args: EjectArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     let mut client = connect(paths, false)?;
     let req = Request::Eject(CloseRequest {
         disk: disk_key(&args.disk)?,
@@ -338,7 +340,8 @@ pub fn eject(args: EjectArgs, paths: &Paths) -> anyhow::Result<()> {
 }
 
 /// Runs `vdk insert`.
-pub fn insert(args: InsertArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn insert(args: InsertArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     let mut client = connect(paths, false)?;
     let req = Request::Insert(InsertRequest {
         disk: disk_key(&args.disk)?,
@@ -404,7 +407,8 @@ pub(crate) fn disk_key(arg: &str) -> anyhow::Result<String> {
 }
 
 /// Runs `vdk close`.
-pub fn close(args: CloseArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn close(args: CloseArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     let mut client = connect(paths, false)?;
     let req = Request::Close(CloseRequest {
         disk: disk_key(&args.disk)?,
@@ -440,7 +444,8 @@ pub struct MountArgs {
 }
 
 /// Runs `vdk mount`.
-pub fn mount(args: MountArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     let mut client = connect(paths, false)?;
     let req = Request::Mount(MountRequest {
         disk: disk_key(&args.disk)?,
@@ -459,7 +464,8 @@ pub fn mount(args: MountArgs, paths: &Paths) -> anyhow::Result<()> {
 }
 
 /// Runs `vdk unmount`.
-pub fn unmount(args: CloseArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn unmount(args: CloseArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     let mut client = connect(paths, false)?;
     let req = Request::Unmount(CloseRequest {
         disk: disk_key(&args.disk)?,

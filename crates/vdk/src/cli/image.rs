@@ -458,7 +458,8 @@ fn refuse_if_loop_mounted(file: &std::path::Path, force: Option<bool>) -> anyhow
 }
 
 /// Runs `vdk commit`.
-pub fn commit(args: OverlayArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn commit(args: OverlayArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     if let Some(v) = live(&args, paths, false)? {
         crate::outln!(
             "committed {} live: {} of data and {} of zeroes merged into the base; the overlay is empty",
@@ -484,7 +485,8 @@ pub fn commit(args: OverlayArgs, paths: &Paths) -> anyhow::Result<()> {
 }
 
 /// Runs `vdk discard`.
-pub fn discard(args: OverlayArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn discard(args: OverlayArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     if let Some(v) = live(&args, paths, true)? {
         crate::outln!(
             "discarded {} live: the disk reads as its base again",
@@ -518,7 +520,8 @@ pub struct SnapshotArgs {
 }
 
 /// Runs `vdk snapshot`.
-pub fn snapshot(args: SnapshotArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     if let Ok(mut client) = Client::connect(&paths.socket) {
         let req = Request::Snapshot(crate::control::SnapshotRequest {
             disk: crate::cli::disks::disk_key(&args.overlay.to_string_lossy())?,

@@ -9,7 +9,6 @@ use vdk_core::size::Human;
 use super::disks::{call, connect, disk_key, try_connect};
 use super::out;
 use crate::control::{DiskStatus, FsStatus, Request};
-use crate::daemon::Paths;
 
 /// Widest line `vdk list` prints by default: long cells (paths, URIs) are shortened to fit.
 const WIDTH: usize = 100;
@@ -296,7 +295,8 @@ fn print_columns() -> anyhow::Result<()> {
 }
 
 /// Runs `vdk list`.
-pub fn list(args: ListArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn list(args: ListArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     if args.output.as_deref() == Some("help") {
         return print_columns();
     }
@@ -398,7 +398,8 @@ pub struct StatsArgs {
 }
 
 /// Runs `vdk stats`.
-pub fn stats(args: StatsArgs, paths: &Paths) -> anyhow::Result<()> {
+pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let paths = &args.socket.paths()?;
     let mut client = connect(paths, false)?;
     let req = Request::Stats(crate::control::DiskRequest {
         disk: disk_key(&args.disk)?,

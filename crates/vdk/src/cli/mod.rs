@@ -122,26 +122,11 @@ impl Cli {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let done = match cli.command {
         Command::Serve(args) => serve::run(args),
-        Command::Open(args) => {
-            let p = args.socket.paths()?;
-            disks::open(args, &p)
-        }
-        Command::Close(args) => {
-            let p = args.socket.paths()?;
-            disks::close(args, &p)
-        }
-        Command::List(args) => {
-            let p = args.socket.paths()?;
-            list::list(args, &p)
-        }
-        Command::Mount(args) => {
-            let p = args.socket.paths()?;
-            disks::mount(args, &p)
-        }
-        Command::Unmount(args) => {
-            let p = args.socket.paths()?;
-            disks::unmount(args, &p)
-        }
+        Command::Open(args) => disks::open(args),
+        Command::Close(args) => disks::close(args),
+        Command::List(args) => list::list(args),
+        Command::Mount(args) => disks::mount(args),
+        Command::Unmount(args) => disks::unmount(args),
         Command::Daemon(args) if args.stop => disks::stop_daemon(&args.socket.paths()?),
         Command::Daemon(args) => daemon::run(&args, &args.socket.paths()?),
         Command::Create(args) => image::create(args),
@@ -150,30 +135,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => return image::check(args, &env_paths()?),
         Command::Compare(args) => return compare::run(args, &env_paths()?),
         Command::Resize(args) => image::resize(args, &env_paths()?),
-        Command::Stats(args) => {
-            let p = args.socket.paths()?;
-            list::stats(args, &p)
-        }
-        Command::Commit(args) => {
-            let p = args.socket.paths()?;
-            image::commit(args, &p)
-        }
-        Command::Discard(args) => {
-            let p = args.socket.paths()?;
-            image::discard(args, &p)
-        }
-        Command::Snapshot(args) => {
-            let p = args.socket.paths()?;
-            image::snapshot(args, &p)
-        }
-        Command::Eject(args) => {
-            let p = args.socket.paths()?;
-            disks::eject(args, &p)
-        }
-        Command::Insert(args) => {
-            let p = args.socket.paths()?;
-            disks::insert(args, &p)
-        }
+        Command::Stats(args) => list::stats(args),
+        Command::Commit(args) => image::commit(args),
+        Command::Discard(args) => image::discard(args),
+        Command::Snapshot(args) => image::snapshot(args),
+        Command::Eject(args) => disks::eject(args),
+        Command::Insert(args) => disks::insert(args),
         Command::Fs(cmd) => disks::fs(cmd),
         Command::Completions(args) => generate::completions(&args),
         Command::Man(args) => generate::man(&args),

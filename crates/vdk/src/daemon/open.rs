@@ -128,18 +128,7 @@ impl Daemon {
                 Ok((PathBuf::from(url), false))
             }
             Err(vdk_objstore::ObjError::NotFound(_)) => {
-                if req.no_create {
-                    return Err(ApiError::new(
-                        ErrorKind::NotFound,
-                        format!("{url}: no disk there (and --no-create was given)"),
-                    ));
-                }
-                if req.read_only {
-                    return Err(ApiError::new(
-                        ErrorKind::NotFound,
-                        format!("{url}: no disk there (a new disk cannot be read-only)"),
-                    ));
-                }
+                may_create(req, &format!("{url}: no disk there"))?;
                 let size = req.size.unwrap_or(DEFAULT_SIZE);
                 let mut opts = vdk_objstore::CreateOptions::new(size);
                 opts.store = store;
@@ -186,18 +175,7 @@ impl Daemon {
                 Ok((canonical, false))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if req.no_create {
-                    return Err(ApiError::new(
-                        ErrorKind::NotFound,
-                        format!("{shown} does not exist (and --no-create was given)"),
-                    ));
-                }
-                if req.read_only {
-                    return Err(ApiError::new(
-                        ErrorKind::NotFound,
-                        format!("{shown} does not exist (a new image cannot be read-only)"),
-                    ));
-                }
+                may_create(req, &format!("{shown} does not exist"))?;
                 let size = req.size.unwrap_or(DEFAULT_SIZE);
                 if size == 0 || !size.is_multiple_of(512) {
                     return Err(invalid(format!(
@@ -485,6 +463,22 @@ impl Daemon {
             warn!(image = %image.display(), error = %e, "cannot delete the image just made");
         }
     }
+}
+
+/// Refuses to create a missing image (`missing` says what is missing) for a request that
+/// forbids it or could not use a new one.
+fn may_create(req: &OpenRequest, missing: &str) -> Result<(), ApiError> {
+    let why = if req.no_create {
+        "and --no-create was given"
+    } else if req.read_only {
+        "a new image cannot be read-only"
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::new(
+        ErrorKind::NotFound,
+        format!("{missing} ({why})"),
+    ))
 }
 
 /// The `vdk open` command of a request again, with `extra` options: what an error tells the
