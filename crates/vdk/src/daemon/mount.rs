@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use rustix::mount::{MountFlags, UnmountFlags};
@@ -17,6 +17,39 @@ const MKFS: &[(&str, &str, &[&str], &str)] = &[
     ("xfs", "mkfs.xfs", &["-q", "-f"], "xfsprogs"),
     ("vfat", "mkfs.vfat", &[], "dosfstools"),
 ];
+
+/// Directories made for a mount point or a cache: removed again (deepest first, only while
+/// empty) when dropped, unless kept, so that a mount that fails leaves no directory behind.
+#[derive(Debug)]
+#[must_use = "the directories are removed when this is dropped"]
+pub struct MadeDirs(Vec<PathBuf>);
+
+impl MadeDirs {
+    /// Creates `dir` and the parents it lacks.
+    pub fn create(dir: &Path) -> std::io::Result<MadeDirs> {
+        let mut missing = Vec::new();
+        let mut d = Some(dir);
+        while let Some(p) = d.filter(|p| fs::symlink_metadata(p).is_err()) {
+            missing.push(p.to_owned());
+            d = p.parent();
+        }
+        fs::create_dir_all(dir)?;
+        Ok(MadeDirs(missing))
+    }
+
+    /// They stay.
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for MadeDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
 
 /// Checks a `--mkfs` argument.
 pub fn check_fs_type(fs: &str) -> Result<(), ApiError> {
@@ -89,7 +122,7 @@ pub fn mount(dev: &Path, dir: &Path, fs: Option<&str>, read_only: bool) -> Resul
         }
         Ok(_) => None,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Some(
-            super::userfs::MadeDirs::create(dir)
+            MadeDirs::create(dir)
                 .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), &e))?,
         ),
         Err(e) => {
@@ -251,7 +284,7 @@ pub fn device_uses(dev: &Path) -> Vec<String> {
 }
 
 /// Where file systems on block device `dev` are mounted (by anyone), from mountinfo.
-pub fn mounts_of_device(dev: &Path) -> Vec<std::path::PathBuf> {
+pub fn mounts_of_device(dev: &Path) -> Vec<PathBuf> {
     let Ok(meta) = fs::metadata(dev) else {
         return Vec::new();
     };
@@ -262,7 +295,7 @@ pub fn mounts_of_device(dev: &Path) -> Vec<std::path::PathBuf> {
         .lines()
         .filter(|l| l.split(' ').nth(2) == Some(id.as_str()))
         .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| std::path::PathBuf::from(unescape(m)))
+        .map(|m| PathBuf::from(unescape(m)))
         .collect()
 }
 

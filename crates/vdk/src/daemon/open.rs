@@ -350,6 +350,12 @@ impl Daemon {
         again: &dyn Fn(&str) -> String,
     ) -> Result<(), ApiError> {
         mount::check_fs_type(fs)?;
+        if disk.read_only {
+            return Err(invalid(format!(
+                "{} is read-only: it cannot be formatted",
+                disk.id
+            )));
+        }
         let dev = lock(&disk.state).block_device.clone().ok_or_else(|| {
             invalid(format!(
                 "{} has no block device (opened with --attach none)",
@@ -440,11 +446,19 @@ impl Daemon {
             ))
         })?;
         if fs.is_none() && mount::first_data(&*disk.device)?.is_none() {
-            return Err(invalid(format!(
-                "{} is blank (no file system yet): format it as you mount it: `{}`",
-                lock(&disk.disc).image.display(),
-                again("--mkfs ext4")
-            )));
+            let image = lock(&disk.disc).image.clone();
+            return Err(invalid(if disk.read_only {
+                format!(
+                    "{} is blank: there is no file system to mount",
+                    image.display()
+                )
+            } else {
+                format!(
+                    "{} is blank (no file system yet): format it as you mount it: `{}`",
+                    image.display(),
+                    again("--mkfs ext4")
+                )
+            }));
         }
         mount::mount(&dev, dir, fs, disk.read_only)?;
         lock(&disk.state).mount = Some(dir.to_owned());

@@ -14,40 +14,8 @@ use vdk_fs::iso9660::{Iso, Scheme};
 use vdk_fs::IsoMount;
 
 use super::disks::{invalid, lock, Daemon};
+use super::mount::MadeDirs;
 use crate::control::{ApiError, ErrorKind, FsMapRequest, FsMountRequest, FsStatus};
-
-/// Directories made for a mount point or a cache: removed again (deepest first, only while
-/// empty) when dropped, unless kept, so that a mount that fails leaves no directory behind.
-#[derive(Debug)]
-#[must_use = "the directories are removed when this is dropped"]
-pub struct MadeDirs(Vec<PathBuf>);
-
-impl MadeDirs {
-    /// Creates `dir` and the parents it lacks.
-    pub fn create(dir: &Path) -> std::io::Result<MadeDirs> {
-        let mut missing = Vec::new();
-        let mut d = Some(dir);
-        while let Some(p) = d.filter(|p| fs::symlink_metadata(p).is_err()) {
-            missing.push(p.to_owned());
-            d = p.parent();
-        }
-        fs::create_dir_all(dir)?;
-        Ok(MadeDirs(missing))
-    }
-
-    /// They stay.
-    pub fn keep(mut self) {
-        self.0.clear();
-    }
-}
-
-impl Drop for MadeDirs {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            let _ = fs::remove_dir(d);
-        }
-    }
-}
 
 /// What is mounted.
 #[derive(Debug)]
