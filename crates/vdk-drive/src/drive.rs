@@ -48,6 +48,10 @@ pub const MARKER: &str = ".vdkdir";
 pub const NAME_MAX: usize = 255;
 /// The longest object key S3 takes, in bytes.
 const KEY_MAX: usize = 1024;
+/// Added to the name of an object that a folder of the same name hides (a bucket may hold an
+/// object `a` and objects under `a/`; a directory cannot): the object shows as `a (object)`.
+/// Names given by callers may not end with it, so it always means that.
+pub const ALIAS: &str = " (object)";
 
 /// What a listing knows of a name.
 #[derive(Clone, Debug)]
@@ -181,7 +185,7 @@ pub fn check_name(name: &std::ffi::OsStr) -> Result<&str, Errno> {
     if s.len() > NAME_MAX {
         return Err(Errno::ENAMETOOLONG);
     }
-    if s == MARKER || PathPart::parse(s).is_err() || s.is_empty() {
+    if s == MARKER || PathPart::parse(s).is_err() || s.is_empty() || s.ends_with(ALIAS) {
         return Err(Errno::EINVAL);
     }
     Ok(s)
@@ -192,9 +196,13 @@ pub fn check_name(name: &std::ffi::OsStr) -> Result<&str, Errno> {
 pub struct Drive {
     rt: Runtime,
     store: Arc<dyn ObjectStore>,
+    /// The store's page-by-page listing, if it has one.
+    lister: Option<vdk_objstore::Lister>,
     prefix: Path,
     cache_dir: PathBuf,
     inner: Mutex<Inner>,
+    /// Keys and names already said to be unshowable (each is logged once).
+    unshown: Mutex<HashSet<String>>,
     next_cache: AtomicU64,
     started: SystemTime,
 }
@@ -221,6 +229,7 @@ impl Drive {
     /// A drive over `store` under `prefix`, caching in `cache_dir` (emptied first).
     pub fn new(
         store: Arc<dyn ObjectStore>,
+        lister: Option<vdk_objstore::Lister>,
         prefix: Path,
         cache_dir: PathBuf,
     ) -> std::io::Result<Drive> {
@@ -251,6 +260,8 @@ impl Drive {
         Ok(Drive {
             rt,
             store,
+            lister,
+            unshown: Mutex::default(),
             prefix,
             cache_dir: files,
             inner: Mutex::new(Inner {
@@ -265,10 +276,11 @@ impl Drive {
         })
     }
 
-    /// The object key of a path.
+    /// The object key of a path (an object shown as `NAME (object)` is `NAME`).
     fn key(&self, path: &str) -> Result<Path, Errno> {
         let mut k = self.prefix.clone();
         for part in path.split('/').filter(|p| !p.is_empty()) {
+            let part = part.strip_suffix(ALIAS).unwrap_or(part);
             k = k.join(PathPart::parse(part).map_err(|_| Errno::EINVAL)?);
         }
         if k.as_ref().len() > KEY_MAX {
@@ -283,19 +295,43 @@ impl Drive {
         n.path.clone().ok_or(Errno::ENOENT)
     }
 
-    /// Lists `dir` from the store.
+    /// Says once per key that it cannot be shown, and why.
+    fn unshown(&self, key: &str, why: &str) {
+        if lock(&self.unshown).insert(key.to_owned()) {
+            warn!(key, "not shown in the drive: {why}");
+        }
+    }
+
+    /// Lists `dir` from the store. Keys that cannot be names here are left out (and logged
+    /// once), never the listing: a path object_store refuses (`a/../b`, `a//b`, control
+    /// characters), a name over [`NAME_MAX`] bytes, one ending in [`ALIAS`].
     fn fetch_listing(&self, dir: &str) -> Result<BTreeMap<String, Entry>, Errno> {
         let key = self.key(dir)?;
-        let list = self
+        let lister = self.lister.as_ref().map(|l| &*l.0);
+        let level = self
             .rt
-            .block_on(self.store.list_with_delimiter(Some(&key)))
+            .block_on(crate::listing::list_level(&*self.store, lister, &key))
             .map_err(|e| {
                 warn!(dir, error = %e, "cannot list");
                 store_errno(&e)
             })?;
+        for k in &level.skipped {
+            self.unshown(k, "object_store cannot hold this key as a path");
+        }
+        let showable = |name: &str, key: &Path| {
+            if name.len() > NAME_MAX {
+                self.unshown(key.as_ref(), "its name is longer than 255 bytes");
+                false
+            } else if name.ends_with(ALIAS) {
+                self.unshown(key.as_ref(), "its name ends as the drive's own names do");
+                false
+            } else {
+                true
+            }
+        };
         let mut entries = BTreeMap::new();
-        for p in list.common_prefixes {
-            if let Some(name) = p.filename() {
+        for p in level.prefixes {
+            if let Some(name) = p.filename().filter(|n| showable(n, &p)) {
                 entries.insert(
                     name.to_owned(),
                     Entry {
@@ -307,18 +343,28 @@ impl Drive {
                 );
             }
         }
-        for o in list.objects {
+        for o in level.objects {
             if o.location == key {
                 continue; // a "dir/" marker of another tool
             }
-            let Some(name) = o.location.filename() else {
+            let Some(name) = o.location.filename().filter(|n| showable(n, &o.location)) else {
                 continue;
             };
-            if name == MARKER || entries.contains_key(name) {
+            if name == MARKER {
+                continue;
+            }
+            // An object beside a folder of its name shows under a name of its own.
+            let shown = if entries.contains_key(name) {
+                format!("{name}{ALIAS}")
+            } else {
+                name.to_owned()
+            };
+            if shown.len() > NAME_MAX {
+                self.unshown(o.location.as_ref(), "a folder has its name");
                 continue;
             }
             entries.insert(
-                name.to_owned(),
+                shown,
                 Entry {
                     dir: false,
                     size: o.size,

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod drive;
+mod listing;
 mod fuse;
 
 use std::io;
@@ -43,6 +44,7 @@ impl DriveMount {
     ) -> io::Result<DriveMount> {
         let drive = Arc::new(Drive::new(
             Arc::clone(&location.store),
+            location.lister.clone(),
             location.prefix.clone(),
             cache_dir.to_owned(),
         )?);

@@ -33,7 +33,7 @@ pub use disk::{
     create, create_at, destroy, info, CreateOptions, DiskStats, ObjectDisk, Recovery,
     RecoveryReport,
 };
-pub use location::{is_url, store_message, Location, StoreEnv, StoreOptions};
+pub use location::{is_url, store_message, Lister, Location, StoreEnv, StoreOptions};
 pub use meta::{Compression, Encryption, Meta, DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK};
 
 /// Why an object-store disk could not be made, opened or used.

@@ -18,6 +18,7 @@ use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
+use object_store::list::PaginatedListStore;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use url::Url;
 
@@ -96,11 +97,24 @@ impl StoreOptions {
     }
 }
 
+/// A store's page-by-page listing.
+#[derive(Clone)]
+pub struct Lister(pub Arc<dyn PaginatedListStore>);
+
+impl std::fmt::Debug for Lister {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lister")
+    }
+}
+
 /// A parsed disk location.
 #[derive(Clone, Debug)]
 pub struct Location {
     /// The store.
     pub store: Arc<dyn ObjectStore>,
+    /// The same store's page-by-page listing, where it has one (S3, GCS, Azure): what lists
+    /// a folder despite keys a path cannot hold.
+    pub lister: Option<Lister>,
     /// The disk's prefix in it.
     pub prefix: Path,
     /// The URL as given.
@@ -148,6 +162,7 @@ impl Location {
             .with_connect_timeout(Duration::from_secs(10))
             .with_timeout(Duration::from_secs(120));
         let mut given_endpoint = None;
+        let mut lister: Option<Lister> = None;
         let (store, prefix, local): (Arc<dyn ObjectStore>, Path, Option<PathBuf>) = match u.scheme()
         {
             "s3" | "s3a" => {
@@ -184,7 +199,9 @@ impl Location {
                 {
                     b = b.with_region("us-east-1");
                 }
-                (Arc::new(b.build()?), prefix_of(&u)?, None)
+                let s3 = Arc::new(b.build()?);
+                lister = Some(Lister(s3.clone()));
+                (s3, prefix_of(&u)?, None)
             }
             "gs" => {
                 let mut b = GoogleCloudStorageBuilder::new();
@@ -197,7 +214,9 @@ impl Location {
                     .with_url(url)
                     .with_retry(retry)
                     .with_client_options(client);
-                (Arc::new(b.build()?), prefix_of(&u)?, None)
+                let built = Arc::new(b.build()?);
+                lister = Some(Lister(built.clone()));
+                (built, prefix_of(&u)?, None)
             }
             "az" | "abfs" | "abfss" => {
                 let mut b = MicrosoftAzureBuilder::new();
@@ -210,7 +229,9 @@ impl Location {
                     .with_url(url)
                     .with_retry(retry)
                     .with_client_options(client);
-                (Arc::new(b.build()?), prefix_of(&u)?, None)
+                let built = Arc::new(b.build()?);
+                lister = Some(Lister(built.clone()));
+                (built, prefix_of(&u)?, None)
             }
             "file" => {
                 let dir = u
@@ -237,6 +258,7 @@ impl Location {
             url: url.to_owned(),
             local,
             endpoint: given_endpoint,
+            lister,
         })
     }
 

@@ -323,3 +323,51 @@ fn pjdfstest_fails_only_where_the_readme_says_the_drive_is_not_posix() {
     assert!(got.len() + 100 < 398, "{summary}");
     unmap(&d, &s3, &m);
 }
+
+#[test]
+fn keys_no_file_system_can_show_hide_nothing_else() {
+    need_root();
+    let s3 = S3::moto();
+    let d = Daemon::new();
+    let put = |key: &str| s3.put_unsigned(&format!("/{BUCKET}/odd/{key}"), b"hi");
+    put("good.txt");
+    put("a/%2E%2E/b"); // a/../b
+    put("a/fine");
+    put("x//y"); // an empty segment
+    put("ctl%01name"); // a control character
+    put(&"n".repeat(300)); // longer than a name may be
+    put("sub/file");
+    put("sub"); // an object beside the folder of its name
+    put("z%20(object)"); // a name the drive keeps for itself
+    let mnt = d.path("mnt");
+    map(&d, &s3, &s3.url("odd"), &mnt, &[]);
+    let names = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let top = names(&mnt);
+    let want: BTreeSet<String> = ["a", "good.txt", "sub", "sub (object)", "x"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(top, want);
+    // The folder holding `..` lists what else it holds; the one with `//` lists empty.
+    assert_eq!(names(&mnt.join("a")), BTreeSet::from(["fine".to_owned()]));
+    assert!(names(&mnt.join("x")).is_empty());
+    assert_eq!(std::fs::read(mnt.join("sub (object)")).unwrap(), b"hi");
+    assert_eq!(std::fs::read(mnt.join("sub/file")).unwrap(), b"hi");
+    // Names the drive keeps for itself cannot be made.
+    assert!(std::fs::write(mnt.join("new (object)"), b"x").is_err());
+    unmap(&d, &s3, &mnt);
+    let log = d.log();
+    for key in ["odd/a/../", "odd/x//", "u{1}name", "z (object)", "nnnnnnnnnn"] {
+        assert!(log.contains(key), "{key} is not in the log:\n{log}");
+    }
+    assert_eq!(
+        log.matches("odd/a/../").count(),
+        1,
+        "said once, though listed twice:\n{log}"
+    );
+}

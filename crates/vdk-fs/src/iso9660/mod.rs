@@ -66,6 +66,10 @@ impl IsoError {
 const MAX_DIRECTORY: u64 = 64 << 20;
 /// Most directories whose entries are kept parsed.
 const CACHED_DIRECTORIES: usize = 4096;
+/// Most entries kept parsed across all cached directories (some 250 bytes each): what a crafted
+/// image can make the daemon hold between listings. A directory larger than this is listed
+/// each time it is asked for, never kept.
+const CACHED_ENTRIES: usize = 256 * 1024;
 /// Inode numbers of files with a Rock Ridge serial number: this plus the number, so that
 /// hard links share one and no other inode can collide.
 const RR_INO_BASE: u64 = 1 << 48;
@@ -166,7 +170,32 @@ pub struct Iso {
     scheme: Scheme,
     root: Arc<Node>,
     boot: Vec<BootImage>,
-    dirs: Mutex<HashMap<u64, Arc<Vec<Arc<Node>>>>>,
+    dirs: Mutex<DirCache>,
+}
+
+/// Parsed directories, bounded in count and in entries.
+#[derive(Debug, Default)]
+struct DirCache {
+    lists: HashMap<u64, Arc<Vec<Arc<Node>>>>,
+    /// Entries held by `lists`.
+    entries: usize,
+}
+
+impl DirCache {
+    /// Keeps `list` for directory `ino`, dropping what was kept when a bound would be passed.
+    fn keep(&mut self, ino: u64, list: &Arc<Vec<Arc<Node>>>) {
+        if list.len() > CACHED_ENTRIES {
+            return;
+        }
+        if self.lists.len() >= CACHED_DIRECTORIES || self.entries + list.len() > CACHED_ENTRIES {
+            self.lists.clear();
+            self.entries = 0;
+        }
+        if let Some(old) = self.lists.insert(ino, Arc::clone(list)) {
+            self.entries -= old.len();
+        }
+        self.entries += list.len();
+    }
 }
 
 impl Iso {
@@ -358,7 +387,7 @@ impl Iso {
         if dir.kind != Kind::Directory {
             return Err(IsoError::Malformed("directory"));
         }
-        if let Some(l) = self.lock_dirs().get(&dir.ino) {
+        if let Some(l) = self.lock_dirs().lists.get(&dir.ino) {
             return Ok(Arc::clone(l));
         }
         let mut list = self.read_directory(dir)?;
@@ -385,11 +414,7 @@ impl Iso {
             list.push(Arc::new(boot));
         }
         let list = Arc::new(list);
-        let mut dirs = self.lock_dirs();
-        if dirs.len() >= CACHED_DIRECTORIES {
-            dirs.clear();
-        }
-        dirs.insert(dir.ino, Arc::clone(&list));
+        self.lock_dirs().keep(dir.ino, &list);
         Ok(list)
     }
 
@@ -428,7 +453,7 @@ impl Iso {
             .collect()
     }
 
-    fn lock_dirs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Vec<Arc<Node>>>>> {
+    fn lock_dirs(&self) -> std::sync::MutexGuard<'_, DirCache> {
         self.dirs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -441,7 +466,7 @@ impl Iso {
         }
         let mut bytes = vec![0u8; usize::try_from(e.len).map_err(|_| IsoError::OutOfBounds)?];
         self.read_raw(&mut bytes, e.at)?;
-        let mut out: Vec<Arc<Node>> = Vec::new();
+        let mut out = Unique::default();
         let mut pending: Option<Node> = None;
         for (offset, r) in record::records(&bytes) {
             let r = r?;
@@ -456,7 +481,7 @@ impl Iso {
                 p.size += ext.len;
                 if r.flags & flag::MULTI_EXTENT == 0 {
                     let done = pending.take().unwrap_or_else(placeholder_root);
-                    push_unique(&mut out, done);
+                    out.push(done);
                 }
                 continue;
             }
@@ -466,14 +491,14 @@ impl Iso {
             if r.flags & flag::MULTI_EXTENT != 0 && node.kind == Kind::File {
                 pending = Some(node);
             } else {
-                push_unique(&mut out, node);
+                out.push(node);
             }
         }
         if let Some(p) = pending {
             // The last record still said more followed: keep what there is.
-            push_unique(&mut out, p);
+            out.push(p);
         }
-        Ok(out)
+        Ok(out.nodes)
     }
 
     /// The node of one record, or None for a record not shown (a relocated directory).
@@ -602,11 +627,20 @@ impl Iso {
     }
 }
 
-/// Adds `n` unless a node of that name is there already (plain names of different versions
-/// collapse to one: the first is kept).
-fn push_unique(out: &mut Vec<Arc<Node>>, n: Node) {
-    if !out.iter().any(|o| o.name == n.name) {
-        out.push(Arc::new(n));
+/// A directory's entries as they are read, each name once (plain names of different
+/// versions collapse to one: the first is kept). The names seen are hashed, so a directory of
+/// a million entries costs a million lookups, not a million squared.
+#[derive(Default)]
+struct Unique {
+    nodes: Vec<Arc<Node>>,
+    seen: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Unique {
+    fn push(&mut self, n: Node) {
+        if self.seen.insert(n.name.clone()) {
+            self.nodes.push(Arc::new(n));
+        }
     }
 }
 

@@ -186,3 +186,71 @@ fn a_directory_that_contains_itself_is_listed_without_looping() {
     // Listing it lists the root again; nothing recurses on its own.
     assert_eq!(names(&iso, &sub), ["SELF"]);
 }
+
+/// An image whose root directory holds the records `entries`, packed into as many sectors as
+/// they take (records never cross a sector).
+fn big_root(entries: impl Iterator<Item = Vec<u8>>) -> Vec<u8> {
+    let mut dir = rec(&[0], 18, 0, 2, &[]);
+    dir.extend(rec(&[1], 18, 0, 2, &[]));
+    for e in entries {
+        let room = S - dir.len() % S;
+        if e.len() > room {
+            dir.resize(dir.len() + room, 0);
+        }
+        dir.extend(e);
+    }
+    dir.resize(dir.len().div_ceil(S) * S, 0);
+    let dir_len = dir.len() as u32;
+    // The size of `.` (and of the root in the descriptor) is the directory's.
+    dir[10..14].copy_from_slice(&dir_len.to_le_bytes());
+    dir[14..18].copy_from_slice(&dir_len.to_be_bytes());
+    let sectors = 18 + dir.len() / S + 1;
+    let mut img = image(sectors, &[], &[]);
+    img[18 * S..18 * S + dir.len()].copy_from_slice(&dir);
+    img[16 * S + 156..16 * S + 190].copy_from_slice(&rec(&[0], 18, dir_len, 2, &[])[..34]);
+    img
+}
+
+#[test]
+fn a_directory_of_two_hundred_thousand_entries_lists_each_name_once() {
+    const N: usize = 200_000;
+    // Every name twice (versions 1 and 2): the first of each is kept.
+    let records = (0..N).flat_map(|i| {
+        let name = format!("F{i:07}.DAT");
+        [
+            rec(format!("{name};1").as_bytes(), 20, 1, 0, &[]),
+            rec(format!("{name};2").as_bytes(), 20, 2, 0, &[]),
+        ]
+    });
+    let iso = open(big_root(records));
+    // Hashed, this takes a fraction of a second; a scan per record took minutes. The bound
+    // only keeps a regression from hanging the suite.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let list = iso.list(&iso.root()).unwrap();
+        let _ = done.send(list);
+    });
+    let list = finished
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("listing 200,000 entries finishes");
+    assert_eq!(list.len(), N);
+    assert_eq!(list[0].name, b"F0000000.DAT");
+    assert_eq!(list[N - 1].name, format!("F{:07}.DAT", N - 1).as_bytes());
+    assert!(list.iter().all(|n| n.size == 1), "the first version is kept");
+}
+
+#[test]
+fn the_directory_cache_holds_a_bounded_number_of_entries() {
+    let list = |n: usize| Arc::new(vec![Arc::new(placeholder_root()); n]);
+    let mut cache = DirCache::default();
+    cache.keep(1, &list(CACHED_ENTRIES / 2));
+    cache.keep(2, &list(CACHED_ENTRIES / 2));
+    assert_eq!(cache.entries, CACHED_ENTRIES);
+    // One more would pass the bound: what was kept goes.
+    cache.keep(3, &list(10));
+    assert_eq!((cache.lists.len(), cache.entries), (1, 10));
+    // A directory larger than the whole cache is never kept.
+    cache.keep(4, &list(CACHED_ENTRIES + 1));
+    assert!(!cache.lists.contains_key(&4));
+    assert!(cache.entries <= CACHED_ENTRIES);
+}

@@ -269,6 +269,7 @@ fn memory_disk(store: &Arc<InMemory>) -> Location {
         url: "memory:///disk".into(),
         local: None,
         endpoint: None,
+        lister: None,
     }
 }
 

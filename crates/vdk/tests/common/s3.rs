@@ -138,8 +138,9 @@ impl S3 {
         }
     }
 
-    /// An unsigned PUT of `body` at `path`, which moto takes (it checks no signatures).
-    fn put_unsigned(&self, path: &str, body: &[u8]) {
+    /// An unsigned PUT of `body` at `path` (URL-encoded as needed), which moto takes (it
+    /// checks no signatures): how tests put keys object_store would refuse.
+    pub fn put_unsigned(&self, path: &str, body: &[u8]) {
         assert_eq!(self.kind, Kind::Moto, "only moto takes unsigned requests");
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         write!(
