@@ -24,18 +24,16 @@ const MAX_IO: u32 = 1 << 20;
 #[derive(Debug)]
 pub(crate) struct DriveFs {
     pub(crate) drive: Arc<Drive>,
-    pub(crate) uid: u32,
-    pub(crate) gid: u32,
+    access: crate::Access,
     handles: Mutex<HashMap<u64, (u64, Arc<FileState>)>>,
     next_fh: AtomicU64,
 }
 
 impl DriveFs {
-    pub(crate) fn new(drive: Arc<Drive>, uid: u32, gid: u32) -> DriveFs {
+    pub(crate) fn new(drive: Arc<Drive>, access: crate::Access) -> DriveFs {
         DriveFs {
             drive,
-            uid,
-            gid,
+            access,
             handles: Mutex::default(),
             next_fh: AtomicU64::new(1),
         }
@@ -55,10 +53,15 @@ impl DriveFs {
             } else {
                 FileType::RegularFile
             },
-            perm: if a.dir { 0o755 } else { 0o644 },
+            perm: match (a.dir, self.access.shared) {
+                (true, true) => 0o755,
+                (false, true) => 0o644,
+                (true, false) => 0o700,
+                (false, false) => 0o600,
+            },
             nlink: a.nlink,
-            uid: self.uid,
-            gid: self.gid,
+            uid: self.access.uid,
+            gid: self.access.gid,
             rdev: 0,
             blksize: 1 << 20,
             flags: 0,

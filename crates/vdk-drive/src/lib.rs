@@ -9,8 +9,8 @@
 #![warn(missing_docs)]
 
 pub mod drive;
-mod listing;
 mod fuse;
+mod listing;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,18 @@ pub struct DriveMount {
     session: Mutex<Option<fuser::BackgroundSession>>,
 }
 
+/// Who a drive's files belong to, and who may read them.
+#[derive(Clone, Copy, Debug)]
+pub struct Access {
+    /// The owner of every file and folder (the user the drive was mapped for).
+    pub uid: u32,
+    /// Their group.
+    pub gid: u32,
+    /// Every local user may read it (files 0644, folders 0755); otherwise only the owner
+    /// (0600, 0700) and root.
+    pub shared: bool,
+}
+
 impl DriveMount {
     /// Maps `location` on `mountpoint` (an existing directory), caching in `cache_dir`.
     /// `source` names it in /proc/mounts.
@@ -41,6 +53,7 @@ impl DriveMount {
         mountpoint: &Path,
         cache_dir: &Path,
         source: &str,
+        access: Access,
     ) -> io::Result<DriveMount> {
         let drive = Arc::new(Drive::new(
             Arc::clone(&location.store),
@@ -58,9 +71,7 @@ impl DriveMount {
                 ),
             )
         })?;
-        let uid = rustix::process::getuid().as_raw();
-        let gid = rustix::process::getgid().as_raw();
-        let fs = fuse::DriveFs::new(Arc::clone(&drive), uid, gid);
+        let fs = fuse::DriveFs::new(Arc::clone(&drive), access);
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::FSName(source.to_owned()),
@@ -70,7 +81,14 @@ impl DriveMount {
             MountOption::NoDev,
             MountOption::NoAtime,
         ];
-        config.acl = fuser::SessionACL::All;
+        // Other users reach the mount only when it is theirs to reach: shared, or mapped for
+        // a user who is not the daemon's (the kernel then checks the modes: 0600/0700 are
+        // that user's alone).
+        config.acl = if access.shared || access.uid != rustix::process::geteuid().as_raw() {
+            fuser::SessionACL::All
+        } else {
+            fuser::SessionACL::Owner
+        };
         config.n_threads = Some(THREADS);
         config.clone_fd = true;
         let session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {

@@ -20,6 +20,10 @@ pub const VERSION: u32 = 1;
 pub const MIN_CHUNK: u64 = 64 << 10;
 /// The largest chunk.
 pub const MAX_CHUNK: u64 = 64 << 20;
+/// The largest disk: 2^61 bytes (2 EiB), as qcow2 allows. Every offset and length of it fits
+/// in the 63 bits that NBD, SCSI and the kernel's file sizes take, with room to spare.
+pub const MAX_SIZE: u64 = 1 << 61;
+
 /// The chunk size of a disk created without one: 4 MiB.
 pub const DEFAULT_CHUNK: u64 = 4 << 20;
 
@@ -129,6 +133,12 @@ impl Meta {
                 self.size
             ));
         }
+        if self.size > MAX_SIZE {
+            return bad(format!(
+                "size {} is more than the {MAX_SIZE} bytes (2 EiB) a vdk disk may have",
+                self.size
+            ));
+        }
         if self.uuid.is_empty() || self.uuid.len() > 64 {
             return bad("bad uuid".into());
         }
@@ -171,5 +181,15 @@ mod tests {
             .unwrap()
             .replace("\"none\"", "\"rot13\"");
         assert!(Meta::parse(text.as_bytes()).is_err(), "unknown compression");
+    }
+
+    #[test]
+    fn a_size_past_two_exbibytes_is_refused() {
+        let mut m = Meta::new(1 << 20, DEFAULT_CHUNK, Compression::None, Encryption::None).unwrap();
+        m.size = u64::MAX - 511;
+        let e = Meta::parse(&m.to_json()).unwrap_err().to_string();
+        assert!(e.contains("2 EiB"), "{e}");
+        m.size = MAX_SIZE;
+        assert!(Meta::parse(&m.to_json()).is_ok());
     }
 }

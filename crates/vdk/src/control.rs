@@ -75,6 +75,10 @@ pub struct FsMapRequest {
     /// The client's store variables, as in `open`'s `cloud.env`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<vdk_objstore::StoreEnv>,
+    /// Every local user may read the drive (files 0644, folders 0755); by default only the
+    /// user whose request mapped it (0600, 0700).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_other: bool,
 }
 
 /// `fs_mount`.

@@ -16,6 +16,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    if let Err(e) = args.prepare() {
+        cli::out::error(&vdk::message::one_line(e.chain().map(ToString::to_string)));
+        return ExitCode::FAILURE;
+    }
     let log = match cli::log::init(args.verbose, args.log_file()) {
         Ok(guard) => guard,
         Err(e) => {

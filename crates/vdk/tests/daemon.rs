@@ -668,7 +668,8 @@ fn permissions_are_reported_not_worked_around() {
             .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
             .arg(env!("CARGO_BIN_EXE_vdk"))
             .args(args)
-            .env("VDK_SOCKET", home.join("control.sock"))
+            // The daemon makes its own directory (0700) inside the user's home.
+            .env("VDK_SOCKET", home.join("run/control.sock"))
             .env("PATH", common::path_env())
             .output()
             .unwrap()

@@ -236,12 +236,16 @@ fn a_directory_of_two_hundred_thousand_entries_lists_each_name_once() {
     assert_eq!(list.len(), N);
     assert_eq!(list[0].name, b"F0000000.DAT");
     assert_eq!(list[N - 1].name, format!("F{:07}.DAT", N - 1).as_bytes());
-    assert!(list.iter().all(|n| n.size == 1), "the first version is kept");
+    assert!(
+        list.iter().all(|n| n.size == 1),
+        "the first version is kept"
+    );
 }
 
 #[test]
 fn the_directory_cache_holds_a_bounded_number_of_entries() {
-    let list = |n: usize| Arc::new(vec![Arc::new(placeholder_root()); n]);
+    let root = Arc::new(placeholder_root());
+    let list = |n: usize| Arc::new(vec![Arc::clone(&root); n]);
     let mut cache = DirCache::default();
     cache.keep(1, &list(CACHED_ENTRIES / 2));
     cache.keep(2, &list(CACHED_ENTRIES / 2));

@@ -61,10 +61,7 @@ fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
         .mode(0o700)
         .create(&paths.dir)
         .with_context(|| format!("cannot create {}", paths.dir.display()))?;
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&paths.log)
+    let log = super::log::open_log(&paths.log)
         .with_context(|| format!("cannot write the daemon log {}", paths.log.display()))?;
     let exe = std::env::current_exe().context("cannot find the vdk executable")?;
     let mut child = Command::new(exe)
@@ -527,6 +524,10 @@ pub struct FsMapArgs {
     /// The cache directory (default: drives/LABEL in the daemon's directory).
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
+    /// Let every local user read the drive (files 0644, folders 0755). By default its files
+    /// are yours alone (0600, 0700), whoever runs the daemon.
+    #[arg(long)]
+    allow_other: bool,
     #[command(flatten)]
     store: crate::cloud::StoreArgs,
     /// Print the result as JSON.
@@ -599,6 +600,7 @@ pub fn fs(cmd: FsCommand) -> anyhow::Result<()> {
                 endpoint: a.store.s3_endpoint,
                 region: a.store.s3_region,
                 env: Some(vdk_objstore::StoreEnv::current()),
+                allow_other: a.allow_other,
             });
             let st: FsStatus = serde_json::from_value(call(&mut client, &req)?)?;
             if a.json {

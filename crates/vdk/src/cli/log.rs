@@ -53,6 +53,18 @@ pub fn init(verbose: u8, file: Option<&Path>) -> io::Result<WorkerGuard> {
     Ok(guard)
 }
 
+/// Opens a log file for appending, made if missing; a symbolic link in its place is refused,
+/// not followed (a log is written with the daemon's rights).
+pub fn open_log(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+}
+
 /// A log file that starts over, keeping one older file, once it holds `limit` bytes.
 #[derive(Debug)]
 struct Rotating {
@@ -64,7 +76,7 @@ struct Rotating {
 
 impl Rotating {
     fn open(path: &Path, limit: u64) -> io::Result<Rotating> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = open_log(path)?;
         let written = file.metadata()?.len();
         Ok(Rotating {
             path: path.to_owned(),
@@ -78,10 +90,7 @@ impl Rotating {
         let mut old = self.path.clone().into_os_string();
         old.push(".1");
         fs::rename(&self.path, old)?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        self.file = open_log(&self.path)?;
         self.written = 0;
         Ok(())
     }

@@ -109,6 +109,17 @@ enum Command {
 }
 
 impl Cli {
+    /// What must be ready before logging starts: a daemon's own directory, where its log
+    /// may go.
+    pub fn prepare(&self) -> anyhow::Result<()> {
+        match &self.command {
+            Command::Daemon(args) if !args.stop => {
+                daemon::own_dir(&args.socket.paths()?.dir, daemon::dir_mode(args))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The file a daemon logs to, when told to (`vdk daemon --log FILE`); stderr otherwise.
     pub fn log_file(&self) -> Option<&Path> {
         match &self.command {

@@ -24,10 +24,11 @@ pub struct Caller {
     pub uid: u32,
     /// Its process id (as the socket saw it when it connected).
     pub pid: u32,
-    gid: u32,
+    /// Its primary group id.
+    pub gid: u32,
     groups: Vec<u32>,
     /// Its rights are the daemon's own (the daemon's user, or root): nothing is checked.
-    trusted: bool,
+    pub trusted: bool,
 }
 
 /// What a request does with a path.
@@ -40,6 +41,12 @@ enum Want {
     /// Mounts on a directory, or fills it (created if missing): write access to it, or to
     /// its parent when it does not exist.
     Dir,
+    /// A directory of objects (a `file://` store): read (and with `write`, change) what is
+    /// in it; or, when it does not exist, make it.
+    Tree {
+        /// Objects are written in it.
+        write: bool,
+    },
 }
 
 const R: u32 = 4;
@@ -87,14 +94,20 @@ impl Caller {
         have & bits == bits
     }
 
+    /// Whether this caller may change what user `opener` opened or mounted: its own, or
+    /// anything for the daemon's own user and root.
+    pub fn may_manage(&self, opener: u32) -> bool {
+        self.trusted || self.uid == opener
+    }
+
     /// Checks every path of `req` for an untrusted caller.
     pub fn check(&self, req: &Request) -> Result<(), ApiError> {
         if self.trusted {
             return Ok(());
         }
-        for (path, want) in paths(req) {
+        for (path, want) in paths(req)? {
             self.check_path(&path, want)?;
-            if want != Want::Dir && path.is_file() {
+            if matches!(want, Want::Read | Want::Write) && path.is_file() {
                 self.check_chain(&path)?;
             }
         }
@@ -130,8 +143,9 @@ impl Caller {
             return Vec::new();
         }
         paths(req)
+            .unwrap_or_default()
             .into_iter()
-            .filter(|(p, w)| *w == Want::Write && !p.exists())
+            .filter(|(p, w)| matches!(w, Want::Write | Want::Tree { write: true }) && !p.exists())
             .map(|(p, _)| p)
             .collect()
     }
@@ -181,6 +195,9 @@ impl Caller {
             (Want::Read, true) => self.granted(&meta, R),
             (Want::Write, true) => self.granted(&meta, R | W),
             (Want::Dir, true) => meta.is_dir() && self.granted(&meta, W | X),
+            (Want::Tree { write }, true) => {
+                meta.is_dir() && self.granted(&meta, R | X | if write { W } else { 0 })
+            }
         };
         if ok {
             return Ok(());
@@ -190,6 +207,8 @@ impl Caller {
             (Want::Read, true) => "you may not read it",
             (Want::Write, true) => "you may not read and write it",
             (Want::Dir, true) => "you may not write in that directory",
+            (Want::Tree { write: false }, true) => "you may not list and read that directory",
+            (Want::Tree { write: true }, true) => "you may not list and change that directory",
         }))
     }
 
@@ -216,15 +235,24 @@ fn supplementary_groups(pid: i32) -> Option<Vec<u32>> {
     )
 }
 
-/// The local paths a request touches, and how.
-fn paths(req: &Request) -> Vec<(PathBuf, Want)> {
+/// The local paths a request touches, and how; refused outright, a request that would make
+/// the daemon choose a local path the caller names some other way (a `file:` endpoint, a
+/// relative credentials file).
+fn paths(req: &Request) -> Result<Vec<(PathBuf, Want)>, ApiError> {
     let mut out = Vec::new();
     match req {
         Request::Open(r) => {
-            if !crate::cloud::is_url(&r.path.to_string_lossy()) {
+            let path = r.path.to_string_lossy();
+            if !crate::cloud::is_url(&path) {
                 let want = if r.read_only { Want::Read } else { Want::Write };
                 out.push((r.path.clone(), want));
             }
+            out.extend(store_paths(
+                &path,
+                r.cloud.endpoint.as_deref(),
+                r.cloud.env.as_ref(),
+                !r.read_only,
+            )?);
             if let Some(m) = &r.mount {
                 out.push((m.clone(), Want::Dir));
             }
@@ -252,11 +280,70 @@ fn paths(req: &Request) -> Vec<(PathBuf, Want)> {
             if let Some(c) = &r.cache {
                 out.push((c.clone(), Want::Dir));
             }
+            out.extend(store_paths(
+                &r.url,
+                r.endpoint.as_deref(),
+                r.env.as_ref(),
+                true,
+            )?);
         }
         Request::FsUnmount(r) => out.push((r.dir.clone(), Want::Dir)),
         _ => {}
     }
-    out
+    Ok(out)
+}
+
+/// Whether the store variable `name` names a file the store's client reads (a credentials
+/// file, a token file) rather than holding a value.
+fn names_a_file(name: &str) -> bool {
+    name.ends_with("_FILE")
+        || name.ends_with("_PATH")
+        || name == "GOOGLE_SERVICE_ACCOUNT"
+        || name == "GOOGLE_APPLICATION_CREDENTIALS"
+}
+
+/// The local paths behind an object-store location: a `file://` URL's directory, and the
+/// files a store variable names (credentials, tokens), which the daemon would read. An
+/// endpoint must be a network one (`http://`, `https://`), and a variable that names a
+/// file must name it absolutely.
+fn store_paths(
+    url: &str,
+    endpoint: Option<&str>,
+    env: Option<&vdk_objstore::StoreEnv>,
+    write: bool,
+) -> Result<Vec<(PathBuf, Want)>, ApiError> {
+    let refuse = |msg: String| Err(ApiError::new(ErrorKind::Permission, msg));
+    let mut out = Vec::new();
+    if !crate::cloud::is_url(url) {
+        return Ok(out);
+    }
+    if let Some(dir) = url.strip_prefix("file://") {
+        let dir = Path::new(dir);
+        if !dir.is_absolute() {
+            return refuse(format!("{url}: a file:// location must be absolute"));
+        }
+        out.push((dir.to_owned(), Want::Tree { write }));
+    }
+    let vars = env.map(|e| e.0.iter()).into_iter().flatten();
+    let endpoints = endpoint.map(|e| ("--s3-endpoint", e)).into_iter().chain(
+        vars.clone()
+            .filter(|(k, _)| k.starts_with("AWS_ENDPOINT"))
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    for (name, e) in endpoints {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return refuse(format!(
+                "{name} {e:?}: an endpoint must be http:// or https://"
+            ));
+        }
+    }
+    for (name, value) in vars.filter(|(k, _)| names_a_file(k)) {
+        if !value.starts_with('/') {
+            return refuse(format!("{name}: a file must be named by an absolute path"));
+        }
+        out.push((PathBuf::from(value), Want::Read));
+    }
+    Ok(out)
 }
 
 /// The files a filter spec names: a cow overlay, a cache directory.

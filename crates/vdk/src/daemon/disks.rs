@@ -50,6 +50,9 @@ pub(super) struct Disc {
 #[derive(Debug)]
 pub(super) struct Disk {
     pub id: String,
+    /// The user whose request opened it: only that user (besides the daemon's user and
+    /// root) may change it.
+    pub opener: u32,
     /// What identifies the disk: its image, or its cow overlay.
     pub key: PathBuf,
     pub disc: Mutex<Disc>,
@@ -291,9 +294,13 @@ impl Daemon {
         self.iscsi.start()
     }
 
-    /// Every open disk.
-    pub fn list(&self) -> Vec<DiskStatus> {
-        let disks: Vec<Arc<Disk>> = lock(&self.disks).values().cloned().collect();
+    /// The open disks `caller` may see: its own, or all for a trusted one.
+    pub fn list(&self, caller: &super::access::Caller) -> Vec<DiskStatus> {
+        let disks: Vec<Arc<Disk>> = lock(&self.disks)
+            .values()
+            .filter(|d| caller.may_manage(d.opener))
+            .cloned()
+            .collect();
         disks.iter().map(|d| self.status(d)).collect()
     }
 

@@ -165,17 +165,8 @@ fn give(path: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<()> {
 
 /// Runs the daemon in the foreground until SIGTERM, SIGINT or a `shutdown` request.
 pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&paths.dir)
-        .with_context(|| format!("cannot create {}", paths.dir.display()))?;
+    own_dir(&paths.dir, dir_mode(args))?;
     let owner = args.owner.as_deref().map(user_ids).transpose()?;
-    if owner.is_some() {
-        // The user may reach the sockets in it, not list or change it.
-        fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o711))
-            .with_context(|| format!("cannot set the mode of {}", paths.dir.display()))?;
-    }
     let control = bind_control(&paths.socket)?;
     give(&paths.socket, owner)?;
     // A daemon that died here may have left mounts that no longer answer.
@@ -303,6 +294,61 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
     }
 }
 
+/// The mode of the daemon's directory: its user's alone, or with `--owner` searchable by
+/// that user too, who may reach the sockets in it but not list or change it.
+pub fn dir_mode(args: &DaemonArgs) -> u32 {
+    if args.owner.is_some() {
+        0o711
+    } else {
+        0o700
+    }
+}
+
+/// Makes the daemon's directory `dir` with `mode`, or takes the one there only if it is a
+/// directory (not a symbolic link) of the daemon's own user with exactly that mode. An existing
+/// directory is never changed: one that is someone else's, or open wider (`/tmp`), or closed
+/// to the user it must serve, is refused with what to do.
+pub fn own_dir(dir: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = dir.display();
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .mode(mode)
+                .create(dir)
+                .with_context(|| format!("cannot create {shown}"))?;
+            // Made here: its mode is set whatever the umask took away.
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot set the mode of {shown}"))?;
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot use {shown}"))),
+        Ok(m) if m.file_type().is_symlink() => bail!(
+            "{shown} is a symbolic link: the daemon keeps its socket in a directory of its own \
+             (remove it, or give --socket in a new directory)"
+        ),
+        Ok(m) if !m.is_dir() => bail!("{shown} is not a directory"),
+        Ok(m) if m.uid() != rustix::process::geteuid().as_raw() => bail!(
+            "{shown} belongs to uid {}, not to this daemon's user (uid {}): give --socket in \
+             a directory of your own, or a new one",
+            m.uid(),
+            rustix::process::geteuid().as_raw()
+        ),
+        Ok(m) if m.mode() & 0o7777 != mode => bail!(
+            "{shown} has mode {:04o}, not the {mode:04o} the daemon needs (others must not reach \
+             what is in it, {}): the daemon changes no directory it did not make; give \
+             --socket in a new directory, or remove {shown}",
+            m.mode() & 0o7777,
+            if mode == 0o711 {
+                "and the --owner user must reach its socket"
+            } else {
+                "nor enter it"
+            }
+        ),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// Binds the control socket with mode 0600. A socket file left by a dead daemon is replaced;
 /// a live daemon is not.
 fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
@@ -368,7 +414,7 @@ fn serve_control(
             }
             Ok(req) => {
                 let made = caller.would_create(&req);
-                let resp = daemon.handle(req);
+                let resp = daemon.handle(req, &caller);
                 caller.adopt(&made);
                 resp
             }
@@ -390,16 +436,60 @@ fn serve_control(
 }
 
 impl Daemon {
-    fn handle(&self, req: Request) -> Response {
+    /// Refuses a request of a user the daemon serves (`--owner`) that would change a disk or
+    /// a file system another user opened or mounted (root's, on a daemon they share).
+    fn authorize(&self, req: &Request, caller: &access::Caller) -> Result<(), ApiError> {
+        if caller.trusted {
+            return Ok(());
+        }
+        let disk = match req {
+            Request::Close(r) | Request::Unmount(r) | Request::Eject(r) => Some(&r.disk),
+            Request::Mount(r) => Some(&r.disk),
+            Request::Stats(r) => Some(&r.disk),
+            Request::Commit(r) | Request::Discard(r) => Some(&r.disk),
+            Request::Snapshot(r) => Some(&r.disk),
+            Request::Insert(r) => Some(&r.disk),
+            Request::FsMount(r) => Some(&r.source),
+            _ => None,
+        };
+        let theirs = |what: String, opener: u32| {
+            ApiError::new(
+                ErrorKind::Permission,
+                format!(
+                    "{what} was opened by uid {opener}: only that user (or root) may change it"
+                ),
+            )
+        };
+        if let Some(key) = disk {
+            if let Ok(d) = self.find(key) {
+                if !caller.may_manage(d.opener) {
+                    return Err(theirs(d.id.clone(), d.opener));
+                }
+            }
+        }
+        if let Request::FsUnmount(r) = req {
+            if let Some(opener) = self.fs_opener(&r.dir) {
+                if !caller.may_manage(opener) {
+                    return Err(theirs(r.dir.display().to_string(), opener));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&self, req: Request, caller: &access::Caller) -> Response {
+        if let Err(e) = self.authorize(&req, caller) {
+            return Response::err(e);
+        }
         let done = match req {
             Request::Version => Ok(serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "pid": std::process::id(),
                 "recovered": self.recovered,
             })),
-            Request::Open(r) => self.open(*r).map(|s| serde_json::json!(s)),
+            Request::Open(r) => self.open(*r, caller.uid).map(|s| serde_json::json!(s)),
             Request::Close(r) => self.close(&r.disk, r.force).map(|s| serde_json::json!(s)),
-            Request::List => Ok(serde_json::json!(self.list())),
+            Request::List => Ok(serde_json::json!(self.list(caller))),
             Request::Mount(r) => self.mount(r).map(|s| serde_json::json!(s)),
             Request::Unmount(r) => self.unmount(&r.disk, r.force).map(|s| serde_json::json!(s)),
             Request::Stats(r) => self.stats(&r.disk),
@@ -408,12 +498,19 @@ impl Daemon {
             Request::Snapshot(r) => self.snapshot(&r.disk, &r.new, r.force),
             Request::Eject(r) => self.eject(&r.disk, r.force).map(|s| serde_json::json!(s)),
             Request::Insert(r) => self.insert(&r.disk, &r.image).map(|s| serde_json::json!(s)),
-            Request::FsMount(r) => self.fs_mount(&r).map(|s| serde_json::json!(s)),
+            Request::FsMount(r) => self.fs_mount(&r, caller.uid).map(|s| serde_json::json!(s)),
             Request::FsUnmount(r) => self
                 .fs_unmount(&r.dir, r.force)
                 .map(|s| serde_json::json!(s)),
-            Request::FsList => Ok(serde_json::json!(self.fs_list())),
-            Request::FsMap(r) => self.fs_map(&r).map(|s| serde_json::json!(s)),
+            Request::FsList => Ok(serde_json::json!(self.fs_list(caller))),
+            Request::FsMap(r) => {
+                let who = vdk_drive::Access {
+                    uid: caller.uid,
+                    gid: caller.gid,
+                    shared: false,
+                };
+                self.fs_map(&r, who).map(|s| serde_json::json!(s))
+            }
             Request::Shutdown => Err(ApiError::new(
                 control::ErrorKind::BadRequest,
                 "shutdown is handled by the connection",

@@ -25,7 +25,7 @@ use crate::control::{ApiError, DiskStatus, ErrorKind, OpenRequest};
 
 impl Daemon {
     /// Opens (or creates) an image and attaches it as asked.
-    pub fn open(&self, req: OpenRequest) -> Result<DiskStatus, ApiError> {
+    pub fn open(&self, req: OpenRequest, opener: u32) -> Result<DiskStatus, ApiError> {
         let _one_at_a_time = lock(&self.changing);
         let root = rustix::process::geteuid().is_root();
         let attach = match req.attach.as_deref() {
@@ -95,7 +95,7 @@ impl Daemon {
         } else {
             self.image(&req, format)?
         };
-        let opened = self.open_image(&req, &image, format, attach);
+        let opened = self.open_image(&req, &image, format, attach, opener);
         match opened {
             Ok(d) => {
                 let status = self.status(&d);
@@ -218,6 +218,7 @@ impl Daemon {
         image: &Path,
         format: Option<Format>,
         attach: &'static str,
+        opener: u32,
     ) -> Result<Arc<Disk>, ApiError> {
         let specs = parse_filters(&req.filters)?;
         let redirect = vdk_filters::redirects_writes(&specs);
@@ -289,6 +290,7 @@ impl Daemon {
             .map_err(|e| ApiError::new(ErrorKind::AlreadyOpen, format!("NBD export: {e}")))?;
         let disk = Arc::new(Disk {
             id: id.clone(),
+            opener,
             key,
             disc: Mutex::new(Disc {
                 image: image.to_owned(),
@@ -435,6 +437,7 @@ impl Daemon {
                 source,
                 Some(disk.id.clone()),
                 dir,
+                disk.opener,
             )?;
             lock(&disk.state).mount = Some(dir);
             return Ok(());

@@ -35,6 +35,8 @@ enum Kind {
 #[derive(Debug)]
 pub struct Mounted {
     kind: Kind,
+    /// The user whose request mounted it.
+    pub opener: u32,
     source: String,
     /// The open disk it reads, if it reads one.
     disk: Option<String>,
@@ -139,7 +141,7 @@ impl Daemon {
     }
 
     /// Maps the cloud drive `req.url` on `req.dir`.
-    pub fn fs_map(&self, req: &FsMapRequest) -> Result<FsStatus, ApiError> {
+    pub fn fs_map(&self, req: &FsMapRequest, who: vdk_drive::Access) -> Result<FsStatus, ApiError> {
         let _one_at_a_time = lock(&self.changing);
         if !crate::cloud::is_url(&req.url) {
             return Err(invalid(format!(
@@ -193,7 +195,11 @@ impl Daemon {
             .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("{}: {e}", req.url)))?;
         let made_cache = MadeDirs::create(&cache)
             .map_err(|e| ApiError::io(format!("cannot create {}", cache.display()), &e))?;
-        let mount = DriveMount::map(&location, &dir, &cache, &req.url)
+        let access = vdk_drive::Access {
+            shared: req.allow_other,
+            ..who
+        };
+        let mount = DriveMount::map(&location, &dir, &cache, &req.url, access)
             .map_err(|e| ApiError::io(format!("cannot map {}", req.url), &e))?;
         made_dir.keep();
         made_cache.keep();
@@ -206,6 +212,7 @@ impl Daemon {
             source: req.url.clone(),
             disk: None,
             size: 0,
+            opener: who.uid,
         };
         let st = status(&dir, &m);
         info!(dir = %dir.display(), url = %req.url, label = %st.label, "cloud drive mapped");
@@ -217,7 +224,7 @@ impl Daemon {
 
     /// Mounts the ISO 9660 file system of `req.source` (an open disk's id or image, or an
     /// image file) on `req.dir`, read-only.
-    pub fn fs_mount(&self, req: &FsMountRequest) -> Result<FsStatus, ApiError> {
+    pub fn fs_mount(&self, req: &FsMountRequest, opener: u32) -> Result<FsStatus, ApiError> {
         let _one_at_a_time = lock(&self.changing);
         let (device, source, disk): (Arc<dyn BlockDevice>, String, Option<String>) =
             match self.find(&req.source) {
@@ -245,7 +252,7 @@ impl Daemon {
                     (opened.device, path.display().to_string(), None)
                 }
             };
-        let dir = self.mount_iso(device, source, disk, &req.dir)?;
+        let dir = self.mount_iso(device, source, disk, &req.dir, opener)?;
         Ok(status(&dir, &lock(&self.filesystems)[&dir]))
     }
 
@@ -257,6 +264,7 @@ impl Daemon {
         source: String,
         disk: Option<String>,
         dir: &Path,
+        opener: u32,
     ) -> Result<PathBuf, ApiError> {
         let (dir, made) = self.mount_point(dir)?;
         let size = device.info().size;
@@ -271,6 +279,7 @@ impl Daemon {
             source,
             disk,
             size,
+            opener,
         };
         info!(dir = %dir.display(), source = %m.source, label = %status(&dir, &m).label, "file system mounted");
         let mut table = lock(&self.filesystems);
@@ -338,12 +347,19 @@ impl Daemon {
         super::recover::record_mounts(&self.paths, &dirs);
     }
 
-    /// The mounted file systems.
-    pub fn fs_list(&self) -> Vec<FsStatus> {
+    /// The mounted file systems that `caller` may see: its own, or all for a trusted one.
+    pub fn fs_list(&self, caller: &super::access::Caller) -> Vec<FsStatus> {
         lock(&self.filesystems)
             .iter()
+            .filter(|(_, m)| caller.may_manage(m.opener))
             .map(|(d, m)| status(d, m))
             .collect()
+    }
+
+    /// Who mounted the file system on `dir`, if vdk did.
+    pub(super) fn fs_opener(&self, dir: &Path) -> Option<u32> {
+        let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+        lock(&self.filesystems).get(&dir).map(|m| m.opener)
     }
 
     /// The mount points of file systems read from the disk `id`.

@@ -431,9 +431,8 @@ impl Daemon {
     /// Starts the daemon in the background with `vdk daemon ARGS` (instead of letting the
     /// first `vdk open` start it with the defaults), and waits until it answers.
     pub fn start(&self, args: &[&str]) {
-        let run = self.dir.path().join("run");
-        std::fs::create_dir_all(&run).expect("run directory");
-        let log = std::fs::File::create(run.join("daemon.log")).expect("daemon log");
+        // The daemon makes its directory (run/) itself: its log goes beside it.
+        let log = std::fs::File::create(self.dir.path().join("daemon.log")).expect("daemon log");
         let child = self
             .cmd(&["daemon"])
             .args(args)
@@ -480,8 +479,13 @@ impl Daemon {
         serde_json::from_str(&answer).unwrap_or_else(|e| panic!("answer {answer:?}: {e}"))
     }
 
+    /// What the daemon logged: to run/daemon.log when `vdk open` started it, to daemon.log
+    /// beside run/ when [`Daemon::start`] did.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("run/daemon.log")).unwrap_or_default()
+        ["run/daemon.log", "daemon.log"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(self.dir.path().join(f)).ok())
+            .collect()
     }
 
     /// Whether the daemon logs `text` within 10 s.
