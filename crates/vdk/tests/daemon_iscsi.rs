@@ -141,7 +141,6 @@ fn disks_opened_with_one_target_name_are_its_luns() {
 fn iscsi_all_serves_every_disk_and_chap_guards_them() {
     need("iscsi-inq");
     let d = Daemon::new();
-    fs::create_dir_all(d.path("run")).unwrap();
     fs::write(d.path("chap"), "vdk-user:a-long-enough-secret\n").unwrap();
     let nbd = format!("unix://{}", d.path("run/nbd.sock").display());
     d.start(&[

@@ -33,7 +33,15 @@ pub fn record_mounts(paths: &Paths, dirs: &[&Path]) {
     let tmp = file.with_extension("json.tmp");
     let written = serde_json::to_vec(dirs)
         .map_err(io::Error::other)
-        .and_then(|text| fs::write(&tmp, text))
+        .and_then(|text| {
+            // A new file of its own (never one that was there, never through a link).
+            let _ = fs::remove_file(&tmp);
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            io::Write::write_all(&mut f, &text)
+        })
         .and_then(|()| fs::rename(&tmp, &file));
     if let Err(e) = written {
         warn!(file = %file.display(), error = %e, "cannot record the mounts");
