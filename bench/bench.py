@@ -69,8 +69,10 @@ class Server:
                 self.proc.kill()
 
 
-def servers(vdk, tmp, image):
+def servers(vdk, tmp, image, before=None):
     out = []
+    # (name, binary) of each vdk measured: this build, and with --vdk-before another one.
+    builds = [("vdk", vdk)] + ([("vdk-before", before)] if before else [])
     for transport in ("unix", "tcp"):
         def addr(tag):
             if transport == "unix":
@@ -92,17 +94,19 @@ def servers(vdk, tmp, image):
         def listen_qemu(a):
             return ["-k", a[1]] if a[0] == "unix" else ["-b", "127.0.0.1", "-p", str(a[1])]
 
-        a = addr("vdk-mem")
-        out.append(Server("vdk", "memory", transport,
-                          [vdk, "serve", "--memory", "1G", "--listen", listen_vdk(a)],
-                          uri(a, "memory"), a))
+        for name, binary in builds:
+            a = addr(name + "-mem")
+            out.append(Server(name, "memory", transport,
+                              [binary, "serve", "--memory", "1G", "--listen", listen_vdk(a)],
+                              uri(a, "memory"), a))
         a = addr("nbdkit-mem")
         out.append(Server("nbdkit", "memory", transport,
                           ["nbdkit", "-f", "--exit-with-parent"] + listen_nbdkit(a) +
                           ["memory", "1G"], uri(a), a))
-        a = addr("vdk-file")
-        out.append(Server("vdk", "file", transport,
-                          [vdk, "serve", image, "--listen", listen_vdk(a)], uri(a), a))
+        for name, binary in builds:
+            a = addr(name + "-file")
+            out.append(Server(name, "file", transport,
+                              [binary, "serve", image, "--listen", listen_vdk(a)], uri(a), a))
         a = addr("nbdkit-file")
         out.append(Server("nbdkit", "file", transport,
                           ["nbdkit", "-f", "--exit-with-parent"] + listen_nbdkit(a) +
@@ -163,6 +167,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
     ap.add_argument("--only", default="", help="run only rows whose disk/transport match, e.g. memory/unix")
+    ap.add_argument("--vdk-before", default=None,
+                    help="another vdk binary (an earlier build) measured in the same rounds")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="vdk-bench-")
     image = os.path.join(tmp, "disk.img")
@@ -170,7 +176,8 @@ def main():
         block = os.urandom(1 << 20)
         for _ in range(GIB >> 20):
             f.write(block)
-    all_servers = [s for s in servers(os.path.abspath(args.vdk), tmp, image)
+    before = os.path.abspath(args.vdk_before) if args.vdk_before else None
+    all_servers = [s for s in servers(os.path.abspath(args.vdk), tmp, image, before)
                    if args.only in "%s/%s" % (s.disk, s.transport)]
     results = {}
     streams = []

@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--vdk", default="target/release/vdk")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=8, help="seconds per iscsi-perf run")
+    ap.add_argument("--vdk-before", default=None,
+                    help="another vdk binary (an earlier build) measured in the same rounds")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("tgtd needs root: run the benchmark as root")
@@ -66,18 +68,26 @@ def main():
         with open(src, "wb") as f:
             for _ in range(GIB >> 20):
                 f.write(os.urandom(1 << 20))
-        for name in ("vdk.img", "tgt.img"):
+        builds = [("vdk", vdk)]
+        if args.vdk_before:
+            builds.append(("vdk-before", os.path.abspath(args.vdk_before)))
+        for name in [b[0] + ".img" for b in builds] + ["tgt.img"]:
             shutil.copyfile(src, os.path.join(tmp, name))
         os.remove(src)
-        vport, tport, control = free_port(), free_port(), free_port() % 1000 + 100
-        procs.append(subprocess.Popen(
-            [vdk, "serve", "--listen", "iscsi://127.0.0.1:%d" % vport, os.path.join(tmp, "vdk.img")],
-            env=dict(os.environ, RUST_LOG="warn"), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL))
+        tport, control = free_port(), free_port() % 1000 + 100
+        urls = {}
+        for name, binary in builds:
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [binary, "serve", "--listen", "iscsi://127.0.0.1:%d" % port,
+                 os.path.join(tmp, name + ".img")],
+                env=dict(os.environ, RUST_LOG="warn"), stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+            wait_for(("tcp", port))
+            urls[name] = "iscsi://127.0.0.1:%d/iqn.2026-11.org.vdk:%s.img/0" % (port, name)
         procs.append(subprocess.Popen(
             ["tgtd", "-f", "-C", str(control), "--iscsi", "portal=127.0.0.1:%d" % tport],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for(("tcp", vport))
         wait_for(("tcp", tport))
         iqn = "iqn.2026-11.org.vdk.bench:tgt"
         adm = ["tgtadm", "-C", str(control), "--lld", "iscsi"]
@@ -85,12 +95,9 @@ def main():
         subprocess.run(adm + ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
                               "-b", os.path.join(tmp, "tgt.img")], check=True)
         subprocess.run(adm + ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"], check=True)
-        urls = {
-            "vdk": "iscsi://127.0.0.1:%d/iqn.2026-11.org.vdk:vdk.img/0" % vport,
-            "tgt": "iscsi://127.0.0.1:%d/%s/1" % (tport, iqn),
-        }
-        # Both images in the page cache before anything is timed.
-        for name in ("vdk.img", "tgt.img"):
+        urls["tgt"] = "iscsi://127.0.0.1:%d/%s/1" % (tport, iqn)
+        # Every image in the page cache before anything is timed.
+        for name in [n + ".img" for n in urls]:
             with open(os.path.join(tmp, name), "rb") as f:
                 while f.read(1 << 24):
                     pass
@@ -122,15 +129,19 @@ def main():
           " 16 in flight, median of %d runs" % (time.strftime("%Y-%m-%d"), platform.platform(),
                                                 os.cpu_count(), args.runs))
     print()
-    print("| workload | vdk | tgt | vdk/tgt |")
-    print("| --- | --- | --- | --- |")
+    peers = [p for p in ("tgt", "vdk-before") if any(k[1] == p for k in med)]
+    print("| workload | vdk | " + " | ".join("%s | vdk/%s" % (p, p) for p in peers) + " |")
+    print("| --- | --- | " + " | ".join("--- | ---" for _ in peers) + " |")
     for label, _ in READS + WRITES:
+        big = "128k" in label or "64k" in label
+        fmt = (lambda m, i: "%.0f MB/s" % m) if big else (lambda m, i: "%.0f IOPS" % i)
+        pick = (lambda m, i: m) if big else (lambda m, i: i)
         vm, vi = med[(label, "vdk")]
-        tm, ti = med[(label, "tgt")]
-        if "128k" in label or "64k" in label:
-            print("| %s | %.0f MB/s | %.0f MB/s | %.2f |" % (label, vm, tm, vm / tm))
-        else:
-            print("| %s | %.0f IOPS | %.0f IOPS | %.2f |" % (label, vi, ti, vi / ti))
+        cells = []
+        for p in peers:
+            pm, pi = med[(label, p)]
+            cells.append("%s | %.2f" % (fmt(pm, pi), pick(vm, vi) / pick(pm, pi)))
+        print("| %s | %s | %s |" % (label, fmt(vm, vi), " | ".join(cells)))
 
 
 if __name__ == "__main__":

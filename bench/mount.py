@@ -37,14 +37,12 @@ def wait_for(path, timeout=20):
 
 
 class VdkStack:
-    name = "vdk"
-
-    def __init__(self, vdk, tmp, size):
-        self.vdk, self.tmp, self.size = vdk, tmp, size
-        self.env = dict(os.environ, VDK_SOCKET=os.path.join(tmp, "vdk-run", "control.sock"),
+    def __init__(self, vdk, tmp, size, name="vdk"):
+        self.vdk, self.tmp, self.size, self.name = vdk, tmp, size, name
+        self.env = dict(os.environ, VDK_SOCKET=os.path.join(tmp, name + "-run", "control.sock"),
                         RUST_LOG="warn")
-        self.mnt = os.path.join(tmp, "vdk-mnt")
-        self.image = os.path.join(tmp, "vdk.img")
+        self.mnt = os.path.join(tmp, name + "-mnt")
+        self.image = os.path.join(tmp, name + ".img")
 
     def start(self):
         sh(self.vdk, "open", self.image, self.size, "--mkfs", "ext4", "--mount", self.mnt,
@@ -120,11 +118,15 @@ def main():
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
     ap.add_argument("--size", default="2G", help="size of each image")
     ap.add_argument("--file-size", default="1G", help="size of fio's file in each mount")
+    ap.add_argument("--vdk-before", default=None,
+                    help="another vdk binary (an earlier build) measured in the same rounds")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("the mount benchmark attaches loop devices and mounts file systems: run it as root")
     tmp = tempfile.mkdtemp(prefix="vdk-bench-mount-")
     stacks = [VdkStack(os.path.abspath(args.vdk), tmp, args.size), NbdkitStack(tmp, args.size)]
+    if args.vdk_before:
+        stacks.append(VdkStack(os.path.abspath(args.vdk_before), tmp, args.size, "vdk-before"))
     results = {}
     try:
         for s in stacks:
@@ -147,15 +149,19 @@ def main():
           " median of %d x %d s" % (time.strftime("%Y-%m-%d"), platform.platform(),
                                     os.cpu_count(), args.runs, args.runtime))
     print()
-    print("| workload | vdk fuse-loop | nbdkit file + nbdfuse + loop | vdk/nbdkit |")
-    print("| --- | --- | --- | --- |")
+    peers = [s.name for s in stacks if s.name != "vdk"]
+    print("| workload | vdk fuse-loop | " +
+          " | ".join("%s | vdk/%s" % (p, p) for p in peers) + " |")
+    print("| --- | --- | " + " | ".join("--- | ---" for _ in peers) + " |")
     for rw, bs in WORKLOADS:
+        fmt = (lambda m, i: "%.0f IOPS" % i) if bs == "4k" else (lambda m, i: "%.0f MB/s" % m)
+        pick = (lambda m, i: i) if bs == "4k" else (lambda m, i: m)
         vm, vi = med[(rw, bs, "vdk")]
-        pm, pi = med[(rw, bs, "nbdkit+nbdfuse")]
-        if bs == "4k":
-            print("| %s %s | %.0f IOPS | %.0f IOPS | %.2f |" % (bs, rw, vi, pi, vi / pi))
-        else:
-            print("| %s %s | %.0f MB/s | %.0f MB/s | %.2f |" % (bs, rw, vm, pm, vm / pm))
+        cells = []
+        for p in peers:
+            pm, pi = med[(rw, bs, p)]
+            cells.append("%s | %.2f" % (fmt(pm, pi), pick(vm, vi) / pick(pm, pi)))
+        print("| %s %s | %s | %s |" % (bs, rw, fmt(vm, vi), " | ".join(cells)))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
+use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Lend, Result};
 
 /// How to open an image file.
 #[derive(Clone, Copy, Debug, Default)]
@@ -220,35 +220,6 @@ impl BlockDevice for FileDisk {
         Ok(())
     }
 
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        self.check(offset, buf.len() as u64)?;
-        // O_DIRECT always waits for the device.
-        Ok(!self.opts.direct && sys::read_cached(&self.file, buf, offset))
-    }
-
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        self.writable(offset, buf.len() as u64)?;
-        if self.opts.direct {
-            return Ok(false);
-        }
-        if self.nowait_writes.load(Ordering::Relaxed) {
-            match sys::write_cached(&self.file, buf, offset) {
-                Some(done) => return Ok(done),
-                None => self.nowait_writes.store(false, Ordering::Relaxed),
-            }
-        }
-        // The file system has no RWF_NOWAIT for buffered writes (ext4, for one). A write of
-        // whole pages still never reads from the device: it only fills the page cache, so it
-        // is done here. (The kernel may throttle a writer that dirties memory much faster than
-        // the disk takes it; that is the one wait this lets through.)
-        let page = u64::from(DIRECT_ALIGN);
-        if offset.is_multiple_of(page) && (buf.len() as u64).is_multiple_of(page) {
-            self.file.write_all_at(buf, offset)?;
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
     fn flush(&self) -> Result<()> {
         if self.opts.read_only {
             return Ok(());
@@ -294,6 +265,40 @@ impl BlockDevice for FileDisk {
         check_range(self.size, offset, len)?;
         sys::will_need(&self.file, offset, len);
         Ok(())
+    }
+
+    fn lend(&self) -> Option<&dyn Lend> {
+        Some(self)
+    }
+}
+
+impl Lend for FileDisk {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.check(offset, buf.len() as u64)?;
+        // O_DIRECT always waits for the device.
+        Ok(!self.opts.direct && sys::read_cached(&self.file, buf, offset))
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        self.writable(offset, buf.len() as u64)?;
+        if self.opts.direct {
+            return Ok(false);
+        }
+        if self.nowait_writes.load(Ordering::Relaxed) {
+            match sys::write_cached(&self.file, buf, offset) {
+                Some(done) => return Ok(done),
+                None => self.nowait_writes.store(false, Ordering::Relaxed),
+            }
+        }
+        // The file system has no RWF_NOWAIT for buffered writes (ext4, for one). A write of
+        // whole pages still never reads from the device: it only fills the page cache, so it
+        // is done here. (The kernel may throttle a writer that dirties memory much faster than
+        // the disk takes it; that is the one wait this lets through.)
+        let page = u64::from(DIRECT_ALIGN);
+        if offset.is_multiple_of(page) && (buf.len() as u64).is_multiple_of(page) {
+            self.file.write_all_at(buf, offset)?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use vdk_core::{
     check_range, zeroed_buffer, BlockDevice, Capabilities, DiskInfo, Error, ExtentKind, Extents,
-    Piece, Result, SharedBytes,
+    Lend, Piece, Result, SharedBytes,
 };
 
 /// Takes a read lock; a lock poisoned by a panic still guards sound data (whole chunks).
@@ -161,50 +161,6 @@ impl BlockDevice for MemoryDisk {
         Ok(())
     }
 
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        self.read_at(buf, offset).map(|()| true) // RAM never waits
-    }
-
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        self.write_at(buf, offset, false).map(|()| true)
-    }
-
-    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        check_range(self.size, offset, len as u64)?;
-        let mut pieces_out = Vec::with_capacity(len / CHUNK_BYTES + 2);
-        for p in spans(offset, len as u64) {
-            let shard = self.read_shard(p.chunk);
-            pieces_out.push(match shard.get(&p.chunk) {
-                Some(c) => Piece::Data(SharedBytes::new(Arc::clone(c), p.within..p.within + p.len)),
-                None => Piece::Zero(p.len),
-            });
-        }
-        Ok(Some(pieces_out))
-    }
-
-    fn write_unit(&self) -> Option<usize> {
-        Some(CHUNK_BYTES)
-    }
-
-    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
-        let len = bufs.len() as u64 * CHUNK;
-        check_range(self.size, offset, len)?;
-        if !offset.is_multiple_of(CHUNK) || bufs.iter().any(|b| b.len() != CHUNK_BYTES) {
-            return Err(Error::Misaligned {
-                offset,
-                len,
-                block_size: u32::try_from(CHUNK_BYTES).unwrap_or(u32::MAX),
-            });
-        }
-        let mut replaced = Vec::with_capacity(bufs.len());
-        for (i, buf) in bufs.into_iter().enumerate() {
-            let chunk = offset / CHUNK + i as u64;
-            let mut shard = self.write_shard(chunk);
-            replaced.extend(shard.insert(chunk, buf));
-        }
-        Ok(replaced)
-    }
-
     fn flush(&self) -> Result<()> {
         Ok(())
     }
@@ -239,6 +195,52 @@ impl BlockDevice for MemoryDisk {
         }
         map.push(end - pos, ExtentKind::Hole);
         Ok(map)
+    }
+
+    fn lend(&self) -> Option<&dyn Lend> {
+        Some(self)
+    }
+}
+
+impl Lend for MemoryDisk {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.read_at(buf, offset).map(|()| true) // RAM never waits
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        self.write_at(buf, offset, false).map(|()| true)
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        check_range(self.size, offset, len as u64)?;
+        let mut pieces_out = Vec::with_capacity(len / CHUNK_BYTES + 2);
+        for p in spans(offset, len as u64) {
+            let shard = self.read_shard(p.chunk);
+            pieces_out.push(match shard.get(&p.chunk) {
+                Some(c) => Piece::Data(SharedBytes::new(Arc::clone(c), p.within..p.within + p.len)),
+                None => Piece::Zero(p.len),
+            });
+        }
+        Ok(Some(pieces_out))
+    }
+    fn write_unit(&self) -> Option<usize> {
+        Some(CHUNK_BYTES)
+    }
+    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        let len = bufs.len() as u64 * CHUNK;
+        check_range(self.size, offset, len)?;
+        if !offset.is_multiple_of(CHUNK) || bufs.iter().any(|b| b.len() != CHUNK_BYTES) {
+            return Err(Error::Misaligned {
+                offset,
+                len,
+                block_size: u32::try_from(CHUNK_BYTES).unwrap_or(u32::MAX),
+            });
+        }
+        let mut replaced = Vec::with_capacity(bufs.len());
+        for (i, buf) in bufs.into_iter().enumerate() {
+            let chunk = offset / CHUNK + i as u64;
+            let mut shard = self.write_shard(chunk);
+            replaced.extend(shard.insert(chunk, buf));
+        }
+        Ok(replaced)
     }
 }
 

@@ -10,7 +10,7 @@
 //! assert_eq!(u64::from_be_bytes(buf), 4096);
 //! ```
 
-use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Result};
+use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Lend, Result};
 
 /// A computed, read-only disk of `size` bytes. Costs no memory whatever its size.
 #[derive(Debug)]
@@ -63,10 +63,6 @@ impl BlockDevice for PatternDisk {
         Ok(())
     }
 
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        self.read_at(buf, offset).map(|()| true) // computed: never waits
-    }
-
     fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<()> {
         Err(Error::ReadOnly)
     }
@@ -77,6 +73,16 @@ impl BlockDevice for PatternDisk {
 
     fn write_zeroes(&self, _offset: u64, _len: u64, _may_trim: bool, _fua: bool) -> Result<()> {
         Err(Error::ReadOnly)
+    }
+
+    fn lend(&self) -> Option<&dyn Lend> {
+        Some(self)
+    }
+}
+
+impl Lend for PatternDisk {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.read_at(buf, offset).map(|()| true) // computed: never waits
     }
 }
 

@@ -39,6 +39,87 @@ pub fn run(make: MakeDevice<'_>) {
     fast_paths_agree_with_read_and_write(make());
 }
 
+/// Runs the checks a read-only device must pass against devices from `make` (fresh, all
+/// zero, of at least [`MIN_SIZE`] bytes): reads of unwritten data, bounds, extents, fast-path
+/// reads, and every kind of write refused with [`Error::ReadOnly`] (or, for a range past the
+/// end, [`Error::OutOfRange`]) without changing a byte.
+pub fn run_read_only(make: MakeDevice<'_>) {
+    unwritten_reads_zero(make());
+    writes_are_refused(make());
+    extents_cover_the_range(make());
+    let dev = make();
+    dev.read_at(&mut [], dev.info().size)
+        .expect("empty read at the end");
+    fast_reads_agree(&*dev);
+}
+
+/// Every write of a read-only device fails, and the device still reads as before.
+pub fn writes_are_refused(dev: Arc<dyn BlockDevice>) {
+    assert!(dev.info().read_only, "a read-only device says so in info()");
+    let refused = |what: &str, r: crate::Result<()>| {
+        assert!(
+            matches!(r, Err(Error::ReadOnly)),
+            "{what} on a read-only device: {r:?}"
+        );
+    };
+    refused("write_at", dev.write_at(&[1; 4096], 0, false));
+    refused("write_at with FUA", dev.write_at(&[1; 4096], 4096, true));
+    refused("write_zeroes", dev.write_zeroes(0, 4096, true, false));
+    if let Some(lend) = dev.lend() {
+        let r = lend.try_write_at(&[1; 4096], 0);
+        assert!(
+            matches!(r, Err(Error::ReadOnly) | Ok(false)),
+            "try_write_at on a read-only device: {r:?}"
+        );
+        if let Some(unit) = lend.write_unit() {
+            let buf: Arc<[u8]> = vec![1u8; unit].into();
+            assert!(lend.write_owned(0, vec![buf]).is_err(), "write_owned");
+        }
+    }
+    assert_zero(&*dev, 0, 16 << 10, "after refused writes");
+}
+
+/// Extents of a fresh device cover each range asked for exactly, and runs said to read as
+/// zero do.
+pub fn extents_cover_the_range(dev: Arc<dyn BlockDevice>) {
+    let size = dev.info().size;
+    let bs = u64::from(dev.info().logical_block_size);
+    for (offset, len) in [(0, size), (12_345 / bs * bs, 3 << 20)] {
+        let map = dev.extents(offset, len).expect("extents");
+        assert_eq!(
+            (map.offset(), map.len()),
+            (offset, len),
+            "map of {offset}+{len}"
+        );
+        for (at, run) in map.iter().filter(|(_, r)| r.kind.reads_zero()) {
+            let n = run.len.min(64 << 10) / bs * bs;
+            assert_zero(&*dev, at, n as usize, "start of a zero extent");
+        }
+    }
+}
+
+/// The fast paths that read give what `read_at` gives.
+fn fast_reads_agree(dev: &dyn BlockDevice) {
+    let Some(lend) = dev.lend() else {
+        return;
+    };
+    let want = read(dev, 0, 300 << 10);
+    let mut buf = vec![0u8; 64 << 10];
+    if lend.try_read_at(&mut buf, 4096).expect("try_read_at") {
+        assert!(buf[..] == want[4096..4096 + buf.len()], "try_read_at data");
+    }
+    if let Some(pieces) = lend.read_shared(0, 300 << 10).expect("read_shared") {
+        let mut got = Vec::new();
+        for p in &pieces {
+            match p {
+                Piece::Data(b) => got.extend_from_slice(b),
+                Piece::Zero(n) => got.resize(got.len() + n, 0),
+            }
+        }
+        assert!(got == want, "read_shared differs from read_at");
+    }
+}
+
 /// A byte that depends on its offset and a seed, so a misplaced read shows.
 pub fn pattern_byte(offset: u64, seed: u8) -> u8 {
     let x = offset.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56;
@@ -275,25 +356,29 @@ pub fn concurrent_disjoint_writers(dev: Arc<dyn BlockDevice>) {
     }
 }
 
-/// The optional fast paths (`try_read_at`, `try_write_at`, `read_shared`, `write_owned`)
-/// give the same bytes as `read_at` and `write_at`, where a device has them.
+/// The optional fast paths of [`BlockDevice::lend`] (`try_read_at`, `try_write_at`,
+/// `read_shared`, `write_owned`) give the same bytes as `read_at` and `write_at`, where a
+/// device has them.
 pub fn fast_paths_agree_with_read_and_write(dev: Arc<dyn BlockDevice>) {
+    let Some(lend) = dev.lend() else {
+        return;
+    };
     let bs = u64::from(dev.info().logical_block_size).max(4096);
     let data = pattern(0, 256 << 10, 11);
     dev.write_at(&data, 0, false).expect("write");
     let mut buf = vec![0u8; 64 << 10];
-    if dev.try_read_at(&mut buf, bs).expect("try_read_at") {
+    if lend.try_read_at(&mut buf, bs).expect("try_read_at") {
         assert!(
             buf[..] == data[bs as usize..bs as usize + buf.len()],
             "try_read_at data"
         );
     }
     let new = pattern(bs, 8192, 12);
-    if dev.try_write_at(&new, bs).expect("try_write_at") {
+    if lend.try_write_at(&new, bs).expect("try_write_at") {
         assert_eq!(read(&*dev, bs, 8192), new, "after try_write_at");
     }
     let want = read(&*dev, 0, 300 << 10);
-    if let Some(pieces) = dev.read_shared(0, 300 << 10).expect("read_shared") {
+    if let Some(pieces) = lend.read_shared(0, 300 << 10).expect("read_shared") {
         let mut got = Vec::new();
         for p in &pieces {
             match p {
@@ -315,10 +400,10 @@ pub fn fast_paths_agree_with_read_and_write(dev: Arc<dyn BlockDevice>) {
             "a lent buffer changed under its reader"
         );
     }
-    if let Some(unit) = dev.write_unit() {
+    if let Some(unit) = lend.write_unit() {
         let block = pattern(unit as u64, unit, 13);
         let buf: Arc<[u8]> = block.clone().into();
-        dev.write_owned(unit as u64, vec![buf])
+        lend.write_owned(unit as u64, vec![buf])
             .expect("write_owned");
         assert!(read(&*dev, unit as u64, unit) == block, "after write_owned");
     }

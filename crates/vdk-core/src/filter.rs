@@ -1,14 +1,16 @@
 //! Filters: disks that wrap a disk.
 //!
 //! A filter implements [`Filter`]: it names its inner disk and overrides what it changes;
-//! every other method, the fast paths included, passes straight through, and the blanket
-//! implementation makes it a [`BlockDevice`]. A filter that moves offsets or changes data must
-//! override every method that takes an offset or returns data, fast paths too (the
-//! conformance suite checks that fast paths agree with the slow ones).
+//! every other method passes straight through, and the blanket implementation makes it a
+//! [`BlockDevice`]. The fast paths ([`Lend`]) do not pass through: a filter offers none unless
+//! it says so, so one that moves offsets or changes data is correct when it overrides only the
+//! methods it changes. A filter that changes nothing a fast path would see opts in with one
+//! line (`fn lend(&self) -> Option<&dyn Lend> { self.inner().lend() }`); one that changes
+//! something implements [`Lend`] itself over its inner disk's.
 
 use std::sync::Arc;
 
-use crate::{BlockDevice, DiskInfo, Extents, Piece, Result};
+use crate::{BlockDevice, DiskInfo, Extents, Lend, Piece, Result};
 
 /// A disk that wraps a disk. See the module documentation.
 #[allow(missing_docs)] // each method is BlockDevice's, documented there
@@ -25,21 +27,6 @@ pub trait Filter: Send + Sync + std::fmt::Debug {
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.inner().write_at(buf, offset, fua)
     }
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        self.inner().try_read_at(buf, offset)
-    }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        self.inner().try_write_at(buf, offset)
-    }
-    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        self.inner().read_shared(offset, len)
-    }
-    fn write_unit(&self) -> Option<usize> {
-        self.inner().write_unit()
-    }
-    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
-        self.inner().write_owned(offset, bufs)
-    }
     fn flush(&self) -> Result<()> {
         self.inner().flush()
     }
@@ -55,6 +42,10 @@ pub trait Filter: Send + Sync + std::fmt::Debug {
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         self.inner().cache(offset, len)
     }
+    /// None: see the module documentation.
+    fn lend(&self) -> Option<&dyn Lend> {
+        None
+    }
 }
 
 impl<F: Filter> BlockDevice for F {
@@ -66,21 +57,6 @@ impl<F: Filter> BlockDevice for F {
     }
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         Filter::write_at(self, buf, offset, fua)
-    }
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        Filter::try_read_at(self, buf, offset)
-    }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        Filter::try_write_at(self, buf, offset)
-    }
-    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        Filter::read_shared(self, offset, len)
-    }
-    fn write_unit(&self) -> Option<usize> {
-        Filter::write_unit(self)
-    }
-    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
-        Filter::write_owned(self, offset, bufs)
     }
     fn flush(&self) -> Result<()> {
         Filter::flush(self)
@@ -96,6 +72,27 @@ impl<F: Filter> BlockDevice for F {
     }
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         Filter::cache(self, offset, len)
+    }
+    fn lend(&self) -> Option<&dyn Lend> {
+        Filter::lend(self)
+    }
+}
+
+/// Reads pass through, fast or not; writes are refused (`try_write_at` too), and no buffer
+/// is taken.
+impl Lend for ReadOnly {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.inner
+            .lend()
+            .map_or(Ok(false), |l| l.try_read_at(buf, offset))
+    }
+    fn try_write_at(&self, _buf: &[u8], _offset: u64) -> Result<bool> {
+        Err(crate::Error::ReadOnly)
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        self.inner
+            .lend()
+            .map_or(Ok(None), |l| l.read_shared(offset, len))
     }
 }
 
@@ -126,14 +123,8 @@ impl Filter for ReadOnly {
     fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> crate::Result<()> {
         Err(crate::Error::ReadOnly)
     }
-    fn try_write_at(&self, _buf: &[u8], _offset: u64) -> crate::Result<bool> {
-        Err(crate::Error::ReadOnly)
-    }
-    fn write_unit(&self) -> Option<usize> {
-        None
-    }
-    fn write_owned(&self, _offset: u64, _bufs: Vec<Arc<[u8]>>) -> crate::Result<Vec<Arc<[u8]>>> {
-        Err(crate::Error::ReadOnly)
+    fn lend(&self) -> Option<&dyn Lend> {
+        self.inner.lend().map(|_| self as &dyn Lend)
     }
     fn trim(&self, _offset: u64, _len: u64) -> crate::Result<()> {
         Err(crate::Error::ReadOnly)

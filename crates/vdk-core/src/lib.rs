@@ -62,52 +62,6 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// A read-only device fails with [`Error::ReadOnly`].
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
 
-    /// Reads as [`read_at`](Self::read_at) does if that needs no wait for a device or the
-    /// network: `Ok(true)` when `buf` is filled, `Ok(false)` when it would wait (then the
-    /// contents of `buf` are unspecified; call `read_at` from a thread that may block).
-    ///
-    /// Front ends use it to serve fast requests on the thread that read them, without a
-    /// hand-off. The default says it would always wait.
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        let _ = (buf, offset);
-        Ok(false)
-    }
-
-    /// Writes as [`write_at`](Self::write_at) does (without FUA) if that needs no wait:
-    /// `Ok(true)` when all of `buf` is written, `Ok(false)` when it would wait (then part of
-    /// `buf` may have been written; call `write_at` with all of it). The default says it
-    /// would always wait.
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        let _ = (buf, offset);
-        Ok(false)
-    }
-
-    /// The bytes of `[offset, offset + len)` as pieces of the device's own memory, without
-    /// copying, or `None` if the device does not lend its buffers (then use `read_at`). The
-    /// pieces are a snapshot: later writes do not change them. Never waits.
-    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        let _ = (offset, len);
-        Ok(None)
-    }
-
-    /// The size of the buffers [`write_owned`](Self::write_owned) takes, or `None` if the
-    /// device does not take buffers (then use `write_at`).
-    fn write_unit(&self) -> Option<usize> {
-        None
-    }
-
-    /// Writes by taking ownership of `bufs`, each exactly `write_unit()` bytes, laid end to
-    /// end from `offset`, which must be a multiple of the unit. Returns the buffers it
-    /// replaced, for the caller to reuse. Never waits.
-    fn write_owned(
-        &self,
-        offset: u64,
-        bufs: Vec<std::sync::Arc<[u8]>>,
-    ) -> Result<Vec<std::sync::Arc<[u8]>>> {
-        let _ = (offset, bufs);
-        Err(Error::Unsupported(Op::Write))
-    }
-
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> Result<()>;
 
@@ -152,6 +106,63 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// A hint that `[offset, offset + len)` will be read soon. The default does nothing.
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         check_range(self.info().size, offset, len)
+    }
+
+    /// The fast paths this disk offers ([`Lend`]), or `None` (the default): then front ends
+    /// use the methods above only. A filter that changes offsets or bytes is correct without
+    /// writing anything here; one that passes them through unchanged opts in with
+    /// `fn lend(&self) -> Option<&dyn Lend> { self.inner().lend() }`.
+    fn lend(&self) -> Option<&dyn Lend> {
+        None
+    }
+}
+
+/// Fast paths a disk may offer beside [`BlockDevice`]'s methods, asked for through
+/// [`BlockDevice::lend`]: answering a request on the thread that read it when that needs no
+/// wait, and lending or taking buffers instead of copying them. Each must give the same bytes
+/// as `read_at` and `write_at` would (the conformance suite checks); each has a default that
+/// declines, so an implementation offers only what it has.
+pub trait Lend: Send + Sync {
+    /// Reads as [`BlockDevice::read_at`] does if that needs no wait for a device or the
+    /// network: `Ok(true)` when `buf` is filled, `Ok(false)` when it would wait (then the
+    /// contents of `buf` are unspecified; call `read_at` from a thread that may block).
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
+
+    /// Writes as [`BlockDevice::write_at`] does (without FUA) if that needs no wait:
+    /// `Ok(true)` when all of `buf` is written, `Ok(false)` when it would wait (then part of
+    /// `buf` may have been written; call `write_at` with all of it).
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
+
+    /// The bytes of `[offset, offset + len)` as pieces of the device's own memory, without
+    /// copying, or `None` if the device does not lend its buffers (then use `read_at`). The
+    /// pieces are a snapshot: later writes do not change them. Never waits.
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+
+    /// The size of the buffers [`write_owned`](Self::write_owned) takes, or `None` if the
+    /// device does not take buffers (then use `write_at`).
+    fn write_unit(&self) -> Option<usize> {
+        None
+    }
+
+    /// Writes by taking ownership of `bufs`, each exactly `write_unit()` bytes, laid end to
+    /// end from `offset`, which must be a multiple of the unit. Returns the buffers it
+    /// replaced, for the caller to reuse. Never waits.
+    fn write_owned(
+        &self,
+        offset: u64,
+        bufs: Vec<std::sync::Arc<[u8]>>,
+    ) -> Result<Vec<std::sync::Arc<[u8]>>> {
+        let _ = (offset, bufs);
+        Err(Error::Unsupported(Op::Write))
     }
 }
 

@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use vdk_core::{check_range, BlockDevice, Filter, Result};
+use vdk_core::{check_range, BlockDevice, Filter, Lend, Result};
 
 /// Where cached blocks are kept.
 #[derive(Debug)]
@@ -252,24 +252,10 @@ impl Filter for Cache {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read(buf, offset, true).map(|_| ())
     }
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        self.read(buf, offset, false)
-    }
-    fn read_shared(&self, _offset: u64, _len: usize) -> Result<Option<Vec<vdk_core::Piece>>> {
-        Ok(None)
-    }
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.changing(offset, buf.len() as u64, || {
             self.inner.write_at(buf, offset, fua)
         })
-    }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        self.changing(offset, buf.len() as u64, || {
-            self.inner.try_write_at(buf, offset)
-        })
-    }
-    fn write_unit(&self) -> Option<usize> {
-        None
     }
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.changing(offset, len, || self.inner.trim(offset, len))
@@ -278,5 +264,23 @@ impl Filter for Cache {
         self.changing(offset, len, || {
             self.inner.write_zeroes(offset, len, may_trim, fua)
         })
+    }
+    /// Its own: a hit is served at once, whatever the disk below can do.
+    fn lend(&self) -> Option<&dyn Lend> {
+        Some(self)
+    }
+}
+
+/// Hits at once; writes at once where the disk below writes at once. No buffers are lent or
+/// taken: cached blocks are copied out, and a write must reach the disk and the cache both.
+impl Lend for Cache {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.read(buf, offset, false)
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        let Some(below) = self.inner.lend() else {
+            return Ok(false);
+        };
+        self.changing(offset, buf.len() as u64, || below.try_write_at(buf, offset))
     }
 }

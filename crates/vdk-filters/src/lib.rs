@@ -489,7 +489,10 @@ mod cache_tests {
         c.read_at(&mut b, 0).unwrap();
         let t = Instant::now();
         for _ in 0..10 {
-            assert!(c.try_read_at(&mut b, 0).unwrap(), "a hit is served at once");
+            assert!(
+                c.lend().unwrap().try_read_at(&mut b, 0).unwrap(),
+                "a hit is served at once"
+            );
             c.read_at(&mut b[..1000], 100).unwrap();
             c.read_at(&mut b, 0).unwrap();
         }
@@ -508,7 +511,9 @@ mod cache_tests {
         let mut probe = [0u8; 512];
         let cached = (0..16u64)
             .filter(|i| {
-                c.try_read_at(&mut probe, (1 << 20) + i * (64 << 10))
+                c.lend()
+                    .unwrap()
+                    .try_read_at(&mut probe, (1 << 20) + i * (64 << 10))
                     .unwrap()
             })
             .count();

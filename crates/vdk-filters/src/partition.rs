@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use vdk_core::{check_range, BlockDevice, DiskInfo, Error, Extents, Filter, Piece, Result};
+use vdk_core::{check_range, BlockDevice, DiskInfo, Error, Extents, Filter, Lend, Piece, Result};
 
 /// Where a partition lies, in bytes.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -171,29 +171,6 @@ impl Filter for Partition {
         let at = self.at(offset, buf.len() as u64)?;
         self.inner.write_at(buf, at, fua)
     }
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        let at = self.at(offset, buf.len() as u64)?;
-        self.inner.try_read_at(buf, at)
-    }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        let at = self.at(offset, buf.len() as u64)?;
-        self.inner.try_write_at(buf, at)
-    }
-    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        let at = self.at(offset, len as u64)?;
-        self.inner.read_shared(at, len)
-    }
-    fn write_unit(&self) -> Option<usize> {
-        // Units are aligned on the disk below: only usable if the partition is too.
-        self.inner
-            .write_unit()
-            .filter(|u| self.span.start.is_multiple_of(*u as u64))
-    }
-    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        let at = self.at(offset, len)?;
-        self.inner.write_owned(at, bufs)
-    }
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
         let at = self.at(offset, len)?;
         self.inner.trim(at, len)
@@ -214,5 +191,45 @@ impl Filter for Partition {
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         let at = self.at(offset, len)?;
         self.inner.cache(at, len)
+    }
+    /// Its own: the disk below's fast paths, moved by the partition's start.
+    fn lend(&self) -> Option<&dyn Lend> {
+        self.inner.lend().map(|_| self as &dyn Lend)
+    }
+}
+
+impl Lend for Partition {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        let at = self.at(offset, buf.len() as u64)?;
+        self.inner
+            .lend()
+            .map_or(Ok(false), |l| l.try_read_at(buf, at))
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        let at = self.at(offset, buf.len() as u64)?;
+        self.inner
+            .lend()
+            .map_or(Ok(false), |l| l.try_write_at(buf, at))
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        let at = self.at(offset, len as u64)?;
+        self.inner
+            .lend()
+            .map_or(Ok(None), |l| l.read_shared(at, len))
+    }
+    fn write_unit(&self) -> Option<usize> {
+        // Units are aligned on the disk below: only usable if the partition is too.
+        self.inner
+            .lend()?
+            .write_unit()
+            .filter(|u| self.span.start.is_multiple_of(*u as u64))
+    }
+    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let at = self.at(offset, len)?;
+        match self.inner.lend() {
+            Some(l) => l.write_owned(at, bufs),
+            None => Err(vdk_core::Error::Unsupported(vdk_core::Op::Write)),
+        }
     }
 }

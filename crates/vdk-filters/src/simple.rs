@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use vdk_core::ReadOnly;
-use vdk_core::{BlockDevice, Error, Filter, Piece, Result};
+use vdk_core::{BlockDevice, Error, Filter, Lend, Piece, Result};
 
 /// The operations filters can target.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -133,34 +133,6 @@ impl Filter for Stats {
         let r = self.inner.write_at(buf, offset, fua);
         self.record(Kind::Write, buf.len() as u64, t, r)
     }
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        let t = Instant::now();
-        let n = buf.len() as u64;
-        match self.inner.try_read_at(buf, offset) {
-            Ok(false) => Ok(false),
-            r => self.record(Kind::Read, n, t, r),
-        }
-    }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        let t = Instant::now();
-        match self.inner.try_write_at(buf, offset) {
-            Ok(false) => Ok(false),
-            r => self.record(Kind::Write, buf.len() as u64, t, r),
-        }
-    }
-    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        let t = Instant::now();
-        match self.inner.read_shared(offset, len) {
-            Ok(None) => Ok(None),
-            r => self.record(Kind::Read, len as u64, t, r),
-        }
-    }
-    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
-        let t = Instant::now();
-        let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        let r = self.inner.write_owned(offset, bufs);
-        self.record(Kind::Write, n, t, r)
-    }
     fn flush(&self) -> Result<()> {
         let t = Instant::now();
         let r = self.inner.flush();
@@ -176,7 +148,62 @@ impl Filter for Stats {
         let r = self.inner.write_zeroes(offset, len, may_trim, fua);
         self.record(Kind::Trim, len, t, r)
     }
+    /// Its own: the disk below's fast paths, counted.
+    fn lend(&self) -> Option<&dyn Lend> {
+        self.inner.lend().map(|_| self as &dyn Lend)
+    }
 }
+
+impl Stats {
+    /// The fast paths below; only asked for once [`Filter::lend`] found them.
+    fn below(&self) -> &dyn Lend {
+        self.inner.lend().unwrap_or(&NoLend)
+    }
+}
+
+/// Fast paths counted as the slow ones are.
+impl Lend for Stats {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        let below = self.below();
+        let t = Instant::now();
+        let n = buf.len() as u64;
+        match below.try_read_at(buf, offset) {
+            Ok(false) => Ok(false),
+            r => self.record(Kind::Read, n, t, r),
+        }
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        let below = self.below();
+        let t = Instant::now();
+        match below.try_write_at(buf, offset) {
+            Ok(false) => Ok(false),
+            r => self.record(Kind::Write, buf.len() as u64, t, r),
+        }
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        let below = self.below();
+        let t = Instant::now();
+        match below.read_shared(offset, len) {
+            Ok(None) => Ok(None),
+            r => self.record(Kind::Read, len as u64, t, r),
+        }
+    }
+    fn write_unit(&self) -> Option<usize> {
+        self.below().write_unit()
+    }
+    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        let below = self.below();
+        let t = Instant::now();
+        let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let r = below.write_owned(offset, bufs);
+        self.record(Kind::Write, n, t, r)
+    }
+}
+
+/// A disk's fast paths when it offers none: every method declines.
+struct NoLend;
+
+impl Lend for NoLend {}
 
 /// Which requests an injecting filter targets: kinds of operation and a byte range.
 #[derive(Clone, Debug)]
@@ -320,30 +347,6 @@ impl Filter for Injector {
         self.before(Kind::Write, offset, buf.len() as u64)?;
         self.inner.write_at(buf, offset, fua)
     }
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        if self.targets(Kind::Read) {
-            return Ok(false);
-        }
-        self.inner.try_read_at(buf, offset)
-    }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        if self.targets(Kind::Write) {
-            return Ok(false);
-        }
-        self.inner.try_write_at(buf, offset)
-    }
-    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        if self.targets(Kind::Read) {
-            return Ok(None);
-        }
-        self.inner.read_shared(offset, len)
-    }
-    fn write_unit(&self) -> Option<usize> {
-        if self.targets(Kind::Write) {
-            return None;
-        }
-        self.inner.write_unit()
-    }
     fn flush(&self) -> Result<()> {
         self.before(Kind::Flush, 0, 0)?;
         self.inner.flush()
@@ -355,5 +358,43 @@ impl Filter for Injector {
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
         self.before(Kind::Trim, offset, len)?;
         self.inner.write_zeroes(offset, len, may_trim, fua)
+    }
+    /// Its own: the disk below's, except for the requests it targets (those take the slow
+    /// path, where they fail or wait).
+    fn lend(&self) -> Option<&dyn Lend> {
+        self.inner.lend().map(|_| self as &dyn Lend)
+    }
+}
+
+impl Lend for Injector {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        match self.inner.lend() {
+            Some(l) if !self.targets(Kind::Read) => l.try_read_at(buf, offset),
+            _ => Ok(false),
+        }
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        match self.inner.lend() {
+            Some(l) if !self.targets(Kind::Write) => l.try_write_at(buf, offset),
+            _ => Ok(false),
+        }
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        match self.inner.lend() {
+            Some(l) if !self.targets(Kind::Read) => l.read_shared(offset, len),
+            _ => Ok(None),
+        }
+    }
+    fn write_unit(&self) -> Option<usize> {
+        match self.inner.lend() {
+            Some(l) if !self.targets(Kind::Write) => l.write_unit(),
+            _ => None,
+        }
+    }
+    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        match self.inner.lend() {
+            Some(l) if !self.targets(Kind::Write) => l.write_owned(offset, bufs),
+            _ => Err(vdk_core::Error::Unsupported(vdk_core::Op::Write)),
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::io;
 use std::path::Path;
 
 use vdk_backends::{FileDisk, FileOptions};
-use vdk_core::{BlockDevice, DiskInfo, Extents, MediaKind, Result};
+use vdk_core::{BlockDevice, DiskInfo, Extents, Lend, MediaKind, Result};
 
 /// Where the first volume descriptor starts: sector 16.
 pub const DESCRIPTORS: u64 = DESCRIPTORS_AT as u64;
@@ -75,11 +75,6 @@ impl BlockDevice for IsoDisk {
         self.file.read_at(buf, offset)
     }
 
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        vdk_core::check_range(self.info().size, offset, buf.len() as u64)?;
-        self.file.try_read_at(buf, offset)
-    }
-
     fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<()> {
         Err(vdk_core::Error::ReadOnly)
     }
@@ -96,5 +91,16 @@ impl BlockDevice for IsoDisk {
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         vdk_core::check_range(self.info().size, offset, len)?;
         self.file.cache(offset, len)
+    }
+
+    fn lend(&self) -> Option<&dyn Lend> {
+        Some(self)
+    }
+}
+
+impl Lend for IsoDisk {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        vdk_core::check_range(self.info().size, offset, buf.len() as u64)?;
+        Lend::try_read_at(&self.file, buf, offset)
     }
 }

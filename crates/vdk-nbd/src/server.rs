@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use vdk_core::net::Admission;
 use vdk_core::pool::Pool;
-use vdk_core::{zeroed_buffer, BlockDevice, Errno, Error, ExtentKind, Piece, ReadOnly};
+use vdk_core::{zeroed_buffer, BlockDevice, Errno, Error, ExtentKind, Lend, Piece, ReadOnly};
 
 use crate::export::{Export, Peer};
 use crate::negotiate::{negotiate_client, Client, Exports, HandshakeError, BASE_ALLOCATION_ID};
@@ -475,8 +475,15 @@ fn run_connection(
         broken: AtomicBool::new(false),
         pool: Pool::new(config.threads_per_connection.max(1)),
         spare: Mutex::default(),
-        write_unit: device.write_unit().filter(|u| *u > 0),
-        lends_memory: matches!(device.read_shared(0, 0), Ok(Some(_))),
+        // What the disk offers beyond its plain methods, asked once for the connection.
+        write_unit: device
+            .lend()
+            .and_then(|l| l.write_unit())
+            .filter(|u| *u > 0),
+        lends_memory: device
+            .lend()
+            .is_some_and(|l| matches!(l.read_shared(0, 0), Ok(Some(_)))),
+        lends: device.lend().is_some(),
         spare_units: Mutex::default(),
         in_flight: Mutex::default(),
         drained: Condvar::new(),
@@ -501,11 +508,13 @@ struct Conn {
     /// Payload buffers back from workers, reused so that a write does not allocate (large
     /// allocations cost page faults and zero-filling every time).
     spare: Mutex<Vec<Vec<u8>>>,
-    /// The disk's [`BlockDevice::write_unit`]: aligned writes are received straight into
-    /// buffers of this size that the disk keeps, instead of being copied into it.
+    /// The disk's [`Lend::write_unit`]: aligned writes are received straight into buffers of
+    /// this size that the disk keeps, instead of being copied into it.
     write_unit: Option<usize>,
-    /// The disk answers [`BlockDevice::read_shared`].
+    /// The disk answers [`Lend::read_shared`].
     lends_memory: bool,
+    /// The disk has fast paths at all ([`BlockDevice::lend`]).
+    lends: bool,
     /// Buffers of `write_unit` bytes that the disk gave back, for the next owned write.
     spare_units: Mutex<Vec<Arc<[u8]>>>,
     /// Requests and bytes handed to workers and not yet answered.
@@ -518,6 +527,15 @@ struct Conn {
 }
 
 impl Conn {
+    /// The disk's fast paths, if it has them.
+    fn lend(&self) -> Option<&dyn Lend> {
+        if self.lends {
+            self.device.lend()
+        } else {
+            None
+        }
+    }
+
     /// Waits until one more request of `bytes` fits in the connection's limits, and counts it.
     /// A single request larger than the byte limit still goes, alone.
     fn reserve(&self, bytes: u64) {
@@ -989,10 +1007,10 @@ fn serve_inline(conn: &Conn, h: &RequestHeader, c: Command, payload: &[u8], b: &
     match c {
         Command::Read { df } => read_reply(conn, h, df, false, b),
         Command::Write { fua: false } => {
-            match conn
-                .device
-                .try_write_at(&payload[..h.len as usize], h.offset)
-            {
+            let Some(lend) = conn.lend() else {
+                return false;
+            };
+            match lend.try_write_at(&payload[..h.len as usize], h.offset) {
                 Ok(true) => b.ok(h.cookie),
                 Ok(false) => return false,
                 Err(e) => b.failed(conn, h, &e),
@@ -1010,7 +1028,13 @@ fn serve_blocking(conn: &Conn, job: Job, b: &mut Batch) {
     let payload = match job.payload {
         Payload::Owned(bufs) => {
             let fua = matches!(job.command, Command::Write { fua: true });
-            let result = dev.write_owned(h.offset, bufs).and_then(|old| {
+            // Owned payloads come only from a disk with a write unit, which lends.
+            let owned = conn
+                .lend()
+                .map_or(Err(Error::Unsupported(vdk_core::Op::Write)), |l| {
+                    l.write_owned(h.offset, bufs)
+                });
+            let result = owned.and_then(|old| {
                 let mut spare = conn.spare_units.locked();
                 let room = MAX_SPARE_UNITS.saturating_sub(spare.len());
                 spare.extend(old.into_iter().take(room));
@@ -1086,12 +1110,11 @@ fn sparse_runs(conn: &Conn, h: &RequestHeader, df: bool) -> Option<Vec<(usize, u
 /// false means it would have to wait and nothing was added.
 fn read_reply(conn: &Conn, h: &RequestHeader, df: bool, wait: bool, b: &mut Batch) -> bool {
     let dev = &*conn.device;
-    let read = |buf: &mut [u8], at: u64| {
-        if wait {
-            dev.read_at(buf, at).map(|()| true)
-        } else {
-            dev.try_read_at(buf, at)
-        }
+    let lend = conn.lend();
+    let read = |buf: &mut [u8], at: u64| match (wait, lend) {
+        (true, _) => dev.read_at(buf, at).map(|()| true),
+        (false, Some(l)) => l.try_read_at(buf, at),
+        (false, None) => Ok(false),
     };
     let mark = b.out.len();
     let outcome = if let Some(runs) = sparse_runs(conn, h, df) {
@@ -1108,7 +1131,10 @@ fn read_reply(conn: &Conn, h: &RequestHeader, df: bool, wait: bool, b: &mut Batc
             let at = b.out.len();
             b.out.resize(at + n, 0);
             read(&mut b.out[at..], h.offset)
-        } else if let Some(pieces) = dev.read_shared(h.offset, n).transpose() {
+        } else if let Some(pieces) = lend
+            .filter(|_| conn.lends_memory)
+            .and_then(|l| l.read_shared(h.offset, n).transpose())
+        {
             // The disk lends its memory: no copy at all on this side.
             pieces.map(|p| {
                 b.shared = p;

@@ -119,8 +119,9 @@ pub fn try_read(lu: &LogicalUnit, cdb: &Cdb<'_>) -> Option<Result<Vec<u8>, Sense
         Ok(r) => r,
         Err(s) => return Some(Err(s)),
     };
+    let lend = m.dev.lend()?;
     let mut buf = vec![0u8; usize::try_from(len).ok()?];
-    match m.dev.try_read_at(&mut buf, off) {
+    match lend.try_read_at(&mut buf, off) {
         Ok(true) => Some(Ok(buf)),
         Ok(false) => None,
         Err(e) => Some(Err(Sense::from_error(&e, false))),
@@ -139,8 +140,9 @@ pub fn try_write(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Option<R
     if want == 0 || req.data_out.len() < want {
         return None;
     }
+    let lend = m.dev.lend()?;
     let _shared = lu.io.read().unwrap_or_else(|e| e.into_inner());
-    match m.dev.try_write_at(&req.data_out[..want], off) {
+    match lend.try_write_at(&req.data_out[..want], off) {
         Ok(true) => Some(Response::good(Vec::new()).with_out_len(want)),
         Ok(false) => None,
         Err(e) => Some(Response::check(Sense::from_error(&e, true)).with_out_len(want)),

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
-use vdk_core::{BlockDevice, DiskInfo, Error, Extents, Piece, Result};
+use vdk_core::{BlockDevice, DiskInfo, Error, Extents, Lend, Piece, Result};
 
 use crate::control::Counters;
 
@@ -141,48 +141,6 @@ impl BlockDevice for Tracked {
         self.count(r, |s, ()| write_done(s, buf.len() as u64))
     }
 
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        self.open()?;
-        let n = buf.len() as u64;
-        let r = self.below().try_read_at(buf, offset);
-        self.count(r, |s, done| {
-            if *done {
-                read_done(s, n);
-            }
-        })
-    }
-
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        self.open()?;
-        let r = self.below().try_write_at(buf, offset);
-        self.count(r, |s, done| {
-            if *done {
-                write_done(s, buf.len() as u64);
-            }
-        })
-    }
-
-    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        self.open()?;
-        let r = self.below().read_shared(offset, len);
-        self.count(r, |s, pieces| {
-            if pieces.is_some() {
-                read_done(s, len as u64);
-            }
-        })
-    }
-
-    fn write_unit(&self) -> Option<usize> {
-        self.below().write_unit()
-    }
-
-    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
-        self.open()?;
-        let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        let r = self.below().write_owned(offset, bufs);
-        self.count(r, |s, _| write_done(s, n))
-    }
-
     fn flush(&self) -> Result<()> {
         self.open()?;
         let r = self.below().flush();
@@ -209,6 +167,73 @@ impl BlockDevice for Tracked {
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         self.open()?;
         self.below().cache(offset, len)
+    }
+
+    /// Its own, always: the chain below may change (a live commit) and lend or not.
+    fn lend(&self) -> Option<&dyn Lend> {
+        Some(self)
+    }
+}
+
+/// The fast paths of the chain below at the moment of each request (none while it has none),
+/// counted and closed as the slow ones are.
+impl Lend for Tracked {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.open()?;
+        let below = self.below();
+        let Some(lend) = below.lend() else {
+            return Ok(false);
+        };
+        let n = buf.len() as u64;
+        let r = lend.try_read_at(buf, offset);
+        self.count(r, |s, done| {
+            if *done {
+                read_done(s, n);
+            }
+        })
+    }
+
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        self.open()?;
+        let below = self.below();
+        let Some(lend) = below.lend() else {
+            return Ok(false);
+        };
+        let r = lend.try_write_at(buf, offset);
+        self.count(r, |s, done| {
+            if *done {
+                write_done(s, buf.len() as u64);
+            }
+        })
+    }
+
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
+        self.open()?;
+        let below = self.below();
+        let Some(lend) = below.lend() else {
+            return Ok(None);
+        };
+        let r = lend.read_shared(offset, len);
+        self.count(r, |s, pieces| {
+            if pieces.is_some() {
+                read_done(s, len as u64);
+            }
+        })
+    }
+
+    fn write_unit(&self) -> Option<usize> {
+        self.below().lend()?.write_unit()
+    }
+
+    fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
+        self.open()?;
+        let below = self.below();
+        let Some(lend) = below.lend() else {
+            return Err(Error::Unsupported(vdk_core::Op::Write));
+        };
+        let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let r = lend.write_owned(offset, bufs);
+        self.count(r, |s, _| write_done(s, n))
     }
 }
 
