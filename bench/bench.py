@@ -105,8 +105,11 @@ def servers(vdk, tmp, image, before=None):
                           ["memory", "1G"], uri(a), a))
         for name, binary in builds:
             a = addr(name + "-file")
+            # vdk locks the image it serves: each vdk server has a copy of its own.
+            own = os.path.join(tmp, "%s-%s.img" % (name, transport))
+            subprocess.run(["cp", "--reflink=auto", image, own], check=True)
             out.append(Server(name, "file", transport,
-                              [binary, "serve", image, "--listen", listen_vdk(a)], uri(a), a))
+                              [binary, "serve", own, "--listen", listen_vdk(a)], uri(a), a))
         a = addr("nbdkit-file")
         out.append(Server("nbdkit", "file", transport,
                           ["nbdkit", "-f", "--exit-with-parent"] + listen_nbdkit(a) +

@@ -16,7 +16,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -26,6 +26,7 @@ use fuser::{
     WriteFlags,
 };
 use tracing::{debug, info, warn};
+use vdk_core::sync;
 use vdk_core::BlockDevice;
 
 /// Largest read or write the kernel sends in one request.
@@ -70,7 +71,7 @@ struct State {
 
 impl State {
     fn file(&self, ino: INodeNo) -> Option<Arc<DiskFile>> {
-        let files = self.files.read().unwrap_or_else(PoisonError::into_inner);
+        let files = sync::read(&self.files);
         files.by_ino.get(&ino.0).cloned()
     }
 
@@ -138,7 +139,7 @@ impl Filesystem for DiskFs {
         if parent != INodeNo::ROOT {
             return reply.error(Errno::ENOENT);
         }
-        let files = self.0.files.read().unwrap_or_else(PoisonError::into_inner);
+        let files = sync::read(&self.0.files);
         let found = name
             .to_str()
             .and_then(|n| files.by_name.get(n))
@@ -349,7 +350,7 @@ impl Filesystem for DiskFs {
         if ino != INodeNo::ROOT {
             return reply.error(Errno::ENOTDIR);
         }
-        let files = self.0.files.read().unwrap_or_else(PoisonError::into_inner);
+        let files = sync::read(&self.0.files);
         let mut entries = vec![
             (INodeNo::ROOT, FileType::Directory, "."),
             (INodeNo::ROOT, FileType::Directory, ".."),
@@ -367,7 +368,7 @@ impl Filesystem for DiskFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let files = self.0.files.read().unwrap_or_else(PoisonError::into_inner);
+        let files = sync::read(&self.0.files);
         let bytes: u64 = files.by_ino.values().map(|f| f.size).sum();
         let n = files.by_ino.len() as u64;
         reply.statfs(bytes / 4096, 0, 0, n, 0, 4096, 255, 4096);
@@ -446,11 +447,7 @@ impl FuseExport {
             ));
         }
         let info = device.info();
-        let mut files = self
-            .state
-            .files
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut files = sync::write(&self.state.files);
         if files.by_name.contains_key(name) {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -473,11 +470,7 @@ impl FuseExport {
     /// Takes the file `name` away. Whoever still has it open (a loop device) gets EIO from
     /// then on; the disk itself is released.
     pub fn remove(&self, name: &str) -> bool {
-        let mut files = self
-            .state
-            .files
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut files = sync::write(&self.state.files);
         match files.by_name.remove(name) {
             Some(ino) => {
                 files.by_ino.remove(&ino);
@@ -489,11 +482,7 @@ impl FuseExport {
 
     /// Unmounts the export and stops its threads.
     pub fn unmount(&self) {
-        let session = self
-            .session
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let session = sync::lock(&self.session).take();
         if let Some(session) = session {
             if let Err(e) = session.umount_and_join() {
                 // Busy (a loop device still holds a file): detach lazily; the threads end

@@ -12,10 +12,11 @@
 //! ([`BlockDevice::write_owned`]) instead of being copied in.
 
 use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use std::sync::Arc;
 
+use vdk_core::sync;
 use vdk_core::{
     check_range, zeroed_buffer, BlockDevice, Capabilities, DiskInfo, Error, ExtentKind, Extents,
     Lend, Piece, Result, SharedBytes,
@@ -23,7 +24,7 @@ use vdk_core::{
 
 /// Takes a read lock; a lock poisoned by a panic still guards sound data (whole chunks).
 fn read_locked<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(PoisonError::into_inner)
+    sync::read(lock)
 }
 
 /// Allocation granularity: 64 KiB, a balance between map size and the waste of small writes.
@@ -93,9 +94,7 @@ impl MemoryDisk {
 
     fn write_shard(&self, chunk: u64) -> RwLockWriteGuard<'_, HashMap<u64, Chunk>> {
         // A panic while a shard was held leaves whole chunks (plain bytes): still sound.
-        self.shard(chunk)
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+        sync::write(self.shard(chunk))
     }
 
     /// Bytes of RAM holding data (allocated chunks).

@@ -28,11 +28,13 @@ mod extents;
 mod filter;
 mod info;
 pub mod io;
+pub mod lifecycle;
 pub mod net;
 pub mod pool;
 pub mod proc;
 mod shared;
 pub mod size;
+pub mod sync;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

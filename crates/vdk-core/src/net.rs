@@ -10,8 +10,10 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::sync;
 
 /// A server's connection limits: how many at once, and how many from one IP address.
 #[derive(Debug)]
@@ -45,8 +47,7 @@ impl Admission {
     }
 
     fn counts(&self) -> MutexGuard<'_, Counts> {
-        // Counters only: still sound after a panic elsewhere.
-        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.counts)
     }
 
     /// A place for a connection from `ip` (`None`: a Unix socket, counted in the total

@@ -8,8 +8,10 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+
+use crate::sync;
 
 /// Jobs of type `J` and the threads that run them. The pool does not know what a job is:
 /// each worker is a loop over [`Pool::next`] that the caller starts.
@@ -49,8 +51,7 @@ impl<J> Pool<J> {
     }
 
     fn lock(&self) -> MutexGuard<'_, State<J>> {
-        // The state is a queue and counters: still sound after a panic elsewhere.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.state)
     }
 
     /// Queues `job`. If no worker is idle and fewer than `max` run, `start` is called to
@@ -90,7 +91,7 @@ impl<J> Pool<J> {
                 return None;
             }
             st.idle += 1;
-            st = self.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st = sync::wait(&self.ready, st);
             st.idle -= 1;
         }
     }

@@ -20,8 +20,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use vdk_core::sync;
+use vdk_core::sync::lock;
 
 use fuser::Errno;
 use futures::{StreamExt, TryStreamExt};
@@ -128,10 +130,6 @@ impl Drop for FileState {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.cache_path);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn to_ns(t: SystemTime) -> i64 {
@@ -792,7 +790,7 @@ impl Drive {
                 break;
             }
             if mine.is_empty() {
-                g = f.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+                g = sync::wait(&f.cv, g);
                 continue;
             }
             drop(g);
@@ -820,7 +818,7 @@ impl Drive {
             let (mine, wait) = Self::claim(&mut g, 0, blocks - 1);
             if mine.is_empty() {
                 if wait {
-                    g = f.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+                    g = sync::wait(&f.cv, g);
                 }
                 continue;
             }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -13,6 +13,7 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
     WriteFlags,
 };
+use vdk_core::sync;
 
 use crate::drive::{Attr, Drive, FileState, NAME_MAX};
 
@@ -69,9 +70,7 @@ impl DriveFs {
     }
 
     fn handle(&self, fh: FileHandle) -> Option<(u64, Arc<FileState>)> {
-        self.handles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.handles)
             .get(&fh.0)
             .map(|(i, f)| (*i, Arc::clone(f)))
     }
@@ -89,10 +88,7 @@ impl DriveFs {
 
     fn add_handle(&self, ino: u64, f: Arc<FileState>) -> FileHandle {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(fh, (ino, f));
+        sync::lock(&self.handles).insert(fh, (ino, f));
         FileHandle(fh)
     }
 }
@@ -333,11 +329,7 @@ impl Filesystem for DriveFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let h = self
-            .handles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&fh.0);
+        let h = sync::lock(&self.handles).remove(&fh.0);
         if let Some((ino, f)) = h {
             self.drive.release(ino, &f);
         }

@@ -15,8 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
+use vdk_core::sync::lock;
 use vdk_core::{check_range, BlockDevice, Filter, Lend, Result};
 
 /// Where cached blocks are kept.
@@ -52,10 +53,6 @@ pub struct Cache {
     misses: AtomicU64,
     /// A block could not be stored once (logged once).
     put_failed: AtomicBool,
-}
-
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Cache {

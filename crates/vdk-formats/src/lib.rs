@@ -2,7 +2,9 @@
 //!
 //! [`probe`] tells a format by its magic only; [`open`] opens an image in a named or probed
 //! format, with its backing chain; [`info`] describes one; [`create`] makes a new one.
-//! Formats: raw (any file) and qcow2 (read-write, see [`qcow2`]).
+//! Formats ([`Format`]): raw (any file), [`qcow2`], [`vhd`] and [`vhdx`] (each read-write,
+//! fixed or growing, with a backing chain for qcow2), and [`iso`] (read-only, a CD-ROM).
+//! Metadata that does not hold together is a [`Corrupt`] error, whatever the format.
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
@@ -274,11 +276,48 @@ pub struct Image {
     pub format: Format,
 }
 
-fn invalid_data(path: &Path, msg: impl fmt::Display) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("{}: {msg}", path.display()),
-    )
+/// An image whose metadata does not hold together: a header, table or log that is wrong,
+/// or a file that is not in the format it was opened as. As an I/O error it is
+/// `InvalidData`, with this inside (`io::Error::get_ref`).
+#[derive(Debug, thiserror::Error)]
+pub struct Corrupt {
+    /// The format it was read as.
+    pub format: Format,
+    /// The image file, when the reader knows it.
+    pub path: Option<PathBuf>,
+    /// What is wrong.
+    pub what: String,
+}
+
+impl fmt::Display for Corrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.path {
+            Some(p) => write!(f, "{}: {}", p.display(), self.what),
+            None => write!(f, "corrupt {} image: {}", self.format, self.what),
+        }
+    }
+}
+
+impl From<Corrupt> for io::Error {
+    fn from(c: Corrupt) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, c)
+    }
+}
+
+impl From<Corrupt> for vdk_core::Error {
+    fn from(c: Corrupt) -> vdk_core::Error {
+        vdk_core::Error::Io(c.into())
+    }
+}
+
+/// The error for the image `path` of `format` whose metadata is wrong in the way `what` says.
+pub(crate) fn corrupt(format: Format, path: &Path, what: impl fmt::Display) -> io::Error {
+    Corrupt {
+        format,
+        path: Some(path.to_owned()),
+        what: what.to_string(),
+    }
+    .into()
 }
 
 /// Reads and checks the qcow2 header of `file`; returns it with the first cluster's bytes.
@@ -287,7 +326,7 @@ pub fn qcow2_header(path: &Path, file: &File) -> io::Result<(Header, Vec<u8>)> {
     let mut first = vec![0u8; len.min(2 << 20) as usize];
     let n = read_some(file, &mut first, 0)?;
     first.truncate(n);
-    let header = Header::parse(&first, len).map_err(|e| invalid_data(path, e))?;
+    let header = Header::parse(&first, len).map_err(|e| corrupt(Format::Qcow2, path, e))?;
     Ok((header, first))
 }
 
@@ -311,10 +350,15 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
     let canonical = fs::canonicalize(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     if chain.contains(&canonical) {
-        return Err(invalid_data(path, "backing chain loops back to this image"));
+        return Err(corrupt(
+            Format::Qcow2,
+            path,
+            "backing chain loops back to this image",
+        ));
     }
     if chain.len() >= MAX_CHAIN {
-        return Err(invalid_data(
+        return Err(corrupt(
+            Format::Qcow2,
             path,
             format!("backing chain longer than {MAX_CHAIN}"),
         ));
@@ -344,7 +388,7 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
             let (header, first) = qcow2_header(path, &file)?;
             let backing = match header
                 .backing_file(&first)
-                .map_err(|e| invalid_data(path, e))?
+                .map_err(|e| corrupt(Format::Qcow2, path, e))?
             {
                 None => None,
                 Some(name) => {
@@ -353,7 +397,8 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
                         Some(f) => Some(Format::from_name(f)?),
                         None if probe_backing => None,
                         None => {
-                            return Err(invalid_data(
+                            return Err(corrupt(
+                                Format::Qcow2,
                                 path,
                                 format!(
                                     "the format of backing file {name:?} is not recorded; \
@@ -451,7 +496,11 @@ fn info_in_chain(
     depth: usize,
 ) -> io::Result<ImageInfo> {
     if depth > MAX_CHAIN {
-        return Err(invalid_data(path, "backing chain too long (or a loop)"));
+        return Err(corrupt(
+            Format::Qcow2,
+            path,
+            "backing chain too long (or a loop)",
+        ));
     }
     let file = File::open(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
@@ -508,7 +557,9 @@ fn info_in_chain(
             qcow2::header::Compression::Zlib => "zlib",
             qcow2::header::Compression::Zstd => "zstd",
         });
-        info.backing_file = h.backing_file(&first).map_err(|e| invalid_data(path, e))?;
+        info.backing_file = h
+            .backing_file(&first)
+            .map_err(|e| corrupt(Format::Qcow2, path, e))?;
         info.backing_format = h.backing_format.clone();
         info.dirty = h.incompatible_features & qcow2::header::incompat::DIRTY != 0;
         info.corrupt = h.incompatible_features & qcow2::header::incompat::CORRUPT != 0;

@@ -24,10 +24,11 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
-use crate::{be32, be64, LOOK};
+use crate::{be32, be64, corrupt, Format, LOOK};
 use vdk_backends::FileOptions;
+use vdk_core::sync;
 use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
 
 /// Footer cookie.
@@ -41,13 +42,6 @@ pub const DEFAULT_BLOCK: u32 = 2 << 20;
 const MAX_BAT: u32 = 16 << 20;
 /// Largest disk: the format's 2040 GiB, a little more to accept images in the wild.
 const MAX_SIZE: u64 = 2 << 40;
-
-fn bad(path: &Path, msg: impl std::fmt::Display) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("{}: {msg}", path.display()),
-    )
-}
 
 /// One's complement of the byte sum, with the checksum field (at `at`) taken as zero.
 fn checksum(b: &[u8], at: usize) -> u32 {
@@ -94,11 +88,7 @@ fn chs_sectors(g: (u16, u8, u8)) -> u64 {
 pub fn describe(path: &Path) -> io::Result<(u64, &'static str, Option<u64>)> {
     let v = Vhd::open(path, LOOK)?;
     Ok(match &v.dynamic {
-        Some(d) => (
-            v.size,
-            "dynamic",
-            Some(d.lock().unwrap_or_else(PoisonError::into_inner).block),
-        ),
+        Some(d) => (v.size, "dynamic", Some(sync::lock(d).block)),
         None => (v.size, "fixed", None),
     })
 }
@@ -114,10 +104,10 @@ struct Footer {
 
 fn parse_footer(path: &Path, raw: &[u8]) -> io::Result<Footer> {
     if raw.len() < 512 || &raw[..8] != COOKIE {
-        return Err(bad(path, "no VHD footer (conectix)"));
+        return Err(corrupt(Format::Vhd, path, "no VHD footer (conectix)"));
     }
     if checksum(&raw[..512], 64) != be32(raw, 64) {
-        return Err(bad(path, "VHD footer checksum mismatch"));
+        return Err(corrupt(Format::Vhd, path, "VHD footer checksum mismatch"));
     }
     let current = be64(raw, 48);
     let geo = (u16::from_be_bytes([raw[56], raw[57]]), raw[58], raw[59]);
@@ -130,7 +120,11 @@ fn parse_footer(path: &Path, raw: &[u8]) -> io::Result<Footer> {
         chs_sectors(geo) * 512
     };
     if size > MAX_SIZE {
-        return Err(bad(path, format!("VHD size {size} is absurd")));
+        return Err(corrupt(
+            Format::Vhd,
+            path,
+            format!("VHD size {size} is absurd"),
+        ));
     }
     let mut copy = [0u8; 512];
     copy.copy_from_slice(&raw[..512]);
@@ -179,7 +173,7 @@ impl Vhd {
         opts.lock(&file, path)?;
         let len = file.metadata()?.len();
         if len < FOOTER {
-            return Err(bad(path, "too short to be a VHD"));
+            return Err(corrupt(Format::Vhd, path, "too short to be a VHD"));
         }
         let mut head = [0u8; 512];
         file.read_exact_at(&mut head, 0)?;
@@ -194,7 +188,11 @@ impl Vhd {
         match footer.disk_type {
             2 => {
                 if footer.size > len - FOOTER {
-                    return Err(bad(path, "fixed VHD is shorter than its size"));
+                    return Err(corrupt(
+                        Format::Vhd,
+                        path,
+                        "fixed VHD is shorter than its size",
+                    ));
                 }
                 Ok(Vhd {
                     file,
@@ -218,38 +216,59 @@ impl Vhd {
                 io::ErrorKind::Unsupported,
                 format!("{}: differencing VHDs are not supported", path.display()),
             )),
-            t => Err(bad(path, format!("unknown VHD disk type {t}"))),
+            t => Err(corrupt(
+                Format::Vhd,
+                path,
+                format!("unknown VHD disk type {t}"),
+            )),
         }
     }
 
     fn open_dynamic(path: &Path, file: &File, footer: &Footer, len: u64) -> io::Result<Dynamic> {
         let at = footer.data_offset;
         if at.checked_add(1024).is_none_or(|e| e > len) {
-            return Err(bad(path, "dynamic header lies past the end"));
+            return Err(corrupt(
+                Format::Vhd,
+                path,
+                "dynamic header lies past the end",
+            ));
         }
         let mut h = [0u8; 1024];
         file.read_exact_at(&mut h, at)?;
         if &h[..8] != DYN_COOKIE {
-            return Err(bad(path, "no dynamic disk header (cxsparse)"));
+            return Err(corrupt(
+                Format::Vhd,
+                path,
+                "no dynamic disk header (cxsparse)",
+            ));
         }
         if checksum(&h, 36) != be32(&h, 36) {
-            return Err(bad(path, "dynamic disk header checksum mismatch"));
+            return Err(corrupt(
+                Format::Vhd,
+                path,
+                "dynamic disk header checksum mismatch",
+            ));
         }
         let bat_offset = be64(&h, 16);
         let entries = be32(&h, 28);
         let block = be32(&h, 32);
         if !block.is_power_of_two() || !(512..=(256 << 20)).contains(&block) {
-            return Err(bad(path, format!("block size {block} is invalid")));
+            return Err(corrupt(
+                Format::Vhd,
+                path,
+                format!("block size {block} is invalid"),
+            ));
         }
         if entries > MAX_BAT || u64::from(entries) * u64::from(block) < footer.size {
-            return Err(bad(
+            return Err(corrupt(
+                Format::Vhd,
                 path,
                 format!("BAT of {entries} entries does not fit the disk"),
             ));
         }
         let bat_len = u64::from(entries) * 4;
         if bat_offset.checked_add(bat_len).is_none_or(|e| e > len) {
-            return Err(bad(path, "BAT lies past the end"));
+            return Err(corrupt(Format::Vhd, path, "BAT lies past the end"));
         }
         let mut raw = vec![0u8; bat_len as usize];
         file.read_exact_at(&mut raw, bat_offset)?;
@@ -261,7 +280,11 @@ impl Vhd {
             if *e != UNALLOCATED {
                 let start = u64::from(*e) * 512;
                 if start + bitmap + block > len {
-                    return Err(bad(path, format!("BAT points past the end ({start})")));
+                    return Err(corrupt(
+                        Format::Vhd,
+                        path,
+                        format!("BAT points past the end ({start})"),
+                    ));
                 }
                 next_block = next_block.max(start + bitmap + block);
             }
@@ -284,7 +307,7 @@ impl Vhd {
     }
 
     fn dyn_lock(m: &Mutex<Dynamic>) -> std::sync::MutexGuard<'_, Dynamic> {
-        m.lock().unwrap_or_else(PoisonError::into_inner)
+        sync::lock(m)
     }
 
     /// Allocates the block of guest `offset`: bitmap, zeroed data, footer, then BAT entry.

@@ -28,9 +28,11 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
+use crate::{corrupt, Format};
 use vdk_backends::FileOptions;
+use vdk_core::sync::lock;
 use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
 
 /// File identifier signature.
@@ -123,13 +125,6 @@ fn crc(b: &[u8], at: usize) -> u32 {
     crc32c::crc32c_append(c, &b[at + 4..])
 }
 
-fn bad(path: &Path, msg: impl std::fmt::Display) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("{}: {msg}", path.display()),
-    )
-}
-
 /// A fresh GUID: not cryptographic, unique enough to tell writers apart.
 fn new_guid() -> [u8; 16] {
     use std::time::{SystemTime, UNIX_EPOCH};
@@ -178,7 +173,8 @@ fn read_headers(path: &Path, file: &File) -> io::Result<Header> {
             slot,
         };
         if le16(&h.raw, 66) != 1 {
-            return Err(bad(
+            return Err(corrupt(
+                Format::Vhdx,
                 path,
                 format!("VHDX version {} is not supported", le16(&h.raw, 66)),
             ));
@@ -187,7 +183,7 @@ fn read_headers(path: &Path, file: &File) -> io::Result<Header> {
             best = Some(h);
         }
     }
-    best.ok_or_else(|| bad(path, "no valid VHDX header"))
+    best.ok_or_else(|| corrupt(Format::Vhdx, path, "no valid VHDX header"))
 }
 
 /// Where the BAT and the metadata region are.
@@ -200,7 +196,11 @@ fn read_regions(path: &Path, file: &File, len: u64) -> io::Result<((u64, u64), (
         }
         let count = le32(&raw, 8) as usize;
         if count > 2047 {
-            return Err(bad(path, "region table has too many entries"));
+            return Err(corrupt(
+                Format::Vhdx,
+                path,
+                "region table has too many entries",
+            ));
         }
         let (mut bat, mut meta) = (None, None);
         for i in 0..count {
@@ -211,7 +211,8 @@ fn read_regions(path: &Path, file: &File, len: u64) -> io::Result<((u64, u64), (
                 || offset < MIB
                 || offset.checked_add(length).is_none_or(|x| x > len)
             {
-                return Err(bad(
+                return Err(corrupt(
+                    Format::Vhdx,
                     path,
                     format!("region at {offset} ({length} bytes) is invalid"),
                 ));
@@ -220,20 +221,25 @@ fn read_regions(path: &Path, file: &File, len: u64) -> io::Result<((u64, u64), (
                 g if g == BAT_GUID => bat = Some((offset, length)),
                 g if g == METADATA_GUID => meta = Some((offset, length)),
                 _ if required != 0 => {
-                    return Err(bad(path, "the image requires a region vdk does not know"))
+                    return Err(corrupt(
+                        Format::Vhdx,
+                        path,
+                        "the image requires a region vdk does not know",
+                    ))
                 }
                 _ => {}
             }
         }
         return match (bat, meta) {
             (Some(b), Some(m)) => Ok((b, m)),
-            _ => Err(bad(
+            _ => Err(corrupt(
+                Format::Vhdx,
                 path,
                 "region table lacks the BAT or the metadata region",
             )),
         };
     }
-    Err(bad(path, "no valid VHDX region table"))
+    Err(corrupt(Format::Vhdx, path, "no valid VHDX region table"))
 }
 
 /// Block size, disk size, logical sector size, has a parent.
@@ -245,11 +251,15 @@ fn read_metadata(
     let mut table = vec![0u8; REGION_SIZE];
     file.read_exact_at(&mut table, offset)?;
     if &table[..8] != b"metadata" {
-        return Err(bad(path, "no metadata table"));
+        return Err(corrupt(Format::Vhdx, path, "no metadata table"));
     }
     let count = le16(&table, 10) as usize;
     if count > 2047 {
-        return Err(bad(path, "metadata table has too many entries"));
+        return Err(corrupt(
+            Format::Vhdx,
+            path,
+            "metadata table has too many entries",
+        ));
     }
     let item = |id: [u8; 16], want: usize| -> io::Result<Vec<u8>> {
         for i in 0..count {
@@ -257,14 +267,22 @@ fn read_metadata(
             if e[..16] == id {
                 let (at, len) = (u64::from(le32(e, 16)), le32(e, 20) as usize);
                 if len < want || at < REGION_SIZE as u64 || at + len as u64 > length {
-                    return Err(bad(path, "metadata item lies outside the metadata region"));
+                    return Err(corrupt(
+                        Format::Vhdx,
+                        path,
+                        "metadata item lies outside the metadata region",
+                    ));
                 }
                 let mut v = vec![0u8; want];
                 file.read_exact_at(&mut v, offset + at)?;
                 return Ok(v);
             }
         }
-        Err(bad(path, "a required metadata item is missing"))
+        Err(corrupt(
+            Format::Vhdx,
+            path,
+            "a required metadata item is missing",
+        ))
     };
     let params = item(FILE_PARAMETERS, 8)?;
     let size = le64(&item(DISK_SIZE, 8)?, 0);
@@ -272,16 +290,25 @@ fn read_metadata(
     let block = le32(&params, 0);
     let has_parent = le32(&params, 4) & 2 != 0;
     if !block.is_power_of_two() || !(MIB as u32..=256 << 20).contains(&block) {
-        return Err(bad(path, format!("block size {block} is invalid")));
+        return Err(corrupt(
+            Format::Vhdx,
+            path,
+            format!("block size {block} is invalid"),
+        ));
     }
     if sector != 512 && sector != 4096 {
-        return Err(bad(
+        return Err(corrupt(
+            Format::Vhdx,
             path,
             format!("logical sector size {sector} is invalid"),
         ));
     }
     if size == 0 || size > 64 << 40 || !size.is_multiple_of(u64::from(sector)) {
-        return Err(bad(path, format!("virtual size {size} is invalid")));
+        return Err(corrupt(
+            Format::Vhdx,
+            path,
+            format!("virtual size {size} is invalid"),
+        ));
     }
     Ok((block, size, sector, has_parent))
 }
@@ -293,7 +320,7 @@ fn replay_log(path: &Path, file: &File, h: &Header, len: u64) -> io::Result<bool
     }
     let (lo, ll) = (h.log_offset, u64::from(h.log_length));
     if lo % MIB != 0 || ll % MIB != 0 || ll == 0 || lo.checked_add(ll).is_none_or(|e| e > len) {
-        return Err(bad(path, "log region is invalid"));
+        return Err(corrupt(Format::Vhdx, path, "log region is invalid"));
     }
     let mut log = vec![0u8; ll as usize];
     file.read_exact_at(&mut log, lo)?;
@@ -332,13 +359,18 @@ fn replay_log(path: &Path, file: &File, h: &Header, len: u64) -> io::Result<bool
     let mut expect = None;
     loop {
         let Some((seq, _, bytes)) = entry_at(at) else {
-            return Err(bad(
+            return Err(corrupt(
+                Format::Vhdx,
                 path,
                 "the log's active sequence is broken: the image cannot be repaired by vdk",
             ));
         };
         if expect.is_some_and(|e| e != seq) {
-            return Err(bad(path, "the log's active sequence has a gap"));
+            return Err(corrupt(
+                Format::Vhdx,
+                path,
+                "the log's active sequence has a gap",
+            ));
         }
         let elen = bytes.len() as u64;
         entries.push(bytes);
@@ -346,7 +378,11 @@ fn replay_log(path: &Path, file: &File, h: &Header, len: u64) -> io::Result<bool
             break;
         }
         if entries.len() as u64 > ll / 4096 {
-            return Err(bad(path, "the log's active sequence does not end"));
+            return Err(corrupt(
+                Format::Vhdx,
+                path,
+                "the log's active sequence does not end",
+            ));
         }
         expect = Some(seq + 1);
         at = (at + elen) % ll;
@@ -358,20 +394,32 @@ fn replay_log(path: &Path, file: &File, h: &Header, len: u64) -> io::Result<bool
         last_file_offset = last_file_offset.max(le64(e, 56));
         let desc_area = (64 + 32 * count).div_ceil(4096) * 4096;
         if desc_area > e.len() {
-            return Err(bad(path, "log entry descriptors overflow the entry"));
+            return Err(corrupt(
+                Format::Vhdx,
+                path,
+                "log entry descriptors overflow the entry",
+            ));
         }
         let mut data_at = desc_area;
         for i in 0..count {
             let d = &e[64 + 32 * i..96 + 32 * i];
             let target = le64(d, 16);
             if le64(d, 24) != seq {
-                return Err(bad(path, "log descriptor sequence mismatch"));
+                return Err(corrupt(
+                    Format::Vhdx,
+                    path,
+                    "log descriptor sequence mismatch",
+                ));
             }
             match &d[..4] {
                 b"zero" => {
                     let n = le64(d, 8);
                     if !n.is_multiple_of(4096) || !target.is_multiple_of(4096) || n > 1 << 40 {
-                        return Err(bad(path, "log zero descriptor is invalid"));
+                        return Err(corrupt(
+                            Format::Vhdx,
+                            path,
+                            "log zero descriptor is invalid",
+                        ));
                     }
                     let zeroes = vec![0u8; MIB as usize];
                     let mut done = 0;
@@ -383,11 +431,15 @@ fn replay_log(path: &Path, file: &File, h: &Header, len: u64) -> io::Result<bool
                 }
                 b"desc" => {
                     if data_at + 4096 > e.len() || !target.is_multiple_of(4096) {
-                        return Err(bad(path, "log data descriptor is invalid"));
+                        return Err(corrupt(
+                            Format::Vhdx,
+                            path,
+                            "log data descriptor is invalid",
+                        ));
                     }
                     let s = &e[data_at..data_at + 4096];
                     if &s[..4] != b"data" {
-                        return Err(bad(path, "log data sector is invalid"));
+                        return Err(corrupt(Format::Vhdx, path, "log data sector is invalid"));
                     }
                     let mut sector = vec![0u8; 4096];
                     sector[..8].copy_from_slice(&d[8..16]);
@@ -396,7 +448,7 @@ fn replay_log(path: &Path, file: &File, h: &Header, len: u64) -> io::Result<bool
                     file.write_all_at(&sector, target)?;
                     data_at += 4096;
                 }
-                _ => return Err(bad(path, "unknown log descriptor")),
+                _ => return Err(corrupt(Format::Vhdx, path, "unknown log descriptor")),
             }
         }
     }
@@ -454,10 +506,6 @@ pub struct Vhdx {
     state: Mutex<State>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Vhdx {
     /// Opens a VHDX image, replaying its log first if it has one (which needs write access).
     pub fn open(path: &Path, opts: FileOptions) -> io::Result<Vhdx> {
@@ -467,11 +515,11 @@ impl Vhdx {
         let len = file.metadata()?.len();
         let mut magic = [0u8; 8];
         if len < 4 * MIB {
-            return Err(bad(path, "too short to be a VHDX"));
+            return Err(corrupt(Format::Vhdx, path, "too short to be a VHDX"));
         }
         file.read_exact_at(&mut magic, 0)?;
         if &magic != MAGIC {
-            return Err(bad(path, "no VHDX file identifier"));
+            return Err(corrupt(Format::Vhdx, path, "no VHDX file identifier"));
         }
         let mut header = read_headers(path, &file)?;
         if header.log_guid != [0; 16] {
@@ -504,7 +552,11 @@ impl Vhdx {
         let data_blocks = size.div_ceil(block);
         let entries = data_blocks + (data_blocks - 1) / chunk_ratio.max(1);
         if entries * 8 > bat_region.1 || entries * 8 > MAX_BAT_BYTES {
-            return Err(bad(path, "the BAT region is too small for the disk"));
+            return Err(corrupt(
+                Format::Vhdx,
+                path,
+                "the BAT region is too small for the disk",
+            ));
         }
         let mut raw = vec![0u8; (entries * 8) as usize];
         file.read_exact_at(&mut raw, bat_region.0)?;
@@ -518,7 +570,8 @@ impl Vhdx {
                 continue;
             }
             if state == PARTIALLY_PRESENT {
-                return Err(bad(
+                return Err(corrupt(
+                    Format::Vhdx,
                     path,
                     "partially present blocks belong to differencing images",
                 ));
@@ -528,7 +581,8 @@ impl Vhdx {
                     .checked_add(block)
                     .is_none_or(|e| e > len.div_ceil(MIB) * MIB + block)
             {
-                return Err(bad(
+                return Err(corrupt(
+                    Format::Vhdx,
                     path,
                     format!("BAT entry {i} points outside the image ({off})"),
                 ));

@@ -13,7 +13,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -22,6 +22,7 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 use tracing::{debug, info};
+use vdk_core::sync;
 
 use crate::iso9660::{Iso, IsoError, Kind, Node, Time, ROOT_INO};
 
@@ -41,7 +42,7 @@ struct State {
 
 impl State {
     fn known(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Arc<Node>, u64)>> {
-        self.known.lock().unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.known)
     }
 
     fn node(&self, ino: INodeNo) -> Option<Arc<Node>> {
@@ -431,7 +432,7 @@ pub fn unmount_session(
     slot: &Mutex<Option<fuser::BackgroundSession>>,
     lazy: bool,
 ) -> io::Result<bool> {
-    let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut slot = sync::lock(slot);
     let Some(session) = slot.take() else {
         return Ok(false);
     };

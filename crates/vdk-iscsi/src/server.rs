@@ -13,11 +13,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::thread;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use vdk_core::net::{Admission, Deadline};
+use vdk_core::lifecycle::{self, Connection, Lifecycle, Stop};
+use vdk_core::net::Deadline;
+use vdk_core::sync::{read, write};
 
 use tracing::{debug, info, warn};
 
@@ -152,24 +153,6 @@ pub enum TargetError {
     Exists(String),
 }
 
-/// A connection the server knows, for shutdown and target removal.
-#[derive(Debug)]
-struct Known {
-    stream: TcpStream,
-    ffp: Option<Arc<Conn>>,
-}
-
-/// State shared by the server, its connection threads and its shutdown handles.
-#[derive(Debug, Default)]
-pub(crate) struct Shared {
-    stopping: AtomicBool,
-    conns: Mutex<HashMap<u64, Known>>,
-    next_conn: AtomicU64,
-    live: Mutex<usize>,
-    all_closed: Condvar,
-    listeners: Mutex<Vec<SocketAddr>>,
-}
-
 /// TCP keep-alive of initiator connections (vdk_core::net::set_keepalive).
 const KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -178,7 +161,7 @@ const REPLY_STALL: Duration = Duration::from_secs(60);
 
 /// Stops a running server from another thread.
 #[derive(Clone, Debug)]
-pub struct ShutdownHandle(Arc<Shared>);
+pub struct ShutdownHandle(Lifecycle);
 
 /// How long initiators are told to wait before they reconnect after a shutdown.
 const SHUTDOWN_TIME2WAIT: u16 = 2;
@@ -187,18 +170,7 @@ impl ShutdownHandle {
     /// Stops accepting, tells logged-in initiators their connections will be dropped,
     /// finishes the commands already received, and closes every connection.
     pub fn shutdown(&self) {
-        self.0.stopping.store(true, Ordering::SeqCst);
-        for addr in lock(&self.0.listeners).iter() {
-            // Wakes the accept loop, which then sees `stopping`.
-            let _ = TcpStream::connect_timeout(addr, Duration::from_secs(1));
-        }
-        for k in lock(&self.0.conns).values() {
-            if let Some(c) = &k.ffp {
-                c.announce_drop(SHUTDOWN_TIME2WAIT);
-            }
-            // Already gone if it fails: nothing to stop.
-            let _ = k.stream.shutdown(Shutdown::Read);
-        }
+        self.0.shutdown();
     }
 }
 
@@ -210,22 +182,19 @@ pub struct Server {
     next_tsih: AtomicU16,
     next_nexus: AtomicU64,
     config: ServerConfig,
-    shared: Arc<Shared>,
-    admission: Arc<Admission>,
+    life: Lifecycle,
 }
 
 impl Server {
     /// A server with no targets.
     pub fn new(config: ServerConfig) -> Server {
-        let admission = Admission::new(config.max_connections, config.max_connections_per_address);
         Server {
             targets: RwLock::default(),
             sessions: Mutex::default(),
             next_tsih: AtomicU16::new(1),
             next_nexus: AtomicU64::new(1),
+            life: Lifecycle::new(config.max_connections, config.max_connections_per_address),
             config,
-            shared: Arc::default(),
-            admission,
         }
     }
 
@@ -239,7 +208,7 @@ impl Server {
         if !valid_name(&target.name) {
             return Err(TargetError::BadName(target.name));
         }
-        let mut targets = self.targets.write().unwrap_or_else(|e| e.into_inner());
+        let mut targets = write(&self.targets);
         if targets.contains_key(&target.name) {
             return Err(TargetError::Exists(target.name));
         }
@@ -251,13 +220,13 @@ impl Server {
 
     /// The target named `name`.
     pub fn target(&self, name: &str) -> Option<Arc<Target>> {
-        let targets = self.targets.read().unwrap_or_else(|e| e.into_inner());
+        let targets = read(&self.targets);
         targets.get(name).cloned()
     }
 
     /// Every target, by name.
     pub fn targets(&self) -> Vec<Arc<Target>> {
-        let targets = self.targets.read().unwrap_or_else(|e| e.into_inner());
+        let targets = read(&self.targets);
         targets.values().cloned().collect()
     }
 
@@ -265,7 +234,7 @@ impl Server {
     /// will drop, commands already received finish, and the connections close.
     pub fn remove_target(&self, name: &str) -> Option<Arc<Target>> {
         let t = {
-            let mut targets = self.targets.write().unwrap_or_else(|e| e.into_inner());
+            let mut targets = write(&self.targets);
             targets.remove(name)?
         };
         let sessions: Vec<Arc<Session>> = lock(&self.sessions)
@@ -282,137 +251,80 @@ impl Server {
 
     /// A handle that stops [`serve`](Self::serve) from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle(Arc::clone(&self.shared))
+        ShutdownHandle(self.life.clone())
     }
 
     /// Serves on `listeners` until shut down, then waits for every connection to close and
     /// flushes every logical unit.
     pub fn serve(self: &Arc<Self>, listeners: Vec<TcpListener>) -> io::Result<()> {
-        {
-            let mut addrs = lock(&self.shared.listeners);
-            for l in &listeners {
-                addrs.push(l.local_addr()?);
-            }
-        }
-        thread::scope(|s| {
-            for l in &listeners {
-                s.spawn(move || self.accept_loop(l));
-            }
-        });
-        self.wait_closed();
+        self.life
+            .accept(&listeners, |stream| self.spawn_connection(stream));
+        self.life.wait_closed();
         self.flush_all()
-    }
-
-    fn accept_loop(self: &Arc<Self>, listener: &TcpListener) {
-        for conn in listener.incoming() {
-            if self.shared.stopping.load(Ordering::SeqCst) {
-                break;
-            }
-            match conn {
-                Ok(stream) => self.spawn_connection(stream),
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    // EMFILE and the like: do not spin.
-                    thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
     }
 
     /// Serves one connection (from any listener, or made by the caller) on its own thread.
     pub fn spawn_connection(self: &Arc<Self>, stream: TcpStream) {
-        let ip = stream.peer_addr().ok().map(|a| a.ip());
-        let place = match self.admission.admit(ip) {
-            Ok(p) => p,
-            Err(why) => {
-                warn!(peer = ?ip, "connection refused: {why}");
+        let peer = stream.peer_addr().ok();
+        let handle = match stream.try_clone() {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                warn!(error = %e, "cannot clone a client socket, closing it");
                 return;
             }
+        };
+        // Until the login is done, stopping a connection ends its reading side.
+        let stop: Stop = {
+            let handle = Arc::clone(&handle);
+            Arc::new(move || drop(handle.shutdown(Shutdown::Read)))
         };
         // An initiator whose host vanished is found in about two minutes.
         vdk_core::net::set_keepalive(&stream, KEEPALIVE);
-        let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let clone = match stream.try_clone() {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "cannot clone a client socket");
-                return;
-            }
-        };
-        lock(&self.shared.conns).insert(
-            id,
-            Known {
-                stream: clone,
-                ffp: None,
-            },
-        );
-        *lock(&self.shared.live) += 1;
         let server = Arc::clone(self);
-        let spawned = thread::Builder::new()
-            .name("iscsi-conn".into())
-            .spawn(move || {
-                server.run_connection(stream, id);
-                lock(&server.shared.conns).remove(&id);
-                drop(place);
-                server.connection_closed();
-            });
-        if let Err(e) = spawned {
-            warn!(error = %e, "cannot start a connection thread");
-            lock(&self.shared.conns).remove(&id);
-            self.connection_closed();
-        }
-    }
-
-    fn connection_closed(&self) {
-        *lock(&self.shared.live) -= 1;
-        self.shared.all_closed.notify_all();
-    }
-
-    fn wait_closed(&self) {
-        let mut live = lock(&self.shared.live);
-        while *live > 0 {
-            live = self
-                .shared
-                .all_closed
-                .wait(live)
-                .unwrap_or_else(|e| e.into_inner());
+        let run = move |c: &Connection| server.run_connection(stream, &handle, c);
+        if let Err(why) = self
+            .life
+            .spawn("iscsi-conn", peer.map(|a| a.ip()), stop, run)
+        {
+            warn!(peer = ?peer, "connection refused: {why}");
         }
     }
 
     fn flush_all(&self) -> io::Result<()> {
-        let mut first_err = None;
+        let mut media = Vec::new();
         for t in self.targets() {
             for n in t.luns.lun_numbers() {
-                let Some(m) = t.luns.lun(n).and_then(|l| l.medium()) else {
-                    continue;
-                };
-                if let Err(e) = m.flush() {
-                    warn!(target = %t.name, lun = n, error = %e, "flush failed");
-                    first_err.get_or_insert(io::Error::other(e));
+                if let Some(m) = t.luns.lun(n).and_then(|l| l.medium()) {
+                    media.push((format!("{} LUN {n}", t.name), m));
                 }
             }
         }
-        first_err.map_or(Ok(()), Err)
+        let disks = media.iter().map(|(name, m)| (name.clone(), &**m));
+        lifecycle::flush_all(disks).map_err(io::Error::other)
     }
 
-    fn run_connection(self: &Arc<Self>, stream: TcpStream, id: u64) {
+    fn run_connection(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        handle: &Arc<TcpStream>,
+        place: &Connection,
+    ) {
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "unknown".into(), |a| a.to_string());
-        if self.shared.stopping.load(Ordering::SeqCst) {
-            return;
-        }
         let _ = stream.set_nodelay(true); // latency matters more than a few packets
         let conn = match self.login(&stream, &peer) {
             Some(c) => c,
             None => return,
         };
-        if let Some(k) = lock(&self.shared.conns).get_mut(&id) {
-            k.ffp = Some(Arc::clone(&conn));
-        }
-        if self.shared.stopping.load(Ordering::SeqCst) {
-            conn.announce_drop(SHUTDOWN_TIME2WAIT);
-        }
+        // Logged in: stopping now tells the initiator first (at once if already stopping).
+        place.on_stop({
+            let (conn, handle) = (Arc::clone(&conn), Arc::clone(handle));
+            Arc::new(move || {
+                conn.announce_drop(SHUTDOWN_TIME2WAIT);
+                drop(handle.shutdown(Shutdown::Read));
+            })
+        });
         conn::run(&conn, stream);
         self.connection_ended(&conn);
         info!(%peer, initiator = %conn.session.initiator, "iSCSI connection closed");

@@ -2,7 +2,7 @@
 //! connections, and its command window.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use crate::conn::Conn;
 use crate::params::Params;
@@ -10,10 +10,7 @@ use crate::pdu::response::Numbers;
 use crate::pdu::sn_lt;
 use crate::server::Target;
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded data are counters, queues and maps: still sound after a panic elsewhere.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+pub(crate) use vdk_core::sync::lock;
 
 /// The command window of a session (RFC 7143 4.2.2.1): which CmdSNs the target accepts.
 ///

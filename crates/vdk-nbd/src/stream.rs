@@ -219,15 +219,6 @@ impl Listener {
         }
     }
 
-    /// Connects to this listener, to wake a thread blocked in `accept`.
-    pub(crate) fn poke(&self) {
-        // Failure means nobody is blocked in accept any more, which is what we want.
-        let _ = match self {
-            Listener::Tcp(l) => l.local_addr().and_then(TcpStream::connect).map(drop),
-            Listener::Unix(_, p) => UnixStream::connect(p).map(drop),
-        };
-    }
-
     /// The address as a URI, e.g. `nbd://127.0.0.1:10809` or `nbd+unix:///?socket=/x.sock`.
     pub fn uri(&self) -> String {
         match self {
@@ -245,6 +236,23 @@ impl Listener {
                 Err(_) => format!("nbd://?/{name}"),
             },
             Listener::Unix(_, p) => format!("nbd+unix:///{name}?socket={}", p.display()),
+        }
+    }
+}
+
+impl vdk_core::lifecycle::Accept for Listener {
+    type Stream = Stream;
+    fn accept(&self) -> io::Result<Stream> {
+        Listener::accept(self)
+    }
+    fn waker(&self) -> Box<dyn Fn() + Send + Sync> {
+        match self {
+            Listener::Tcp(l) => vdk_core::lifecycle::tcp_waker(l),
+            Listener::Unix(_, path) => {
+                let path = path.clone();
+                // Failure means nobody is blocked in accept any more, which is what was wanted.
+                Box::new(move || drop(UnixStream::connect(&path)))
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 use std::thread;
 
 use rustix::event::{poll, PollFd, PollFlags};
@@ -30,6 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use tracing::debug;
+use vdk_core::sync;
 
 use crate::stream::Stream;
 
@@ -109,12 +110,12 @@ impl Tls {
     /// Reads the certificates again; new connections use them. On error the old ones stay.
     pub fn reload(&self) -> io::Result<()> {
         let config = load(&self.dir, self.verify_peer)?;
-        *self.config.write().unwrap_or_else(PoisonError::into_inner) = config;
+        *sync::write(&self.config) = config;
         Ok(())
     }
 
     fn current(&self) -> Arc<ServerConfig> {
-        Arc::clone(&self.config.read().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(&sync::read(&self.config))
     }
 
     /// Runs the TLS handshake on `io` (the socket behind it is `net`), then starts the pump.

@@ -22,10 +22,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{fallocate, flock, FallocateFlags, FlockOperation};
+use vdk_core::sync;
 
 /// The version of a chunk in the bucket: its ETag, or None where the bucket has no object.
 pub type Version = Option<String>;
@@ -213,7 +214,7 @@ impl Cache {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.state)
     }
 
     fn marker_path(&self, index: u64) -> PathBuf {

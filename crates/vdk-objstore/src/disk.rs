@@ -15,8 +15,10 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use vdk_core::sync;
+use vdk_core::sync::lock;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -293,10 +295,6 @@ struct Inner {
     failures: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Inner {
     fn chunk_key(&self, index: u64) -> object_store::path::Path {
         self.loc.key(&format!("{CHUNKS}/{index:016x}"))
@@ -350,7 +348,7 @@ impl Inner {
             if l.insert(index) {
                 return true;
             }
-            l = self.loaded.wait(l).unwrap_or_else(PoisonError::into_inner);
+            l = sync::wait(&self.loaded, l);
         }
     }
 
@@ -403,11 +401,7 @@ impl Inner {
         while self.cache.dirty_bytes() + self.chunk > self.dirty_limit {
             self.wake.notify_one();
             self.may_write()?;
-            g = self
-                .room_cv
-                .wait_timeout(g, Duration::from_millis(100))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            g = sync::wait_timeout(&self.room_cv, g, Duration::from_millis(100)).0;
         }
         Ok(())
     }

@@ -23,6 +23,8 @@ mod spc;
 
 use std::sync::{Arc, RwLock};
 
+use vdk_core::sync;
+
 pub use lu::{DeviceType, Identity, LogicalUnit};
 pub use sense::Sense;
 
@@ -141,7 +143,7 @@ impl Target {
 
     /// Adds `lu` as LUN `lun`, replacing one of that number.
     pub fn add(&self, lun: u16, lu: Arc<LogicalUnit>) {
-        let mut luns = self.luns.write().unwrap_or_else(|e| e.into_inner());
+        let mut luns = sync::write(&self.luns);
         luns.retain(|(n, _)| *n != lun);
         luns.push((lun, lu));
         luns.sort_by_key(|(n, _)| *n);
@@ -149,20 +151,20 @@ impl Target {
 
     /// Removes LUN `lun`.
     pub fn remove(&self, lun: u16) -> Option<Arc<LogicalUnit>> {
-        let mut luns = self.luns.write().unwrap_or_else(|e| e.into_inner());
+        let mut luns = sync::write(&self.luns);
         let i = luns.iter().position(|(n, _)| *n == lun)?;
         Some(luns.remove(i).1)
     }
 
     /// The logical unit numbered `lun`.
     pub fn lun(&self, lun: u16) -> Option<Arc<LogicalUnit>> {
-        let luns = self.luns.read().unwrap_or_else(|e| e.into_inner());
+        let luns = sync::read(&self.luns);
         luns.iter().find(|(n, _)| *n == lun).map(|(_, l)| l.clone())
     }
 
     /// The numbers of all logical units.
     pub fn lun_numbers(&self) -> Vec<u16> {
-        let luns = self.luns.read().unwrap_or_else(|e| e.into_inner());
+        let luns = sync::read(&self.luns);
         luns.iter().map(|(n, _)| *n).collect()
     }
 
@@ -190,7 +192,7 @@ impl Target {
 
     /// An I_T nexus is gone (its session ended): drop what it held.
     pub fn nexus_lost(&self, nexus: u64) {
-        for (_, lu) in self.luns.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (_, lu) in sync::read(&self.luns).iter() {
             lu.nexus_lost(nexus);
         }
     }
@@ -208,7 +210,7 @@ impl Target {
 
     /// A TARGET WARM or COLD RESET: every logical unit is reset.
     pub fn reset(&self) {
-        for (_, lu) in self.luns.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (_, lu) in sync::read(&self.luns).iter() {
             lu.reset();
         }
     }

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use vdk_core::sync;
 use vdk_core::{BlockDevice, DiskInfo};
 
 use crate::cdb::Cdb;
@@ -193,7 +194,7 @@ impl LogicalUnit {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.state)
     }
 
     /// The medium now in the drive.

@@ -2,6 +2,7 @@
 //! SYNCHRONIZE CACHE, VERIFY, WRITE AND VERIFY, COMPARE AND WRITE, PRE-FETCH,
 //! READ CAPACITY (10, 16) and GET LBA STATUS.
 
+use vdk_core::sync;
 use vdk_core::ExtentKind;
 
 use crate::cdb::{u32_of, Cdb};
@@ -141,7 +142,7 @@ pub fn try_write(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Option<R
         return None;
     }
     let lend = m.dev.lend()?;
-    let _shared = lu.io.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = sync::read(&lu.io);
     match lend.try_write_at(&req.data_out[..want], off) {
         Ok(true) => Some(Response::good(Vec::new()).with_out_len(want)),
         Ok(false) => None,
@@ -182,7 +183,7 @@ fn write(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Response {
                 cdb.opcode(),
                 WRITE_VERIFY10 | WRITE_VERIFY12 | WRITE_VERIFY16
             );
-        let _shared = lu.io.read().unwrap_or_else(|e| e.into_inner());
+        let _shared = sync::read(&lu.io);
         m.dev
             .write_at(&req.data_out[..have], off, fua)
             .map_err(|e| Sense::from_error(&e, true))
@@ -392,7 +393,7 @@ fn write_same(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Result<(), 
         }
         req.data_out.to_vec()
     };
-    let _shared = lu.io.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = sync::read(&lu.io);
     let fua = !m.wce;
     if block.iter().all(|&b| b == 0) {
         return m
@@ -444,7 +445,7 @@ fn unmap(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Result<(), Sense
         }
         ranges.push(m.range(lba, n)?);
     }
-    let _shared = lu.io.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = sync::read(&lu.io);
     for (off, len) in ranges {
         if len > 0 {
             m.dev
@@ -476,7 +477,7 @@ fn compare_and_write(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Resu
         return Ok(());
     }
     let (verify, data) = req.data_out[..2 * len].split_at(len);
-    let _exclusive = lu.io.write().unwrap_or_else(|e| e.into_inner());
+    let _exclusive = sync::write(&lu.io);
     let mut have = vec![0u8; len];
     m.dev
         .read_at(&mut have, off)

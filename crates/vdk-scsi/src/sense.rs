@@ -3,7 +3,7 @@
 //! Every failure of the emulation is one [`Sense`]; the disk's typed errors become sense in one
 //! place, [`Sense::from_error`].
 
-use vdk_core::Error;
+use vdk_core::{Errno, Error};
 
 /// Sense keys (SPC-4 table 48).
 pub mod key {
@@ -142,19 +142,20 @@ impl Sense {
         }
     }
 
-    /// The sense for a failed disk call. `writing` tells a failed write from a failed read.
+    /// The sense for a failed disk call, from the same errno mapping NBD and FUSE reply with
+    /// ([`Error::errno`]): a full disk is SPACE ALLOCATION FAILED here as it is ENOSPC there,
+    /// whether the disk said so or the file below it did. `writing` tells a failed write from
+    /// a failed read.
     pub fn from_error(e: &Error, writing: bool) -> Sense {
-        match e {
-            Error::ReadOnly => Sense::WRITE_PROTECTED,
-            Error::NoSpace => Sense::SPACE_ALLOCATION_FAILED,
-            Error::OutOfRange { .. } => Sense::LBA_OUT_OF_RANGE,
-            Error::Misaligned { .. } | Error::TooLarge { .. } | Error::Unsupported(_) => {
-                Sense::invalid_cdb(0, None)
-            }
-            Error::Closed => Sense::INTERNAL_FAILURE,
-            // I/O errors, and kinds added later: the medium failed.
-            _ if writing => Sense::WRITE_ERROR,
-            _ => Sense::READ_ERROR,
+        match (e.errno(), e) {
+            (_, Error::OutOfRange { .. }) => Sense::LBA_OUT_OF_RANGE,
+            (_, Error::Closed) => Sense::INTERNAL_FAILURE,
+            (Errno::RoFs | Errno::Perm, _) => Sense::WRITE_PROTECTED,
+            (Errno::NoSpc, _) => Sense::SPACE_ALLOCATION_FAILED,
+            (Errno::Inval | Errno::NotSup | Errno::Overflow, _) => Sense::invalid_cdb(0, None),
+            // The medium failed.
+            (Errno::Io, _) if writing => Sense::WRITE_ERROR,
+            (Errno::Io, _) => Sense::READ_ERROR,
         }
     }
 
@@ -218,5 +219,22 @@ mod tests {
         let io = Error::Io(std::io::Error::other("x"));
         assert_eq!(Sense::from_error(&io, true), Sense::WRITE_ERROR);
         assert_eq!(Sense::from_error(&io, false), Sense::READ_ERROR);
+    }
+
+    #[test]
+    fn a_full_file_below_is_space_allocation_failed_not_a_write_error() {
+        let full = Error::Io(std::io::Error::from_raw_os_error(28));
+        assert_eq!(
+            Sense::from_error(&full, true),
+            Sense::SPACE_ALLOCATION_FAILED
+        );
+        assert_eq!(
+            Sense::from_error(&Error::NoSpace, true),
+            Sense::SPACE_ALLOCATION_FAILED
+        );
+        let rofs = Error::Io(std::io::Error::from_raw_os_error(30));
+        assert_eq!(Sense::from_error(&rofs, true), Sense::WRITE_PROTECTED);
+        let closed = Error::Closed;
+        assert_eq!(Sense::from_error(&closed, false), Sense::INTERNAL_FAILURE);
     }
 }

@@ -1,55 +1,182 @@
 //! The control API: JSON messages between `vdk` commands (or any script) and the daemon,
 //! one request and one response per line over the control socket. docs/control-api.md is
-//! the reference for users; this module is the definition.
+//! the reference for users; this module is the definition, used by both sides: the daemon
+//! parses a [`Request`] and answers a [`Reply`]; the [`Client`] sends a request and reads the
+//! reply as the type that request returns (each variant of [`Request`] says which).
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Longest request line the daemon reads; anything longer is refused unread.
 pub const MAX_REQUEST: usize = 64 << 10;
 
-/// A request to the daemon.
+/// A request to the daemon, and (after the arrow) what it returns.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// Is the daemon there, and which version is it?
+    /// Is the daemon there, and which version is it? → [`VersionInfo`]
     Version,
-    /// Open (or create) an image.
+    /// Open (or create) an image. → [`DiskStatus`]
     Open(Box<OpenRequest>),
-    /// Close a disk.
+    /// Close a disk. → [`DiskStatus`] (as it was)
     Close(CloseRequest),
-    /// Every open disk.
+    /// Every open disk (the caller's own, for a user the daemon serves). → `[DiskStatus]`
     List,
-    /// Mount an open disk's file system.
+    /// Mount an open disk's file system. → [`DiskStatus`]
     Mount(MountRequest),
-    /// Unmount an open disk's file system.
+    /// Unmount an open disk's file system. → [`DiskStatus`]
     Unmount(CloseRequest),
-    /// Close every disk and stop the daemon.
+    /// Close every disk and stop the daemon. → `{}`
     Shutdown,
-    /// Latency histograms and counters of a disk's stats filter.
+    /// Latency histograms and counters of a disk's stats filter. → [`StatsReport`]
     Stats(DiskRequest),
-    /// Merge an open cow disk's overlay into its base.
+    /// Merge an open cow disk's overlay into its base. → [`CommitReport`]
     Commit(OverlayRequest),
-    /// Empty an open cow disk's overlay.
+    /// Empty an open cow disk's overlay. → [`CommitReport`]
     Discard(OverlayRequest),
-    /// Start a new overlay on top of an open cow disk's overlay.
+    /// Start a new overlay on top of an open cow disk's overlay. → [`SnapshotReport`]
     Snapshot(SnapshotRequest),
-    /// Take the disc out of an open CD-ROM disk.
+    /// Take the disc out of an open CD-ROM disk. → [`DiskStatus`]
     Eject(CloseRequest),
-    /// Put a new disc (an ISO image) in an open CD-ROM disk.
+    /// Put a new disc (an ISO image) in an open CD-ROM disk. → [`DiskStatus`]
     Insert(InsertRequest),
-    /// Mount the ISO 9660 file system of an image or an open disk.
+    /// Mount the ISO 9660 file system of an image or an open disk. → [`FsStatus`]
     FsMount(FsMountRequest),
-    /// Unmount a file system of `fs_mount`.
+    /// Unmount a file system of `fs_mount` or `fs_map`. → [`FsStatus`]
     FsUnmount(FsUnmountRequest),
-    /// The mounted file systems.
+    /// The mounted file systems. → `[FsStatus]`
     FsList,
-    /// Map a cloud drive: a bucket's objects as files.
+    /// Map a cloud drive: a bucket's objects as files. → [`FsStatus`]
     FsMap(FsMapRequest),
+}
+
+/// What the daemon answers a request with, one variant per kind of result; on the wire it is
+/// the result object itself (`"result": {...}`), with no tag.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// `version`.
+    Version(VersionInfo),
+    /// `open`, `close`, `mount`, `unmount`, `eject`, `insert`.
+    Disk(Box<DiskStatus>),
+    /// `list`.
+    Disks(Vec<DiskStatus>),
+    /// `stats`.
+    Stats(StatsReport),
+    /// `commit`, `discard`.
+    Commit(CommitReport),
+    /// `snapshot`.
+    Snapshot(SnapshotReport),
+    /// `fs_mount`, `fs_map`, `fs_unmount`.
+    Fs(FsStatus),
+    /// `fs_list`.
+    Filesystems(Vec<FsStatus>),
+    /// `shutdown`: nothing to say.
+    Done {},
+}
+
+/// The answer to `version`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct VersionInfo {
+    /// vdk's version.
+    pub version: String,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// What the daemon detached at start-up that a daemon before it, which died, had left
+    /// mounted (one sentence each).
+    #[serde(default)]
+    pub recovered: Vec<String>,
+}
+
+/// The answer to `stats`: a stats filter's figures.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct StatsReport {
+    /// The disk.
+    pub id: String,
+    /// Per operation (`read`, `write`, `flush`, ...).
+    pub ops: OpsReport,
+}
+
+/// A stats filter's figures by operation name.
+pub type OpsReport = std::collections::BTreeMap<String, OpReport>;
+
+/// One operation's figures in a stats filter.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct OpReport {
+    /// Requests.
+    pub count: u64,
+    /// Bytes moved (reads, writes) or affected (trims).
+    pub bytes: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Mean latency, microseconds.
+    pub mean_us: u64,
+    /// Bucket i: requests whose latency was under 2^i microseconds (and at least 2^(i-1)).
+    pub latency_us_log2_buckets: Vec<u64>,
+}
+
+/// The answer to `commit` and `discard`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct CommitReport {
+    /// The disk.
+    pub id: String,
+    /// Bytes of data written into the base (0 for `discard`).
+    pub data: u64,
+    /// Bytes made to read as zeroes in the base (0 for `discard`).
+    pub zeroed: u64,
+}
+
+/// The answer to `snapshot`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct SnapshotReport {
+    /// The disk.
+    pub id: String,
+    /// The new overlay, which the disk now writes to.
+    pub overlay: PathBuf,
+    /// The overlay it wrote to before, now read only, under the new one.
+    pub previous: PathBuf,
+}
+
+/// How the kernel sees a disk.
+#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Attach {
+    /// A loop device over a file of the daemon's FUSE export (`/dev/loopN`; needs root).
+    FuseLoop,
+    /// No block device: NBD (and iSCSI, if asked) only.
+    None,
+}
+
+impl Attach {
+    /// Its name in requests and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Attach::FuseLoop => "fuse-loop",
+            Attach::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for Attach {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Attach {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Attach, String> {
+        match s {
+            "fuse-loop" => Ok(Attach::FuseLoop),
+            "none" => Ok(Attach::None),
+            _ => Err(format!("unknown attach mode {s:?}: use fuse-loop or none")),
+        }
+    }
 }
 
 /// `fs_map`.
@@ -185,7 +312,7 @@ pub struct OpenRequest {
     /// How the kernel sees the disk: `fuse-loop` or `none`; the default is fuse-loop for
     /// root and none for other users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attach: Option<String>,
+    pub attach: Option<Attach>,
     /// Format the disk with this file system (ext4, xfs, vfat): a new image, or a blank one
     /// (all zeroes or unallocated); one that holds data only with `force`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -311,7 +438,7 @@ pub struct DiskStatus {
     /// Opened read-only.
     pub read_only: bool,
     /// How it is attached: `fuse-loop` or `none`.
-    pub attach: String,
+    pub attach: Attach,
     /// The block device, if attached.
     pub block_device: Option<PathBuf>,
     /// Where its file system is mounted, if it is.
@@ -336,31 +463,25 @@ pub struct DiskStatus {
     /// With a stats filter: per operation, counts, bytes, errors, mean latency and a log2
     /// latency histogram (as `vdk stats` shows them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency: Option<serde_json::Value>,
+    pub latency: Option<OpsReport>,
 }
 
-/// A stats filter's figures as `stats` and `list` answer them: per operation, `count`,
-/// `bytes`, `errors`, `mean_us` and `latency_us_log2_buckets` (requests whose latency was
-/// under 2^i microseconds, bucket by bucket).
-pub fn stats_report(stats: &vdk_filters::Stats) -> serde_json::Value {
-    let ops: serde_json::Map<String, serde_json::Value> = stats
+/// A stats filter's figures as `stats` and `list` answer them.
+pub fn stats_report(stats: &vdk_filters::Stats) -> OpsReport {
+    stats
         .snapshot()
         .into_iter()
         .map(|(kind, s)| {
-            let mean = s.total_us.checked_div(s.count).unwrap_or(0);
-            (
-                kind.name().to_owned(),
-                serde_json::json!({
-                    "count": s.count,
-                    "bytes": s.bytes,
-                    "errors": s.errors,
-                    "mean_us": mean,
-                    "latency_us_log2_buckets": s.buckets,
-                }),
-            )
+            let report = OpReport {
+                count: s.count,
+                bytes: s.bytes,
+                errors: s.errors,
+                mean_us: s.total_us.checked_div(s.count).unwrap_or(0),
+                latency_us_log2_buckets: s.buckets,
+            };
+            (kind.name().to_owned(), report)
         })
-        .collect();
-    serde_json::Value::Object(ops)
+        .collect()
 }
 
 /// I/O counters of a disk.
@@ -422,6 +543,11 @@ impl ApiError {
         }
     }
 
+    /// An argument is wrong.
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::Invalid, message)
+    }
+
     /// An OS error, kind taken from the errno, message prefixed with `what`.
     pub fn io(what: impl fmt::Display, e: &io::Error) -> ApiError {
         let kind = match e.kind() {
@@ -461,6 +587,14 @@ pub struct Response {
 }
 
 impl Response {
+    /// The answer to a request that succeeded with `reply`, or failed.
+    pub fn of(done: Result<Reply, ApiError>) -> Response {
+        match done {
+            Ok(reply) => Response::ok(reply),
+            Err(e) => Response::err(e),
+        }
+    }
+
     /// A success carrying `result`.
     pub fn ok(result: impl Serialize) -> Response {
         Response {
@@ -526,8 +660,9 @@ impl Client {
         Ok(Client { reader, writer })
     }
 
-    /// Sends `req` and waits for the answer.
-    pub fn call(&mut self, req: &Request) -> io::Result<Result<serde_json::Value, ApiError>> {
+    /// Sends `req` and waits for the answer, read as `T`: the type the request returns
+    /// ([`Request`] says which; `serde_json::Value` takes any).
+    pub fn call<T: DeserializeOwned>(&mut self, req: &Request) -> io::Result<Result<T, ApiError>> {
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');
         self.writer.write_all(&line)?;
@@ -540,7 +675,16 @@ impl Client {
         let answer = answer.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let resp: Response = serde_json::from_str(&answer)?;
         Ok(match (resp.ok, resp.error) {
-            (true, _) => Ok(resp.result.unwrap_or(serde_json::Value::Null)),
+            (true, _) => {
+                let result = resp.result.unwrap_or(serde_json::Value::Null);
+                let typed = serde_json::from_value(result).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the daemon answered what this vdk cannot read: {e}"),
+                    )
+                })?;
+                Ok(typed)
+            }
             (false, Some(e)) => Err(e),
             (false, None) => Err(ApiError::new(ErrorKind::Io, "the daemon gave no reason")),
         })

@@ -5,6 +5,7 @@
 mod cli;
 mod cloud;
 mod daemon;
+mod front;
 
 // The control API lives in the library, where fuzzers and other programs reach it too.
 pub(crate) use vdk::control;

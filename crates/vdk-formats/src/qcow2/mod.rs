@@ -38,6 +38,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use vdk_core::sync;
+use vdk_core::sync::lock;
 
 use tracing::{debug, warn};
 use vdk_core::{
@@ -52,15 +54,14 @@ const BATCH: usize = 256;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
 
+/// The error for qcow2 metadata found wrong while serving requests.
 fn corrupt(msg: impl Into<String>) -> Error {
-    Error::Io(io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("corrupt qcow2 image: {}", msg.into()),
-    ))
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+    crate::Corrupt {
+        format: crate::Format::Qcow2,
+        path: None,
+        what: msg.into(),
+    }
+    .into()
 }
 
 /// What a guest cluster maps to.
@@ -202,12 +203,10 @@ impl Qcow2 {
                 if !off.is_multiple_of(cluster_size)
                     || off + cluster_size > file_len.max(cluster_size)
                 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "{}: {what} at {off} is misaligned or past the end",
-                            path.display()
-                        ),
+                    return Err(crate::corrupt(
+                        crate::Format::Qcow2,
+                        path,
+                        format!("{what} at {off} is misaligned or past the end"),
                     ));
                 }
                 metadata.insert(off);
@@ -971,10 +970,7 @@ impl Qcow2 {
         gc: u64,
     ) -> Result<(MutexGuard<'a, Meta>, Map)> {
         while m.allocating.contains(&gc) {
-            m = self
-                .allocated
-                .wait(m)
-                .unwrap_or_else(PoisonError::into_inner);
+            m = sync::wait(&self.allocated, m);
         }
         let map = self.lookup(&mut m, gc)?;
         Ok((m, map))

@@ -24,8 +24,9 @@ mod volume;
 mod zisofs;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
+use vdk_core::sync;
 use vdk_core::BlockDevice;
 
 pub use eltorito::BootImage;
@@ -454,7 +455,7 @@ impl Iso {
     }
 
     fn lock_dirs(&self) -> std::sync::MutexGuard<'_, DirCache> {
-        self.dirs.lock().unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.dirs)
     }
 
     fn read_directory(&self, dir: &Node) -> Result<Vec<Arc<Node>>, IsoError> {

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tracing::info;
+use vdk_core::sync;
 
 use super::{Flow, Reader, Stat};
 use crate::pdu::request::{LogoutRequest, NopOut, TaskManagement, TextRequest};
@@ -135,7 +136,7 @@ impl Reader<'_> {
             })
             .collect();
         while running.iter().any(|itt| active.contains_key(itt)) {
-            active = conn.settled.wait(active).unwrap_or_else(|e| e.into_inner());
+            active = sync::wait(&conn.settled, active);
         }
         !receiving.is_empty() || !running.is_empty()
     }
@@ -246,7 +247,7 @@ impl Reader<'_> {
             }
             let mut active = lock(&conn.active);
             while !active.is_empty() {
-                active = conn.settled.wait(active).unwrap_or_else(|e| e.into_inner());
+                active = sync::wait(&conn.settled, active);
             }
         }
         if l.reason == 0 {

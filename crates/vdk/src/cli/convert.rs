@@ -12,6 +12,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::warn;
 use vdk_core::size::{parse_size, Human};
+use vdk_core::sync;
 use vdk_core::{BlockDevice, ExtentKind};
 use vdk_formats::{CreateOptions, Format, OpenOptions};
 
@@ -243,7 +244,7 @@ fn copy(src: &dyn BlockDevice, dst: &dyn BlockDevice, quiet: bool) -> anyhow::Re
             s.spawn(|| {
                 let mut buf = vec![0u8; PIECE_BYTES];
                 while !failed.load(Ordering::Relaxed) {
-                    let next = pieces.lock().unwrap_or_else(PoisonError::into_inner).next();
+                    let next = sync::lock(&pieces).next();
                     let step = next.and_then(|p| {
                         let Some((at, n)) = p else { return Ok(None) };
                         let b = &mut buf[..usize::try_from(n).unwrap_or(PIECE_BYTES)];
@@ -262,10 +263,7 @@ fn copy(src: &dyn BlockDevice, dst: &dyn BlockDevice, quiet: bool) -> anyhow::Re
                         Ok(None) => break,
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
-                            first_error
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .get_or_insert(e);
+                            sync::lock(&first_error).get_or_insert(e);
                             break;
                         }
                     }

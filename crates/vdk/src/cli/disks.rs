@@ -15,7 +15,7 @@ use vdk_core::size::{parse_size, Human};
 
 use crate::control::{
     ApiError, Client, CloseRequest, DiskStatus, FsMapRequest, FsMountRequest, FsStatus,
-    FsUnmountRequest, InsertRequest, MountRequest, OpenRequest, Request,
+    FsUnmountRequest, InsertRequest, MountRequest, OpenRequest, Request, VersionInfo,
 };
 use crate::daemon::Paths;
 
@@ -81,9 +81,9 @@ fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
     loop {
         if let Ok(mut c) = Client::connect(&paths.socket) {
             // What the new daemon found a dead one had left mounted, the user hears of.
-            if let Ok(Ok(v)) = c.call(&Request::Version) {
-                for note in v["recovered"].as_array().into_iter().flatten() {
-                    let _ = writeln!(io::stderr(), "vdk: {}", note.as_str().unwrap_or(""));
+            if let Ok(Ok(v)) = c.call::<VersionInfo>(&Request::Version) {
+                for note in &v.recovered {
+                    let _ = writeln!(io::stderr(), "vdk: {note}");
                 }
             }
             return Ok(c);
@@ -118,8 +118,11 @@ fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
     }
 }
 
-/// Sends one request; an error answer becomes the command's error.
-pub(super) fn call(client: &mut Client, req: &Request) -> anyhow::Result<serde_json::Value> {
+/// Sends one request and reads its answer as `T`; an error answer becomes the command's error.
+pub(super) fn call<T: serde::de::DeserializeOwned>(
+    client: &mut Client,
+    req: &Request,
+) -> anyhow::Result<T> {
     client
         .call(req)
         .context("lost the connection to the vdk daemon")?
@@ -237,7 +240,12 @@ pub fn open(args: OpenArgs) -> anyhow::Result<()> {
         size,
         read_only: args.read_only,
         format: args.format,
-        attach: args.attach,
+        attach: args
+            .attach
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| anyhow!(e))?,
         mkfs: args.mkfs,
         force: args.force,
         no_create: args.no_create,
@@ -255,7 +263,7 @@ pub fn open(args: OpenArgs) -> anyhow::Result<()> {
         iscsi_lun: args.iscsi_lun,
     }));
     let mut client = connect(paths, true)?;
-    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    let status: DiskStatus = call(&mut client, &req)?;
     if args.json {
         return print_json(&status);
     }
@@ -328,7 +336,7 @@ pub fn eject(args: EjectArgs) -> anyhow::Result<()> {
         disk: disk_key(&args.disk)?,
         force: args.force,
     });
-    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    let status: DiskStatus = call(&mut client, &req)?;
     if args.json {
         return print_json(&status);
     }
@@ -344,7 +352,7 @@ pub fn insert(args: InsertArgs) -> anyhow::Result<()> {
         disk: disk_key(&args.disk)?,
         image: absolute(&args.image)?,
     });
-    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    let status: DiskStatus = call(&mut client, &req)?;
     if args.json {
         return print_json(&status);
     }
@@ -411,7 +419,7 @@ pub fn close(args: CloseArgs) -> anyhow::Result<()> {
         disk: disk_key(&args.disk)?,
         force: args.force,
     });
-    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    let status: DiskStatus = call(&mut client, &req)?;
     if args.json {
         return print_json(&status);
     }
@@ -450,7 +458,7 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
         mkfs: args.mkfs,
         force: args.force,
     });
-    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    let status: DiskStatus = call(&mut client, &req)?;
     if args.json {
         return print_json(&status);
     }
@@ -468,7 +476,7 @@ pub fn unmount(args: CloseArgs) -> anyhow::Result<()> {
         disk: disk_key(&args.disk)?,
         force: args.force,
     });
-    let status: DiskStatus = serde_json::from_value(call(&mut client, &req)?)?;
+    let status: DiskStatus = call(&mut client, &req)?;
     if args.json {
         return print_json(&status);
     }
@@ -479,7 +487,7 @@ pub fn unmount(args: CloseArgs) -> anyhow::Result<()> {
 /// Runs `vdk daemon --stop`.
 pub fn stop_daemon(paths: &Paths) -> anyhow::Result<()> {
     let mut client = connect(paths, false)?;
-    call(&mut client, &Request::Shutdown)?;
+    call::<serde_json::Value>(&mut client, &Request::Shutdown)?;
     // The daemon closes its disks, then its socket: wait for that, so that a script can
     // rely on everything being closed when this returns.
     let started = Instant::now();
@@ -576,7 +584,7 @@ pub fn fs(cmd: FsCommand) -> anyhow::Result<()> {
                 source: disk_key(&a.source)?,
                 dir: absolute(&a.dir)?,
             });
-            let st: FsStatus = serde_json::from_value(call(&mut client, &req)?)?;
+            let st: FsStatus = call(&mut client, &req)?;
             if a.json {
                 return print_json(&st);
             }
@@ -602,7 +610,7 @@ pub fn fs(cmd: FsCommand) -> anyhow::Result<()> {
                 env: Some(vdk_objstore::StoreEnv::current()),
                 allow_other: a.allow_other,
             });
-            let st: FsStatus = serde_json::from_value(call(&mut client, &req)?)?;
+            let st: FsStatus = call(&mut client, &req)?;
             if a.json {
                 return print_json(&st);
             }
@@ -636,7 +644,7 @@ pub fn fs(cmd: FsCommand) -> anyhow::Result<()> {
                 dir: absolute(&a.dir)?,
                 force: a.force,
             });
-            let st: FsStatus = serde_json::from_value(call(&mut client, &req)?)?;
+            let st: FsStatus = call(&mut client, &req)?;
             if a.json {
                 return print_json(&st);
             }
@@ -652,7 +660,7 @@ pub fn fs(cmd: FsCommand) -> anyhow::Result<()> {
         FsCommand::List(a) => {
             let paths = &a.socket.paths()?;
             let list: Vec<FsStatus> = match try_connect(paths)? {
-                Some(mut client) => serde_json::from_value(call(&mut client, &Request::FsList)?)?,
+                Some(mut client) => call(&mut client, &Request::FsList)?,
                 None => Vec::new(),
             };
             if a.json {

@@ -418,7 +418,7 @@ fn live(
     args: &OverlayArgs,
     paths: &Paths,
     discard: bool,
-) -> anyhow::Result<Option<serde_json::Value>> {
+) -> anyhow::Result<Option<crate::control::CommitReport>> {
     let Ok(mut client) = Client::connect(&paths.socket) else {
         return Ok(None);
     };
@@ -463,9 +463,9 @@ pub fn commit(args: OverlayArgs) -> anyhow::Result<()> {
     if let Some(v) = live(&args, paths, false)? {
         crate::outln!(
             "committed {} live: {} of data and {} of zeroes merged into the base; the overlay is empty",
-            v["id"].as_str().unwrap_or("?"),
-            Human(v["data"].as_u64().unwrap_or(0)),
-            Human(v["zeroed"].as_u64().unwrap_or(0))
+            v.id,
+            Human(v.data),
+            Human(v.zeroed)
         )?;
         return Ok(());
     }
@@ -488,10 +488,7 @@ pub fn commit(args: OverlayArgs) -> anyhow::Result<()> {
 pub fn discard(args: OverlayArgs) -> anyhow::Result<()> {
     let paths = &args.socket.paths()?;
     if let Some(v) = live(&args, paths, true)? {
-        crate::outln!(
-            "discarded {} live: the disk reads as its base again",
-            v["id"].as_str().unwrap_or("?")
-        )?;
+        crate::outln!("discarded {} live: the disk reads as its base again", v.id)?;
         return Ok(());
     }
     refuse_if_loop_mounted(&args.overlay, Some(args.force))?;
@@ -528,11 +525,11 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
             new: std::path::absolute(&args.new)?,
             force: args.force,
         });
-        match client.call(&req)? {
+        match client.call::<crate::control::SnapshotReport>(&req)? {
             Ok(v) => {
                 crate::outln!(
                     "{} now writes to {}, on top of {}",
-                    v["id"].as_str().unwrap_or("?"),
+                    v.id,
                     args.new.display(),
                     args.overlay.display()
                 )?;

@@ -115,7 +115,7 @@ impl Column {
             Column::Format => d.format.clone(),
             Column::Size => Human(d.size).to_string(),
             Column::Ro => if d.read_only { "yes" } else { "no" }.into(),
-            Column::Attach => d.attach.clone(),
+            Column::Attach => d.attach.to_string(),
             Column::Device => path(&d.block_device),
             Column::Mount => path(&d.mount),
             Column::Export => d.export.clone(),
@@ -129,11 +129,8 @@ impl Column {
             Column::Written => Human(d.stats.bytes_written).to_string(),
             Column::Errors => d.stats.errors.to_string(),
             Column::Latency => d.latency.as_ref().map_or_else(dash, |l| {
-                format!(
-                    "{}/{}",
-                    Micros(l["read"]["mean_us"].as_u64().unwrap_or(0)),
-                    Micros(l["write"]["mean_us"].as_u64().unwrap_or(0))
-                )
+                let mean = |op: &str| Micros(l.get(op).map_or(0, |s| s.mean_us));
+                format!("{}/{}", mean("read"), mean("write"))
             }),
         }
     }
@@ -303,7 +300,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
     let cols = columns(args.output.as_deref())?;
     let mut client = try_connect(paths)?;
     let disks: Vec<DiskStatus> = match &mut client {
-        Some(c) => serde_json::from_value(call(c, &Request::List)?)?,
+        Some(c) => call(c, &Request::List)?,
         // No daemon: nothing is open.
         None => Vec::new(),
     };
@@ -313,7 +310,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
     // File systems and drives of `vdk fs`, under the disks (`vdk fs list` has them alone);
     // a CD-ROM's own browser is its disk's mount already.
     let mut filesystems: Vec<FsStatus> = match &mut client {
-        Some(c) => serde_json::from_value(call(c, &Request::FsList)?)?,
+        Some(c) => call(c, &Request::FsList)?,
         None => Vec::new(),
     };
     filesystems.retain(|f| !disks.iter().any(|d| d.mount.as_ref() == Some(&f.dir)));
@@ -404,20 +401,17 @@ pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
     let req = Request::Stats(crate::control::DiskRequest {
         disk: disk_key(&args.disk)?,
     });
-    let v = call(&mut client, &req)?;
+    let report: crate::control::StatsReport = call(&mut client, &req)?;
     if args.json {
-        return out::json(&v);
+        return out::json(&report);
     }
-    crate::outln!("{}", v["id"].as_str().unwrap_or("?"))?;
-    print_stats(&v["ops"])
+    crate::outln!("{}", report.id)?;
+    print_stats(&report.ops)
 }
 
 /// Counters and latency of a stats filter's operations (`ops` as the control API gives
 /// them), aligned, sizes and times in human units.
-pub fn print_stats(ops: &serde_json::Value) -> anyhow::Result<()> {
-    let Some(ops) = ops.as_object() else {
-        return Ok(());
-    };
+pub fn print_stats(ops: &crate::control::OpsReport) -> anyhow::Result<()> {
     let headers = [
         "OP",
         "COUNT",
@@ -431,23 +425,19 @@ pub fn print_stats(ops: &serde_json::Value) -> anyhow::Result<()> {
     let rows = ops
         .iter()
         .map(|(op, s)| {
-            let n = |k: &str| s[k].as_u64().unwrap_or(0);
-            let buckets: Vec<String> = s["latency_us_log2_buckets"]
-                .as_array()
-                .map(|b| {
-                    b.iter()
-                        .enumerate()
-                        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
-                        .map(|(i, n)| format!("<{}: {n}", Micros(1u64 << i.min(63))))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let buckets: Vec<String> = s
+                .latency_us_log2_buckets
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| format!("<{}: {n}", Micros(1u64 << i.min(63))))
+                .collect();
             vec![
                 op.clone(),
-                n("count").to_string(),
-                Human(n("bytes")).to_string(),
-                n("errors").to_string(),
-                Micros(n("mean_us")).to_string(),
+                s.count.to_string(),
+                Human(s.bytes).to_string(),
+                s.errors.to_string(),
+                Micros(s.mean_us).to_string(),
                 if buckets.is_empty() {
                     "-".into()
                 } else {

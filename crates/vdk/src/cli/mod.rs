@@ -2,6 +2,7 @@
 
 mod compare;
 mod convert;
+mod daemon;
 mod disks;
 mod generate;
 mod image;
@@ -19,7 +20,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use tracing::warn;
 
-use crate::daemon::{self, Paths};
+use crate::daemon::Paths;
 
 /// vdk, the virtual disk kit: serve disks from user space.
 #[derive(Debug, Parser)]
@@ -114,7 +115,8 @@ impl Cli {
     pub fn prepare(&self) -> anyhow::Result<()> {
         match &self.command {
             Command::Daemon(args) if !args.stop => {
-                daemon::own_dir(&args.socket.paths()?.dir, daemon::dir_mode(args))
+                let mode = crate::daemon::dir_mode(args.owner.is_some());
+                crate::daemon::own_dir(&args.socket.paths()?.dir, mode)
             }
             _ => Ok(()),
         }
@@ -138,8 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => list::list(args),
         Command::Mount(args) => disks::mount(args),
         Command::Unmount(args) => disks::unmount(args),
-        Command::Daemon(args) if args.stop => disks::stop_daemon(&args.socket.paths()?),
-        Command::Daemon(args) => daemon::run(&args, &args.socket.paths()?),
+        Command::Daemon(args) => daemon::run(&args),
         Command::Create(args) => image::create(args),
         Command::Info(args) => info::info(args, &env_paths()?),
         Command::Convert(args) => convert::run(args, &env_paths()?),
@@ -165,8 +166,8 @@ pub(crate) fn open_disk(
     paths: &Paths,
 ) -> Option<crate::control::DiskStatus> {
     let mut client = crate::control::Client::connect(&paths.socket).ok()?;
-    let list = client.call(&crate::control::Request::List).ok()?.ok()?;
-    let disks: Vec<crate::control::DiskStatus> = serde_json::from_value(list).ok()?;
+    let disks: Vec<crate::control::DiskStatus> =
+        client.call(&crate::control::Request::List).ok()?.ok()?;
     let file = std::fs::canonicalize(file).ok()?;
     let overlay = format!("overlay={}", file.display());
     disks

@@ -93,12 +93,3 @@ impl NbdArgs {
         Ok(Some(Arc::new(tls)))
     }
 }
-
-/// SIGHUP: reads the TLS certificates again, and says how it went.
-pub fn reload(tls: Option<&Tls>) {
-    match tls.map(Tls::reload) {
-        None => tracing::info!("SIGHUP: nothing to reload (TLS is off)"),
-        Some(Ok(())) => tracing::info!("SIGHUP: TLS certificates reloaded"),
-        Some(Err(e)) => tracing::warn!(error = %e, "SIGHUP: TLS certificates not reloaded"),
-    }
-}

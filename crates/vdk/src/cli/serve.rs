@@ -6,14 +6,14 @@ use std::thread;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
-use tracing::{info, warn};
+use tracing::info;
 use vdk_backends::{FileDisk, FileOptions, MemoryDisk, PatternDisk};
 use vdk_core::size::{parse_size, Human};
 use vdk_core::BlockDevice;
 use vdk_formats::Format;
-use vdk_nbd::{Export, Listener, Rule, Server};
+use vdk_nbd::{Export, Rule, Server};
+
+use crate::front;
 
 /// The NBD port, on loopback only unless told otherwise.
 const DEFAULT_LISTEN: &str = "tcp://127.0.0.1:10809";
@@ -280,13 +280,6 @@ fn stdin_stream() -> anyhow::Result<vdk_nbd::Stream> {
     )))
 }
 
-fn listener(uri: &str) -> anyhow::Result<Listener> {
-    match Listener::bind(uri) {
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => bail!("--listen: {e}"),
-        l => l.with_context(|| format!("cannot listen on {uri}")),
-    }
-}
-
 /// Runs `vdk serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let specs = args
@@ -320,7 +313,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .context("flush at the end failed");
         // Standard output is the client's socket: the figures go to the log.
         for (name, s) in &stats {
-            info!(export = %name, stats = %crate::control::stats_report(s), "stats filter");
+            let report = serde_json::to_string(&crate::control::stats_report(s))?;
+            info!(export = %name, stats = %report, "stats filter");
         }
         return done;
     }
@@ -329,16 +323,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         args.listen.clone()
     };
-    let (iscsi_uris, nbd_uris): (Vec<&String>, Vec<&String>) =
-        uris.iter().partition(|u| u.starts_with("iscsi://"));
-    let listeners = nbd_uris
-        .iter()
-        .map(|u| listener(u))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let portals = iscsi_uris
-        .iter()
-        .map(|u| vdk_iscsi::bind(u).with_context(|| format!("cannot listen on {u}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let listen = front::Listen::split(&uris);
+    let listeners = front::bind_nbd(&listen.nbd)?;
+    let portals = front::bind_iscsi(&listen.iscsi)?;
     if portals.is_empty() && (args.iscsi_chap.is_some() || !args.iscsi_initiators.is_empty()) {
         bail!("--iscsi-chap and --iscsi-initiator need an iSCSI portal: --listen iscsi://HOST");
     }
@@ -382,30 +369,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let nbd = (!listeners.is_empty()).then(|| Server::new(served, config));
     let nbd_handle = nbd.as_ref().map(Server::shutdown_handle);
     let iscsi_handle = iscsi.as_ref().map(|s| s.shutdown_handle());
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
-    let signal_thread = signals.handle();
-    thread::spawn(move || {
-        let mut count = 0;
-        for sig in signals.forever() {
-            if sig == SIGHUP {
-                super::nbd_opts::reload(tls.as_deref());
-                continue;
-            }
-            count += 1;
-            if count > 1 {
-                warn!(signal = sig, "second signal: exiting without waiting");
-                std::process::exit(1);
-            }
-            info!(signal = sig, "shutting down: finishing requests in flight");
-            if let Some(h) = &nbd_handle {
-                h.shutdown();
-            }
-            if let Some(h) = &iscsi_handle {
-                h.shutdown();
-            }
+    let signal_thread = front::on_signals(tls, move |_| {
+        if let Some(h) = &nbd_handle {
+            h.shutdown();
         }
-    });
+        if let Some(h) = &iscsi_handle {
+            h.shutdown();
+        }
+    })?;
     let result = thread::scope(|s| {
         let iscsi_run = iscsi
             .as_ref()

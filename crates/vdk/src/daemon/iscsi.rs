@@ -15,8 +15,8 @@ use vdk_core::BlockDevice;
 use vdk_iscsi::{Server, ServerConfig, Target};
 use vdk_scsi::LogicalUnit;
 
-use super::disks::lock;
 use crate::control::{ApiError, ErrorKind};
+use vdk_core::sync::lock;
 
 /// Where the daemon serves iSCSI when not told: loopback, the iSCSI port.
 pub const DEFAULT_PORTAL: &str = "iscsi://127.0.0.1:3260";

@@ -9,16 +9,21 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tracing::info;
-use vdk_core::BlockDevice;
-use vdk_nbd::Export;
+use vdk_core::sync::lock;
 
-use super::disks::{invalid, lock, Daemon, Disc, Disk};
-use super::tracked;
-use crate::control::{ApiError, DiskStatus, ErrorKind};
+use super::disks::{Disk, Medium};
+use super::nbd::ExportSpec;
+use super::{tracked, Daemon};
+use crate::control::{ApiError, Attach, DiskStatus, ErrorKind};
+
+/// Shorthand for the wrong-argument error.
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::invalid(msg)
+}
 
 impl Daemon {
     fn drive(&self, key: &str) -> Result<Arc<Disk>, ApiError> {
-        let disk = self.find(key)?;
+        let disk = self.disks.find(key)?;
         if !disk.cdrom {
             return Err(invalid(format!(
                 "{} is not a CD-ROM disk (only an ISO image's disc can be ejected or inserted)",
@@ -30,7 +35,7 @@ impl Daemon {
 
     /// Takes the disc out of a CD-ROM disk. Refused while its file system is mounted, and,
     /// unless `force`, while an iSCSI initiator prevents medium removal.
-    pub fn eject(&self, key: &str, force: bool) -> Result<DiskStatus, ApiError> {
+    pub(super) fn eject(&self, key: &str, force: bool) -> Result<DiskStatus, ApiError> {
         let _one_at_a_time = lock(&self.changing);
         let disk = self.drive(key)?;
         if lock(&disk.state).ejected {
@@ -59,7 +64,7 @@ impl Daemon {
             })?;
         }
         self.detach(&disk);
-        self.nbd.remove_export(&disk.export);
+        self.nbd.withdraw(&disk.export);
         // The image is closed: the file can be replaced or removed while the drive is empty.
         disk.device.swap::<ApiError>(|old| {
             drop(old);
@@ -71,7 +76,7 @@ impl Daemon {
     }
 
     /// Puts the ISO image `image` in a CD-ROM disk, in place of its disc if it has one.
-    pub fn insert(&self, key: &str, image: &Path) -> Result<DiskStatus, ApiError> {
+    pub(super) fn insert(&self, key: &str, image: &Path) -> Result<DiskStatus, ApiError> {
         let _one_at_a_time = lock(&self.changing);
         let disk = self.drive(key)?;
         if !image.is_absolute() {
@@ -125,7 +130,7 @@ impl Daemon {
                 ));
             }
             self.detach(&disk);
-            self.nbd.remove_export(&disk.export);
+            self.nbd.withdraw(&disk.export);
         }
         let device = opened.device;
         disk.device.swap::<ApiError>(|old| {
@@ -137,36 +142,31 @@ impl Daemon {
             r.image = canonical.clone();
             r.format = Some(opened.format);
         }
-        *lock(&disk.disc) = Disc {
+        *lock(&disk.medium) = Medium {
             image: canonical,
             format: opened.format.name().into(),
             size: info.size,
         };
         lock(&disk.state).ejected = false;
         if let Some(l) = lock(&disk.iscsi).as_ref() {
-            l.unit
-                .insert(Arc::clone(&disk.device) as Arc<dyn BlockDevice>)
-                .map_err(|_| {
-                    ApiError::new(
-                        ErrorKind::Busy,
-                        format!(
-                            "an iSCSI initiator prevents the removal of {}'s disc",
-                            disk.id
-                        ),
-                    )
-                })?;
+            l.unit.insert(disk.device.clone()).map_err(|_| {
+                ApiError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "an iSCSI initiator prevents the removal of {}'s disc",
+                        disk.id
+                    ),
+                )
+            })?;
         }
-        let mut export = Export::new(
-            disk.export.clone(),
-            Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
-        );
-        export.read_only = true;
-        export.allow = disk.allow.clone();
-        export.description = format!("vdk disk {}: {shown}", disk.id);
-        self.nbd
-            .add_export(export)
-            .map_err(|e| ApiError::new(ErrorKind::AlreadyOpen, format!("NBD export: {e}")))?;
-        if disk.attach == super::disks::ATTACH_FUSE_LOOP {
+        let spec = ExportSpec {
+            name: &disk.export,
+            read_only: true,
+            allow: &disk.allow,
+            description: format!("vdk disk {}: {shown}", disk.id),
+        };
+        self.nbd.export(spec, disk.device.clone())?;
+        if disk.attach == Attach::FuseLoop {
             self.attach(&disk)?;
         }
         info!(id = %disk.id, image = %shown, "disc inserted");

@@ -1,152 +1,162 @@
-//! `vdk daemon`: owns every open disk and its front ends (NBD export, block device, mount),
-//! and answers the control API on a Unix socket.
+//! `vdk daemon`: owns every open disk and its front ends (NBD export, iSCSI LUN, block device,
+//! mounts), and answers the control API on a Unix socket.
 //!
-//! Threads: one accepts control connections and one serves each of them; the NBD server and
-//! the FUSE export have their own. Requests that change disks (open, close, mount, unmount)
-//! run one at a time; `list` never waits for them.
+//! The model, in three layers:
+//!
+//! ```text
+//!   requests.rs   a control connection: who asks (access.rs), a typed Request, a typed Reply
+//!        │
+//!   Daemon        one method per request (open.rs, close.rs, attach.rs, overlay.rs,
+//!        │        media.rs), each a few steps over the parts below, one at a time
+//!        │
+//!   parts         each owns its state and knows no other part:
+//!                 disks.rs    the open disks (Disk, its Medium, its Recipe)
+//!                 nbd.rs      the NBD server and its exports
+//!                 iscsi.rs    the iSCSI server (started on demand) and its LUNs
+//!                 attacher.rs block devices (fuse-loop)
+//!                 userfs.rs   ISO browsers and cloud drives
+//!                 mount.rs, recover.rs, tracked.rs: helpers with no state
+//! ```
+//!
+//! Threads: one accepts control connections and one serves each of them; the NBD and iSCSI
+//! servers and the FUSE exports have their own. Requests that change disks run one at a time
+//! (`changing`); `list` never waits for them.
 
 mod access;
+mod attach;
+mod attacher;
+mod close;
 mod disks;
 mod iscsi;
 mod media;
 pub mod mount;
+mod nbd;
 mod open;
 mod overlay;
+mod paths;
+mod recipe;
 pub mod recover;
+mod requests;
 pub mod tracked;
 mod userfs;
 
 use std::fs;
-use std::io::{self, BufReader, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use anyhow::{bail, Context};
-use clap::Args;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 use tracing::{debug, info, warn};
-use vdk_nbd::{Listener, Server, ServerConfig};
+use vdk_core::sync::lock;
+use vdk_nbd::{Listener, Server};
 
-use crate::control::{self, ApiError, ErrorKind, Request, Response};
-pub use disks::Daemon;
+use crate::control::{ApiError, DiskStatus, StatsReport};
+use disks::{Disk, Disks};
+pub use iscsi::Settings as IscsiSettings;
+pub use paths::{dir_mode, own_dir, Paths};
 
-/// Where a daemon keeps its sockets, its FUSE export and its log: the directory of its
-/// control socket.
-#[derive(Clone, Debug)]
-pub struct Paths {
-    /// The directory.
-    pub dir: PathBuf,
-    /// The control socket.
-    pub socket: PathBuf,
-    /// The default NBD listener.
-    pub nbd_socket: PathBuf,
-    /// Where the FUSE export is mounted.
-    pub fuse: PathBuf,
-    /// The log of a daemon started in the background.
-    pub log: PathBuf,
+/// Size of an image `open` creates when none is given.
+pub const DEFAULT_SIZE: u64 = 100 << 20;
+
+/// What a daemon runs with: everything read and checked by the command line already.
+#[derive(Debug)]
+pub struct Config {
+    /// NBD listeners (`unix:///PATH`, `tcp://HOST:PORT`); the daemon's `nbd.sock` if none.
+    pub nbd_listen: Vec<String>,
+    /// The NBD server's limits, time-outs and TLS.
+    pub nbd: vdk_nbd::ServerConfig,
+    /// How disks are served over iSCSI.
+    pub iscsi: IscsiSettings,
+    /// Threads answering the FUSE export.
+    pub fuse_threads: usize,
+    /// The uid and gid of the user served besides the daemon's own (`--owner`).
+    pub owner: Option<(u32, u32)>,
 }
 
-impl Paths {
-    /// The paths of the daemon whose control socket is `socket`, or the default one.
-    pub fn new(socket: Option<&Path>) -> anyhow::Result<Paths> {
-        let socket = match socket {
-            Some(s) => absolute(s)?,
-            None => default_dir()?.join("control.sock"),
+/// The daemon: its parts, and the requests that change them.
+#[derive(Debug)]
+pub struct Daemon {
+    paths: Paths,
+    disks: Disks,
+    nbd: nbd::NbdFront,
+    iscsi: iscsi::Front,
+    attacher: attacher::Attacher,
+    fs: userfs::Filesystems,
+    /// Held by requests that change disks, so that they run one at a time.
+    changing: Mutex<()>,
+    /// What it found a dead daemon had left mounted, and detached, when it started.
+    recovered: Vec<String>,
+}
+
+impl Daemon {
+    /// A daemon whose NBD server is `nbd`.
+    fn new(paths: Paths, nbd: nbd::NbdFront, config: &Config, recovered: Vec<String>) -> Daemon {
+        Daemon {
+            disks: Disks::default(),
+            nbd,
+            iscsi: iscsi::Front::new(config.iscsi.clone()),
+            attacher: attacher::Attacher::new(paths.fuse.clone(), config.fuse_threads),
+            fs: userfs::Filesystems::new(paths.clone()),
+            changing: Mutex::new(()),
+            recovered,
+            paths,
+        }
+    }
+
+    /// What `list` and the requests that change a disk report of it.
+    fn status(&self, d: &Disk) -> DiskStatus {
+        let st = lock(&d.state);
+        let medium = lock(&d.medium).clone();
+        let lun = lock(&d.iscsi);
+        // An initiator may have ejected the disc itself (START STOP UNIT).
+        let ejected = st.ejected || lun.as_ref().is_some_and(|l| l.unit.medium().is_none());
+        DiskStatus {
+            id: d.id.clone(),
+            image: medium.image,
+            format: medium.format,
+            size: medium.size,
+            iscsi: lun.as_ref().map(|l| self.iscsi.uris(l)).unwrap_or_default(),
+            ejected,
+            read_only: d.read_only,
+            attach: d.attach,
+            block_device: st.block_device.clone(),
+            mount: st.mount.clone(),
+            export: d.export.clone(),
+            filters: lock(&d.filters).clone(),
+            nbd: if st.ejected {
+                Vec::new()
+            } else {
+                self.nbd.uris(&d.export)
+            },
+            stats: d.device.counters(),
+            latency: lock(&d.stats).as_deref().map(crate::control::stats_report),
+        }
+    }
+
+    /// The stats filter's counters of a disk, per operation.
+    fn stats(&self, key: &str) -> Result<StatsReport, ApiError> {
+        let disk = self.disks.find(key)?;
+        let Some(stats) = lock(&disk.stats).clone() else {
+            return Err(ApiError::invalid(format!(
+                "{} has no stats filter: open it with --filter stats",
+                disk.id
+            )));
         };
-        let dir = socket
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("/"));
-        Ok(Paths {
-            nbd_socket: dir.join("nbd.sock"),
-            fuse: dir.join("disks"),
-            log: dir.join("daemon.log"),
-            socket,
-            dir,
+        Ok(StatsReport {
+            ops: crate::control::stats_report(&stats),
+            id: disk.id.clone(),
         })
     }
-}
 
-fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
-    std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
-}
-
-/// `/run/vdk` for root, `$XDG_RUNTIME_DIR/vdk` for everyone else.
-fn default_dir() -> anyhow::Result<PathBuf> {
-    if rustix::process::geteuid().is_root() {
-        return Ok(PathBuf::from("/run/vdk"));
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => Ok(PathBuf::from(d).join("vdk")),
-        _ => bail!("XDG_RUNTIME_DIR is not set: give the control socket with --socket PATH"),
-    }
-}
-
-/// Options of `vdk daemon`.
-#[derive(Debug, Args)]
-#[command(after_help = "\
-The daemon starts by itself when `vdk open` needs it; run it by hand for systemd or a
-container. It serves every open disk over NBD (by default on nbd.sock beside the control
-socket) and stops on SIGTERM or SIGINT, closing every disk as `vdk close` does.")]
-pub struct DaemonArgs {
-    /// Where to listen: unix:///PATH or tcp://HOST:PORT for NBD, iscsi://HOST[:PORT] for
-    /// iSCSI (default for iSCSI: iscsi://127.0.0.1:3260, started when a disk first asks).
-    /// Repeatable.
-    #[arg(long, value_name = "URI")]
-    pub listen: Vec<String>,
-    /// iSCSI: initiators must log in with CHAP as the user:secret on the first line of FILE.
-    #[arg(long, value_name = "FILE")]
-    pub iscsi_chap: Option<PathBuf>,
-    /// iSCSI: the target's own user:secret (first line of FILE), for mutual CHAP.
-    #[arg(long, value_name = "FILE", requires = "iscsi_chap")]
-    pub iscsi_mutual_chap: Option<PathBuf>,
-    /// iSCSI: only this initiator name may log in (repeatable; default: any).
-    #[arg(long = "iscsi-initiator", value_name = "IQN")]
-    pub iscsi_initiators: Vec<String>,
-    /// Serve every disk opened over iSCSI, as if each were opened with --iscsi.
-    #[arg(long)]
-    pub iscsi_all: bool,
-    /// Threads answering the FUSE export (requests served in parallel).
-    #[arg(long, default_value_t = vdk_attach::fuse::DEFAULT_THREADS as u16,
-          value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub fuse_threads: u16,
-    /// Ask the running daemon to close every disk and stop.
-    #[arg(long)]
-    pub stop: bool,
-    /// Log to FILE instead of stderr; past 16 MiB it moves to FILE.1 and a new one starts
-    /// (a daemon `vdk open` starts logs to daemon.log beside its socket this way).
-    #[arg(long, value_name = "FILE")]
-    pub log: Option<PathBuf>,
-    /// Serve this user too (a name or uid): a daemon run as root (for loop devices and
-    /// mounts) on behalf of an unprivileged user. The control and NBD sockets become that
-    /// user's, and every path in the user's requests is checked against the user's own
-    /// rights.
-    #[arg(long, value_name = "USER")]
-    pub owner: Option<String>,
-    #[command(flatten)]
-    pub nbd: crate::cli::nbd_opts::NbdArgs,
-    #[command(flatten)]
-    pub socket: crate::cli::SocketArg,
-}
-
-/// The uid and primary gid of `user` (a name from /etc/passwd, or a number).
-fn user_ids(user: &str) -> anyhow::Result<(u32, u32)> {
-    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let found = passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 3 && (f[0] == user || f[2] == user))
-            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-            .flatten()
-    });
-    match (found, user.parse::<u32>()) {
-        (Some(ids), _) => Ok(ids),
-        (None, Ok(uid)) => Ok((uid, uid)),
-        (None, Err(_)) => bail!("--owner {user:?}: no such user"),
+    /// The open disks `caller` may see: its own, or all for a trusted one.
+    fn list(&self, caller: &access::Caller) -> Vec<DiskStatus> {
+        let mine = self.disks.all().into_iter();
+        mine.filter(|d| caller.may_manage(d.opener))
+            .map(|d| self.status(&d))
+            .collect()
     }
 }
 
@@ -164,11 +174,10 @@ fn give(path: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<()> {
 }
 
 /// Runs the daemon in the foreground until SIGTERM, SIGINT or a `shutdown` request.
-pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
-    own_dir(&paths.dir, dir_mode(args))?;
-    let owner = args.owner.as_deref().map(user_ids).transpose()?;
+pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<()> {
+    own_dir(&paths.dir, dir_mode(config.owner.is_some()))?;
     let control = bind_control(&paths.socket)?;
-    give(&paths.socket, owner)?;
+    give(&paths.socket, config.owner)?;
     // A daemon that died here may have left mounts that no longer answer.
     let recovered = recover::stale_mounts(paths);
     if !recovered.is_empty() {
@@ -184,54 +193,25 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
             debug!(error = %e, "cannot mark the daemon as an I/O flusher");
         }
     }
-    let (iscsi_listen, nbd_listen): (Vec<String>, Vec<String>) = args
-        .listen
-        .iter()
-        .cloned()
-        .partition(|u| u.starts_with("iscsi://"));
-    let uris = if nbd_listen.is_empty() {
+    let uris = if config.nbd_listen.is_empty() {
         vec![format!("unix://{}", paths.nbd_socket.display())]
     } else {
-        nbd_listen
+        config.nbd_listen.clone()
     };
-    let iscsi_settings = iscsi::Settings {
-        listen: iscsi_listen.clone(),
-        auth: crate::cli::iscsi_auth(
-            args.iscsi_chap.as_deref(),
-            args.iscsi_mutual_chap.as_deref(),
-            &args.iscsi_initiators,
-        )?,
-        all: args.iscsi_all,
-    };
-    let listeners = uris
-        .iter()
-        .map(|u| Listener::bind(u).with_context(|| format!("cannot listen on {u}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let listeners = crate::front::bind_nbd(&uris)?;
     for l in &listeners {
         if let Listener::Unix(_, path) = l {
-            give(path, owner)?;
+            give(path, config.owner)?;
         }
     }
-    let config = args
-        .nbd
-        .config(ServerConfig::default().threads_per_connection)?;
-    let tls = config.tls.clone();
-    let server = Arc::new(Server::new(Vec::new(), config));
-    let daemon = Arc::new(Daemon::new(
-        paths.clone(),
-        Arc::clone(&server),
-        listeners
-            .iter()
-            .map(|l| l.export_uri(disks::EXPORT_PLACEHOLDER))
-            .collect(),
-        usize::from(args.fuse_threads),
-        iscsi_settings,
-        recovered,
-    ));
-    if !iscsi_listen.is_empty() {
+    let server = Arc::new(Server::new(Vec::new(), config.nbd.clone()));
+    let front = nbd::NbdFront::new(Arc::clone(&server), &listeners);
+    let daemon = Arc::new(Daemon::new(paths.clone(), front, config, recovered));
+    if !config.iscsi.listen.is_empty() {
         // Portals asked for by name start now, so that a wrong one fails at once.
         daemon
-            .start_iscsi()
+            .iscsi
+            .start()
             .map_err(|e| anyhow::anyhow!(e.message))?;
     }
     let nbd_thread = thread::Builder::new().name("nbd".into()).spawn({
@@ -239,24 +219,11 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
         move || server.serve(listeners)
     })?;
     let stopping = Arc::new(AtomicBool::new(false));
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
-    let signal_handle = signals.handle();
-    thread::spawn({
+    let signals = crate::front::on_signals(config.nbd.tls.clone(), {
         let stopping = Arc::clone(&stopping);
         let socket = paths.socket.clone();
-        move || {
-            for sig in signals.forever() {
-                if sig == SIGHUP {
-                    crate::cli::nbd_opts::reload(tls.as_deref());
-                    continue;
-                }
-                info!(signal = sig, "stopping: closing every disk");
-                stop(&stopping, &socket);
-                break;
-            }
-        }
-    });
+        move |_| stop(&stopping, &socket)
+    })?;
     info!(socket = %paths.socket.display(), pid = std::process::id(), "daemon ready");
     // Under systemd (Type=notify): ready now that requests are answered.
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
@@ -271,9 +238,10 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
                 let daemon = Arc::clone(&daemon);
                 let stopping = Arc::clone(&stopping);
                 let socket = paths.socket.clone();
-                let owner = owner.map(|o| o.0);
+                let owner = config.owner.map(|o| o.0);
                 thread::spawn(move || {
-                    if let Err(e) = serve_control(&daemon, conn, &stopping, &socket, owner) {
+                    let stop_daemon = || stop(&stopping, &socket);
+                    if let Err(e) = requests::serve(&daemon, conn, owner, stop_daemon) {
                         debug!(error = %e, "control connection ended");
                     }
                 });
@@ -281,71 +249,16 @@ pub fn run(args: &DaemonArgs, paths: &Paths) -> anyhow::Result<()> {
             Err(e) => warn!(error = %e, "accept on the control socket failed"),
         }
     }
-    signal_handle.close();
+    signals.close();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     daemon.close_all();
-    server.shutdown_handle().shutdown();
+    daemon.nbd.stop();
     let nbd = nbd_thread.join();
     let _ = fs::remove_file(&paths.socket);
     info!("daemon stopped");
     match nbd {
         Ok(r) => r.context("NBD server"),
         Err(_) => bail!("the NBD server thread panicked"),
-    }
-}
-
-/// The mode of the daemon's directory: its user's alone, or with `--owner` searchable by
-/// that user too, who may reach the sockets in it but not list or change it.
-pub fn dir_mode(args: &DaemonArgs) -> u32 {
-    if args.owner.is_some() {
-        0o711
-    } else {
-        0o700
-    }
-}
-
-/// Makes the daemon's directory `dir` with `mode`, or takes the one there only if it is a
-/// directory (not a symbolic link) of the daemon's own user with exactly that mode. An existing
-/// directory is never changed: one that is someone else's, or open wider (`/tmp`), or closed
-/// to the user it must serve, is refused with what to do.
-pub fn own_dir(dir: &Path, mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let shown = dir.display();
-    match fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::DirBuilder::new()
-                .mode(mode)
-                .create(dir)
-                .with_context(|| format!("cannot create {shown}"))?;
-            // Made here: its mode is set whatever the umask took away.
-            fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-                .with_context(|| format!("cannot set the mode of {shown}"))?;
-            Ok(())
-        }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot use {shown}"))),
-        Ok(m) if m.file_type().is_symlink() => bail!(
-            "{shown} is a symbolic link: the daemon keeps its socket in a directory of its own \
-             (remove it, or give --socket in a new directory)"
-        ),
-        Ok(m) if !m.is_dir() => bail!("{shown} is not a directory"),
-        Ok(m) if m.uid() != rustix::process::geteuid().as_raw() => bail!(
-            "{shown} belongs to uid {}, not to this daemon's user (uid {}): give --socket in \
-             a directory of your own, or a new one",
-            m.uid(),
-            rustix::process::geteuid().as_raw()
-        ),
-        Ok(m) if m.mode() & 0o7777 != mode => bail!(
-            "{shown} has mode {:04o}, not the {mode:04o} the daemon needs (others must not reach \
-             what is in it, {}): the daemon changes no directory it did not make; give \
-             --socket in a new directory, or remove {shown}",
-            m.mode() & 0o7777,
-            if mode == 0o711 {
-                "and the --owner user must reach its socket"
-            } else {
-                "nor enter it"
-            }
-        ),
-        Ok(_) => Ok(()),
     }
 }
 
@@ -370,158 +283,4 @@ fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
 fn stop(stopping: &AtomicBool, socket: &Path) {
     stopping.store(true, Ordering::SeqCst);
     let _ = UnixStream::connect(socket);
-}
-
-/// Answers requests on one control connection until it closes.
-fn serve_control(
-    daemon: &Daemon,
-    conn: UnixStream,
-    stopping: &AtomicBool,
-    socket: &Path,
-    owner: Option<u32>,
-) -> io::Result<()> {
-    let mut writer = conn.try_clone()?;
-    let caller = match access::Caller::of(&conn, owner) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "control connection refused");
-            let resp = Response::err(ApiError::new(ErrorKind::Permission, e.to_string()));
-            let mut out = serde_json::to_vec(&resp).map_err(io::Error::other)?;
-            out.push(b'\n');
-            return writer.write_all(&out);
-        }
-    };
-    mount::set_requester(Some(caller.pid));
-    let mut reader = BufReader::new(conn);
-    while let Some(line) = control::read_line(&mut reader)? {
-        let too_long = line.is_err();
-        let mut stop_after = false;
-        let checked = line
-            .and_then(|l| control::parse(&l))
-            .and_then(|r| caller.check(&r).map(|()| r));
-        let resp = match checked {
-            Ok(Request::Shutdown)
-                if caller.uid != rustix::process::geteuid().as_raw() && caller.uid != 0 =>
-            {
-                Response::err(ApiError::new(
-                    ErrorKind::Permission,
-                    "only the daemon's own user or root may stop it",
-                ))
-            }
-            Ok(Request::Shutdown) => {
-                stop_after = true;
-                Response::ok(serde_json::json!({}))
-            }
-            Ok(req) => {
-                let made = caller.would_create(&req);
-                let resp = daemon.handle(req, &caller);
-                caller.adopt(&made);
-                resp
-            }
-            Err(e) => Response::err(e),
-        };
-        let mut out = serde_json::to_vec(&resp).map_err(io::Error::other)?;
-        out.push(b'\n');
-        writer.write_all(&out)?;
-        if stop_after {
-            info!("stop requested over the control socket");
-            stop(stopping, socket);
-        }
-        // The rest of an over-long line cannot be told from a next request: hang up.
-        if too_long {
-            break;
-        }
-    }
-    Ok(())
-}
-
-impl Daemon {
-    /// Refuses a request of a user the daemon serves (`--owner`) that would change a disk or
-    /// a file system another user opened or mounted (root's, on a daemon they share).
-    fn authorize(&self, req: &Request, caller: &access::Caller) -> Result<(), ApiError> {
-        if caller.trusted {
-            return Ok(());
-        }
-        let disk = match req {
-            Request::Close(r) | Request::Unmount(r) | Request::Eject(r) => Some(&r.disk),
-            Request::Mount(r) => Some(&r.disk),
-            Request::Stats(r) => Some(&r.disk),
-            Request::Commit(r) | Request::Discard(r) => Some(&r.disk),
-            Request::Snapshot(r) => Some(&r.disk),
-            Request::Insert(r) => Some(&r.disk),
-            Request::FsMount(r) => Some(&r.source),
-            _ => None,
-        };
-        let theirs = |what: String, opener: u32| {
-            ApiError::new(
-                ErrorKind::Permission,
-                format!(
-                    "{what} was opened by uid {opener}: only that user (or root) may change it"
-                ),
-            )
-        };
-        if let Some(key) = disk {
-            if let Ok(d) = self.find(key) {
-                if !caller.may_manage(d.opener) {
-                    return Err(theirs(d.id.clone(), d.opener));
-                }
-            }
-        }
-        if let Request::FsUnmount(r) = req {
-            if let Some(opener) = self.fs_opener(&r.dir) {
-                if !caller.may_manage(opener) {
-                    return Err(theirs(r.dir.display().to_string(), opener));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn handle(&self, req: Request, caller: &access::Caller) -> Response {
-        if let Err(e) = self.authorize(&req, caller) {
-            return Response::err(e);
-        }
-        let done = match req {
-            Request::Version => Ok(serde_json::json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "pid": std::process::id(),
-                "recovered": self.recovered,
-            })),
-            Request::Open(r) => self.open(*r, caller.uid).map(|s| serde_json::json!(s)),
-            Request::Close(r) => self.close(&r.disk, r.force).map(|s| serde_json::json!(s)),
-            Request::List => Ok(serde_json::json!(self.list(caller))),
-            Request::Mount(r) => self.mount(r).map(|s| serde_json::json!(s)),
-            Request::Unmount(r) => self.unmount(&r.disk, r.force).map(|s| serde_json::json!(s)),
-            Request::Stats(r) => self.stats(&r.disk),
-            Request::Commit(r) => self.commit(&r.disk, false, r.force),
-            Request::Discard(r) => self.commit(&r.disk, true, r.force),
-            Request::Snapshot(r) => self.snapshot(&r.disk, &r.new, r.force),
-            Request::Eject(r) => self.eject(&r.disk, r.force).map(|s| serde_json::json!(s)),
-            Request::Insert(r) => self.insert(&r.disk, &r.image).map(|s| serde_json::json!(s)),
-            Request::FsMount(r) => self.fs_mount(&r, caller.uid).map(|s| serde_json::json!(s)),
-            Request::FsUnmount(r) => self
-                .fs_unmount(&r.dir, r.force)
-                .map(|s| serde_json::json!(s)),
-            Request::FsList => Ok(serde_json::json!(self.fs_list(caller))),
-            Request::FsMap(r) => {
-                let who = vdk_drive::Access {
-                    uid: caller.uid,
-                    gid: caller.gid,
-                    shared: false,
-                };
-                self.fs_map(&r, who).map(|s| serde_json::json!(s))
-            }
-            Request::Shutdown => Err(ApiError::new(
-                control::ErrorKind::BadRequest,
-                "shutdown is handled by the connection",
-            )),
-        };
-        match done {
-            Ok(v) => Response::ok(v),
-            Err(e) => {
-                debug!(error = %e.message, "request failed");
-                Response::err(e)
-            }
-        }
-    }
 }

@@ -9,42 +9,46 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
-use vdk_attach::Attach;
 use vdk_core::size::Human;
-use vdk_core::BlockDevice;
+use vdk_core::sync::lock;
+use vdk_filters::cow::Overlay;
+use vdk_filters::FilterSpec;
 use vdk_formats::Format;
-use vdk_nbd::Export;
 
-use super::disks::{
-    cloud_error, disk_id, invalid, lock, parse_filters, Daemon, Disc, Disk, Recipe,
-    ATTACH_FUSE_LOOP, ATTACH_NONE, DEFAULT_SIZE,
-};
-use super::mount;
+use super::disks::{disk_id, Disk, Medium};
+use super::nbd::ExportSpec;
+use super::recipe::{cloud_error, parse_filters, Recipe};
 use super::tracked::Tracked;
-use crate::control::{ApiError, DiskStatus, ErrorKind, OpenRequest};
+use super::{mount, Daemon, DEFAULT_SIZE};
+use crate::control::{ApiError, Attach, DiskStatus, ErrorKind, OpenRequest};
 
-impl Daemon {
-    /// Opens (or creates) an image and attaches it as asked.
-    pub fn open(&self, req: OpenRequest, opener: u32) -> Result<DiskStatus, ApiError> {
-        let _one_at_a_time = lock(&self.changing);
+/// Shorthand for the wrong-argument error.
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::invalid(msg)
+}
+
+/// What an `open` request asks for, checked and parsed once, before anything is made.
+struct Asked {
+    attach: Attach,
+    format: Option<Format>,
+    specs: Vec<FilterSpec>,
+    allow: Vec<vdk_nbd::Rule>,
+}
+
+impl Asked {
+    fn of(req: &OpenRequest) -> Result<Asked, ApiError> {
         let root = rustix::process::geteuid().is_root();
-        let attach = match req.attach.as_deref() {
-            None if root => ATTACH_FUSE_LOOP,
-            None => ATTACH_NONE,
-            Some(ATTACH_FUSE_LOOP) if !root => {
+        let attach = match req.attach {
+            None if root => Attach::FuseLoop,
+            None => Attach::None,
+            Some(Attach::FuseLoop) if !root => {
                 return Err(ApiError::new(
                     ErrorKind::Permission,
                     "attaching a block device (fuse-loop) needs root; \
                      use --attach none to serve the disk over NBD only",
                 ))
             }
-            Some(ATTACH_FUSE_LOOP) => ATTACH_FUSE_LOOP,
-            Some(ATTACH_NONE) => ATTACH_NONE,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "unknown attach mode {other:?}: use fuse-loop or none"
-                )))
-            }
+            Some(a) => a,
         };
         let format = req
             .format
@@ -55,7 +59,7 @@ impl Daemon {
         if let Some(fs) = &req.mkfs {
             mount::check_fs_type(fs)?;
         }
-        if attach == ATTACH_NONE && (req.mkfs.is_some() || req.mount.is_some()) {
+        if attach == Attach::None && (req.mkfs.is_some() || req.mount.is_some()) {
             return Err(invalid(
                 "--mkfs and --mount need a block device: not with --attach none",
             ));
@@ -68,9 +72,9 @@ impl Daemon {
                 "--force goes with --mkfs (to format a disk that holds data)",
             ));
         }
-        parse_filters(&req.filters)?;
-        allow_rules(&req.allow)?;
-        let cloud = req.path.to_str().is_some_and(crate::cloud::is_url);
+        let specs = parse_filters(&req.filters)?;
+        let allow = allow_rules(&req.allow)?;
+        let cloud = is_cloud(req);
         if !cloud && !req.cloud.is_default() {
             return Err(invalid(
                 "--s3-endpoint, --cache, --key-file and such are for object-store disks (s3://...)",
@@ -90,16 +94,34 @@ impl Daemon {
         if !req.iscsi && (req.iscsi_target.is_some() || req.iscsi_lun.is_some()) {
             return Err(invalid("--iscsi-target and --iscsi-lun go with --iscsi"));
         }
-        let (image, created) = if cloud {
+        Ok(Asked {
+            attach,
+            format,
+            specs,
+            allow,
+        })
+    }
+}
+
+/// Whether the request names a disk in object storage (a URL).
+fn is_cloud(req: &OpenRequest) -> bool {
+    req.path.to_str().is_some_and(crate::cloud::is_url)
+}
+
+impl Daemon {
+    /// Opens (or creates) an image and attaches it as asked.
+    pub(super) fn open(&self, req: OpenRequest, opener: u32) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let asked = Asked::of(&req)?;
+        let (image, created) = if is_cloud(&req) {
             self.cloud_image(&req)?
         } else {
-            self.image(&req, format)?
+            self.image(&req, asked.format)?
         };
-        let opened = self.open_image(&req, &image, format, attach, opener);
-        match opened {
+        match self.open_image(&req, asked, &image, opener) {
             Ok(d) => {
                 let status = self.status(&d);
-                lock(&self.disks).insert(d.id.clone(), d);
+                self.disks.insert(d);
                 info!(id = %status.id, image = %image.display(), size = %Human(status.size), "disk open");
                 Ok(status)
             }
@@ -215,34 +237,31 @@ impl Daemon {
     fn open_image(
         &self,
         req: &OpenRequest,
+        asked: Asked,
         image: &Path,
-        format: Option<Format>,
-        attach: &'static str,
         opener: u32,
     ) -> Result<Arc<Disk>, ApiError> {
-        let specs = parse_filters(&req.filters)?;
-        let redirect = vdk_filters::redirects_writes(&specs);
+        let redirect = vdk_filters::redirects_writes(&asked.specs);
         // What makes this disk itself: the image, or for a cow disk its overlay (many cow
         // disks may share one base).
-        let (key, id) = match specs.iter().find_map(|s| match s {
-            vdk_filters::FilterSpec::Cow(o) => Some(o.overlay.clone()),
+        let overlay = asked.specs.iter().find_map(|s| match s {
+            FilterSpec::Cow(o) => Some(o.overlay.clone()),
             _ => None,
-        }) {
-            Some(vdk_filters::cow::Overlay::Persistent(p)) => {
+        });
+        let (key, id) = match overlay {
+            Some(Overlay::Persistent(p)) => {
                 let p = std::path::absolute(&p).map_err(|e| ApiError::io("overlay path", &e))?;
                 let id = disk_id(&p);
                 (p, id)
             }
-            Some(vdk_filters::cow::Overlay::Volatile) => {
-                let n = self
-                    .volatile
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(Overlay::Volatile) => {
+                let n = self.disks.next_volatile();
                 let id = format!("{}-v{n}", disk_id(image));
                 (image.join(format!("#volatile-{n}")), id)
             }
             None => (image.to_owned(), disk_id(image)),
         };
-        if let Some(d) = lock(&self.disks).values().find(|d| d.key == key) {
+        if let Some(d) = self.disks.with_key(&key) {
             return Err(ApiError::new(
                 ErrorKind::AlreadyOpen,
                 format!("{} is already open as {}", key.display(), d.id),
@@ -251,15 +270,12 @@ impl Daemon {
         let shown = image.display();
         let recipe = Recipe {
             image: image.to_owned(),
-            format,
+            format: asked.format,
             // The base of a cow disk is only read.
             read_only: req.read_only || redirect,
             probe_backing: req.probe_backing,
-            specs,
-            cloud: image
-                .to_str()
-                .is_some_and(crate::cloud::is_url)
-                .then(|| (req.cloud.clone(), self.paths.dir.join("cache"))),
+            specs: asked.specs,
+            cloud: is_cloud(req).then(|| (req.cloud.clone(), self.paths.dir.join("cache"))),
         };
         let (chain, opened_format) = recipe.build()?;
         let backend = chain.device;
@@ -276,23 +292,19 @@ impl Daemon {
             )));
         }
         let device = Arc::new(Tracked::new(backend));
-        let export_name = req.export_name.clone().unwrap_or_else(|| id.clone());
-        let mut export = Export::new(
-            export_name.clone(),
-            Arc::clone(&device) as Arc<dyn BlockDevice>,
-        );
-        export.read_only = req.read_only;
-        let allow = allow_rules(&req.allow)?;
-        export.allow = allow.clone();
-        export.description = format!("vdk disk {id}: {shown}");
-        self.nbd
-            .add_export(export)
-            .map_err(|e| ApiError::new(ErrorKind::AlreadyOpen, format!("NBD export: {e}")))?;
+        let export = req.export_name.clone().unwrap_or_else(|| id.clone());
+        let spec = ExportSpec {
+            name: &export,
+            read_only: req.read_only,
+            allow: &asked.allow,
+            description: format!("vdk disk {id}: {shown}"),
+        };
+        self.nbd.export(spec, device.clone())?;
         let disk = Arc::new(Disk {
-            id: id.clone(),
+            id,
             opener,
             key,
-            disc: Mutex::new(Disc {
+            medium: Mutex::new(Medium {
                 image: image.to_owned(),
                 format: opened_format.name().into(),
                 size,
@@ -301,9 +313,9 @@ impl Daemon {
             read_only: req.read_only || size_info.read_only,
             cdrom: size_info.media == vdk_core::MediaKind::CdRom,
             iscsi: Mutex::new(None),
-            attach,
-            export: export_name,
-            allow,
+            attach: asked.attach,
+            export,
+            allow: asked.allow,
             device,
             filters: Mutex::new(req.filters.clone()),
             stats: Mutex::new(chain.stats),
@@ -324,13 +336,13 @@ impl Daemon {
         if req.iscsi || self.iscsi.all() {
             let lun = self.iscsi.expose(
                 &disk.id,
-                Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
+                disk.device.clone(),
                 req.iscsi_target.as_deref(),
                 req.iscsi_lun,
             )?;
             *lock(&disk.iscsi) = Some(lun);
         }
-        if disk.attach == ATTACH_FUSE_LOOP {
+        if disk.attach == Attach::FuseLoop {
             self.attach(disk)?;
         }
         if let Some(fs) = &req.mkfs {
@@ -339,132 +351,6 @@ impl Daemon {
         if let Some(dir) = &req.mount {
             self.mount_disk(disk, dir, req.mkfs.as_deref(), &open_again(req))?;
         }
-        Ok(())
-    }
-
-    /// Formats a disk with `fs`: only a blank one (all zeroes or unallocated) unless `force`,
-    /// so that no typo erases a disk's data.
-    pub(super) fn format(
-        &self,
-        disk: &Disk,
-        fs: &str,
-        force: bool,
-        again: &dyn Fn(&str) -> String,
-    ) -> Result<(), ApiError> {
-        mount::check_fs_type(fs)?;
-        if disk.read_only {
-            return Err(invalid(format!(
-                "{} is read-only: it cannot be formatted",
-                disk.id
-            )));
-        }
-        let dev = lock(&disk.state).block_device.clone().ok_or_else(|| {
-            invalid(format!(
-                "{} has no block device (opened with --attach none)",
-                disk.id
-            ))
-        })?;
-        if lock(&disk.state).mount.is_some() {
-            return Err(invalid(format!(
-                "{} is mounted: unmount it before formatting",
-                disk.id
-            )));
-        }
-        if !force {
-            if let Some(at) = mount::first_data(&*disk.device)? {
-                let holds = match mount::probe_fs(&dev) {
-                    Some(t) => format!("holds {t}"),
-                    None => format!("holds data (from byte {at})"),
-                };
-                return Err(ApiError::new(
-                    ErrorKind::Busy,
-                    format!(
-                        "{} {holds}: vdk formats only blank disks; to erase it and format it, \
-                         run `{}`",
-                        lock(&disk.disc).image.display(),
-                        again("--force")
-                    ),
-                ));
-            }
-        }
-        mount::mkfs(fs, &dev)
-    }
-
-    /// Gives a disk its block device (fuse-loop).
-    pub(super) fn attach(&self, disk: &Disk) -> Result<(), ApiError> {
-        let attached = self
-            .attacher()?
-            .attach(
-                &disk.id,
-                Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
-                disk.read_only,
-            )
-            .map_err(|e| ApiError::io("cannot attach a loop device", &e))?;
-        let dev = attached.block_device();
-        info!(id = %disk.id, dev = %dev.display(), "attached");
-        let mut st = lock(&disk.state);
-        st.block_device = Some(dev);
-        st.attached = Some(attached);
-        Ok(())
-    }
-
-    /// Mounts a disk's file system on `dir`; a CD-ROM's through the ISO browser (this kernel
-    /// may have no iso9660). A blank disk gets the command that formats it.
-    pub(super) fn mount_disk(
-        &self,
-        disk: &Disk,
-        dir: &Path,
-        fs: Option<&str>,
-        again: &dyn Fn(&str) -> String,
-    ) -> Result<(), ApiError> {
-        if !dir.is_absolute() {
-            return Err(invalid(format!(
-                "{}: the mount point must be absolute",
-                dir.display()
-            )));
-        }
-        if let Some(m) = &lock(&disk.state).mount {
-            return Err(invalid(format!(
-                "{} is already mounted on {}",
-                disk.id,
-                m.display()
-            )));
-        }
-        if disk.cdrom {
-            let source = lock(&disk.disc).image.display().to_string();
-            let dir = self.mount_iso(
-                Arc::clone(&disk.device) as Arc<dyn BlockDevice>,
-                source,
-                Some(disk.id.clone()),
-                dir,
-                disk.opener,
-            )?;
-            lock(&disk.state).mount = Some(dir);
-            return Ok(());
-        }
-        let dev = lock(&disk.state).block_device.clone().ok_or_else(|| {
-            invalid(format!(
-                "{} has no block device (opened with --attach none)",
-                disk.id
-            ))
-        })?;
-        if fs.is_none() && mount::first_data(&*disk.device)?.is_none() {
-            let image = lock(&disk.disc).image.clone();
-            return Err(invalid(if disk.read_only {
-                format!(
-                    "{} is blank: there is no file system to mount",
-                    image.display()
-                )
-            } else {
-                format!(
-                    "{} is blank (no file system yet): format it as you mount it: `{}`",
-                    image.display(),
-                    again("--mkfs ext4")
-                )
-            }));
-        }
-        mount::mount(&dev, dir, fs, disk.read_only)?;
-        lock(&disk.state).mount = Some(dir.to_owned());
         Ok(())
     }
 

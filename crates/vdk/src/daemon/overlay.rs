@@ -8,9 +8,16 @@ use std::path::Path;
 
 use tracing::info;
 
-use super::disks::{invalid, lock, Daemon, Disk};
-use super::mount;
-use crate::control::{ApiError, ErrorKind};
+use vdk_core::sync::lock;
+
+use super::disks::Disk;
+use super::{mount, Daemon};
+use crate::control::{ApiError, CommitReport, ErrorKind, SnapshotReport};
+
+/// Shorthand for the wrong-argument error.
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::invalid(msg)
+}
 
 impl Daemon {
     /// What uses a disk's contents above the daemon: its mount, ISO browsers reading it, and
@@ -21,7 +28,7 @@ impl Daemon {
         if let Some(dir) = &st.mount {
             uses.push(format!("mounted on {} (by vdk)", dir.display()));
         }
-        for dir in self.filesystems_on(&disk.id) {
+        for dir in self.fs.on_disk(&disk.id) {
             if st.mount.as_deref() != Some(dir.as_path()) {
                 uses.push(format!("browsed on {} (vdk fs mount)", dir.display()));
             }
@@ -60,14 +67,14 @@ impl Daemon {
     /// Merges an open cow disk's overlay into its base (or, with `discard`, empties it), with
     /// the disk's requests paused meanwhile: the chain is flushed and closed, the overlay
     /// committed, and the chain opened again. Refused if another disk shares the base.
-    pub fn commit(
+    pub(super) fn commit(
         &self,
         key: &str,
         discard: bool,
         force: bool,
-    ) -> Result<serde_json::Value, ApiError> {
+    ) -> Result<CommitReport, ApiError> {
         let _one_at_a_time = lock(&self.changing);
-        let disk = self.find(key)?;
+        let disk = self.disks.find(key)?;
         self.refuse_if_in_use(&disk, if discard { "discard" } else { "commit" }, force)?;
         let Some(overlay) = lock(&disk.recipe).overlay() else {
             return Err(invalid(format!(
@@ -122,20 +129,24 @@ impl Daemon {
         })?;
         let r = report.unwrap_or_default();
         info!(id = %disk.id, overlay = %overlay.display(), discard, "overlay merged or emptied live");
-        Ok(serde_json::json!({ "id": disk.id, "data": r.data, "zeroed": r.zeroed }))
+        Ok(CommitReport {
+            id: disk.id.clone(),
+            data: r.data,
+            zeroed: r.zeroed,
+        })
     }
 
     /// Starts a new overlay `new` on top of an open cow disk's overlay and switches the disk
     /// to it, with the disk's requests paused meanwhile. The old overlay is not written any
     /// more; the chain is new -> old -> base.
-    pub fn snapshot(
+    pub(super) fn snapshot(
         &self,
         key: &str,
         new: &Path,
         force: bool,
-    ) -> Result<serde_json::Value, ApiError> {
+    ) -> Result<SnapshotReport, ApiError> {
         let _one_at_a_time = lock(&self.changing);
-        let disk = self.find(key)?;
+        let disk = self.disks.find(key)?;
         self.refuse_if_in_use(&disk, "snapshot", force)?;
         let Some(old) = lock(&disk.recipe).overlay() else {
             return Err(invalid(format!(
@@ -201,6 +212,10 @@ impl Daemon {
             }
         })?;
         info!(id = %disk.id, old = %old.display(), new = %new.display(), "snapshot: new overlay");
-        Ok(serde_json::json!({ "id": disk.id, "overlay": new, "previous": old }))
+        Ok(SnapshotReport {
+            id: disk.id.clone(),
+            overlay: new.to_owned(),
+            previous: old,
+        })
     }
 }

@@ -2,8 +2,9 @@
 //! fails every later request once the disk is closed (as a disk pulled out of its slot does).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use vdk_core::sync;
 use vdk_core::{BlockDevice, DiskInfo, Error, Extents, Lend, Piece, Result};
 
 use crate::control::Counters;
@@ -54,7 +55,7 @@ impl Tracked {
     }
 
     fn below(&self) -> RwLockReadGuard<'_, Arc<dyn BlockDevice>> {
-        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+        sync::read(&self.inner)
     }
 
     /// Replaces the chain below with what `f` makes of it, while no request runs: requests
@@ -66,7 +67,7 @@ impl Tracked {
             Arc<dyn BlockDevice>,
         ) -> std::result::Result<Arc<dyn BlockDevice>, (E, Arc<dyn BlockDevice>)>,
     ) -> std::result::Result<(), E> {
-        let mut slot = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = sync::write(&self.inner);
         let old = std::mem::replace(&mut *slot, Arc::new(Gone));
         match f(old) {
             Ok(new) => {

@@ -5,17 +5,24 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tracing::info;
+use vdk_core::sync::lock;
 use vdk_core::BlockDevice;
 use vdk_drive::DriveMount;
 use vdk_fs::iso9660::{Iso, Scheme};
 use vdk_fs::IsoMount;
 
-use super::disks::{invalid, lock, Daemon};
+use super::access::Caller;
 use super::mount::MadeDirs;
-use crate::control::{ApiError, ErrorKind, FsMapRequest, FsMountRequest, FsStatus};
+use super::Paths;
+use crate::control::{ApiError, ErrorKind, FsMapRequest, FsStatus};
+
+/// Shorthand for the wrong-argument error.
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::invalid(msg)
+}
 
 /// What is mounted.
 #[derive(Debug)]
@@ -33,10 +40,10 @@ enum Kind {
 
 /// A mounted file system.
 #[derive(Debug)]
-pub struct Mounted {
+struct Mounted {
     kind: Kind,
     /// The user whose request mounted it.
-    pub opener: u32,
+    opener: u32,
     source: String,
     /// The open disk it reads, if it reads one.
     disk: Option<String>,
@@ -53,7 +60,26 @@ impl Mounted {
 }
 
 /// The daemon's file systems, by mount point.
-pub type Table = BTreeMap<PathBuf, Mounted>;
+type Table = BTreeMap<PathBuf, Mounted>;
+
+/// The file systems the daemon has mounted, by mount point, recorded on disk for a daemon
+/// that follows one that died.
+#[derive(Debug)]
+pub struct Filesystems {
+    table: Mutex<Table>,
+    paths: Paths,
+}
+
+/// What an ISO browser reads, for [`Filesystems::mount_iso`].
+#[derive(Debug)]
+pub struct IsoSource {
+    /// The disk (or the image file opened read-only).
+    pub device: Arc<dyn BlockDevice>,
+    /// What to call it: the image's path.
+    pub name: String,
+    /// The open disk it is, if it is one.
+    pub disk: Option<String>,
+}
 
 fn status(dir: &Path, m: &Mounted) -> FsStatus {
     let (kind, label, names, cache) = match &m.kind {
@@ -108,7 +134,15 @@ fn check_label(label: &str) -> Result<(), ApiError> {
     }
 }
 
-impl Daemon {
+impl Filesystems {
+    /// No file systems, recorded in the daemon's directory `paths`.
+    pub fn new(paths: Paths) -> Filesystems {
+        Filesystems {
+            table: Mutex::default(),
+            paths,
+        }
+    }
+
     /// `dir` made ready to mount on: absolute, created, canonical, not a mount point. The
     /// directories made for it go again (if still empty) unless the guard is kept.
     fn mount_point(&self, dir: &Path) -> Result<(PathBuf, MadeDirs), ApiError> {
@@ -122,7 +156,7 @@ impl Daemon {
             .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), &e))?;
         let dir =
             fs::canonicalize(dir).map_err(|e| ApiError::io(format!("{}", dir.display()), &e))?;
-        if lock(&self.filesystems).contains_key(&dir) {
+        if lock(&self.table).contains_key(&dir) {
             return Err(ApiError::new(
                 ErrorKind::AlreadyOpen,
                 format!(
@@ -141,8 +175,7 @@ impl Daemon {
     }
 
     /// Maps the cloud drive `req.url` on `req.dir`.
-    pub fn fs_map(&self, req: &FsMapRequest, who: vdk_drive::Access) -> Result<FsStatus, ApiError> {
-        let _one_at_a_time = lock(&self.changing);
+    pub fn map(&self, req: &FsMapRequest, who: vdk_drive::Access) -> Result<FsStatus, ApiError> {
         if !crate::cloud::is_url(&req.url) {
             return Err(invalid(format!(
                 "{:?} is not a bucket URL (s3://BUCKET/PREFIX, gs://, az://, file:///DIR)",
@@ -166,7 +199,7 @@ impl Daemon {
             Some(c) => c.clone(),
             None => self.paths.dir.join("drives").join(&label),
         };
-        for (d, m) in lock(&self.filesystems).iter() {
+        for (d, m) in lock(&self.table).iter() {
             if let Kind::Drive {
                 label: l, cache: c, ..
             } = &m.kind
@@ -216,89 +249,49 @@ impl Daemon {
         };
         let st = status(&dir, &m);
         info!(dir = %dir.display(), url = %req.url, label = %st.label, "cloud drive mapped");
-        let mut table = lock(&self.filesystems);
+        let mut table = lock(&self.table);
         table.insert(dir, m);
         self.record(&table);
         Ok(st)
     }
 
-    /// Mounts the ISO 9660 file system of `req.source` (an open disk's id or image, or an
-    /// image file) on `req.dir`, read-only.
-    pub fn fs_mount(&self, req: &FsMountRequest, opener: u32) -> Result<FsStatus, ApiError> {
-        let _one_at_a_time = lock(&self.changing);
-        let (device, source, disk): (Arc<dyn BlockDevice>, String, Option<String>) =
-            match self.find(&req.source) {
-                Ok(d) => (
-                    Arc::clone(&d.device) as Arc<dyn BlockDevice>,
-                    lock(&d.disc).image.display().to_string(),
-                    Some(d.id.clone()),
-                ),
-                Err(_) => {
-                    let path = Path::new(&req.source);
-                    if !path.is_absolute() {
-                        return Err(invalid(format!(
-                            "{}: not an open disk, and not an absolute path",
-                            req.source
-                        )));
-                    }
-                    let opened = vdk_formats::open(
-                        path,
-                        &vdk_formats::OpenOptions {
-                            read_only: true,
-                            ..Default::default()
-                        },
-                    )
-                    .map_err(|e| ApiError::io(format!("cannot open {}", path.display()), &e))?;
-                    (opened.device, path.display().to_string(), None)
-                }
-            };
-        let dir = self.mount_iso(device, source, disk, &req.dir, opener)?;
-        Ok(status(&dir, &lock(&self.filesystems)[&dir]))
-    }
-
-    /// Mounts the ISO 9660 file system on `device` (read from `source`, or open disk `disk`)
-    /// on `dir`; the caller holds `changing`. Returns the canonical mount point.
-    pub(super) fn mount_iso(
+    /// Mounts the ISO 9660 file system of `source` on `dir`, read-only, for the user
+    /// `opener`.
+    pub fn mount_iso(
         &self,
-        device: Arc<dyn BlockDevice>,
-        source: String,
-        disk: Option<String>,
+        source: IsoSource,
         dir: &Path,
         opener: u32,
-    ) -> Result<PathBuf, ApiError> {
+    ) -> Result<FsStatus, ApiError> {
         let (dir, made) = self.mount_point(dir)?;
-        let size = device.info().size;
-        let iso = Iso::open(device)
-            .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("{source}: {e}")))?;
+        let name = source.name;
+        let size = source.device.info().size;
+        let iso = Iso::open(source.device)
+            .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("{name}: {e}")))?;
         let scheme = iso.scheme();
-        let mount = IsoMount::mount(iso, &dir, &source, vdk_fs::DEFAULT_THREADS)
+        let mount = IsoMount::mount(iso, &dir, &name, vdk_fs::DEFAULT_THREADS)
             .map_err(|e| ApiError::io("FUSE", &e))?;
         made.keep();
         let m = Mounted {
             kind: Kind::Iso { mount, scheme },
-            source,
-            disk,
+            source: name,
+            disk: source.disk,
             size,
             opener,
         };
-        info!(dir = %dir.display(), source = %m.source, label = %status(&dir, &m).label, "file system mounted");
-        let mut table = lock(&self.filesystems);
-        table.insert(dir.clone(), m);
+        let st = status(&dir, &m);
+        info!(dir = %dir.display(), source = %m.source, label = %st.label, "file system mounted");
+        let mut table = lock(&self.table);
+        table.insert(dir, m);
         self.record(&table);
-        Ok(dir)
+        Ok(st)
     }
 
-    /// Unmounts a file system of `vdk fs mount`. A busy one is refused unless `force`
-    /// (then it is detached and goes when its last user lets go).
-    pub fn fs_unmount(&self, dir: &Path, force: bool) -> Result<FsStatus, ApiError> {
-        let _one_at_a_time = lock(&self.changing);
-        self.unmount_fs(dir, force)
-    }
-
-    /// [`fs_unmount`](Self::fs_unmount) for a caller that holds `changing`.
-    pub(super) fn unmount_fs(&self, dir: &Path, force: bool) -> Result<FsStatus, ApiError> {
+    /// Unmounts a file system of `vdk fs mount` or `vdk fs map`. A busy one is refused
+    /// unless `force` (then it is detached and goes when its last user lets go).
+    pub fn unmount(&self, dir: &Path, force: bool) -> Result<FsStatus, ApiError> {
         let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-        let mut table = lock(&self.filesystems);
+        let mut table = lock(&self.table);
         let Some(m) = table.get(&dir) else {
             if super::recover::is_stale_fuse(&dir) {
                 // A FUSE mount whose server died (a daemon killed): nothing answers in it,
@@ -342,14 +335,14 @@ impl Daemon {
     }
 
     /// Writes down where the file systems are mounted, for a daemon that follows a crash.
-    pub(super) fn record(&self, table: &Table) {
+    fn record(&self, table: &Table) {
         let dirs: Vec<&Path> = table.keys().map(PathBuf::as_path).collect();
         super::recover::record_mounts(&self.paths, &dirs);
     }
 
     /// The mounted file systems that `caller` may see: its own, or all for a trusted one.
-    pub fn fs_list(&self, caller: &super::access::Caller) -> Vec<FsStatus> {
-        lock(&self.filesystems)
+    pub fn list(&self, caller: &Caller) -> Vec<FsStatus> {
+        lock(&self.table)
             .iter()
             .filter(|(_, m)| caller.may_manage(m.opener))
             .map(|(d, m)| status(d, m))
@@ -357,23 +350,32 @@ impl Daemon {
     }
 
     /// Who mounted the file system on `dir`, if vdk did.
-    pub(super) fn fs_opener(&self, dir: &Path) -> Option<u32> {
+    pub fn opener(&self, dir: &Path) -> Option<u32> {
         let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-        lock(&self.filesystems).get(&dir).map(|m| m.opener)
+        lock(&self.table).get(&dir).map(|m| m.opener)
     }
 
     /// The mount points of file systems read from the disk `id`.
-    pub(super) fn filesystems_on(&self, id: &str) -> Vec<PathBuf> {
-        lock(&self.filesystems)
+    pub fn on_disk(&self, id: &str) -> Vec<PathBuf> {
+        lock(&self.table)
             .iter()
             .filter(|(_, m)| m.disk.as_deref() == Some(id))
             .map(|(d, _)| d.clone())
             .collect()
     }
 
+    /// Detaches the file system on `dir` at once, busy or not (it goes when its last user
+    /// lets go).
+    pub fn detach(&self, dir: &Path) {
+        let mut table = lock(&self.table);
+        // Dropped, a mount is detached lazily.
+        drop(table.remove(dir));
+        self.record(&table);
+    }
+
     /// Unmounts every file system (lazily: the daemon is going away).
-    pub(super) fn fs_unmount_all(&self) {
-        let all = std::mem::take(&mut *lock(&self.filesystems));
+    pub fn unmount_all(&self) {
+        let all = std::mem::take(&mut *lock(&self.table));
         self.record(&Table::new());
         for (dir, m) in all {
             let _ = m.unmount(true);

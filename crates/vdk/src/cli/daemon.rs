@@ -1,0 +1,107 @@
+//! `vdk daemon`: its options, read into the plain configuration the daemon runs with.
+
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Args;
+
+use crate::daemon::{self, IscsiSettings};
+use crate::front::Listen;
+
+/// Options of `vdk daemon`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The daemon starts by itself when `vdk open` needs it; run it by hand for systemd or a
+container. It serves every open disk over NBD (by default on nbd.sock beside the control
+socket) and stops on SIGTERM or SIGINT, closing every disk as `vdk close` does.")]
+pub struct DaemonArgs {
+    /// Where to listen: unix:///PATH or tcp://HOST:PORT for NBD, iscsi://HOST[:PORT] for
+    /// iSCSI (default for iSCSI: iscsi://127.0.0.1:3260, started when a disk first asks).
+    /// Repeatable.
+    #[arg(long, value_name = "URI")]
+    pub listen: Vec<String>,
+    /// iSCSI: initiators must log in with CHAP as the user:secret on the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    pub iscsi_chap: Option<PathBuf>,
+    /// iSCSI: the target's own user:secret (first line of FILE), for mutual CHAP.
+    #[arg(long, value_name = "FILE", requires = "iscsi_chap")]
+    pub iscsi_mutual_chap: Option<PathBuf>,
+    /// iSCSI: only this initiator name may log in (repeatable; default: any).
+    #[arg(long = "iscsi-initiator", value_name = "IQN")]
+    pub iscsi_initiators: Vec<String>,
+    /// Serve every disk opened over iSCSI, as if each were opened with --iscsi.
+    #[arg(long)]
+    pub iscsi_all: bool,
+    /// Threads answering the FUSE export (requests served in parallel).
+    #[arg(long, default_value_t = vdk_attach::fuse::DEFAULT_THREADS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub fuse_threads: u16,
+    /// Ask the running daemon to close every disk and stop.
+    #[arg(long)]
+    pub stop: bool,
+    /// Log to FILE instead of stderr; past 16 MiB it moves to FILE.1 and a new one starts
+    /// (a daemon `vdk open` starts logs to daemon.log beside its socket this way).
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Serve this user too (a name or uid): a daemon run as root (for loop devices and
+    /// mounts) on behalf of an unprivileged user. The control and NBD sockets become that
+    /// user's, and every path in the user's requests is checked against the user's own
+    /// rights.
+    #[arg(long, value_name = "USER")]
+    pub owner: Option<String>,
+    #[command(flatten)]
+    pub nbd: super::nbd_opts::NbdArgs,
+    #[command(flatten)]
+    pub socket: super::SocketArg,
+}
+
+impl DaemonArgs {
+    /// The configuration these options ask for: certificates and CHAP secrets read, the
+    /// user found.
+    pub fn config(&self) -> anyhow::Result<daemon::Config> {
+        let listen = Listen::split(&self.listen);
+        Ok(daemon::Config {
+            nbd_listen: listen.nbd,
+            nbd: self
+                .nbd
+                .config(vdk_nbd::ServerConfig::default().threads_per_connection)?,
+            iscsi: IscsiSettings {
+                listen: listen.iscsi,
+                auth: super::iscsi_auth(
+                    self.iscsi_chap.as_deref(),
+                    self.iscsi_mutual_chap.as_deref(),
+                    &self.iscsi_initiators,
+                )?,
+                all: self.iscsi_all,
+            },
+            fuse_threads: usize::from(self.fuse_threads),
+            owner: self.owner.as_deref().map(user_ids).transpose()?,
+        })
+    }
+}
+
+/// Runs `vdk daemon`: the daemon itself, or with --stop a request that it stop.
+pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
+    let paths = args.socket.paths()?;
+    if args.stop {
+        return super::disks::stop_daemon(&paths);
+    }
+    daemon::run(&args.config()?, &paths)
+}
+
+/// The uid and primary gid of `user` (a name from /etc/passwd, or a number).
+fn user_ids(user: &str) -> anyhow::Result<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let found = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 3 && (f[0] == user || f[2] == user))
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .flatten()
+    });
+    match (found, user.parse::<u32>()) {
+        (Some(ids), _) => Ok(ids),
+        (None, Ok(uid)) => Ok((uid, uid)),
+        (None, Err(_)) => bail!("--owner {user:?}: no such user"),
+    }
+}

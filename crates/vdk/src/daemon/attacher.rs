@@ -1,0 +1,67 @@
+//! Block devices for disks (fuse-loop): the daemon's FUSE export, mounted on first use, and
+//! a loop device over a file of it for each disk.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tracing::info;
+use vdk_attach::{Attach, Attached, FuseExport, FuseLoop};
+use vdk_core::sync::lock;
+use vdk_core::BlockDevice;
+
+use crate::control::ApiError;
+
+/// Attaches disks as loop devices over the daemon's FUSE export.
+#[derive(Debug)]
+pub struct Attacher {
+    /// Where the FUSE export is mounted.
+    dir: PathBuf,
+    threads: usize,
+    /// The fuse-loop attacher, made (and its FUSE export mounted) on first use.
+    fuse_loop: Mutex<Option<Arc<FuseLoop>>>,
+}
+
+impl Attacher {
+    /// Attaches over a FUSE export on `dir` served by `threads` threads, once asked to.
+    pub fn new(dir: PathBuf, threads: usize) -> Attacher {
+        Attacher {
+            dir,
+            threads,
+            fuse_loop: Mutex::new(None),
+        }
+    }
+
+    fn fuse_loop(&self) -> Result<Arc<FuseLoop>, ApiError> {
+        let mut slot = lock(&self.fuse_loop);
+        if let Some(a) = &*slot {
+            return Ok(Arc::clone(a));
+        }
+        let export = FuseExport::mount(&self.dir, self.threads)
+            .map_err(|e| ApiError::io("cannot start the FUSE export", &e))?;
+        let a = Arc::new(FuseLoop::new(export));
+        *slot = Some(Arc::clone(&a));
+        Ok(a)
+    }
+
+    /// Gives the disk `id` (serving `device`) a block device.
+    pub fn attach(
+        &self,
+        id: &str,
+        device: Arc<dyn BlockDevice>,
+        read_only: bool,
+    ) -> Result<Box<dyn Attached>, ApiError> {
+        let attached = self
+            .fuse_loop()?
+            .attach(id, device, read_only)
+            .map_err(|e| ApiError::io("cannot attach a loop device", &e))?;
+        info!(id, dev = %attached.block_device().display(), "attached");
+        Ok(attached)
+    }
+
+    /// Unmounts the FUSE export (every disk is detached by now).
+    pub fn stop(&self) {
+        if let Some(a) = lock(&self.fuse_loop).take() {
+            a.export().unmount();
+        }
+    }
+}

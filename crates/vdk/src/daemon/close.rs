@@ -1,0 +1,98 @@
+//! Closing disks: unmount (after a sync), detach, withdraw the exports, flush, forget.
+
+use tracing::{info, warn};
+use vdk_core::sync::lock;
+
+use super::disks::Disk;
+use super::{mount, Daemon};
+use crate::control::{ApiError, DiskStatus, ErrorKind};
+
+impl Daemon {
+    /// Unmounts, detaches, withdraws the exports and flushes. With `force`, a busy mount is
+    /// detached lazily and the disk refuses everything still queued.
+    pub(super) fn tear_down(&self, disk: &Disk, force: bool) -> Result<(), ApiError> {
+        let mount = lock(&disk.state).mount.clone();
+        for dir in self.fs.on_disk(&disk.id) {
+            if mount.as_ref() == Some(&dir) {
+                continue; // the disk's own mount (a CD-ROM's, by the ISO browser): below
+            }
+            if !force {
+                return Err(ApiError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{} has a file system mounted on {} (vdk fs unmount it, or close \
+                         with --force)",
+                        disk.id,
+                        dir.display()
+                    ),
+                ));
+            }
+            self.fs.detach(&dir);
+        }
+        if let Some(dir) = mount {
+            if disk.cdrom {
+                self.fs.unmount(&dir, force)?;
+            } else if force {
+                // What the busy mount still sends fails, as on a disk pulled out.
+                if let Err(e) = mount::unmount(&dir, false) {
+                    warn!(id = %disk.id, error = %e.message, "forcing the disk closed");
+                    disk.device.close();
+                    mount::unmount(&dir, true)?;
+                }
+            } else {
+                mount::unmount(&dir, false)?;
+            }
+            lock(&disk.state).mount = None;
+        }
+        self.detach(disk);
+        if let Some(l) = lock(&disk.iscsi).take() {
+            self.iscsi.withdraw(&l);
+        }
+        self.nbd.withdraw(&disk.export);
+        disk.device.close();
+        disk.device.flush_backend().map_err(|e| {
+            ApiError::new(
+                ErrorKind::Io,
+                format!("flushing {}: {e}", lock(&disk.medium).image.display()),
+            )
+        })
+    }
+
+    /// Closes a disk: unmount (sync first), detach, stop the export, flush, release.
+    pub(super) fn close(&self, key: &str, force: bool) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.disks.find(key)?;
+        let status = self.status(&disk);
+        let torn = self.tear_down(&disk, force);
+        // Detached or not, a disk that got this far is no longer served: forget it, unless
+        // the unmount was refused (then nothing changed).
+        if matches!(&torn, Err(e) if e.kind == ErrorKind::Busy) {
+            return torn.map(|()| status);
+        }
+        self.disks.remove(&disk.id);
+        info!(id = %disk.id, "disk closed");
+        torn.map(|()| status)
+    }
+
+    /// Closes every disk (forcing busy ones: the daemon is going away) and the FUSE export.
+    pub(super) fn close_all(&self) {
+        self.fs.unmount_all();
+        let _one_at_a_time = lock(&self.changing);
+        for d in self.disks.all() {
+            let closed = match self.tear_down(&d, false) {
+                Err(e) if e.kind == ErrorKind::Busy => {
+                    warn!(id = %d.id, "{}; closing it anyway", e.message);
+                    self.tear_down(&d, true)
+                }
+                r => r,
+            };
+            match closed {
+                Ok(()) => info!(id = %d.id, "disk closed"),
+                Err(e) => warn!(id = %d.id, error = %e.message, "disk closed with an error"),
+            }
+            self.disks.remove(&d.id);
+        }
+        self.attacher.stop();
+        self.iscsi.stop();
+    }
+}

@@ -1,0 +1,77 @@
+//! The daemon's NBD front end: one server on the daemon's listeners, and an export of it for
+//! each open disk (with a disc in it, for a CD-ROM disk).
+
+use std::sync::Arc;
+
+use vdk_core::BlockDevice;
+use vdk_nbd::{Export, Rule, Server};
+
+use crate::control::{ApiError, ErrorKind};
+
+/// Stands for the export name in the NBD URI templates.
+const EXPORT_PLACEHOLDER: &str = "{export}";
+
+/// The NBD server of the daemon and the URI of each of its listeners.
+#[derive(Debug)]
+pub struct NbdFront {
+    server: Arc<Server>,
+    /// One per listener, with [`EXPORT_PLACEHOLDER`] for the export name.
+    uris: Vec<String>,
+}
+
+/// One export, as a disk asks for it.
+#[derive(Debug)]
+pub struct ExportSpec<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Who may see and open it.
+    pub allow: &'a [Rule],
+    /// What clients listing exports see.
+    pub description: String,
+}
+
+impl NbdFront {
+    /// The front end of `server`, which listens on `listeners`.
+    pub fn new(server: Arc<Server>, listeners: &[vdk_nbd::Listener]) -> NbdFront {
+        let uris = listeners
+            .iter()
+            .map(|l| l.export_uri(EXPORT_PLACEHOLDER))
+            .collect();
+        NbdFront { server, uris }
+    }
+
+    /// Offers `device` as the export `spec` describes.
+    pub fn export(
+        &self,
+        spec: ExportSpec<'_>,
+        device: Arc<dyn BlockDevice>,
+    ) -> Result<(), ApiError> {
+        let mut export = Export::new(spec.name.to_owned(), device);
+        export.read_only = spec.read_only;
+        export.allow = spec.allow.to_vec();
+        export.description = spec.description;
+        self.server
+            .add_export(export)
+            .map_err(|e| ApiError::new(ErrorKind::AlreadyOpen, format!("NBD export: {e}")))
+    }
+
+    /// Withdraws the export `name`, ending its connections (what they sent is answered).
+    pub fn withdraw(&self, name: &str) {
+        self.server.remove_export(name);
+    }
+
+    /// The URIs of the export `name`, one per listener.
+    pub fn uris(&self, name: &str) -> Vec<String> {
+        self.uris
+            .iter()
+            .map(|u| u.replace(EXPORT_PLACEHOLDER, name))
+            .collect()
+    }
+
+    /// Stops the server: connections finish what they have read, every export is flushed.
+    pub fn stop(&self) {
+        self.server.shutdown_handle().shutdown();
+    }
+}

@@ -1,0 +1,91 @@
+//! What `vdk serve` and `vdk daemon` set up the same way: the listeners `--listen` names, and
+//! the signals (SIGHUP reloads the TLS certificates; SIGINT or SIGTERM stops, a second one
+//! exits at once).
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::thread;
+
+use anyhow::Context;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::{Handle, Signals};
+use tracing::{info, warn};
+use vdk_nbd::{Listener, Tls};
+
+/// The `--listen` URIs, by protocol.
+#[derive(Debug, Default)]
+pub struct Listen {
+    /// `tcp://HOST:PORT` and `unix:///PATH`: NBD.
+    pub nbd: Vec<String>,
+    /// `iscsi://HOST[:PORT]`: iSCSI portals.
+    pub iscsi: Vec<String>,
+}
+
+impl Listen {
+    /// Sorts `uris` by protocol.
+    pub fn split(uris: &[String]) -> Listen {
+        let (iscsi, nbd) = uris
+            .iter()
+            .cloned()
+            .partition(|u| u.starts_with("iscsi://"));
+        Listen { nbd, iscsi }
+    }
+}
+
+/// Listens on every NBD URI; the first that fails is the error, with its URI.
+pub fn bind_nbd(uris: &[String]) -> anyhow::Result<Vec<Listener>> {
+    uris.iter()
+        .map(|uri| match Listener::bind(uri) {
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                Err(anyhow::anyhow!("--listen: {e}"))
+            }
+            l => l.with_context(|| format!("cannot listen on {uri}")),
+        })
+        .collect()
+}
+
+/// Listens on every iSCSI portal; the first that fails is the error, with its URI.
+pub fn bind_iscsi(uris: &[String]) -> anyhow::Result<Vec<TcpListener>> {
+    uris.iter()
+        .map(|u| vdk_iscsi::bind(u).with_context(|| format!("cannot listen on {u}")))
+        .collect()
+}
+
+/// Handles SIGHUP (the TLS certificates of `tls` are read again, for new connections) and
+/// SIGINT and SIGTERM: the first calls `stop`, a second exits at once. Closing the returned
+/// handle ends the signal thread.
+pub fn on_signals(
+    tls: Option<Arc<Tls>>,
+    stop: impl FnOnce(i32) + Send + 'static,
+) -> anyhow::Result<Handle> {
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
+    let handle = signals.handle();
+    let mut stop = Some(stop);
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    reload(tls.as_deref());
+                } else if let Some(stop) = stop.take() {
+                    info!(signal = sig, "shutting down: finishing what is in flight");
+                    stop(sig);
+                } else {
+                    warn!(signal = sig, "second signal: exiting without waiting");
+                    std::process::exit(1);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(handle)
+}
+
+/// SIGHUP: reads the TLS certificates again, and says how it went.
+fn reload(tls: Option<&Tls>) {
+    match tls.map(Tls::reload) {
+        None => info!("SIGHUP: nothing to reload (TLS is off)"),
+        Some(Ok(())) => info!("SIGHUP: TLS certificates reloaded"),
+        Some(Err(e)) => warn!(error = %e, "SIGHUP: TLS certificates not reloaded"),
+    }
+}
