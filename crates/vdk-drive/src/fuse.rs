@@ -15,7 +15,7 @@ use fuser::{
 };
 use vdk_core::sync;
 
-use crate::drive::{Attr, Drive, FileState, NAME_MAX};
+use crate::drive::{Attr, Drive, Errno as DriveErrno, FileState, NAME_MAX};
 
 /// How long the kernel may keep names and attributes: short, other clients change the bucket.
 const TTL: Duration = Duration::from_secs(1);
@@ -82,7 +82,7 @@ impl DriveFs {
         };
         match self.drive.upload(ino, &f) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -106,7 +106,7 @@ impl Filesystem for DriveFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.drive.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -117,7 +117,7 @@ impl Filesystem for DriveFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.drive.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -146,7 +146,7 @@ impl Filesystem for DriveFs {
                 None => self.drive.set_size(ino.0, size),
             };
             if let Err(e) = r {
-                return reply.error(e);
+                return reply.error(errno(e));
             }
         }
         if let Some(t) = mtime {
@@ -158,7 +158,7 @@ impl Filesystem for DriveFs {
         }
         match self.drive.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -187,21 +187,21 @@ impl Filesystem for DriveFs {
     ) {
         match self.drive.mkdir(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.drive.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.drive.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -226,14 +226,14 @@ impl Filesystem for DriveFs {
             .rename(parent.0, name, newparent.0, newname, noreplace)
         {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.drive.open(ino.0) {
             Ok(f) => reply.opened(self.add_handle(ino.0, f), FopenFlags::empty()),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -252,7 +252,7 @@ impl Filesystem for DriveFs {
                 let fh = self.add_handle(a.ino, f);
                 reply.created(&TTL, &self.attr(&a), Generation(0), fh, FopenFlags::empty());
             }
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -272,7 +272,7 @@ impl Filesystem for DriveFs {
         };
         match self.drive.read(ino, &f, offset, size) {
             Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -293,7 +293,7 @@ impl Filesystem for DriveFs {
         };
         match self.drive.write(ino, &f, offset, data) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -346,7 +346,7 @@ impl Filesystem for DriveFs {
     ) {
         let list = match self.drive.readdir(ino.0) {
             Ok(l) => l,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(errno(e)),
         };
         let dots = [(ino.0, true, "."), (ino.0, true, "..")];
         let entries = dots
@@ -386,4 +386,9 @@ impl Filesystem for DriveFs {
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         reply.ok();
     }
+}
+
+/// A drive error as FUSE answers it.
+fn errno(e: DriveErrno) -> Errno {
+    Errno::from_i32(e.code())
 }

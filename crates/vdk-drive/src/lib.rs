@@ -7,17 +7,19 @@
 //! listed in the project's README (*Cloud drive*). See [`drive`] for how it works.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// Tests build data from constants; production code converts with checks.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 pub mod drive;
 mod fuse;
 mod listing;
 
 use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 
-use fuser::MountOption;
 use tracing::info;
+use vdk_fs::{FuseMount, MountSpec};
 use vdk_objstore::Location;
 
 pub use drive::Drive;
@@ -28,9 +30,8 @@ pub const THREADS: usize = 8;
 /// A mapped drive.
 #[derive(Debug)]
 pub struct DriveMount {
-    mountpoint: PathBuf,
+    session: FuseMount,
     drive: Arc<Drive>,
-    session: Mutex<Option<fuser::BackgroundSession>>,
 }
 
 /// Who a drive's files belong to, and who may read them.
@@ -72,51 +73,32 @@ impl DriveMount {
             )
         })?;
         let fs = fuse::DriveFs::new(Arc::clone(&drive), access);
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            MountOption::FSName(source.to_owned()),
-            MountOption::Subtype("vdk-drive".into()),
-            MountOption::DefaultPermissions,
-            MountOption::NoSuid,
-            MountOption::NoDev,
-            MountOption::NoAtime,
-        ];
-        // Other users reach the mount only when it is theirs to reach: shared, or mapped for
-        // a user who is not the daemon's (the kernel then checks the modes: 0600/0700 are
-        // that user's alone).
-        config.acl = if access.shared || access.uid != rustix::process::geteuid().as_raw() {
-            fuser::SessionACL::All
-        } else {
-            fuser::SessionACL::Owner
+        let spec = MountSpec {
+            source,
+            subtype: "vdk-drive",
+            read_only: false,
+            // Other users reach the mount only when it is theirs to reach: shared, or mapped
+            // for a user who is not the daemon's (the kernel then checks the modes: 0600/0700
+            // are that user's alone).
+            others: access.shared || access.uid != rustix::process::geteuid().as_raw(),
+            threads: THREADS,
         };
-        config.n_threads = Some(THREADS);
-        config.clone_fd = true;
-        let session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot mount on {}: {e}", mountpoint.display()),
-            )
-        })?;
-        let session = session.spawn()?;
+        let session = FuseMount::mount(fs, mountpoint, &spec)?;
         info!(mountpoint = %mountpoint.display(), source, "cloud drive mapped");
-        Ok(DriveMount {
-            mountpoint: mountpoint.to_owned(),
-            drive,
-            session: Mutex::new(Some(session)),
-        })
+        Ok(DriveMount { session, drive })
     }
 
     /// Where it is mounted.
     pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
+        self.session.mountpoint()
     }
 
     /// Unmaps it, uploading what is still changed. With `lazy`, a busy mount is detached and
     /// goes when its last user lets go; without, a busy mount is refused (`EBUSY`) and stays.
     pub fn unmap(&self, lazy: bool) -> io::Result<()> {
-        if vdk_fs::unmount_session(&self.mountpoint, &self.session, lazy)? {
+        if self.session.unmount(lazy)? {
             self.drive.upload_all();
-            info!(mountpoint = %self.mountpoint.display(), "cloud drive unmapped");
+            info!(mountpoint = %self.mountpoint().display(), "cloud drive unmapped");
         }
         Ok(())
     }

@@ -12,19 +12,20 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 use tracing::{debug, info};
 use vdk_core::sync;
 
 use crate::iso9660::{Iso, IsoError, Kind, Node, Time, ROOT_INO};
+use crate::mount::{FuseMount, MountSpec};
 
 /// How long the kernel may keep names and attributes: the image never changes under it.
 const TTL: Duration = Duration::from_secs(3600);
@@ -424,40 +425,11 @@ fn raise_readahead(mountpoint: &Path) {
     }
 }
 
-/// Unmounts the FUSE session in `slot`, mounted on `mountpoint`, and waits for its threads;
-/// `Ok(false)` if it was unmounted already. With `lazy`, a busy mount is detached and goes
-/// when its last user lets go; without, a busy mount is refused (`EBUSY`) and stays.
-pub fn unmount_session(
-    mountpoint: &Path,
-    slot: &Mutex<Option<fuser::BackgroundSession>>,
-    lazy: bool,
-) -> io::Result<bool> {
-    let mut slot = sync::lock(slot);
-    let Some(session) = slot.take() else {
-        return Ok(false);
-    };
-    if !lazy {
-        // Try first, so that a busy mount is refused and left as it is.
-        if let Err(e) = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
-            if e == rustix::io::Errno::BUSY {
-                *slot = Some(session);
-                return Err(io::Error::from(e));
-            }
-        }
-    }
-    if let Err(e) = session.umount_and_join() {
-        debug!(error = %e, mountpoint = %mountpoint.display(), "busy, detaching lazily");
-        let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
-    }
-    Ok(true)
-}
-
 /// An ISO image mounted as a read-only file system.
 #[derive(Debug)]
 pub struct IsoMount {
-    mountpoint: PathBuf,
+    session: FuseMount,
     label: String,
-    session: Mutex<Option<fuser::BackgroundSession>>,
 }
 
 impl IsoMount {
@@ -474,39 +446,23 @@ impl IsoMount {
             iso,
             known: Mutex::default(),
         });
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            MountOption::FSName(source.to_owned()),
-            MountOption::Subtype("vdk-iso".into()),
-            MountOption::RO,
-            MountOption::DefaultPermissions,
-            MountOption::NoSuid,
-            MountOption::NoDev,
-            MountOption::NoAtime,
-        ];
-        // Anyone may browse (the daemon mounting it runs as root); modes still apply.
-        config.acl = fuser::SessionACL::All;
-        config.n_threads = Some(threads.max(1));
-        config.clone_fd = true;
-        let session = fuser::Session::new(IsoFs(state), mountpoint, &config).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot mount on {}: {e}", mountpoint.display()),
-            )
-        })?;
-        let session = session.spawn()?;
+        let spec = MountSpec {
+            source,
+            subtype: "vdk-iso",
+            read_only: true,
+            // Anyone may browse (the daemon mounting it runs as root); modes still apply.
+            others: true,
+            threads,
+        };
+        let session = FuseMount::mount(IsoFs(state), mountpoint, &spec)?;
         raise_readahead(mountpoint);
         info!(mountpoint = %mountpoint.display(), label = %label, "ISO file system mounted");
-        Ok(IsoMount {
-            mountpoint: mountpoint.to_owned(),
-            label,
-            session: Mutex::new(Some(session)),
-        })
+        Ok(IsoMount { session, label })
     }
 
     /// Where it is mounted.
     pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
+        self.session.mountpoint()
     }
 
     /// The volume label.
@@ -517,8 +473,8 @@ impl IsoMount {
     /// Unmounts it. With `lazy`, a busy mount is detached and goes when its last user lets
     /// go; without, a busy mount is refused (`EBUSY`) and stays.
     pub fn unmount(&self, lazy: bool) -> io::Result<()> {
-        if unmount_session(&self.mountpoint, &self.session, lazy)? {
-            info!(mountpoint = %self.mountpoint.display(), "ISO file system unmounted");
+        if self.session.unmount(lazy)? {
+            info!(mountpoint = %self.mountpoint().display(), "ISO file system unmounted");
         }
         Ok(())
     }
