@@ -182,7 +182,7 @@ impl Lifecycle {
         let connection = Connection {
             life: self.clone(),
             id,
-            _place: place,
+            place: Some(place),
         };
         match thread::Builder::new()
             .name(name.into())
@@ -249,7 +249,9 @@ impl Lifecycle {
 pub struct Connection {
     life: Lifecycle,
     id: u64,
-    _place: Admitted,
+    /// Its place under the limits: given back before the connection counts as ended, so that
+    /// whoever waits for the end can connect again at once.
+    place: Option<Admitted>,
 }
 
 impl fmt::Debug for Connection {
@@ -295,6 +297,7 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        drop(self.place.take());
         lock(&self.life.0.state).conns.remove(&self.id);
         self.life.0.changed.notify_all();
     }
