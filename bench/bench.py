@@ -164,6 +164,19 @@ def unix_stream_mbps(seconds=3, chunk=1 << 20):
     return got[0] / (time.time() - start) / 1e6
 
 
+def rotated(servers_, r):
+    """The servers in round `r`'s order: within each disk/transport, each server goes first
+    in one round, so that no position favours one every time."""
+    groups = {}
+    for s in servers_:
+        groups.setdefault((s.disk, s.transport), []).append(s)
+    out = []
+    for g in groups.values():
+        k = r % len(g)
+        out += g[k:] + g[:k]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--vdk", default="target/release/vdk")
@@ -193,7 +206,7 @@ def main():
             streams.append(unix_stream_mbps())
             print("run %d plain unix stream %8.1f MB/s" % (r + 1, streams[-1]), file=sys.stderr)
             for rw, bs in WORKLOADS:
-                for s in all_servers:
+                for s in rotated(all_servers, r):
                     mbps, iops = fio(s.uri, rw, bs, args.runtime)
                     results.setdefault((s.disk, s.transport, rw, bs, s.name), []).append((mbps, iops))
                     print("run %d %-8s %-6s %-5s %-9s %-8s %8.1f MB/s %9.0f IOPS" %

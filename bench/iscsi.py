@@ -102,15 +102,18 @@ def main():
                 while f.read(1 << 24):
                     pass
         for r in range(args.runs):
+            # Each target goes first in one round, so that no position favours one every time.
+            names = list(urls)
+            names = names[r % len(names):] + names[:r % len(names)]
             for label, opts in READS:
-                for name, url in urls.items():
+                for name, url in [(n, urls[n]) for n in names]:
                     mbs, iops = perf(url, opts, args.runtime)
                     results.setdefault((label, name), []).append((mbs, iops))
                     print("run %d %-10s %-4s %7.0f MB/s %8.0f IOPS" % (r + 1, label, name, mbs, iops),
                           file=sys.stderr)
             for label, bs in WRITES:
                 count = 60000 if bs == "4k" else 12000
-                for name, url in urls.items():
+                for name, url in [(n, urls[n]) for n in names]:
                     mbs, iops = qemu_bench(url, bs, count)
                     results.setdefault((label, name), []).append((mbs, iops))
                     print("run %d %-10s %-4s %7.0f MB/s %8.0f IOPS" % (r + 1, label, name, mbs, iops),

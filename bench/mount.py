@@ -7,8 +7,8 @@ of raw image on the same file system:
   nbdkit: nbdkit file IMAGE, nbdfuse, losetup --direct-io=on, mkfs.ext4, mount
 
 fio runs on a file in each mount (libaio, direct I/O, queue depth 16): 4 KiB random read and
-write, 1 MiB sequential read and write. The stacks take turns within each round, and each
-figure is the median of --runs runs. Needs root.
+write, 1 MiB sequential read and write. The stacks take turns within each
+round, each going first in one round, and each figure is the median of --runs runs. Needs root.
 """
 import argparse
 import json
@@ -133,8 +133,11 @@ def main():
             s.start()
             prefill(s.mnt, args.file_size)
         for r in range(args.runs):
+            # Each stack goes first in one round: the one after another's writes pays for
+            # their writeback, so a fixed order would favour the same stack every round.
+            order = stacks[r % len(stacks):] + stacks[:r % len(stacks)]
             for rw, bs in WORKLOADS:
-                for s in stacks:
+                for s in order:
                     mbps, iops = fio(s.mnt, rw, bs, args.runtime, args.file_size)
                     results.setdefault((rw, bs, s.name), []).append((mbps, iops))
                     print("run %d %-5s %-9s %-15s %8.1f MB/s %9.0f IOPS" %

@@ -5,8 +5,12 @@
 //! ([`FuseExport`]), and a loop device on each file ([`LoopDevice`]). It needs no kernel module
 //! beyond FUSE and loop. The kernel NBD client and ublk belong beside it, behind the same
 //! trait, on kernels that have them.
+// Only the loop device ioctls need unsafe code (loopdev.rs allows it there).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod fuse;
+#[allow(unsafe_code)]
 pub mod loopdev;
 
 use std::fmt;

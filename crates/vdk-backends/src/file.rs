@@ -14,11 +14,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use vdk_core::sys::{FileExt, Lock};
 use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Lend, Result};
+
+use crate::sys;
 
 /// How to open an image file.
 #[derive(Clone, Copy, Debug, Default)]
@@ -52,15 +54,14 @@ impl FileOptions {
 /// image at once and corrupt it, while many readers may share it. Advisory (flock), as
 /// qemu's image locking is.
 pub fn lock_image(file: &File, path: &Path, read_only: bool) -> io::Result<()> {
-    use rustix::fs::{flock, FlockOperation};
-    let op = if read_only {
-        FlockOperation::NonBlockingLockShared
+    let lock = if read_only {
+        Lock::Shared
     } else {
-        FlockOperation::NonBlockingLockExclusive
+        Lock::Exclusive
     };
-    match flock(file, op) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::WOULDBLOCK) => {
+    match vdk_core::sys::try_lock(file, lock) {
+        Ok(true) => Ok(()),
+        Ok(false) => {
             let holders = vdk_core::proc::flock_holders(path);
             let who = if holders.is_empty() {
                 "another program".to_owned()
@@ -76,9 +77,9 @@ pub fn lock_image(file: &File, path: &Path, read_only: bool) -> io::Result<()> {
                 ),
             ))
         }
-        // File systems without flock (some network ones): no lock, as qemu does.
-        Err(rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP) => Ok(()),
-        Err(e) => Err(e.into()),
+        // File systems without locks (some network ones): no lock, as qemu does.
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -112,7 +113,7 @@ impl FileDisk {
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
         if opts.direct {
-            set_direct(&mut oo)?;
+            sys::set_direct(&mut oo)?;
         }
         let mut file = oo.open(path)?;
         opts.lock(&file, path)?;
@@ -334,130 +335,6 @@ impl std::ops::Deref for AlignedBuf {
 impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         &mut self.raw[self.start..self.start + self.len]
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn set_direct(oo: &mut OpenOptions) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // The flag's bits fit an i32: O_DIRECT is 0o40000.
-    oo.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
-    Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_direct(_oo: &mut OpenOptions) -> io::Result<()> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "direct i/o needs linux",
-    ))
-}
-
-#[cfg(target_os = "linux")]
-mod sys {
-    //! The Linux calls behind sparse files.
-    use std::fs::File;
-    use std::io;
-
-    use rustix::fs::{fallocate, FallocateFlags, SeekFrom};
-    use rustix::io::Errno;
-    use vdk_core::{ExtentKind, Extents};
-
-    pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        Ok(fallocate(file, flags, offset, len)?)
-    }
-
-    /// Zeroes the range without writing data: a hole if `may_trim`, else allocated zeroes.
-    pub(super) fn zero(file: &File, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
-        if may_trim {
-            return punch_hole(file, offset, len);
-        }
-        let zero_range = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
-        if fallocate(file, zero_range, offset, len).is_ok() {
-            return Ok(());
-        }
-        // tmpfs and others: a hole, provisioned again.
-        punch_hole(file, offset, len)?;
-        Ok(fallocate(file, FallocateFlags::KEEP_SIZE, offset, len)?)
-    }
-
-    pub(super) fn extents(file: &File, offset: u64, len: u64) -> io::Result<Extents> {
-        let end = offset + len;
-        let mut map = Extents::new(offset);
-        let mut pos = offset;
-        while pos < end {
-            let data = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
-                Ok(d) => d.min(end),
-                Err(Errno::NXIO) => end, // no data after pos
-                Err(e) => return Err(e.into()),
-            };
-            map.push(data - pos, ExtentKind::Hole);
-            if data >= end {
-                break;
-            }
-            let hole = rustix::fs::seek(file, SeekFrom::Hole(data))?.min(end);
-            map.push(hole - data, ExtentKind::Data);
-            pos = hole;
-        }
-        Ok(map)
-    }
-
-    /// Reads all of `buf` from the page cache, without waiting for the disk: `preadv2` with
-    /// `RWF_NOWAIT`. False if any of it is not cached (or the kernel lacks the flag).
-    pub(super) fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> bool {
-        let want = buf.len();
-        let mut bufs = [std::io::IoSliceMut::new(buf)];
-        let flags = rustix::io::ReadWriteFlags::NOWAIT;
-        matches!(rustix::io::preadv2(file, &mut bufs, offset, flags), Ok(n) if n == want)
-    }
-
-    /// Writes all of `buf` into the page cache without waiting (`pwritev2` with
-    /// `RWF_NOWAIT`). False if that would block (part may have been written); `None` if the
-    /// file system never allows it (many refuse buffered `RWF_NOWAIT` writes).
-    pub(super) fn write_cached(file: &File, buf: &[u8], offset: u64) -> Option<bool> {
-        let bufs = [std::io::IoSlice::new(buf)];
-        let flags = rustix::io::ReadWriteFlags::NOWAIT;
-        match rustix::io::pwritev2(file, &bufs, offset, flags) {
-            Ok(n) => Some(n == buf.len()),
-            Err(Errno::OPNOTSUPP | Errno::INVAL) => None,
-            Err(_) => Some(false),
-        }
-    }
-
-    pub(super) fn will_need(file: &File, offset: u64, len: u64) {
-        let advice = rustix::fs::Advice::WillNeed;
-        // A hint: failure changes nothing the caller could act on.
-        let _ = rustix::fs::fadvise(file, offset, std::num::NonZeroU64::new(len), advice);
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-mod sys {
-    //! Portable fallbacks: no holes, no zeroing without writing.
-    use std::fs::File;
-    use std::io;
-
-    use vdk_core::Extents;
-
-    fn unsupported() -> io::Error {
-        io::Error::new(io::ErrorKind::Unsupported, "sparse files need linux")
-    }
-    pub(super) fn punch_hole(_: &File, _: u64, _: u64) -> io::Result<()> {
-        Err(unsupported())
-    }
-    pub(super) fn zero(_: &File, _: u64, _: u64, _: bool) -> io::Result<()> {
-        Err(unsupported())
-    }
-    pub(super) fn extents(_: &File, offset: u64, len: u64) -> io::Result<Extents> {
-        Ok(Extents::all_data(offset, len))
-    }
-    pub(super) fn will_need(_: &File, _: u64, _: u64) {}
-    pub(super) fn read_cached(_: &File, _: &mut [u8], _: u64) -> bool {
-        false
-    }
-    pub(super) fn write_cached(_: &File, _: &[u8], _: u64) -> Option<bool> {
-        None
     }
 }
 

@@ -1,4 +1,5 @@
-//! vdk's first backends: where the bytes of a disk live.
+//! Backends: where the bytes of a disk live, for disks that are not an image format (those
+//! are in vdk-formats; disks in object storage in vdk-objstore).
 //!
 //! - [`FileDisk`]: a raw image file, sparse-aware on Linux (holes from SEEK_DATA/SEEK_HOLE,
 //!   trim and zeroes by fallocate).
@@ -12,6 +13,7 @@
 mod file;
 mod memory;
 mod pattern;
+mod sys;
 
 pub use file::{check_not_written, file_extents, lock_image, FileDisk, FileOptions};
 pub use memory::MemoryDisk;

@@ -31,10 +31,12 @@ pub mod io;
 pub mod lifecycle;
 pub mod net;
 pub mod pool;
-pub mod proc;
 mod shared;
 pub mod size;
 pub mod sync;
+pub mod sys;
+
+pub use sys::proc;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, TcpStream};
-use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -150,27 +149,7 @@ impl<S: Timeouts + Write> Write for Deadline<S> {
     }
 }
 
-/// Unanswered keep-alive probes after which a TCP connection is dead.
-const KEEPALIVE_PROBES: u32 = 6;
-
-/// TCP keep-alive on a client socket: the first probe after `idle` without traffic, then one
-/// every sixth of it (at least a second); six unanswered and the connection is dead, so that a
-/// client whose host vanished is found in about twice `idle` instead of TCP's hours. Data left
-/// unacknowledged that long ends it too (TCP_USER_TIMEOUT): keep-alive probes only go out on
-/// a quiet connection, and retransmission alone would take 15 minutes. A failure only leaves
-/// the kernel's defaults.
-pub fn set_keepalive(socket: impl AsFd, idle: Duration) {
-    use rustix::net::sockopt as so;
-    let idle = idle.max(Duration::from_secs(1));
-    let interval = (idle / 6).max(Duration::from_secs(1));
-    let fd = socket.as_fd();
-    let _ = so::set_socket_keepalive(fd, true);
-    let _ = so::set_tcp_keepidle(fd, idle);
-    let _ = so::set_tcp_keepintvl(fd, interval);
-    let _ = so::set_tcp_keepcnt(fd, KEEPALIVE_PROBES);
-    let dead = idle + interval * KEEPALIVE_PROBES;
-    let _ = so::set_tcp_user_timeout(fd, u32::try_from(dead.as_millis()).unwrap_or(u32::MAX));
-}
+pub use crate::sys::set_keepalive;
 
 #[cfg(test)]
 mod tests {

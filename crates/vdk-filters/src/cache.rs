@@ -13,11 +13,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vdk_core::sync::lock;
+use vdk_core::sys::FileExt;
 use vdk_core::{check_range, BlockDevice, Filter, Lend, Result};
 
 /// Where cached blocks are kept.

@@ -92,7 +92,7 @@ pub fn cow(
         let file = create(&path, size, &co)?;
         if let Some(max) = opts.size {
             // Reserve the space now: later writes never meet a full host file system.
-            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, max)?;
+            vdk_core::sys::reserve(&file, max)?;
         }
         info!(overlay = %path.display(), volatile, "overlay created");
     }

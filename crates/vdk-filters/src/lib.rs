@@ -16,6 +16,8 @@
 //!
 //! `op` is `read`, `write`, `flush`, `trim` or `all`, several joined by `+`; `range` is
 //! `START-END` in bytes or with units (`1M-2M`); `errno` is `EIO` or `ENOSPC`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod cache;
 pub mod cow;

@@ -5,6 +5,7 @@ use std::io;
 use std::path::Path;
 
 use vdk_backends::{FileDisk, FileOptions};
+use vdk_core::sys::FileExt;
 use vdk_core::{BlockDevice, DiskInfo, Extents, Lend, MediaKind, Result};
 
 /// Where the first volume descriptor starts: sector 16.
@@ -26,7 +27,6 @@ pub fn is_iso(head: &[u8]) -> bool {
 
 /// The volume identifier of the primary volume descriptor, if there is one.
 pub fn volume_id(file: &File) -> Option<String> {
-    use std::os::unix::fs::FileExt;
     let mut pvd = [0u8; 2048];
     file.read_exact_at(&mut pvd, DESCRIPTORS).ok()?;
     if pvd[0] != 1 || &pvd[1..6] != MAGIC {

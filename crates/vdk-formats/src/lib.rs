@@ -7,6 +7,7 @@
 //! Metadata that does not hold together is a [`Corrupt`] error, whatever the format.
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
+#![forbid(unsafe_code)]
 
 pub mod iso;
 pub mod qcow2;
@@ -16,11 +17,11 @@ pub mod vhdx;
 use std::fmt;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vdk_backends::{FileDisk, FileOptions};
+use vdk_core::sys::FileExt;
 use vdk_core::BlockDevice;
 
 use qcow2::header::{Header, MAGIC};
@@ -505,7 +506,7 @@ fn info_in_chain(
     let file = File::open(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     let meta = file.metadata()?;
-    let disk_size = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    let disk_size = vdk_core::sys::disk_usage(&meta);
     let format = match format {
         Some(f) => f,
         None => probe(path)?,

@@ -22,13 +22,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
 use crate::{be32, be64, corrupt, Format, LOOK};
 use vdk_backends::FileOptions;
 use vdk_core::sync;
+use vdk_core::sys::FileExt;
 use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
 
 /// Footer cookie.

@@ -25,7 +25,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -33,6 +32,7 @@ use std::sync::Mutex;
 use crate::{corrupt, Format};
 use vdk_backends::FileOptions;
 use vdk_core::sync::lock;
+use vdk_core::sys::FileExt;
 use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Result};
 
 /// File identifier signature.

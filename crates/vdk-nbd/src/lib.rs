@@ -23,6 +23,7 @@ pub mod negotiate;
 pub mod proto;
 mod server;
 mod stream;
+mod sys;
 pub mod tls;
 
 use std::sync::Arc;

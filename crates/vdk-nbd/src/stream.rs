@@ -2,10 +2,10 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::sys::{self, UnixListener, UnixStream};
 
 /// A connected client socket.
 #[derive(Debug)]
@@ -97,15 +97,6 @@ impl vdk_core::net::Timeouts for Stream {
     }
 }
 
-impl AsFd for Stream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
-        }
-    }
-}
-
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match *self {
@@ -150,9 +141,6 @@ impl Write for Stream {
         Ok(())
     }
 }
-
-/// Send buffer asked for on Unix connections.
-const UNIX_SNDBUF: usize = 4 << 20;
 
 /// A listening socket.
 #[derive(Debug)]
@@ -210,10 +198,7 @@ impl Listener {
             }
             Listener::Unix(l, _) => {
                 let s = l.accept()?.0;
-                // A large send buffer lets a 1 MiB reply go out with fewer waits for the
-                // client to drain it. The kernel caps it at net.core.wmem_max; a failure only
-                // leaves the default. (Not for TCP, where it would turn off auto-tuning.)
-                let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SNDBUF);
+                sys::large_send_buffer(&s);
                 Ok(Stream::Unix(s))
             }
         }

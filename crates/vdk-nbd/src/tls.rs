@@ -18,13 +18,11 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 use std::thread;
 
-use rustix::event::{poll, PollFd, PollFlags};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -33,6 +31,7 @@ use tracing::debug;
 use vdk_core::sync;
 
 use crate::stream::Stream;
+use crate::sys::{self, UnixStream};
 
 /// Whether clients may or must use TLS (nbdkit's `--tls=off|on|require`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -328,32 +327,16 @@ fn pump(mut conn: ServerConnection, net: &Stream, plain: &UnixStream) -> io::Res
         if net_room && !net_r.is_empty() {
             continue; // bytes already read from the client, and room for them now
         }
-        let mut net_flags = PollFlags::empty();
-        if net_room {
-            net_flags |= PollFlags::IN;
-        }
-        if conn.wants_write() {
-            net_flags |= PollFlags::OUT;
-        }
-        let mut plain_flags = PollFlags::empty();
-        if !plain_eof && !conn.wants_write() {
-            plain_flags |= PollFlags::IN;
-        }
-        if down_at < down.len() {
-            plain_flags |= PollFlags::OUT;
-        }
-        let mut fds = [PollFd::new(net, net_flags), PollFd::new(plain, plain_flags)];
-        match poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        // Hang-ups with nothing asked for: the other side of the pair closed.
-        let hup = |f: &PollFd<'_>| {
-            f.revents()
-                .intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL)
+        let net_want = sys::Want {
+            read: net_room,
+            write: conn.wants_write(),
         };
-        if net_flags.is_empty() && plain_flags.is_empty() && (hup(&fds[0]) || hup(&fds[1])) {
+        let plain_want = sys::Want {
+            read: !plain_eof && !conn.wants_write(),
+            write: down_at < down.len(),
+        };
+        // A hang-up with nothing asked for: the other side of the pair closed.
+        if sys::wait_either(net, net_want, plain, plain_want)? {
             return Ok(());
         }
     }

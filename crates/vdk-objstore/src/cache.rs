@@ -20,13 +20,12 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rustix::fs::{fallocate, flock, FallocateFlags, FlockOperation};
 use vdk_core::sync;
+use vdk_core::sys::FileExt;
 
 /// The version of a chunk in the bucket: its ETag, or None where the bucket has no object.
 pub type Version = Option<String>;
@@ -126,18 +125,18 @@ impl Cache {
             .truncate(false)
             .write(true)
             .open(dir.join("lock"))?;
-        flock(&lock, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
-            if e == rustix::io::Errno::WOULDBLOCK {
-                io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!(
-                        "the cache directory {} is in use by another vdk",
-                        dir.display()
-                    ),
-                )
-            } else {
-                e.into()
+        let taken = vdk_core::sys::try_lock(&lock, vdk_core::sys::Lock::Exclusive);
+        taken.and_then(|taken| {
+            if taken {
+                return Ok(());
             }
+            Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "the cache directory {} is in use by another vdk",
+                    dir.display()
+                ),
+            ))
         })?;
         let data_path = dir.join("data");
         let owner = fs::read_to_string(dir.join("disk")).unwrap_or_default();
@@ -226,10 +225,9 @@ impl Cache {
         if len == 0 {
             return Ok(());
         }
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match fallocate(&self.data, flags, offset, len) {
+        match vdk_core::sys::punch_hole(&self.data, offset, len) {
             Ok(()) => Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP) => {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                 // A file system without holes: write the zeroes.
                 let zeroes = vec![0u8; 1 << 20];
                 let mut at = offset;
@@ -241,7 +239,7 @@ impl Cache {
                 }
                 Ok(())
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     }
 

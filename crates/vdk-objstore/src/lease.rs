@@ -24,7 +24,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
-use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 use vdk_core::sync;
 
@@ -92,13 +91,7 @@ fn hostname() -> String {
 }
 
 fn holder_name() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| {
-        if rustix::process::getuid().is_root() {
-            "root".into()
-        } else {
-            format!("uid {}", rustix::process::getuid().as_raw())
-        }
-    });
+    let user = vdk_core::sys::user_name();
     format!("{user}@{} pid {}", hostname(), std::process::id())
 }
 
@@ -224,7 +217,7 @@ impl Lease {
             .read(true)
             .write(true)
             .open(path)?;
-        if flock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
+        if !vdk_core::sys::try_lock(&f, vdk_core::sys::Lock::Exclusive).unwrap_or(false) {
             let mut who = String::new();
             let _ = f.read_to_string(&mut who); // best effort: the name in the message
             return Err(ObjError::LeaseHeld {

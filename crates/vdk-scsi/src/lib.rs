@@ -10,6 +10,8 @@
 //! Initiators are told apart by an I_T nexus number the transport chooses (one per iSCSI
 //! session): unit attentions, medium-removal prevention and reservations are per nexus. The
 //! transport reports a nexus that goes away with [`Target::nexus_lost`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod cdb;
 mod lu;

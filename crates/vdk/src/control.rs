@@ -335,8 +335,8 @@ pub struct OpenRequest {
     /// Probe the format of backing files whose parent does not record it.
     #[serde(default)]
     pub probe_backing: bool,
-    /// Filters over the image, in order: `NAME[:KEY=VALUE,...]` (readonly, stats, error,
-    /// delay, partition).
+    /// Filters over the image, in order, the first over the image: `NAME[:KEY=VALUE,...]`
+    /// (cow, cache, readonly, stats, error, delay, partition; docs/filters.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<String>,
     /// Serve the disk as a LUN of an iSCSI target (a CD-ROM LUN for an ISO).

@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,6 +13,7 @@ use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart};
 use tracing::{debug, warn};
 use vdk_core::sync::{self, lock};
+use vdk_core::sys::FileExt;
 
 use super::{
     check_name, from_ns, io_errno, join, split, store_errno, to_ns, Attr, Drive, Entry, Errno,

@@ -3,8 +3,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use vdk_core::sys::FileExt;
 
 use super::header::{incompat, Header, OFFSET_MASK};
 use super::refcount;

@@ -2,8 +2,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use vdk_core::sys::FileExt;
 
 use super::header::{Compression, Header, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS};
 use super::refcount;

@@ -9,6 +9,11 @@ use object_store::memory::InMemory;
 use vdk_core::conformance;
 
 use super::*;
+use crate::codec::KEY_LEN;
+use crate::lease::LEASE;
+use crate::location::StoreOptions;
+use crate::meta::{Compression, Encryption};
+use manage::small_runtime;
 
 const CHUNK: u64 = 64 << 10;
 

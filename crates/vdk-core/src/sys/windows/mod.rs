@@ -1,0 +1,100 @@
+//! Windows: the same names, with what the platform (through std) allows. Checked to compile
+//! (`scripts/check-windows.sh`); the Windows port makes each as good as its Linux twin.
+
+use std::fs::{File, Metadata};
+use std::io;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use super::Lock;
+
+pub mod proc;
+
+/// Reads and writes at an offset, as Unix's `FileExt` does (Windows' `seek_read` and
+/// `seek_write` take the offset with each request).
+pub trait FileExt {
+    /// Reads into `buf` at `offset`; how many bytes were read.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes `buf` at `offset`; how many bytes were written.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize>;
+
+    /// Fills all of `buf` from `offset`, or fails (`UnexpectedEof` past the end).
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `offset`, or fails.
+    fn write_all_at(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.write_at(buf, offset) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FileExt for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        std::os::windows::fs::FileExt::seek_read(self, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        std::os::windows::fs::FileExt::seek_write(self, buf, offset)
+    }
+}
+
+/// Not here yet (`LockFileEx`; std's `File::try_lock` once the minimum Rust allows):
+/// `Unsupported`, which callers take as a file system without locks.
+pub fn try_lock(_file: &File, _lock: Lock) -> io::Result<bool> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "file locks are not taken on this system yet",
+    ))
+}
+
+/// Makes the file at least `len` bytes long (space is not reserved ahead here yet).
+pub fn reserve(file: &File, len: u64) -> io::Result<()> {
+    if file.metadata()?.len() < len {
+        file.set_len(len)?;
+    }
+    Ok(())
+}
+
+/// Not here yet (`FSCTL_SET_ZERO_DATA` on a sparse file): `Unsupported`, and callers write
+/// zeroes instead.
+pub fn punch_hole(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "freeing part of a file is not done on this system yet",
+    ))
+}
+
+/// The file's length (its allocation is not asked for here yet).
+pub fn disk_usage(meta: &Metadata) -> u64 {
+    meta.len()
+}
+
+/// Not here yet (`SIO_KEEPALIVE_VALS`): the system's keep-alive defaults stay.
+pub fn set_keepalive(_socket: &TcpStream, _idle: Duration) {}
+
+/// Who this process runs as: `%USERNAME%`.
+pub fn user_name() -> String {
+    std::env::var("USERNAME").unwrap_or_else(|_| "unknown user".into())
+}
