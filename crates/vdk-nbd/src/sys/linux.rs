@@ -54,7 +54,7 @@ pub fn wait_either(a: &impl AsFd, want_a: Want, b: &impl AsFd, want_b: Want) -> 
     Ok(fa.is_empty() && fb.is_empty() && (hup(&fds[0]) || hup(&fds[1])))
 }
 
-/// For [`wait_either`].
+/// For `wait_either`: a stream is polled through its descriptor.
 impl AsFd for Stream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
