@@ -4,7 +4,8 @@
 //! adds or fills files here, and nothing else changes.
 //!
 //! - [`FileExt`]: reads and writes at an offset (`read_exact_at`, `write_all_at`).
-//! - [`try_lock`]: an advisory whole-file lock, shared or exclusive, that does not wait.
+//! - [`try_lock`]: a whole-file lock, shared or exclusive, that does not wait (advisory on
+//!   Linux, mandatory on Windows).
 //! - [`reserve`], [`punch_hole`]: allocate a file's space ahead, or free a range of it.
 //! - [`disk_usage`]: the bytes a file takes on its file system (less than its length when
 //!   sparse).

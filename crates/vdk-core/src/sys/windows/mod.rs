@@ -60,13 +60,20 @@ impl FileExt for File {
     }
 }
 
-/// Not here yet (`LockFileEx`; std's `File::try_lock` once the minimum Rust allows):
-/// `Unsupported`, which callers take as a file system without locks.
-pub fn try_lock(_file: &File, _lock: Lock) -> io::Result<bool> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "file locks are not taken on this system yet",
-    ))
+/// Takes `lock` on the whole of `file` if nobody holds a conflicting one: `Ok(false)` if
+/// someone does. Through std (`LockFileEx`). Windows' locks are mandatory where Linux's are
+/// advisory: while a writer holds its exclusive lock, other processes cannot read the file
+/// either (`--force-share` readers included), and a shared lock keeps every writer out.
+pub fn try_lock(file: &File, lock: Lock) -> io::Result<bool> {
+    let r = match lock {
+        Lock::Shared => file.try_lock_shared(),
+        Lock::Exclusive => file.try_lock(),
+    };
+    match r {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// Makes the file at least `len` bytes long (space is not reserved ahead here yet).
