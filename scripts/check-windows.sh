@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The crates that must stay portable (the disk interface, backends, formats, filters, SCSI,
-# the iSCSI target, object storage) compile for Windows: what differs between systems lives in their
-# sys modules (vdk-core/src/sys, vdk-backends/src/sys), and this keeps it there. Clippy
-# with -D warnings on the libraries, not a link: the object-store disk's TLS library (aws-lc)
-# is C, compiled by mingw. (The NBD server waits for the Windows port: Unix sockets and the
-# TLS pump's socket pair need Windows twins in vdk-nbd/src/sys.)
+# the NBD server, the iSCSI target, object storage) compile for Windows: what differs between
+# systems lives in their sys modules (vdk-core, vdk-backends and vdk-nbd src/sys), and this
+# keeps it there. Clippy with -D warnings on the libraries, not a link: the TLS library
+# (aws-lc) has C in it, compiled by mingw.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,5 +19,5 @@ fi
 CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}/windows-check \
   cargo clippy --locked --target "$target" \
   -p vdk-core -p vdk-backends -p vdk-formats -p vdk-filters -p vdk-scsi -p vdk-iscsi \
-  -p vdk-objstore \
+  -p vdk-nbd -p vdk-objstore \
   -- -D warnings

@@ -7,9 +7,10 @@
 //! After NBD_OPT_STARTTLS is acknowledged, the TLS handshake runs on the connection's own
 //! thread (so its deadline and the client's certificate are known before the NBD handshake
 //! goes on), then one thread per connection moves bytes between the TLS socket and one end of
-//! a Unix socket pair, encrypting and decrypting; the other end serves the connection exactly
-//! as a plain one, with its time-outs, limits and batched replies. Both directions have
-//! back-pressure: nothing is read from one side while the other has not taken what came.
+//! a socket pair (Unix on Linux, loopback TCP on Windows), encrypting and decrypting; the
+//! other end serves the connection exactly as a plain one, with its time-outs, limits and
+//! batched replies. Both directions have back-pressure: nothing is read from one side while
+//! the other has not taken what came.
 //!
 //! Certificates follow nbdkit's `--tls-certificates DIR` layout: `server-cert.pem` (the chain),
 //! `server-key.pem`, and `ca-cert.pem`, the authority that client certificates must chain to
@@ -31,7 +32,7 @@ use tracing::debug;
 use vdk_core::sync;
 
 use crate::stream::Stream;
-use crate::sys::{self, UnixStream};
+use crate::sys;
 
 /// Whether clients may or must use TLS (nbdkit's `--tls=off|on|require`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,7 +138,7 @@ impl Tls {
             .and_then(|c| c.first())
             .map(|c| certificate_names(c.as_ref()))
             .unwrap_or_default();
-        let (inner, outer) = UnixStream::pair()?;
+        let (inner, outer) = sys::plain_pair()?;
         thread::Builder::new()
             .name("nbd-tls".into())
             .spawn(move || {
@@ -145,7 +146,7 @@ impl Tls {
                     debug!(error = %e, "tls connection ended");
                 }
             })?;
-        Ok((Stream::Unix(inner), names))
+        Ok((inner, names))
     }
 }
 
@@ -255,7 +256,7 @@ const CHUNK: usize = 256 << 10;
 
 /// Moves bytes between the TLS socket `net` and the plain socket `plain` until either side
 /// is finished: decrypts what the client sends, encrypts what the server answers.
-fn pump(mut conn: ServerConnection, net: &Stream, plain: &UnixStream) -> io::Result<()> {
+fn pump(mut conn: ServerConnection, net: &Stream, plain: &Stream) -> io::Result<()> {
     net.set_nonblocking(true)?;
     plain.set_nonblocking(true)?;
     // rustls reads 4 KiB at a time: the socket is read in large chunks behind it.

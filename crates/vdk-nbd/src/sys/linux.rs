@@ -17,41 +17,10 @@ pub fn large_send_buffer(s: &UnixStream) {
     let _ = rustix::net::sockopt::set_socket_send_buffer_size(s, UNIX_SNDBUF);
 }
 
-/// What to wait for on one socket.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Want {
-    /// Bytes to read.
-    pub read: bool,
-    /// Room to write.
-    pub write: bool,
-}
-
-/// Waits until one of the two sockets is ready for what is wanted of it; true if a socket of
-/// which nothing was wanted hung up (its peer closed), false otherwise.
-pub fn wait_either(a: &impl AsFd, want_a: Want, b: &impl AsFd, want_b: Want) -> io::Result<bool> {
-    use rustix::event::{poll, PollFd, PollFlags};
-    let flags = |w: Want| {
-        let mut f = PollFlags::empty();
-        if w.read {
-            f |= PollFlags::IN;
-        }
-        if w.write {
-            f |= PollFlags::OUT;
-        }
-        f
-    };
-    let (fa, fb) = (flags(want_a), flags(want_b));
-    let mut fds = [PollFd::new(a, fa), PollFd::new(b, fb)];
-    match poll(&mut fds, None) {
-        Ok(_) => {}
-        Err(rustix::io::Errno::INTR) => return Ok(false),
-        Err(e) => return Err(e.into()),
-    }
-    let hup = |f: &PollFd<'_>| {
-        f.revents()
-            .intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL)
-    };
-    Ok(fa.is_empty() && fb.is_empty() && (hup(&fds[0]) || hup(&fds[1])))
+/// Two connected sockets, for the TLS pump: a Unix socket pair.
+pub fn plain_pair() -> io::Result<(Stream, Stream)> {
+    let (a, b) = UnixStream::pair()?;
+    Ok((Stream::Unix(a), Stream::Unix(b)))
 }
 
 /// For `wait_either`: a stream is polled through its descriptor.
