@@ -109,15 +109,20 @@ fn fast_reads_agree(dev: &dyn BlockDevice) {
         assert!(buf[..] == want[4096..4096 + buf.len()], "try_read_at data");
     }
     if let Some(pieces) = lend.read_shared(0, 300 << 10).expect("read_shared") {
-        let mut got = Vec::new();
-        for p in &pieces {
-            match p {
-                Piece::Data(b) => got.extend_from_slice(b),
-                Piece::Zero(n) => got.resize(got.len() + n, 0),
-            }
-        }
-        assert!(got == want, "read_shared differs from read_at");
+        assert!(joined(&pieces) == want, "read_shared differs from read_at");
     }
+}
+
+/// The bytes that `pieces` stand for, zeroes included.
+fn joined(pieces: &[Piece]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in pieces {
+        match p {
+            Piece::Data(b) => out.extend_from_slice(b),
+            Piece::Zero(n) => out.resize(out.len() + n, 0),
+        }
+    }
+    out
 }
 
 /// A byte that depends on its offset and a seed, so a misplaced read shows.
@@ -379,14 +384,7 @@ pub fn fast_paths_agree_with_read_and_write(dev: Arc<dyn BlockDevice>) {
     }
     let want = read(&*dev, 0, 300 << 10);
     if let Some(pieces) = lend.read_shared(0, 300 << 10).expect("read_shared") {
-        let mut got = Vec::new();
-        for p in &pieces {
-            match p {
-                Piece::Data(b) => got.extend_from_slice(b),
-                Piece::Zero(n) => got.resize(got.len() + n, 0),
-            }
-        }
-        assert!(got == want, "read_shared differs from read_at");
+        assert!(joined(&pieces) == want, "read_shared differs from read_at");
         dev.write_at(&[0xAB; 4096], 0, false)
             .expect("write over a lent buffer");
         let mut again = Vec::new();

@@ -15,7 +15,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{need, need_root, path_env, run, stdout, Daemon};
+use common::{need_root, path_env, run, stdout, Daemon};
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -39,41 +39,17 @@ fn chown(p: &Path, user: &str) {
 
 /// `CMD ARGS` as `user` (its own uid, primary group, no other groups).
 fn as_user(user: &str, cmd: &str, args: &[&str]) -> Output {
-    need("setpriv");
-    let gid = stdout(Command::new("id").args(["-g", user]));
-    Command::new("setpriv")
-        .args([
-            "--reuid",
-            user,
-            "--regid",
-            gid.trim(),
-            "--clear-groups",
-            "--",
-        ])
-        .arg(cmd)
+    common::as_user(user, cmd)
         .args(args)
-        .env("PATH", path_env())
         .output()
         .expect("run setpriv")
 }
 
 /// `vdk ARGS` as `user`, against the daemon `d`.
 fn vdk_as(d: &Daemon, user: &str, args: &[&str]) -> Output {
-    need("setpriv");
-    let gid = stdout(Command::new("id").args(["-g", user]));
-    Command::new("setpriv")
-        .args([
-            "--reuid",
-            user,
-            "--regid",
-            gid.trim(),
-            "--clear-groups",
-            "--",
-        ])
-        .arg(env!("CARGO_BIN_EXE_vdk"))
+    common::as_user(user, env!("CARGO_BIN_EXE_vdk"))
         .args(args)
         .env("VDK_SOCKET", &d.socket)
-        .env("PATH", path_env())
         .output()
         .expect("run setpriv")
 }
@@ -155,21 +131,9 @@ fn an_owner_names_no_root_only_file_or_local_endpoint_through_store_settings() {
         ),
     ];
     for (var, value, says) in cases {
-        need("setpriv");
-        let gid = stdout(Command::new("id").args(["-g", "tests"]));
-        let o = Command::new("setpriv")
-            .args([
-                "--reuid",
-                "tests",
-                "--regid",
-                gid.trim(),
-                "--clear-groups",
-                "--",
-            ])
-            .arg(env!("CARGO_BIN_EXE_vdk"))
+        let o = common::as_user("tests", env!("CARGO_BIN_EXE_vdk"))
             .args(["fs", "map", "s3://bucket/p", s(&home.join("m"))])
             .env("VDK_SOCKET", &d.socket)
-            .env("PATH", path_env())
             .env(var, &value)
             .output()
             .unwrap();

@@ -664,13 +664,10 @@ fn permissions_are_reported_not_worked_around() {
     common::sparse_file(&secret, 1 << 20);
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
     let as_nobody = |args: &[&str]| {
-        Command::new("setpriv")
-            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-            .arg(env!("CARGO_BIN_EXE_vdk"))
+        common::as_user("nobody", env!("CARGO_BIN_EXE_vdk"))
             .args(args)
             // The daemon makes its own directory (0700) inside the user's home.
             .env("VDK_SOCKET", home.join("run/control.sock"))
-            .env("PATH", common::path_env())
             .output()
             .unwrap()
     };

@@ -549,14 +549,9 @@ fn clients_that_announce_data_and_send_none_cost_no_memory() {
 
 /// `vdk ARGS` run as `user` against the daemon `d`.
 fn vdk_as(d: &common::Daemon, user: &str, args: &[&str]) -> Output {
-    need("setpriv");
-    let gid = stdout(Command::new("id").args(["-g", user]));
-    Command::new("setpriv")
-        .args(["--reuid", user, "--regid", gid.trim(), "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_vdk"))
+    common::as_user(user, env!("CARGO_BIN_EXE_vdk"))
         .args(args)
         .env("VDK_SOCKET", &d.socket)
-        .env("PATH", path_env())
         .output()
         .expect("run setpriv")
 }

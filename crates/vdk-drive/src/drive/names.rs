@@ -10,7 +10,9 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use vdk_core::sync::lock;
 
-use super::{check_name, join, store_errno, Attr, Drive, Entry, Errno, FileState, Listing, MARKER};
+use super::{
+    check_name, join, store_errno, Attr, Drive, Entry, Errno, FileState, Inner, Listing, MARKER,
+};
 
 impl Drive {
     /// `mkdir`: puts the directory's marker.
@@ -72,28 +74,7 @@ impl Drive {
 
     /// Forgets the name `path` (and, for a directory, every name under it).
     fn unname(&self, path: &str) {
-        let mut inner = lock(&self.inner);
-        let inner = &mut *inner;
-        let under = format!("{path}/");
-        let gone: Vec<String> = inner
-            .by_path
-            .keys()
-            .filter(|p| *p == path || p.starts_with(&under))
-            .cloned()
-            .collect();
-        for p in gone {
-            if let Some(ino) = inner.by_path.remove(&p) {
-                if let Some(n) = inner.nodes.get_mut(&ino) {
-                    n.path = None;
-                    if n.lookups == 0 && n.file.is_none() {
-                        inner.nodes.remove(&ino);
-                    }
-                }
-            }
-        }
-        inner
-            .dirs
-            .retain(|d, _| d != path && !d.starts_with(&under));
+        forget(&mut lock(&self.inner), path);
     }
 
     /// `unlink`: deletes the object; open handles keep reading what they had.
@@ -283,28 +264,11 @@ impl Drive {
         let mut inner = lock(&self.inner);
         let inner = &mut *inner;
         // What `to` named before is replaced.
-        let under_to = format!("{to}/");
-        let replaced: Vec<String> = inner
-            .by_path
-            .keys()
-            .filter(|p| *p == to || p.starts_with(&under_to))
-            .cloned()
-            .collect();
-        for p in replaced {
-            if let Some(ino) = inner.by_path.remove(&p) {
-                if let Some(n) = inner.nodes.get_mut(&ino) {
-                    n.path = None;
-                }
-            }
-        }
-        inner
-            .dirs
-            .retain(|d, _| d != to && !d.starts_with(&under_to));
-        let under = format!("{from}/");
+        forget(inner, to);
         let moving: Vec<(String, u64)> = inner
             .by_path
             .iter()
-            .filter(|(p, _)| *p == from || p.starts_with(&under))
+            .filter(|(p, _)| at_or_under(p, from))
             .map(|(p, i)| (p.clone(), *i))
             .collect();
         for (p, ino) in moving {
@@ -318,7 +282,7 @@ impl Drive {
         let dirs: Vec<String> = inner
             .dirs
             .keys()
-            .filter(|d| *d == from || d.starts_with(&under))
+            .filter(|d| at_or_under(d, from))
             .cloned()
             .collect();
         for d in dirs {
@@ -327,4 +291,32 @@ impl Drive {
             }
         }
     }
+}
+
+/// Whether `path` is `top` or a name under it.
+fn at_or_under(path: &str, top: &str) -> bool {
+    path.strip_prefix(top)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Forgets the name `top` and every name under it; a node that nothing refers to any more
+/// (no name, no lookups, no open file) goes too.
+fn forget(inner: &mut Inner, top: &str) {
+    let gone: Vec<String> = inner
+        .by_path
+        .keys()
+        .filter(|p| at_or_under(p, top))
+        .cloned()
+        .collect();
+    for p in gone {
+        if let Some(ino) = inner.by_path.remove(&p) {
+            if let Some(n) = inner.nodes.get_mut(&ino) {
+                n.path = None;
+                if n.lookups == 0 && n.file.is_none() {
+                    inner.nodes.remove(&ino);
+                }
+            }
+        }
+    }
+    inner.dirs.retain(|d, _| !at_or_under(d, top));
 }

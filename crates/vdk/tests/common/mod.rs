@@ -62,6 +62,25 @@ pub fn path_env() -> String {
     )
 }
 
+/// `program` to be run as `user` (its uid, its primary group, no other groups) through
+/// setpriv, with the test's PATH.
+pub fn as_user(user: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    need("setpriv");
+    let gid = stdout(Command::new("id").args(["-g", user]));
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        user,
+        "--regid",
+        gid.trim(),
+        "--clear-groups",
+        "--",
+    ])
+    .arg(program)
+    .env("PATH", path_env());
+    c
+}
+
 /// Fails the test unless `tool` is installed, naming the package that has it.
 pub fn need(tool: &str) {
     let found = Command::new("sh")
