@@ -28,7 +28,8 @@ packages=(
   s3backer        # the peer of the object-store disk in benchmarks
   openssl         # test certificates (CA, server, clients) for NBD over TLS
   iproute2        # ip: a network namespace for the half-open TCP connection test
-  gcc-mingw-w64-x86-64  # the Windows check: the TLS library's C code, cross-compiled
+  gcc-mingw-w64-x86-64  # the Windows build: vdk.exe's link and its TLS library's C code
+  wine64          # runs vdk.exe in the Windows tests (tests/windows.rs)
 )
 
 missing=()

@@ -94,6 +94,38 @@ impl Extents {
     }
 }
 
+/// Where the first byte that is not zero is in `[start, end)` of `dev`, or `None` if all of
+/// it is unallocated or zeroes. Reads only what the extents call data, a MiB at a time.
+pub fn first_data_in(
+    dev: &dyn crate::BlockDevice,
+    start: u64,
+    end: u64,
+) -> crate::Result<Option<u64>> {
+    const STEP: u64 = 1 << 30;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < end {
+        let len = STEP.min(end - at);
+        for (off, run) in dev.extents(at, len)?.iter() {
+            if run.kind != ExtentKind::Data {
+                continue;
+            }
+            let end = off + run.len;
+            let mut p = off;
+            while p < end {
+                let n = usize::try_from(end - p).map_or(buf.len(), |n| n.min(buf.len()));
+                dev.read_at(&mut buf[..n], p)?;
+                if let Some(i) = buf[..n].iter().position(|b| *b != 0) {
+                    return Ok(Some(p + i as u64));
+                }
+                p += n as u64;
+            }
+        }
+        at += len;
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

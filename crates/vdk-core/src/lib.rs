@@ -44,7 +44,7 @@ pub mod conformance;
 use std::fmt;
 
 pub use error::{Errno, Error, Op, Result};
-pub use extents::{Extent, ExtentKind, Extents};
+pub use extents::{first_data_in, Extent, ExtentKind, Extents};
 pub use filter::{Filter, ReadOnly};
 pub use info::{Capabilities, DiskInfo, MediaKind};
 pub use shared::{zeroed_buffer, Piece, SharedBytes};

@@ -176,11 +176,12 @@ impl fmt::Display for Format {
     }
 }
 
-/// The format an image's file name says it has (`.qcow2`, `.vhd`, `.vhdx`, `.iso`), if any.
-/// Names only suggest: [`probe`] reads what the file holds.
+/// The format an image's file name says it has (`.qcow2`, `.vhd`, `.vhdx`, `.iso`, and raw
+/// for `.raw` and `.img`), if any. Names only suggest: [`probe`] reads what the file holds.
 pub fn format_by_name(path: &Path) -> Option<Format> {
     let ext = path.extension()?.to_str()?.to_ascii_lowercase();
     match ext.as_str() {
+        "raw" | "img" => Some(Format::Raw),
         "qcow2" | "qcow" => Some(Format::Qcow2),
         "vhd" | "vpc" => Some(Format::Vhd),
         "vhdx" => Some(Format::Vhdx),

@@ -4,12 +4,9 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::thread;
 
 use anyhow::Context;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::{Handle, Signals};
-use tracing::{info, warn};
+use tracing::info;
 use vdk_nbd::{Listener, Tls};
 
 /// The `--listen` URIs, by protocol.
@@ -54,10 +51,14 @@ pub fn bind_iscsi(uris: &[String]) -> anyhow::Result<Vec<TcpListener>> {
 /// Handles SIGHUP (the TLS certificates of `tls` are read again, for new connections) and
 /// SIGINT and SIGTERM: the first calls `stop`, a second exits at once. Closing the returned
 /// handle ends the signal thread.
+#[cfg(unix)]
 pub fn on_signals(
     tls: Option<Arc<Tls>>,
     stop: impl FnOnce(i32) + Send + 'static,
-) -> anyhow::Result<Handle> {
+) -> anyhow::Result<SignalHandler> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use signal_hook::iterator::Signals;
+    use std::thread;
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
     let handle = signals.handle();
@@ -66,6 +67,7 @@ pub fn on_signals(
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                use tracing::warn;
                 if sig == SIGHUP {
                     reload(tls.as_deref());
                 } else if let Some(stop) = stop.take() {
@@ -78,11 +80,67 @@ pub fn on_signals(
             }
         })
         .context("cannot start the signal thread")?;
-    Ok(handle)
+    Ok(SignalHandler(handle))
+}
+
+/// What [`on_signals`] installed.
+#[cfg(unix)]
+pub struct SignalHandler(signal_hook::iterator::Handle);
+
+#[cfg(unix)]
+impl SignalHandler {
+    /// Ends the thread; signals are no longer handled.
+    pub fn close(&self) {
+        self.0.close();
+    }
+}
+
+/// Handles Ctrl-C, Ctrl-Break and the console closing (SetConsoleCtrlHandler): the first
+/// calls `stop`, a second exits at once. Windows has no SIGHUP: TLS certificates are read
+/// when the server starts.
+#[cfg(windows)]
+pub fn on_signals(
+    tls: Option<Arc<Tls>>,
+    stop: impl FnOnce(i32) + Send + 'static,
+) -> anyhow::Result<SignalHandler> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    drop(tls);
+    let closed = Arc::new(AtomicBool::new(false));
+    let done = Arc::clone(&closed);
+    let mut stop = Some(stop);
+    // The handler runs on a thread Windows starts for each event.
+    ctrlc::set_handler(move || {
+        if done.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(stop) = stop.take() {
+            info!("Ctrl-C: shutting down, finishing what is in flight");
+            stop(2);
+        } else {
+            tracing::warn!("second Ctrl-C: exiting without waiting");
+            std::process::exit(1);
+        }
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(SignalHandler(closed))
+}
+
+/// What [`on_signals`] installed.
+#[cfg(windows)]
+pub struct SignalHandler(Arc<std::sync::atomic::AtomicBool>);
+
+#[cfg(windows)]
+impl SignalHandler {
+    /// From now on Ctrl-C is ignored (the process is ending anyway).
+    pub fn close(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// SIGHUP: reads the TLS certificates again, and says how it went.
+#[cfg(unix)]
 fn reload(tls: Option<&Tls>) {
+    use tracing::warn;
     match tls.map(Tls::reload) {
         None => info!("SIGHUP: nothing to reload (TLS is off)"),
         Some(Ok(())) => info!("SIGHUP: TLS certificates reloaded"),

@@ -4,8 +4,10 @@
 
 mod cli;
 mod cloud;
+#[cfg(target_os = "linux")]
 mod daemon;
 mod front;
+mod paths;
 
 // The control API lives in the library, where fuzzers and other programs reach it too.
 pub(crate) use vdk::control;

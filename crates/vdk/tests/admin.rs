@@ -98,6 +98,18 @@ fn open_creates_the_format_its_name_says() {
         let q = qemu_json(&["info", "-U", "--output=json", s(&p)]);
         assert_eq!(q["format"], qemu, "{name}: {q}");
     }
+    // `vdk create` too; qcow2 only where the name says nothing.
+    for (name, qemu) in [
+        ("e.raw", "raw"),
+        ("f.img", "raw"),
+        ("g.vhdx", "vhdx"),
+        ("h", "qcow2"),
+    ] {
+        let p = d.path(name);
+        d.ok(&["create", s(&p), "16M"]);
+        let q = qemu_json(&["info", "--output=json", s(&p)]);
+        assert_eq!(q["format"], qemu, "{name}: {q}");
+    }
 }
 
 #[test]

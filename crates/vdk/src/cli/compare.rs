@@ -78,7 +78,7 @@ fn open(
 }
 
 /// Runs `vdk compare`; its exit status is qemu-img compare's.
-pub fn run(args: CompareArgs, paths: &crate::daemon::Paths) -> anyhow::Result<ExitCode> {
+pub fn run(args: CompareArgs, paths: &crate::paths::Paths) -> anyhow::Result<ExitCode> {
     let compared = (|| {
         let hint = "; add -U to compare it as it is now";
         let a = open(&args.a, args.a_format.as_deref(), args.force_share)
@@ -144,7 +144,9 @@ fn compare(a: &dyn BlockDevice, b: &dyn BlockDevice, strict: bool) -> anyhow::Re
     }
     let (longer, size) = if sa > sb { (a, sa) } else { (b, sb) };
     Ok(
-        match crate::daemon::mount::first_data_in(longer, common, size)? {
+        match vdk_core::first_data_in(longer, common, size)
+            .map_err(|e| anyhow::anyhow!("cannot read the disk: {e}"))?
+        {
             Some(at) => Outcome::Differ(at),
             None => Outcome::Same,
         },

@@ -115,7 +115,7 @@ fn to_cloud(args: &ConvertArgs, url: &str, src: &dyn BlockDevice) -> anyhow::Res
 }
 
 /// Runs `vdk convert`.
-pub fn run(args: ConvertArgs, paths: &crate::daemon::Paths) -> anyhow::Result<()> {
+pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()> {
     let src_format = args
         .src_format
         .as_deref()

@@ -1,13 +1,25 @@
 //! `vdk daemon`: its options, read into the plain configuration the daemon runs with.
 
 use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Args;
 
+use super::disks::{call, connect};
+use crate::control::{Client, Request, VersionInfo};
 use crate::daemon::{self, IscsiSettings};
 use crate::front::Listen;
+use crate::paths::Paths;
+
+/// Longest wait for a daemon started in the background to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Options of `vdk daemon`.
 #[derive(Debug, Args)]
@@ -85,7 +97,7 @@ impl DaemonArgs {
 pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let paths = args.socket.paths()?;
     if args.stop {
-        return super::disks::stop_daemon(&paths);
+        return stop(&paths);
     }
     daemon::run(&args.config()?, &paths)
 }
@@ -104,4 +116,85 @@ fn user_ids(user: &str) -> anyhow::Result<(u32, u32)> {
         (None, Ok(uid)) => Ok((uid, uid)),
         (None, Err(_)) => bail!("--owner {user:?}: no such user"),
     }
+}
+
+/// Starts `vdk daemon` in the background, logging to `daemon.log` beside its socket, and
+/// waits until it answers.
+pub fn start(paths: &Paths) -> anyhow::Result<Client> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.dir)
+        .with_context(|| format!("cannot create {}", paths.dir.display()))?;
+    let log = super::log::open_log(&paths.log)
+        .with_context(|| format!("cannot write the daemon log {}", paths.log.display()))?;
+    let exe = std::env::current_exe().context("cannot find the vdk executable")?;
+    let mut child = Command::new(exe)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&paths.socket)
+        .arg("--log")
+        .arg(&paths.log)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C meant for this command does not reach it.
+        .process_group(0)
+        .spawn()
+        .context("cannot start the vdk daemon")?;
+    let started = Instant::now();
+    loop {
+        if let Ok(mut c) = Client::connect(&paths.socket) {
+            // What the new daemon found a dead one had left mounted, the user hears of.
+            if let Ok(Ok(v)) = c.call::<VersionInfo>(&Request::Version) {
+                for note in &v.recovered {
+                    let _ = writeln!(io::stderr(), "vdk: {note}");
+                }
+            }
+            return Ok(c);
+        }
+        if let Some(status) = child.try_wait()? {
+            // Another `vdk open` may have started a daemon at the same moment, and this one
+            // found the socket taken: use that one once it answers.
+            let raced = Instant::now();
+            while raced.elapsed() < Duration::from_secs(2) {
+                if let Ok(c) = Client::connect(&paths.socket) {
+                    return Ok(c);
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            let log = fs::read_to_string(&paths.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "the vdk daemon exited at once ({status}); its log {} ends:\n{}",
+                paths.log.display(),
+                tail.join("\n")
+            );
+        }
+        if started.elapsed() > START_TIMEOUT {
+            bail!(
+                "the vdk daemon did not answer within {}s; see {}",
+                START_TIMEOUT.as_secs(),
+                paths.log.display()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `vdk daemon --stop`.
+fn stop(paths: &Paths) -> anyhow::Result<()> {
+    let mut client = connect(paths, false)?;
+    call::<serde_json::Value>(&mut client, &Request::Shutdown)?;
+    // The daemon closes its disks, then its socket: wait for that, so that a script can
+    // rely on everything being closed when this returns.
+    let started = Instant::now();
+    while paths.socket.exists() {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the vdk daemon is still running after 60s");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }

@@ -1,26 +1,17 @@
 //! `vdk open`, `close`, `list`, `mount`, `unmount`: clients of the daemon.
 
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use vdk_core::size::{parse_size, Human};
 
 use crate::control::{
-    ApiError, Client, CloseRequest, DiskStatus, FsMapRequest, FsMountRequest, FsStatus,
-    FsUnmountRequest, InsertRequest, MountRequest, OpenRequest, Request, VersionInfo,
+    ApiError, Client, CloseRequest, DiskStatus, InsertRequest, MountRequest, OpenRequest, Request,
 };
-use crate::daemon::Paths;
-
-/// Longest wait for a daemon started in the background to answer.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
+use crate::paths::Paths;
 
 /// Connects to the daemon; with `start`, starts one in the background if none runs.
 pub(super) fn connect(paths: &Paths, start: bool) -> anyhow::Result<Client> {
@@ -53,69 +44,20 @@ pub(super) fn try_connect(paths: &Paths) -> anyhow::Result<Option<Client>> {
     }
 }
 
-/// Starts `vdk daemon` in the background, logging to `daemon.log` beside its socket, and
-/// waits until it answers.
+/// Starts `vdk daemon` in the background and waits until it answers.
+#[cfg(target_os = "linux")]
 fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&paths.dir)
-        .with_context(|| format!("cannot create {}", paths.dir.display()))?;
-    let log = super::log::open_log(&paths.log)
-        .with_context(|| format!("cannot write the daemon log {}", paths.log.display()))?;
-    let exe = std::env::current_exe().context("cannot find the vdk executable")?;
-    let mut child = Command::new(exe)
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&paths.socket)
-        .arg("--log")
-        .arg(&paths.log)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        // Its own process group: a Ctrl-C meant for this command does not reach it.
-        .process_group(0)
-        .spawn()
-        .context("cannot start the vdk daemon")?;
-    let started = Instant::now();
-    loop {
-        if let Ok(mut c) = Client::connect(&paths.socket) {
-            // What the new daemon found a dead one had left mounted, the user hears of.
-            if let Ok(Ok(v)) = c.call::<VersionInfo>(&Request::Version) {
-                for note in &v.recovered {
-                    let _ = writeln!(io::stderr(), "vdk: {note}");
-                }
-            }
-            return Ok(c);
-        }
-        if let Some(status) = child.try_wait()? {
-            // Another `vdk open` may have started a daemon at the same moment, and this one
-            // found the socket taken: use that one once it answers.
-            let raced = Instant::now();
-            while raced.elapsed() < Duration::from_secs(2) {
-                if let Ok(c) = Client::connect(&paths.socket) {
-                    return Ok(c);
-                }
-                thread::sleep(Duration::from_millis(50));
-            }
-            let log = fs::read_to_string(&paths.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!(
-                "the vdk daemon exited at once ({status}); its log {} ends:\n{}",
-                paths.log.display(),
-                tail.join("\n")
-            );
-        }
-        if started.elapsed() > START_TIMEOUT {
-            bail!(
-                "the vdk daemon did not answer within {}s; see {}",
-                START_TIMEOUT.as_secs(),
-                paths.log.display()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    super::daemon::start(paths)
+}
+
+/// The daemon does not run on this system yet: says what does.
+#[cfg(not(target_os = "linux"))]
+fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
+    bail!(
+        "no vdk daemon on {}: the daemon does not run on this system yet; serve the image with \
+         `vdk serve IMAGE --listen iscsi://127.0.0.1` and log the iSCSI initiator in",
+        paths.socket.display()
+    )
 }
 
 /// Sends one request and reads its answer as `T`; an error answer becomes the command's error.
@@ -129,11 +71,11 @@ pub(super) fn call<T: serde::de::DeserializeOwned>(
         .map_err(|e: ApiError| anyhow!(e.message))
 }
 
-fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
 }
 
-fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+pub(super) fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     super::out::json(v)
 }
 
@@ -481,199 +423,5 @@ pub fn unmount(args: CloseArgs) -> anyhow::Result<()> {
         return print_json(&status);
     }
     crate::outln!("unmounted {}", status.id)?;
-    Ok(())
-}
-
-/// Runs `vdk daemon --stop`.
-pub fn stop_daemon(paths: &Paths) -> anyhow::Result<()> {
-    let mut client = connect(paths, false)?;
-    call::<serde_json::Value>(&mut client, &Request::Shutdown)?;
-    // The daemon closes its disks, then its socket: wait for that, so that a script can
-    // rely on everything being closed when this returns.
-    let started = Instant::now();
-    while paths.socket.exists() {
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("the vdk daemon is still running after 60s");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// `vdk fs`: file systems in user space, run by the daemon.
-#[derive(Debug, clap::Subcommand)]
-pub enum FsCommand {
-    /// Mount the ISO 9660 file system (Joliet, Rock Ridge, El Torito) of an image (an ISO,
-    /// or an ISO inside any image vdk reads) or of an open disk, read-only, on DIR.
-    Mount(FsMountArgs),
-    /// Unmount a file system mounted with `vdk fs mount`.
-    Unmount(FsUnmountArgs),
-    /// Map a cloud drive: the objects and prefixes under a bucket's prefix as the files and
-    /// folders of DIR. Reads fetch what they need into the cache; a file written is uploaded
-    /// when closed or synced.
-    Map(FsMapArgs),
-    /// Unmap a cloud drive (uploading what is not uploaded yet).
-    Unmap(FsUnmountArgs),
-    /// List the file systems mounted with `vdk fs mount` and the drives mapped with `vdk fs
-    /// map`.
-    List(super::list::FsListArgs),
-}
-
-/// `vdk fs map`.
-#[derive(Debug, Args)]
-pub struct FsMapArgs {
-    /// The bucket and prefix: s3://BUCKET[/PREFIX], gs://, az://, file:///DIR.
-    url: String,
-    /// Where to mount it (created if missing).
-    dir: PathBuf,
-    /// A name for the drive (default: a new UUID), shown by `vdk fs list`.
-    #[arg(long, value_name = "NAME")]
-    label: Option<String>,
-    /// The cache directory (default: drives/LABEL in the daemon's directory).
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
-    /// Let every local user read the drive (files 0644, folders 0755). By default its files
-    /// are yours alone (0600, 0700), whoever runs the daemon.
-    #[arg(long)]
-    allow_other: bool,
-    #[command(flatten)]
-    store: crate::cloud::StoreArgs,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    pub socket: crate::cli::SocketArg,
-}
-
-/// `vdk fs mount`.
-#[derive(Debug, Args)]
-pub struct FsMountArgs {
-    /// An image file, or an open disk (its id or image).
-    source: String,
-    /// Where to mount it (created if missing).
-    dir: PathBuf,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    pub socket: crate::cli::SocketArg,
-}
-
-/// `vdk fs unmount`.
-#[derive(Debug, Args)]
-pub struct FsUnmountArgs {
-    /// The mount point.
-    dir: PathBuf,
-    /// Detach it even if busy (it goes when its last user lets go).
-    #[arg(long)]
-    force: bool,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    pub socket: crate::cli::SocketArg,
-}
-
-/// Runs `vdk fs ...`.
-pub fn fs(cmd: FsCommand) -> anyhow::Result<()> {
-    match cmd {
-        FsCommand::Mount(a) => {
-            let paths = &a.socket.paths()?;
-            let mut client = connect(paths, true)?;
-            let req = Request::FsMount(FsMountRequest {
-                source: disk_key(&a.source)?,
-                dir: absolute(&a.dir)?,
-            });
-            let st: FsStatus = call(&mut client, &req)?;
-            if a.json {
-                return print_json(&st);
-            }
-            crate::outln!(
-                "mounted {} ({}, {} names, label {:?}) on {}",
-                st.source,
-                Human(st.size),
-                st.names,
-                st.label,
-                st.dir.display()
-            )?;
-        }
-        FsCommand::Map(a) => {
-            let paths = &a.socket.paths()?;
-            let mut client = connect(paths, true)?;
-            let req = Request::FsMap(FsMapRequest {
-                url: a.url,
-                dir: absolute(&a.dir)?,
-                label: a.label,
-                cache: a.cache.as_deref().map(absolute).transpose()?,
-                endpoint: a.store.s3_endpoint,
-                region: a.store.s3_region,
-                env: Some(vdk_objstore::StoreEnv::current()),
-                allow_other: a.allow_other,
-            });
-            let st: FsStatus = call(&mut client, &req)?;
-            if a.json {
-                return print_json(&st);
-            }
-            crate::outln!(
-                "mapped {} on {} (label {}, cache {})",
-                st.source,
-                st.dir.display(),
-                st.label,
-                st.cache.as_deref().unwrap_or(Path::new("-")).display()
-            )?;
-        }
-        FsCommand::Unmount(a) | FsCommand::Unmap(a) => {
-            let paths = &a.socket.paths()?;
-            let dir = absolute(&a.dir)?;
-            let Some(mut client) = try_connect(paths)? else {
-                // No daemon: a mount a dead one left can still be taken away.
-                if crate::daemon::recover::is_stale_fuse(&dir) {
-                    rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::DETACH)
-                        .with_context(|| format!("cannot detach {}", dir.display()))?;
-                    return crate::outln!(
-                        "detached {}: a stale mount (the vdk daemon that served it had died)",
-                        dir.display()
-                    );
-                }
-                bail!(
-                    "no vdk daemon is running on {} (nothing is mounted by vdk)",
-                    paths.socket.display()
-                );
-            };
-            let req = Request::FsUnmount(FsUnmountRequest {
-                dir: absolute(&a.dir)?,
-                force: a.force,
-            });
-            let st: FsStatus = call(&mut client, &req)?;
-            if a.json {
-                return print_json(&st);
-            }
-            match st.kind.as_str() {
-                "stale" => crate::outln!(
-                    "detached {}: a stale mount (the vdk daemon that served it had died)",
-                    st.dir.display()
-                )?,
-                "cloud-drive" => crate::outln!("unmapped {}", st.dir.display())?,
-                _ => crate::outln!("unmounted {}", st.dir.display())?,
-            }
-        }
-        FsCommand::List(a) => {
-            let paths = &a.socket.paths()?;
-            let list: Vec<FsStatus> = match try_connect(paths)? {
-                Some(mut client) => call(&mut client, &Request::FsList)?,
-                None => Vec::new(),
-            };
-            if a.json {
-                return print_json(&list);
-            }
-            if list.is_empty() {
-                if !a.no_headers {
-                    crate::outln!("no file systems mounted")?;
-                }
-            } else {
-                super::list::print_filesystems(&list, a.no_headers)?;
-            }
-        }
-    }
     Ok(())
 }

@@ -10,7 +10,7 @@ use vdk_formats::{CreateOptions, Format};
 
 use crate::cloud::StoreArgs;
 use crate::control::{Client, ErrorKind, OverlayRequest, Request};
-use crate::daemon::Paths;
+use crate::paths::Paths;
 
 /// `vdk create`.
 #[derive(Debug, Args)]
@@ -28,7 +28,7 @@ pub struct CreateArgs {
     /// Virtual size (e.g. 10G); with --backing, defaults to the backing image's size.
     size: Option<String>,
     /// Format of a file: qcow2, raw, vhd or vhdx; by default the one its name says
-    /// (disk.vhdx), else qcow2.
+    /// (disk.vhdx; disk.img and disk.raw are raw), else qcow2.
     #[arg(long, short = 'f')]
     format: Option<String>,
     /// Backing image (qcow2 only), recorded as given: relative to the new image's directory,
@@ -441,7 +441,11 @@ fn live(
 /// Refuses to change `file` under a loop device someone has mounted, unless `force` is
 /// `Some(true)` (`None`: the command has no --force).
 fn refuse_if_loop_mounted(file: &std::path::Path, force: Option<bool>) -> anyhow::Result<()> {
+    #[cfg(target_os = "linux")]
     let uses = crate::daemon::mount::loop_uses(file);
+    // No loop devices elsewhere.
+    #[cfg(not(target_os = "linux"))]
+    let uses: Vec<String> = Vec::new();
     if uses.is_empty() || force == Some(true) {
         return Ok(());
     }

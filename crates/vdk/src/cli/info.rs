@@ -71,7 +71,7 @@ pub struct InfoArgs {
 }
 
 /// Runs `vdk info`.
-pub fn info(args: InfoArgs, paths: &crate::daemon::Paths) -> anyhow::Result<()> {
+pub fn info(args: InfoArgs, paths: &crate::paths::Paths) -> anyhow::Result<()> {
     if let Some(url) = args.file.to_str().filter(|f| crate::cloud::is_url(f)) {
         return info_cloud(url, &args);
     }

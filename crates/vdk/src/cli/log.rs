@@ -56,13 +56,16 @@ pub fn init(verbose: u8, file: Option<&Path>) -> io::Result<WorkerGuard> {
 /// Opens a log file for appending, made if missing; a symbolic link in its place is refused,
 /// not followed (a log is written with the daemon's rights).
 pub fn open_log(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+    }
+    options.open(path)
 }
 
 /// A log file that starts over, keeping one older file, once it holds `limit` bytes.

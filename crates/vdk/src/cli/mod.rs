@@ -2,8 +2,11 @@
 
 mod compare;
 mod convert;
+#[cfg(target_os = "linux")]
 mod daemon;
 mod disks;
+#[cfg(target_os = "linux")]
+mod fs;
 mod generate;
 mod image;
 mod info;
@@ -20,7 +23,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use tracing::warn;
 
-use crate::daemon::Paths;
+use crate::paths::Paths;
 
 /// vdk, the virtual disk kit: serve disks from user space.
 #[derive(Debug, Parser)]
@@ -72,6 +75,7 @@ enum Command {
     /// Unmount an open disk's file system; the disk stays open.
     Unmount(disks::CloseArgs),
     /// Run the daemon that owns open disks, in the foreground.
+    #[cfg(target_os = "linux")]
     Daemon(daemon::DaemonArgs),
     /// Create an image (qcow2, raw, vhd or vhdx; or a disk in object storage), optionally
     /// over a backing image.
@@ -102,7 +106,8 @@ enum Command {
     /// File systems in user space: browse an ISO image as a read-only directory tree, or map
     /// a bucket as a cloud drive.
     #[command(subcommand)]
-    Fs(disks::FsCommand),
+    #[cfg(target_os = "linux")]
+    Fs(fs::FsCommand),
     /// Print a shell completion script: vdk completions bash > /etc/bash_completion.d/vdk.
     Completions(generate::CompletionsArgs),
     /// Print the manual page of vdk or of one of its commands (roff): vdk man | man -l -.
@@ -114,6 +119,7 @@ impl Cli {
     /// may go.
     pub fn prepare(&self) -> anyhow::Result<()> {
         match &self.command {
+            #[cfg(target_os = "linux")]
             Command::Daemon(args) if !args.stop => {
                 let mode = crate::daemon::dir_mode(args.owner.is_some());
                 crate::daemon::own_dir(&args.socket.paths()?.dir, mode)
@@ -125,6 +131,7 @@ impl Cli {
     /// The file a daemon logs to, when told to (`vdk daemon --log FILE`); stderr otherwise.
     pub fn log_file(&self) -> Option<&Path> {
         match &self.command {
+            #[cfg(target_os = "linux")]
             Command::Daemon(args) => args.log.as_deref(),
             _ => None,
         }
@@ -140,6 +147,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => list::list(args),
         Command::Mount(args) => disks::mount(args),
         Command::Unmount(args) => disks::unmount(args),
+        #[cfg(target_os = "linux")]
         Command::Daemon(args) => daemon::run(&args),
         Command::Create(args) => image::create(args),
         Command::Info(args) => info::info(args, &env_paths()?),
@@ -153,7 +161,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Snapshot(args) => image::snapshot(args),
         Command::Eject(args) => disks::eject(args),
         Command::Insert(args) => disks::insert(args),
-        Command::Fs(cmd) => disks::fs(cmd),
+        #[cfg(target_os = "linux")]
+        Command::Fs(cmd) => fs::run(cmd),
         Command::Completions(args) => generate::completions(&args),
         Command::Man(args) => generate::man(&args),
     };

@@ -262,6 +262,7 @@ fn apply_allow(rules: &[String], exports: &mut [Export]) -> anyhow::Result<()> {
 }
 
 /// Standard input as the one client's socket.
+#[cfg(unix)]
 fn stdin_stream() -> anyhow::Result<vdk_nbd::Stream> {
     use std::os::fd::AsFd;
     let fd = std::io::stdin()
@@ -278,6 +279,12 @@ fn stdin_stream() -> anyhow::Result<vdk_nbd::Stream> {
     Ok(vdk_nbd::Stream::Unix(std::os::unix::net::UnixStream::from(
         fd,
     )))
+}
+
+/// Windows gives no socket as standard input.
+#[cfg(not(unix))]
+fn stdin_stream() -> anyhow::Result<vdk_nbd::Stream> {
+    bail!("-s: a socket as standard input is a Unix way of starting servers; listen with --listen")
 }
 
 /// Runs `vdk serve`.

@@ -26,6 +26,7 @@ mod access;
 mod attach;
 mod attacher;
 mod close;
+mod dir;
 mod disks;
 mod iscsi;
 mod media;
@@ -33,7 +34,6 @@ pub mod mount;
 mod nbd;
 mod open;
 mod overlay;
-mod paths;
 mod recipe;
 pub mod recover;
 mod requests;
@@ -54,9 +54,10 @@ use vdk_core::sync::lock;
 use vdk_nbd::{Listener, Server};
 
 use crate::control::{ApiError, DiskStatus, StatsReport};
+pub use crate::paths::Paths;
+pub use dir::{dir_mode, own_dir};
 use disks::{Disk, Disks};
 pub use iscsi::Settings as IscsiSettings;
-pub use paths::{dir_mode, own_dir, Paths};
 
 /// Size of an image `open` creates when none is given.
 pub const DEFAULT_SIZE: u64 = 100 << 20;

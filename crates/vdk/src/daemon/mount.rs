@@ -331,40 +331,8 @@ pub fn loop_uses(file: &Path) -> Vec<String> {
 /// Where the first byte that is not zero is on `dev`, or `None` for a blank disk (all of it
 /// unallocated or zeroes). Reads only what its extents call data.
 pub fn first_data(dev: &dyn vdk_core::BlockDevice) -> Result<Option<u64>, ApiError> {
-    first_data_in(dev, 0, dev.info().size)
-}
-
-/// [`first_data`] in `[start, end)` only.
-pub fn first_data_in(
-    dev: &dyn vdk_core::BlockDevice,
-    start: u64,
-    end: u64,
-) -> Result<Option<u64>, ApiError> {
-    const STEP: u64 = 1 << 30;
-    let failed =
-        |e: vdk_core::Error| ApiError::new(ErrorKind::Io, format!("cannot read the disk: {e}"));
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = start;
-    while at < end {
-        let len = STEP.min(end - at);
-        for (off, run) in dev.extents(at, len).map_err(failed)?.iter() {
-            if run.kind != vdk_core::ExtentKind::Data {
-                continue;
-            }
-            let end = off + run.len;
-            let mut p = off;
-            while p < end {
-                let n = usize::try_from(end - p).map_or(buf.len(), |n| n.min(buf.len()));
-                dev.read_at(&mut buf[..n], p).map_err(failed)?;
-                if let Some(i) = buf[..n].iter().position(|b| *b != 0) {
-                    return Ok(Some(p + i as u64));
-                }
-                p += n as u64;
-            }
-        }
-        at += len;
-    }
-    Ok(None)
+    vdk_core::first_data_in(dev, 0, dev.info().size)
+        .map_err(|e| ApiError::new(ErrorKind::Io, format!("cannot read the disk: {e}")))
 }
 
 /// What `blkid` says is on `dev` ("a file system (ext4)", "a partition table (dos)"), if

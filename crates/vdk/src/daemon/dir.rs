@@ -1,64 +1,12 @@
-//! Where a daemon keeps its sockets, its FUSE export, its records and its log: the directory
-//! of its control socket, which it makes and owns.
+//! The daemon's own directory: made with the right mode, or taken only if it already is
+//! exactly that.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
-
-/// Where a daemon keeps its sockets, its FUSE export and its log: the directory of its
-/// control socket.
-#[derive(Clone, Debug)]
-pub struct Paths {
-    /// The directory.
-    pub dir: PathBuf,
-    /// The control socket.
-    pub socket: PathBuf,
-    /// The default NBD listener.
-    pub nbd_socket: PathBuf,
-    /// Where the FUSE export is mounted.
-    pub fuse: PathBuf,
-    /// The log of a daemon started in the background.
-    pub log: PathBuf,
-}
-
-impl Paths {
-    /// The paths of the daemon whose control socket is `socket`, or the default one.
-    pub fn new(socket: Option<&Path>) -> anyhow::Result<Paths> {
-        let socket = match socket {
-            Some(s) => absolute(s)?,
-            None => default_dir()?.join("control.sock"),
-        };
-        let dir = socket
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("/"));
-        Ok(Paths {
-            nbd_socket: dir.join("nbd.sock"),
-            fuse: dir.join("disks"),
-            log: dir.join("daemon.log"),
-            socket,
-            dir,
-        })
-    }
-}
-
-fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
-    std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
-}
-
-/// `/run/vdk` for root, `$XDG_RUNTIME_DIR/vdk` for everyone else.
-fn default_dir() -> anyhow::Result<PathBuf> {
-    if rustix::process::geteuid().is_root() {
-        return Ok(PathBuf::from("/run/vdk"));
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => Ok(PathBuf::from(d).join("vdk")),
-        _ => bail!("XDG_RUNTIME_DIR is not set: give the control socket with --socket PATH"),
-    }
-}
 
 /// The mode of the daemon's directory: its user's alone, or with `--owner` searchable by
 /// that user too, who may reach the sockets in it but not list or change it.

@@ -1,0 +1,390 @@
+//! vdk.exe: the Windows build, cross-compiled with mingw and run under Wine, serving disks to
+//! the Linux clients nobody here wrote (nbdinfo, qemu-io, qemu-img, nbdcopy, libiscsi's
+//! tools) and making images that qemu-img checks, all through Windows paths (`Z:\...`).
+//!
+//! Wine stands in for Windows: the file, socket and console calls vdk.exe makes are Windows
+//! calls that Wine answers. What Wine cannot show (the iSCSI initiator, NTFS sparse files) is
+//! in docs/windows.md's manual check.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use common::admin::{exit_within, qemu_io, qemu_json, s, Guard};
+use common::{need, pki, run, stdout, wait_for};
+
+const TARGET: &str = "x86_64-pc-windows-gnu";
+
+/// vdk.exe, built once per test run, and how Wine runs it.
+struct Wine {
+    loader: PathBuf,
+    exe: PathBuf,
+    prefix: PathBuf,
+}
+
+/// Builds vdk.exe and the ProcessPrng stand-in beside it (tests/windows/bcryptprimitives.c),
+/// and makes the Wine prefix, once.
+fn wine() -> &'static Wine {
+    static WINE: OnceLock<Wine> = OnceLock::new();
+    WINE.get_or_init(|| {
+        // Debian's wine64 keeps its loader out of PATH.
+        let loader = PathBuf::from("/usr/lib/wine/wine64");
+        assert!(
+            loader.exists(),
+            "this test runs vdk.exe under Wine: install it with `apt-get install wine64` \
+             (scripts/install-test-deps.sh installs everything the tests use)"
+        );
+        need("x86_64-w64-mingw32-gcc");
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .expect("target dir")
+            .join("windows-check");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        run(Command::new(cargo)
+            .args([
+                "build", "--locked", "--target", TARGET, "-p", "vdk", "--bin", "vdk",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("CARGO_TARGET_DIR", &target)
+            // Lean: no debug information in a 200 MB executable only these tests run.
+            .env("CARGO_PROFILE_DEV_DEBUG", "0"));
+        let dir = target.join(TARGET).join("debug");
+        run(Command::new("x86_64-w64-mingw32-gcc")
+            .args(["-shared", "-O2", "-o"])
+            .arg(dir.join("bcryptprimitives.dll"))
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/windows/bcryptprimitives.c"))
+            .arg("-ladvapi32"));
+        let wine = Wine {
+            loader,
+            exe: dir.join("vdk.exe"),
+            prefix: target.join("wine-prefix"),
+        };
+        // The prefix is made by the first program Wine runs.
+        run(&mut wine.vdk(&["--version"]));
+        wine
+    })
+}
+
+impl Wine {
+    /// `vdk.exe ARGS` under Wine.
+    fn vdk(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.loader);
+        c.arg(&self.exe)
+            .args(args)
+            .env("WINEPREFIX", &self.prefix)
+            .env("WINEDEBUG", "-all")
+            .env("WINEDLLOVERRIDES", "bcryptprimitives=n,b")
+            .stdin(Stdio::null());
+        c
+    }
+}
+
+/// `p` as Windows programs under Wine name it: drive Z: is the Linux root.
+fn win(p: &Path) -> String {
+    format!("Z:{}", s(p).replace('/', "\\"))
+}
+
+/// A loopback port nobody listens on.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `vdk.exe serve ARGS --listen LISTEN` logging into `log`, once it accepts connections on
+/// `port`.
+fn serve(dir: &Path, args: &[&str], listen: &str, port: u16) -> Guard {
+    let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+    let mut child = Guard(Some(
+        wine()
+            .vdk(&[&["serve"], args, &["--listen", listen]].concat())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start vdk.exe"),
+    ));
+    wait_for(60, "vdk.exe to listen", || {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("vdk.exe exited ({st}): {}", log_of(dir));
+        }
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    child
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default()
+}
+
+/// Ctrl-C (Wine turns SIGINT into the console's CTRL_C_EVENT): vdk.exe must finish, flush
+/// and exit 0 within 20 s.
+fn ctrl_c(mut child: Guard, dir: &Path) {
+    run(Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let status = exit_within(&mut child, 20)
+        .unwrap_or_else(|| panic!("vdk.exe still runs 20 s after Ctrl-C: {}", log_of(dir)));
+    assert!(status.success(), "{status} after Ctrl-C: {}", log_of(dir));
+    let log = log_of(dir);
+    assert!(log.contains("Ctrl-C: shutting down"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The same writes, zeroes and trims through `target` (qemu-io's `-f FORMAT TARGET`).
+fn write_pattern(format: &str, target: &str) {
+    qemu_io(
+        format,
+        target,
+        &[
+            "write -P 0x5a 0 1M",
+            "write -P 0xa5 3M 64k",
+            "write -P 0x33 10M 2M",
+            "write -z 10M 512k",
+            "discard 11M 512k",
+            "flush",
+        ],
+    );
+}
+
+#[test]
+fn nbd_from_vdk_exe_is_a_disk_linux_clients_read_and_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let out = stdout(&mut wine().vdk(&["create", &win(&image), "64M"]));
+    assert!(out.contains("created"), "{out}");
+    let port = free_port();
+    let serving = serve(
+        dir.path(),
+        &[&win(&image)],
+        &format!("tcp://127.0.0.1:{port}"),
+        port,
+    );
+    let uri = format!("nbd://127.0.0.1:{port}/disk.qcow2");
+    need("nbdinfo");
+    let info: serde_json::Value =
+        serde_json::from_str(&stdout(Command::new("nbdinfo").args(["--json", &uri]))).unwrap();
+    let export = &info["exports"][0];
+    assert_eq!(export["export-size"], 64 << 20, "{info}");
+    assert_eq!(export["is_read_only"], false, "{info}");
+    assert!(
+        export["can_flush"] == true && export["can_trim"] == true,
+        "{info}"
+    );
+    // The same writes into a raw file by qemu-io itself: what the disk must then hold.
+    let reference = dir.path().join("reference.raw");
+    run(Command::new("truncate").args(["-s", "64M", s(&reference)]));
+    write_pattern("raw", s(&reference));
+    write_pattern("raw", &uri);
+    // The holes and data vdk.exe reports, and every byte, through nbdcopy.
+    let map = stdout(Command::new("nbdinfo").args(["--map", &uri]));
+    assert!(map.lines().any(|l| l.contains("hole")), "{map}");
+    let copy = dir.path().join("copy.raw");
+    need("nbdcopy");
+    run(Command::new("nbdcopy").args([&uri, s(&copy)]));
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&reference).unwrap(),
+        "the export differs from the reference"
+    );
+    ctrl_c(serving, dir.path());
+    // Flushed and closed: the qcow2 is clean and holds the writes for qemu too.
+    run(Command::new("qemu-img").args(["check", s(&image)]));
+    run(Command::new("qemu-img").args(["compare", s(&image), s(&reference)]));
+}
+
+#[test]
+fn iscsi_from_vdk_exe_gives_a_disk_and_a_cd_rom() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    run(&mut wine().vdk(&["create", &win(&image), "32M"]));
+    let iso = common::admin::iso_with_hello(dir.path());
+    let port = free_port();
+    let serving = serve(
+        dir.path(),
+        &[&win(&image), &win(&iso)],
+        &format!("iscsi://127.0.0.1:{port}"),
+        port,
+    );
+    need("iscsi-ls");
+    let listed =
+        stdout(Command::new("iscsi-ls").args(["-s", &format!("iscsi://127.0.0.1:{port}")]));
+    let lun_of = |target: &str| {
+        let at = listed
+            .find(&format!("Target:iqn.2026-11.org.vdk:{target} "))
+            .unwrap_or_else(|| panic!("no target {target}: {listed}"));
+        listed[at..].lines().nth(1).unwrap_or("").to_owned()
+    };
+    assert!(
+        lun_of("disk.raw").contains("Type:DIRECT_ACCESS"),
+        "{listed}"
+    );
+    assert!(lun_of("disc.iso").contains("Type:MMC"), "{listed}");
+    // The CD-ROM reads as the ISO, byte for byte.
+    let disc = format!("iscsi://127.0.0.1:{port}/iqn.2026-11.org.vdk:disc.iso/0");
+    let read_back = dir.path().join("read-back.iso");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw", &disc, s(&read_back)]));
+    // The disk takes writes; Ctrl-C flushes them into the file.
+    let lun = format!("iscsi://127.0.0.1:{port}/iqn.2026-11.org.vdk:disk.raw/0");
+    qemu_io("raw", &lun, &["write -P 0x7e 1M 2M", "flush"]);
+    ctrl_c(serving, dir.path());
+    qemu_io("raw", s(&image), &["read -P 0x7e 1M 2M", "read -P 0 0 1M"]);
+    // Compared once vdk.exe is gone: Wine makes its whole-file lock a POSIX lock, which
+    // qemu-img takes as an image in use.
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        s(&iso),
+        s(&read_back),
+    ]));
+}
+
+#[test]
+fn tls_from_vdk_exe_serves_only_tls_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = pki::make(&dir.path().join("pki"), "vdk test CA", "alice");
+    let port = free_port();
+    let serving = serve(
+        dir.path(),
+        &[
+            "--memory",
+            "16M",
+            "--tls",
+            "require",
+            "--tls-certificates",
+            &win(&certs),
+        ],
+        &format!("tcp://127.0.0.1:{port}"),
+        port,
+    );
+    need("nbdsh");
+    let tls = format!(
+        "nbds://localhost:{port}/memory?tls-certificates={}",
+        s(&certs)
+    );
+    let script = "import os\nh.set_uri_allow_local_file(True)\nh.connect_uri(os.environ['URI'])\n\
+        h.pwrite(b'\\x42' * 65536, 4096)\nh.flush()\n\
+        assert h.pread(65536, 4096) == b'\\x42' * 65536\nprint('round trip ok')\n";
+    let out = stdout(
+        Command::new("nbdsh")
+            .args(["-c", script])
+            .env("URI", &tls)
+            .env("PATH", common::path_env()),
+    );
+    assert!(out.contains("round trip ok"), "{out}");
+    let plain = Command::new("nbdinfo")
+        .arg(format!("nbd://127.0.0.1:{port}/memory"))
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "a plain client was served: {}",
+        text(&plain)
+    );
+    ctrl_c(serving, dir.path());
+}
+
+#[test]
+fn image_commands_of_vdk_exe_work_on_windows_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vdk = |args: &[&str]| stdout(&mut wine().vdk(args));
+    // Each format vdk.exe creates is what qemu-img sees.
+    for (name, format) in [
+        ("a.raw", "raw"),
+        ("a.qcow2", "qcow2"),
+        ("a.vhd", "vpc"),
+        ("a.vhdx", "vhdx"),
+    ] {
+        vdk(&["create", &win(&d.join(name)), "48M"]);
+        let info = qemu_json(&["info", "--output=json", s(&d.join(name))]);
+        assert_eq!(info["format"], format, "{name}: {info}");
+        assert!(
+            info["virtual-size"].as_u64().unwrap() >= 48 << 20,
+            "{name}: {info}"
+        );
+    }
+    // vdk.exe info on what qemu-img wrote.
+    let qcow2 = d.join("a.qcow2");
+    write_pattern("qcow2", s(&qcow2));
+    let info: serde_json::Value =
+        serde_json::from_str(&vdk(&["info", "--json", &win(&qcow2)])).unwrap();
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["virtual-size"], 48 << 20, "{info}");
+    // check, convert and compare, each read back by qemu-img.
+    vdk(&["check", &win(&qcow2)]);
+    let vhdx = d.join("b.vhdx");
+    vdk(&["convert", &win(&qcow2), &win(&vhdx)]);
+    run(Command::new("qemu-img").args(["check", s(&vhdx)]));
+    run(Command::new("qemu-img").args(["compare", s(&qcow2), s(&vhdx)]));
+    let same = wine()
+        .vdk(&["compare", &win(&qcow2), &win(&vhdx)])
+        .status()
+        .unwrap();
+    assert_eq!(same.code(), Some(0));
+    // resize grows it; qemu-img sees the new size and the old data.
+    vdk(&["resize", &win(&qcow2), "96M"]);
+    let info = qemu_json(&["info", "--output=json", s(&qcow2)]);
+    assert_eq!(info["virtual-size"], 96 << 20, "{info}");
+    qemu_io(
+        "qcow2",
+        s(&qcow2),
+        &["read -P 0x5a 0 1M", "read -P 0 90M 1M"],
+    );
+    run(Command::new("qemu-img").args(["check", s(&qcow2)]));
+    // As qemu-img compare: the larger one's zeroes past the smaller's end are the same,
+    // unless --strict.
+    let grown = wine()
+        .vdk(&["compare", &win(&qcow2), &win(&vhdx)])
+        .status()
+        .unwrap();
+    assert_eq!(grown.code(), Some(0));
+    let strict = wine()
+        .vdk(&["compare", "--strict", &win(&qcow2), &win(&vhdx)])
+        .status()
+        .unwrap();
+    assert_eq!(
+        strict.code(),
+        Some(1),
+        "a 96M disk and a 48M one are the same with --strict"
+    );
+}
+
+#[test]
+fn daemon_commands_of_vdk_exe_say_the_daemon_is_not_there_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = win(&dir.path().join("x.img"));
+    let open = wine().vdk(&["open", &img, "16M"]).output().unwrap();
+    assert!(!open.status.success());
+    let said = String::from_utf8_lossy(&open.stderr);
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
+    assert!(said.contains("does not run on this system yet"), "{said}");
+    assert!(said.contains("vdk serve"), "{said}");
+    assert!(
+        !dir.path().join("x.img").exists(),
+        "open made an image it cannot serve"
+    );
+    // The FUSE file systems are Linux's: not a command there at all.
+    let fs = wine().vdk(&["fs", "list"]).output().unwrap();
+    assert!(!fs.status.success());
+    assert!(
+        String::from_utf8_lossy(&fs.stderr).contains("unrecognized subcommand"),
+        "{}",
+        text(&fs)
+    );
+    // Nothing is open where no daemon runs.
+    let list = wine().vdk(&["list"]).output().unwrap();
+    assert!(list.status.success(), "{}", text(&list));
+}
