@@ -118,7 +118,10 @@ impl FileDisk {
         let mut file = oo.open(path)?;
         opts.lock(&file, path)?;
         let size = file.seek(SeekFrom::End(0))?;
-        let sparse = cfg!(target_os = "linux") && file.metadata()?.is_file();
+        // Holes for a regular file where the file system has them (marked sparse first on
+        // NTFS, which needs write access; a read-only one is only asked where its data is).
+        let sparse =
+            file.metadata()?.is_file() && (opts.read_only || sys::set_sparse(&file).is_ok());
         let nowait_writes = AtomicBool::new(!opts.direct && cfg!(target_os = "linux"));
         Ok(FileDisk {
             file,
@@ -132,6 +135,9 @@ impl FileDisk {
     /// Creates a new sparse file of `size` bytes (failing if it exists) and opens it.
     pub fn create(path: &Path, size: u64, opts: FileOptions) -> io::Result<FileDisk> {
         let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+        // Sparse before it has a length (NTFS); a file system without sparse files keeps
+        // the file as it is.
+        let _ = sys::set_sparse(&file);
         file.set_len(size)?;
         drop(file);
         FileDisk::open(path, opts)

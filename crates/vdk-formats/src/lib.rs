@@ -507,7 +507,7 @@ fn info_in_chain(
     let file = File::open(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     let meta = file.metadata()?;
-    let disk_size = vdk_core::sys::disk_usage(&meta);
+    let disk_size = vdk_core::sys::disk_usage(&file);
     let format = match format {
         Some(f) => f,
         None => probe(path)?,

@@ -203,6 +203,47 @@ fn nbd_from_vdk_exe_is_a_disk_linux_clients_read_and_write() {
 }
 
 #[test]
+fn a_raw_image_under_vdk_exe_trims_and_zeroes_to_what_qemu_writes() {
+    // Trim and write-zeroes go to FSCTL_SET_ZERO_DATA, extents to
+    // FSCTL_QUERY_ALLOCATED_RANGES, or to written zeroes and all-data where the file
+    // system answers neither: either way every byte must be what qemu-io wrote.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    run(&mut wine().vdk(&["create", &win(&image), "64M"]));
+    let port = free_port();
+    let serving = serve(
+        dir.path(),
+        &[&win(&image)],
+        &format!("tcp://127.0.0.1:{port}"),
+        port,
+    );
+    let reference = dir.path().join("reference.raw");
+    run(Command::new("truncate").args(["-s", "64M", s(&reference)]));
+    write_pattern("raw", s(&reference));
+    let uri = format!("nbd://127.0.0.1:{port}/disk.raw");
+    write_pattern("raw", &uri);
+    qemu_io(
+        "raw",
+        &uri,
+        &[
+            "read -P 0 11M 512k",
+            "read -P 0 10M 512k",
+            "read -P 0x33 10752k 512k",
+        ],
+    );
+    ctrl_c(serving, dir.path());
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        s(&image),
+        s(&reference),
+    ]));
+}
+
+#[test]
 fn iscsi_from_vdk_exe_gives_a_disk_and_a_cd_rom() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
@@ -323,6 +364,16 @@ fn image_commands_of_vdk_exe_work_on_windows_paths() {
         serde_json::from_str(&vdk(&["info", "--json", &win(&qcow2)])).unwrap();
     assert_eq!(info["format"], "qcow2", "{info}");
     assert_eq!(info["virtual-size"], 48 << 20, "{info}");
+    // The space a raw file takes, as the file system counts it (GetFileInformationByHandleEx).
+    let raw = d.join("a.raw");
+    qemu_io("raw", s(&raw), &["write -P 0x11 0 4M", "flush"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&vdk(&["info", "--json", &win(&raw)])).unwrap();
+    let blocks = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&raw).unwrap().blocks() * 512
+    };
+    assert_eq!(info["actual-size"], blocks, "{info}");
     // check, convert and compare, each read back by qemu-img.
     vdk(&["check", &win(&qcow2)]);
     let vhdx = d.join("b.vhdx");

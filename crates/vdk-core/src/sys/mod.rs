@@ -12,6 +12,9 @@
 //! - [`set_keepalive`]: TCP keep-alive that finds a vanished peer in minutes, not hours.
 //! - [`user_name`]: who this process runs as, for messages and lease records.
 //! - [`proc`]: who else uses a file or a directory, for messages that name them.
+//!
+//! Windows adds `set_sparse`, `allocated_ranges` and `allocation_size` (NTFS sparse files),
+//! which vdk-backends' Windows file calls; Linux files need no such calls.
 
 #[cfg(target_os = "linux")]
 #[path = "linux/mod.rs"]

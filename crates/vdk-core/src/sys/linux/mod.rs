@@ -1,6 +1,6 @@
 //! Linux.
 
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io;
 use std::net::TcpStream;
 use std::time::Duration;
@@ -57,10 +57,10 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// The bytes `meta`'s file takes on its file system.
-pub fn disk_usage(meta: &Metadata) -> u64 {
+/// The bytes `file` takes on its file system (less than its length when sparse).
+pub fn disk_usage(file: &File) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    meta.blocks() * 512
+    file.metadata().map_or(0, |m| m.blocks() * 512)
 }
 
 /// Unanswered keep-alive probes after which a TCP connection is dead.
