@@ -293,6 +293,25 @@ fn iscsi_from_vdk_exe_gives_a_disk_and_a_cd_rom() {
 }
 
 #[test]
+fn iscsi_test_cu_passes_against_vdk_exe_as_against_vdk() {
+    // The SCSI target over Windows sockets and files: every family of libiscsi's suite.
+    let dir = tempfile::tempdir().unwrap();
+    let lun = dir.path().join("lun.raw");
+    common::sparse_file(&lun, 1 << 30);
+    let port = free_port();
+    let serving = serve(
+        dir.path(),
+        &[&win(&lun)],
+        &format!("iscsi://127.0.0.1:{port}"),
+        port,
+    );
+    common::iscsi_test_cu_all(&format!(
+        "iscsi://127.0.0.1:{port}/iqn.2026-11.org.vdk:lun.raw/0"
+    ));
+    ctrl_c(serving, dir.path());
+}
+
+#[test]
 fn tls_from_vdk_exe_serves_only_tls_clients() {
     let dir = tempfile::tempdir().unwrap();
     let certs = pki::make(&dir.path().join("pki"), "vdk test CA", "alice");
@@ -382,8 +401,9 @@ fn image_commands_of_vdk_exe_work_on_windows_paths() {
     run(Command::new("qemu-img").args(["compare", s(&qcow2), s(&vhdx)]));
     let same = wine()
         .vdk(&["compare", &win(&qcow2), &win(&vhdx)])
-        .status()
-        .unwrap();
+        .output()
+        .unwrap()
+        .status;
     assert_eq!(same.code(), Some(0));
     // resize grows it; qemu-img sees the new size and the old data.
     vdk(&["resize", &win(&qcow2), "96M"]);
@@ -399,13 +419,15 @@ fn image_commands_of_vdk_exe_work_on_windows_paths() {
     // unless --strict.
     let grown = wine()
         .vdk(&["compare", &win(&qcow2), &win(&vhdx)])
-        .status()
-        .unwrap();
+        .output()
+        .unwrap()
+        .status;
     assert_eq!(grown.code(), Some(0));
     let strict = wine()
         .vdk(&["compare", "--strict", &win(&qcow2), &win(&vhdx)])
-        .status()
-        .unwrap();
+        .output()
+        .unwrap()
+        .status;
     assert_eq!(
         strict.code(),
         Some(1),

@@ -719,3 +719,62 @@ impl Drop for ScsiShell {
         let _ = self.child.wait();
     }
 }
+
+/// Tests of `iscsi-test-cu -t ALL` that fail on vdk, each with the reason.
+pub const KNOWN_FAILURES: &[(&str, &str)] = &[(
+    "GetLBAStatus.UnmapSingle",
+    "the test expects the first descriptor for LBA n+1 to start at n + blocks per physical \
+     block, which only holds with one logical block per physical block; SBC-4 5.7 asks \
+     for the descriptor that holds LBA n+1, as vdk sends",
+)];
+
+/// Runs `iscsi-test-cu -t ALL` (data loss allowed) on the LUN at `url`: every test passes
+/// but the [`KNOWN_FAILURES`].
+pub fn iscsi_test_cu_all(url: &str) {
+    need("iscsi-test-cu");
+    let out = Command::new("iscsi-test-cu")
+        .args(["--dataloss", "-t", "ALL", url])
+        .env("PATH", path_env())
+        .output()
+        .expect("run iscsi-test-cu");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut failed = Vec::new();
+    let (mut suite, mut test) = (String::new(), String::new());
+    for line in text.lines() {
+        if let Some(s) = line.strip_prefix("Suite: ") {
+            suite = s.trim().to_owned();
+        }
+        if let Some(t) = line.trim_start().strip_prefix("Test: ") {
+            test = t.split(" ...").next().unwrap_or("").trim().to_owned();
+        }
+        if line.ends_with("FAILED") && !line.contains("[FAILED]") {
+            let name = format!("{suite}.{test}");
+            if !failed.contains(&name) {
+                failed.push(name);
+            }
+        }
+    }
+    let summary = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("tests"))
+        .unwrap_or_else(|| panic!("no summary in:\n{text}"));
+    let counts: Vec<u32> = summary
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (total, passed) = (counts[0], counts[2]);
+    for f in &failed {
+        assert!(
+            KNOWN_FAILURES.iter().any(|(k, _)| k == f),
+            "iscsi-test-cu {f} fails ({passed} of {total} pass):\n{}",
+            text.lines()
+                .filter(|l| l.contains("FAILED"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // tgt passes 222 of these 230 tests; vdk must not fall below what it reaches today.
+    assert_eq!(total, 230, "{summary}");
+    assert!(passed >= total - KNOWN_FAILURES.len() as u32, "{summary}");
+    eprintln!("iscsi-test-cu -t ALL: {passed} of {total} passed");
+}
