@@ -14,7 +14,7 @@
 //! pre-allocated (`size=SIZE`: the overlay file reserves SIZE bytes up front and never grows
 //! past them; a write that would fails with ENOSPC, harming nothing written before).
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -385,12 +385,7 @@ fn reset(overlay: &Path) -> io::Result<()> {
         ..CreateOptions::default()
     };
     drop(create(&fresh, header.size, &opts)?);
-    fs::rename(&fresh, overlay)?;
-    let dir = std::path::absolute(overlay)?;
-    if let Some(dir) = dir.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    vdk_core::sys::replace_durably(&fresh, overlay)
 }
 
 /// Starts a new overlay `new` on top of `overlay` (a chain: new -> overlay -> base). Serve

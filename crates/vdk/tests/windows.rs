@@ -244,6 +244,98 @@ fn a_raw_image_under_vdk_exe_trims_and_zeroes_to_what_qemu_writes() {
 }
 
 #[test]
+fn writes_redirected_to_an_overlay_by_vdk_exe_are_committed_or_discarded() {
+    // The write filter seed: the base stays as it was while served; commit merges.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    run(Command::new("truncate").args(["-s", "32M", s(&base)]));
+    qemu_io("raw", s(&base), &["write -P 0x11 0 4M"]);
+    let overlay = d.join("changes.qcow2");
+    for (round, pattern) in [(0, "0x22"), (1, "0x33")] {
+        let port = free_port();
+        let serving = serve(
+            d,
+            &[
+                &win(&base),
+                "--filter",
+                &format!("cow:overlay={}", win(&overlay)),
+            ],
+            &format!("tcp://127.0.0.1:{port}"),
+            port,
+        );
+        let uri = format!("nbd://127.0.0.1:{port}/base.raw");
+        qemu_io(
+            "raw",
+            &uri,
+            &[&format!("write -P {pattern} 1M 1M"), "flush"],
+        );
+        qemu_io(
+            "raw",
+            &uri,
+            &["read -P 0x11 0 1M", &format!("read -P {pattern} 1M 1M")],
+        );
+        ctrl_c(serving, d);
+        qemu_io("raw", s(&base), &["read -P 0x11 0 4M"]);
+        if round == 0 {
+            let out = stdout(&mut wine().vdk(&["discard", &win(&overlay)]));
+            assert!(out.contains("discard"), "{out}");
+        }
+    }
+    let out = stdout(&mut wine().vdk(&["commit", &win(&overlay)]));
+    assert!(out.contains("commit"), "{out}");
+    qemu_io(
+        "raw",
+        s(&base),
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x33 1M 1M",
+            "read -P 0x11 2M 2M",
+        ],
+    );
+}
+
+#[test]
+fn object_storage_disks_from_vdk_exe() {
+    // vdk.exe's S3 client (HTTP over Windows sockets) against a real S3-protocol server.
+    let s3 = common::s3::S3::moto();
+    let url = s3.url("windisk");
+    let cache = tempfile::tempdir().unwrap();
+    run(wine()
+        .vdk(&["create", &url, "64M", "--chunk-size", "1M"])
+        .envs(s3.env()));
+    let port = free_port();
+    let log = std::fs::File::create(cache.path().join("serve.log")).unwrap();
+    let mut serving = Guard(Some(
+        wine()
+            .vdk(&["serve", &url, "--cache", &win(&cache.path().join("c"))])
+            .args(["--listen", &format!("tcp://127.0.0.1:{port}")])
+            .envs(s3.env())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for(60, "vdk.exe to listen", || {
+        assert!(
+            serving.try_wait().unwrap().is_none(),
+            "{}",
+            log_of(cache.path())
+        );
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let uri = format!("nbd://127.0.0.1:{port}/windisk");
+    qemu_io("raw", &uri, &["write -P 0xa5 3M 5M", "flush"]);
+    ctrl_c(serving, cache.path());
+    // A fresh cache reads it back from the bucket (Linux's vdk, the same store).
+    let copy = cache.path().join("copy.raw");
+    run(Command::new(env!("CARGO_BIN_EXE_vdk"))
+        .args(["convert", &url, s(&copy)])
+        .envs(s3.env()));
+    qemu_io("raw", s(&copy), &["read -P 0xa5 3M 5M", "read -P 0 8M 32M"]);
+}
+
+#[test]
 fn iscsi_from_vdk_exe_gives_a_disk_and_a_cd_rom() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");

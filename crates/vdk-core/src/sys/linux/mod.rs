@@ -95,3 +95,14 @@ pub fn user_name() -> String {
         }
     })
 }
+
+/// Renames `from` over `to` so that the change survives a crash once this returns: the
+/// rename, then the directory synced.
+pub fn replace_durably(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    std::fs::rename(from, to)?;
+    let to = std::path::absolute(to)?;
+    match to.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}

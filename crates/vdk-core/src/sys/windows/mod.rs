@@ -13,7 +13,7 @@ use super::Lock;
 pub mod proc;
 mod sparse;
 
-pub use sparse::{allocated_ranges, allocation_size, set_sparse};
+pub use sparse::{allocated_ranges, allocation_size, replace_durably, set_sparse};
 
 /// Reads and writes at an offset, as Unix's `FileExt` does (Windows' `seek_read` and
 /// `seek_write` take the offset with each request).

@@ -1,5 +1,6 @@
 //! NTFS sparse files and allocation, through the file system controls (`FSCTL_*`) and
-//! `GetFileInformationByHandleEx`: the one place in vdk that calls Windows' C API directly.
+//! `GetFileInformationByHandleEx`, and renames written through (`MoveFileExW`): the one place
+//! in vdk that calls Windows' C API directly.
 //! File systems without sparse files (FAT32, exFAT, ReFS without it) answer these with an
 //! error, which callers take as "not here": they write zeroes and report all data instead.
 #![allow(unsafe_code)]
@@ -7,12 +8,17 @@
 use std::fs::File;
 use std::io;
 use std::mem::{size_of, size_of_val};
+use std::os::windows::ffi::OsStrExt;
 use std::os::windows::io::AsRawHandle;
+use std::path::Path;
 use std::ptr;
 
-use windows_sys::Win32::Foundation::ERROR_MORE_DATA;
+use windows_sys::Win32::Foundation::{
+    ERROR_INVALID_FUNCTION, ERROR_MORE_DATA, ERROR_NOT_SUPPORTED,
+};
 use windows_sys::Win32::Storage::FileSystem::{
-    FileStandardInfo, GetFileInformationByHandleEx, FILE_STANDARD_INFO,
+    FileStandardInfo, GetFileInformationByHandleEx, MoveFileExW, FILE_STANDARD_INFO,
+    MOVEFILE_REPLACE_EXISTING, MOVEFILE_WRITE_THROUGH,
 };
 use windows_sys::Win32::System::Ioctl::{
     FILE_ALLOCATED_RANGE_BUFFER, FILE_ZERO_DATA_INFORMATION, FSCTL_QUERY_ALLOCATED_RANGES,
@@ -57,10 +63,15 @@ fn control<I: Copy, O: Copy>(
         return Ok((filled, false));
     }
     let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(ERROR_MORE_DATA as i32) {
-        return Ok((filled, true));
+    match e.raw_os_error().and_then(|c| u32::try_from(c).ok()) {
+        Some(ERROR_MORE_DATA) => Ok((filled, true)),
+        // A file system without the control (FAT32, exFAT; Wine): callers fall back.
+        Some(ERROR_INVALID_FUNCTION | ERROR_NOT_SUPPORTED) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("the file system does not do this ({e})"),
+        )),
+        _ => Err(e),
     }
-    Err(e)
 }
 
 /// Marks `file` sparse: ranges zeroed by [`punch_hole`] then take no space.
@@ -142,4 +153,23 @@ pub fn allocation_size(file: &File) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(info.AllocationSize.max(0) as u64)
+}
+
+/// Renames `from` over `to`, returning once the change is on disk (`MoveFileExW` with
+/// `MOVEFILE_WRITE_THROUGH`: Windows has no directory to sync).
+pub fn replace_durably(from: &Path, to: &Path) -> io::Result<()> {
+    let wide = |p: &Path| -> Vec<u16> { p.as_os_str().encode_wide().chain([0]).collect() };
+    let (from, to) = (wide(from), wide(to));
+    // SAFETY: both are NUL-terminated UTF-16 strings that live until the call returns.
+    let ok = unsafe {
+        MoveFileExW(
+            from.as_ptr(),
+            to.as_ptr(),
+            MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH,
+        )
+    };
+    if ok == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
