@@ -8,6 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::admin::same_raw;
 use common::{need, need_root, run, stdout, Daemon, Vdk};
 
 fn s(p: &Path) -> &str {
@@ -65,15 +66,7 @@ fn an_iso_is_served_read_only_with_2048_byte_blocks() {
     let export = &info["exports"][0];
     assert_eq!(export["is_read_only"], true, "{export}");
     assert_eq!(export["block_size_minimum"], 2048, "{export}");
-    run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        &uri,
-        s(&vdk.path("disc.iso")),
-    ]));
+    same_raw(&uri, s(&vdk.path("disc.iso")));
     let out = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write 0 2048", &uri])
         .env("PATH", common::path_env())

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use common::admin::{exit_within, qemu_io, qemu_json, s, Guard};
+use common::admin::{exit_within, qemu_io, qemu_json, s, same_raw, Guard};
 use common::{need, pki, run, stdout, wait_for};
 
 const TARGET: &str = "x86_64-pc-windows-gnu";
@@ -96,13 +96,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `vdk.exe serve ARGS --listen LISTEN` logging into `log`, once it accepts connections on
-/// `port`.
-fn serve(dir: &Path, args: &[&str], listen: &str, port: u16) -> Guard {
+/// `vdk.exe serve ARGS --listen SCHEME://127.0.0.1:PORT` on a free port with `env` added,
+/// logging into `dir/serve.log`, once it accepts connections; the process and the port.
+fn serve(dir: &Path, args: &[&str], scheme: &str, env: &[(&str, String)]) -> (Guard, u16) {
+    let port = free_port();
+    let listen = format!("{scheme}://127.0.0.1:{port}");
     let log = std::fs::File::create(dir.join("serve.log")).unwrap();
     let mut child = Guard(Some(
         wine()
-            .vdk(&[&["serve"], args, &["--listen", listen]].concat())
+            .vdk(&[&["serve"], args, &["--listen", &listen]].concat())
+            .envs(env.iter().cloned())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -114,7 +117,7 @@ fn serve(dir: &Path, args: &[&str], listen: &str, port: u16) -> Guard {
         }
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    child
+    (child, port)
 }
 
 fn log_of(dir: &Path) -> String {
@@ -163,13 +166,7 @@ fn nbd_from_vdk_exe_is_a_disk_linux_clients_read_and_write() {
     let image = dir.path().join("disk.qcow2");
     let out = stdout(&mut wine().vdk(&["create", &win(&image), "64M"]));
     assert!(out.contains("created"), "{out}");
-    let port = free_port();
-    let serving = serve(
-        dir.path(),
-        &[&win(&image)],
-        &format!("tcp://127.0.0.1:{port}"),
-        port,
-    );
+    let (serving, port) = serve(dir.path(), &[&win(&image)], "tcp", &[]);
     let uri = format!("nbd://127.0.0.1:{port}/disk.qcow2");
     need("nbdinfo");
     let info: serde_json::Value =
@@ -210,13 +207,7 @@ fn a_raw_image_under_vdk_exe_trims_and_zeroes_to_what_qemu_writes() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     run(&mut wine().vdk(&["create", &win(&image), "64M"]));
-    let port = free_port();
-    let serving = serve(
-        dir.path(),
-        &[&win(&image)],
-        &format!("tcp://127.0.0.1:{port}"),
-        port,
-    );
+    let (serving, port) = serve(dir.path(), &[&win(&image)], "tcp", &[]);
     let reference = dir.path().join("reference.raw");
     run(Command::new("truncate").args(["-s", "64M", s(&reference)]));
     write_pattern("raw", s(&reference));
@@ -232,15 +223,7 @@ fn a_raw_image_under_vdk_exe_trims_and_zeroes_to_what_qemu_writes() {
         ],
     );
     ctrl_c(serving, dir.path());
-    run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        s(&image),
-        s(&reference),
-    ]));
+    same_raw(s(&image), s(&reference));
 }
 
 #[test]
@@ -253,16 +236,15 @@ fn writes_redirected_to_an_overlay_by_vdk_exe_are_committed_or_discarded() {
     qemu_io("raw", s(&base), &["write -P 0x11 0 4M"]);
     let overlay = d.join("changes.qcow2");
     for (round, pattern) in [(0, "0x22"), (1, "0x33")] {
-        let port = free_port();
-        let serving = serve(
+        let (serving, port) = serve(
             d,
             &[
                 &win(&base),
                 "--filter",
                 &format!("cow:overlay={}", win(&overlay)),
             ],
-            &format!("tcp://127.0.0.1:{port}"),
-            port,
+            "tcp",
+            &[],
         );
         let uri = format!("nbd://127.0.0.1:{port}/base.raw");
         qemu_io(
@@ -304,26 +286,12 @@ fn object_storage_disks_from_vdk_exe() {
     run(wine()
         .vdk(&["create", &url, "64M", "--chunk-size", "1M"])
         .envs(s3.env()));
-    let port = free_port();
-    let log = std::fs::File::create(cache.path().join("serve.log")).unwrap();
-    let mut serving = Guard(Some(
-        wine()
-            .vdk(&["serve", &url, "--cache", &win(&cache.path().join("c"))])
-            .args(["--listen", &format!("tcp://127.0.0.1:{port}")])
-            .envs(s3.env())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    ));
-    wait_for(60, "vdk.exe to listen", || {
-        assert!(
-            serving.try_wait().unwrap().is_none(),
-            "{}",
-            log_of(cache.path())
-        );
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let (serving, port) = serve(
+        cache.path(),
+        &[&url, "--cache", &win(&cache.path().join("c"))],
+        "tcp",
+        &s3.env(),
+    );
     let uri = format!("nbd://127.0.0.1:{port}/windisk");
     qemu_io("raw", &uri, &["write -P 0xa5 3M 5M", "flush"]);
     ctrl_c(serving, cache.path());
@@ -341,13 +309,7 @@ fn iscsi_from_vdk_exe_gives_a_disk_and_a_cd_rom() {
     let image = dir.path().join("disk.raw");
     run(&mut wine().vdk(&["create", &win(&image), "32M"]));
     let iso = common::admin::iso_with_hello(dir.path());
-    let port = free_port();
-    let serving = serve(
-        dir.path(),
-        &[&win(&image), &win(&iso)],
-        &format!("iscsi://127.0.0.1:{port}"),
-        port,
-    );
+    let (serving, port) = serve(dir.path(), &[&win(&image), &win(&iso)], "iscsi", &[]);
     need("iscsi-ls");
     let listed =
         stdout(Command::new("iscsi-ls").args(["-s", &format!("iscsi://127.0.0.1:{port}")]));
@@ -373,15 +335,7 @@ fn iscsi_from_vdk_exe_gives_a_disk_and_a_cd_rom() {
     qemu_io("raw", s(&image), &["read -P 0x7e 1M 2M", "read -P 0 0 1M"]);
     // Compared once vdk.exe is gone: Wine makes its whole-file lock a POSIX lock, which
     // qemu-img takes as an image in use.
-    run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        s(&iso),
-        s(&read_back),
-    ]));
+    same_raw(s(&iso), s(&read_back));
 }
 
 #[test]
@@ -390,13 +344,7 @@ fn iscsi_test_cu_passes_against_vdk_exe_as_against_vdk() {
     let dir = tempfile::tempdir().unwrap();
     let lun = dir.path().join("lun.raw");
     common::sparse_file(&lun, 1 << 30);
-    let port = free_port();
-    let serving = serve(
-        dir.path(),
-        &[&win(&lun)],
-        &format!("iscsi://127.0.0.1:{port}"),
-        port,
-    );
+    let (serving, port) = serve(dir.path(), &[&win(&lun)], "iscsi", &[]);
     common::iscsi_test_cu_all(&format!(
         "iscsi://127.0.0.1:{port}/iqn.2026-11.org.vdk:lun.raw/0"
     ));
@@ -407,8 +355,7 @@ fn iscsi_test_cu_passes_against_vdk_exe_as_against_vdk() {
 fn tls_from_vdk_exe_serves_only_tls_clients() {
     let dir = tempfile::tempdir().unwrap();
     let certs = pki::make(&dir.path().join("pki"), "vdk test CA", "alice");
-    let port = free_port();
-    let serving = serve(
+    let (serving, port) = serve(
         dir.path(),
         &[
             "--memory",
@@ -418,8 +365,8 @@ fn tls_from_vdk_exe_serves_only_tls_clients() {
             "--tls-certificates",
             &win(&certs),
         ],
-        &format!("tcp://127.0.0.1:{port}"),
-        port,
+        "tcp",
+        &[],
     );
     need("nbdsh");
     let tls = format!(

@@ -102,6 +102,12 @@ pub fn exit_within(child: &mut std::process::Child, secs: u64) -> Option<std::pr
     None
 }
 
+/// Fails unless `a` and `b` (files or URIs) hold the same bytes, read as raw by qemu-img.
+pub fn same_raw(a: &str, b: &str) {
+    need("qemu-img");
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]));
+}
+
 /// A qcow2 image made by qemu-img.
 pub fn qemu_qcow2(path: &Path, size: &str) {
     need("qemu-img");
