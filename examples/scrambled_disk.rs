@@ -1,8 +1,10 @@
 //! A complete custom disk: a file whose bytes are stored scrambled (each rotated by 3 bits, a
 //! toy cipher that keeps zero as zero, so a sparse file stays sparse). Serve it with:
 //! `cargo run -p vdk-examples --example scrambled_disk -- secret.img 64M unix:///tmp/s.sock`
-use std::{fs::File, os::unix::fs::FileExt, sync::Arc};
+use std::{fs::File, sync::Arc};
 
+// Positional reads and writes on Linux and Windows alike.
+use vdk_core::sys::FileExt;
 use vdk_core::{check_range, BlockDevice, DiskInfo, Result};
 
 #[derive(Debug)]

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # vdk for Windows: the portable crates (the disk interface, backends, formats, filters, SCSI,
-# the NBD server, the iSCSI target, object storage) and the vdk binary compile for Windows
-# with clippy's -D warnings. What differs between systems lives in sys modules (vdk-core,
-# vdk-backends and vdk-nbd src/sys) and behind cfg in the binary, which leaves the daemon,
-# fuse-loop and the FUSE file systems out there. The tests in crates/vdk/tests/windows.rs link
-# vdk.exe (mingw also compiles the TLS library's C) and run it under Wine.
+# the NBD server, the iSCSI target, object storage), the vdk binary and the examples compile
+# for Windows with clippy's -D warnings. What differs between systems lives in sys modules
+# (vdk-core, vdk-backends and vdk-nbd src/sys) and behind cfg in the binary, which leaves the
+# daemon, fuse-loop and the FUSE file systems out there. The tests in
+# crates/vdk/tests/windows.rs link vdk.exe (mingw also compiles the TLS library's C) and run
+# it under Wine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,5 +21,5 @@ fi
 CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}/windows-check \
   cargo clippy --locked --target "$target" \
   -p vdk-core -p vdk-backends -p vdk-formats -p vdk-filters -p vdk-scsi -p vdk-iscsi \
-  -p vdk-nbd -p vdk-objstore -p vdk \
+  -p vdk-nbd -p vdk-objstore -p vdk -p vdk-examples --lib --bins --examples \
   -- -D warnings
