@@ -264,6 +264,18 @@ fn writes_redirected_to_an_overlay_by_vdk_exe_are_committed_or_discarded() {
             assert!(out.contains("discard"), "{out}");
         }
     }
+    // A snapshot chains a new overlay on top, recording the Windows path of the one below:
+    // vdk.exe reads the chain through to the base.
+    let top = d.join("top.qcow2");
+    run(&mut wine().vdk(&["snapshot", &win(&overlay), &win(&top)]));
+    let flat = d.join("flat.raw");
+    run(&mut wine().vdk(&["convert", &win(&top), &win(&flat)]));
+    qemu_io(
+        "raw",
+        s(&flat),
+        &["read -P 0x11 0 1M", "read -P 0x33 1M 1M"],
+    );
+    std::fs::remove_file(&top).unwrap();
     let out = stdout(&mut wine().vdk(&["commit", &win(&overlay)]));
     assert!(out.contains("commit"), "{out}");
     qemu_io(
