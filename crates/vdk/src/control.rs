@@ -657,7 +657,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to the control socket at `path`.
+    /// Connects to the daemon's control socket at `path`.
     #[cfg(unix)]
     pub fn connect(path: &Path) -> io::Result<Client> {
         let writer = std::os::unix::net::UnixStream::connect(path)?;
@@ -668,14 +668,15 @@ impl Client {
         })
     }
 
-    /// No daemon on this system yet (its control API comes over a named pipe): fails, so
-    /// commands that would ask a daemon go on without one.
-    #[cfg(not(unix))]
-    pub fn connect(_path: &Path) -> io::Result<Client> {
-        Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "the vdk daemon does not run on this system yet",
-        ))
+    /// Connects to the daemon's named pipe `path` (`\\.\pipe\NAME`).
+    #[cfg(windows)]
+    pub fn connect(path: &Path) -> io::Result<Client> {
+        let writer = vdk_core::sys::connect_pipe(path)?;
+        let reader: Box<dyn Read + Send> = Box::new(writer.try_clone()?);
+        Ok(Client {
+            reader: BufReader::new(reader),
+            writer: Box::new(writer),
+        })
     }
 
     /// Sends `req` and waits for the answer, read as `T`: the type the request returns

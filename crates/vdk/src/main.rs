@@ -4,7 +4,6 @@
 
 mod cli;
 mod cloud;
-#[cfg(target_os = "linux")]
 mod daemon;
 mod front;
 mod paths;

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
+#[cfg(unix)]
+use anyhow::Context;
 
 /// Where a daemon keeps its sockets, its FUSE export and its log: the directory of its
 /// control socket.
@@ -25,6 +27,7 @@ pub struct Paths {
 
 impl Paths {
     /// The paths of the daemon whose control socket is `socket`, or the default one.
+    #[cfg(unix)]
     pub fn new(socket: Option<&Path>) -> anyhow::Result<Paths> {
         let socket = match socket {
             Some(s) => absolute(s)?,
@@ -34,16 +37,47 @@ impl Paths {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("/"));
-        Ok(Paths {
+        Ok(Paths::in_dir(dir, socket))
+    }
+
+    /// The paths of the daemon whose control pipe is `socket` (`\\.\pipe\NAME`), or the
+    /// default one (`\\.\pipe\vdk-USER`). Its directory is `%LOCALAPPDATA%\vdk`, or
+    /// `%LOCALAPPDATA%\vdk\NAME` for a pipe of another name.
+    #[cfg(windows)]
+    pub fn new(socket: Option<&Path>) -> anyhow::Result<Paths> {
+        const PREFIX: &str = r"\\.\pipe\";
+        let Some(socket) = socket else {
+            let user = vdk_core::sys::user_name();
+            return Ok(Paths::in_dir(
+                default_dir()?,
+                PathBuf::from(format!("{PREFIX}vdk-{user}")),
+            ));
+        };
+        let text = socket.to_string_lossy();
+        let Some(name) = text
+            .strip_prefix(PREFIX)
+            .filter(|n| !n.is_empty() && !n.contains('\\'))
+        else {
+            bail!("--socket {text}: on Windows the daemon listens on a named pipe, {PREFIX}NAME");
+        };
+        Ok(Paths::in_dir(
+            default_dir()?.join(name),
+            socket.to_path_buf(),
+        ))
+    }
+
+    fn in_dir(dir: PathBuf, socket: PathBuf) -> Paths {
+        Paths {
             nbd_socket: dir.join("nbd.sock"),
             fuse: dir.join("disks"),
             log: dir.join("daemon.log"),
             socket,
             dir,
-        })
+        }
     }
 }
 
+#[cfg(unix)]
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
 }
@@ -65,6 +99,15 @@ fn default_dir() -> anyhow::Result<PathBuf> {
 fn default_dir() -> anyhow::Result<PathBuf> {
     match std::env::var_os("LOCALAPPDATA") {
         Some(d) if !d.is_empty() => Ok(PathBuf::from(d).join("vdk")),
-        _ => bail!("LOCALAPPDATA is not set: give the control socket with --socket PATH"),
+        _ => bail!("LOCALAPPDATA is not set: the daemon keeps its log and records there"),
     }
+}
+
+/// The canonical form of `p` (symbolic links resolved, absolute); on Windows without the
+/// `\\?\` prefix where the path does not need it, as users write paths.
+pub fn canonical(p: &Path) -> std::io::Result<PathBuf> {
+    #[cfg(windows)]
+    return dunce::canonicalize(p);
+    #[cfg(not(windows))]
+    return std::fs::canonicalize(p);
 }

@@ -64,9 +64,39 @@ fn wine() -> &'static Wine {
             prefix: target.join("wine-prefix"),
         };
         // The prefix is made by the first program Wine runs.
-        run(&mut wine.vdk(&["--version"]));
+        ok(&mut wine.vdk(&["--version"]));
         wine
     })
+}
+
+/// Runs a Wine command to its end; its output through files, not pipes: the Wine services the
+/// first command of a session starts (wineserver, winedevice) inherit its descriptors and
+/// would hold a pipe open long after the command is done.
+fn out(cmd: &mut Command) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    let status = cmd
+        .stdout(std::fs::File::create(&o).unwrap())
+        .stderr(std::fs::File::create(&e).unwrap())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    Output {
+        status,
+        stdout: std::fs::read(&o).unwrap(),
+        stderr: std::fs::read(&e).unwrap(),
+    }
+}
+
+/// [`out`], which must succeed; its standard output.
+fn ok(cmd: &mut Command) -> String {
+    let o = out(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}): {}",
+        o.status,
+        text(&o)
+    );
+    String::from_utf8(o.stdout).unwrap()
 }
 
 impl Wine {
@@ -164,7 +194,7 @@ fn write_pattern(format: &str, target: &str) {
 fn nbd_from_vdk_exe_is_a_disk_linux_clients_read_and_write() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
-    let out = stdout(&mut wine().vdk(&["create", &win(&image), "64M"]));
+    let out = ok(&mut wine().vdk(&["create", &win(&image), "64M"]));
     assert!(out.contains("created"), "{out}");
     let (serving, port) = serve(dir.path(), &[&win(&image)], "tcp", &[]);
     let uri = format!("nbd://127.0.0.1:{port}/disk.qcow2");
@@ -206,7 +236,7 @@ fn a_raw_image_under_vdk_exe_trims_and_zeroes_to_what_qemu_writes() {
     // system answers neither: either way every byte must be what qemu-io wrote.
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
-    run(&mut wine().vdk(&["create", &win(&image), "64M"]));
+    ok(&mut wine().vdk(&["create", &win(&image), "64M"]));
     let (serving, port) = serve(dir.path(), &[&win(&image)], "tcp", &[]);
     let reference = dir.path().join("reference.raw");
     run(Command::new("truncate").args(["-s", "64M", s(&reference)]));
@@ -260,23 +290,23 @@ fn writes_redirected_to_an_overlay_by_vdk_exe_are_committed_or_discarded() {
         ctrl_c(serving, d);
         qemu_io("raw", s(&base), &["read -P 0x11 0 4M"]);
         if round == 0 {
-            let out = stdout(&mut wine().vdk(&["discard", &win(&overlay)]));
+            let out = ok(&mut wine().vdk(&["discard", &win(&overlay)]));
             assert!(out.contains("discard"), "{out}");
         }
     }
     // A snapshot chains a new overlay on top, recording the Windows path of the one below:
     // vdk.exe reads the chain through to the base.
     let top = d.join("top.qcow2");
-    run(&mut wine().vdk(&["snapshot", &win(&overlay), &win(&top)]));
+    ok(&mut wine().vdk(&["snapshot", &win(&overlay), &win(&top)]));
     let flat = d.join("flat.raw");
-    run(&mut wine().vdk(&["convert", &win(&top), &win(&flat)]));
+    ok(&mut wine().vdk(&["convert", &win(&top), &win(&flat)]));
     qemu_io(
         "raw",
         s(&flat),
         &["read -P 0x11 0 1M", "read -P 0x33 1M 1M"],
     );
     std::fs::remove_file(&top).unwrap();
-    let out = stdout(&mut wine().vdk(&["commit", &win(&overlay)]));
+    let out = ok(&mut wine().vdk(&["commit", &win(&overlay)]));
     assert!(out.contains("commit"), "{out}");
     qemu_io(
         "raw",
@@ -295,7 +325,7 @@ fn object_storage_disks_from_vdk_exe() {
     let s3 = common::s3::S3::moto();
     let url = s3.url("windisk");
     let cache = tempfile::tempdir().unwrap();
-    run(wine()
+    ok(wine()
         .vdk(&["create", &url, "64M", "--chunk-size", "1M"])
         .envs(s3.env()));
     let (serving, port) = serve(
@@ -319,7 +349,7 @@ fn object_storage_disks_from_vdk_exe() {
 fn iscsi_from_vdk_exe_gives_a_disk_and_a_cd_rom() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
-    run(&mut wine().vdk(&["create", &win(&image), "32M"]));
+    ok(&mut wine().vdk(&["create", &win(&image), "32M"]));
     let iso = common::admin::iso_with_hello(dir.path());
     let (serving, port) = serve(dir.path(), &[&win(&image), &win(&iso)], "iscsi", &[]);
     need("iscsi-ls");
@@ -411,7 +441,7 @@ fn tls_from_vdk_exe_serves_only_tls_clients() {
 fn image_commands_of_vdk_exe_work_on_windows_paths() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let vdk = |args: &[&str]| stdout(&mut wine().vdk(args));
+    let vdk = |args: &[&str]| ok(&mut wine().vdk(args));
     // Each format vdk.exe creates is what qemu-img sees.
     for (name, format) in [
         ("a.raw", "raw"),
@@ -450,11 +480,7 @@ fn image_commands_of_vdk_exe_work_on_windows_paths() {
     vdk(&["convert", &win(&qcow2), &win(&vhdx)]);
     run(Command::new("qemu-img").args(["check", s(&vhdx)]));
     run(Command::new("qemu-img").args(["compare", s(&qcow2), s(&vhdx)]));
-    let same = wine()
-        .vdk(&["compare", &win(&qcow2), &win(&vhdx)])
-        .output()
-        .unwrap()
-        .status;
+    let same = out(&mut wine().vdk(&["compare", &win(&qcow2), &win(&vhdx)])).status;
     assert_eq!(same.code(), Some(0));
     // resize grows it; qemu-img sees the new size and the old data.
     vdk(&["resize", &win(&qcow2), "96M"]);
@@ -468,17 +494,9 @@ fn image_commands_of_vdk_exe_work_on_windows_paths() {
     run(Command::new("qemu-img").args(["check", s(&qcow2)]));
     // As qemu-img compare: the larger one's zeroes past the smaller's end are the same,
     // unless --strict.
-    let grown = wine()
-        .vdk(&["compare", &win(&qcow2), &win(&vhdx)])
-        .output()
-        .unwrap()
-        .status;
+    let grown = out(&mut wine().vdk(&["compare", &win(&qcow2), &win(&vhdx)])).status;
     assert_eq!(grown.code(), Some(0));
-    let strict = wine()
-        .vdk(&["compare", "--strict", &win(&qcow2), &win(&vhdx)])
-        .output()
-        .unwrap()
-        .status;
+    let strict = out(&mut wine().vdk(&["compare", "--strict", &win(&qcow2), &win(&vhdx)])).status;
     assert_eq!(
         strict.code(),
         Some(1),
@@ -486,29 +504,128 @@ fn image_commands_of_vdk_exe_work_on_windows_paths() {
     );
 }
 
+/// A control pipe of the test's own.
+fn pipe(tag: &str) -> String {
+    format!(r"\\.\pipe\vdk-test-{tag}-{}", std::process::id())
+}
+
+/// `vdk.exe ARGS --socket PIPE --json`, parsed.
+fn ask(pipe: &str, args: &[&str]) -> serde_json::Value {
+    let out = ok(&mut wine().vdk(&[args, &["--socket", pipe, "--json"]].concat()));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
 #[test]
-fn daemon_commands_of_vdk_exe_say_the_daemon_is_not_there_yet() {
+fn the_daemon_under_wine_opens_serves_ejects_and_closes_disks() {
     let dir = tempfile::tempdir().unwrap();
-    let img = win(&dir.path().join("x.img"));
-    let open = wine().vdk(&["open", &img, "16M"]).output().unwrap();
-    assert!(!open.status.success());
-    let said = String::from_utf8_lossy(&open.stderr);
-    assert_eq!(said.trim().lines().count(), 1, "{said}");
-    assert!(said.contains("does not run on this system yet"), "{said}");
-    assert!(said.contains("vdk serve"), "{said}");
+    let d = dir.path();
+    let pipe = pipe("disks");
+    let (nbd, iscsi) = (free_port(), free_port());
+    let log = std::fs::File::create(d.join("daemon.log")).unwrap();
+    let mut daemon = Guard(Some(
+        wine()
+            .vdk(&["daemon", "--socket", &pipe])
+            .args(["--listen", &format!("tcp://127.0.0.1:{nbd}")])
+            .args(["--listen", &format!("iscsi://127.0.0.1:{iscsi}")])
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    ));
+    let daemon_log = || std::fs::read_to_string(d.join("daemon.log")).unwrap_or_default();
+    wait_for(60, "the daemon's pipe", || {
+        assert!(daemon.try_wait().unwrap().is_none(), "{}", daemon_log());
+        out(&mut wine().vdk(&["list", "--socket", &pipe]))
+            .status
+            .success()
+    });
+    // A new image, created by the daemon, written over NBD.
+    let image = d.join("data.img");
+    let disk = ask(&pipe, &["open", &win(&image), "64M"]);
+    let id = disk["id"].as_str().unwrap().to_owned();
+    assert_eq!(disk["attach"], "none", "{disk}");
+    let uri = disk["nbd"][0].as_str().unwrap().to_owned();
     assert!(
-        !dir.path().join("x.img").exists(),
-        "open made an image it cannot serve"
+        uri.starts_with(&format!("nbd://127.0.0.1:{nbd}/")),
+        "{disk}"
     );
+    qemu_io("raw", &uri, &["write -P 0x5c 1M 2M", "flush"]);
+    // An ISO as a CD-ROM LUN; a disc ejected and another put in.
+    let iso = common::admin::iso_with_hello(d);
+    let other = d.join("other.iso");
+    std::fs::copy(&iso, &other).unwrap();
+    // The same disc, but for its last sector (past the file system's data).
+    let last = std::fs::metadata(&other).unwrap().len() - 2048;
+    qemu_io("raw", s(&other), &[&format!("write -P 0x21 {last} 2k")]);
+    let cd = ask(&pipe, &["open", &win(&iso), "--iscsi"]);
+    let cd_id = cd["id"].as_str().unwrap().to_owned();
+    let lun = cd["iscsi"][0].as_str().unwrap().to_owned();
+    assert!(
+        lun.starts_with(&format!("iscsi://127.0.0.1:{iscsi}/")),
+        "{cd}"
+    );
+    let listed =
+        stdout(Command::new("iscsi-ls").args(["-s", &format!("iscsi://127.0.0.1:{iscsi}")]));
+    assert!(listed.contains("Type:MMC"), "{listed}");
+    let list = ask(&pipe, &["list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    let ejected = ask(&pipe, &["eject", &cd_id]);
+    assert_eq!(ejected["ejected"], true, "{ejected}");
+    ask(&pipe, &["insert", &cd_id, &win(&other)]);
+    let read_back = d.join("read-back.iso");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw", &lun, s(&read_back)]));
+    // What Windows has no block device for is refused in one line.
+    for (args, said) in [
+        (vec!["--attach", "fuse-loop"], "fuse-loop"),
+        (vec!["--mkfs", "ntfs"], "block device"),
+    ] {
+        let out = out(&mut wine().vdk(
+            &[
+                &["open", &win(&d.join("x.img")), "16M", "--socket", &pipe][..],
+                &args,
+            ]
+            .concat(),
+        ));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(said),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    // Closed, flushed, and the daemon stopped by request.
+    ask(&pipe, &["close", &id]);
+    ok(&mut wine().vdk(&["daemon", "--stop", "--socket", &pipe]));
+    let status = exit_within(&mut daemon, 30).expect("the daemon stops");
+    assert!(status.success(), "{status}: {}", daemon_log());
+    qemu_io("raw", s(&image), &["read -P 0x5c 1M 2M", "read -P 0 0 1M"]);
+    same_raw(s(&other), s(&read_back));
+}
+
+#[test]
+fn vdk_exe_open_starts_its_daemon_and_ctrl_c_would_not_reach_it() {
+    // The daemon `vdk open` starts lives on in the background (its own process group, no
+    // console) on the default NBD port, until `vdk daemon --stop`.
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = pipe("auto");
+    let image = dir.path().join("auto.img");
+    let disk = ask(&pipe, &["open", &win(&image), "16M"]);
+    let uri = disk["nbd"][0].as_str().unwrap().to_owned();
+    assert!(uri.starts_with("nbd://127.0.0.1:10809/"), "{disk}");
+    qemu_io("raw", &uri, &["write -P 0x3d 0 1M", "flush"]);
+    let list = ask(&pipe, &["list"]);
+    assert_eq!(list[0]["id"], disk["id"], "{list}");
+    ok(&mut wine().vdk(&["daemon", "--stop", "--socket", &pipe]));
+    // Stopped: the disk was closed and flushed, nothing answers on the pipe.
+    qemu_io("raw", s(&image), &["read -P 0x3d 0 1M"]);
+    let gone = out(&mut wine().vdk(&["list", "--socket", &pipe]));
+    assert!(gone.status.success(), "{}", text(&gone));
+    assert!(String::from_utf8_lossy(&gone.stdout).contains("no disks open"));
     // The FUSE file systems are Linux's: not a command there at all.
-    let fs = wine().vdk(&["fs", "list"]).output().unwrap();
+    let fs = out(&mut wine().vdk(&["fs", "list"]));
     assert!(!fs.status.success());
     assert!(
         String::from_utf8_lossy(&fs.stderr).contains("unrecognized subcommand"),
         "{}",
         text(&fs)
     );
-    // Nothing is open where no daemon runs.
-    let list = wine().vdk(&["list"]).output().unwrap();
-    assert!(list.status.success(), "{}", text(&list));
 }

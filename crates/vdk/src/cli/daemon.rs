@@ -2,8 +2,6 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -26,7 +24,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 #[command(after_help = "\
 The daemon starts by itself when `vdk open` needs it; run it by hand for systemd or a
 container. It serves every open disk over NBD (by default on nbd.sock beside the control
-socket) and stops on SIGTERM or SIGINT, closing every disk as `vdk close` does.")]
+socket; on Windows tcp://127.0.0.1:10809) and stops on SIGTERM or SIGINT (Ctrl-C), closing
+every disk as `vdk close` does.")]
 pub struct DaemonArgs {
     /// Where to listen: unix:///PATH or tcp://HOST:PORT for NBD, iscsi://HOST[:PORT] for
     /// iSCSI (default for iSCSI: iscsi://127.0.0.1:3260, started when a disk first asks).
@@ -46,6 +45,7 @@ pub struct DaemonArgs {
     #[arg(long)]
     pub iscsi_all: bool,
     /// Threads answering the FUSE export (requests served in parallel).
+    #[cfg(target_os = "linux")]
     #[arg(long, default_value_t = vdk_attach::fuse::DEFAULT_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub fuse_threads: u16,
@@ -60,6 +60,7 @@ pub struct DaemonArgs {
     /// mounts) on behalf of an unprivileged user. The control and NBD sockets become that
     /// user's, and every path in the user's requests is checked against the user's own
     /// rights.
+    #[cfg(target_os = "linux")]
     #[arg(long, value_name = "USER")]
     pub owner: Option<String>,
     #[command(flatten)]
@@ -87,8 +88,12 @@ impl DaemonArgs {
                 )?,
                 all: self.iscsi_all,
             },
+            #[cfg(target_os = "linux")]
             fuse_threads: usize::from(self.fuse_threads),
+            #[cfg(target_os = "linux")]
             owner: self.owner.as_deref().map(user_ids).transpose()?,
+            #[cfg(not(target_os = "linux"))]
+            owner: None,
         })
     }
 }
@@ -103,6 +108,7 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
 }
 
 /// The uid and primary gid of `user` (a name from /etc/passwd, or a number).
+#[cfg(target_os = "linux")]
 fn user_ids(user: &str) -> anyhow::Result<(u32, u32)> {
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     let found = passwd.lines().find_map(|l| {
@@ -121,27 +127,34 @@ fn user_ids(user: &str) -> anyhow::Result<(u32, u32)> {
 /// Starts `vdk daemon` in the background, logging to `daemon.log` beside its socket, and
 /// waits until it answers.
 pub fn start(paths: &Paths) -> anyhow::Result<Client> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&paths.dir)
+    let mut dir = fs::DirBuilder::new();
+    dir.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
+    dir.create(&paths.dir)
         .with_context(|| format!("cannot create {}", paths.dir.display()))?;
     let log = super::log::open_log(&paths.log)
         .with_context(|| format!("cannot write the daemon log {}", paths.log.display()))?;
     let exe = std::env::current_exe().context("cannot find the vdk executable")?;
-    let mut child = Command::new(exe)
-        .arg("daemon")
+    let mut cmd = Command::new(exe);
+    cmd.arg("daemon")
         .arg("--socket")
         .arg(&paths.socket)
         .arg("--log")
         .arg(&paths.log)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log)
-        // Its own process group: a Ctrl-C meant for this command does not reach it.
-        .process_group(0)
-        .spawn()
-        .context("cannot start the vdk daemon")?;
+        .stderr(log);
+    // Its own process group: a Ctrl-C meant for this command does not reach it.
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    // On Windows, and no console of its own either.
+    #[cfg(windows)]
+    std::os::windows::process::CommandExt::creation_flags(
+        &mut cmd,
+        CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW,
+    );
+    let mut child = cmd.spawn().context("cannot start the vdk daemon")?;
     let started = Instant::now();
     loop {
         if let Ok(mut c) = Client::connect(&paths.socket) {
@@ -190,7 +203,7 @@ fn stop(paths: &Paths) -> anyhow::Result<()> {
     // The daemon closes its disks, then its socket: wait for that, so that a script can
     // rely on everything being closed when this returns.
     let started = Instant::now();
-    while paths.socket.exists() {
+    while !gone(paths) {
         if started.elapsed() > Duration::from_secs(60) {
             bail!("the vdk daemon is still running after 60s");
         }
@@ -198,3 +211,22 @@ fn stop(paths: &Paths) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Whether the daemon's control socket is gone (it removes it last).
+#[cfg(unix)]
+fn gone(paths: &Paths) -> bool {
+    !paths.socket.exists()
+}
+
+/// Whether the daemon's control pipe is gone (with the process).
+#[cfg(windows)]
+fn gone(paths: &Paths) -> bool {
+    matches!(Client::connect(&paths.socket), Err(e) if e.kind() == io::ErrorKind::NotFound)
+}
+
+/// `CREATE_NEW_PROCESS_GROUP`: Ctrl-C in the console that started it does not reach it.
+#[cfg(windows)]
+const CREATE_NEW_PROCESS_GROUP: u32 = 0x0000_0200;
+/// `CREATE_NO_WINDOW`: a background process with no console window.
+#[cfg(windows)]
+const CREATE_NO_WINDOW: u32 = 0x0800_0000;

@@ -1,6 +1,5 @@
 //! `vdk open`, `close`, `list`, `mount`, `unmount`: clients of the daemon.
 
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -45,19 +44,8 @@ pub(super) fn try_connect(paths: &Paths) -> anyhow::Result<Option<Client>> {
 }
 
 /// Starts `vdk daemon` in the background and waits until it answers.
-#[cfg(target_os = "linux")]
 fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
     super::daemon::start(paths)
-}
-
-/// The daemon does not run on this system yet: says what does.
-#[cfg(not(target_os = "linux"))]
-fn start_daemon(paths: &Paths) -> anyhow::Result<Client> {
-    bail!(
-        "no vdk daemon on {}: the daemon does not run on this system yet; serve the image with \
-         `vdk serve IMAGE --listen iscsi://127.0.0.1` and log the iSCSI initiator in",
-        paths.socket.display()
-    )
 }
 
 /// Sends one request and reads its answer as `T`; an error answer becomes the command's error.
@@ -347,7 +335,7 @@ pub struct CloseArgs {
 pub(crate) fn disk_key(arg: &str) -> anyhow::Result<String> {
     let p = Path::new(arg);
     if p.exists() {
-        let p = fs::canonicalize(p).unwrap_or(absolute(p)?);
+        let p = crate::paths::canonical(p).unwrap_or(absolute(p)?);
         return Ok(p.to_string_lossy().into_owned());
     }
     Ok(arg.to_owned())

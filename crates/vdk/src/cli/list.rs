@@ -310,8 +310,9 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
     // File systems and drives of `vdk fs`, under the disks (`vdk fs list` has them alone);
     // a CD-ROM's own browser is its disk's mount already.
     let mut filesystems: Vec<FsStatus> = match &mut client {
-        Some(c) => call(c, &Request::FsList)?,
-        None => Vec::new(),
+        // (None on Windows: no FUSE there.)
+        Some(c) if cfg!(target_os = "linux") => call(c, &Request::FsList)?,
+        _ => Vec::new(),
     };
     filesystems.retain(|f| !disks.iter().any(|d| d.mount.as_ref() == Some(&f.dir)));
     if disks.is_empty() && !args.no_headers {

@@ -2,7 +2,6 @@
 
 mod compare;
 mod convert;
-#[cfg(target_os = "linux")]
 mod daemon;
 mod disks;
 #[cfg(target_os = "linux")]
@@ -41,7 +40,8 @@ pub struct Cli {
 #[command(next_help_heading = "Daemon")]
 pub struct SocketArg {
     /// The daemon's control socket (default: /run/vdk/control.sock for root,
-    /// $XDG_RUNTIME_DIR/vdk/control.sock for other users).
+    /// $XDG_RUNTIME_DIR/vdk/control.sock for other users; on Windows a named pipe,
+    /// \\.\pipe\vdk-USER).
     #[arg(long, env = "VDK_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
 }
@@ -75,7 +75,6 @@ enum Command {
     /// Unmount an open disk's file system; the disk stays open.
     Unmount(disks::CloseArgs),
     /// Run the daemon that owns open disks, in the foreground.
-    #[cfg(target_os = "linux")]
     Daemon(daemon::DaemonArgs),
     /// Create an image (qcow2, raw, vhd or vhdx; or a disk in object storage), optionally
     /// over a backing image.
@@ -131,7 +130,6 @@ impl Cli {
     /// The file a daemon logs to, when told to (`vdk daemon --log FILE`); stderr otherwise.
     pub fn log_file(&self) -> Option<&Path> {
         match &self.command {
-            #[cfg(target_os = "linux")]
             Command::Daemon(args) => args.log.as_deref(),
             _ => None,
         }
@@ -147,7 +145,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => list::list(args),
         Command::Mount(args) => disks::mount(args),
         Command::Unmount(args) => disks::unmount(args),
-        #[cfg(target_os = "linux")]
         Command::Daemon(args) => daemon::run(&args),
         Command::Create(args) => image::create(args),
         Command::Info(args) => info::info(args, &env_paths()?),
@@ -177,7 +174,7 @@ pub(crate) fn open_disk(
     let mut client = crate::control::Client::connect(&paths.socket).ok()?;
     let disks: Vec<crate::control::DiskStatus> =
         client.call(&crate::control::Request::List).ok()?.ok()?;
-    let file = std::fs::canonicalize(file).ok()?;
+    let file = crate::paths::canonical(file).ok()?;
     let overlay = format!("overlay={}", file.display());
     disks
         .into_iter()

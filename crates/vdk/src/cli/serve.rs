@@ -193,7 +193,7 @@ fn open(
 
 fn base_file(path: &Path, format: Format) -> anyhow::Result<vdk_filters::cow::BaseFile> {
     Ok(vdk_filters::cow::BaseFile {
-        path: std::fs::canonicalize(path)?,
+        path: crate::paths::canonical(path)?,
         format,
     })
 }

@@ -4,13 +4,78 @@ use tracing::{info, warn};
 use vdk_core::sync::lock;
 
 use super::disks::Disk;
-use super::{mount, Daemon};
+#[cfg(target_os = "linux")]
+use super::mount;
+use super::Daemon;
 use crate::control::{ApiError, DiskStatus, ErrorKind};
 
 impl Daemon {
     /// Unmounts, detaches, withdraws the exports and flushes. With `force`, a busy mount is
     /// detached lazily and the disk refuses everything still queued.
     pub(super) fn tear_down(&self, disk: &Disk, force: bool) -> Result<(), ApiError> {
+        #[cfg(target_os = "linux")]
+        self.unmount_all_of(disk, force)?;
+        // Nothing mounted by vdk to force off elsewhere.
+        #[cfg(not(target_os = "linux"))]
+        let _ = force;
+        self.detach(disk);
+        if let Some(l) = lock(&disk.iscsi).take() {
+            self.iscsi.withdraw(&l);
+        }
+        self.nbd.withdraw(&disk.export);
+        disk.device.close();
+        disk.device.flush_backend().map_err(|e| {
+            ApiError::new(
+                ErrorKind::Io,
+                format!("flushing {}: {e}", lock(&disk.medium).image.display()),
+            )
+        })
+    }
+
+    /// Closes a disk: unmount (sync first), detach, stop the export, flush, release.
+    pub(super) fn close(&self, key: &str, force: bool) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.disks.find(key)?;
+        let status = self.status(&disk);
+        let torn = self.tear_down(&disk, force);
+        // Detached or not, a disk that got this far is no longer served: forget it, unless
+        // the unmount was refused (then nothing changed).
+        if matches!(&torn, Err(e) if e.kind == ErrorKind::Busy) {
+            return torn.map(|()| status);
+        }
+        self.disks.remove(&disk.id);
+        info!(id = %disk.id, "disk closed");
+        torn.map(|()| status)
+    }
+
+    /// Closes every disk (forcing busy ones: the daemon is going away) and the FUSE export.
+    pub(super) fn close_all(&self) {
+        #[cfg(target_os = "linux")]
+        self.fs.unmount_all();
+        let _one_at_a_time = lock(&self.changing);
+        for d in self.disks.all() {
+            let closed = match self.tear_down(&d, false) {
+                Err(e) if e.kind == ErrorKind::Busy => {
+                    warn!(id = %d.id, "{}; closing it anyway", e.message);
+                    self.tear_down(&d, true)
+                }
+                r => r,
+            };
+            match closed {
+                Ok(()) => info!(id = %d.id, "disk closed"),
+                Err(e) => warn!(id = %d.id, error = %e.message, "disk closed with an error"),
+            }
+            self.disks.remove(&d.id);
+        }
+        #[cfg(target_os = "linux")]
+        self.attacher.stop();
+        self.iscsi.stop();
+    }
+
+    /// Unmounts what is mounted on a disk and the ISO browsers reading it; with `force`, busy
+    /// ones lazily, and the disk refuses what they still send.
+    #[cfg(target_os = "linux")]
+    fn unmount_all_of(&self, disk: &Disk, force: bool) -> Result<(), ApiError> {
         let mount = lock(&disk.state).mount.clone();
         for dir in self.fs.on_disk(&disk.id) {
             if mount.as_ref() == Some(&dir) {
@@ -44,55 +109,6 @@ impl Daemon {
             }
             lock(&disk.state).mount = None;
         }
-        self.detach(disk);
-        if let Some(l) = lock(&disk.iscsi).take() {
-            self.iscsi.withdraw(&l);
-        }
-        self.nbd.withdraw(&disk.export);
-        disk.device.close();
-        disk.device.flush_backend().map_err(|e| {
-            ApiError::new(
-                ErrorKind::Io,
-                format!("flushing {}: {e}", lock(&disk.medium).image.display()),
-            )
-        })
-    }
-
-    /// Closes a disk: unmount (sync first), detach, stop the export, flush, release.
-    pub(super) fn close(&self, key: &str, force: bool) -> Result<DiskStatus, ApiError> {
-        let _one_at_a_time = lock(&self.changing);
-        let disk = self.disks.find(key)?;
-        let status = self.status(&disk);
-        let torn = self.tear_down(&disk, force);
-        // Detached or not, a disk that got this far is no longer served: forget it, unless
-        // the unmount was refused (then nothing changed).
-        if matches!(&torn, Err(e) if e.kind == ErrorKind::Busy) {
-            return torn.map(|()| status);
-        }
-        self.disks.remove(&disk.id);
-        info!(id = %disk.id, "disk closed");
-        torn.map(|()| status)
-    }
-
-    /// Closes every disk (forcing busy ones: the daemon is going away) and the FUSE export.
-    pub(super) fn close_all(&self) {
-        self.fs.unmount_all();
-        let _one_at_a_time = lock(&self.changing);
-        for d in self.disks.all() {
-            let closed = match self.tear_down(&d, false) {
-                Err(e) if e.kind == ErrorKind::Busy => {
-                    warn!(id = %d.id, "{}; closing it anyway", e.message);
-                    self.tear_down(&d, true)
-                }
-                r => r,
-            };
-            match closed {
-                Ok(()) => info!(id = %d.id, "disk closed"),
-                Err(e) => warn!(id = %d.id, error = %e.message, "disk closed with an error"),
-            }
-            self.disks.remove(&d.id);
-        }
-        self.attacher.stop();
-        self.iscsi.stop();
+        Ok(())
     }
 }

@@ -1,11 +1,11 @@
 //! The open disks: what each one is, and the table of them by id.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+#[cfg(target_os = "linux")]
 use vdk_attach::Attached;
 use vdk_core::sync::lock;
 
@@ -18,6 +18,7 @@ use crate::control::{ApiError, Attach, ErrorKind};
 #[derive(Debug, Default)]
 pub struct Attachment {
     /// Its block device, while attached.
+    #[cfg(target_os = "linux")]
     pub attached: Option<Box<dyn Attached>>,
     /// The block device's path.
     pub block_device: Option<PathBuf>,
@@ -83,6 +84,7 @@ impl Disk {
     }
 
     /// The block device, or why there is none.
+    #[cfg(target_os = "linux")]
     pub fn block_device(&self) -> Result<PathBuf, ApiError> {
         lock(&self.state).block_device.clone().ok_or_else(|| {
             ApiError::invalid(format!(
@@ -108,7 +110,7 @@ impl Disks {
         if let Some(d) = table.get(key) {
             return Ok(Arc::clone(d));
         }
-        let path = fs::canonicalize(key).unwrap_or_else(|_| PathBuf::from(key));
+        let path = crate::paths::canonical(Path::new(key)).unwrap_or_else(|_| PathBuf::from(key));
         table
             .values()
             .find(|d| d.is(&path))

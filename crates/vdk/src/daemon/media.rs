@@ -85,7 +85,7 @@ impl Daemon {
                 image.display()
             )));
         }
-        let canonical = std::fs::canonicalize(image)
+        let canonical = crate::paths::canonical(image)
             .map_err(|e| ApiError::io(format!("cannot open {}", image.display()), &e))?;
         let shown = canonical.display().to_string();
         let opened = vdk_formats::open(

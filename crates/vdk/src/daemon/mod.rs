@@ -1,9 +1,12 @@
 //! `vdk daemon`: owns every open disk and its front ends (NBD export, iSCSI LUN, block device,
-//! mounts), and answers the control API on a Unix socket.
+//! mounts), and answers the control API on a Unix socket (a named pipe on Windows, where
+//! block devices, mounts and the FUSE file systems are not: `attach_windows.rs`,
+//! `access_windows.rs`).
 //!
 //! The model, in three layers:
 //!
 //! ```text
+//!   channel.rs    the control socket or pipe, listening
 //!   requests.rs   a control connection: who asks (access.rs), a typed Request, a typed Reply
 //!        │
 //!   Daemon        one method per request (open.rs, close.rs, attach.rs, overlay.rs,
@@ -22,27 +25,32 @@
 //! servers and the FUSE exports have their own. Requests that change disks run one at a time
 //! (`changing`); `list` never waits for them.
 
+#[cfg_attr(windows, path = "access_windows.rs")]
 mod access;
+#[cfg_attr(windows, path = "attach_windows.rs")]
 mod attach;
+#[cfg(target_os = "linux")]
 mod attacher;
+mod channel;
 mod close;
+#[cfg(target_os = "linux")]
 mod dir;
 mod disks;
 mod iscsi;
 mod media;
+#[cfg(target_os = "linux")]
 pub mod mount;
 mod nbd;
 mod open;
 mod overlay;
 mod recipe;
+#[cfg(target_os = "linux")]
 pub mod recover;
 mod requests;
 pub mod tracked;
+#[cfg(target_os = "linux")]
 mod userfs;
 
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,10 +59,13 @@ use std::thread;
 use anyhow::{bail, Context};
 use tracing::{debug, info, warn};
 use vdk_core::sync::lock;
-use vdk_nbd::{Listener, Server};
+#[cfg(target_os = "linux")]
+use vdk_nbd::Listener;
+use vdk_nbd::Server;
 
 use crate::control::{ApiError, DiskStatus, StatsReport};
 pub use crate::paths::Paths;
+#[cfg(target_os = "linux")]
 pub use dir::{dir_mode, own_dir};
 use disks::{Disk, Disks};
 pub use iscsi::Settings as IscsiSettings;
@@ -72,6 +83,7 @@ pub struct Config {
     /// How disks are served over iSCSI.
     pub iscsi: IscsiSettings,
     /// Threads answering the FUSE export.
+    #[cfg(target_os = "linux")]
     pub fuse_threads: usize,
     /// The uid and gid of the user served besides the daemon's own (`--owner`).
     pub owner: Option<(u32, u32)>,
@@ -84,7 +96,9 @@ pub struct Daemon {
     disks: Disks,
     nbd: nbd::NbdFront,
     iscsi: iscsi::Front,
+    #[cfg(target_os = "linux")]
     attacher: attacher::Attacher,
+    #[cfg(target_os = "linux")]
     fs: userfs::Filesystems,
     /// Held by requests that change disks, so that they run one at a time.
     changing: Mutex<()>,
@@ -99,7 +113,9 @@ impl Daemon {
             disks: Disks::default(),
             nbd,
             iscsi: iscsi::Front::new(config.iscsi.clone()),
+            #[cfg(target_os = "linux")]
             attacher: attacher::Attacher::new(paths.fuse.clone(), config.fuse_threads),
+            #[cfg(target_os = "linux")]
             fs: userfs::Filesystems::new(paths.clone()),
             changing: Mutex::new(()),
             recovered,
@@ -162,6 +178,7 @@ impl Daemon {
 }
 
 /// Hands a socket file to the user the daemon serves.
+#[cfg(target_os = "linux")]
 fn give(path: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<()> {
     if let Some((uid, gid)) = owner {
         rustix::fs::chown(
@@ -174,19 +191,29 @@ fn give(path: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the daemon in the foreground until SIGTERM, SIGINT or a `shutdown` request.
+/// Runs the daemon in the foreground until SIGTERM, SIGINT (Ctrl-C on Windows) or a
+/// `shutdown` request.
 pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<()> {
+    #[cfg(target_os = "linux")]
     own_dir(&paths.dir, dir_mode(config.owner.is_some()))?;
-    let control = bind_control(&paths.socket)?;
+    #[cfg(windows)]
+    std::fs::create_dir_all(&paths.dir)
+        .with_context(|| format!("cannot create {}", paths.dir.display()))?;
+    let mut control = channel::bind(&paths.socket)?;
+    #[cfg(target_os = "linux")]
     give(&paths.socket, config.owner)?;
     // A daemon that died here may have left mounts that no longer answer.
+    #[cfg(target_os = "linux")]
     let recovered = recover::stale_mounts(paths);
+    #[cfg(not(target_os = "linux"))]
+    let recovered = Vec::new();
     if !recovered.is_empty() {
         warn!(
             mounts = recovered.len(),
             "detached what a vdk daemon that died left mounted"
         );
     }
+    #[cfg(target_os = "linux")]
     if rustix::process::geteuid().is_root() {
         // The daemon writes back the pages of the disks it serves: let it allocate memory
         // under pressure instead of waiting for its own writeback (as loop and NBD daemons do).
@@ -195,11 +222,12 @@ pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<()> {
         }
     }
     let uris = if config.nbd_listen.is_empty() {
-        vec![format!("unix://{}", paths.nbd_socket.display())]
+        vec![channel::default_nbd(paths)]
     } else {
         config.nbd_listen.clone()
     };
     let listeners = crate::front::bind_nbd(&uris)?;
+    #[cfg(target_os = "linux")]
     for l in &listeners {
         if let Listener::Unix(_, path) = l {
             give(path, config.owner)?;
@@ -227,10 +255,12 @@ pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<()> {
     })?;
     info!(socket = %paths.socket.display(), pid = std::process::id(), "daemon ready");
     // Under systemd (Type=notify): ready now that requests are answered.
+    #[cfg(target_os = "linux")]
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         warn!(error = %e, "cannot tell the service manager the daemon is ready");
     }
-    for conn in control.incoming() {
+    loop {
+        let conn = control.accept();
         if stopping.load(Ordering::SeqCst) {
             break;
         }
@@ -251,11 +281,12 @@ pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<()> {
         }
     }
     signals.close();
+    #[cfg(target_os = "linux")]
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     daemon.close_all();
     daemon.nbd.stop();
     let nbd = nbd_thread.join();
-    let _ = fs::remove_file(&paths.socket);
+    channel::remove(&paths.socket);
     info!("daemon stopped");
     match nbd {
         Ok(r) => r.context("NBD server"),
@@ -263,25 +294,8 @@ pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<()> {
     }
 }
 
-/// Binds the control socket with mode 0600. A socket file left by a dead daemon is replaced;
-/// a live daemon is not.
-fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            bail!("a vdk daemon is already running on {}", path.display());
-        }
-        fs::remove_file(path)
-            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
-    }
-    let l = UnixListener::bind(path)
-        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    Ok(l)
-}
-
 /// Makes the accept loop end: sets the flag, then wakes it with a connection.
 fn stop(stopping: &AtomicBool, socket: &Path) {
     stopping.store(true, Ordering::SeqCst);
-    let _ = UnixStream::connect(socket);
+    channel::wake(socket);
 }

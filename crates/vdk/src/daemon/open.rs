@@ -16,10 +16,12 @@ use vdk_filters::FilterSpec;
 use vdk_formats::Format;
 
 use super::disks::{disk_id, Disk, Medium};
+#[cfg(target_os = "linux")]
+use super::mount;
 use super::nbd::ExportSpec;
 use super::recipe::{cloud_error, parse_filters, Recipe};
 use super::tracked::Tracked;
-use super::{mount, Daemon, DEFAULT_SIZE};
+use super::{Daemon, DEFAULT_SIZE};
 use crate::control::{ApiError, Attach, DiskStatus, ErrorKind, OpenRequest};
 
 /// Shorthand for the wrong-argument error.
@@ -37,15 +39,26 @@ struct Asked {
 
 impl Asked {
     fn of(req: &OpenRequest) -> Result<Asked, ApiError> {
+        #[cfg(target_os = "linux")]
         let root = rustix::process::geteuid().is_root();
         let attach = match req.attach {
+            #[cfg(target_os = "linux")]
             None if root => Attach::FuseLoop,
             None => Attach::None,
+            #[cfg(target_os = "linux")]
             Some(Attach::FuseLoop) if !root => {
                 return Err(ApiError::new(
                     ErrorKind::Permission,
                     "attaching a block device (fuse-loop) needs root; \
                      use --attach none to serve the disk over NBD only",
+                ))
+            }
+            #[cfg(not(target_os = "linux"))]
+            Some(Attach::FuseLoop) => {
+                return Err(ApiError::new(
+                    ErrorKind::Unsupported,
+                    "fuse-loop block devices are Linux's: on Windows serve the disk with \
+                     --attach none, and --iscsi for Windows' iSCSI initiator",
                 ))
             }
             Some(a) => a,
@@ -56,6 +69,7 @@ impl Asked {
             .map(Format::from_name)
             .transpose()
             .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?;
+        #[cfg(target_os = "linux")]
         if let Some(fs) = &req.mkfs {
             mount::check_fs_type(fs)?;
         }
@@ -192,8 +206,8 @@ impl Daemon {
                         )));
                     }
                 }
-                let canonical =
-                    fs::canonicalize(path).map_err(|e| ApiError::io(format!("{shown}"), &e))?;
+                let canonical = crate::paths::canonical(path)
+                    .map_err(|e| ApiError::io(format!("{shown}"), &e))?;
                 Ok((canonical, false))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -226,8 +240,8 @@ impl Daemon {
                 vdk_formats::create(path, size, &opts)
                     .map_err(|e| ApiError::io(format!("cannot create {shown}"), &e))?;
                 info!(image = %shown, size = %Human(size), %format, "created");
-                let canonical =
-                    fs::canonicalize(path).map_err(|e| ApiError::io(format!("{shown}"), &e))?;
+                let canonical = crate::paths::canonical(path)
+                    .map_err(|e| ApiError::io(format!("{shown}"), &e))?;
                 Ok((canonical, true))
             }
             Err(e) => Err(ApiError::io(format!("cannot open {shown}"), &e)),

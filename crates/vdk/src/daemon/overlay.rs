@@ -11,7 +11,9 @@ use tracing::info;
 use vdk_core::sync::lock;
 
 use super::disks::Disk;
-use super::{mount, Daemon};
+#[cfg(target_os = "linux")]
+use super::mount;
+use super::Daemon;
 use crate::control::{ApiError, CommitReport, ErrorKind, SnapshotReport};
 
 /// Shorthand for the wrong-argument error.
@@ -28,11 +30,13 @@ impl Daemon {
         if let Some(dir) = &st.mount {
             uses.push(format!("mounted on {} (by vdk)", dir.display()));
         }
+        #[cfg(target_os = "linux")]
         for dir in self.fs.on_disk(&disk.id) {
             if st.mount.as_deref() != Some(dir.as_path()) {
                 uses.push(format!("browsed on {} (vdk fs mount)", dir.display()));
             }
         }
+        #[cfg(target_os = "linux")]
         if let Some(dev) = &st.block_device {
             for u in mount::device_uses(dev) {
                 let said = st

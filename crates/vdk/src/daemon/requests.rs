@@ -1,33 +1,40 @@
 //! One control connection: who is asking, each request line parsed, checked against what
 //! that user may do, run, and answered.
 
-use std::io::{self, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{self, BufReader};
 
 use tracing::{debug, info, warn};
 
 use super::access::Caller;
+#[cfg(target_os = "linux")]
 use super::userfs::IsoSource;
-use super::{mount, Daemon};
-use crate::control::{
-    self, ApiError, ErrorKind, FsMountRequest, Reply, Request, Response, VersionInfo,
-};
+use super::Daemon;
+#[cfg(target_os = "linux")]
+use crate::control::FsMountRequest;
+use crate::control::{self, ApiError, ErrorKind, Reply, Request, Response, VersionInfo};
 
 /// Answers requests on one control connection until it closes; `stop` stops the daemon (a
 /// `shutdown` request). `owner` is the user the daemon serves besides its own.
 pub fn serve(
     daemon: &Daemon,
-    conn: UnixStream,
+    conn: super::channel::Conn,
     owner: Option<u32>,
     stop: impl Fn(),
 ) -> io::Result<()> {
-    let mut writer = conn.try_clone()?;
+    let mut writer = super::channel::writer(&conn)?;
     let mut answer = |resp: &Response| -> io::Result<()> {
         let mut out = serde_json::to_vec(resp).map_err(io::Error::other)?;
         out.push(b'\n');
         writer.write_all(&out)
     };
-    let caller = match Caller::of(&conn, owner) {
+    #[cfg(windows)]
+    let caller: io::Result<Caller> = {
+        let _ = owner;
+        Ok(Caller::of(&conn))
+    };
+    #[cfg(unix)]
+    let caller = Caller::of(&conn, owner);
+    let caller = match caller {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "control connection refused");
@@ -37,8 +44,10 @@ pub fn serve(
             )));
         }
     };
-    mount::set_requester(Some(caller.pid));
-    let mut reader = BufReader::new(conn);
+    debug!(pid = caller.pid, uid = caller.uid, "control connection");
+    #[cfg(target_os = "linux")]
+    super::mount::set_requester(Some(caller.pid));
+    let mut reader = BufReader::new(super::channel::reader(conn));
     while let Some(line) = control::read_line(&mut reader)? {
         let too_long = line.is_err();
         let req = line
@@ -107,6 +116,7 @@ impl Daemon {
                 }
             }
         }
+        #[cfg(target_os = "linux")]
         if let Request::FsUnmount(r) = req {
             if let Some(opener) = self.fs.opener(&r.dir) {
                 if !caller.may_manage(opener) {
@@ -138,12 +148,23 @@ impl Daemon {
             Request::Snapshot(r) => Reply::Snapshot(self.snapshot(&r.disk, &r.new, r.force)?),
             Request::Eject(r) => disk(self.eject(&r.disk, r.force)?),
             Request::Insert(r) => disk(self.insert(&r.disk, &r.image)?),
+            #[cfg(not(target_os = "linux"))]
+            Request::FsMount(_) | Request::FsUnmount(_) | Request::FsList | Request::FsMap(_) => {
+                return Err(ApiError::new(
+                    ErrorKind::Unsupported,
+                    "vdk's file systems (the ISO browser, the cloud drive) are FUSE ones: Linux only",
+                ))
+            }
+            #[cfg(target_os = "linux")]
             Request::FsMount(r) => Reply::Fs(self.fs_mount(&r, caller.uid)?),
+            #[cfg(target_os = "linux")]
             Request::FsUnmount(r) => {
                 let _one_at_a_time = vdk_core::sync::lock(&self.changing);
                 Reply::Fs(self.fs.unmount(&r.dir, r.force)?)
             }
+            #[cfg(target_os = "linux")]
             Request::FsList => Reply::Filesystems(self.fs.list(caller)),
+            #[cfg(target_os = "linux")]
             Request::FsMap(r) => {
                 let _one_at_a_time = vdk_core::sync::lock(&self.changing);
                 let who = vdk_drive::Access {
@@ -160,6 +181,7 @@ impl Daemon {
 
     /// Mounts the ISO 9660 file system of `req.source` (an open disk's id or image, or an
     /// image file) on `req.dir`, read-only.
+    #[cfg(target_os = "linux")]
     fn fs_mount(&self, req: &FsMountRequest, opener: u32) -> Result<control::FsStatus, ApiError> {
         let _one_at_a_time = vdk_core::sync::lock(&self.changing);
         let source = match self.disks.find(&req.source) {

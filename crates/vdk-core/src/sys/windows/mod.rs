@@ -10,8 +10,11 @@ use std::time::Duration;
 
 use super::Lock;
 
+mod pipe;
 pub mod proc;
 mod sparse;
+
+pub use pipe::{connect_pipe, PipeConn, PipeListener};
 
 pub use sparse::{allocated_ranges, allocation_size, replace_durably, set_sparse};
 

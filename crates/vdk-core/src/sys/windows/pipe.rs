@@ -1,0 +1,134 @@
+//! Named pipes: the vdk daemon's control channel on Windows, where its Linux twin is a Unix
+//! socket. The pipe keeps Windows' default security (full control to the creator, the
+//! Administrators and SYSTEM; only reading to everyone else, who therefore cannot send a
+//! request) and refuses remote clients.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::windows::ffi::OsStrExt;
+use std::os::windows::io::{AsRawHandle, FromRawHandle, OwnedHandle};
+use std::path::Path;
+use std::ptr;
+use std::time::{Duration, Instant};
+
+use windows_sys::Win32::Foundation::{
+    ERROR_ACCESS_DENIED, ERROR_PIPE_BUSY, ERROR_PIPE_CONNECTED, INVALID_HANDLE_VALUE,
+};
+use windows_sys::Win32::Storage::FileSystem::{FILE_FLAG_FIRST_PIPE_INSTANCE, PIPE_ACCESS_DUPLEX};
+use windows_sys::Win32::System::Pipes::{
+    ConnectNamedPipe, CreateNamedPipeW, GetNamedPipeClientProcessId, PIPE_READMODE_BYTE,
+    PIPE_REJECT_REMOTE_CLIENTS, PIPE_TYPE_BYTE, PIPE_UNLIMITED_INSTANCES, PIPE_WAIT,
+};
+
+/// Bytes each direction buffers.
+const BUFFER: u32 = 64 << 10;
+
+/// A named pipe a server accepts connections on, one pipe instance each.
+#[derive(Debug)]
+pub struct PipeListener {
+    name: Vec<u16>,
+    /// The instance the next client connects to: there is always one, so that the name
+    /// never disappears between two connections.
+    next: OwnedHandle,
+}
+
+/// One accepted connection: the pipe, and the process at the other end.
+#[derive(Debug)]
+pub struct PipeConn {
+    /// The pipe, read and written as a file.
+    pub file: File,
+    /// The client's process id.
+    pub pid: u32,
+}
+
+fn wide(name: &Path) -> Vec<u16> {
+    name.as_os_str().encode_wide().chain([0]).collect()
+}
+
+fn instance(name: &[u16], first: bool) -> io::Result<OwnedHandle> {
+    let flags = PIPE_ACCESS_DUPLEX
+        | if first {
+            FILE_FLAG_FIRST_PIPE_INSTANCE
+        } else {
+            0
+        };
+    // SAFETY: `name` is a NUL-terminated UTF-16 string alive for the call; no security
+    // attributes (the default ones); the handle returned is checked before it is owned.
+    let h = unsafe {
+        CreateNamedPipeW(
+            name.as_ptr(),
+            flags,
+            PIPE_TYPE_BYTE | PIPE_READMODE_BYTE | PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS,
+            PIPE_UNLIMITED_INSTANCES,
+            BUFFER,
+            BUFFER,
+            0,
+            ptr::null(),
+        )
+    };
+    if h == INVALID_HANDLE_VALUE {
+        let e = io::Error::last_os_error();
+        if first && e.raw_os_error() == Some(ERROR_ACCESS_DENIED as i32) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process serves this pipe already",
+            ));
+        }
+        return Err(e);
+    }
+    // SAFETY: a valid handle that nothing else owns.
+    Ok(unsafe { OwnedHandle::from_raw_handle(h) })
+}
+
+impl PipeListener {
+    /// Creates the pipe `name` (`\\.\pipe\NAME`); fails with `AddrInUse` if another process
+    /// has it.
+    pub fn bind(name: &Path) -> io::Result<PipeListener> {
+        let name = wide(name);
+        let next = instance(&name, true)?;
+        Ok(PipeListener { name, next })
+    }
+
+    /// Waits for the next client.
+    pub fn accept(&mut self) -> io::Result<PipeConn> {
+        // SAFETY: `next` is a pipe instance this listener owns; synchronous (no OVERLAPPED).
+        let ok = unsafe { ConnectNamedPipe(self.next.as_raw_handle(), ptr::null_mut()) };
+        if ok == 0 {
+            let e = io::Error::last_os_error();
+            // A client that came between the instance's creation and this call.
+            if e.raw_os_error() != Some(ERROR_PIPE_CONNECTED as i32) {
+                return Err(e);
+            }
+        }
+        let fresh = instance(&self.name, false)?;
+        let conn = std::mem::replace(&mut self.next, fresh);
+        let mut pid = 0u32;
+        // SAFETY: a connected pipe instance; `pid` is a u32 the call fills.
+        unsafe { GetNamedPipeClientProcessId(conn.as_raw_handle(), &mut pid) };
+        Ok(PipeConn {
+            file: File::from(conn),
+            pid,
+        })
+    }
+}
+
+/// Connects to the pipe `name` as a client, waiting up to 2 s while every instance is busy.
+pub fn connect_pipe(name: &Path) -> io::Result<File> {
+    let started = Instant::now();
+    loop {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(name)
+        {
+            Err(e)
+                if e.raw_os_error() == Some(ERROR_PIPE_BUSY as i32)
+                    && started.elapsed() < Duration::from_secs(2) =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}

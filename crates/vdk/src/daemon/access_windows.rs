@@ -1,0 +1,48 @@
+//! Who is asking, on Windows. The control pipe keeps Windows' default security: only its
+//! creator (the daemon's user), the Administrators and SYSTEM may write to it, so everyone
+//! who can send a request has the daemon's rights or more, and nothing else is checked (the
+//! Linux daemon's `--owner` mode, which serves a second user, has no Windows twin yet).
+
+use std::path::PathBuf;
+
+use crate::control::{ApiError, Request};
+
+/// The peer of a control connection.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// No user ids on Windows: 0, as for the daemon's own disks.
+    pub uid: u32,
+    /// Its process id (`GetNamedPipeClientProcessId`).
+    pub pid: u32,
+    /// Always: the pipe admits no one with fewer rights than the daemon's.
+    pub trusted: bool,
+}
+
+impl Caller {
+    /// The client of `conn`.
+    pub fn of(conn: &vdk_core::sys::PipeConn) -> Caller {
+        Caller {
+            uid: 0,
+            pid: conn.pid,
+            trusted: true,
+        }
+    }
+
+    /// Whether this caller may change what `opener` opened: always.
+    pub fn may_manage(&self, _opener: u32) -> bool {
+        true
+    }
+
+    /// Nothing to check for a trusted caller.
+    pub fn check(&self, _req: &Request) -> Result<(), ApiError> {
+        Ok(())
+    }
+
+    /// Nothing is given away on Windows.
+    pub fn would_create(&self, _req: &Request) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    /// Nothing is given away on Windows.
+    pub fn adopt(&self, _made: &[PathBuf]) {}
+}
