@@ -592,6 +592,30 @@ fn the_daemon_under_wine_opens_serves_ejects_and_closes_disks() {
         );
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
+    // A cow disk committed live: the base takes the writes while the disk stays open.
+    let base = d.join("base.raw");
+    run(Command::new("truncate").args(["-s", "16M", s(&base)]));
+    let overlay = d.join("base-changes.qcow2");
+    let cow = ask(
+        &pipe,
+        &[
+            "open",
+            &win(&base),
+            "--filter",
+            &format!("cow:overlay={}", win(&overlay)),
+        ],
+    );
+    let cow_uri = cow["nbd"][0].as_str().unwrap().to_owned();
+    qemu_io("raw", &cow_uri, &["write -P 0x6e 0 1M", "flush"]);
+    let cow_id = cow["id"].as_str().unwrap().to_owned();
+    ok(&mut wine().vdk(&["commit", &cow_id, "--socket", &pipe]));
+    qemu_io(
+        "raw",
+        &cow_uri,
+        &["read -P 0x6e 0 1M", "write -P 0x6f 1M 1M", "flush"],
+    );
+    ask(&pipe, &["close", &cow_id]);
+    qemu_io("raw", s(&base), &["read -P 0x6e 0 1M", "read -P 0 1M 1M"]);
     // Closed, flushed, and the daemon stopped by request.
     ask(&pipe, &["close", &id]);
     ok(&mut wine().vdk(&["daemon", "--stop", "--socket", &pipe]));
