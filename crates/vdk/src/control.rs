@@ -32,6 +32,9 @@ pub enum Request {
     Unmount(CloseRequest),
     /// Close every disk and stop the daemon. → `{}`
     Shutdown,
+    /// Read the NBD server's TLS certificates again, for new connections (SIGHUP does the
+    /// same on Linux; Windows has no SIGHUP). → `{}`
+    Reload,
     /// Latency histograms and counters of a disk's stats filter. → [`StatsReport`]
     Stats(DiskRequest),
     /// Merge an open cow disk's overlay into its base. → [`CommitReport`]
@@ -75,7 +78,7 @@ pub enum Reply {
     Fs(FsStatus),
     /// `fs_list`.
     Filesystems(Vec<FsStatus>),
-    /// `shutdown`: nothing to say.
+    /// `shutdown`, `reload`: nothing to say.
     Done {},
 }
 

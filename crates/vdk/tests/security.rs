@@ -289,6 +289,29 @@ fn certificates_are_read_again_on_sighup() {
 }
 
 #[test]
+fn the_daemon_reloads_certificates_on_request() {
+    // `vdk daemon --reload`: SIGHUP's work as a control request (Windows has no SIGHUP; the
+    // Wine tests swap certificates through it).
+    let plain = common::Daemon::new();
+    plain.start(&[]);
+    let err = plain.fails(&["daemon", "--reload"]);
+    assert!(err.contains("TLS is off"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = pki::make(&dir.path().join("pki"), "vdk test CA", "alice");
+    let d = common::Daemon::new();
+    d.start(&[
+        "--tls",
+        "require",
+        "--tls-certificates",
+        certs.to_str().unwrap(),
+    ]);
+    assert!(d.ok(&["daemon", "--reload"]).contains("reloaded"));
+    std::fs::write(certs.join("server-cert.pem"), "not a certificate").unwrap();
+    let err = d.fails(&["daemon", "--reload"]);
+    assert!(err.contains("not reloaded"), "{err}");
+}
+
+#[test]
 fn tls_settings_that_cannot_work_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let psk = dir.path().join("keys.psk");

@@ -626,6 +626,71 @@ fn the_daemon_under_wine_opens_serves_ejects_and_closes_disks() {
 }
 
 #[test]
+fn the_daemon_under_wine_reads_new_certificates_when_asked() {
+    // Windows has no SIGHUP: `vdk daemon --reload` is the control request that does it.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let first = pki::make(&d.join("first"), "first CA", "alice");
+    let second = pki::make(&d.join("second"), "second CA", "alice");
+    let live = d.join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let install = |from: &Path| {
+        for f in ["server-cert.pem", "server-key.pem", "ca-cert.pem"] {
+            std::fs::copy(from.join(f), live.join(f)).unwrap();
+        }
+    };
+    install(&first);
+    let pipe = pipe("tls");
+    let port = free_port();
+    let mut daemon = Guard(Some(
+        wine()
+            .vdk(&["daemon", "--socket", &pipe, "--tls", "require"])
+            .args(["--tls-certificates", &win(&live)])
+            .args(["--listen", &format!("tcp://127.0.0.1:{port}")])
+            .stderr(std::fs::File::create(d.join("daemon.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for(60, "the daemon's pipe", || {
+        assert!(daemon.try_wait().unwrap().is_none());
+        out(&mut wine().vdk(&["list", "--socket", &pipe]))
+            .status
+            .success()
+    });
+    let disk = ask(&pipe, &["open", &win(&d.join("t.img")), "16M"]);
+    let export = disk["id"].as_str().unwrap().to_owned();
+    let info = |certs: &Path| {
+        let uri = format!(
+            "nbds://localhost:{port}/{export}?tls-certificates={}",
+            s(certs)
+        );
+        let script =
+            "import os\nh.set_uri_allow_local_file(True)\nh.connect_uri(os.environ['URI'])\n";
+        Command::new("nbdsh")
+            .args(["-c", script])
+            .env("URI", uri)
+            .env("PATH", common::path_env())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(info(&first) && !info(&second));
+    install(&second);
+    let said = ok(&mut wine().vdk(&["daemon", "--reload", "--socket", &pipe]));
+    assert!(said.contains("reloaded"), "{said}");
+    assert!(info(&second) && !info(&first));
+    // A broken key is refused, and the certificates in use stay.
+    std::fs::write(live.join("server-key.pem"), "not a key").unwrap();
+    let bad = out(&mut wine().vdk(&["daemon", "--reload", "--socket", &pipe]));
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("not reloaded"), "{}", text(&bad));
+    assert!(info(&second));
+    ok(&mut wine().vdk(&["daemon", "--stop", "--socket", &pipe]));
+    assert!(exit_within(&mut daemon, 30).is_some_and(|s| s.success()));
+}
+
+#[test]
 fn vdk_exe_open_starts_its_daemon_and_ctrl_c_would_not_reach_it() {
     // The daemon `vdk open` starts lives on in the background (its own process group, no
     // console) on the default NBD port, until `vdk daemon --stop`.

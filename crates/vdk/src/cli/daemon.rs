@@ -50,8 +50,12 @@ pub struct DaemonArgs {
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub fuse_threads: u16,
     /// Ask the running daemon to close every disk and stop.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "reload")]
     pub stop: bool,
+    /// Ask the running daemon to read its TLS certificates again (new connections get them;
+    /// on Linux SIGHUP does the same).
+    #[arg(long)]
+    pub reload: bool,
     /// Log to FILE instead of stderr; past 16 MiB it moves to FILE.1 and a new one starts
     /// (a daemon `vdk open` starts logs to daemon.log beside its socket this way).
     #[arg(long, value_name = "FILE")]
@@ -103,6 +107,11 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let paths = args.socket.paths()?;
     if args.stop {
         return stop(&paths);
+    }
+    if args.reload {
+        let mut client = connect(&paths, false)?;
+        call::<serde_json::Value>(&mut client, &Request::Reload)?;
+        return crate::outln!("TLS certificates reloaded");
     }
     daemon::run(&args.config()?, &paths)
 }

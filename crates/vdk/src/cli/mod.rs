@@ -119,7 +119,7 @@ impl Cli {
     pub fn prepare(&self) -> anyhow::Result<()> {
         match &self.command {
             #[cfg(target_os = "linux")]
-            Command::Daemon(args) if !args.stop => {
+            Command::Daemon(args) if !args.stop && !args.reload => {
                 let mode = crate::daemon::dir_mode(args.owner.is_some());
                 crate::daemon::own_dir(&args.socket.paths()?.dir, mode)
             }

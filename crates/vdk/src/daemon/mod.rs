@@ -104,6 +104,8 @@ pub struct Daemon {
     changing: Mutex<()>,
     /// What it found a dead daemon had left mounted, and detached, when it started.
     recovered: Vec<String>,
+    /// The NBD server's TLS, if on: its certificates are read again on `reload`.
+    tls: Option<Arc<vdk_nbd::Tls>>,
 }
 
 impl Daemon {
@@ -119,6 +121,7 @@ impl Daemon {
             fs: userfs::Filesystems::new(paths.clone()),
             changing: Mutex::new(()),
             recovered,
+            tls: config.nbd.tls.clone(),
             paths,
         }
     }
@@ -166,6 +169,23 @@ impl Daemon {
             ops: crate::control::stats_report(&stats),
             id: disk.id.clone(),
         })
+    }
+
+    /// Reads the TLS certificates again; on failure the ones in use stay.
+    fn reload_tls(&self) -> Result<(), ApiError> {
+        let Some(tls) = &self.tls else {
+            return Err(ApiError::invalid(
+                "TLS is off: no certificates to reload (start the daemon with --tls)",
+            ));
+        };
+        tls.reload().map_err(|e| {
+            warn!(error = %e, "TLS certificates not reloaded");
+            ApiError::invalid(format!(
+                "TLS certificates not reloaded (the ones in use stay): {e}"
+            ))
+        })?;
+        info!("TLS certificates reloaded (control request)");
+        Ok(())
     }
 
     /// The open disks `caller` may see: its own, or all for a trusted one.

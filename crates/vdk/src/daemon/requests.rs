@@ -59,6 +59,10 @@ pub fn serve(
                 ErrorKind::Permission,
                 "only the daemon's own user or root may stop it",
             )),
+            Ok(Request::Reload) if !caller.trusted => Err(ApiError::new(
+                ErrorKind::Permission,
+                "only the daemon's own user or root may reload its certificates",
+            )),
             Ok(req) => {
                 let made = caller.would_create(&req);
                 let done = daemon.handle(req, &caller);
@@ -173,6 +177,10 @@ impl Daemon {
                     shared: false,
                 };
                 Reply::Fs(self.fs.map(&r, who)?)
+            }
+            Request::Reload => {
+                self.reload_tls()?;
+                Reply::Done {}
             }
             // What stops the daemon is the connection's to do, once this is answered.
             Request::Shutdown => Reply::Done {},
