@@ -690,6 +690,70 @@ fn the_daemon_under_wine_reads_new_certificates_when_asked() {
     assert!(exit_within(&mut daemon, 30).is_some_and(|s| s.success()));
 }
 
+/// Removes the vdk service from the Wine prefix when dropped, so that a failed test leaves
+/// no service that starts with every Wine session.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = out(&mut wine().vdk(&["daemon", "--uninstall-service"]));
+    }
+}
+
+#[test]
+fn the_daemon_runs_as_a_windows_service_and_a_service_stop_closes_its_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Wine ends its services when the last ordinary program of the session exits: one stays
+    // running for the test (Windows keeps services running regardless).
+    let (_keeper, _) = serve(d, &["--memory", "1M"], "tcp", &[]);
+    let port = free_port();
+    let sc = |args: &[&str]| {
+        let mut c = Command::new(&wine().loader);
+        c.arg("sc").args(args);
+        c.env("WINEPREFIX", &wine().prefix)
+            .env("WINEDEBUG", "-all")
+            .env("WINEDLLOVERRIDES", "bcryptprimitives=n,b");
+        ok(&mut c)
+    };
+    let said = ok(&mut wine().vdk(&[
+        "daemon",
+        "--install-service",
+        "--listen",
+        &format!("tcp://127.0.0.1:{port}"),
+    ]));
+    let _installed = Installed;
+    assert!(said.contains("installed the vdk service"), "{said}");
+    let query = sc(&["query", "vdk"]);
+    assert!(query.contains("WIN32_OWN_PROCESS"), "{query}");
+    sc(&["start", "vdk"]);
+    let pipe = r"\\.\pipe\vdk";
+    wait_for(60, "the service's pipe", || {
+        out(&mut wine().vdk(&["list", "--socket", pipe]))
+            .status
+            .success()
+            && TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let image = d.join("service.img");
+    let disk = ask(pipe, &["open", &win(&image), "16M"]);
+    let uri = disk["nbd"][0].as_str().unwrap().to_owned();
+    qemu_io("raw", &uri, &["write -P 0x4b 0 2M"]);
+    // A service stop closes the disk (flushing it) before the daemon exits.
+    sc(&["stop", "vdk"]);
+    wait_for(60, "the service to stop", || {
+        sc(&["query", "vdk"]).contains("STOPPED")
+    });
+    qemu_io("raw", s(&image), &["read -P 0x4b 0 2M"]);
+    let said = ok(&mut wine().vdk(&["daemon", "--uninstall-service"]));
+    assert!(said.contains("removed"), "{said}");
+    let gone = out(&mut wine().vdk(&["daemon", "--uninstall-service"]));
+    assert!(
+        text(&gone).contains("no vdk service is installed"),
+        "{}",
+        text(&gone)
+    );
+}
+
 #[test]
 fn vdk_exe_open_starts_its_daemon_and_ctrl_c_would_not_reach_it() {
     // The daemon `vdk open` starts lives on in the background (its own process group, no

@@ -56,6 +56,19 @@ pub struct DaemonArgs {
     /// on Linux SIGHUP does the same).
     #[arg(long)]
     pub reload: bool,
+    /// Register the daemon as a Windows service with the other options given (started at
+    /// boot as LocalSystem, on the pipe \\.\pipe\vdk unless --socket says otherwise).
+    #[cfg(windows)]
+    #[arg(long, conflicts_with_all = ["stop", "reload", "uninstall_service"])]
+    pub install_service: bool,
+    /// Stop the Windows service (closing its disks) and remove it.
+    #[cfg(windows)]
+    #[arg(long, conflicts_with_all = ["stop", "reload"])]
+    pub uninstall_service: bool,
+    /// Run as the Windows service (the service control manager starts vdk so).
+    #[cfg(windows)]
+    #[arg(long, hide = true)]
+    pub service: bool,
     /// Log to FILE instead of stderr; past 16 MiB it moves to FILE.1 and a new one starts
     /// (a daemon `vdk open` starts logs to daemon.log beside its socket this way).
     #[arg(long, value_name = "FILE")]
@@ -107,6 +120,28 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let paths = args.socket.paths()?;
     if args.stop {
         return stop(&paths);
+    }
+    #[cfg(windows)]
+    {
+        if args.install_service {
+            // The options given with it, for the service's command line.
+            let rest: Vec<std::ffi::OsString> = std::env::args_os()
+                .skip_while(|a| a != "daemon")
+                .skip(1)
+                .filter(|a| a != "--install-service")
+                .collect();
+            super::service::install(&rest)?;
+            return crate::outln!(
+                "installed the vdk service: it starts at boot; `sc start vdk` starts it now"
+            );
+        }
+        if args.uninstall_service {
+            super::service::uninstall()?;
+            return crate::outln!("removed the vdk service");
+        }
+        if args.service {
+            return super::service::run(args.config()?, paths);
+        }
     }
     if args.reload {
         let mut client = connect(&paths, false)?;

@@ -14,6 +14,8 @@ pub mod log;
 pub mod nbd_opts;
 pub mod out;
 mod serve;
+#[cfg(windows)]
+mod service;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
