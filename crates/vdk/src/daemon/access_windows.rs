@@ -1,7 +1,7 @@
-//! Who is asking, on Windows. The control pipe keeps Windows' default security: only its
-//! creator (the daemon's user), the Administrators and SYSTEM may write to it, so everyone
-//! who can send a request has the daemon's rights or more, and nothing else is checked (the
-//! Linux daemon's `--owner` mode, which serves a second user, has no Windows twin yet).
+//! Who is asking, on Windows. The control pipe's access list admits only its owner (the
+//! daemon's user), the Administrators and SYSTEM (vdk_core::sys's pipe), so everyone who can
+//! send a request has the daemon's rights or more, and nothing else is checked (the Linux
+//! daemon's `--owner` mode, which serves a second user, has no Windows twin yet).
 
 use std::path::PathBuf;
 

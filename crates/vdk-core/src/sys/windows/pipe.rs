@@ -1,7 +1,6 @@
 //! Named pipes: the vdk daemon's control channel on Windows, where its Linux twin is a Unix
-//! socket. The pipe keeps Windows' default security (full control to the creator, the
-//! Administrators and SYSTEM; only reading to everyone else, who therefore cannot send a
-//! request) and refuses remote clients.
+//! socket. The pipe's access list admits its owner (the daemon's user), the Administrators
+//! and SYSTEM, and no one else, not even to read; remote clients are refused.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -13,8 +12,12 @@ use std::ptr;
 use std::time::{Duration, Instant};
 
 use windows_sys::Win32::Foundation::{
-    ERROR_ACCESS_DENIED, ERROR_PIPE_BUSY, ERROR_PIPE_CONNECTED, INVALID_HANDLE_VALUE,
+    LocalFree, ERROR_ACCESS_DENIED, ERROR_PIPE_BUSY, ERROR_PIPE_CONNECTED, INVALID_HANDLE_VALUE,
 };
+use windows_sys::Win32::Security::Authorization::{
+    ConvertStringSecurityDescriptorToSecurityDescriptorW, SDDL_REVISION_1,
+};
+use windows_sys::Win32::Security::{PSECURITY_DESCRIPTOR, SECURITY_ATTRIBUTES};
 use windows_sys::Win32::Storage::FileSystem::{FILE_FLAG_FIRST_PIPE_INSTANCE, PIPE_ACCESS_DUPLEX};
 use windows_sys::Win32::System::Pipes::{
     ConnectNamedPipe, CreateNamedPipeW, GetNamedPipeClientProcessId, PIPE_READMODE_BYTE,
@@ -23,6 +26,41 @@ use windows_sys::Win32::System::Pipes::{
 
 /// Bytes each direction buffers.
 const BUFFER: u32 = 64 << 10;
+
+/// The pipe's access list (SDDL): protected from inheritance; full access for SYSTEM, the
+/// Administrators and the owner; nothing for anyone else.
+const ACCESS: &str = "D:P(A;;GA;;;SY)(A;;GA;;;BA)(A;;GA;;;OW)";
+
+/// A security descriptor made from SDDL, freed when dropped.
+struct Descriptor(PSECURITY_DESCRIPTOR);
+
+impl Descriptor {
+    fn new(sddl: &str) -> io::Result<Descriptor> {
+        let text: Vec<u16> = sddl.encode_utf16().chain([0]).collect();
+        let mut sd: PSECURITY_DESCRIPTOR = ptr::null_mut();
+        // SAFETY: `text` is NUL-terminated UTF-16 alive for the call; `sd` receives a
+        // descriptor the system allocates, freed with LocalFree in Drop.
+        let ok = unsafe {
+            ConvertStringSecurityDescriptorToSecurityDescriptorW(
+                text.as_ptr(),
+                SDDL_REVISION_1,
+                &mut sd,
+                ptr::null_mut(),
+            )
+        };
+        if ok == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Descriptor(sd))
+    }
+}
+
+impl Drop for Descriptor {
+    fn drop(&mut self) {
+        // SAFETY: allocated by ConvertStringSecurityDescriptorToSecurityDescriptorW, freed once.
+        unsafe { LocalFree(self.0) };
+    }
+}
 
 /// A named pipe a server accepts connections on, one pipe instance each.
 #[derive(Debug)]
@@ -53,8 +91,15 @@ fn instance(name: &[u16], first: bool) -> io::Result<OwnedHandle> {
         } else {
             0
         };
-    // SAFETY: `name` is a NUL-terminated UTF-16 string alive for the call; no security
-    // attributes (the default ones); the handle returned is checked before it is owned.
+    let descriptor = Descriptor::new(ACCESS)?;
+    let attributes = SECURITY_ATTRIBUTES {
+        nLength: u32::try_from(std::mem::size_of::<SECURITY_ATTRIBUTES>())
+            .map_err(|_| io::ErrorKind::InvalidInput)?,
+        lpSecurityDescriptor: descriptor.0,
+        bInheritHandle: 0,
+    };
+    // SAFETY: `name` is a NUL-terminated UTF-16 string and `attributes` (with the descriptor
+    // it points to) live for the call; the handle returned is checked before it is owned.
     let h = unsafe {
         CreateNamedPipeW(
             name.as_ptr(),
@@ -64,7 +109,7 @@ fn instance(name: &[u16], first: bool) -> io::Result<OwnedHandle> {
             BUFFER,
             BUFFER,
             0,
-            ptr::null(),
+            &attributes,
         )
     };
     if h == INVALID_HANDLE_VALUE {
