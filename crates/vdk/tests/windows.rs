@@ -346,6 +346,31 @@ fn object_storage_disks_from_vdk_exe() {
 }
 
 #[test]
+fn direct_io_under_vdk_exe_bypasses_the_cache_and_keeps_every_byte() {
+    // --direct: FILE_FLAG_NO_BUFFERING | FILE_FLAG_WRITE_THROUGH, aligned requests only.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("direct.raw");
+    ok(&mut wine().vdk(&["create", &win(&image), "16M"]));
+    let (serving, port) = serve(dir.path(), &[&win(&image), "--direct"], "tcp", &[]);
+    let uri = format!("nbd://127.0.0.1:{port}/direct.raw");
+    qemu_io(
+        "raw",
+        &uri,
+        &[
+            "write -P 0x77 4k 1M",
+            "read -P 0x77 4k 1M",
+            "read -P 0 0 4k",
+        ],
+    );
+    ctrl_c(serving, dir.path());
+    qemu_io(
+        "raw",
+        s(&image),
+        &["read -P 0x77 4k 1M", "read -P 0 1052672 4k"],
+    );
+}
+
+#[test]
 fn iscsi_from_vdk_exe_gives_a_disk_and_a_cd_rom() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
