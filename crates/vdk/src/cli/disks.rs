@@ -59,6 +59,24 @@ pub(super) fn call<T: serde::de::DeserializeOwned>(
         .map_err(|e: ApiError| anyhow!(e.message))
 }
 
+/// Sends `req` to the daemon (started first if `start`, else it must run). With `json` the
+/// answer is printed as it is and `None` returned; else it is returned for the command to
+/// word.
+pub(super) fn ask<T: serde::de::DeserializeOwned + serde::Serialize>(
+    socket: &crate::cli::SocketArg,
+    start: bool,
+    req: &Request,
+    json: bool,
+) -> anyhow::Result<Option<T>> {
+    let mut client = connect(&socket.paths()?, start)?;
+    let answer: T = call(&mut client, req)?;
+    if json {
+        print_json(&answer)?;
+        return Ok(None);
+    }
+    Ok(Some(answer))
+}
+
 pub(super) fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
 }
@@ -260,32 +278,26 @@ pub struct EjectArgs {
 
 /// Runs `vdk eject`.
 pub fn eject(args: EjectArgs) -> anyhow::Result<()> {
-    let paths = &args.socket.paths()?;
-    let mut client = connect(paths, false)?;
     let req = Request::Eject(CloseRequest {
         disk: disk_key(&args.disk)?,
         force: args.force,
     });
-    let status: DiskStatus = call(&mut client, &req)?;
-    if args.json {
-        return print_json(&status);
-    }
+    let Some(status) = ask::<DiskStatus>(&args.socket, false, &req, args.json)? else {
+        return Ok(());
+    };
     crate::outln!("ejected the disc of {}", status.id)?;
     Ok(())
 }
 
 /// Runs `vdk insert`.
 pub fn insert(args: InsertArgs) -> anyhow::Result<()> {
-    let paths = &args.socket.paths()?;
-    let mut client = connect(paths, false)?;
     let req = Request::Insert(InsertRequest {
         disk: disk_key(&args.disk)?,
         image: absolute(&args.image)?,
     });
-    let status: DiskStatus = call(&mut client, &req)?;
-    if args.json {
-        return print_json(&status);
-    }
+    let Some(status) = ask::<DiskStatus>(&args.socket, false, &req, args.json)? else {
+        return Ok(());
+    };
     crate::outln!(
         "inserted {} in {} ({})",
         status.image.display(),
@@ -343,16 +355,13 @@ pub(crate) fn disk_key(arg: &str) -> anyhow::Result<String> {
 
 /// Runs `vdk close`.
 pub fn close(args: CloseArgs) -> anyhow::Result<()> {
-    let paths = &args.socket.paths()?;
-    let mut client = connect(paths, false)?;
     let req = Request::Close(CloseRequest {
         disk: disk_key(&args.disk)?,
         force: args.force,
     });
-    let status: DiskStatus = call(&mut client, &req)?;
-    if args.json {
-        return print_json(&status);
-    }
+    let Some(status) = ask::<DiskStatus>(&args.socket, false, &req, args.json)? else {
+        return Ok(());
+    };
     crate::outln!("closed {}: {}", status.id, status.image.display())?;
     Ok(())
 }
@@ -380,18 +389,15 @@ pub struct MountArgs {
 
 /// Runs `vdk mount`.
 pub fn mount(args: MountArgs) -> anyhow::Result<()> {
-    let paths = &args.socket.paths()?;
-    let mut client = connect(paths, false)?;
     let req = Request::Mount(MountRequest {
         disk: disk_key(&args.disk)?,
         dir: absolute(&args.dir)?,
         mkfs: args.mkfs,
         force: args.force,
     });
-    let status: DiskStatus = call(&mut client, &req)?;
-    if args.json {
-        return print_json(&status);
-    }
+    let Some(status) = ask::<DiskStatus>(&args.socket, false, &req, args.json)? else {
+        return Ok(());
+    };
     if let Some(dir) = &status.mount {
         crate::outln!("mounted {} on {}", status.id, dir.display())?;
     }
@@ -400,16 +406,13 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
 
 /// Runs `vdk unmount`.
 pub fn unmount(args: CloseArgs) -> anyhow::Result<()> {
-    let paths = &args.socket.paths()?;
-    let mut client = connect(paths, false)?;
     let req = Request::Unmount(CloseRequest {
         disk: disk_key(&args.disk)?,
         force: args.force,
     });
-    let status: DiskStatus = call(&mut client, &req)?;
-    if args.json {
-        return print_json(&status);
-    }
+    let Some(status) = ask::<DiskStatus>(&args.socket, false, &req, args.json)? else {
+        return Ok(());
+    };
     crate::outln!("unmounted {}", status.id)?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use vdk_core::size::Human;
 
-use super::disks::{absolute, call, connect, disk_key, print_json, try_connect};
+use super::disks::{absolute, ask, call, disk_key, print_json, try_connect};
 use crate::control::{FsMapRequest, FsMountRequest, FsStatus, FsUnmountRequest, Request};
 
 /// `vdk fs`: file systems in user space, run by the daemon.
@@ -88,16 +88,13 @@ pub struct FsUnmountArgs {
 pub fn run(cmd: FsCommand) -> anyhow::Result<()> {
     match cmd {
         FsCommand::Mount(a) => {
-            let paths = &a.socket.paths()?;
-            let mut client = connect(paths, true)?;
             let req = Request::FsMount(FsMountRequest {
                 source: disk_key(&a.source)?,
                 dir: absolute(&a.dir)?,
             });
-            let st: FsStatus = call(&mut client, &req)?;
-            if a.json {
-                return print_json(&st);
-            }
+            let Some(st) = ask::<FsStatus>(&a.socket, true, &req, a.json)? else {
+                return Ok(());
+            };
             crate::outln!(
                 "mounted {} ({}, {} names, label {:?}) on {}",
                 st.source,
@@ -108,8 +105,6 @@ pub fn run(cmd: FsCommand) -> anyhow::Result<()> {
             )?;
         }
         FsCommand::Map(a) => {
-            let paths = &a.socket.paths()?;
-            let mut client = connect(paths, true)?;
             let req = Request::FsMap(FsMapRequest {
                 url: a.url,
                 dir: absolute(&a.dir)?,
@@ -120,10 +115,9 @@ pub fn run(cmd: FsCommand) -> anyhow::Result<()> {
                 env: Some(vdk_objstore::StoreEnv::current()),
                 allow_other: a.allow_other,
             });
-            let st: FsStatus = call(&mut client, &req)?;
-            if a.json {
-                return print_json(&st);
-            }
+            let Some(st) = ask::<FsStatus>(&a.socket, true, &req, a.json)? else {
+                return Ok(());
+            };
             crate::outln!(
                 "mapped {} on {} (label {}, cache {})",
                 st.source,
