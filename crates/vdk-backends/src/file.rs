@@ -105,6 +105,8 @@ pub struct FileDisk {
     sparse: bool,
     /// Cleared when the file system refuses `RWF_NOWAIT` writes, so they are not tried again.
     nowait_writes: AtomicBool,
+    /// Set once the log has said that holes fell back to written zeroes or all-data maps.
+    said_fallback: AtomicBool,
 }
 
 impl FileDisk {
@@ -129,6 +131,7 @@ impl FileDisk {
             opts,
             sparse,
             nowait_writes,
+            said_fallback: AtomicBool::new(false),
         })
     }
 
@@ -141,6 +144,14 @@ impl FileDisk {
         file.set_len(size)?;
         drop(file);
         FileDisk::open(path, opts)
+    }
+
+    /// Says once, in the log, that the file system could not do a hole call and what was
+    /// done instead (FAT32, exFAT and Wine on Windows; some Linux file systems).
+    fn fell_back(&self, instead: &str, e: &io::Error) {
+        if !self.said_fallback.swap(true, Ordering::Relaxed) {
+            tracing::info!(error = %e, "{instead} (said once per image)");
+        }
     }
 
     fn writable(&self, offset: u64, len: u64) -> Result<()> {
@@ -239,8 +250,11 @@ impl BlockDevice for FileDisk {
         if len == 0 {
             return Ok(());
         }
-        if self.sparse && sys::punch_hole(&self.file, offset, len).is_ok() {
-            return Ok(());
+        if self.sparse {
+            match sys::punch_hole(&self.file, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) => self.fell_back("trim: zeroes written instead", &e),
+            }
         }
         self.write_zero_buffers(offset, len)
     }
@@ -250,7 +264,10 @@ impl BlockDevice for FileDisk {
         if len == 0 {
             return Ok(());
         }
-        let done = self.sparse && sys::zero(&self.file, offset, len, may_trim).is_ok();
+        let done = self.sparse
+            && sys::zero(&self.file, offset, len, may_trim)
+                .map_err(|e| self.fell_back("write zeroes: zeroes written instead", &e))
+                .is_ok();
         if !done {
             self.write_zero_buffers(offset, len)?;
         }
@@ -265,7 +282,13 @@ impl BlockDevice for FileDisk {
         if !self.sparse {
             return Ok(Extents::all_data(offset, len));
         }
-        Ok(sys::extents(&self.file, offset, len)?)
+        match sys::extents(&self.file, offset, len) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                self.fell_back("extents: all of the file reported as data", &e);
+                Ok(Extents::all_data(offset, len))
+            }
+            r => Ok(r?),
+        }
     }
 
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
@@ -313,7 +336,11 @@ impl Lend for FileDisk {
 /// (`SEEK_DATA`/`SEEK_HOLE`); a range past the end of the file is a hole. For image formats
 /// whose blocks are sparse regions of their file.
 pub fn file_extents(file: &File, offset: u64, len: u64) -> io::Result<Extents> {
-    sys::extents(file, offset, len)
+    match sys::extents(file, offset, len) {
+        // A file system that cannot say: all of it is data.
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(Extents::all_data(offset, len)),
+        r => r,
+    }
 }
 
 /// A zero-filled buffer of `len` bytes whose start is aligned for `O_DIRECT`. Made from an

@@ -38,12 +38,12 @@ pub fn zero(file: &File, offset: u64, len: u64, may_trim: bool) -> io::Result<()
     punch_hole(file, offset, len)
 }
 
-/// Data where the file has space allocated, holes between; all data where the file system
-/// cannot say.
+/// Data where the file has space allocated, holes between; `Unsupported` where the file
+/// system cannot say (callers then report all of it as data).
 pub fn extents(file: &File, offset: u64, len: u64) -> io::Result<Extents> {
-    let Ok(ranges) = vdk_core::sys::allocated_ranges(file, offset, len) else {
-        return Ok(Extents::all_data(offset, len));
-    };
+    // Whatever stops the file system from saying, all-data is a true answer.
+    let ranges = vdk_core::sys::allocated_ranges(file, offset, len)
+        .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
     let mut map = Extents::new(offset);
     let mut at = offset;
     for (start, run) in ranges {
