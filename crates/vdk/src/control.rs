@@ -150,6 +150,9 @@ pub struct SnapshotReport {
 pub enum Attach {
     /// A loop device over a file of the daemon's FUSE export (`/dev/loopN`; needs root).
     FuseLoop,
+    /// Windows: the disk served as an iSCSI LUN on loopback and Windows' own initiator logged
+    /// in to it (a `\\.\PhysicalDriveN`; needs Administrator).
+    Iscsi,
     /// No block device: NBD (and iSCSI, if asked) only.
     None,
 }
@@ -159,6 +162,7 @@ impl Attach {
     pub fn name(self) -> &'static str {
         match self {
             Attach::FuseLoop => "fuse-loop",
+            Attach::Iscsi => "iscsi",
             Attach::None => "none",
         }
     }
@@ -175,7 +179,9 @@ impl std::str::FromStr for Attach {
     fn from_str(s: &str) -> Result<Attach, String> {
         match s {
             "fuse-loop" => Ok(Attach::FuseLoop),
+            "iscsi" => Ok(Attach::Iscsi),
             "none" => Ok(Attach::None),
+            _ if cfg!(windows) => Err(format!("unknown attach mode {s:?}: use iscsi or none")),
             _ => Err(format!("unknown attach mode {s:?}: use fuse-loop or none")),
         }
     }

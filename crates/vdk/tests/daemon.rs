@@ -577,6 +577,8 @@ fn bad_input_gets_a_clear_error_and_disturbs_nothing() {
     assert!(!d.path("y.img").exists(), "a refused open creates nothing");
     let err = d.fails(&["open", s(&d.path("y.img")), "--attach", "ublk"]);
     assert!(err.contains("fuse-loop or none"), "{err}");
+    let err = d.fails(&["open", s(&d.path("y.img")), "--attach", "iscsi"]);
+    assert!(err.contains("Windows' initiator"), "{err}");
     let err = d.fails(&["open", s(&d.path("y.img")), "--format", "vmdk"]);
     assert!(err.contains("vmdk"), "{err}");
     assert!(!d.path("y.img").exists());

@@ -569,7 +569,7 @@ fn the_daemon_under_wine_opens_serves_ejects_and_closes_disks() {
     });
     // A new image, created by the daemon, written over NBD.
     let image = d.join("data.img");
-    let disk = ask(&pipe, &["open", &win(&image), "64M"]);
+    let disk = ask(&pipe, &["open", &win(&image), "64M", "--attach", "none"]);
     let id = disk["id"].as_str().unwrap().to_owned();
     assert_eq!(disk["attach"], "none", "{disk}");
     let uri = disk["nbd"][0].as_str().unwrap().to_owned();
@@ -585,7 +585,7 @@ fn the_daemon_under_wine_opens_serves_ejects_and_closes_disks() {
     // The same disc, but for its last sector (past the file system's data).
     let last = std::fs::metadata(&other).unwrap().len() - 2048;
     qemu_io("raw", s(&other), &[&format!("write -P 0x21 {last} 2k")]);
-    let cd = ask(&pipe, &["open", &win(&iso), "--iscsi"]);
+    let cd = ask(&pipe, &["open", &win(&iso), "--iscsi", "--attach", "none"]);
     let cd_id = cd["id"].as_str().unwrap().to_owned();
     let lun = cd["iscsi"][0].as_str().unwrap().to_owned();
     assert!(
@@ -602,10 +602,14 @@ fn the_daemon_under_wine_opens_serves_ejects_and_closes_disks() {
     ask(&pipe, &["insert", &cd_id, &win(&other)]);
     let read_back = d.join("read-back.iso");
     run(Command::new("qemu-img").args(["convert", "-O", "raw", &lun, s(&read_back)]));
-    // What Windows has no block device for is refused in one line.
+    // What Windows cannot do is refused in one line, and so is a login Wine cannot do (its
+    // powershell.exe is a stand-in that answers nothing): no disk and no new image are left.
     for (args, said) in [
         (vec!["--attach", "fuse-loop"], "fuse-loop"),
-        (vec!["--mkfs", "ntfs"], "block device"),
+        (vec!["--attach", "none", "--mkfs", "ntfs"], "block device"),
+        (vec!["--mkfs", "ext4"], "Windows formats ntfs"),
+        (vec!["--mount", "/mnt/x"], "drive letter"),
+        (vec![], "no disk number came back"),
     ] {
         let out = out(&mut wine().vdk(
             &[
@@ -620,7 +624,9 @@ fn the_daemon_under_wine_opens_serves_ejects_and_closes_disks() {
             "{args:?}: {err}"
         );
         assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!d.join("x.img").exists(), "{args:?} left its new image");
     }
+    assert_eq!(ask(&pipe, &["list"]).as_array().map(Vec::len), Some(2));
     // A cow disk committed live: the base takes the writes while the disk stays open.
     let base = d.join("base.raw");
     run(Command::new("truncate").args(["-s", "16M", s(&base)]));
@@ -632,6 +638,8 @@ fn the_daemon_under_wine_opens_serves_ejects_and_closes_disks() {
             &win(&base),
             "--filter",
             &format!("cow:overlay={}", win(&overlay)),
+            "--attach",
+            "none",
         ],
     );
     let cow_uri = cow["nbd"][0].as_str().unwrap().to_owned();
@@ -686,7 +694,10 @@ fn the_daemon_under_wine_reads_new_certificates_when_asked() {
             .status
             .success()
     });
-    let disk = ask(&pipe, &["open", &win(&d.join("t.img")), "16M"]);
+    let disk = ask(
+        &pipe,
+        &["open", &win(&d.join("t.img")), "16M", "--attach", "none"],
+    );
     let export = disk["id"].as_str().unwrap().to_owned();
     let info = |certs: &Path| {
         let uri = format!(
@@ -764,7 +775,7 @@ fn the_daemon_runs_as_a_windows_service_and_a_service_stop_closes_its_disks() {
             && TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     let image = d.join("service.img");
-    let disk = ask(pipe, &["open", &win(&image), "16M"]);
+    let disk = ask(pipe, &["open", &win(&image), "16M", "--attach", "none"]);
     let uri = disk["nbd"][0].as_str().unwrap().to_owned();
     qemu_io("raw", &uri, &["write -P 0x4b 0 2M"]);
     // A service stop closes the disk (flushing it) before the daemon exits.
@@ -790,7 +801,7 @@ fn vdk_exe_open_starts_its_daemon_and_ctrl_c_would_not_reach_it() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipe("auto");
     let image = dir.path().join("auto.img");
-    let disk = ask(&pipe, &["open", &win(&image), "16M"]);
+    let disk = ask(&pipe, &["open", &win(&image), "16M", "--attach", "none"]);
     let uri = disk["nbd"][0].as_str().unwrap().to_owned();
     assert!(uri.starts_with("nbd://127.0.0.1:10809/"), "{disk}");
     qemu_io("raw", &uri, &["write -P 0x3d 0 1M", "flush"]);

@@ -114,18 +114,19 @@ pub struct OpenArgs {
     #[arg(long, short = 'f')]
     format: Option<String>,
     /// Mount the disk's file system on DIR (created if missing); an ISO's files through the
-    /// ISO browser.
+    /// ISO browser. On Windows: a drive letter (E:) given to the disk's partition.
     #[arg(long, value_name = "DIR")]
     mount: Option<PathBuf>,
-    /// Format the disk first: ext4, xfs or vfat. Only a new or blank disk (all zeroes or
-    /// unallocated) unless --force.
+    /// Format the disk first: ext4, xfs or vfat (Windows: ntfs, exfat, fat32 or refs). Only
+    /// a new or blank disk (all zeroes or unallocated) unless --force.
     #[arg(long, value_name = "TYPE")]
     mkfs: Option<String>,
     /// With --mkfs: format even a disk that holds data (it is erased).
     #[arg(long, requires = "mkfs")]
     force: bool,
     /// How the kernel sees the disk: fuse-loop (a /dev/loopN; needs root, the default for
-    /// root) or none (NBD only, the default for other users).
+    /// root) or none (NBD only, the default for other users). On Windows: iscsi (the
+    /// default; Windows' own initiator logged in to the disk's LUN, as Administrator) or none.
     #[arg(long, value_name = "MODE")]
     attach: Option<String>,
     /// NBD export name (default: the disk's id).
@@ -197,7 +198,12 @@ pub fn open(args: OpenArgs) -> anyhow::Result<()> {
         mkfs: args.mkfs,
         force: args.force,
         no_create: args.no_create,
-        mount: args.mount.as_deref().map(absolute).transpose()?,
+        // (A drive letter on Windows, as it is.)
+        mount: if cfg!(windows) {
+            args.mount.clone()
+        } else {
+            args.mount.as_deref().map(absolute).transpose()?
+        },
         export_name: args.export_name,
         allow: args.allow,
         probe_backing: args.probe_backing,

@@ -1,20 +1,27 @@
-//! What the kernel sees of a disk, on Windows: no block device of vdk's own yet (the Linux
-//! daemon's fuse-loop has no Windows twin; the built-in iSCSI initiator will attach disks
-//! served with `--iscsi`), so there is nothing to format, mount or detach here. `open`
-//! refuses `--attach fuse-loop`, `--mkfs` and `--mount` before any of these is reached.
+//! What Windows sees of a disk: with `--attach iscsi` (the default there) the disk is a LUN
+//! on the daemon's loopback portal and Windows' own initiator is logged in to it, so Windows
+//! has a real disk (`\\.\PhysicalDriveN`), formatted and given a drive letter if asked
+//! (initiator.rs has the steps). vdk has no block device of its own there: `vdk mount` and
+//! `unmount` of an open disk are Windows' own business (Disk Management, Set-Partition).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+use vdk_core::sync::lock;
+use vdk_core::BlockDevice;
 
 use super::disks::Disk;
+use super::initiator::{self, Login};
 use super::Daemon;
-use crate::control::{ApiError, DiskStatus, ErrorKind, MountRequest};
+use crate::control::{ApiError, DiskStatus, ErrorKind, MountRequest, OpenRequest};
 
-/// Why a request needs what Windows has no vdk block device for.
+/// Why a request needs a block device of vdk's own, which Windows does not have.
 fn no_block_device() -> ApiError {
     ApiError::new(
         ErrorKind::Unsupported,
-        "no block devices on Windows yet: serve the disk over iSCSI (vdk open IMAGE --iscsi) and \
-         log Windows' iSCSI initiator in to it (docs/windows.md)",
+        "vdk has no block device of its own on Windows: open the disk with --attach iscsi \
+         (Windows' initiator; --mkfs and --mount X: there), or give it a letter with \
+         Disk Management",
     )
 }
 
@@ -57,6 +64,111 @@ impl Daemon {
         Err(no_block_device())
     }
 
-    /// Nothing attached, nothing to take away.
+    /// No block device of vdk's to take away (a CD-ROM's disc changes under the initiator's
+    /// session; [`Daemon::logout`] ends it on close).
     pub(super) fn detach(&self, _disk: &Disk) {}
+
+    /// `--attach iscsi`: serves the disk as a LUN (CHAP with the daemon's credentials, or new
+    /// ones of its own), logs Windows' initiator in, brings the disk online, formats it or
+    /// gives it a letter if asked.
+    pub(super) fn attach_iscsi(&self, disk: &Disk, req: &OpenRequest) -> Result<(), ApiError> {
+        let chap = match self.iscsi.chap() {
+            Some(c) => (
+                c.user.clone(),
+                String::from_utf8_lossy(&c.secret).into_owned(),
+            ),
+            None => (format!("vdk-{}", disk.id), initiator::new_secret()),
+        };
+        let auth = vdk_iscsi::Auth {
+            chap: vdk_iscsi::chap::Credentials::parse(&format!("{}:{}", chap.0, chap.1)),
+            ..Default::default()
+        };
+        let lun = self.iscsi.expose(
+            &disk.id,
+            disk.device.clone(),
+            req.iscsi_target.as_deref(),
+            req.iscsi_lun,
+            Some(auth),
+        )?;
+        let iqn = lun.target.clone();
+        *lock(&disk.iscsi) = Some(lun);
+        let portal = self
+            .iscsi
+            .portal()
+            .ok_or_else(|| ApiError::new(ErrorKind::Io, "the iSCSI server has no portal"))?;
+        let login = Login {
+            iqn: iqn.clone(),
+            portal,
+            chap: Some(chap),
+        };
+        let said = initiator::run(
+            "logging Windows' iSCSI initiator in",
+            &initiator::login_script(&login),
+        )?;
+        lock(&disk.state).session = Some(iqn.clone());
+        let n = initiator::disk_number(&said)?;
+        info!(id = %disk.id, target = %iqn, disk = n, "Windows' initiator logged in");
+        lock(&disk.state).block_device = Some(PathBuf::from(initiator::device_path(n)));
+        if disk.cdrom {
+            return Ok(());
+        }
+        initiator::run(
+            "bringing the disk online",
+            &initiator::online_script(n, disk.read_only),
+        )?;
+        let letter = req
+            .mount
+            .as_ref()
+            .map(|m| initiator::drive_letter(&m.to_string_lossy()))
+            .transpose()?;
+        if let Some(fs) = &req.mkfs {
+            let fs = initiator::file_system(fs)?;
+            if !req.force
+                && vdk_core::first_data_in(&*disk.device, 0, disk.device.info().size)
+                    .map_err(|e| {
+                        ApiError::new(ErrorKind::Io, format!("cannot read the disk: {e}"))
+                    })?
+                    .is_some()
+            {
+                return Err(ApiError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{} holds data: vdk formats only blank disks (add --force to erase it)",
+                        lock(&disk.medium).image.display()
+                    ),
+                ));
+            }
+            initiator::run(
+                "formatting the disk",
+                &initiator::format_script(n, fs, letter),
+            )?;
+        } else if let Some(c) = letter {
+            initiator::run(
+                "giving the disk its letter",
+                &initiator::letter_script(n, c),
+            )?;
+        }
+        if let Some(c) = letter {
+            lock(&disk.state).mount = Some(PathBuf::from(format!("{c}:\\")));
+        }
+        Ok(())
+    }
+
+    /// Logs Windows' initiator out of the disk's target (Windows flushes its writes first).
+    pub(super) fn logout(&self, disk: &Disk) -> Result<(), ApiError> {
+        let Some(iqn) = lock(&disk.state).session.take() else {
+            return Ok(());
+        };
+        let done = initiator::run(
+            "logging Windows' initiator out",
+            &initiator::logout_script(&iqn),
+        );
+        if let Err(e) = &done {
+            warn!(id = %disk.id, error = %e.message, "logout failed");
+        }
+        let mut st = lock(&disk.state);
+        st.block_device = None;
+        st.mount = None;
+        done.map(drop)
+    }
 }

@@ -15,9 +15,14 @@ impl Daemon {
     pub(super) fn tear_down(&self, disk: &Disk, force: bool) -> Result<(), ApiError> {
         #[cfg(target_os = "linux")]
         self.unmount_all_of(disk, force)?;
-        // Nothing mounted by vdk to force off elsewhere.
-        #[cfg(not(target_os = "linux"))]
-        let _ = force;
+        // Windows lets go of the disk (flushing it) before its LUN goes; with `force` the
+        // disk goes even if the logout failed.
+        #[cfg(windows)]
+        if let Err(e) = self.logout(disk) {
+            if !force {
+                return Err(e);
+            }
+        }
         self.detach(disk);
         if let Some(l) = lock(&disk.iscsi).take() {
             self.iscsi.withdraw(&l);

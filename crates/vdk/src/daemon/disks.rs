@@ -26,6 +26,9 @@ pub struct Attachment {
     pub mount: Option<PathBuf>,
     /// A CD-ROM disk's disc is out: no NBD export, no block device.
     pub ejected: bool,
+    /// Windows: the target Windows' initiator is logged in to (`--attach iscsi`).
+    #[cfg(windows)]
+    pub session: Option<String>,
 }
 
 /// What a disk holds now: its image (for a CD-ROM disk, the disc in it).

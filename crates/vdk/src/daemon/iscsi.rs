@@ -116,13 +116,15 @@ impl Front {
         Ok(())
     }
 
-    /// Serves `device` (the disk `id`) as a LUN of `target` (default: a target of its own).
+    /// Serves `device` (the disk `id`) as a LUN of `target` (default: a target of its own),
+    /// a new target asking for `auth` (default: the daemon's).
     pub fn expose(
         &self,
         id: &str,
         device: Arc<dyn BlockDevice>,
         target: Option<&str>,
         lun: Option<u16>,
+        auth: Option<vdk_iscsi::Auth>,
     ) -> Result<Lun, ApiError> {
         self.start()?;
         let slot = lock(&self.running);
@@ -150,7 +152,7 @@ impl Front {
                     name: name.clone(),
                     alias: Some(id.to_owned()),
                     luns: Arc::new(vdk_scsi::Target::new()),
-                    auth: self.settings.auth.clone(),
+                    auth: auth.unwrap_or_else(|| self.settings.auth.clone()),
                 })
                 .map_err(|e| ApiError::new(ErrorKind::Invalid, e.to_string()))?,
         };
@@ -179,6 +181,20 @@ impl Front {
             lun: n,
             unit,
         })
+    }
+
+    /// The daemon's own CHAP credentials for initiators, if it was given some.
+    #[cfg_attr(not(windows), allow(dead_code))]
+    pub fn chap(&self) -> Option<&vdk_iscsi::chap::Credentials> {
+        self.settings.auth.chap.as_ref()
+    }
+
+    /// The first portal the server listens on, once it runs.
+    #[cfg_attr(not(windows), allow(dead_code))]
+    pub fn portal(&self) -> Option<SocketAddr> {
+        lock(&self.running)
+            .as_ref()
+            .and_then(|r| r.portals.first().copied())
     }
 
     /// Takes a disk's LUN away; a target with no LUN left goes too, closing its sessions.

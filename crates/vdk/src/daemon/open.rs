@@ -44,7 +44,18 @@ impl Asked {
         let attach = match req.attach {
             #[cfg(target_os = "linux")]
             None if root => Attach::FuseLoop,
+            #[cfg(windows)]
+            None => Attach::Iscsi,
+            #[cfg(not(windows))]
             None => Attach::None,
+            #[cfg(not(windows))]
+            Some(Attach::Iscsi) => {
+                return Err(ApiError::new(
+                    ErrorKind::Unsupported,
+                    "--attach iscsi logs Windows' initiator in: on Linux use --iscsi and the \
+                     system's initiator (iscsiadm), or --attach fuse-loop",
+                ))
+            }
             #[cfg(target_os = "linux")]
             Some(Attach::FuseLoop) if !root => {
                 return Err(ApiError::new(
@@ -72,6 +83,14 @@ impl Asked {
         #[cfg(target_os = "linux")]
         if let Some(fs) = &req.mkfs {
             mount::check_fs_type(fs)?;
+        }
+        #[cfg(windows)]
+        if let Some(fs) = &req.mkfs {
+            super::initiator::file_system(fs)?;
+        }
+        #[cfg(windows)]
+        if let Some(dir) = &req.mount {
+            super::initiator::drive_letter(&dir.to_string_lossy())?;
         }
         if attach == Attach::None && (req.mkfs.is_some() || req.mount.is_some()) {
             return Err(invalid(
@@ -347,12 +366,18 @@ impl Daemon {
 
     /// Attaches, formats and mounts a disk as `req` asks.
     fn set_up(&self, disk: &Disk, req: &OpenRequest) -> Result<(), ApiError> {
+        // Windows' initiator: the LUN, the login, the format or letter, all in one.
+        #[cfg(windows)]
+        if disk.attach == Attach::Iscsi {
+            return self.attach_iscsi(disk, req);
+        }
         if req.iscsi || self.iscsi.all() {
             let lun = self.iscsi.expose(
                 &disk.id,
                 disk.device.clone(),
                 req.iscsi_target.as_deref(),
                 req.iscsi_lun,
+                None,
             )?;
             *lock(&disk.iscsi) = Some(lun);
         }
