@@ -395,6 +395,15 @@ fn iscsi_from_vdk_exe_gives_a_disk_and_a_cd_rom() {
         "{listed}"
     );
     assert!(lun_of("disc.iso").contains("Type:MMC"), "{listed}");
+    // INQUIRY through libiscsi's own tool: vdk's vendor and a disk.
+    need("iscsi-inq");
+    let inq = stdout(Command::new("iscsi-inq").arg(format!(
+        "iscsi://127.0.0.1:{port}/iqn.2026-11.org.vdk:disk.raw/0"
+    )));
+    assert!(
+        inq.contains("VDK") && inq.contains("DIRECT_ACCESS"),
+        "{inq}"
+    );
     // The CD-ROM reads as the ISO, byte for byte.
     let disc = format!("iscsi://127.0.0.1:{port}/iqn.2026-11.org.vdk:disc.iso/0");
     let read_back = dir.path().join("read-back.iso");

@@ -28,9 +28,9 @@ pub fn serve(
         writer.write_all(&out)
     };
     #[cfg(windows)]
-    let caller: io::Result<Caller> = {
+    let caller = {
         let _ = owner;
-        Ok(Caller::of(&conn))
+        Caller::of(&conn)
     };
     #[cfg(unix)]
     let caller = Caller::of(&conn, owner);

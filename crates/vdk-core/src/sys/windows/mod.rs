@@ -14,7 +14,7 @@ mod pipe;
 pub mod proc;
 mod sparse;
 
-pub use pipe::{connect_pipe, PipeConn, PipeListener};
+pub use pipe::{connect_pipe, peer_identity, Peer, PipeConn, PipeListener};
 
 pub use sparse::{allocated_ranges, allocation_size, replace_durably, set_sparse};
 

@@ -12,16 +12,25 @@ use std::ptr;
 use std::time::{Duration, Instant};
 
 use windows_sys::Win32::Foundation::{
-    LocalFree, ERROR_ACCESS_DENIED, ERROR_PIPE_BUSY, ERROR_PIPE_CONNECTED, INVALID_HANDLE_VALUE,
+    LocalFree, ERROR_ACCESS_DENIED, ERROR_PIPE_BUSY, ERROR_PIPE_CONNECTED, HANDLE,
+    INVALID_HANDLE_VALUE,
 };
 use windows_sys::Win32::Security::Authorization::{
     ConvertStringSecurityDescriptorToSecurityDescriptorW, SDDL_REVISION_1,
 };
-use windows_sys::Win32::Security::{PSECURITY_DESCRIPTOR, SECURITY_ATTRIBUTES};
+use windows_sys::Win32::Security::{
+    EqualSid, GetTokenInformation, IsWellKnownSid, TokenGroups, TokenUser,
+    WinBuiltinAdministratorsSid, WinLocalSystemSid, PSECURITY_DESCRIPTOR, SECURITY_ATTRIBUTES,
+    SID_AND_ATTRIBUTES, TOKEN_GROUPS, TOKEN_QUERY, TOKEN_USER,
+};
 use windows_sys::Win32::Storage::FileSystem::{FILE_FLAG_FIRST_PIPE_INSTANCE, PIPE_ACCESS_DUPLEX};
 use windows_sys::Win32::System::Pipes::{
     ConnectNamedPipe, CreateNamedPipeW, GetNamedPipeClientProcessId, PIPE_READMODE_BYTE,
     PIPE_REJECT_REMOTE_CLIENTS, PIPE_TYPE_BYTE, PIPE_UNLIMITED_INSTANCES, PIPE_WAIT,
+};
+use windows_sys::Win32::System::SystemServices::SE_GROUP_ENABLED;
+use windows_sys::Win32::System::Threading::{
+    GetCurrentProcess, OpenProcess, OpenProcessToken, PROCESS_QUERY_LIMITED_INFORMATION,
 };
 
 /// Bytes each direction buffers.
@@ -176,4 +185,94 @@ pub fn connect_pipe(name: &Path) -> io::Result<File> {
             r => return r,
         }
     }
+}
+
+/// Who a pipe client is, from its process's token.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Peer {
+    /// It runs as the same user as this process.
+    pub same_user: bool,
+    /// It runs as SYSTEM, or as an Administrator with the group enabled (elevated).
+    pub admin_or_system: bool,
+}
+
+/// The token information `class` of `token`, in a buffer aligned for the structures it holds.
+fn token_info(token: &OwnedHandle, class: i32) -> io::Result<Vec<u64>> {
+    let mut len = 0u32;
+    // SAFETY: a size query: no buffer, `len` receives the size needed.
+    unsafe { GetTokenInformation(token.as_raw_handle(), class, ptr::null_mut(), 0, &mut len) };
+    let mut buf = vec![0u64; (len as usize).div_ceil(8).max(1)];
+    let size = u32::try_from(buf.len() * 8).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: `buf` has `size` bytes, 8-aligned, alive for the call.
+    let ok = unsafe {
+        GetTokenInformation(
+            token.as_raw_handle(),
+            class,
+            buf.as_mut_ptr().cast(),
+            size,
+            &mut len,
+        )
+    };
+    if ok == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(buf)
+}
+
+/// The token of process `process` (a handle with query rights).
+fn token_of(process: HANDLE) -> io::Result<OwnedHandle> {
+    let mut token = ptr::null_mut();
+    // SAFETY: `process` is a valid process handle for the call; the token handle returned is
+    // checked, then owned.
+    let ok = unsafe { OpenProcessToken(process, TOKEN_QUERY, &mut token) };
+    if ok == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a valid handle that nothing else owns.
+    Ok(unsafe { OwnedHandle::from_raw_handle(token) })
+}
+
+/// Who runs process `pid`, compared with this process's user.
+pub fn peer_identity(pid: u32) -> io::Result<Peer> {
+    // SAFETY: OpenProcess returns a handle or null, checked before it is owned.
+    let process = unsafe { OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid) };
+    if process.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a valid handle that nothing else owns.
+    let process = unsafe { OwnedHandle::from_raw_handle(process) };
+    let theirs = token_of(process.as_raw_handle())?;
+    // SAFETY: the pseudo-handle of this process, valid always, never closed.
+    let mine = token_of(unsafe { GetCurrentProcess() })?;
+    let (their_user, my_user) = (
+        token_info(&theirs, TokenUser)?,
+        token_info(&mine, TokenUser)?,
+    );
+    // SAFETY: each buffer starts with the TOKEN_USER GetTokenInformation wrote; its SID
+    // points inside the same buffer, alive for these calls.
+    let (same_user, system) = unsafe {
+        let theirs = (*their_user.as_ptr().cast::<TOKEN_USER>()).User.Sid;
+        let mine = (*my_user.as_ptr().cast::<TOKEN_USER>()).User.Sid;
+        (
+            EqualSid(theirs, mine) != 0,
+            IsWellKnownSid(theirs, WinLocalSystemSid) != 0,
+        )
+    };
+    let groups = token_info(&theirs, TokenGroups)?;
+    // SAFETY: the buffer starts with the TOKEN_GROUPS GetTokenInformation wrote, followed by
+    // its GroupCount entries; the SIDs point inside the same buffer.
+    let admin = unsafe {
+        let g = groups.as_ptr().cast::<TOKEN_GROUPS>();
+        let count = (*g).GroupCount as usize;
+        let first = ptr::addr_of!((*g).Groups).cast::<SID_AND_ATTRIBUTES>();
+        (0..count).any(|i| {
+            let e = &*first.add(i);
+            e.Attributes & (SE_GROUP_ENABLED as u32) != 0
+                && IsWellKnownSid(e.Sid, WinBuiltinAdministratorsSid) != 0
+        })
+    };
+    Ok(Peer {
+        same_user,
+        admin_or_system: system || admin,
+    })
 }
