@@ -65,6 +65,25 @@ fn wine() -> &'static Wine {
         };
         // The prefix is made by the first program Wine runs.
         ok(&mut wine.vdk(&["--version"]));
+        // Services do not get WINEDLLOVERRIDES from whoever starts them: the prefix's own
+        // setting chooses the stand-in for them too.
+        let mut reg = Command::new(&wine.loader);
+        reg.args(["reg", "add", r"HKCU\Software\Wine\DllOverrides"])
+            .args(["/v", "bcryptprimitives", "/d", "native,builtin", "/f"])
+            .env("WINEPREFIX", &wine.prefix)
+            .env("WINEDEBUG", "-all");
+        ok(&mut reg);
+        // And the session that made the prefix ends here: its service manager cannot start
+        // services installed later (they fail with 1053); the next session's can.
+        let server = wine.loader.with_file_name("wineserver64");
+        for flag in ["-k", "-w"] {
+            let _ = Command::new(&server)
+                .arg(flag)
+                .env("WINEPREFIX", &wine.prefix)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         wine
     })
 }
@@ -763,8 +782,10 @@ fn the_daemon_runs_as_a_windows_service_and_a_service_stop_closes_its_disks() {
         c.env("WINEPREFIX", &wine().prefix)
             .env("WINEDEBUG", "-all")
             .env("WINEDLLOVERRIDES", "bcryptprimitives=n,b");
-        ok(&mut c)
+        out(&mut c)
     };
+    // Its state as `sc query` says it.
+    let state = || text(&sc(&["query", "vdk"]));
     let said = ok(&mut wine().vdk(&[
         "daemon",
         "--install-service",
@@ -773,25 +794,34 @@ fn the_daemon_runs_as_a_windows_service_and_a_service_stop_closes_its_disks() {
     ]));
     let _installed = Installed;
     assert!(said.contains("installed the vdk service"), "{said}");
-    let query = sc(&["query", "vdk"]);
-    assert!(query.contains("WIN32_OWN_PROCESS"), "{query}");
-    sc(&["start", "vdk"]);
+    assert!(state().contains("WIN32_OWN_PROCESS"), "{}", state());
+    // (A new Wine session may have started it already: it starts at boot, and Wine's service
+    // manager counts a session's start as one. Either way its pipe must come.)
+    let started = sc(&["start", "vdk"]);
     let pipe = r"\\.\pipe\vdk";
-    wait_for(60, "the service's pipe", || {
+    let service_up = || {
         out(&mut wine().vdk(&["list", "--socket", pipe]))
             .status
             .success()
             && TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !service_up() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service did not come up: sc start said {}; sc query says {}",
+            text(&started),
+            state()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let image = d.join("service.img");
     let disk = ask(pipe, &["open", &win(&image), "16M", "--attach", "none"]);
     let uri = disk["nbd"][0].as_str().unwrap().to_owned();
     qemu_io("raw", &uri, &["write -P 0x4b 0 2M"]);
     // A service stop closes the disk (flushing it) before the daemon exits.
     sc(&["stop", "vdk"]);
-    wait_for(60, "the service to stop", || {
-        sc(&["query", "vdk"]).contains("STOPPED")
-    });
+    wait_for(60, "the service to stop", || state().contains("STOPPED"));
     qemu_io("raw", s(&image), &["read -P 0x4b 0 2M"]);
     let said = ok(&mut wine().vdk(&["daemon", "--uninstall-service"]));
     assert!(said.contains("removed"), "{said}");
