@@ -101,17 +101,26 @@ impl Daemon {
             portal,
             chap: Some(chap),
         };
+        // A CD-ROM is found by the serial number its INQUIRY reports.
+        let serial = disk
+            .cdrom
+            .then(|| vdk_scsi::Identity::from_name(&disk.id, vdk_scsi::DeviceType::CdRom).serial);
         let said = initiator::run(
             "logging Windows' iSCSI initiator in",
-            &initiator::login_script(&login),
+            &initiator::login_script(&login, serial.as_deref()),
         )?;
         lock(&disk.state).session = Some(iqn.clone());
+        if disk.cdrom {
+            let c = initiator::cdrom_letter(&said)?;
+            info!(id = %disk.id, target = %iqn, drive = %c, "Windows' initiator logged in");
+            // The drive (and its letter) stays while discs come and go: it is the device,
+            // not a mount that would stop `vdk eject`.
+            lock(&disk.state).block_device = Some(PathBuf::from(format!("{c}:\\")));
+            return Ok(());
+        }
         let n = initiator::disk_number(&said)?;
         info!(id = %disk.id, target = %iqn, disk = n, "Windows' initiator logged in");
         lock(&disk.state).block_device = Some(PathBuf::from(initiator::device_path(n)));
-        if disk.cdrom {
-            return Ok(());
-        }
         initiator::run(
             "bringing the disk online",
             &initiator::online_script(n, disk.read_only),

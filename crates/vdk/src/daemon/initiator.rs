@@ -28,9 +28,10 @@ fn quoted(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// The script that adds the portal (once), logs in, and prints the number of the disk the
-/// session brought.
-pub fn login_script(l: &Login) -> String {
+/// The script that adds the portal (once), logs in, and prints what the session brought: the
+/// number of its disk, or for a CD-ROM (`cdrom_serial`: the serial number its INQUIRY
+/// reports) the drive letter Windows gave it.
+pub fn login_script(l: &Login, cdrom_serial: Option<&str>) -> String {
     let (addr, port) = (quoted(&l.portal.ip().to_string()), l.portal.port());
     let mut s = String::from("$ErrorActionPreference = 'Stop'\n");
     let _ = writeln!(
@@ -54,6 +55,18 @@ pub fn login_script(l: &Login) -> String {
         );
     }
     s.push_str(" | Out-Null\n");
+    if let Some(serial) = cdrom_serial {
+        // A CD/DVD drive is no Get-Disk disk: found by the serial number it reports.
+        let _ = writeln!(
+            s,
+            "$cd = $null; foreach ($i in 1..100) {{ $cd = Get-CimInstance Win32_CDROMDrive | \
+             Where-Object {{ \"$($_.SerialNumber)\".Trim() -eq {} }} | Select-Object -First 1; \
+             if ($cd -and $cd.Drive) {{ break }}; Start-Sleep -Milliseconds 100 }}",
+            quoted(serial)
+        );
+        s.push_str("if (-not $cd) { throw 'the session brought no CD/DVD drive' }\n$cd.Drive\n");
+        return s;
+    }
     let _ = writeln!(
         s,
         "$disk = $null; foreach ($i in 1..100) {{ $disk = Get-IscsiSession | Where-Object \
@@ -63,6 +76,24 @@ pub fn login_script(l: &Login) -> String {
     );
     s.push_str("if (-not $disk) { throw 'the session brought no disk' }\n$disk.Number\n");
     s
+}
+
+/// The drive letter the CD-ROM login script printed last (`E:`).
+pub fn cdrom_letter(stdout: &str) -> Result<char, ApiError> {
+    let last = stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("");
+    drive_letter(last).map_err(|_| {
+        ApiError::new(
+            ErrorKind::Io,
+            format!(
+                "the iSCSI initiator logged in, but no CD/DVD drive letter came back ({:?})",
+                stdout.trim()
+            ),
+        )
+    })
 }
 
 /// Reads the disk number the login script printed last.
@@ -223,7 +254,7 @@ mod tests {
 
     #[test]
     fn login_adds_the_portal_once_logs_in_with_chap_and_prints_the_disk() {
-        let s = login_script(&login());
+        let s = login_script(&login(), None);
         assert!(s.contains(
             "New-IscsiTargetPortal -TargetPortalAddress '127.0.0.1' -TargetPortalPortNumber 3260"
         ));
@@ -232,11 +263,23 @@ mod tests {
         // Quotes in a secret cannot end the literal.
         assert!(s.contains("-ChapUsername 'vdk' -ChapSecret 'it''s-a-secret16'"));
         assert!(s.trim_end().ends_with("$disk.Number"));
-        let open = login_script(&Login {
-            chap: None,
-            ..login()
-        });
+        let open = login_script(
+            &Login {
+                chap: None,
+                ..login()
+            },
+            None,
+        );
         assert!(!open.contains("CHAP"));
+        let cd = login_script(&login(), Some("00ab12cd34ef5678"));
+        assert!(cd.contains("Win32_CDROMDrive") && cd.contains("-eq '00ab12cd34ef5678'"));
+        assert!(cd.trim_end().ends_with("$cd.Drive") && !cd.contains("Get-Disk"));
+    }
+
+    #[test]
+    fn the_cdrom_letter_is_the_last_line() {
+        assert_eq!(cdrom_letter("E:\r\n").unwrap(), 'E');
+        assert!(cdrom_letter("").is_err());
     }
 
     #[test]
