@@ -9,13 +9,13 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use common::admin::{exit_within, qemu_io, qemu_json, s, same_raw, Guard};
-use common::{need, pki, run, stdout, wait_for};
+use common::{free_port, need, pki, run, stdout, wait_for};
 
 const TARGET: &str = "x86_64-pc-windows-gnu";
 
@@ -135,14 +135,6 @@ impl Wine {
 /// `p` as Windows programs under Wine name it: drive Z: is the Linux root.
 fn win(p: &Path) -> String {
     format!("Z:{}", s(p).replace('/', "\\"))
-}
-
-/// A loopback port nobody listens on.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// `vdk.exe serve ARGS --listen SCHEME://127.0.0.1:PORT` on a free port with `env` added,

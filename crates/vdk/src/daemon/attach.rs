@@ -79,7 +79,7 @@ impl Daemon {
             )));
         }
         if !force {
-            if let Some(at) = mount::first_data(&*disk.device)? {
+            if let Some(at) = disk.first_data()? {
                 let holds = match mount::probe_fs(&dev) {
                     Some(t) => format!("holds {t}"),
                     None => format!("holds data (from byte {at})"),
@@ -143,7 +143,7 @@ impl Daemon {
             return Ok(());
         }
         let dev = disk.block_device()?;
-        if fs.is_none() && mount::first_data(&*disk.device)?.is_none() {
+        if fs.is_none() && disk.first_data()?.is_none() {
             let image = lock(&disk.medium).image.clone();
             return Err(invalid(if disk.read_only {
                 format!(

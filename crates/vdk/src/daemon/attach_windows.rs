@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 use vdk_core::sync::lock;
-use vdk_core::BlockDevice;
 
 use super::disks::Disk;
 use super::initiator::{self, Login};
@@ -72,15 +71,20 @@ impl Daemon {
     /// ones of its own), logs Windows' initiator in, brings the disk online, formats it or
     /// gives it a letter if asked.
     pub(super) fn attach_iscsi(&self, disk: &Disk, req: &OpenRequest) -> Result<(), ApiError> {
-        let chap = match self.iscsi.chap() {
-            Some(c) => (
-                c.user.clone(),
-                String::from_utf8_lossy(&c.secret).into_owned(),
-            ),
-            None => (format!("vdk-{}", disk.id), initiator::new_secret()),
-        };
+        let creds = self
+            .iscsi
+            .chap()
+            .cloned()
+            .unwrap_or_else(|| vdk_iscsi::chap::Credentials {
+                user: format!("vdk-{}", disk.id),
+                secret: initiator::new_secret().into_bytes(),
+            });
+        let chap = (
+            creds.user.clone(),
+            String::from_utf8_lossy(&creds.secret).into_owned(),
+        );
         let auth = vdk_iscsi::Auth {
-            chap: vdk_iscsi::chap::Credentials::parse(&format!("{}:{}", chap.0, chap.1)),
+            chap: Some(creds),
             ..Default::default()
         };
         let lun = self.iscsi.expose(
@@ -132,13 +136,7 @@ impl Daemon {
             .transpose()?;
         if let Some(fs) = &req.mkfs {
             let fs = initiator::file_system(fs)?;
-            if !req.force
-                && vdk_core::first_data_in(&*disk.device, 0, disk.device.info().size)
-                    .map_err(|e| {
-                        ApiError::new(ErrorKind::Io, format!("cannot read the disk: {e}"))
-                    })?
-                    .is_some()
-            {
+            if !req.force && disk.first_data()?.is_some() {
                 return Err(ApiError::new(
                     ErrorKind::Busy,
                     format!(

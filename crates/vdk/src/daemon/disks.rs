@@ -79,6 +79,15 @@ pub struct Disk {
 }
 
 impl Disk {
+    /// Where the first byte that is not zero is on the disk, or `None` for a blank one (all
+    /// of it unallocated or zeroes): what formatting may erase. Reads only what its extents
+    /// call data.
+    pub fn first_data(&self) -> Result<Option<u64>, ApiError> {
+        use vdk_core::BlockDevice;
+        vdk_core::first_data_in(&*self.device, 0, self.device.info().size)
+            .map_err(|e| ApiError::new(ErrorKind::Io, format!("cannot read the disk: {e}")))
+    }
+
     /// Whether `path` names this disk: its image, its key, or its cow overlay.
     fn is(&self, path: &Path) -> bool {
         lock(&self.medium).image == path

@@ -328,13 +328,6 @@ pub fn loop_uses(file: &Path) -> Vec<String> {
     found
 }
 
-/// Where the first byte that is not zero is on `dev`, or `None` for a blank disk (all of it
-/// unallocated or zeroes). Reads only what its extents call data.
-pub fn first_data(dev: &dyn vdk_core::BlockDevice) -> Result<Option<u64>, ApiError> {
-    vdk_core::first_data_in(dev, 0, dev.info().size)
-        .map_err(|e| ApiError::new(ErrorKind::Io, format!("cannot read the disk: {e}")))
-}
-
 /// What `blkid` says is on `dev` ("a file system (ext4)", "a partition table (dos)"), if
 /// it recognises anything.
 pub fn probe_fs(dev: &Path) -> Option<String> {

@@ -778,3 +778,11 @@ pub fn iscsi_test_cu_all(url: &str) {
     assert!(passed >= total - KNOWN_FAILURES.len() as u32, "{summary}");
     eprintln!("iscsi-test-cu -t ALL: {passed} of {total} passed");
 }
+
+/// A loopback port nobody listens on (for a server that must be told one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}

@@ -6,7 +6,7 @@
 //! ~/.local/share/vdk-test, or `$VDK_TEST_TOOLS`; a missing one fails the test saying so.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -59,13 +59,6 @@ pub struct S3 {
     pub dir: TempDir,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 impl S3 {
     /// moto_server.
     pub fn moto() -> S3 {
@@ -80,7 +73,7 @@ impl S3 {
     fn start_new(kind: Kind) -> S3 {
         let mut s = S3 {
             kind,
-            port: free_port(),
+            port: super::free_port(),
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
         };
