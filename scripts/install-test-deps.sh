@@ -30,6 +30,10 @@ packages=(
   iproute2        # ip: a network namespace for the half-open TCP connection test
   gcc-mingw-w64-x86-64  # the Windows build: vdk.exe's link and its TLS library's C code
   wine64          # runs vdk.exe in the Windows tests (tests/windows.rs)
+  libclang-dev    # libublk's build reads the kernel's ublk_cmd.h with bindgen
+  busybox-static  # the throwaway guest of the kernel-attach tests (../shared/vm/vmrun.sh) ...
+  kmod            # ... loads ublk_drv and nbd in it
+  nbd-client      # the kernel NBD client's own tool, beside vdk's attach, in the guest
 )
 
 missing=()
@@ -63,6 +67,24 @@ if ! dpkg-query -W -f='${Status} ${Version}\n' qemu-block-extra 2>/dev/null \
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
       "qemu-block-extra=$qemu_version" qemu-utils
   fi
+fi
+
+# The guest's QEMU, from where qemu-utils came from (its data files must match it).
+if ! dpkg-query -W -f='${Status} ${Version}\n' qemu-system-x86 2>/dev/null \
+    | grep -qx "install ok installed $qemu_version"; then
+  echo "installing: qemu-system-x86=$qemu_version"
+  codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+  from=()
+  case "$qemu_version" in *bpo*) from=(-t "$codename-backports") ;; esac
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${from[@]}" "qemu-system-x86=$qemu_version"
+fi
+# The guest's kernel and initramfs, made once by vmrun.sh itself (it downloads Debian's
+# kernel package); done here so that parallel tests do not race to make them.
+vmrun="$(cd "$(dirname "$0")/../.." && pwd)/shared/vm/vmrun.sh"
+if [ -x "$vmrun" ] && [ ! -e "${VMKIT:-/var/tmp/vmkit}/initrd.gz" ]; then
+  echo "preparing the test guest's kernel"
+  (cd "$(mktemp -d)" && "$vmrun" true)
 fi
 
 if command -v rustup >/dev/null 2>&1; then

@@ -12,6 +12,7 @@
 pub mod fuse;
 #[allow(unsafe_code)]
 pub mod loopdev;
+pub mod ublk;
 
 use std::fmt;
 use std::io;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 pub use fuse::FuseExport;
 pub use loopdev::{LoopDevice, LoopOptions};
+pub use ublk::Ublk;
 use vdk_core::BlockDevice;
 
 /// A way of giving the kernel a block device for a disk.

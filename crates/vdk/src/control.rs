@@ -148,6 +148,12 @@ pub struct SnapshotReport {
 #[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Attach {
+    /// ublk when this kernel has it (`/dev/ublk-control`), else fuse-loop (needs root).
+    /// A request's word only: the disk's status says which one it got.
+    Auto,
+    /// A ublk block device (`/dev/ublkbN`; needs root and the kernel's ublk_drv), which
+    /// outlives a crash of the daemon: the next one takes it over.
+    Ublk,
     /// A loop device over a file of the daemon's FUSE export (`/dev/loopN`; needs root).
     FuseLoop,
     /// Windows: the disk served as an iSCSI LUN on loopback and Windows' own initiator logged
@@ -161,10 +167,19 @@ impl Attach {
     /// Its name in requests and on the command line.
     pub fn name(self) -> &'static str {
         match self {
+            Attach::Auto => "auto",
+            Attach::Ublk => "ublk",
             Attach::FuseLoop => "fuse-loop",
             Attach::Iscsi => "iscsi",
             Attach::None => "none",
         }
+    }
+}
+
+impl Attach {
+    /// Whether the disk gets a Linux block device of vdk's own (ublk, fuse-loop).
+    pub fn is_block_device(self) -> bool {
+        matches!(self, Attach::Ublk | Attach::FuseLoop)
     }
 }
 
@@ -178,11 +193,15 @@ impl std::str::FromStr for Attach {
     type Err = String;
     fn from_str(s: &str) -> Result<Attach, String> {
         match s {
+            "auto" => Ok(Attach::Auto),
+            "ublk" => Ok(Attach::Ublk),
             "fuse-loop" => Ok(Attach::FuseLoop),
             "iscsi" => Ok(Attach::Iscsi),
             "none" => Ok(Attach::None),
             _ if cfg!(windows) => Err(format!("unknown attach mode {s:?}: use iscsi or none")),
-            _ => Err(format!("unknown attach mode {s:?}: use fuse-loop or none")),
+            _ => Err(format!(
+                "unknown attach mode {s:?}: use auto, ublk, fuse-loop or none"
+            )),
         }
     }
 }

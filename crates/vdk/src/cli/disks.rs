@@ -124,8 +124,9 @@ pub struct OpenArgs {
     /// With --mkfs: format even a disk that holds data (it is erased).
     #[arg(long, requires = "mkfs")]
     force: bool,
-    /// How the kernel sees the disk: fuse-loop (a /dev/loopN; needs root, the default for
-    /// root) or none (NBD only, the default for other users). On Windows: iscsi (the
+    /// How the kernel sees the disk: auto (the default for root: ublk if the kernel has it,
+    /// else fuse-loop), ublk (a /dev/ublkbN that survives a daemon crash), fuse-loop (a
+    /// /dev/loopN), or none (NBD only, the default for other users). On Windows: iscsi (the
     /// default; Windows' own initiator logged in to the disk's LUN, as Administrator) or none.
     #[arg(long, value_name = "MODE")]
     attach: Option<String>,

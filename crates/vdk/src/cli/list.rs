@@ -46,7 +46,7 @@ const COLUMNS: &[(Column, &str, &str)] = &[
     (
         Column::Attach,
         "ATTACH",
-        "how the kernel sees it: fuse-loop or none",
+        "how the kernel sees it: ublk, fuse-loop, iscsi or none",
     ),
     (Column::Device, "DEVICE", "its block device"),
     (Column::Mount, "MOUNT", "where its file system is mounted"),

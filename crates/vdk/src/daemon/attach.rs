@@ -98,11 +98,11 @@ impl Daemon {
         mount::mkfs(fs, &dev)
     }
 
-    /// Gives a disk its block device (fuse-loop).
+    /// Gives a disk its block device (ublk or fuse-loop, as it asked).
     pub(super) fn attach(&self, disk: &Disk) -> Result<(), ApiError> {
-        let attached = self
-            .attacher
-            .attach(&disk.id, disk.device.clone(), disk.read_only)?;
+        let attached =
+            self.attacher
+                .attach(disk.attach, &disk.id, disk.device.clone(), disk.read_only)?;
         let dev = attached.block_device();
         let mut st = lock(&disk.state);
         st.block_device = Some(dev);

@@ -1,17 +1,26 @@
-//! Block devices for disks (fuse-loop): the daemon's FUSE export, mounted on first use, and
-//! a loop device over a file of it for each disk.
+//! Block devices for disks: ublk, or fuse-loop (the daemon's FUSE export, mounted on first
+//! use, and a loop device over a file of it for each disk).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tracing::info;
-use vdk_attach::{Attach, Attached, FuseExport, FuseLoop};
+use vdk_attach::{Attach as _, Attached, FuseExport, FuseLoop, Ublk};
 use vdk_core::sync::lock;
 use vdk_core::BlockDevice;
 
-use crate::control::ApiError;
+use crate::control::{ApiError, Attach, ErrorKind};
 
-/// Attaches disks as loop devices over the daemon's FUSE export.
+/// What `--attach auto` means on this kernel: ublk where it has the driver, else fuse-loop.
+pub fn auto() -> Attach {
+    if Ublk::new().is_ok() {
+        Attach::Ublk
+    } else {
+        Attach::FuseLoop
+    }
+}
+
+/// Attaches disks as ublk devices, or as loop devices over the daemon's FUSE export.
 #[derive(Debug)]
 pub struct Attacher {
     /// Where the FUSE export is mounted.
@@ -43,17 +52,30 @@ impl Attacher {
         Ok(a)
     }
 
-    /// Gives the disk `id` (serving `device`) a block device.
+    /// Gives the disk `id` (serving `device`) a block device of the `kind` asked for.
     pub fn attach(
         &self,
+        kind: Attach,
         id: &str,
         device: Arc<dyn BlockDevice>,
         read_only: bool,
     ) -> Result<Box<dyn Attached>, ApiError> {
-        let attached = self
-            .fuse_loop()?
-            .attach(id, device, read_only)
-            .map_err(|e| ApiError::io("cannot attach a loop device", &e))?;
+        let attached = match kind {
+            Attach::Ublk => Ublk::new()
+                .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?
+                .attach(id, device, read_only)
+                .map_err(|e| ApiError::io("cannot attach a ublk device", &e))?,
+            Attach::FuseLoop => self
+                .fuse_loop()?
+                .attach(id, device, read_only)
+                .map_err(|e| ApiError::io("cannot attach a loop device", &e))?,
+            other => {
+                return Err(ApiError::new(
+                    ErrorKind::Unsupported,
+                    format!("--attach {other} gives no block device of vdk's own"),
+                ))
+            }
+        };
         info!(id, dev = %attached.block_device().display(), "attached");
         Ok(attached)
     }

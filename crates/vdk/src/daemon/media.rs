@@ -14,7 +14,7 @@ use vdk_core::sync::lock;
 use super::disks::{Disk, Medium};
 use super::nbd::ExportSpec;
 use super::{tracked, Daemon};
-use crate::control::{ApiError, Attach, DiskStatus, ErrorKind};
+use crate::control::{ApiError, DiskStatus, ErrorKind};
 
 /// Shorthand for the wrong-argument error.
 fn invalid(msg: impl Into<String>) -> ApiError {
@@ -166,7 +166,7 @@ impl Daemon {
             description: format!("vdk disk {}: {shown}", disk.id),
         };
         self.nbd.export(spec, disk.device.clone())?;
-        if disk.attach == Attach::FuseLoop {
+        if disk.attach.is_block_device() {
             self.attach(&disk)?;
         }
         info!(id = %disk.id, image = %shown, "disc inserted");

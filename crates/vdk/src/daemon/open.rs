@@ -43,7 +43,7 @@ impl Asked {
         let root = rustix::process::geteuid().is_root();
         let attach = match req.attach {
             #[cfg(target_os = "linux")]
-            None if root => Attach::FuseLoop,
+            None | Some(Attach::Auto) if root => super::attacher::auto(),
             #[cfg(windows)]
             None => Attach::Iscsi,
             #[cfg(not(windows))]
@@ -57,21 +57,33 @@ impl Asked {
                 ))
             }
             #[cfg(target_os = "linux")]
-            Some(Attach::FuseLoop) if !root => {
+            Some(a @ (Attach::FuseLoop | Attach::Ublk | Attach::Auto)) if !root => {
                 return Err(ApiError::new(
                     ErrorKind::Permission,
-                    "attaching a block device (fuse-loop) needs root; \
-                     use --attach none to serve the disk over NBD only",
+                    format!(
+                        "attaching a block device ({a}) needs root; \
+                         use --attach none to serve the disk over NBD only"
+                    ),
+                ))
+            }
+            #[cfg(target_os = "linux")]
+            Some(Attach::Ublk) => {
+                vdk_attach::Ublk::new()
+                    .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?;
+                Attach::Ublk
+            }
+            #[cfg(not(target_os = "linux"))]
+            Some(a @ (Attach::FuseLoop | Attach::Ublk)) => {
+                return Err(ApiError::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "{a} block devices are Linux's: on Windows serve the disk with \
+                         --attach iscsi or none"
+                    ),
                 ))
             }
             #[cfg(not(target_os = "linux"))]
-            Some(Attach::FuseLoop) => {
-                return Err(ApiError::new(
-                    ErrorKind::Unsupported,
-                    "fuse-loop block devices are Linux's: on Windows serve the disk with \
-                     --attach none, and --iscsi for Windows' iSCSI initiator",
-                ))
-            }
+            Some(Attach::Auto) => Attach::Iscsi,
             Some(a) => a,
         };
         let format = req
@@ -381,7 +393,7 @@ impl Daemon {
             )?;
             *lock(&disk.iscsi) = Some(lun);
         }
-        if disk.attach == Attach::FuseLoop {
+        if disk.attach.is_block_device() {
             self.attach(disk)?;
         }
         if let Some(fs) = &req.mkfs {

@@ -1,0 +1,192 @@
+//! Block devices through kernel drivers this host lacks (ublk), proven in a throwaway guest:
+//! `../shared/vm/vmrun.sh` boots Debian's 6.12 kernel under QEMU with this host's root read
+//! only and a scratch directory read-write, and runs a shell script there as root. The
+//! scripts drive the vdk binary built here with real tools: mkfs, mount, fsx, fio, e2fsck.
+//! Timings inside the software-emulated guest mean nothing; nothing here times anything.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{need, path_env, stdout};
+
+/// The guest runner, beside the project (`../shared/vm/vmrun.sh`), or `VDK_VMRUN`.
+fn vmrun() -> PathBuf {
+    let path = std::env::var_os("VDK_VMRUN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vm/vmrun.sh"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "these tests boot a guest with {} (or VDK_VMRUN): it is missing",
+        path.display()
+    );
+    need("qemu-system-x86_64");
+    need("busybox");
+    path
+}
+
+/// The absolute path of `tool` here (the guest sees this host's root).
+fn tool(name: &str) -> String {
+    need(name);
+    let found = stdout(
+        Command::new("sh")
+            .args(["-c", &format!("command -v {name}")])
+            .env("PATH", format!("{}:/root/.cargo/bin", path_env())),
+    );
+    found.trim().to_owned()
+}
+
+/// Runs `script` in a guest, in a scratch directory of its own; what it printed. The script
+/// runs under `sh -eu` with `$V` the vdk binary, `$FSX` fsx, `$FIO` fio; it fails the test
+/// by failing.
+fn guest(script: &str) -> String {
+    let runner = vmrun();
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "set -eu\nV={}\nFSX={}\nFIO={}\n{script}",
+        env!("CARGO_BIN_EXE_vdk"),
+        tool("fsx"),
+        tool("fio"),
+    );
+    std::fs::write(dir.path().join("test.sh"), body).unwrap();
+    let out = Command::new(runner)
+        .arg("sh test.sh")
+        .current_dir(dir.path())
+        .env("VM_MEM", "768")
+        .output()
+        .expect("run vmrun.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the guest script failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
+/// fsx settings for a file system and for a block device (fixed size, any offset).
+const FSX_CONFIGS: &str = r#"
+cat > fsx-fs.toml <<'E'
+flen = 8388608
+[opsize]
+max = 262144
+[weights]
+close_open = 1
+truncate = 2
+posix_fallocate = 1
+punch_hole = 1
+fsync = 1
+invalidate = 1
+E
+cat > fsx-dev.toml <<'E'
+blockmode = true
+nosizechecks = true
+[opsize]
+max = 524288
+[weights]
+close_open = 0
+truncate = 0
+posix_fallocate = 0
+read = 10
+write = 10
+mapread = 2
+mapwrite = 2
+punch_hole = 0
+fsync = 1
+fdatasync = 1
+E
+"#;
+
+#[test]
+fn a_ublk_disk_is_formatted_mounted_exercised_closed_and_reopened_intact() {
+    let out = guest(&format!(
+        r#"{FSX_CONFIGS}
+# Without the driver: a clear refusal naming it.
+if msg=$($V open none.img 16M --attach ublk 2>&1); then echo "attached without ublk_drv"; exit 1; fi
+echo "$msg" | grep -q ublk_drv || {{ echo "unclear refusal: $msg"; exit 1; }}
+modprobe ublk_drv
+# auto picks ublk where the kernel has it.
+$V open d.img 128M --mkfs ext4 --mount /tmp/m --json > open.json
+grep -q '"attach": "ublk"' open.json || {{ cat open.json; exit 1; }}
+dev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' open.json)
+case "$dev" in /dev/ublkb*) ;; *) echo "device $dev"; exit 1 ;; esac
+findmnt -n -o SOURCE /tmp/m | grep -qx "$dev"
+# A second attach of the open disk is refused.
+if $V open d.img --attach ublk 2>err; then echo "attached twice"; exit 1; fi
+grep -q "already open" err
+echo hello > /tmp/m/small
+dd if=/dev/urandom of=/tmp/m/big bs=1M count=24 status=none
+$FSX -q -S 7 -N 3000 -f fsx-fs.toml -P fsx-fs /tmp/m/fsx.bin
+here=$PWD
+(cd /tmp/m && sha256sum small big fsx.bin) > sums
+$V close d.img
+test ! -e "$dev"
+if findmnt /tmp/m >/dev/null; then echo "still mounted"; exit 1; fi
+e2fsck -fn d.img
+$V open d.img --attach ublk --mount /tmp/m >/dev/null
+(cd /tmp/m && sha256sum -c --quiet "$here/sums")
+$V close d.img
+# fsx straight on the block device: reads, writes, mapped I/O, fsync. (It punches holes at
+# any byte; a block device takes whole sectors: blkdiscard does that below.)
+$V create b.img 32M >/dev/null
+$V open b.img --attach ublk --json > b.json
+bdev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' b.json)
+$FSX -q -S 11 -N 5000 -f fsx-dev.toml -P fsx-dev "$bdev"
+# Discard and write zeroes reach the image: the ranges read back as zeroes there.
+dd if=/dev/urandom of="$bdev" bs=1M count=4 oflag=direct status=none
+blkdiscard -o 1048576 -l 1048576 "$bdev"
+blkdiscard -z -o 2097152 -l 1048576 "$bdev"
+blockdev --flushbufs "$bdev"
+$V close b.img
+cmp -n 2097152 b.img /dev/zero --ignore-initial=1048576:0
+if cmp -s -n 1048576 -i 3145728:0 b.img /dev/zero; then echo "data gone"; exit 1; fi
+$V daemon --stop
+echo UBLK-ROUND-TRIP-OK
+"#
+    ));
+    assert!(out.contains("UBLK-ROUND-TRIP-OK"), "{out}");
+}
+
+#[test]
+fn a_ublk_device_outlives_kill_9_of_its_daemon_and_the_next_one_takes_it_over() {
+    let out = guest(
+        r#"
+modprobe ublk_drv
+$V open d.img 256M --attach ublk --mkfs ext4 --mount /tmp/m --json > open.json
+dev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' open.json)
+# A verifying writer on the mounted file system, with O_DIRECT so that it waits on the device.
+$FIO --name=v --filename=/tmp/m/fio.dat --size=48M --rw=randwrite --bs=4k --ioengine=psync \
+    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
+job=$!
+sleep 3
+kill -0 $job
+daemon=$(pgrep -f "vdk daemon")
+kill -9 $daemon
+sleep 1
+# The device stays while nobody serves it; its I/O waits.
+test -b "$dev"
+kill -0 $job
+# The next daemon (started by vdk open) takes the same device over.
+$V open d.img --attach ublk --json > again.json
+grep -q "\"block_device\": \"$dev\"" again.json || { cat again.json; exit 1; }
+wait $job
+grep -q "err= 0" fio.out || { cat fio.out; exit 1; }
+echo after > /tmp/m/after
+sync
+umount /tmp/m
+$V close d.img
+test ! -e "$dev"
+e2fsck -fn d.img
+ls -R /run/vdk; grep -rh "took over" /run/vdk || true
+$V daemon --stop
+echo UBLK-RECOVERY-OK
+"#,
+    );
+    assert!(out.contains("UBLK-RECOVERY-OK"), "{out}");
+}
