@@ -84,6 +84,20 @@ fn wine() -> &'static Wine {
                 .stderr(Stdio::null())
                 .status();
         }
+        // One program stays for the whole run: a session whose last program exits ends (its
+        // server kills what still runs and refuses what starts meanwhile), which under load
+        // could catch a command of another test starting or exiting at that moment. Wine's
+        // cmd reads its standard input until this process ends and closes the pipe.
+        let keeper = Command::new(&wine.loader)
+            .arg("cmd")
+            .env("WINEPREFIX", &wine.prefix)
+            .env("WINEDEBUG", "-all")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start Wine's cmd");
+        std::mem::forget(keeper);
         wine
     })
 }
@@ -554,6 +568,13 @@ fn image_commands_of_vdk_exe_work_on_windows_paths() {
 }
 
 /// A control pipe of the test's own.
+/// Whether a daemon started with `--listen tcp://127.0.0.1:PORT` is up: it makes its pipe
+/// before it listens. (`vdk list` would not do: with no daemon it says "no disks open", and
+/// a `vdk open` sent too early starts a second daemon of its own on that pipe.)
+fn answers(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
 fn pipe(tag: &str) -> String {
     format!(r"\\.\pipe\vdk-test-{tag}-{}", std::process::id())
 }
@@ -583,9 +604,7 @@ fn the_daemon_under_wine_opens_serves_ejects_and_closes_disks() {
     let daemon_log = || std::fs::read_to_string(d.join("daemon.log")).unwrap_or_default();
     wait_for(60, "the daemon's pipe", || {
         assert!(daemon.try_wait().unwrap().is_none(), "{}", daemon_log());
-        out(&mut wine().vdk(&["list", "--socket", &pipe]))
-            .status
-            .success()
+        answers(nbd)
     });
     // A new image, created by the daemon, written over NBD.
     let image = d.join("data.img");
@@ -710,9 +729,7 @@ fn the_daemon_under_wine_reads_new_certificates_when_asked() {
     ));
     wait_for(60, "the daemon's pipe", || {
         assert!(daemon.try_wait().unwrap().is_none());
-        out(&mut wine().vdk(&["list", "--socket", &pipe]))
-            .status
-            .success()
+        answers(port)
     });
     let disk = ask(
         &pipe,
