@@ -12,6 +12,7 @@
 pub mod fuse;
 #[allow(unsafe_code)]
 pub mod loopdev;
+pub mod nbd;
 pub mod ublk;
 
 use std::fmt;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 
 pub use fuse::FuseExport;
 pub use loopdev::{LoopDevice, LoopOptions};
+pub use nbd::KernelNbd;
 pub use ublk::Ublk;
 use vdk_core::BlockDevice;
 

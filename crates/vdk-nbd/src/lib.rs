@@ -18,6 +18,7 @@
 // Tests build small buffers from constants; production code converts with checks.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
+pub mod client;
 mod export;
 pub mod negotiate;
 pub mod proto;

@@ -156,6 +156,9 @@ pub enum Attach {
     Ublk,
     /// A loop device over a file of the daemon's FUSE export (`/dev/loopN`; needs root).
     FuseLoop,
+    /// The kernel's NBD client on connections to the daemon's own NBD server (`/dev/nbdN`;
+    /// needs root and the kernel's nbd module); a restarted daemon reconnects it.
+    Nbd,
     /// Windows: the disk served as an iSCSI LUN on loopback and Windows' own initiator logged
     /// in to it (a `\\.\PhysicalDriveN`; needs Administrator).
     Iscsi,
@@ -170,6 +173,7 @@ impl Attach {
             Attach::Auto => "auto",
             Attach::Ublk => "ublk",
             Attach::FuseLoop => "fuse-loop",
+            Attach::Nbd => "nbd",
             Attach::Iscsi => "iscsi",
             Attach::None => "none",
         }
@@ -177,9 +181,9 @@ impl Attach {
 }
 
 impl Attach {
-    /// Whether the disk gets a Linux block device of vdk's own (ublk, fuse-loop).
+    /// Whether the disk gets a Linux block device of vdk's own (ublk, nbd, fuse-loop).
     pub fn is_block_device(self) -> bool {
-        matches!(self, Attach::Ublk | Attach::FuseLoop)
+        matches!(self, Attach::Ublk | Attach::FuseLoop | Attach::Nbd)
     }
 }
 
@@ -196,11 +200,12 @@ impl std::str::FromStr for Attach {
             "auto" => Ok(Attach::Auto),
             "ublk" => Ok(Attach::Ublk),
             "fuse-loop" => Ok(Attach::FuseLoop),
+            "nbd" => Ok(Attach::Nbd),
             "iscsi" => Ok(Attach::Iscsi),
             "none" => Ok(Attach::None),
             _ if cfg!(windows) => Err(format!("unknown attach mode {s:?}: use iscsi or none")),
             _ => Err(format!(
-                "unknown attach mode {s:?}: use auto, ublk, fuse-loop or none"
+                "unknown attach mode {s:?}: use auto, ublk, nbd, fuse-loop or none"
             )),
         }
     }

@@ -190,3 +190,56 @@ echo UBLK-RECOVERY-OK
     );
     assert!(out.contains("UBLK-RECOVERY-OK"), "{out}");
 }
+
+#[test]
+fn a_kernel_nbd_disk_round_trips_and_reconnects_to_a_restarted_daemon() {
+    let out = guest(
+        r#"
+# Without the driver: a clear refusal naming it.
+if msg=$($V open none.img 16M --attach nbd 2>&1); then echo "attached without nbd"; exit 1; fi
+echo "$msg" | grep -q "modprobe nbd" || { echo "unclear refusal: $msg"; exit 1; }
+modprobe nbd
+$V open d.img 192M --attach nbd --mkfs ext4 --mount /tmp/m --json > open.json
+grep -q '"attach": "nbd"' open.json || { cat open.json; exit 1; }
+dev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' open.json)
+name=${dev#/dev/}
+# Tagged with the disk, one connection per CPU.
+grep -q . /sys/block/$name/backend
+if $V open d.img --attach nbd 2>err; then echo "attached twice"; exit 1; fi
+grep -q "already open" err
+echo hello > /tmp/m/small
+dd if=/dev/urandom of=/tmp/m/big bs=1M count=16 status=none
+here=$PWD
+(cd /tmp/m && sha256sum small big) > sums
+$V close d.img
+# Disconnected and freed.
+test ! -e /sys/block/$name/backend
+e2fsck -fn d.img
+$V open d.img --attach nbd --mount /tmp/m --json > again.json
+dev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' again.json)
+(cd /tmp/m && sha256sum -c --quiet "$here/sums")
+# kill -9 of the daemon under a verifying writer: the device waits for a new daemon, which
+# gives it new connections.
+$FIO --name=v --filename=/tmp/m/fio.dat --size=32M --rw=randwrite --bs=4k --ioengine=psync \
+    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
+job=$!
+sleep 3
+kill -0 $job
+kill -9 $(pgrep -f "vdk daemon")
+sleep 1
+kill -0 $job
+$V open d.img --attach nbd --json > third.json
+grep -q "\"block_device\": \"$dev\"" third.json || { cat third.json; exit 1; }
+wait $job
+grep -q "err= 0" fio.out || { cat fio.out; exit 1; }
+dmesg | grep -q "reconnected socket"
+(cd /tmp/m && sha256sum -c --quiet "$here/sums")
+umount /tmp/m
+$V close d.img
+e2fsck -fn d.img
+$V daemon --stop
+echo NBD-OK
+"#,
+    );
+    assert!(out.contains("NBD-OK"), "{out}");
+}

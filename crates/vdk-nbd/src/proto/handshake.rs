@@ -37,7 +37,8 @@ pub mod rep {
     pub const INFO: u32 = 3;
     /// One metadata context.
     pub const META_CONTEXT: u32 = 4;
-    const ERR: u32 = 1 << 31;
+    /// The bit every error reply type has.
+    pub const ERR: u32 = 1 << 31;
     /// The option is unknown or not supported.
     pub const ERR_UNSUP: u32 = ERR | 1;
     /// The server forbids this option now.

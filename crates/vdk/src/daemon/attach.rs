@@ -100,9 +100,12 @@ impl Daemon {
 
     /// Gives a disk its block device (ublk or fuse-loop, as it asked).
     pub(super) fn attach(&self, disk: &Disk) -> Result<(), ApiError> {
-        let attached =
-            self.attacher
-                .attach(disk.attach, &disk.id, disk.device.clone(), disk.read_only)?;
+        let attached = self.attacher.attach(
+            disk.attach,
+            (&disk.id, &disk.export),
+            disk.device.clone(),
+            disk.read_only,
+        )?;
         let dev = attached.block_device();
         let mut st = lock(&disk.state);
         st.block_device = Some(dev);

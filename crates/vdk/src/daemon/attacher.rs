@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tracing::info;
-use vdk_attach::{Attach as _, Attached, FuseExport, FuseLoop, Ublk};
+use vdk_attach::nbd::Connect;
+use vdk_attach::{Attach as _, Attached, FuseExport, FuseLoop, KernelNbd, Ublk};
 use vdk_core::sync::lock;
 use vdk_core::BlockDevice;
 
@@ -20,23 +21,36 @@ pub fn auto() -> Attach {
     }
 }
 
-/// Attaches disks as ublk devices, or as loop devices over the daemon's FUSE export.
-#[derive(Debug)]
+/// Attaches disks as ublk devices, kernel NBD devices, or loop devices over the daemon's
+/// FUSE export.
 pub struct Attacher {
     /// Where the FUSE export is mounted.
     dir: PathBuf,
     threads: usize,
     /// The fuse-loop attacher, made (and its FUSE export mounted) on first use.
     fuse_loop: Mutex<Option<Arc<FuseLoop>>>,
+    /// Connections to the daemon's NBD server, for the kernel's NBD client.
+    connect: Connect,
+}
+
+impl std::fmt::Debug for Attacher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attacher")
+            .field("dir", &self.dir)
+            .field("fuse_loop", &self.fuse_loop)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Attacher {
     /// Attaches over a FUSE export on `dir` served by `threads` threads, once asked to.
-    pub fn new(dir: PathBuf, threads: usize) -> Attacher {
+    /// Kernel NBD devices connect through `connect`.
+    pub fn new(dir: PathBuf, threads: usize, connect: Connect) -> Attacher {
         Attacher {
             dir,
             threads,
             fuse_loop: Mutex::new(None),
+            connect,
         }
     }
 
@@ -56,11 +70,15 @@ impl Attacher {
     pub fn attach(
         &self,
         kind: Attach,
-        id: &str,
+        (id, export): (&str, &str),
         device: Arc<dyn BlockDevice>,
         read_only: bool,
     ) -> Result<Box<dyn Attached>, ApiError> {
         let attached = match kind {
+            Attach::Nbd => KernelNbd::new(export, Arc::clone(&self.connect))
+                .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?
+                .attach(id, device, read_only)
+                .map_err(|e| ApiError::io("cannot attach a kernel NBD device", &e))?,
             Attach::Ublk => Ublk::new()
                 .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?
                 .attach(id, device, read_only)

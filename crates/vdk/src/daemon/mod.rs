@@ -112,12 +112,15 @@ pub struct Daemon {
 impl Daemon {
     /// A daemon whose NBD server is `nbd`.
     fn new(paths: Paths, nbd: nbd::NbdFront, config: &Config, recovered: Vec<String>) -> Daemon {
+        #[cfg(target_os = "linux")]
+        let attacher =
+            attacher::Attacher::new(paths.fuse.clone(), config.fuse_threads, nbd.connector());
         Daemon {
             disks: Disks::default(),
             nbd,
             iscsi: iscsi::Front::new(config.iscsi.clone()),
             #[cfg(target_os = "linux")]
-            attacher: attacher::Attacher::new(paths.fuse.clone(), config.fuse_threads),
+            attacher,
             #[cfg(target_os = "linux")]
             fs: userfs::Filesystems::new(paths.clone()),
             changing: Mutex::new(()),

@@ -70,6 +70,18 @@ impl NbdFront {
             .collect()
     }
 
+    /// Opens connections to this server from inside the daemon, for the kernel's NBD client
+    /// (each a socket pair, the server on one end).
+    #[cfg(target_os = "linux")]
+    pub fn connector(&self) -> vdk_attach::nbd::Connect {
+        let server = Arc::clone(&self.server);
+        Arc::new(move || {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+            server.spawn_connection(vdk_nbd::Stream::Unix(theirs));
+            Ok(ours)
+        })
+    }
+
     /// Stops the server: connections finish what they have read, every export is flushed.
     pub fn stop(&self) {
         self.server.shutdown_handle().shutdown();

@@ -57,7 +57,7 @@ impl Asked {
                 ))
             }
             #[cfg(target_os = "linux")]
-            Some(a @ (Attach::FuseLoop | Attach::Ublk | Attach::Auto)) if !root => {
+            Some(a @ (Attach::FuseLoop | Attach::Ublk | Attach::Nbd | Attach::Auto)) if !root => {
                 return Err(ApiError::new(
                     ErrorKind::Permission,
                     format!(
@@ -72,8 +72,19 @@ impl Asked {
                     .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?;
                 Attach::Ublk
             }
+            #[cfg(target_os = "linux")]
+            Some(Attach::Nbd) => {
+                if !std::path::Path::new("/sys/module/nbd").exists() {
+                    return Err(ApiError::new(
+                        ErrorKind::Unsupported,
+                        "--attach nbd needs the kernel's NBD client, and it is not loaded \
+                         (modprobe nbd)",
+                    ));
+                }
+                Attach::Nbd
+            }
             #[cfg(not(target_os = "linux"))]
-            Some(a @ (Attach::FuseLoop | Attach::Ublk)) => {
+            Some(a @ (Attach::FuseLoop | Attach::Ublk | Attach::Nbd)) => {
                 return Err(ApiError::new(
                     ErrorKind::Unsupported,
                     format!(
