@@ -82,6 +82,7 @@ fi
 # The guest's kernel and initramfs, made once by vmrun.sh itself (it downloads Debian's
 # kernel package); done here so that parallel tests do not race to make them.
 vmrun="$(cd "$(dirname "$0")/../.." && pwd)/shared/vm/vmrun.sh"
+[ -x "$vmrun" ] || vmrun=/work/shared/vm/vmrun.sh
 if [ -x "$vmrun" ] && [ ! -e "${VMKIT:-/var/tmp/vmkit}/initrd.gz" ]; then
   echo "preparing the test guest's kernel"
   (cd "$(mktemp -d)" && "$vmrun" true)

@@ -11,10 +11,17 @@ use std::process::Command;
 
 use common::{need, path_env, stdout};
 
-/// The guest runner, beside the project (`../shared/vm/vmrun.sh`), or `VDK_VMRUN`.
+/// The guest runner: `VDK_VMRUN`, or `shared/vm/vmrun.sh` beside the project (or beside
+/// the development checkout, /work, for a clone elsewhere).
 fn vmrun() -> PathBuf {
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vm/vmrun.sh");
     let path = std::env::var_os("VDK_VMRUN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vm/vmrun.sh"),
+        || {
+            [beside.clone(), PathBuf::from("/work/shared/vm/vmrun.sh")]
+                .into_iter()
+                .find(|p| p.exists())
+                .unwrap_or(beside)
+        },
         PathBuf::from,
     );
     assert!(
