@@ -1,10 +1,14 @@
-"""A file system on a vdk block device beside the same on nbdkit + nbdfuse + loop, in one run.
+"""A file system on a vdk block device beside the same on nbdkit + nbdfuse + loop and on the
+kernel's loop device alone, in one run.
 
-Both stacks end in ext4 on a loop device with direct I/O on a FUSE file, over the same kind
-of raw image on the same file system:
+Every stack ends in ext4 on a loop device with direct I/O, over the same kind of raw image on
+the same file system:
 
   vdk:    vdk open IMAGE --mkfs ext4 --mount DIR        (fuse-loop: vdk's own FUSE export)
+  vdk passthrough: the same with VDK_FUSE_PASSTHROUGH=1 (the raw image passed through to its
+          file by the kernel)
   nbdkit: nbdkit file IMAGE, nbdfuse, losetup --direct-io=on, mkfs.ext4, mount
+  kernel loop: losetup --direct-io=on IMAGE, mkfs.ext4, mount   (no user space at all)
 
 fio runs on a file in each mount (libaio, direct I/O, queue depth 16): 4 KiB random read and
 write, 1 MiB sequential read and write. The stacks take turns within each
@@ -37,12 +41,12 @@ def wait_for(path, timeout=20):
 
 
 class VdkStack:
-    def __init__(self, vdk, tmp, size, name="vdk"):
+    def __init__(self, vdk, tmp, size, name="vdk", passthrough=False):
         self.vdk, self.tmp, self.size, self.name = vdk, tmp, size, name
         self.env = dict(os.environ, VDK_SOCKET=os.path.join(tmp, name + "-run", "control.sock"),
-                        RUST_LOG="warn")
-        self.mnt = os.path.join(tmp, name + "-mnt")
-        self.image = os.path.join(tmp, name + ".img")
+                        RUST_LOG="warn", VDK_FUSE_PASSTHROUGH="1" if passthrough else "0")
+        self.mnt = os.path.join(tmp, name.replace(" ", "-") + "-mnt")
+        self.image = os.path.join(tmp, name.replace(" ", "-") + ".img")
 
     def start(self):
         sh(self.vdk, "open", self.image, self.size, "--mkfs", "ext4", "--mount", self.mnt,
@@ -89,6 +93,30 @@ class NbdkitStack:
             p.wait()
 
 
+class KernelLoopStack:
+    """The kernel's own loop device straight on a raw image: the ceiling fuse-loop aims at."""
+    name = "kernel loop"
+
+    def __init__(self, tmp, size):
+        self.tmp, self.size = tmp, size
+        self.mnt = os.path.join(tmp, "loop-mnt")
+        self.image = os.path.join(tmp, "loop.img")
+        self.loop = None
+
+    def start(self):
+        with open(self.image, "wb") as f:
+            f.truncate(parse(self.size))
+        self.loop = sh("losetup", "--direct-io=on", "-f", "--show", self.image).strip()
+        sh("mkfs.ext4", "-q", "-F", self.loop)
+        os.makedirs(self.mnt, exist_ok=True)
+        sh("mount", self.loop, self.mnt)
+
+    def stop(self):
+        subprocess.run(["umount", self.mnt], capture_output=True)
+        if self.loop:
+            subprocess.run(["losetup", "-d", self.loop], capture_output=True)
+
+
 def parse(size):
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
@@ -124,7 +152,9 @@ def main():
     if os.geteuid() != 0:
         sys.exit("the mount benchmark attaches loop devices and mounts file systems: run it as root")
     tmp = tempfile.mkdtemp(prefix="vdk-bench-mount-")
-    stacks = [VdkStack(os.path.abspath(args.vdk), tmp, args.size), NbdkitStack(tmp, args.size)]
+    stacks = [VdkStack(os.path.abspath(args.vdk), tmp, args.size),
+              VdkStack(os.path.abspath(args.vdk), tmp, args.size, "vdk passthrough", True),
+              NbdkitStack(tmp, args.size), KernelLoopStack(tmp, args.size)]
     if args.vdk_before:
         stacks.append(VdkStack(os.path.abspath(args.vdk_before), tmp, args.size, "vdk-before"))
     results = {}
@@ -152,19 +182,19 @@ def main():
           " median of %d x %d s" % (time.strftime("%Y-%m-%d"), platform.platform(),
                                     os.cpu_count(), args.runs, args.runtime))
     print()
-    peers = [s.name for s in stacks if s.name != "vdk"]
-    print("| workload | vdk fuse-loop | " +
-          " | ".join("%s | vdk/%s" % (p, p) for p in peers) + " |")
-    print("| --- | --- | " + " | ".join("--- | ---" for _ in peers) + " |")
+    names = [s.name for s in stacks]
+    base = "kernel loop"
+    print("| workload | " + " | ".join(names) + " | " +
+          " | ".join("%s/%s" % (n, base) for n in names if n != base) + " | vdk/nbdkit+nbdfuse |")
+    print("| --- " * (2 * len(names)) + "| --- |")
     for rw, bs in WORKLOADS:
         fmt = (lambda m, i: "%.0f IOPS" % i) if bs == "4k" else (lambda m, i: "%.0f MB/s" % m)
         pick = (lambda m, i: i) if bs == "4k" else (lambda m, i: m)
-        vm, vi = med[(rw, bs, "vdk")]
-        cells = []
-        for p in peers:
-            pm, pi = med[(rw, bs, p)]
-            cells.append("%s | %.2f" % (fmt(pm, pi), pick(vm, vi) / pick(pm, pi)))
-        print("| %s %s | %s | %s |" % (bs, rw, fmt(vm, vi), " | ".join(cells)))
+        figures = [fmt(*med[(rw, bs, n)]) for n in names]
+        value = {n: pick(*med[(rw, bs, n)]) for n in names}
+        ratios = ["%.2f" % (value[n] / value[base]) for n in names if n != base]
+        ratios.append("%.2f" % (value["vdk"] / value["nbdkit+nbdfuse"]))
+        print("| %s %s | %s | %s |" % (bs, rw, " | ".join(figures), " | ".join(ratios)))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ struct DiskFile {
     size: u64,
     read_only: bool,
     trim: bool,
+    /// The file that holds the disk byte for byte (a raw image, no filter), for FUSE
+    /// passthrough: the kernel then reads and writes it itself.
+    backing: Option<std::fs::File>,
+    /// Its id in the kernel, once a first open registered it; dropped with the file.
+    backing_id: Mutex<Option<Arc<fuser::BackingId>>>,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +68,8 @@ struct Files {
 #[derive(Debug)]
 struct State {
     files: RwLock<Files>,
+    /// The kernel passes reads and writes of files with a backing file straight to it.
+    passthrough: std::sync::atomic::AtomicBool,
     next_ino: AtomicU64,
     uid: u32,
     gid: u32,
@@ -126,11 +133,17 @@ impl Filesystem for DiskFs {
         let _ = config.set_max_readahead(MAX_REQUEST);
         let _ = config.set_max_background(MAX_BACKGROUND);
         let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
-        let wanted = InitFlags::FUSE_ASYNC_DIO | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+        let wanted = InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP
+            | InitFlags::FUSE_PASSTHROUGH;
         let have = config.capabilities() & wanted;
         if config.add_capabilities(have).is_err() {
             warn!("kernel refused FUSE capabilities");
         }
+        // Passthrough needs a stacking depth of one (the export over the images' file system).
+        let passthrough =
+            have.contains(InitFlags::FUSE_PASSTHROUGH) && config.set_max_stack_depth(1).is_ok();
+        self.0.passthrough.store(passthrough, Ordering::Relaxed);
         debug!(?have, "FUSE export initialised");
         Ok(())
     }
@@ -201,6 +214,21 @@ impl Filesystem for DiskFs {
         };
         if f.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
+        }
+        if let (Some(file), true) = (&f.backing, self.0.passthrough.load(Ordering::Relaxed)) {
+            let mut slot = sync::lock(&f.backing_id);
+            if slot.is_none() {
+                match reply.open_backing(file) {
+                    Ok(id) => {
+                        info!(file = %f.name, "FUSE passthrough: the kernel reads and writes the image itself");
+                        *slot = Some(Arc::new(id));
+                    }
+                    Err(e) => warn!(file = %f.name, "no FUSE passthrough, served instead: {e}"),
+                }
+            }
+            if let Some(id) = &*slot {
+                return reply.opened_passthrough(FileHandle(ino.0), FopenFlags::empty(), id);
+            }
         }
         reply.opened(
             FileHandle(ino.0),
@@ -392,6 +420,7 @@ impl FuseExport {
         std::fs::create_dir_all(mountpoint)?;
         let state = Arc::new(State {
             files: RwLock::default(),
+            passthrough: std::sync::atomic::AtomicBool::new(false),
             next_ino: AtomicU64::new(2),
             uid: rustix::process::geteuid().as_raw(),
             gid: rustix::process::getegid().as_raw(),
@@ -440,6 +469,19 @@ impl FuseExport {
         device: Arc<dyn BlockDevice>,
         read_only: bool,
     ) -> io::Result<PathBuf> {
+        self.add_with_backing(name, device, read_only, None)
+    }
+
+    /// [`FuseExport::add`] for a disk that `backing` holds byte for byte (a raw image with no
+    /// filter): where the kernel has FUSE passthrough, reads and writes of the file go to
+    /// `backing` with no trip through this process. Flushes still come here.
+    pub fn add_with_backing(
+        &self,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+        read_only: bool,
+        backing: Option<std::fs::File>,
+    ) -> io::Result<PathBuf> {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -461,6 +503,8 @@ impl FuseExport {
             size: info.size,
             read_only: read_only || info.read_only,
             trim: info.caps.trim,
+            backing,
+            backing_id: Mutex::new(None),
         };
         files.by_ino.insert(ino, Arc::new(file));
         files.by_name.insert(name.to_owned(), ino);

@@ -82,9 +82,26 @@ impl Attach for FuseLoop {
         device: Arc<dyn BlockDevice>,
         read_only: bool,
     ) -> io::Result<Box<dyn Attached>> {
+        self.attach_with_backing(name, device, read_only, None)
+    }
+}
+
+impl FuseLoop {
+    /// [`Attach::attach`] of a disk that `backing` holds byte for byte: the loop device then
+    /// reads and writes that file through FUSE passthrough where the kernel has it
+    /// ([`FuseExport::add_with_backing`]).
+    pub fn attach_with_backing(
+        &self,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+        read_only: bool,
+        backing: Option<std::fs::File>,
+    ) -> io::Result<Box<dyn Attached>> {
         let info = device.info();
         let read_only = read_only || info.read_only;
-        let path = self.export.add(name, device, read_only)?;
+        let path = self
+            .export
+            .add_with_backing(name, device, read_only, backing)?;
         let attached = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)

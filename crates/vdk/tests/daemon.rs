@@ -576,7 +576,11 @@ fn bad_input_gets_a_clear_error_and_disturbs_nothing() {
     assert!(err.contains("ext4"), "{err}");
     assert!(!d.path("y.img").exists(), "a refused open creates nothing");
     let err = d.fails(&["open", s(&d.path("y.img")), "--attach", "ublk"]);
-    assert!(err.contains("fuse-loop or none"), "{err}");
+    assert!(err.contains("modprobe ublk_drv"), "{err}");
+    let err = d.fails(&["open", s(&d.path("y.img")), "--attach", "nbd"]);
+    assert!(err.contains("modprobe nbd"), "{err}");
+    let err = d.fails(&["open", s(&d.path("y.img")), "--attach", "loopy"]);
+    assert!(err.contains("auto, ublk, nbd, fuse-loop or none"), "{err}");
     let err = d.fails(&["open", s(&d.path("y.img")), "--attach", "iscsi"]);
     assert!(err.contains("Windows' initiator"), "{err}");
     let err = d.fails(&["open", s(&d.path("y.img")), "--format", "vmdk"]);
@@ -824,4 +828,47 @@ fn ext4_on_a_cow_disk_then_discard_then_commit() {
     let plain = d.open(&[s(&base), "--mount", s(&d.path("plain"))]);
     check_tree(&files, &mnt, &d.path("plain"));
     d.ok(&["close", field(&plain, "id")]);
+}
+
+/// With --fuse-passthrough, a raw image with no filter is passed through to its file: what the
+/// loop device writes is in the image, flushed, and the daemon served none of it; a disk with
+/// a filter is served (its stats count the writes).
+#[test]
+fn a_raw_image_is_passed_through_and_a_filtered_disk_is_served() {
+    need_root();
+    let d = Daemon::new();
+    d.start(&["--fuse-passthrough"]);
+    let raw = d.path("pass.img");
+    let v = d.open(&[s(&raw), "16M"]);
+    let dev = field(&v, "block_device").to_owned();
+    let data = pattern(4 << 20, 0x5a);
+    fs::write(d.path("src"), &data).unwrap();
+    run(Command::new("dd")
+        .arg(format!("if={}", d.path("src").display()))
+        .arg(format!("of={dev}"))
+        .args(["bs=1M", "oflag=direct,sync", "status=none"]));
+    assert_eq!(fs::read(&raw).unwrap()[..data.len()], data[..]);
+    assert!(
+        d.log_has("FUSE passthrough"),
+        "no passthrough for a raw image: {}",
+        d.log()
+    );
+    let list = d.json(&["list"]);
+    assert_eq!(list[0]["stats"]["bytes_written"], 0, "{list}");
+    d.ok(&["close", field(&v, "id")]);
+    // With a filter, every write is the daemon's.
+    let filtered = d.path("served.img");
+    let v = d.open(&[s(&filtered), "16M", "--filter", "stats"]);
+    let dev = field(&v, "block_device").to_owned();
+    run(Command::new("dd")
+        .arg(format!("if={}", d.path("src").display()))
+        .arg(format!("of={dev}"))
+        .args(["bs=1M", "oflag=direct,sync", "status=none"]));
+    assert_eq!(fs::read(&filtered).unwrap()[..data.len()], data[..]);
+    let list = d.json(&["list"]);
+    assert!(
+        list[0]["stats"]["bytes_written"].as_u64().unwrap() >= data.len() as u64,
+        "{list}"
+    );
+    d.ok(&["close", field(&v, "id")]);
 }

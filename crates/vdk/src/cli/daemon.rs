@@ -49,6 +49,13 @@ pub struct DaemonArgs {
     #[arg(long, default_value_t = vdk_attach::fuse::DEFAULT_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub fuse_threads: u16,
+    /// Pass raw images with no filter through to their files (FUSE passthrough, Linux 6.9+):
+    /// fuse-loop at the kernel loop device's speed, but what passes through is not counted in
+    /// stats, and if the daemon dies, I/O to such disks goes on instead of failing (also on
+    /// with VDK_FUSE_PASSTHROUGH=1 in the environment of `vdk open`, which starts the daemon).
+    #[cfg(target_os = "linux")]
+    #[arg(long)]
+    pub fuse_passthrough: bool,
     /// Ask the running daemon to close every disk and stop.
     #[arg(long, conflicts_with = "reload")]
     pub stop: bool,
@@ -107,6 +114,9 @@ impl DaemonArgs {
             },
             #[cfg(target_os = "linux")]
             fuse_threads: usize::from(self.fuse_threads),
+            #[cfg(target_os = "linux")]
+            fuse_passthrough: self.fuse_passthrough
+                || std::env::var_os("VDK_FUSE_PASSTHROUGH").is_some_and(|v| v == "1"),
             #[cfg(target_os = "linux")]
             owner: self.owner.as_deref().map(user_ids).transpose()?,
             #[cfg(not(target_os = "linux"))]

@@ -105,6 +105,7 @@ impl Daemon {
             (&disk.id, &disk.export),
             disk.device.clone(),
             disk.read_only,
+            passthrough_file(disk),
         )?;
         let dev = attached.block_device();
         let mut st = lock(&disk.state);
@@ -177,4 +178,26 @@ impl Daemon {
             lock(&disk.state).block_device = None;
         }
     }
+}
+
+/// The file that holds `disk` byte for byte, opened again for FUSE passthrough: a raw image
+/// on a local file system, with no filter and no overlay. Anything else is served.
+fn passthrough_file(disk: &Disk) -> Option<std::fs::File> {
+    if disk.attach != crate::control::Attach::FuseLoop || disk.cdrom {
+        return None;
+    }
+    if !lock(&disk.filters).is_empty() {
+        return None;
+    }
+    let medium = lock(&disk.medium);
+    if medium.format != "raw" || disk.key != medium.image {
+        return None;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!disk.read_only)
+        .open(&medium.image)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    (meta.is_file() && meta.len() == medium.size).then_some(file)
 }

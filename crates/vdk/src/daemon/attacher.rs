@@ -27,6 +27,8 @@ pub struct Attacher {
     /// Where the FUSE export is mounted.
     dir: PathBuf,
     threads: usize,
+    /// FUSE passthrough for disks with a backing file (`--fuse-passthrough`).
+    passthrough: bool,
     /// The fuse-loop attacher, made (and its FUSE export mounted) on first use.
     fuse_loop: Mutex<Option<Arc<FuseLoop>>>,
     /// Connections to the daemon's NBD server, for the kernel's NBD client.
@@ -44,11 +46,13 @@ impl std::fmt::Debug for Attacher {
 
 impl Attacher {
     /// Attaches over a FUSE export on `dir` served by `threads` threads, once asked to.
-    /// Kernel NBD devices connect through `connect`.
-    pub fn new(dir: PathBuf, threads: usize, connect: Connect) -> Attacher {
+    /// Kernel NBD devices connect through `connect`; with `passthrough`, fuse-loop passes
+    /// the disks that have a backing file through to it.
+    pub fn new(dir: PathBuf, (threads, passthrough): (usize, bool), connect: Connect) -> Attacher {
         Attacher {
             dir,
             threads,
+            passthrough,
             fuse_loop: Mutex::new(None),
             connect,
         }
@@ -66,13 +70,15 @@ impl Attacher {
         Ok(a)
     }
 
-    /// Gives the disk `id` (serving `device`) a block device of the `kind` asked for.
+    /// Gives the disk `id` (serving `device`) a block device of the `kind` asked for; with
+    /// fuse-loop, `backing` is the file that holds the disk byte for byte, if one does.
     pub fn attach(
         &self,
         kind: Attach,
         (id, export): (&str, &str),
         device: Arc<dyn BlockDevice>,
         read_only: bool,
+        backing: Option<std::fs::File>,
     ) -> Result<Box<dyn Attached>, ApiError> {
         let attached = match kind {
             Attach::Nbd => KernelNbd::new(export, Arc::clone(&self.connect))
@@ -85,7 +91,7 @@ impl Attacher {
                 .map_err(|e| ApiError::io("cannot attach a ublk device", &e))?,
             Attach::FuseLoop => self
                 .fuse_loop()?
-                .attach(id, device, read_only)
+                .attach_with_backing(id, device, read_only, backing.filter(|_| self.passthrough))
                 .map_err(|e| ApiError::io("cannot attach a loop device", &e))?,
             other => {
                 return Err(ApiError::new(

@@ -86,6 +86,9 @@ pub struct Config {
     /// Threads answering the FUSE export.
     #[cfg(target_os = "linux")]
     pub fuse_threads: usize,
+    /// Raw images with no filter go through FUSE passthrough (`--fuse-passthrough`).
+    #[cfg(target_os = "linux")]
+    pub fuse_passthrough: bool,
     /// The uid and gid of the user served besides the daemon's own (`--owner`).
     pub owner: Option<(u32, u32)>,
 }
@@ -113,8 +116,11 @@ impl Daemon {
     /// A daemon whose NBD server is `nbd`.
     fn new(paths: Paths, nbd: nbd::NbdFront, config: &Config, recovered: Vec<String>) -> Daemon {
         #[cfg(target_os = "linux")]
-        let attacher =
-            attacher::Attacher::new(paths.fuse.clone(), config.fuse_threads, nbd.connector());
+        let attacher = attacher::Attacher::new(
+            paths.fuse.clone(),
+            (config.fuse_threads, config.fuse_passthrough),
+            nbd.connector(),
+        );
         Daemon {
             disks: Disks::default(),
             nbd,
