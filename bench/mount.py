@@ -40,6 +40,21 @@ def wait_for(path, timeout=20):
         time.sleep(0.05)
 
 
+def loop_ext4(path, mnt):
+    """A loop device with direct I/O on `path`, formatted ext4 and mounted on `mnt`."""
+    loop = sh("losetup", "--direct-io=on", "-f", "--show", path).strip()
+    sh("mkfs.ext4", "-q", "-F", loop)
+    os.makedirs(mnt, exist_ok=True)
+    sh("mount", loop, mnt)
+    return loop
+
+
+def unmount_loop(mnt, loop):
+    subprocess.run(["umount", mnt], capture_output=True)
+    if loop:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
 class VdkStack:
     def __init__(self, vdk, tmp, size, name="vdk", passthrough=False):
         self.vdk, self.tmp, self.size, self.name = vdk, tmp, size, name
@@ -77,16 +92,10 @@ class NbdkitStack:
         self.procs.append(subprocess.Popen(
             ["nbdfuse", self.fuse, "--unix", self.sock], stderr=subprocess.DEVNULL))
         wait_for(os.path.join(self.fuse, "nbd"))
-        self.loop = sh("losetup", "--direct-io=on", "-f", "--show",
-                       os.path.join(self.fuse, "nbd")).strip()
-        sh("mkfs.ext4", "-q", "-F", self.loop)
-        os.makedirs(self.mnt, exist_ok=True)
-        sh("mount", self.loop, self.mnt)
+        self.loop = loop_ext4(os.path.join(self.fuse, "nbd"), self.mnt)
 
     def stop(self):
-        subprocess.run(["umount", self.mnt], capture_output=True)
-        if self.loop:
-            subprocess.run(["losetup", "-d", self.loop], capture_output=True)
+        unmount_loop(self.mnt, self.loop)
         subprocess.run(["fusermount3", "-u", self.fuse], capture_output=True)
         for p in reversed(self.procs):
             p.terminate()
@@ -106,15 +115,10 @@ class KernelLoopStack:
     def start(self):
         with open(self.image, "wb") as f:
             f.truncate(parse(self.size))
-        self.loop = sh("losetup", "--direct-io=on", "-f", "--show", self.image).strip()
-        sh("mkfs.ext4", "-q", "-F", self.loop)
-        os.makedirs(self.mnt, exist_ok=True)
-        sh("mount", self.loop, self.mnt)
+        self.loop = loop_ext4(self.image, self.mnt)
 
     def stop(self):
-        subprocess.run(["umount", self.mnt], capture_output=True)
-        if self.loop:
-            subprocess.run(["losetup", "-d", self.loop], capture_output=True)
+        unmount_loop(self.mnt, self.loop)
 
 
 def parse(size):
