@@ -186,8 +186,10 @@ wait $job
 grep -q "err= 0" fio.out || { cat fio.out; exit 1; }
 echo after > /tmp/m/after
 sync
-umount /tmp/m
+# The new daemon knows the file system is still mounted there, and close unmounts it.
+$V list | grep -q " /tmp/m "
 $V close d.img
+if findmnt /tmp/m >/dev/null; then echo "still mounted"; exit 1; fi
 test ! -e "$dev"
 e2fsck -fn d.img
 ls -R /run/vdk; grep -rh "took over" /run/vdk || true
@@ -241,8 +243,9 @@ wait $job
 grep -q "err= 0" fio.out || { cat fio.out; exit 1; }
 dmesg | grep -q "reconnected socket"
 (cd /tmp/m && sha256sum -c --quiet "$here/sums")
-umount /tmp/m
+$V list | grep -q " /tmp/m "
 $V close d.img
+if findmnt /tmp/m >/dev/null; then echo "still mounted"; exit 1; fi
 e2fsck -fn d.img
 $V daemon --stop
 echo NBD-OK

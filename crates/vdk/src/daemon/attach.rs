@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use tracing::warn;
+use tracing::{info, warn};
 use vdk_core::sync::lock;
 
 use super::disks::Disk;
@@ -108,9 +108,18 @@ impl Daemon {
             passthrough_file(disk),
         )?;
         let dev = attached.block_device();
+        // A device taken over from a daemon that died (ublk, kernel NBD) may hold a mounted
+        // file system still: it is this disk's mount now, which `close` unmounts.
+        let mounted = mount::mounts_of_device(&dev).into_iter().next();
+        if let Some(dir) = &mounted {
+            info!(id = %disk.id, dir = %dir.display(), "its file system is still mounted");
+        }
         let mut st = lock(&disk.state);
         st.block_device = Some(dev);
         st.attached = Some(attached);
+        if st.mount.is_none() {
+            st.mount = mounted;
+        }
         Ok(())
     }
 
