@@ -9,6 +9,7 @@ the same file system:
           file by the kernel)
   nbdkit: nbdkit file IMAGE, nbdfuse, losetup --direct-io=on, mkfs.ext4, mount
   kernel loop: losetup --direct-io=on IMAGE, mkfs.ext4, mount   (no user space at all)
+  kernel loop buffered: the same with --direct-io=off (the image's page cache in between)
 
 fio runs on a file in each mount (libaio, direct I/O, queue depth 16): 4 KiB random read and
 write, 1 MiB sequential read and write. The stacks take turns within each
@@ -40,9 +41,10 @@ def wait_for(path, timeout=20):
         time.sleep(0.05)
 
 
-def loop_ext4(path, mnt):
-    """A loop device with direct I/O on `path`, formatted ext4 and mounted on `mnt`."""
-    loop = sh("losetup", "--direct-io=on", "-f", "--show", path).strip()
+def loop_ext4(path, mnt, direct=True):
+    """A loop device (with direct I/O unless told) on `path`, formatted ext4, mounted on `mnt`."""
+    loop = sh("losetup", "--direct-io=" + ("on" if direct else "off"), "-f", "--show",
+              path).strip()
     sh("mkfs.ext4", "-q", "-F", loop)
     os.makedirs(mnt, exist_ok=True)
     sh("mount", loop, mnt)
@@ -103,19 +105,23 @@ class NbdkitStack:
 
 
 class KernelLoopStack:
-    """The kernel's own loop device straight on a raw image: the ceiling fuse-loop aims at."""
-    name = "kernel loop"
+    """The kernel's own loop device straight on a raw image: the ceiling fuse-loop aims at.
+    With direct I/O (as the other stacks' loop devices) it reads and writes the image's file
+    with direct I/O; buffered, it goes through the image's page cache, as vdk's served path
+    does."""
 
-    def __init__(self, tmp, size):
-        self.tmp, self.size = tmp, size
-        self.mnt = os.path.join(tmp, "loop-mnt")
-        self.image = os.path.join(tmp, "loop.img")
+    def __init__(self, tmp, size, direct=True):
+        self.tmp, self.size, self.direct = tmp, size, direct
+        self.name = "kernel loop" if direct else "kernel loop buffered"
+        tag = "loop" if direct else "loop-buffered"
+        self.mnt = os.path.join(tmp, tag + "-mnt")
+        self.image = os.path.join(tmp, tag + ".img")
         self.loop = None
 
     def start(self):
         with open(self.image, "wb") as f:
             f.truncate(parse(self.size))
-        self.loop = loop_ext4(self.image, self.mnt)
+        self.loop = loop_ext4(self.image, self.mnt, self.direct)
 
     def stop(self):
         unmount_loop(self.mnt, self.loop)
@@ -158,7 +164,8 @@ def main():
     tmp = tempfile.mkdtemp(prefix="vdk-bench-mount-")
     stacks = [VdkStack(os.path.abspath(args.vdk), tmp, args.size),
               VdkStack(os.path.abspath(args.vdk), tmp, args.size, "vdk passthrough", True),
-              NbdkitStack(tmp, args.size), KernelLoopStack(tmp, args.size)]
+              NbdkitStack(tmp, args.size), KernelLoopStack(tmp, args.size),
+              KernelLoopStack(tmp, args.size, direct=False)]
     if args.vdk_before:
         stacks.append(VdkStack(os.path.abspath(args.vdk_before), tmp, args.size, "vdk-before"))
     results = {}
@@ -187,17 +194,18 @@ def main():
                                     os.cpu_count(), args.runs, args.runtime))
     print()
     names = [s.name for s in stacks]
-    base = "kernel loop"
+    # Each vdk stack against both kernel loop devices, and against nbdkit + nbdfuse.
+    pairs = [(v, b) for v in names if v.startswith("vdk")
+             for b in ("kernel loop", "kernel loop buffered", "nbdkit+nbdfuse")]
     print("| workload | " + " | ".join(names) + " | " +
-          " | ".join("%s/%s" % (n, base) for n in names if n != base) + " | vdk/nbdkit+nbdfuse |")
-    print("| --- " * (2 * len(names)) + "| --- |")
+          " | ".join("%s/%s" % p for p in pairs) + " |")
+    print("| --- " * (1 + len(names) + len(pairs)) + "|")
     for rw, bs in WORKLOADS:
         fmt = (lambda m, i: "%.0f IOPS" % i) if bs == "4k" else (lambda m, i: "%.0f MB/s" % m)
         pick = (lambda m, i: i) if bs == "4k" else (lambda m, i: m)
         figures = [fmt(*med[(rw, bs, n)]) for n in names]
         value = {n: pick(*med[(rw, bs, n)]) for n in names}
-        ratios = ["%.2f" % (value[n] / value[base]) for n in names if n != base]
-        ratios.append("%.2f" % (value["vdk"] / value["nbdkit+nbdfuse"]))
+        ratios = ["%.2f" % (value[v] / value[b]) for v, b in pairs]
         print("| %s %s | %s | %s |" % (bs, rw, " | ".join(figures), " | ".join(ratios)))
 
 

@@ -99,6 +99,11 @@ impl FuseLoop {
     ) -> io::Result<Box<dyn Attached>> {
         let info = device.info();
         let read_only = read_only || info.read_only;
+        // A passed-through file reaches the image in the kernel: the loop device then reads
+        // and writes it through the image's page cache, as a loop device on the image would
+        // (flushes still come to the daemon, which syncs the image). A served file is read
+        // with direct I/O, so that its pages are not cached twice.
+        let direct_io = backing.is_none();
         let path = self
             .export
             .add_with_backing(name, device, read_only, backing)?;
@@ -109,7 +114,7 @@ impl FuseLoop {
             .and_then(|file| {
                 let opts = LoopOptions {
                     read_only,
-                    direct_io: true,
+                    direct_io,
                     block_size: info.logical_block_size.clamp(512, 4096),
                 };
                 LoopDevice::attach(&file, opts)
