@@ -46,14 +46,20 @@ fn tool(name: &str) -> String {
 }
 
 /// Runs `script` in a guest, in a scratch directory of its own; what it printed. The script
-/// runs under `sh -eu` with `$V` the vdk binary, `$FSX` fsx, `$FIO` fio; it fails the test
-/// by failing.
+/// runs under `sh -eu` with `$V` the vdk binary (a link to it in the scratch directory),
+/// `$FSX` fsx, `$FIO` fio; it fails the test by failing. The tools must not live under /tmp.
 fn guest(script: &str) -> String {
     let runner = vmrun();
     let dir = tempfile::tempdir().unwrap();
+    // The guest sees the host's root, but /tmp and /run are its own: the binary goes into
+    // the scratch directory, which it shares, wherever this checkout is.
+    let vdk = dir.path().join("vdk");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_vdk"), &vdk).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_vdk"), &vdk).unwrap();
+    }
     let body = format!(
         "set -eu\nV={}\nFSX={}\nFIO={}\n{script}",
-        env!("CARGO_BIN_EXE_vdk"),
+        vdk.display(),
         tool("fsx"),
         tool("fio"),
     );
