@@ -68,6 +68,9 @@ fn guest(script: &str) -> String {
         .arg("sh test.sh")
         .current_dir(dir.path())
         .env("VM_MEM", "768")
+        // Software emulation on a loaded machine (the suite runs tests in parallel) is slow:
+        // room beyond vmrun.sh's 600 s, never a figure the test relies on.
+        .env("VM_TIMEOUT", "1500")
         .output()
         .expect("run vmrun.sh");
     let text = format!(
