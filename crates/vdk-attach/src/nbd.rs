@@ -50,11 +50,11 @@ const GENL_VERSION: u8 = 1;
 /// NBD_FLAG_READ_ONLY.
 const FLAG_READ_ONLY: u16 = 1 << 1;
 
-/// Seconds a request may take before the kernel gives up on its connection: none (the
-/// kernel then only warns of a stuck request), as `nbd-client` by default. A slow disk (object
-/// storage, a loaded machine) is waited for instead of failing the file system with EIO; a
-/// dead daemon is noticed at once anyway, when its connections close.
-const TIMEOUT: u64 = 0;
+/// Seconds a request may take before the kernel drops its connection as dead: long, since a
+/// slow disk (object storage, a loaded machine) must be waited for, not failed with EIO (a
+/// dead daemon is noticed at once anyway, when its connections close). Not 0: with several
+/// connections the kernel then falls back to the block layer's 30 s.
+const TIMEOUT: u64 = 600;
 /// Seconds the device waits for a new server when every connection is dead.
 pub const DEAD_CONN_TIMEOUT: u64 = 300;
 
