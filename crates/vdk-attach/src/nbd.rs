@@ -79,16 +79,23 @@ impl KernelNbd {
     /// Attaches the server's export `export`, reached through `connect`, if this kernel has
     /// the NBD driver; otherwise what is missing, in one line.
     pub fn new(export: &str, connect: Connect) -> io::Result<KernelNbd> {
-        if !Path::new("/sys/module/nbd").exists() {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "--attach nbd needs the kernel's NBD client, and it is not loaded (modprobe nbd)",
-            ));
-        }
+        KernelNbd::available()?;
         Ok(KernelNbd {
             export: export.to_owned(),
             connect,
         })
+    }
+
+    /// Whether this kernel has the NBD driver loaded; otherwise what is missing, in one line.
+    pub fn available() -> io::Result<()> {
+        if Path::new("/sys/module/nbd").exists() {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "--attach nbd needs the kernel's NBD client, and it is not loaded (modprobe nbd)",
+            ))
+        }
     }
 }
 

@@ -98,14 +98,18 @@ impl Daemon {
         mount::mkfs(fs, &dev)
     }
 
-    /// Gives a disk its block device (ublk or fuse-loop, as it asked).
+    /// Gives a disk its block device (ublk, kernel NBD or fuse-loop, as it asked).
     pub(super) fn attach(&self, disk: &Disk) -> Result<(), ApiError> {
         let attached = self.attacher.attach(
             disk.attach,
             (&disk.id, &disk.export),
             disk.device.clone(),
             disk.read_only,
-            passthrough_file(disk),
+            // (Opened only when passthrough is on: the image is not opened twice for nothing.)
+            self.attacher
+                .passthrough()
+                .then(|| passthrough_file(disk))
+                .flatten(),
         )?;
         let dev = attached.block_device();
         // A device taken over from a daemon that died (ublk, kernel NBD) may hold a mounted

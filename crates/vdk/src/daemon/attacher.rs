@@ -91,7 +91,7 @@ impl Attacher {
                 .map_err(|e| ApiError::io("cannot attach a ublk device", &e))?,
             Attach::FuseLoop => self
                 .fuse_loop()?
-                .attach_with_backing(id, device, read_only, backing.filter(|_| self.passthrough))
+                .attach_with_backing(id, device, read_only, backing)
                 .map_err(|e| ApiError::io("cannot attach a loop device", &e))?,
             other => {
                 return Err(ApiError::new(
@@ -102,6 +102,11 @@ impl Attacher {
         };
         info!(id, dev = %attached.block_device().display(), "attached");
         Ok(attached)
+    }
+
+    /// Whether fuse-loop passes disks with a backing file through to it.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough
     }
 
     /// Unmounts the FUSE export (every disk is detached by now).

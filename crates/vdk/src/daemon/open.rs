@@ -74,13 +74,8 @@ impl Asked {
             }
             #[cfg(target_os = "linux")]
             Some(Attach::Nbd) => {
-                if !std::path::Path::new("/sys/module/nbd").exists() {
-                    return Err(ApiError::new(
-                        ErrorKind::Unsupported,
-                        "--attach nbd needs the kernel's NBD client, and it is not loaded \
-                         (modprobe nbd)",
-                    ));
-                }
+                vdk_attach::KernelNbd::available()
+                    .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?;
                 Attach::Nbd
             }
             #[cfg(not(target_os = "linux"))]
