@@ -49,7 +49,8 @@ const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 struct DiskFile {
     name: String,
     device: Arc<dyn BlockDevice>,
-    size: u64,
+    /// Grows with the disk ([`FuseExport::grow`]).
+    size: AtomicU64,
     read_only: bool,
     trim: bool,
     /// The file that holds the disk byte for byte (a raw image, no filter), for FUSE
@@ -57,6 +58,12 @@ struct DiskFile {
     backing: Option<std::fs::File>,
     /// Its id in the kernel, once a first open registered it; dropped with the file.
     backing_id: Mutex<Option<Arc<fuser::BackingId>>>,
+}
+
+impl DiskFile {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -88,7 +95,7 @@ impl State {
 
     fn file_attr(&self, ino: INodeNo, f: &DiskFile) -> FileAttr {
         let perm = if f.read_only { 0o400 } else { 0o600 };
-        self.attr(ino, FileType::RegularFile, f.size, perm)
+        self.attr(ino, FileType::RegularFile, f.size(), perm)
     }
 
     fn attr(&self, ino: INodeNo, kind: FileType, size: u64, perm: u16) -> FileAttr {
@@ -203,7 +210,7 @@ impl Filesystem for DiskFs {
         // A disk has the size it has: only a "truncate" to that same size is accepted.
         // Owner, mode and times are fixed; changing them is quietly a no-op, as on /dev.
         match size {
-            Some(s) if s != f.size => reply.error(Errno::EPERM),
+            Some(s) if s != f.size() => reply.error(Errno::EPERM),
             _ => reply.attr(&TTL, &self.0.file_attr(ino, &f)),
         }
     }
@@ -250,7 +257,7 @@ impl Filesystem for DiskFs {
         let Some(f) = self.0.file(ino) else {
             return reply.error(Errno::EIO);
         };
-        let len = f.size.saturating_sub(offset).min(u64::from(size));
+        let len = f.size().saturating_sub(offset).min(u64::from(size));
         // len <= size, a u32.
         let len = usize::try_from(len).unwrap_or(0);
         READ_BUF.with_borrow_mut(|buf| {
@@ -286,7 +293,7 @@ impl Filesystem for DiskFs {
             return reply.error(Errno::EROFS);
         }
         let end = offset.checked_add(data.len() as u64);
-        if end.is_none_or(|end| end > f.size) {
+        if end.is_none_or(|end| end > f.size()) {
             // Past the end of a fixed-size disk, as a block device answers.
             return reply.error(Errno::ENOSPC);
         }
@@ -350,7 +357,7 @@ impl Filesystem for DiskFs {
         if f.read_only {
             return reply.error(Errno::EROFS);
         }
-        if offset.checked_add(length).is_none_or(|end| end > f.size) {
+        if offset.checked_add(length).is_none_or(|end| end > f.size()) {
             return reply.error(Errno::ENOSPC);
         }
         let done = match mode & !FALLOC_FL_KEEP_SIZE {
@@ -397,7 +404,7 @@ impl Filesystem for DiskFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let files = sync::read(&self.0.files);
-        let bytes: u64 = files.by_ino.values().map(|f| f.size).sum();
+        let bytes: u64 = files.by_ino.values().map(|f| f.size()).sum();
         let n = files.by_ino.len() as u64;
         reply.statfs(bytes / 4096, 0, 0, n, 0, 4096, 255, 4096);
     }
@@ -500,7 +507,7 @@ impl FuseExport {
         let file = DiskFile {
             name: name.to_owned(),
             device,
-            size: info.size,
+            size: AtomicU64::new(info.size),
             read_only: read_only || info.read_only,
             trim: info.caps.trim,
             backing,
@@ -522,6 +529,41 @@ impl FuseExport {
             }
             None => false,
         }
+    }
+
+    /// Says that the disk behind the file `name` grew to `new_size` bytes: the file has the
+    /// new size from now on, and the kernel is told to forget the old one and asked for the
+    /// new one (a stat), so that a loop device over the file sees it at its next
+    /// `LOOP_SET_CAPACITY`.
+    pub fn grow(&self, name: &str, new_size: u64) -> io::Result<()> {
+        let ino = {
+            let files = sync::read(&self.state.files);
+            let ino = files.by_name.get(name).copied();
+            let file = ino.and_then(|i| files.by_ino.get(&i));
+            match (ino, file) {
+                (Some(ino), Some(f)) => {
+                    f.size.fetch_max(new_size, Ordering::AcqRel);
+                    ino
+                }
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{name} is not exported"),
+                    ))
+                }
+            }
+        };
+        if let Some(session) = sync::lock(&self.session).as_ref() {
+            // Attributes only (a negative offset): the page cache holds nothing wrong.
+            session.notifier().inval_inode(INodeNo(ino), -1, 0)?;
+        }
+        let seen = std::fs::metadata(self.mountpoint.join(name))?.len();
+        if seen != new_size {
+            return Err(io::Error::other(format!(
+                "the kernel still sees {seen} bytes for {name}, not {new_size}"
+            )));
+        }
+        Ok(())
     }
 
     /// Unmounts the export and stops its threads.

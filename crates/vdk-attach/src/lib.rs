@@ -49,6 +49,12 @@ pub trait Attached: Send + Sync + fmt::Debug {
     /// unmounted file system) is detached by the kernel when that lets go, and its I/O fails
     /// from now on.
     fn detach(self: Box<Self>) -> io::Result<()>;
+
+    /// Tells the block device that its disk grew to `new_size` bytes: afterwards the kernel
+    /// sees the new size (`blockdev --getsize64`) and a mounted file system can grow into it
+    /// (`resize2fs`). Fails with `Unsupported`, naming what is missing, where the kernel
+    /// cannot change the device's size.
+    fn grow(&self, new_size: u64) -> io::Result<()>;
 }
 
 /// fuse-loop: a file in a [`FuseExport`], under a loop device with direct I/O.
@@ -150,5 +156,10 @@ impl Attached for FuseLoopDisk {
         let detached = self.loopdev.detach();
         self.export.remove(&self.name);
         detached
+    }
+
+    fn grow(&self, new_size: u64) -> io::Result<()> {
+        self.export.grow(&self.name, new_size)?;
+        self.loopdev.set_capacity()
     }
 }

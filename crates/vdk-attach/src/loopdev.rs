@@ -16,6 +16,7 @@ use rustix::ioctl::{self, Ioctl, IoctlOutput, NoArg, Opcode, Setter};
 
 const LOOP_CLR_FD: Opcode = 0x4C01;
 const LOOP_CONFIGURE: Opcode = 0x4C0A;
+const LOOP_SET_CAPACITY: Opcode = 0x4C07;
 const LOOP_CTL_GET_FREE: Opcode = 0x4C82;
 
 const LO_FLAGS_READ_ONLY: u32 = 1;
@@ -161,6 +162,14 @@ impl LoopDevice {
     /// `/dev/loopN`.
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/dev/loop{}", self.number))
+    }
+
+    /// `LOOP_SET_CAPACITY`: the device takes its backing file's size as it is now (after the
+    /// file grew), and the kernel tells the block layer and udev.
+    pub fn set_capacity(&self) -> io::Result<()> {
+        // SAFETY: LOOP_SET_CAPACITY takes no argument.
+        unsafe { ioctl::ioctl(&self.dev, NoArg::<LOOP_SET_CAPACITY>::new()) }
+            .map_err(|e| with_context(e.into(), "LOOP_SET_CAPACITY"))
     }
 
     /// Detaches the device. If something still has it open (a lazily unmounted file system),

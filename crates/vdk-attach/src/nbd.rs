@@ -222,7 +222,10 @@ impl Attach for KernelNbd {
                 dev = index,
                 name, "gave the kernel NBD device new connections"
             );
-            return Ok(Box::new(NbdDisk { index }));
+            return Ok(Box::new(NbdDisk {
+                index,
+                name: name.to_owned(),
+            }));
         }
         let (socks, chosen) = self.connections(cpus)?;
         let mut flags = chosen.flags;
@@ -244,7 +247,10 @@ impl Attach for KernelNbd {
             ],
         )?
         .ok_or_else(|| nl_err("kernel NBD", "the driver named no device"))?;
-        Ok(Box::new(NbdDisk { index }))
+        Ok(Box::new(NbdDisk {
+            index,
+            name: name.to_owned(),
+        }))
     }
 }
 
@@ -252,6 +258,8 @@ impl Attach for KernelNbd {
 #[derive(Debug)]
 struct NbdDisk {
     index: u32,
+    /// The disk's name, the device's backend identifier.
+    name: String,
 }
 
 impl Attached for NbdDisk {
@@ -267,6 +275,33 @@ impl Attached for NbdDisk {
         let started = Instant::now();
         while backend.exists() && started.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// A reconfigure with the new size; kernels whose driver ignores it (it sets the size
+    /// only at connect) are found out by reading the size back.
+    fn grow(&self, new_size: u64) -> io::Result<()> {
+        command(
+            CMD_RECONFIGURE,
+            vec![
+                attr(ATTR_INDEX, self.index)?,
+                attr(ATTR_BACKEND_IDENTIFIER, identifier(&self.name))?,
+                attr(ATTR_SIZE_BYTES, new_size)?,
+            ],
+        )?;
+        let sectors = std::fs::read_to_string(format!("/sys/block/nbd{}/size", self.index))?;
+        let seen = sectors.trim().parse::<u64>().unwrap_or(0) * 512;
+        if seen != new_size {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "this kernel's nbd driver keeps the size a device was connected with \
+                     (its reconfigure ignores NBD_ATTR_SIZE_BYTES; /dev/nbd{} still has {seen} \
+                     bytes): close the disk and open it again to see the new size",
+                    self.index
+                ),
+            ));
         }
         Ok(())
     }

@@ -320,4 +320,23 @@ impl Attached for UblkDisk {
         let _ = ctrl.del_dev();
         Ok(())
     }
+
+    /// `UBLK_U_CMD_UPDATE_SIZE` (Linux 6.16): the driver sets the new capacity and tells the
+    /// block layer; a kernel without it is named in the error.
+    fn grow(&self, new_size: u64) -> io::Result<()> {
+        let has =
+            UblkCtrl::get_features().is_some_and(|f| f & u64::from(sys::UBLK_F_UPDATE_SIZE) != 0);
+        if !has {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this kernel's ublk driver cannot change a live device's size \
+                 (UBLK_F_UPDATE_SIZE, Linux 6.16 or later)",
+            ));
+        }
+        let ctrl = UblkCtrl::new_simple(self.id as i32)
+            .map_err(|e| to_io("cannot reach the ublk device", e))?;
+        ctrl.update_size(new_size)
+            .map_err(|e| to_io("the ublk driver refused the new size", e))?;
+        Ok(())
+    }
 }

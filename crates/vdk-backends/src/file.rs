@@ -15,7 +15,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use vdk_core::sys::{FileExt, Lock};
 use vdk_core::{check_range, BlockDevice, Capabilities, DiskInfo, Error, Extents, Lend, Result};
@@ -100,7 +101,10 @@ const ZERO_BUF: usize = 1 << 20;
 #[derive(Debug)]
 pub struct FileDisk {
     file: File,
-    size: u64,
+    /// Grows (never shrinks) while open: see `grow`.
+    size: AtomicU64,
+    /// Held while growing, so that two grows never cut each other's length.
+    growing: Mutex<()>,
     opts: FileOptions,
     sparse: bool,
     /// Cleared when the file system refuses `RWF_NOWAIT` writes, so they are not tried again.
@@ -110,7 +114,7 @@ pub struct FileDisk {
 }
 
 impl FileDisk {
-    /// Opens an existing file or block device. Its size is fixed at open.
+    /// Opens an existing file or block device, at the size it has now.
     pub fn open(path: &Path, opts: FileOptions) -> io::Result<FileDisk> {
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
@@ -127,7 +131,8 @@ impl FileDisk {
         let nowait_writes = AtomicBool::new(!opts.direct && cfg!(target_os = "linux"));
         Ok(FileDisk {
             file,
-            size,
+            size: AtomicU64::new(size),
+            growing: Mutex::new(()),
             opts,
             sparse,
             nowait_writes,
@@ -161,8 +166,12 @@ impl FileDisk {
         self.check(offset, len)
     }
 
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         let align = u64::from(DIRECT_ALIGN);
         if self.opts.direct && (!offset.is_multiple_of(align) || !len.is_multiple_of(align)) {
             return Err(Error::Misaligned {
@@ -195,7 +204,7 @@ impl FileDisk {
 
 impl BlockDevice for FileDisk {
     fn info(&self) -> DiskInfo {
-        let mut info = DiskInfo::new(self.size);
+        let mut info = DiskInfo::new(self.size());
         if self.opts.direct {
             info.logical_block_size = DIRECT_ALIGN;
         }
@@ -278,7 +287,7 @@ impl BlockDevice for FileDisk {
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         if !self.sparse {
             return Ok(Extents::all_data(offset, len));
         }
@@ -292,13 +301,31 @@ impl BlockDevice for FileDisk {
     }
 
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         sys::will_need(&self.file, offset, len);
         Ok(())
     }
 
     fn lend(&self) -> Option<&dyn Lend> {
         Some(self)
+    }
+
+    /// Extends a regular file (sparse where the file system can) and syncs its new length
+    /// before the disk says the new size; a block device keeps its size.
+    fn grow(&self, new_size: u64) -> Result<()> {
+        if self.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let _one = self.growing.lock().unwrap_or_else(PoisonError::into_inner);
+        let size = self.size();
+        vdk_core::check_grow(size, new_size, self.info().logical_block_size)?;
+        if !self.file.metadata()?.is_file() {
+            return Err(Error::Unsupported(vdk_core::Op::Grow));
+        }
+        self.file.set_len(new_size)?;
+        self.file.sync_all()?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@
 //! ([`BlockDevice::write_owned`]) instead of being copied in.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use std::sync::Arc;
@@ -37,7 +38,8 @@ type Chunk = Arc<[u8]>;
 /// A sparse disk in RAM. Contents vanish when it is dropped.
 #[derive(Debug)]
 pub struct MemoryDisk {
-    size: u64,
+    /// Grows (never shrinks) while open: see `grow`.
+    size: AtomicU64,
     shards: Vec<RwLock<HashMap<u64, Chunk>>>,
 }
 
@@ -76,9 +78,13 @@ impl MemoryDisk {
     /// A new all-zero disk of `size` bytes. Allocates nothing until written.
     pub fn new(size: u64) -> MemoryDisk {
         MemoryDisk {
-            size,
+            size: AtomicU64::new(size),
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
         }
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     fn shard(&self, chunk: u64) -> &RwLock<HashMap<u64, Chunk>> {
@@ -118,7 +124,7 @@ impl MemoryDisk {
 
 impl BlockDevice for MemoryDisk {
     fn info(&self) -> DiskInfo {
-        let mut info = DiskInfo::new(self.size);
+        let mut info = DiskInfo::new(self.size());
         info.caps = Capabilities {
             trim: true,
             fast_zero: true,
@@ -130,7 +136,7 @@ impl BlockDevice for MemoryDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size, offset, buf.len() as u64)?;
+        check_range(self.size(), offset, buf.len() as u64)?;
         for p in spans(offset, buf.len() as u64) {
             let out = &mut buf[p.at..p.at + p.len];
             let shard = self.read_shard(p.chunk);
@@ -143,7 +149,7 @@ impl BlockDevice for MemoryDisk {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
-        check_range(self.size, offset, buf.len() as u64)?;
+        check_range(self.size(), offset, buf.len() as u64)?;
         for p in spans(offset, buf.len() as u64) {
             let data = &buf[p.at..p.at + p.len];
             let mut shard = self.write_shard(p.chunk);
@@ -165,20 +171,20 @@ impl BlockDevice for MemoryDisk {
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         self.zero_range(offset, len);
         Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool, _fua: bool) -> Result<()> {
         // RAM has no provisioning to keep, so a hole is as good as allocated zeroes.
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         self.zero_range(offset, len);
         Ok(())
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         let mut map = Extents::new(offset);
         if len == 0 {
             return Ok(map);
@@ -199,6 +205,14 @@ impl BlockDevice for MemoryDisk {
     fn lend(&self) -> Option<&dyn Lend> {
         Some(self)
     }
+
+    /// Nothing past the old end was ever written (writes are checked against the size), so
+    /// it reads as zeroes at once.
+    fn grow(&self, new_size: u64) -> Result<()> {
+        vdk_core::check_grow(self.size(), new_size, 1)?;
+        self.size.fetch_max(new_size, Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 impl Lend for MemoryDisk {
@@ -209,7 +223,7 @@ impl Lend for MemoryDisk {
         self.write_at(buf, offset, false).map(|()| true)
     }
     fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        check_range(self.size, offset, len as u64)?;
+        check_range(self.size(), offset, len as u64)?;
         let mut pieces_out = Vec::with_capacity(len / CHUNK_BYTES + 2);
         for p in spans(offset, len as u64) {
             let shard = self.read_shard(p.chunk);
@@ -225,7 +239,7 @@ impl Lend for MemoryDisk {
     }
     fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
         let len = bufs.len() as u64 * CHUNK;
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         if !offset.is_multiple_of(CHUNK) || bufs.iter().any(|b| b.len() != CHUNK_BYTES) {
             return Err(Error::Misaligned {
                 offset,

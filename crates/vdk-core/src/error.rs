@@ -15,6 +15,8 @@ pub enum Op {
     Extents,
     /// `flush`.
     Flush,
+    /// `grow` (a live resize).
+    Grow,
     /// `read_at`.
     Read,
     /// `trim`.
@@ -31,6 +33,7 @@ impl std::fmt::Display for Op {
             Op::Cache => "cache",
             Op::Extents => "extents",
             Op::Flush => "flush",
+            Op::Grow => "growing while open",
             Op::Read => "read",
             Op::Trim => "trim",
             Op::Write => "write",

@@ -46,6 +46,13 @@ pub trait Filter: Send + Sync + std::fmt::Debug {
     fn lend(&self) -> Option<&dyn Lend> {
         None
     }
+    /// Refused: a filter that keeps anything sized by its disk, or moves offsets, must not
+    /// let the disk below grow under it. One that does not opts in with
+    /// `fn grow(&self, new_size: u64) -> Result<()> { self.inner().grow(new_size) }`.
+    fn grow(&self, new_size: u64) -> Result<()> {
+        let _ = new_size;
+        Err(crate::Error::Unsupported(crate::Op::Grow))
+    }
 }
 
 impl<F: Filter> BlockDevice for F {
@@ -75,6 +82,9 @@ impl<F: Filter> BlockDevice for F {
     }
     fn lend(&self) -> Option<&dyn Lend> {
         Filter::lend(self)
+    }
+    fn grow(&self, new_size: u64) -> Result<()> {
+        Filter::grow(self, new_size)
     }
 }
 

@@ -56,7 +56,8 @@ pub use shared::{zeroed_buffer, Piece, SharedBytes};
 /// Requests to disjoint ranges never affect each other; concurrent requests to overlapping
 /// ranges see one of the writes, byte by byte, as a real disk does.
 pub trait BlockDevice: Send + Sync + fmt::Debug {
-    /// Size, block sizes and capabilities. Fixed while the device is open.
+    /// Size, block sizes and capabilities. Fixed while the device is open, but for the size,
+    /// which [`BlockDevice::grow`] may raise.
     fn info(&self) -> DiskInfo;
 
     /// Fills all of `buf` from `offset`, or fails. Never a short read. A zero-length read
@@ -111,6 +112,16 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// A hint that `[offset, offset + len)` will be read soon. The default does nothing.
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         check_range(self.info().size, offset, len)
+    }
+
+    /// Grows the open disk to `new_size` bytes (larger than its size, a whole number of its
+    /// logical blocks): the image is grown durably first, then `info().size` says the new
+    /// size, and what lies past the old end reads as zeroes. Requests in flight are not
+    /// disturbed. A disk that cannot grow while open fails with [`Error::Unsupported`]
+    /// (the default); a filter grows only if it says so (see [`Filter::grow`]).
+    fn grow(&self, new_size: u64) -> Result<()> {
+        let _ = new_size;
+        Err(Error::Unsupported(Op::Grow))
     }
 
     /// The fast paths this disk offers ([`Lend`]), or `None` (the default): then front ends
@@ -169,6 +180,25 @@ pub trait Lend: Send + Sync {
         let _ = (offset, bufs);
         Err(Error::Unsupported(Op::Write))
     }
+}
+
+/// Checks a live grow from `size` to `new_size` bytes: larger (or the same, which does
+/// nothing), and a whole number of `block` bytes. A disk shrinks only while closed.
+pub fn check_grow(size: u64, new_size: u64, block: u32) -> Result<()> {
+    let why = if new_size < size {
+        format!(
+            "a disk shrinks only while closed ({new_size} bytes is less than its {size}): \
+             close it, then `vdk resize FILE SIZE --shrink`"
+        )
+    } else if !new_size.is_multiple_of(u64::from(block.max(1))) {
+        format!("{new_size} bytes is not a whole number of the disk's {block}-byte blocks")
+    } else {
+        return Ok(());
+    };
+    Err(Error::Io(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        why,
+    )))
 }
 
 /// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.

@@ -122,6 +122,10 @@ impl Filter for Stats {
     fn inner(&self) -> &Arc<dyn BlockDevice> {
         &self.inner
     }
+    /// Keeps nothing sized by the disk: grows with it.
+    fn grow(&self, new_size: u64) -> Result<()> {
+        self.inner.grow(new_size)
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let t = Instant::now();
         let n = buf.len() as u64;
@@ -338,6 +342,10 @@ impl Injector {
 impl Filter for Injector {
     fn inner(&self) -> &Arc<dyn BlockDevice> {
         &self.inner
+    }
+    /// Keeps nothing sized by the disk: grows with it.
+    fn grow(&self, new_size: u64) -> Result<()> {
+        self.inner.grow(new_size)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.before(Kind::Read, offset, buf.len() as u64)?;

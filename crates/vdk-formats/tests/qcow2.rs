@@ -293,3 +293,64 @@ fn parallel_writers_keep_data_and_metadata_straight() {
     drop(dev);
     check_clean(&img);
 }
+
+/// A disk grown while it is written: 4 KiB clusters, so that each step needs a larger L1
+/// table, which moves while writers allocate clusters. Everything written reads back, the
+/// new end takes writes, and qemu-img finds the image clean at its new size.
+#[test]
+fn growing_while_writers_run_keeps_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("g.qcow2");
+    let opts = CreateOptions {
+        format: Format::Qcow2,
+        cluster_size: Some(4096),
+        backing: None,
+        fixed: false,
+    };
+    create(&img, 4 * MIB, &opts).unwrap();
+    let dev = open_rw(&img);
+    let steps: Vec<u64> = (1..=24).map(|i| 4 * MIB + i * 3 * MIB).collect();
+    let last = *steps.last().unwrap();
+    std::thread::scope(|sc| {
+        for t in 0..4u64 {
+            let dev = Arc::clone(&dev);
+            sc.spawn(move || {
+                let mut r = Rng(t + 3);
+                for i in 0..300u64 {
+                    let size = dev.info().size;
+                    let block = r.below(size / 4096 / 4) * 4 + t;
+                    let byte = (t as u8 + 1) * 16 + (i % 15) as u8;
+                    dev.write_at(&[byte; 4096], block * 4096, false).unwrap();
+                    let mut back = [0u8; 4096];
+                    dev.read_at(&mut back, block * 4096).unwrap();
+                    assert!(back.iter().all(|b| *b == byte), "thread {t} block {block}");
+                }
+            });
+        }
+        let dev = Arc::clone(&dev);
+        sc.spawn(move || {
+            for s in &steps {
+                dev.grow(*s).unwrap();
+                assert_eq!(dev.info().size, *s);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+    });
+    assert!(dev.grow(MIB).is_err(), "a live disk never shrinks");
+    dev.write_at(&[0x7e; 4096], last - 4096, false).unwrap();
+    dev.flush().unwrap();
+    drop(dev);
+    check_clean(&img);
+    let info = Command::new("qemu-img")
+        .arg("info")
+        .arg(&img)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains(&format!("({last} bytes)")), "{info}");
+    let reopened = open_rw(&img);
+    assert_eq!(reopened.info().size, last);
+    let mut back = [0u8; 4096];
+    reopened.read_at(&mut back, last - 4096).unwrap();
+    assert!(back.iter().all(|b| *b == 0x7e));
+}

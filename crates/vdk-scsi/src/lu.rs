@@ -239,6 +239,13 @@ impl LogicalUnit {
         Ok(())
     }
 
+    /// Tells every initiator logged in that the medium's capacity changed (it grew while
+    /// open): their next command gets CAPACITY DATA HAS CHANGED, after which they read the
+    /// capacity again. READ CAPACITY answers the medium's size as it is at each command.
+    pub fn capacity_changed(&self) {
+        self.lock().attention_all(Sense::CAPACITY_CHANGED, None);
+    }
+
     pub(crate) fn nexus_lost(&self, nexus: u64) {
         let mut st = self.lock();
         st.nexuses.remove(&nexus);

@@ -95,6 +95,8 @@ impl Sense {
     pub const RESET_OCCURRED: Sense = Sense::new(key::UNIT_ATTENTION, 0x29, 0x00);
     /// Another initiator changed the mode parameters.
     pub const MODE_PARAMETERS_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x01);
+    /// UNIT ATTENTION, CAPACITY DATA HAS CHANGED: the disk grew while open.
+    pub const CAPACITY_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x09);
     /// A read failed in the storage below.
     pub const READ_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x11, 0x00);
     /// A write failed in the storage below.

@@ -377,6 +377,28 @@ fn lun_reset_raises_a_unit_attention() {
 }
 
 #[test]
+fn a_grown_disk_tells_every_initiator_and_reads_its_new_capacity() {
+    let (t, disk) = disk_target(1 << 20);
+    let lu = t.lun(0).unwrap();
+    run_on(&t, 1, &[0x00, 0, 0, 0, 0, 0], &[]);
+    run_on(&t, 2, &[0x00, 0, 0, 0, 0, 0], &[]);
+    disk.grow(4 << 20).unwrap();
+    lu.capacity_changed();
+    for n in [1, 2] {
+        let r = run_on(&t, n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+        assert_eq!(sense_of(&r), (key::UNIT_ATTENTION, 0x2a, 0x09));
+        let r = run_on(&t, n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+        assert_eq!(r.status, status::GOOD);
+        // The last LBA of 8192 blocks of 512 bytes.
+        assert_eq!(r.data, [0, 0, 0x1f, 0xff, 0, 0, 2, 0]);
+    }
+    // Blocks past the old end are there, and read as zeroes.
+    let r = run(&t, &[0x28, 0, 0, 0, 0x1f, 0xff, 0, 0, 1, 0], &[]);
+    assert_eq!(r.status, status::GOOD);
+    assert!(r.data.iter().all(|&b| b == 0));
+}
+
+#[test]
 fn naca_is_refused() {
     let (t, _) = disk_target(1 << 20);
     let r = run(&t, &[0x00, 0, 0, 0, 0, 0x04], &[]);

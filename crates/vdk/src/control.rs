@@ -47,6 +47,9 @@ pub enum Request {
     Eject(CloseRequest),
     /// Put a new disc (an ISO image) in an open CD-ROM disk. → [`DiskStatus`]
     Insert(InsertRequest),
+    /// Grow an open disk: its image, then every front end that shows it (the block
+    /// device, iSCSI initiators, new NBD connections). → [`DiskStatus`]
+    Resize(ResizeRequest),
     /// Mount the ISO 9660 file system of an image or an open disk. → [`FsStatus`]
     FsMount(FsMountRequest),
     /// Unmount a file system of `fs_mount` or `fs_map`. → [`FsStatus`]
@@ -64,7 +67,7 @@ pub enum Request {
 pub enum Reply {
     /// `version`.
     Version(VersionInfo),
-    /// `open`, `close`, `mount`, `unmount`, `eject`, `insert`.
+    /// `open`, `close`, `mount`, `unmount`, `eject`, `insert`, `resize`.
     Disk(Box<DiskStatus>),
     /// `list`.
     Disks(Vec<DiskStatus>),
@@ -292,6 +295,16 @@ pub struct InsertRequest {
     pub disk: String,
     /// The new disc: an ISO image (an absolute path).
     pub image: PathBuf,
+}
+
+/// `resize`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    /// The disk's id, or its image's absolute path.
+    pub disk: String,
+    /// The new size in bytes: not less than the disk's size (a disk shrinks only closed).
+    pub size: u64,
 }
 
 /// `snapshot`.

@@ -855,6 +855,16 @@ fn a_raw_image_is_passed_through_and_a_filtered_disk_is_served() {
     );
     let list = d.json(&["list"]);
     assert_eq!(list[0]["stats"]["bytes_written"], 0, "{list}");
+    // Grown while open: the passed-through file and its loop device follow, and the new
+    // end is written through them into the image.
+    d.ok(&["resize", field(&v, "id"), "+8M"]);
+    let size = common::stdout(Command::new("blockdev").args(["--getsize64", &dev]));
+    assert_eq!(size.trim(), (24u64 << 20).to_string());
+    run(Command::new("dd")
+        .arg(format!("if={}", d.path("src").display()))
+        .arg(format!("of={dev}"))
+        .args(["bs=1M", "seek=20", "oflag=direct,sync", "status=none"]));
+    assert_eq!(fs::read(&raw).unwrap()[20 << 20..], data[..]);
     d.ok(&["close", field(&v, "id")]);
     // With a filter, every write is the daemon's.
     let filtered = d.path("served.img");

@@ -212,3 +212,127 @@ fn an_iscsi_disk_keeps_its_block_device_and_file_system() {
     run(Command::new("fsck.ext4").args(["-n", "-f", s(&copy)]));
     d.ok(&["close", &id]);
 }
+
+/// `vdk resize` of an open disk: the image grows, the loop device with it (a file system
+/// then grows into it), the iSCSI LUN answers its new capacity, and new NBD connections are
+/// told the new size. A qcow2 disk grows its L1 table live. Shrinking, CD-ROMs, read-only
+/// disks and filters that cannot follow are refused in one line, changing nothing.
+#[test]
+fn an_open_disk_grows_for_its_block_device_lun_and_new_nbd_connections() {
+    common::need_root();
+    need("mkfs.ext4");
+    need("resize2fs");
+    need("nbdinfo");
+    need("qemu-img");
+    need("iscsi-readcapacity16");
+    let d = daemon(&[]);
+    let img = d.path("grow.img");
+    let mnt = d.path("mnt");
+    let v = d.open(&[
+        s(&img),
+        "64M",
+        "--iscsi",
+        "--mkfs",
+        "ext4",
+        "--mount",
+        s(&mnt),
+    ]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let dev = v["block_device"].as_str().unwrap().to_owned();
+    fs::write(mnt.join("kept.txt"), b"written before the disk grew").unwrap();
+    // This host lacks CAP_SYS_RESOURCE, which ext4's online resize needs (the guest tests
+    // grow a mounted one): the file system grows unmounted here.
+    d.ok(&["unmount", &id]);
+    let grown = d.json(&["resize", &id, "+32M"]);
+    assert_eq!(grown["size"], 96 << 20);
+    assert_eq!(fs::metadata(&img).unwrap().len(), 96 << 20);
+    let size = stdout(Command::new("blockdev").args(["--getsize64", &dev]));
+    assert_eq!(size.trim(), (96u64 << 20).to_string());
+    let url = v["iscsi"][0].as_str().unwrap();
+    let cap = stdout(Command::new("iscsi-readcapacity16").args(["-s", url]));
+    assert_eq!(cap.trim(), (96u64 << 20).to_string(), "{cap}");
+    let nbd = v["nbd"][0].as_str().unwrap();
+    let nsize = stdout(Command::new("nbdinfo").args(["--size", nbd]));
+    assert_eq!(nsize.trim(), (96u64 << 20).to_string());
+    run(Command::new("e2fsck").args(["-fy", &dev]));
+    run(Command::new("resize2fs").arg(&dev));
+    d.ok(&["mount", &id, s(&mnt)]);
+    assert_eq!(
+        fs::read(mnt.join("kept.txt")).unwrap(),
+        b"written before the disk grew"
+    );
+    let df = stdout(Command::new("df").args(["-B1", "--output=size", s(&mnt)]));
+    let fs_size: u64 = df.lines().last().unwrap().trim().parse().unwrap();
+    assert!(fs_size > 80 << 20, "the file system did not grow: {df}");
+    // The same size again does nothing; a smaller one, or one that is not whole sectors,
+    // is refused.
+    d.ok(&["resize", &img.display().to_string(), "96M"]);
+    let err = d.fails(&["resize", &id, "64M"]);
+    assert!(err.contains("shrinks only while closed"), "{err}");
+    let err = d.fails(&["resize", &id, "100000001"]);
+    assert!(err.contains("multiple of 512"), "{err}");
+    d.ok(&["close", &id]);
+    run(Command::new("e2fsck").args(["-fn", s(&img)]));
+    assert_eq!(fs::metadata(&img).unwrap().len(), 96 << 20);
+
+    // qcow2: past its L1 table, with data at both ends read back by QEMU after close.
+    let q = d.path("grow.qcow2");
+    let v = d.open(&[s(&q), "16M", "--format", "qcow2", "--attach", "none"]);
+    let qid = v["id"].as_str().unwrap().to_owned();
+    let nbd = v["nbd"][0].as_str().unwrap().to_owned();
+    common::admin::qemu_io("raw", &nbd, &["write -P 0x11 0 64k"]);
+    let grown = d.json(&["resize", &qid, "3G"]);
+    assert_eq!(grown["size"], 3u64 << 30);
+    common::admin::qemu_io(
+        "raw",
+        &nbd,
+        &["write -P 0x22 3071M 1M", "read -P 0x11 0 64k"],
+    );
+    d.ok(&["close", &qid]);
+    run(Command::new("qemu-img").args(["check", s(&q)]));
+    let info = common::admin::qemu_json(&["info", "--output=json", s(&q)]);
+    assert_eq!(info["virtual-size"], 3u64 << 30);
+    common::admin::qemu_io(
+        "qcow2",
+        s(&q),
+        &[
+            "read -P 0x11 0 64k",
+            "read -P 0x22 3071M 1M",
+            "read -P 0 16M 1M",
+        ],
+    );
+
+    // Refusals name why, and leave the disk as it was.
+    let base = d.path("base.img");
+    let cow = d.open(&[
+        s(&base),
+        "8M",
+        "--attach",
+        "none",
+        "--filter",
+        &format!("cow:overlay={}", d.path("top.qcow2").display()),
+    ]);
+    let err = d.fails(&["resize", cow["id"].as_str().unwrap(), "+8M"]);
+    assert!(err.contains("cow disk"), "{err}");
+    assert_eq!(fs::metadata(&base).unwrap().len(), 8 << 20);
+    let cached = d.open(&[
+        s(&d.path("cached.img")),
+        "8M",
+        "--attach",
+        "none",
+        "--filter",
+        "cache:size=1M",
+    ]);
+    let err = d.fails(&["resize", cached["id"].as_str().unwrap(), "+8M"]);
+    assert!(err.contains("cannot grow while open"), "{err}");
+    assert_eq!(fs::metadata(d.path("cached.img")).unwrap().len(), 8 << 20);
+    let ro = d.open(&[s(&d.path("ro.img")), "8M", "--attach", "none"]);
+    d.ok(&["close", ro["id"].as_str().unwrap()]);
+    let ro = d.open(&[s(&d.path("ro.img")), "--read-only", "--attach", "none"]);
+    let err = d.fails(&["resize", ro["id"].as_str().unwrap(), "+8M"]);
+    assert!(err.contains("read-only"), "{err}");
+    let iso = common::admin::iso_with_hello(&d.path("cd"));
+    let cd = d.open(&[s(&iso), "--attach", "none"]);
+    let err = d.fails(&["resize", cd["id"].as_str().unwrap(), "+8M"]);
+    assert!(err.contains("CD-ROM"), "{err}");
+}

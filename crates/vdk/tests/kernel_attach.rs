@@ -262,3 +262,56 @@ echo NBD-OK
     );
     assert!(out.contains("NBD-OK"), "{out}");
 }
+
+#[test]
+fn a_mounted_ext4_grows_online_on_each_kind_of_block_device() {
+    let out = guest(
+        r#"
+modprobe fuse
+modprobe loop
+modprobe ublk_drv
+modprobe nbd
+for kind in fuse-loop ublk nbd; do
+    $V open $kind.img 128M --attach $kind --mkfs ext4 --mount /tmp/m-$kind --json > o.json
+    dev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' o.json)
+    dd if=/dev/urandom of=/tmp/m-$kind/data bs=1M count=8 status=none
+    sum=$(sha256sum < /tmp/m-$kind/data)
+    before=$(df -B1 --output=size /tmp/m-$kind | tail -1)
+    if $V resize $kind.img +64M > resize.out 2> resize.err; then
+        test "$(blockdev --getsize64 $dev)" = 201326592
+        # Online: ext4 grows into the device while mounted (the NBD device's requests past
+        # its old end reach the daemon on connections made before the disk grew).
+        resize2fs $dev
+        after=$(df -B1 --output=size /tmp/m-$kind | tail -1)
+        test "$after" -gt $((before + 50000000)) || { echo "$kind: $before -> $after"; exit 1; }
+        dd if=/dev/urandom of=/tmp/m-$kind/more bs=1M count=40 status=none
+        sync
+        echo "$kind GREW"
+    else
+        # Only where this kernel's driver cannot resize a live device, and it must say so.
+        case $kind in
+            ublk) grep -q "UBLK_F_UPDATE_SIZE, Linux 6.16" resize.err ;;
+            *) cat resize.err; exit 1 ;;
+        esac
+        grep -q "grew to 201326592 bytes" resize.err
+        test "$(blockdev --getsize64 $dev)" = 134217728
+        echo "$kind SAID: $(cat resize.err)"
+    fi
+    test "$(sha256sum < /tmp/m-$kind/data)" = "$sum"
+    $V close $kind.img
+    test "$(stat -c %s $kind.img)" = 201326592
+    e2fsck -fn $kind.img
+done
+$V daemon --stop
+echo RESIZE-OK
+"#,
+    );
+    assert!(out.contains("RESIZE-OK"), "{out}");
+    assert!(out.contains("fuse-loop GREW"), "{out}");
+    assert!(out.contains("nbd GREW"), "{out}");
+    // The guest's kernel (6.12) has no ublk UPDATE_SIZE; a newer one grows it.
+    assert!(
+        out.contains("ublk GREW") || out.contains("ublk SAID"),
+        "{out}"
+    );
+}

@@ -434,13 +434,13 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(self.header.size, offset, len)
+        check_range(self.size(), offset, len)
     }
 }
 
 impl BlockDevice for Qcow2 {
     fn info(&self) -> DiskInfo {
-        let mut info = DiskInfo::new(self.header.size);
+        let mut info = DiskInfo::new(self.size());
         info.read_only = self.read_only;
         info.preferred_request = u32::try_from(self.cluster_size).unwrap_or(4096).max(4096);
         info.caps = Capabilities {
@@ -455,8 +455,14 @@ impl BlockDevice for Qcow2 {
         info
     }
 
+    /// See [`Qcow2::resize`]; whole 512-byte sectors, as QEMU takes them.
+    fn grow(&self, new_size: u64) -> Result<()> {
+        vdk_core::check_grow(self.size(), new_size, 512)?;
+        self.resize(new_size)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.header.size, offset, buf.len() as u64)?;
+        check_range(self.size(), offset, buf.len() as u64)?;
         let mut at = 0;
         while at < buf.len() {
             at += self.read_batch(buf, offset, at)?;
@@ -525,7 +531,7 @@ impl BlockDevice for Qcow2 {
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
-        check_range(self.header.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         // Runs of (length, kind), None for "what the backing disk has there".
         let mut runs: Vec<(u64, Option<ExtentKind>)> = Vec::new();
         self.pieces(offset, len, |gc, _, _, n| {

@@ -37,10 +37,9 @@ impl Qcow2 {
     /// Checks that a table or data cluster at `off` does not overlap the header, the L1
     /// table or the refcount table.
     pub(super) fn check_not_fixed_metadata(&self, m: &Meta, off: u64, what: &str) -> Result<()> {
-        let h = &self.header;
         let overlaps = |start: u64, len: u64| off < start + len && start < off + self.cluster_size;
         if off == 0
-            || overlaps(h.l1_table_offset, u64::from(h.l1_size) * 8)
+            || overlaps(m.l1_offset, m.l1.len() as u64 * 8)
             || overlaps(m.reftable_offset, m.reftable_clusters * self.cluster_size)
         {
             return Err(corrupt(format!(
@@ -429,7 +428,7 @@ impl Qcow2 {
                 t.dirty = false;
             }
             for i in std::mem::take(&mut m.l1_dirty) {
-                let at = self.header.l1_table_offset + i as u64 * 8;
+                let at = m.l1_offset + i as u64 * 8;
                 self.io(self.file.write_all_at(&m.l1[i].to_be_bytes(), at))?;
             }
             self.io(self.file.sync_data())?;

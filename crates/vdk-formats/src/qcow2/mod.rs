@@ -43,6 +43,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use vdk_core::sync;
 use vdk_core::sync::lock;
@@ -96,6 +97,8 @@ struct Table {
 #[derive(Debug)]
 struct Meta {
     l1: Vec<u64>,
+    /// Where the L1 table is (it moves when the disk grows past it).
+    l1_offset: u64,
     l1_dirty: BTreeSet<usize>,
     l2: HashMap<u64, Table>,
     reftable: Vec<u64>,
@@ -138,6 +141,10 @@ pub struct Qcow2 {
     rb_entries: u64,
     read_only: bool,
     backing: Option<Arc<dyn BlockDevice>>,
+    /// The virtual size: the header's, until the disk grows while open.
+    size: AtomicU64,
+    /// Held while resizing, so that two resizes never interleave.
+    resizing: Mutex<()>,
     meta: Mutex<Meta>,
     allocated: Condvar,
     /// Table capacity of each metadata cache before write-back and eviction.
@@ -229,8 +236,11 @@ impl Qcow2 {
             rb_entries: cluster_size * 8 / u64::from(header.refcount_bits()),
             read_only: !writable,
             backing,
+            size: AtomicU64::new(header.size),
+            resizing: Mutex::new(()),
             meta: Mutex::new(Meta {
                 l1,
+                l1_offset: header.l1_table_offset,
                 l1_dirty: BTreeSet::new(),
                 l2: HashMap::new(),
                 reftable,
@@ -257,9 +267,15 @@ impl Qcow2 {
         Ok(q)
     }
 
-    /// The header.
+    /// The header as it was read at open (a grow while open changes the size and L1 table
+    /// on disk, not this copy).
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The virtual size now.
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// Clears auto-clear bits (bitmaps vdk does not keep up to date) and makes sure the
@@ -272,7 +288,7 @@ impl Qcow2 {
             self.file.sync_data()?;
         }
         let mut m = lock(&self.meta);
-        let virt = self.header.size.div_ceil(self.cluster_size);
+        let virt = self.size().div_ceil(self.cluster_size);
         let tables = virt.div_ceil(self.l2_entries);
         let need = m.end_cluster + 2 * (virt + tables) + 64;
         let covered = m.reftable.len() as u64 * self.rb_entries;
@@ -300,15 +316,17 @@ impl Qcow2 {
     /// Grows the virtual disk to `new_size` bytes, growing the L1 table if it is too small:
     /// a new table past everything, written and synced, then the header switched to it (size,
     /// L1 size and offset in one sector), then the old table freed. Shrinks it only where no
-    /// cluster past the new end is allocated (the header's size alone changes). Consumes the
-    /// image: open it again to use it at its new size.
-    pub fn resize(self, new_size: u64) -> Result<()> {
+    /// cluster past the new end is allocated (the header's size alone changes); that only
+    /// while nothing else uses the image (`vdk resize` of a closed one). Requests may run
+    /// meanwhile when it grows: the tables switch under the metadata lock, and the new size
+    /// is said only once the header on disk has it.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        if new_size < self.header.size
-            && !self.unallocated(new_size, self.header.size - new_size)?
-        {
+        let _one = lock(&self.resizing);
+        let size = self.size();
+        if new_size < size && !self.unallocated(new_size, size - new_size)? {
             return Err(Error::Io(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!(
@@ -342,10 +360,12 @@ impl Qcow2 {
         let mut head = Vec::with_capacity(24);
         head.extend_from_slice(&new_size.to_be_bytes());
         head.extend_from_slice(&self.header.crypt_method.to_be_bytes());
-        let old_l1 = (self.header.l1_table_offset, u64::from(self.header.l1_size));
+        let old_l1 = (m.l1_offset, m.l1.len() as u64);
+        let mut new_l1 = old_l1;
         if entries <= old_l1.1 {
-            head.extend_from_slice(&self.header.l1_size.to_be_bytes());
-            head.extend_from_slice(&self.header.l1_table_offset.to_be_bytes());
+            let l1_size = u32::try_from(old_l1.1).unwrap_or(u32::MAX);
+            head.extend_from_slice(&l1_size.to_be_bytes());
+            head.extend_from_slice(&old_l1.0.to_be_bytes());
         } else {
             let clusters = (entries * 8).div_ceil(cs);
             let start = self.reserve_run(&mut m, clusters)?;
@@ -357,10 +377,14 @@ impl Qcow2 {
             self.io(self.file.sync_data())?;
             head.extend_from_slice(&u32::try_from(entries).unwrap_or(u32::MAX).to_be_bytes());
             head.extend_from_slice(&(start * cs).to_be_bytes());
+            new_l1 = (start * cs, entries);
         }
         // Bytes 24..48: size, crypt_method, l1_size, l1_table_offset, in one sector.
         self.io(self.file.write_all_at(&head, 24))?;
         self.io(self.file.sync_data())?;
+        m.l1_offset = new_l1.0;
+        m.l1.resize(new_l1.1 as usize, 0);
+        self.size.store(new_size, Ordering::Release);
         if entries > old_l1.1 {
             let old_clusters = (old_l1.1 * 8).div_ceil(cs).max(1);
             self.release(&mut m, old_l1.0, old_clusters * cs);
@@ -390,6 +414,7 @@ impl Drop for Qcow2 {
 fn empty_meta() -> Meta {
     Meta {
         l1: Vec::new(),
+        l1_offset: 0,
         l1_dirty: BTreeSet::new(),
         l2: HashMap::new(),
         reftable: Vec::new(),

@@ -454,7 +454,20 @@ fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, payload: &mut Vec<u
         warn!("bad request magic, closing the connection");
         return Next::Closed;
     };
-    let command = check_request(&header, &conn.limits);
+    let mut command = check_request(&header, &conn.limits);
+    if command.is_err() {
+        // The disk may have grown since this connection's handshake (`vdk resize` of an open
+        // disk): the kernel's NBD client, told the new size by a reconfigure, goes past the
+        // size the connection was given. What the disk now holds is served.
+        let now = conn.device.info().size;
+        if now > conn.limits.size {
+            let grown = Limits {
+                size: now,
+                ..conn.limits
+            };
+            command = check_request(&header, &grown);
+        }
+    }
     let len = header.payload_len() as usize;
     if let (Ok(_), Some(unit)) = (command, conn.write_unit) {
         if len > 0 && len.is_multiple_of(unit) && header.offset % unit as u64 == 0 {

@@ -323,9 +323,12 @@ pub fn check(args: CheckArgs, paths: &Paths) -> anyhow::Result<ExitCode> {
 Examples:
   vdk resize disk.qcow2 +10G          grow by 10 GiB (the file system inside is not grown:
                                       resize2fs or xfs_growfs do that)
-  vdk resize disk.img 2G --shrink     cut a raw image to 2 GiB (what lies past it is lost)")]
+  vdk resize disk.img 2G --shrink     cut a raw image to 2 GiB (what lies past it is lost)
+  vdk resize disk0 +1G                grow an open disk, and its block device with it; then
+                                      resize2fs /dev/loop0 grows its mounted ext4 online")]
 pub struct ResizeArgs {
-    /// The image (raw or qcow2), not open in vdk or elsewhere.
+    /// The image (raw or qcow2), not open elsewhere; or an open disk (its id or image),
+    /// which only grows.
     file: PathBuf,
     /// The new size, +SIZE to grow by that much, or -SIZE to shrink by that much.
     #[arg(allow_hyphen_values = true)]
@@ -337,47 +340,97 @@ pub struct ResizeArgs {
     /// images only shrink when nothing is allocated there.
     #[arg(long)]
     shrink: bool,
+    /// Print the result as JSON: for an open disk its status (the control API's `resize`
+    /// answer), else the image, its format, old size and size.
+    #[arg(long)]
+    json: bool,
 }
 
-/// Runs `vdk resize`.
-pub fn resize(args: ResizeArgs, paths: &Paths) -> anyhow::Result<()> {
-    let format = args.format.as_deref().map(Format::from_name).transpose()?;
-    if let Some(d) = super::open_disk(&args.file, paths) {
-        let mounted = d
-            .mount
-            .as_ref()
-            .map_or_else(String::new, |m| format!(", mounted on {}", m.display()));
+/// The new size that `spec` (SIZE, +SIZE or -SIZE) gives a disk of `size` bytes called
+/// `what`.
+fn new_size(spec: &str, size: u64, what: &str) -> anyhow::Result<u64> {
+    let bad_size = |e: vdk_core::size::SizeError| anyhow::anyhow!("{e}");
+    let new_size = if let Some(more) = spec.strip_prefix('+') {
+        size.checked_add(parse_size(more).map_err(bad_size)?)
+            .with_context(|| format!("{} + {more} is more than 16 EiB", Human(size)))?
+    } else if let Some(less) = spec.strip_prefix('-') {
+        let less = parse_size(less).map_err(bad_size)?;
+        size.checked_sub(less)
+            .with_context(|| format!("{what} is {}: it cannot lose {}", Human(size), Human(less)))?
+    } else {
+        parse_size(spec).map_err(bad_size)?
+    };
+    if new_size == 0 || !new_size.is_multiple_of(512) {
+        bail!("the new size {new_size} must be a positive multiple of 512 bytes");
+    }
+    Ok(new_size)
+}
+
+/// The open disk `arg` names (its image, or its id), if a daemon runs and has it.
+fn open_disk_named(arg: &std::path::Path, paths: &Paths) -> Option<crate::control::DiskStatus> {
+    if arg.exists() {
+        return super::open_disk(arg, paths);
+    }
+    let mut client = Client::connect(&paths.socket).ok()?;
+    let disks: Vec<crate::control::DiskStatus> = client.call(&Request::List).ok()?.ok()?;
+    disks.into_iter().find(|d| arg.as_os_str() == d.id.as_str())
+}
+
+/// Grows the open disk `d` through its daemon.
+fn resize_open(
+    args: &ResizeArgs,
+    d: crate::control::DiskStatus,
+    paths: &Paths,
+) -> anyhow::Result<()> {
+    let new_size = new_size(&args.size, d.size, &d.id)?;
+    if new_size < d.size {
         bail!(
-            "{} is open as disk {}{mounted}: close it first (`vdk close {}`); vdk resizes only \
-             images not in use",
+            "{} is open as disk {}: a disk shrinks only while closed (`vdk close {}` first)",
             args.file.display(),
             d.id,
             d.id
         );
     }
+    let mut client = Client::connect(&paths.socket).context("cannot reach the vdk daemon")?;
+    let req = Request::Resize(crate::control::ResizeRequest {
+        disk: d.id.clone(),
+        size: new_size,
+    });
+    let status: crate::control::DiskStatus = client
+        .call(&req)
+        .context("lost the connection to the vdk daemon")?
+        .map_err(|e: crate::control::ApiError| anyhow::anyhow!(e.message))?;
+    if args.json {
+        return super::out::json(&status);
+    }
+    crate::outln!(
+        "resized {} from {} to {}",
+        status.id,
+        Human(d.size),
+        Human(status.size)
+    )?;
+    if let Some(dev) = &status.block_device {
+        crate::outln!(
+            "  block device  {} (grow its file system: resize2fs, xfs_growfs)",
+            dev.display()
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `vdk resize`.
+pub fn resize(args: ResizeArgs, paths: &Paths) -> anyhow::Result<()> {
+    let format = args.format.as_deref().map(Format::from_name).transpose()?;
+    if let Some(d) = open_disk_named(&args.file, paths) {
+        return resize_open(&args, d, paths);
+    }
     let info = vdk_formats::info(&args.file, format, false)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let bad_size = |e: vdk_core::size::SizeError| anyhow::anyhow!("{e}");
-    let new_size = if let Some(more) = args.size.strip_prefix('+') {
-        info.virtual_size
-            .checked_add(parse_size(more).map_err(bad_size)?)
-            .with_context(|| format!("{} + {more} is more than 16 EiB", Human(info.virtual_size)))?
-    } else if let Some(less) = args.size.strip_prefix('-') {
-        let less = parse_size(less).map_err(bad_size)?;
-        info.virtual_size.checked_sub(less).with_context(|| {
-            format!(
-                "{} is {}: it cannot lose {}",
-                args.file.display(),
-                Human(info.virtual_size),
-                Human(less)
-            )
-        })?
-    } else {
-        parse_size(&args.size).map_err(bad_size)?
-    };
-    if new_size == 0 || !new_size.is_multiple_of(512) {
-        bail!("the new size {new_size} must be a positive multiple of 512 bytes");
-    }
+    let new_size = new_size(
+        &args.size,
+        info.virtual_size,
+        &args.file.display().to_string(),
+    )?;
     if new_size < info.virtual_size && !args.shrink {
         bail!(
             "{} would shrink from {} to {}: add --shrink if that is meant (what lies past the \
@@ -390,6 +443,14 @@ pub fn resize(args: ResizeArgs, paths: &Paths) -> anyhow::Result<()> {
     refuse_if_loop_mounted(&args.file, None)?;
     vdk_formats::resize(&args.file, Some(info.format), new_size, args.shrink)
         .with_context(|| format!("cannot resize {}", args.file.display()))?;
+    if args.json {
+        return super::out::json(&serde_json::json!({
+            "image": args.file,
+            "format": info.format.to_string(),
+            "old_size": info.virtual_size,
+            "size": new_size,
+        }));
+    }
     crate::outln!(
         "resized {} from {} to {}",
         args.file.display(),

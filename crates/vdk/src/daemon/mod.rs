@@ -36,6 +36,7 @@ mod close;
 #[cfg(target_os = "linux")]
 mod dir;
 mod disks;
+mod grow;
 mod initiator;
 mod iscsi;
 mod media;

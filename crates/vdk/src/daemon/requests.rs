@@ -102,6 +102,7 @@ impl Daemon {
             Request::Commit(r) | Request::Discard(r) => Some(&r.disk),
             Request::Snapshot(r) => Some(&r.disk),
             Request::Insert(r) => Some(&r.disk),
+            Request::Resize(r) => Some(&r.disk),
             Request::FsMount(r) => Some(&r.source),
             _ => None,
         };
@@ -152,6 +153,7 @@ impl Daemon {
             Request::Snapshot(r) => Reply::Snapshot(self.snapshot(&r.disk, &r.new, r.force)?),
             Request::Eject(r) => disk(self.eject(&r.disk, r.force)?),
             Request::Insert(r) => disk(self.insert(&r.disk, &r.image)?),
+            Request::Resize(r) => disk(self.grow(&r.disk, r.size)?),
             #[cfg(not(target_os = "linux"))]
             Request::FsMount(_) | Request::FsUnmount(_) | Request::FsList | Request::FsMap(_) => {
                 return Err(ApiError::new(

@@ -170,6 +170,11 @@ impl BlockDevice for Tracked {
         self.below().cache(offset, len)
     }
 
+    fn grow(&self, new_size: u64) -> Result<()> {
+        self.open()?;
+        self.below().grow(new_size)
+    }
+
     /// Its own, always: the chain below may change (a live commit) and lend or not.
     fn lend(&self) -> Option<&dyn Lend> {
         Some(self)
