@@ -58,15 +58,19 @@ def unmount_loop(mnt, loop):
 
 
 class VdkStack:
-    def __init__(self, vdk, tmp, size, name="vdk", passthrough=False):
+    def __init__(self, vdk, tmp, size, name="vdk", passthrough=False, fmt="raw", filters=()):
         self.vdk, self.tmp, self.size, self.name = vdk, tmp, size, name
+        self.fmt, self.filters = fmt, list(filters)
         self.env = dict(os.environ, VDK_SOCKET=os.path.join(tmp, name + "-run", "control.sock"),
                         RUST_LOG="warn", VDK_FUSE_PASSTHROUGH="1" if passthrough else "0")
         self.mnt = os.path.join(tmp, name.replace(" ", "-") + "-mnt")
         self.image = os.path.join(tmp, name.replace(" ", "-") + ".img")
 
     def start(self):
-        sh(self.vdk, "open", self.image, self.size, "--mkfs", "ext4", "--mount", self.mnt,
+        extra = ["--format", self.fmt]
+        for f in self.filters:
+            extra += ["--filter", f]
+        sh(self.vdk, "open", self.image, self.size, *extra, "--mkfs", "ext4", "--mount", self.mnt,
            env=self.env)
 
     def stop(self):
@@ -158,16 +162,28 @@ def main():
     ap.add_argument("--file-size", default="1G", help="size of fio's file in each mount")
     ap.add_argument("--vdk-before", default=None,
                     help="another vdk binary (an earlier build) measured in the same rounds")
+    ap.add_argument("--format", default="raw", choices=["raw", "qcow2"],
+                    help="the vdk stacks' image format")
+    ap.add_argument("--filter", action="append", default=[],
+                    help="a filter spec for the vdk stacks (repeatable), e.g. stats")
+    ap.add_argument("--vdk-only", action="store_true",
+                    help="only the vdk stacks (with --vdk-before: this build against that one)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("the mount benchmark attaches loop devices and mounts file systems: run it as root")
     tmp = tempfile.mkdtemp(prefix="vdk-bench-mount-")
-    stacks = [VdkStack(os.path.abspath(args.vdk), tmp, args.size),
-              VdkStack(os.path.abspath(args.vdk), tmp, args.size, "vdk passthrough", True),
-              NbdkitStack(tmp, args.size), KernelLoopStack(tmp, args.size),
-              KernelLoopStack(tmp, args.size, direct=False)]
+    served = dict(fmt=args.format, filters=args.filter)
+    stacks = [VdkStack(os.path.abspath(args.vdk), tmp, args.size, **served)]
+    # Passthrough is for raw images with no filter: any other disk is served either way.
+    if args.format == "raw" and not args.filter:
+        stacks.append(VdkStack(os.path.abspath(args.vdk), tmp, args.size, "vdk passthrough",
+                               True))
+    if not args.vdk_only:
+        stacks += [NbdkitStack(tmp, args.size), KernelLoopStack(tmp, args.size),
+                   KernelLoopStack(tmp, args.size, direct=False)]
     if args.vdk_before:
-        stacks.append(VdkStack(os.path.abspath(args.vdk_before), tmp, args.size, "vdk-before"))
+        stacks.append(VdkStack(os.path.abspath(args.vdk_before), tmp, args.size, "vdk-before",
+                               **served))
     results = {}
     try:
         for s in stacks:
@@ -196,7 +212,9 @@ def main():
     names = [s.name for s in stacks]
     # Each vdk stack against both kernel loop devices, and against nbdkit + nbdfuse.
     pairs = [(v, b) for v in names if v.startswith("vdk")
-             for b in ("kernel loop", "kernel loop buffered", "nbdkit+nbdfuse")]
+             for b in ("kernel loop", "kernel loop buffered", "nbdkit+nbdfuse") if b in names]
+    if "vdk-before" in names:
+        pairs.append(("vdk", "vdk-before"))
     print("| workload | " + " | ".join(names) + " | " +
           " | ".join("%s/%s" % p for p in pairs) + " |")
     print("| --- " * (1 + len(names) + len(pairs)) + "|")

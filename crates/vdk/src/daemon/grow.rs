@@ -96,6 +96,23 @@ impl Daemon {
                 info!(id = %disk.id, device = %dev.display(), "block device grew");
             }
         }
+        #[cfg(windows)]
+        {
+            // Windows' initiator got the unit attention; Update-Disk makes it read the size.
+            let st = lock(&disk.state);
+            let n = st
+                .session
+                .as_ref()
+                .and(st.block_device.as_ref())
+                .and_then(|d| super::initiator::disk_of_path(&d.to_string_lossy()));
+            drop(st);
+            if let Some(n) = n {
+                super::initiator::run(
+                    "telling Windows the disk grew",
+                    &super::initiator::rescan_script(n),
+                )?;
+            }
+        }
         Ok(self.status(&disk))
     }
 }

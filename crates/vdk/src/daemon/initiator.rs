@@ -184,6 +184,17 @@ pub fn device_path(n: u32) -> String {
     format!(r"\\.\PhysicalDrive{n}")
 }
 
+/// The disk number in a path of [`device_path`]'s.
+pub fn disk_of_path(path: &str) -> Option<u32> {
+    path.strip_prefix(r"\\.\PhysicalDrive")?.parse().ok()
+}
+
+/// The script that makes Windows read disk `n`'s size again (after it grew); its partition
+/// then grows with `Resize-Partition`.
+pub fn rescan_script(n: u32) -> String {
+    format!("$ErrorActionPreference = 'Stop'\nUpdate-Disk -Number {n}\n")
+}
+
 /// A CHAP secret of 16 characters (the most Windows takes) from the system's randomness
 /// (std's hasher keys), for a target that has none configured.
 pub fn new_secret() -> String {
@@ -316,6 +327,9 @@ mod tests {
         assert!(logout_script("iqn.x:y")
             .contains("Disconnect-IscsiTarget -NodeAddress 'iqn.x:y' -Confirm:$false"));
         assert_eq!(device_path(3), r"\\.\PhysicalDrive3");
+        assert_eq!(disk_of_path(&device_path(3)), Some(3));
+        assert_eq!(disk_of_path("E:\\"), None);
+        assert!(rescan_script(3).contains("Update-Disk -Number 3"));
     }
 
     #[test]

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# vdk's three block-device attach kinds (ublk, kernel NBD, fuse-loop) beside the kernel's own
+# loop device on the same image, in ONE throwaway guest (../shared/vm/vmrun.sh: Debian's 6.12
+# kernel under QEMU software emulation; this host's kernel has neither ublk nor nbd).
+#
+# Absolute figures inside a TCG guest mean nothing: only the ratio of each kind to the guest's
+# loop device in this one run is printed, labelled as such. fio runs on each raw block device
+# (libaio, direct I/O): 4 KiB random read and write at queue depth 16, 1 MiB sequential read
+# and write at queue depth 4, RUNTIME seconds each (default 8). Builds vdk in release mode.
+# About 5 minutes. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNTIME=${RUNTIME:-8}
+vmrun=${VDK_VMRUN:-$(pwd)/../shared/vm/vmrun.sh}
+[ -x "$vmrun" ] || vmrun=/work/shared/vm/vmrun.sh
+[ -x "$vmrun" ] || { echo "bench needs shared/vm/vmrun.sh (or VDK_VMRUN)" >&2; exit 1; }
+for tool in fio qemu-system-x86_64 python3; do
+  command -v "$tool" >/dev/null || { echo "bench needs $tool: run scripts/install-test-deps.sh" >&2; exit 1; }
+done
+cargo build --release -p vdk --locked
+# The guest shares only its working directory with this host (its /tmp is its own).
+work=$(mktemp -d /var/tmp/vdk-guest-bench.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cp target/release/vdk "$work/vdk"
+cat > "$work/run.sh" <<EOF
+set -eu
+V=\$PWD/vdk
+modprobe ublk_drv; modprobe nbd; modprobe loop; test -e /dev/fuse || modprobe fuse
+run() { # kind device
+  for w in randread:4k:16 randwrite:4k:16 read:1m:4 write:1m:4; do
+    IFS=: read rw bs qd <<W
+\$w
+W
+    fio --name=b --filename="\$2" --rw=\$rw --bs=\$bs --iodepth=\$qd --ioengine=libaio \\
+        --direct=1 --time_based --runtime=$RUNTIME --size=192M --output-format=json \\
+        > "fio-\$1-\$rw.json"
+  done
+}
+truncate -s 256M loop.img
+dev=\$(losetup --direct-io=on -f --show loop.img)
+run loop "\$dev"
+losetup -d "\$dev"
+for kind in ublk nbd fuse-loop; do
+  \$V open \$kind.img 256M --attach \$kind --json > \$kind.json
+  dev=\$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' \$kind.json)
+  run \$kind "\$dev"
+  \$V close \$kind.img >/dev/null
+done
+\$V daemon --stop >/dev/null
+EOF
+(cd "$work" && VM_MEM=1024 VM_TIMEOUT=1800 "$vmrun" 'sh run.sh') >"$work/guest.log" 2>&1 ||
+  { cat "$work/guest.log"; exit 1; }
+python3 - "$work" <<'EOF'
+import json, os, sys
+d = sys.argv[1]
+def bw(kind, rw):
+    j = json.load(open(os.path.join(d, "fio-%s-%s.json" % (kind, rw))))["jobs"][0]
+    side = "read" if "read" in rw else "write"
+    return j[side]["bw_bytes"]
+rows = [("randread", "4k QD16"), ("randwrite", "4k QD16"), ("read", "1M QD4"), ("write", "1M QD4")]
+print("One run in a software-emulated guest (Linux 6.12, TCG): each kind's throughput as a ratio")
+print("of the guest's own loop device (direct I/O) on the same kind of image. Not a timing.")
+print("%-12s %-9s %8s %8s %10s" % ("workload", "", "ublk", "nbd", "fuse-loop"))
+for rw, label in rows:
+    base = bw("loop", rw)
+    print("%-12s %-9s %7.2fx %7.2fx %9.2fx" % (rw, label, *(bw(k, rw) / base for k in ("ublk", "nbd", "fuse-loop"))))
+EOF
