@@ -10,13 +10,15 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
-use libublk::io::{BufDescList, UblkDev, UblkQueue};
+use libublk::helpers::IoBuf;
+use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkIORes};
 use tracing::{info, warn};
 use vdk_core::{BlockDevice, Errno};
@@ -208,11 +210,13 @@ fn serve(
             };
         }
         dev.tgt.dev_size = info.size;
+        // One more slot in each queue's ring: the read on its workers' eventfd.
+        dev.tgt.extra_ios = 1;
         dev.tgt.params = params;
         dev.set_target_json(serde_json::json!({ "name": label }));
         Ok(())
     };
-    let queue = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &*device, read_only);
+    let queue = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &device, read_only);
     let tell = started.clone();
     let ran = ctrl.run_target(target, queue, move |c: &UblkCtrl| {
         let _ = tell.send(Ok(c.dev_info().dev_id));
@@ -222,14 +226,36 @@ fn serve(
     }
 }
 
-/// Answers one queue's requests until the device stops.
-fn serve_queue(qid: u16, dev: &UblkDev, disk: &dyn BlockDevice, read_only: bool) {
-    let bufs = RefCell::new(dev.alloc_queue_io_bufs());
-    let queue = {
-        let registered = bufs.borrow();
-        UblkQueue::new(qid, dev)
-            .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&registered))))
-    };
+/// Worker threads per queue: requests that would wait (a read the page cache does not hold,
+/// a write, a flush) run on them, so that a queue has several in flight and completes them
+/// in whatever order they finish.
+const WORKERS_PER_QUEUE: usize = 4;
+
+/// A request handed to a worker with its tag's buffer, and what comes back.
+struct Job {
+    tag: u16,
+    op: u32,
+    flags: u32,
+    offset: u64,
+    len: u64,
+    buf: IoBuf<u8>,
+}
+
+struct Done {
+    tag: u16,
+    res: i32,
+    buf: IoBuf<u8>,
+}
+
+/// Answers one queue's requests until the device stops. A read or write the disk can do at
+/// once without waiting (its `Lend` fast paths: data in the page cache, a write the file
+/// system takes without blocking) is answered on the queue's thread; any other request goes
+/// to a worker with its tag's buffer (moved, never copied), and the worker's eventfd wakes
+/// the queue's io_uring to complete it.
+fn serve_queue(qid: u16, dev: &UblkDev, disk: &Arc<dyn BlockDevice>, read_only: bool) {
+    let registered = dev.alloc_queue_io_bufs();
+    let queue = UblkQueue::new(qid, dev)
+        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&registered))));
     let queue = match queue {
         Ok(q) => q,
         Err(e) => {
@@ -237,20 +263,137 @@ fn serve_queue(qid: u16, dev: &UblkDev, disk: &dyn BlockDevice, read_only: bool)
             return;
         }
     };
-    queue.wait_and_handle_io(|q: &UblkQueue, tag, _| {
-        let iod = q.get_iod(tag);
-        let (op, flags) = (iod.op_flags & 0xff, iod.op_flags);
-        let offset = iod.start_sector << 9;
-        let len = u64::from(iod.nr_sectors) << 9;
+    let wake = match rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(qid, "ublk queue has no eventfd: {e}");
+            return;
+        }
+    };
+    // Moving an IoBuf moves its handle, not the memory the kernel was given.
+    let bufs: RefCell<Vec<Option<IoBuf<u8>>>> =
+        RefCell::new(registered.into_iter().map(Some).collect());
+    let finished: Mutex<Vec<Done>> = Mutex::new(Vec::new());
+    let (jobs, queued) = mpsc::channel::<Job>();
+    let queued = Mutex::new(queued);
+    // The tag past the kernel's: the ring has room for it (`extra_ios`).
+    let wake_tag = u16::try_from(queue.get_depth()).unwrap_or(u16::MAX);
+    // What the eventfd read fills. It outlives every write to the eventfd: the workers are
+    // joined (and the eventfd closed) before this function returns.
+    let mut counter = [0u8; 8];
+    let arm = |counter: &mut [u8; 8]| {
+        let sqe = io_uring::opcode::Read::new(
+            io_uring::types::Fd(wake.as_raw_fd()),
+            counter.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(UblkIOCtx::build_user_data(wake_tag, 0, 0, true));
+        queue.ublk_submit_sqe_sync(sqe)
+    };
+    if let Err(e) = arm(&mut counter) {
+        warn!(qid, "ublk queue cannot wait on its eventfd: {e}");
+        return;
+    }
+    let complete = |q: &UblkQueue, tag: u16, res: i32, buf: IoBuf<u8>| {
         let mut bufs = bufs.borrow_mut();
-        let buf = &mut bufs[usize::from(tag)];
-        let res = answer(disk, read_only, op, flags, offset, len, buf);
+        let slot = &mut bufs[usize::from(tag)];
+        let buf = slot.insert(buf);
         if let Err(e) =
             q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
         {
             warn!(qid, tag, "ublk completion failed: {e}");
         }
+    };
+    thread::scope(|scope| {
+        for _ in 0..WORKERS_PER_QUEUE {
+            let (queued, finished, wake) = (&queued, &finished, &wake);
+            scope.spawn(move || loop {
+                let job = vdk_core::sync::lock(queued).recv();
+                let Ok(mut job) = job else { break };
+                let res = answer(
+                    &**disk,
+                    read_only,
+                    job.op,
+                    job.flags,
+                    job.offset,
+                    job.len,
+                    &mut job.buf,
+                );
+                vdk_core::sync::lock(finished).push(Done {
+                    tag: job.tag,
+                    res,
+                    buf: job.buf,
+                });
+                let _ = rustix::io::write(wake, &1u64.to_ne_bytes());
+            });
+        }
+        queue.wait_and_handle_io(|q: &UblkQueue, tag, ctx| {
+            if ctx.is_tgt_io() {
+                // The eventfd: complete what the workers finished, and wait on it again.
+                let done = std::mem::take(&mut *vdk_core::sync::lock(&finished));
+                for d in done {
+                    complete(q, d.tag, d.res, d.buf);
+                }
+                if let Err(e) = arm(&mut counter) {
+                    warn!(qid, "ublk queue cannot wait on its eventfd: {e}");
+                }
+                return;
+            }
+            let iod = q.get_iod(tag);
+            let (op, flags) = (iod.op_flags & 0xff, iod.op_flags);
+            let offset = iod.start_sector << 9;
+            let len = u64::from(iod.nr_sectors) << 9;
+            let Some(mut buf) = bufs.borrow_mut()[usize::from(tag)].take() else {
+                warn!(qid, tag, "ublk request on a tag already in flight");
+                return;
+            };
+            if let Some(res) = answer_at_once(&**disk, read_only, op, flags, offset, len, &mut buf)
+            {
+                complete(q, tag, res, buf);
+                return;
+            }
+            let job = Job {
+                tag,
+                op,
+                flags,
+                offset,
+                len,
+                buf,
+            };
+            if let Err(mpsc::SendError(job)) = jobs.send(job) {
+                complete(q, tag, -Errno::Io.raw(), job.buf);
+            }
+        });
+        drop(jobs);
     });
+}
+
+/// A read or plain write the disk answers without waiting ([`vdk_core::Lend`]), or `None`:
+/// then a worker does it.
+fn answer_at_once(
+    disk: &dyn BlockDevice,
+    read_only: bool,
+    op: u32,
+    flags: u32,
+    offset: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> Option<i32> {
+    let lend = disk.lend()?;
+    let n = usize::try_from(len).ok().filter(|n| *n <= buf.len())?;
+    let done = match op {
+        sys::UBLK_IO_OP_READ => lend.try_read_at(&mut buf[..n], offset),
+        sys::UBLK_IO_OP_WRITE if !read_only && flags & sys::UBLK_IO_F_FUA == 0 => {
+            lend.try_write_at(&buf[..n], offset)
+        }
+        _ => return None,
+    };
+    match done {
+        Ok(true) => Some(i32::try_from(len).unwrap_or(-Errno::Overflow.raw())),
+        Ok(false) => None,
+        Err(e) => Some(-e.errno().raw()),
+    }
 }
 
 /// Does one request; its result as the kernel wants it: bytes moved, or a negative errno.
