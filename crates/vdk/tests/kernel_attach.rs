@@ -216,7 +216,14 @@ fn a_kernel_nbd_disk_round_trips_and_reconnects_to_a_restarted_daemon() {
 # Without the driver: a clear refusal naming it.
 if msg=$($V open none.img 16M --attach nbd 2>&1); then echo "attached without nbd"; exit 1; fi
 echo "$msg" | grep -q "modprobe nbd" || { echo "unclear refusal: $msg"; exit 1; }
+$V daemon --stop || true
 modprobe nbd
+# A daemon that requires TLS of NBD clients still attaches: its own connections stay inside.
+mkdir certs
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=localhost -keyout certs/server-key.pem -out certs/server-cert.pem 2>/dev/null
+$V daemon --tls require --tls-certificates "$PWD/certs" 2> tls-daemon.log &
+until [ -S /run/vdk/control.sock ]; do sleep 0.1; done
 $V open d.img 192M --attach nbd --mkfs ext4 --mount /tmp/m --json > open.json
 grep -q '"attach": "nbd"' open.json || { cat open.json; exit 1; }
 dev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' open.json)

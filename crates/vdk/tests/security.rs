@@ -843,3 +843,28 @@ fn single_mode_serves_one_client_on_its_standard_input() {
         text(&o)
     );
 }
+
+/// The daemon's own connections for the kernel's NBD client (socket pairs inside the process)
+/// negotiate in the clear on a server that requires TLS of everyone else, who is refused.
+#[test]
+fn own_socket_pairs_skip_tls_that_everyone_else_must_use() {
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = pki::make(&dir.path().join("pki"), "vdk test CA", "alice");
+    let tls = vdk_nbd::Tls::new(vdk_nbd::TlsMode::Require, &certs, false).unwrap();
+    let config = vdk_nbd::ServerConfig {
+        tls: Some(Arc::new(tls)),
+        ..vdk_nbd::ServerConfig::default()
+    };
+    let disk = Arc::new(vdk_backends::MemoryDisk::new(1 << 20));
+    let server = vdk_nbd::Server::new(vec![vdk_nbd::Export::new("ram", disk)], config);
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    server.spawn_own_connection(theirs);
+    let chosen = vdk_nbd::client::go(&mut ours, "ram").unwrap();
+    assert_eq!(chosen.size, 1 << 20);
+    let (mut plain, theirs) = UnixStream::pair().unwrap();
+    server.spawn_connection(vdk_nbd::Stream::Unix(theirs));
+    let e = vdk_nbd::client::go(&mut plain, "ram").unwrap_err();
+    assert!(e.to_string().to_lowercase().contains("tls"), "{e}");
+}

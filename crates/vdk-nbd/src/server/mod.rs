@@ -172,6 +172,22 @@ impl Server {
     /// Serves one already-connected client on new threads, unless the connection limits
     /// are reached: then it is closed at once.
     pub fn spawn_connection(&self, stream: Stream) {
+        self.spawn_with(stream, Arc::clone(&self.config));
+    }
+
+    /// [`Server::spawn_connection`] of one end of a socket pair the serving process made for
+    /// itself (the kernel's NBD client of its own disks): no one else can reach it, so it
+    /// negotiates in the clear even where TLS is required of every other client.
+    #[cfg(unix)]
+    pub fn spawn_own_connection(&self, stream: std::os::unix::net::UnixStream) {
+        let config = ServerConfig {
+            tls: None,
+            ..(*self.config).clone()
+        };
+        self.spawn_with(Stream::Unix(stream), Arc::new(config));
+    }
+
+    fn spawn_with(&self, stream: Stream, config: Arc<ServerConfig>) {
         let peer = stream.peer();
         let handle = match stream.try_clone() {
             Ok(h) => h,
@@ -182,9 +198,8 @@ impl Server {
         };
         // Stopping a connection ends its reading side: what it has read is still answered.
         let stop: Stop = Arc::new(move || drop(handle.shutdown(Shutdown::Read)));
-        stream.set_keepalive(self.config.keepalive);
+        stream.set_keepalive(config.keepalive);
         let exports = Arc::clone(&self.exports);
-        let config = Arc::clone(&self.config);
         let ip = stream.peer_ip();
         let run = move |c: &lifecycle::Connection| conn::run(stream, c, &exports, &config);
         if let Err(why) = self.life.spawn("nbd-conn", ip, stop, run) {

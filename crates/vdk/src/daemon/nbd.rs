@@ -77,7 +77,8 @@ impl NbdFront {
         let server = Arc::clone(&self.server);
         Arc::new(move || {
             let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-            server.spawn_connection(vdk_nbd::Stream::Unix(theirs));
+            // Plain even on a `--tls require` daemon: the pair never leaves this process.
+            server.spawn_own_connection(theirs);
             Ok(ours)
         })
     }
