@@ -581,7 +581,26 @@ fn pipe(tag: &str) -> String {
 
 /// `vdk.exe ARGS --socket PIPE --json`, parsed.
 fn ask(pipe: &str, args: &[&str]) -> serde_json::Value {
-    let out = ok(&mut wine().vdk(&[args, &["--socket", pipe, "--json"]].concat()));
+    let args = [args, &["--socket", pipe, "--json"]].concat();
+    // A question that changes nothing is asked again if Wine killed the program (SIGKILL from
+    // its server while the program exited, after it printed its whole answer: seen twice in
+    // CI runs under load, never from vdk.exe itself).
+    let tries = if args[0] == "list" { 3 } else { 1 };
+    let mut cmd = wine().vdk(&args);
+    let mut o = out(&mut cmd);
+    for _ in 1..tries {
+        if std::os::unix::process::ExitStatusExt::signal(&o.status) != Some(9) {
+            break;
+        }
+        o = out(&mut cmd);
+    }
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}): {}",
+        o.status,
+        text(&o)
+    );
+    let out = String::from_utf8(o.stdout).unwrap();
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
