@@ -120,9 +120,27 @@ fn out(cmd: &mut Command) -> Output {
     }
 }
 
-/// [`out`], which must succeed; its standard output.
+/// [`out`], which must succeed; its standard output. A command that changes nothing (`list`,
+/// `info`, `check`, `daemon --reload`, `--version`) is run again if Wine killed it with
+/// SIGKILL: Wine's server has been seen to do that to a program exiting under load, after it
+/// printed its whole answer (never vdk.exe's own doing).
 fn ok(cmd: &mut Command) -> String {
-    let o = out(cmd);
+    let args: Vec<String> = cmd
+        .get_args()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let again = matches!(
+        args.first().map(String::as_str),
+        Some("list" | "info" | "check" | "--version")
+    ) || args.starts_with(&["daemon".to_owned(), "--reload".to_owned()]);
+    let mut o = out(cmd);
+    for _ in 0..2 {
+        if !again || std::os::unix::process::ExitStatusExt::signal(&o.status) != Some(9) {
+            break;
+        }
+        o = out(cmd);
+    }
     assert!(
         o.status.success(),
         "{cmd:?} failed ({}): {}",
@@ -581,26 +599,7 @@ fn pipe(tag: &str) -> String {
 
 /// `vdk.exe ARGS --socket PIPE --json`, parsed.
 fn ask(pipe: &str, args: &[&str]) -> serde_json::Value {
-    let args = [args, &["--socket", pipe, "--json"]].concat();
-    // A question that changes nothing is asked again if Wine killed the program (SIGKILL from
-    // its server while the program exited, after it printed its whole answer: seen twice in
-    // CI runs under load, never from vdk.exe itself).
-    let tries = if args[0] == "list" { 3 } else { 1 };
-    let mut cmd = wine().vdk(&args);
-    let mut o = out(&mut cmd);
-    for _ in 1..tries {
-        if std::os::unix::process::ExitStatusExt::signal(&o.status) != Some(9) {
-            break;
-        }
-        o = out(&mut cmd);
-    }
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed ({}): {}",
-        o.status,
-        text(&o)
-    );
-    let out = String::from_utf8(o.stdout).unwrap();
+    let out = ok(&mut wine().vdk(&[args, &["--socket", pipe, "--json"]].concat()));
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
