@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,7 @@ use libublk::helpers::IoBuf;
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkIORes};
 use tracing::{info, warn};
+use vdk_core::pool::Pool;
 use vdk_core::{BlockDevice, Errno};
 
 use crate::{Attach, Attached};
@@ -231,13 +232,30 @@ fn serve(
 /// in whatever order they finish.
 const WORKERS_PER_QUEUE: usize = 4;
 
-/// A request handed to a worker with its tag's buffer, and what comes back.
-struct Job {
-    tag: u16,
+/// What a request asks, as its descriptor says.
+#[derive(Clone, Copy)]
+struct Req {
     op: u32,
     flags: u32,
     offset: u64,
     len: u64,
+}
+
+impl Req {
+    fn of(iod: &sys::ublksrv_io_desc) -> Req {
+        Req {
+            op: iod.op_flags & 0xff,
+            flags: iod.op_flags,
+            offset: iod.start_sector << 9,
+            len: u64::from(iod.nr_sectors) << 9,
+        }
+    }
+}
+
+/// A request handed to a worker with its tag's buffer, and what comes back.
+struct Job {
+    tag: u16,
+    req: Req,
     buf: IoBuf<u8>,
 }
 
@@ -245,6 +263,30 @@ struct Done {
     tag: u16,
     res: i32,
     buf: IoBuf<u8>,
+}
+
+/// A queue's workers ([`vdk_core::pool::Pool`]), what they finished, and the eventfd that
+/// tells the queue.
+struct Workers {
+    pool: Pool<Job>,
+    finished: Mutex<Vec<Done>>,
+    wake: OwnedFd,
+    disk: Arc<dyn BlockDevice>,
+    read_only: bool,
+}
+
+impl Workers {
+    fn run(&self) {
+        while let Some(mut job) = self.pool.next() {
+            let res = answer(&*self.disk, self.read_only, job.req, &mut job.buf);
+            vdk_core::sync::lock(&self.finished).push(Done {
+                tag: job.tag,
+                res,
+                buf: job.buf,
+            });
+            let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+        }
+    }
 }
 
 /// Answers one queue's requests until the device stops. A read or write the disk can do at
@@ -273,17 +315,21 @@ fn serve_queue(qid: u16, dev: &UblkDev, disk: &Arc<dyn BlockDevice>, read_only: 
     // Moving an IoBuf moves its handle, not the memory the kernel was given.
     let bufs: RefCell<Vec<Option<IoBuf<u8>>>> =
         RefCell::new(registered.into_iter().map(Some).collect());
-    let finished: Mutex<Vec<Done>> = Mutex::new(Vec::new());
-    let (jobs, queued) = mpsc::channel::<Job>();
-    let queued = Mutex::new(queued);
+    let workers = Arc::new(Workers {
+        pool: Pool::new(WORKERS_PER_QUEUE),
+        finished: Mutex::new(Vec::new()),
+        wake,
+        disk: Arc::clone(disk),
+        read_only,
+    });
     // The tag past the kernel's: the ring has room for it (`extra_ios`).
     let wake_tag = u16::try_from(queue.get_depth()).unwrap_or(u16::MAX);
     // What the eventfd read fills. It outlives every write to the eventfd: the workers are
-    // joined (and the eventfd closed) before this function returns.
+    // joined (`close`) before this function returns.
     let mut counter = [0u8; 8];
     let arm = |counter: &mut [u8; 8]| {
         let sqe = io_uring::opcode::Read::new(
-            io_uring::types::Fd(wake.as_raw_fd()),
+            io_uring::types::Fd(workers.wake.as_raw_fd()),
             counter.as_mut_ptr(),
             8,
         )
@@ -305,68 +351,40 @@ fn serve_queue(qid: u16, dev: &UblkDev, disk: &Arc<dyn BlockDevice>, read_only: 
             warn!(qid, tag, "ublk completion failed: {e}");
         }
     };
-    thread::scope(|scope| {
-        for _ in 0..WORKERS_PER_QUEUE {
-            let (queued, finished, wake) = (&queued, &finished, &wake);
-            scope.spawn(move || loop {
-                let job = vdk_core::sync::lock(queued).recv();
-                let Ok(mut job) = job else { break };
-                let res = answer(
-                    &**disk,
-                    read_only,
-                    job.op,
-                    job.flags,
-                    job.offset,
-                    job.len,
-                    &mut job.buf,
-                );
-                vdk_core::sync::lock(finished).push(Done {
-                    tag: job.tag,
-                    res,
-                    buf: job.buf,
-                });
-                let _ = rustix::io::write(wake, &1u64.to_ne_bytes());
-            });
+    queue.wait_and_handle_io(|q: &UblkQueue, tag, ctx| {
+        if ctx.is_tgt_io() {
+            // The eventfd: complete what the workers finished, and wait on it again.
+            let done = std::mem::take(&mut *vdk_core::sync::lock(&workers.finished));
+            for d in done {
+                complete(q, d.tag, d.res, d.buf);
+            }
+            if let Err(e) = arm(&mut counter) {
+                warn!(qid, "ublk queue cannot wait on its eventfd: {e}");
+            }
+            return;
         }
-        queue.wait_and_handle_io(|q: &UblkQueue, tag, ctx| {
-            if ctx.is_tgt_io() {
-                // The eventfd: complete what the workers finished, and wait on it again.
-                let done = std::mem::take(&mut *vdk_core::sync::lock(&finished));
-                for d in done {
-                    complete(q, d.tag, d.res, d.buf);
-                }
-                if let Err(e) = arm(&mut counter) {
-                    warn!(qid, "ublk queue cannot wait on its eventfd: {e}");
-                }
-                return;
-            }
-            let iod = q.get_iod(tag);
-            let (op, flags) = (iod.op_flags & 0xff, iod.op_flags);
-            let offset = iod.start_sector << 9;
-            let len = u64::from(iod.nr_sectors) << 9;
-            let Some(mut buf) = bufs.borrow_mut()[usize::from(tag)].take() else {
-                warn!(qid, tag, "ublk request on a tag already in flight");
-                return;
-            };
-            if let Some(res) = answer_at_once(&**disk, read_only, op, flags, offset, len, &mut buf)
-            {
-                complete(q, tag, res, buf);
-                return;
-            }
-            let job = Job {
-                tag,
-                op,
-                flags,
-                offset,
-                len,
-                buf,
-            };
-            if let Err(mpsc::SendError(job)) = jobs.send(job) {
-                complete(q, tag, -Errno::Io.raw(), job.buf);
-            }
-        });
-        drop(jobs);
+        let req = Req::of(q.get_iod(tag));
+        let Some(mut buf) = bufs.borrow_mut()[usize::from(tag)].take() else {
+            warn!(qid, tag, "ublk request on a tag already in flight");
+            return;
+        };
+        if let Some(res) = answer_at_once(&**disk, read_only, req, &mut buf) {
+            complete(q, tag, res, buf);
+            return;
+        }
+        let w = Arc::clone(&workers);
+        let start = move || {
+            thread::Builder::new()
+                .name(format!("ublk-q{qid}"))
+                .spawn(move || w.run())
+        };
+        if let Err((job, e)) = workers.pool.submit(Job { tag, req, buf }, start) {
+            warn!(qid, "no ublk worker: {e}");
+            complete(q, tag, -Errno::Io.raw(), job.buf);
+        }
     });
+    // Every request handed out is done before the buffers and the eventfd go.
+    workers.pool.close();
 }
 
 /// A read or plain write the disk answers without waiting ([`vdk_core::Lend`]), or `None`:
@@ -374,12 +392,15 @@ fn serve_queue(qid: u16, dev: &UblkDev, disk: &Arc<dyn BlockDevice>, read_only: 
 fn answer_at_once(
     disk: &dyn BlockDevice,
     read_only: bool,
-    op: u32,
-    flags: u32,
-    offset: u64,
-    len: u64,
+    req: Req,
     buf: &mut [u8],
 ) -> Option<i32> {
+    let Req {
+        op,
+        flags,
+        offset,
+        len,
+    } = req;
     let lend = disk.lend()?;
     let n = usize::try_from(len).ok().filter(|n| *n <= buf.len())?;
     let done = match op {
@@ -397,15 +418,13 @@ fn answer_at_once(
 }
 
 /// Does one request; its result as the kernel wants it: bytes moved, or a negative errno.
-fn answer(
-    disk: &dyn BlockDevice,
-    read_only: bool,
-    op: u32,
-    flags: u32,
-    offset: u64,
-    len: u64,
-    buf: &mut [u8],
-) -> i32 {
+fn answer(disk: &dyn BlockDevice, read_only: bool, req: Req, buf: &mut [u8]) -> i32 {
+    let Req {
+        op,
+        flags,
+        offset,
+        len,
+    } = req;
     let fua = flags & sys::UBLK_IO_F_FUA != 0;
     let n = usize::try_from(len).unwrap_or(usize::MAX);
     let data = || buf.len() >= n;
