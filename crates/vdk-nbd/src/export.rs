@@ -35,6 +35,9 @@ pub struct Peer {
     /// The names in its TLS client certificate (common names, DNS alternative names), once
     /// TLS is up and a certificate was verified.
     pub cert_names: Vec<String>,
+    /// The serving process itself, on a socket pair it made (its disks' kernel NBD devices):
+    /// every export lets it in, whatever its allow-list says of other clients.
+    pub own: bool,
 }
 
 /// One entry of an export's allow-list.
@@ -129,7 +132,7 @@ impl Export {
 
     /// Whether `peer` may see and open this export.
     pub fn allows(&self, peer: &Peer) -> bool {
-        self.allow.is_empty() || self.allow.iter().any(|r| r.matches(peer))
+        peer.own || self.allow.is_empty() || self.allow.iter().any(|r| r.matches(peer))
     }
 
     /// Transmission flags, advertised truthfully from the disk's info.
@@ -170,7 +173,7 @@ mod tests {
     fn peer(ip: &str) -> Peer {
         Peer {
             ip: Some(ip.parse().unwrap()),
-            cert_names: Vec::new(),
+            ..Peer::default()
         }
     }
 
@@ -191,8 +194,8 @@ mod tests {
         assert!(Rule::Unix.matches(&Peer::default()));
         let cert: Rule = "cert:alice".parse().unwrap();
         let alice = Peer {
-            ip: None,
             cert_names: vec!["alice".into()],
+            ..Peer::default()
         };
         assert!(cert.matches(&alice) && !cert.matches(&peer("1.2.3.4")));
         for bad in [

@@ -845,9 +845,10 @@ fn single_mode_serves_one_client_on_its_standard_input() {
 }
 
 /// The daemon's own connections for the kernel's NBD client (socket pairs inside the process)
-/// negotiate in the clear on a server that requires TLS of everyone else, who is refused.
+/// negotiate in the clear on a server that requires TLS of everyone else, who is refused, and
+/// reach an export whose allow-list names only other clients.
 #[test]
-fn own_socket_pairs_skip_tls_that_everyone_else_must_use() {
+fn own_socket_pairs_skip_tls_and_allow_lists_that_bind_everyone_else() {
     use std::os::unix::net::UnixStream;
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
@@ -858,13 +859,31 @@ fn own_socket_pairs_skip_tls_that_everyone_else_must_use() {
         ..vdk_nbd::ServerConfig::default()
     };
     let disk = Arc::new(vdk_backends::MemoryDisk::new(1 << 20));
-    let server = vdk_nbd::Server::new(vec![vdk_nbd::Export::new("ram", disk)], config);
-    let (mut ours, theirs) = UnixStream::pair().unwrap();
-    server.spawn_own_connection(theirs);
-    let chosen = vdk_nbd::client::go(&mut ours, "ram").unwrap();
-    assert_eq!(chosen.size, 1 << 20);
+    let mut locked = vdk_nbd::Export::new("locked", disk.clone());
+    locked.allow = vec!["192.0.2.7".parse().unwrap()];
+    let exports = vec![vdk_nbd::Export::new("ram", disk), locked];
+    let server = vdk_nbd::Server::new(exports, config);
+    for name in ["ram", "locked"] {
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        server.spawn_own_connection(theirs);
+        let chosen = vdk_nbd::client::go(&mut ours, name).unwrap();
+        assert_eq!(chosen.size, 1 << 20);
+    }
     let (mut plain, theirs) = UnixStream::pair().unwrap();
     server.spawn_connection(vdk_nbd::Stream::Unix(theirs));
     let e = vdk_nbd::client::go(&mut plain, "ram").unwrap_err();
     assert!(e.to_string().to_lowercase().contains("tls"), "{e}");
+    // Without TLS required, a Unix client the allow-list leaves out is still refused.
+    let open = vdk_nbd::Server::new(
+        vec![{
+            let mut e =
+                vdk_nbd::Export::new("locked", Arc::new(vdk_backends::MemoryDisk::new(4096)));
+            e.allow = vec!["192.0.2.7".parse().unwrap()];
+            e
+        }],
+        vdk_nbd::ServerConfig::default(),
+    );
+    let (mut other, theirs) = UnixStream::pair().unwrap();
+    open.spawn_connection(vdk_nbd::Stream::Unix(theirs));
+    assert!(vdk_nbd::client::go(&mut other, "locked").is_err());
 }

@@ -45,11 +45,18 @@ fn start_tls(tls: Option<&Tls>, d: &mut Deadline) -> io::Result<Vec<String>> {
 }
 
 /// Runs one connection, from the handshake to its end.
-pub(super) fn run(stream: Stream, place: &Connection, exports: &ExportSet, config: &ServerConfig) {
+/// `own`: the serving process's own socket pair ([`Peer::own`]).
+pub(super) fn run(
+    stream: Stream,
+    place: &Connection,
+    (exports, config): (&ExportSet, &ServerConfig),
+    own: bool,
+) {
     let peer = stream.peer();
     let client_peer = Peer {
         ip: stream.peer_ip(),
         cert_names: Vec::new(),
+        own,
     };
     let mut hs = Deadline {
         stream,

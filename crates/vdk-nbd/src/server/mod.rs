@@ -172,22 +172,23 @@ impl Server {
     /// Serves one already-connected client on new threads, unless the connection limits
     /// are reached: then it is closed at once.
     pub fn spawn_connection(&self, stream: Stream) {
-        self.spawn_with(stream, Arc::clone(&self.config));
+        self.spawn_with(stream, Arc::clone(&self.config), false);
     }
 
     /// [`Server::spawn_connection`] of one end of a socket pair the serving process made for
     /// itself (the kernel's NBD client of its own disks): no one else can reach it, so it
-    /// negotiates in the clear even where TLS is required of every other client.
+    /// negotiates in the clear even where TLS is required of every other client, and every
+    /// export lets it in whatever its allow-list says of others.
     #[cfg(unix)]
     pub fn spawn_own_connection(&self, stream: std::os::unix::net::UnixStream) {
         let config = ServerConfig {
             tls: None,
             ..(*self.config).clone()
         };
-        self.spawn_with(Stream::Unix(stream), Arc::new(config));
+        self.spawn_with(Stream::Unix(stream), Arc::new(config), true);
     }
 
-    fn spawn_with(&self, stream: Stream, config: Arc<ServerConfig>) {
+    fn spawn_with(&self, stream: Stream, config: Arc<ServerConfig>, own: bool) {
         let peer = stream.peer();
         let handle = match stream.try_clone() {
             Ok(h) => h,
@@ -201,7 +202,7 @@ impl Server {
         stream.set_keepalive(config.keepalive);
         let exports = Arc::clone(&self.exports);
         let ip = stream.peer_ip();
-        let run = move |c: &lifecycle::Connection| conn::run(stream, c, &exports, &config);
+        let run = move |c: &lifecycle::Connection| conn::run(stream, c, (&exports, &config), own);
         if let Err(why) = self.life.spawn("nbd-conn", ip, stop, run) {
             warn!(%peer, "connection refused: {why}");
         }
