@@ -7,8 +7,11 @@
 #   VMKIT=/var/tmp/vmkit-6.17.13+deb13-amd64 VM_KERNEL=6.17.13+deb13-amd64 \
 #       cargo test -p vdk --test kernel_attach
 #
-# Not part of the default test command (a 170 MB download). Needs curl, xz, dpkg, depmod,
-# busybox, and a kit made once by vmrun.sh itself (its init script is reused).
+# With LINK=PATH, PATH becomes a symbolic link to the kit (whose file `version` names its
+# kernel): scripts/install-test-deps.sh makes /var/tmp/vmkit-newer so, for the guest test of
+# what only newer kernels have (ublk zero copy and live resize). A 170 MB download, once.
+# Needs curl, xz, dpkg, depmod, busybox, and a kit made once by vmrun.sh itself (its init
+# script is reused).
 set -euo pipefail
 suite=${SUITE:-trixie-backports}
 mirror=${MIRROR:-http://deb.debian.org/debian}
@@ -27,8 +30,13 @@ debs=$(awk -v v="$version" '
   keep && /^Filename: / { print $2 }' "$packages")
 [ -n "$debs" ] || { echo "no packages for $version in $suite" >&2; exit 1; }
 kit=${VMKIT:-/var/tmp/vmkit-$version}
-if [ -e "$kit/initrd.gz" ]; then
+done_with() {
+  echo "$version" > "$kit/version"
+  if [ -n "${LINK:-}" ]; then ln -sfn "$kit" "$LINK"; fi
   echo "VMKIT=$kit VM_KERNEL=$version"
+}
+if [ -e "$kit/initrd.gz" ]; then
+  done_with
   exit 0
 fi
 rm -rf "$kit.tmp"
@@ -59,4 +67,4 @@ cp "$base/ir/sbin/modprobe" ir/sbin/modprobe
 (cd ir && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > initrd.gz
 cd /
 mv "$kit.tmp" "$kit"
-echo "VMKIT=$kit VM_KERNEL=$version"
+done_with

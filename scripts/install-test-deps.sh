@@ -34,6 +34,8 @@ packages=(
   busybox-static  # the throwaway guest of the kernel-attach tests (../shared/vm/vmrun.sh) ...
   kmod            # ... loads ublk_drv and nbd in it
   nbd-client      # the kernel NBD client's own tool, beside vdk's attach, in the guest
+  curl            # scripts/guest-kernel.sh fetches a newer guest kernel ...
+  xz-utils        # ... and unpacks its package index
 )
 
 missing=()
@@ -86,6 +88,12 @@ vmrun="$(cd "$(dirname "$0")/../.." && pwd)/shared/vm/vmrun.sh"
 if [ -x "$vmrun" ] && [ ! -e "${VMKIT:-/var/tmp/vmkit}/initrd.gz" ]; then
   echo "preparing the test guest's kernel"
   (cd "$(mktemp -d)" && "$vmrun" true)
+fi
+# A second guest kernel, newer (trixie-backports'), for what 6.12 lacks: ublk zero copy and
+# live resize (Linux 6.16). Made once; kernel_attach.rs boots it through this link.
+if [ -x "$vmrun" ] && [ ! -e /var/tmp/vmkit-newer/version ]; then
+  echo "preparing the newer test guest's kernel"
+  VMKIT_BASE="${VMKIT:-/var/tmp/vmkit}" VMKIT= LINK=/var/tmp/vmkit-newer "$(dirname "$0")/guest-kernel.sh"
 fi
 
 if command -v rustup >/dev/null 2>&1; then

@@ -23,7 +23,7 @@ use std::sync::Arc;
 pub use fuse::FuseExport;
 pub use loopdev::{LoopDevice, LoopOptions};
 pub use nbd::KernelNbd;
-pub use ublk::Ublk;
+pub use ublk::{Ublk, ZeroCopy};
 use vdk_core::BlockDevice;
 
 /// A way of giving the kernel a block device for a disk.
@@ -38,6 +38,16 @@ pub trait Attach: Send + Sync + fmt::Debug {
         device: Arc<dyn BlockDevice>,
         read_only: bool,
     ) -> io::Result<Box<dyn Attached>>;
+}
+
+/// Whoever counts a disk's requests, told of those that reach its file without passing
+/// through the disk (ublk zero copy: the kernel reads and writes the image's file itself).
+pub trait Direct: Send + Sync {
+    /// Whether the disk still takes requests; once it was closed they fail.
+    fn is_open(&self) -> bool;
+    /// A read (or, with `write`, a write) done on the file: the bytes moved, or `None` if it
+    /// failed.
+    fn done(&self, write: bool, bytes: Option<u64>);
 }
 
 /// A disk attached to the kernel.

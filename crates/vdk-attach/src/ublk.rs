@@ -6,11 +6,18 @@
 //! keeps `/dev/ublkbN` and holds its I/O until a new server takes the device over
 //! ([`Ublk::attach`] of a disk of the same name does that), so a mounted file system carries
 //! on. Each device's name is kept in the JSON file libublk writes under `/run/ublksrvd`.
+//!
+//! **Zero copy** (`UBLK_F_AUTO_BUF_REG`, Linux 6.16): for a disk held byte for byte by a
+//! file ([`ZeroCopy`]: a raw image with no filter), the kernel lends each request's pages to
+//! the queue's io_uring as a fixed buffer, and the queue reads or writes the file into them
+//! (`READ_FIXED`/`WRITE_FIXED`): the data never passes through the daemon's memory. Flushes,
+//! discards and zeroes still go to the disk.
 
 use std::cell::RefCell;
 use std::fmt;
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -24,7 +31,7 @@ use tracing::{info, warn};
 use vdk_core::pool::Pool;
 use vdk_core::{BlockDevice, Errno};
 
-use crate::{Attach, Attached};
+use crate::{Attach, Attached, Direct};
 
 /// The control device the kernel's ublk driver makes.
 pub const CONTROL: &str = "/dev/ublk-control";
@@ -54,6 +61,29 @@ impl Ublk {
             ))
         }
     }
+}
+
+/// What lets ublk serve a disk with no copy: the file that holds it byte for byte (a raw
+/// image with no filter), and whoever counts the disk's requests.
+pub struct ZeroCopy {
+    /// The image, opened for reading (and writing, unless the disk is read-only).
+    pub file: File,
+    /// Told of every read and write done on the file.
+    pub direct: Arc<dyn Direct>,
+}
+
+impl fmt::Debug for ZeroCopy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ZeroCopy")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether this kernel's ublk driver can lend requests' pages to io_uring
+/// (`UBLK_F_AUTO_BUF_REG`, Linux 6.16), which [`Ublk::attach_zero_copy`] uses.
+pub fn zero_copy_offered() -> bool {
+    UblkCtrl::get_features().is_some_and(|f| f & u64::from(sys::UBLK_F_AUTO_BUF_REG) != 0)
 }
 
 fn to_io(what: &str, e: UblkError) -> io::Error {
@@ -96,6 +126,22 @@ impl Attach for Ublk {
         device: Arc<dyn BlockDevice>,
         read_only: bool,
     ) -> io::Result<Box<dyn Attached>> {
+        self.attach_zero_copy(name, device, read_only, None)
+    }
+}
+
+impl Ublk {
+    /// [`Attach::attach`]; with `zero_copy`, where the kernel offers it
+    /// ([`zero_copy_offered`]), reads and writes go between the kernel's pages and the file
+    /// with no copy through the daemon. A device left by a dead server that served it so can
+    /// only be taken over with it.
+    pub fn attach_zero_copy(
+        &self,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+        read_only: bool,
+        zero_copy: Option<ZeroCopy>,
+    ) -> io::Result<Box<dyn Attached>> {
         let recover = orphan(name);
         let cpus = thread::available_parallelism().map_or(1, |n| n.get());
         let queues = u16::try_from(cpus).unwrap_or(u16::MAX);
@@ -103,7 +149,15 @@ impl Attach for Ublk {
         let owned = name.to_owned();
         let server = thread::Builder::new()
             .name(format!("ublk-{name}"))
-            .spawn(move || serve(&owned, device, read_only, queues, recover, tx))?;
+            .spawn(move || {
+                let how = Serve {
+                    read_only,
+                    queues,
+                    recover,
+                    zero_copy,
+                };
+                serve(&owned, device, how, tx);
+            })?;
         match rx.recv() {
             Ok(Ok(id)) => {
                 if recover.is_some() {
@@ -129,15 +183,32 @@ impl Attach for Ublk {
     }
 }
 
+/// How a device is served.
+struct Serve {
+    read_only: bool,
+    queues: u16,
+    /// The device a dead server left, to take over.
+    recover: Option<u32>,
+    zero_copy: Option<ZeroCopy>,
+}
+
 /// Runs the device to its end (a [`UblkDisk::detach`]), telling `started` its id or why not.
 fn serve(
     name: &str,
     device: Arc<dyn BlockDevice>,
-    read_only: bool,
-    queues: u16,
-    recover: Option<u32>,
+    how: Serve,
     started: mpsc::Sender<io::Result<u32>>,
 ) {
+    let Serve {
+        read_only,
+        queues,
+        recover,
+        zero_copy,
+    } = how;
+    let mut flags = sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE;
+    if zero_copy.is_some() && zero_copy_offered() {
+        flags |= sys::UBLK_F_AUTO_BUF_REG;
+    }
     let built = UblkCtrlBuilder::default()
         .name(TARGET)
         .id(recover.map_or(-1, |id| id as i32))
@@ -145,10 +216,8 @@ fn serve(
         .depth(DEPTH)
         .io_buf_bytes(MAX_IO)
         // In-flight requests of a dead server are sent again to the next: a block device's
-        // writes are idempotent.
-        .ctrl_flags(u64::from(
-            sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
-        ))
+        // writes are idempotent. (A device taken over keeps the flags it was made with.)
+        .ctrl_flags(u64::from(flags))
         .dev_flags(if recover.is_some() {
             UblkFlags::UBLK_DEV_F_RECOVER_DEV
         } else {
@@ -161,6 +230,26 @@ fn serve(
             let _ = started.send(Err(to_io("cannot add a ublk device", e)));
             return;
         }
+    };
+    // Zero copy is the device's, once made: one taken over must be served so again.
+    let zero_copy = if ctrl.dev_info().flags & u64::from(sys::UBLK_F_AUTO_BUF_REG) != 0 {
+        let Some(z) = zero_copy else {
+            let _ = started.send(Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the ublk device a dead server left reads and writes its image with no copy: \
+                 only the same raw image with no filter, on a daemon without --ublk-copy, can \
+                 take it over",
+            )));
+            return;
+        };
+        info!(
+            name,
+            "ublk zero copy: the kernel's requests read and write the image's file through \
+             io_uring, with no copy through vdk"
+        );
+        Some(Arc::new(z))
+    } else {
+        None
     };
     if recover.is_some() {
         if let Err(e) = ctrl.start_user_recover() {
@@ -217,7 +306,9 @@ fn serve(
         dev.set_target_json(serde_json::json!({ "name": label }));
         Ok(())
     };
-    let queue = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &device, read_only);
+    let queue = move |qid: u16, dev: &UblkDev| {
+        serve_queue(qid, dev, &device, read_only, zero_copy.as_deref());
+    };
     let tell = started.clone();
     let ran = ctrl.run_target(target, queue, move |c: &UblkCtrl| {
         let _ = tell.send(Ok(c.dev_info().dev_id));
@@ -252,17 +343,18 @@ impl Req {
     }
 }
 
-/// A request handed to a worker with its tag's buffer, and what comes back.
+/// A request handed to a worker with its tag's buffer (none with zero copy), and what comes
+/// back.
 struct Job {
     tag: u16,
     req: Req,
-    buf: IoBuf<u8>,
+    buf: Option<IoBuf<u8>>,
 }
 
 struct Done {
     tag: u16,
     res: i32,
-    buf: IoBuf<u8>,
+    buf: Option<IoBuf<u8>>,
 }
 
 /// A queue's workers ([`vdk_core::pool::Pool`]), what they finished, and the eventfd that
@@ -278,7 +370,8 @@ struct Workers {
 impl Workers {
     fn run(&self) {
         while let Some(mut job) = self.pool.next() {
-            let res = answer(&*self.disk, self.read_only, job.req, &mut job.buf);
+            let buf = job.buf.as_deref_mut().unwrap_or_default();
+            let res = answer(&*self.disk, self.read_only, job.req, buf);
             vdk_core::sync::lock(&self.finished).push(Done {
                 tag: job.tag,
                 res,
@@ -289,15 +382,122 @@ impl Workers {
     }
 }
 
+/// A queue's zero-copy reads and writes: the image's file, and how far each tag's request
+/// has got (a read or write the file system cut short goes on from there).
+struct Fixed<'a> {
+    zero_copy: &'a ZeroCopy,
+    fd: RawFd,
+    done: RefCell<Vec<u32>>,
+    read_only: bool,
+}
+
+impl Fixed<'_> {
+    /// Starts a read or write of the file into or out of the pages the kernel registered for
+    /// `tag`; `Err` is the request's answer if it cannot start.
+    fn start(&self, q: &UblkQueue, tag: u16, req: Req) -> Result<(), i32> {
+        if req.op == sys::UBLK_IO_OP_WRITE && self.read_only {
+            return Err(-Errno::RoFs.raw());
+        }
+        if !self.zero_copy.direct.is_open() {
+            return Err(-Errno::Io.raw());
+        }
+        self.done.borrow_mut()[usize::from(tag)] = 0;
+        self.submit(q, tag, req, 0)
+    }
+
+    fn submit(&self, q: &UblkQueue, tag: u16, req: Req, done: u32) -> Result<(), i32> {
+        let len = u32::try_from(req.len).map_err(|_| -Errno::Inval.raw())? - done;
+        let at = req.offset + u64::from(done);
+        let fd = io_uring::types::Fd(self.fd);
+        // The registered buffer's addresses start at 0: `done` bytes into the request.
+        let addr = std::ptr::null_mut::<u8>().wrapping_add(done as usize);
+        let sqe = if req.op == sys::UBLK_IO_OP_READ {
+            io_uring::opcode::ReadFixed::new(fd, addr, len, tag)
+                .offset(at)
+                .build()
+        } else {
+            let fua = req.flags & sys::UBLK_IO_F_FUA != 0;
+            let sync = if fua {
+                rustix::io::ReadWriteFlags::DSYNC.bits() as i32
+            } else {
+                0
+            };
+            io_uring::opcode::WriteFixed::new(fd, addr, len, tag)
+                .offset(at)
+                .rw_flags(sync)
+                .build()
+        };
+        let sqe = sqe.user_data(UblkIOCtx::build_user_data(tag, req.op, 0, true));
+        q.ublk_submit_sqe_sync(sqe).map_err(|e| {
+            warn!(tag, "ublk cannot queue a zero-copy request: {e}");
+            -Errno::Io.raw()
+        })
+    }
+
+    /// A read or write of the file finished with `res`: the request's answer, or `None` if
+    /// it goes on.
+    fn finished(&self, q: &UblkQueue, tag: u16, res: i32) -> Option<i32> {
+        let req = Req::of(q.get_iod(tag));
+        let write = req.op == sys::UBLK_IO_OP_WRITE;
+        let direct = &self.zero_copy.direct;
+        let again = |r: i32| {
+            r == -rustix::io::Errno::AGAIN.raw_os_error()
+                || r == -rustix::io::Errno::INTR.raw_os_error()
+        };
+        let done = self.done.borrow()[usize::from(tag)];
+        let answer = match res {
+            r if again(r) => {
+                return self.submit(q, tag, req, done).err();
+            }
+            r if r < 0 => r,
+            0 => -Errno::Io.raw(), // past the file's end: it is shorter than the disk
+            r => {
+                let done = done + r.unsigned_abs();
+                if u64::from(done) < req.len {
+                    self.done.borrow_mut()[usize::from(tag)] = done;
+                    return self.submit(q, tag, req, done).err();
+                }
+                direct.done(write, Some(req.len));
+                return Some(i32::try_from(req.len).unwrap_or(-Errno::Overflow.raw()));
+            }
+        };
+        direct.done(write, None);
+        Some(answer)
+    }
+}
+
 /// Answers one queue's requests until the device stops. A read or write the disk can do at
 /// once without waiting (its `Lend` fast paths: data in the page cache, a write the file
 /// system takes without blocking) is answered on the queue's thread; any other request goes
 /// to a worker with its tag's buffer (moved, never copied), and the worker's eventfd wakes
-/// the queue's io_uring to complete it.
-fn serve_queue(qid: u16, dev: &UblkDev, disk: &Arc<dyn BlockDevice>, read_only: bool) {
-    let registered = dev.alloc_queue_io_bufs();
-    let queue = UblkQueue::new(qid, dev)
-        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&registered))));
+/// the queue's io_uring to complete it. With `zero_copy`, reads and writes are instead
+/// io_uring operations on the image's file into the kernel's own pages.
+fn serve_queue(
+    qid: u16,
+    dev: &UblkDev,
+    disk: &Arc<dyn BlockDevice>,
+    read_only: bool,
+    zero_copy: Option<&ZeroCopy>,
+) {
+    let depth = dev.dev_info.queue_depth;
+    // The kernel registers each request's pages at its tag's index in the ring's table.
+    let regs: Vec<sys::ublk_auto_buf_reg> = (0..depth)
+        .map(|index| sys::ublk_auto_buf_reg {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let registered = if zero_copy.is_some() {
+        Vec::new()
+    } else {
+        dev.alloc_queue_io_bufs()
+    };
+    let list = if zero_copy.is_some() {
+        BufDescList::AutoRegs(&regs)
+    } else {
+        BufDescList::Slices(Some(&registered))
+    };
+    let queue = UblkQueue::new(qid, dev).and_then(|q| q.submit_fetch_commands_unified(list));
     let queue = match queue {
         Ok(q) => q,
         Err(e) => {
@@ -312,6 +512,12 @@ fn serve_queue(qid: u16, dev: &UblkDev, disk: &Arc<dyn BlockDevice>, read_only: 
             return;
         }
     };
+    let fixed = zero_copy.map(|z| Fixed {
+        zero_copy: z,
+        fd: z.file.as_raw_fd(),
+        done: RefCell::new(vec![0; usize::from(depth)]),
+        read_only,
+    });
     // Moving an IoBuf moves its handle, not the memory the kernel was given.
     let bufs: RefCell<Vec<Option<IoBuf<u8>>>> =
         RefCell::new(registered.into_iter().map(Some).collect());
@@ -341,18 +547,28 @@ fn serve_queue(qid: u16, dev: &UblkDev, disk: &Arc<dyn BlockDevice>, read_only: 
         warn!(qid, "ublk queue cannot wait on its eventfd: {e}");
         return;
     }
-    let complete = |q: &UblkQueue, tag: u16, res: i32, buf: IoBuf<u8>| {
+    let complete = |q: &UblkQueue, tag: u16, res: i32, buf: Option<IoBuf<u8>>| {
         let mut bufs = bufs.borrow_mut();
-        let slot = &mut bufs[usize::from(tag)];
-        let buf = slot.insert(buf);
-        if let Err(e) =
-            q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
-        {
+        let desc = match buf {
+            Some(buf) => BufDesc::Slice(bufs[usize::from(tag)].insert(buf)),
+            None => BufDesc::AutoReg(regs[usize::from(tag)]),
+        };
+        if let Err(e) = q.complete_io_cmd_unified(tag, desc, Ok(UblkIORes::Result(res))) {
             warn!(qid, tag, "ublk completion failed: {e}");
         }
     };
     queue.wait_and_handle_io(|q: &UblkQueue, tag, ctx| {
         if ctx.is_tgt_io() {
+            if tag != wake_tag {
+                // A zero-copy read or write of the file.
+                if let Some(res) = fixed
+                    .as_ref()
+                    .and_then(|f| f.finished(q, tag, ctx.result()))
+                {
+                    complete(q, tag, res, None);
+                }
+                return;
+            }
             // The eventfd: complete what the workers finished, and wait on it again.
             let done = std::mem::take(&mut *vdk_core::sync::lock(&workers.finished));
             for d in done {
@@ -364,14 +580,28 @@ fn serve_queue(qid: u16, dev: &UblkDev, disk: &Arc<dyn BlockDevice>, read_only: 
             return;
         }
         let req = Req::of(q.get_iod(tag));
-        let Some(mut buf) = bufs.borrow_mut()[usize::from(tag)].take() else {
-            warn!(qid, tag, "ublk request on a tag already in flight");
-            return;
+        let buf = match &fixed {
+            Some(f) => {
+                if req.op == sys::UBLK_IO_OP_READ || req.op == sys::UBLK_IO_OP_WRITE {
+                    if let Err(res) = f.start(q, tag, req) {
+                        complete(q, tag, res, None);
+                    }
+                    return;
+                }
+                None
+            }
+            None => {
+                let Some(mut buf) = bufs.borrow_mut()[usize::from(tag)].take() else {
+                    warn!(qid, tag, "ublk request on a tag already in flight");
+                    return;
+                };
+                if let Some(res) = answer_at_once(&**disk, read_only, req, &mut buf) {
+                    complete(q, tag, res, Some(buf));
+                    return;
+                }
+                Some(buf)
+            }
         };
-        if let Some(res) = answer_at_once(&**disk, read_only, req, &mut buf) {
-            complete(q, tag, res, buf);
-            return;
-        }
         let w = Arc::clone(&workers);
         let start = move || {
             thread::Builder::new()

@@ -45,10 +45,33 @@ fn tool(name: &str) -> String {
     found.trim().to_owned()
 }
 
+/// The newer guest kernel (trixie-backports') that scripts/install-test-deps.sh prepares
+/// with scripts/guest-kernel.sh: its kit and its version, for vmrun.sh's `VMKIT` and
+/// `VM_KERNEL`.
+fn newer_kernel() -> (PathBuf, String) {
+    let kit = PathBuf::from(
+        std::env::var_os("VDK_NEWER_VMKIT").unwrap_or_else(|| "/var/tmp/vmkit-newer".into()),
+    );
+    let version = std::fs::read_to_string(kit.join("version")).unwrap_or_else(|e| {
+        panic!(
+            "{}/version: {e}: this test boots a newer guest kernel, which \
+             scripts/install-test-deps.sh prepares (scripts/guest-kernel.sh \
+             LINK=/var/tmp/vmkit-newer)",
+            kit.display()
+        )
+    });
+    (kit, version.trim().to_owned())
+}
+
 /// Runs `script` in a guest, in a scratch directory of its own; what it printed. The script
 /// runs under `sh -eu` with `$V` the vdk binary (a link to it in the scratch directory),
 /// `$FSX` fsx, `$FIO` fio; it fails the test by failing. The tools must not live under /tmp.
 fn guest(script: &str) -> String {
+    guest_on(None, script)
+}
+
+/// [`guest`] on the kernel of another kit ([`newer_kernel`]), or vmrun.sh's own.
+fn guest_on(kernel: Option<(PathBuf, String)>, script: &str) -> String {
     let runner = vmrun();
     let dir = tempfile::tempdir().unwrap();
     // The guest sees the host's root, but /tmp and /run are its own: the binary goes into
@@ -64,7 +87,11 @@ fn guest(script: &str) -> String {
         tool("fio"),
     );
     std::fs::write(dir.path().join("test.sh"), body).unwrap();
-    let out = Command::new(runner)
+    let mut vm = Command::new(runner);
+    if let Some((kit, version)) = kernel {
+        vm.env("VMKIT", kit).env("VM_KERNEL", version);
+    }
+    let out = vm
         .arg("sh test.sh")
         .current_dir(dir.path())
         .env("VM_MEM", "768")
@@ -322,4 +349,93 @@ echo RESIZE-OK
         out.contains("ublk GREW") || out.contains("ublk SAID"),
         "{out}"
     );
+}
+
+/// Zero copy and live resize, which Linux 6.16 brought to ublk, on the newer guest kernel: a
+/// raw image with no filter is read and written by io_uring straight between the kernel's
+/// pages and the file, and counted as the disk's; its device survives kill -9 of the daemon
+/// (taken over only by the image as it was); it grows under a mounted ext4. A qcow2 disk on
+/// the same kernel is served by copy, as before.
+#[test]
+fn ublk_reads_and_writes_raw_images_with_no_copy_on_newer_kernels() {
+    let out = guest_on(
+        Some(newer_kernel()),
+        &format!(
+            r#"{FSX_CONFIGS}
+modprobe ublk_drv
+uname -r
+log=/run/vdk/daemon.log
+$V create b.img 32M >/dev/null
+$V open b.img --attach ublk --json > b.json
+bdev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' b.json)
+grep -q "ublk zero copy" $log || {{ cat $log; exit 1; }}
+$FSX -q -S 13 -N 4000 -f fsx-dev.toml -P fsx-dev "$bdev"
+# What the device wrote is in the image; what the image holds, the device reads.
+dd if=/dev/urandom of=src bs=1M count=8 status=none
+dd if=src of="$bdev" bs=1M oflag=direct status=none
+dd if=src of="$bdev" bs=4k seek=4096 count=64 oflag=direct,dsync status=none
+cmp -n 8388608 src b.img
+cmp -n 262144 src b.img --ignore-initial=0:16777216
+echo 3 > /proc/sys/vm/drop_caches
+dd if="$bdev" of=back bs=64k count=128 iflag=direct status=none
+cmp back src
+# The kernel's own reads and writes count as the disk's.
+$V list --json | tr -d ' \n' > list.json
+grep -q '"bytes_written":[1-9][0-9]\{{7,\}}' list.json || {{ cat list.json; exit 1; }}
+grep -q '"bytes_read":[1-9][0-9]\{{6,\}}' list.json || {{ cat list.json; exit 1; }}
+# Discard and write zeroes still go to the disk.
+blkdiscard -o 1048576 -l 1048576 "$bdev"
+blkdiscard -z -o 2097152 -l 1048576 "$bdev"
+$V close b.img
+cmp -n 2097152 b.img /dev/zero --ignore-initial=1048576:0
+# kill -9 under a verifying writer on the mounted file system: the next daemon takes the
+# device over, with zero copy again; the image with a filter cannot.
+$V open d.img 256M --attach ublk --mkfs ext4 --mount /tmp/m --json > open.json
+dev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' open.json)
+$FIO --name=v --filename=/tmp/m/fio.dat --size=32M --rw=randwrite --bs=4k --ioengine=psync \
+    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
+job=$!
+sleep 3
+kill -0 $job
+kill -9 $(pgrep -f "vdk daemon")
+sleep 1
+test -b "$dev"
+if $V open d.img --attach ublk --filter stats 2> filtered.err; then echo "taken over with a filter"; exit 1; fi
+grep -q "can take it over" filtered.err || {{ cat filtered.err; exit 1; }}
+$V open d.img --attach ublk --json > again.json
+grep -q "\"block_device\": \"$dev\"" again.json || {{ cat again.json; exit 1; }}
+wait $job
+grep -q "err= 0" fio.out || {{ cat fio.out; exit 1; }}
+grep -q "ublk zero copy" $log
+# Live resize (UBLK_F_UPDATE_SIZE): the mounted ext4 grows online.
+dd if=/dev/urandom of=/tmp/m/data bs=1M count=8 status=none
+sum=$(sha256sum < /tmp/m/data)
+$V resize d.img +64M
+test "$(blockdev --getsize64 $dev)" = 335544320
+resize2fs $dev
+dd if=/dev/urandom of=/tmp/m/more bs=1M count=40 status=none
+sync
+test "$(sha256sum < /tmp/m/data)" = "$sum"
+$V close d.img
+test ! -e "$dev"
+e2fsck -fn d.img
+# qcow2 has no file that holds it byte for byte: served by copy, on the same kernel.
+$V daemon --stop
+rm $log
+qemu-img create -q -f qcow2 q.qcow2 64M
+$V open q.qcow2 --attach ublk --mkfs ext4 --mount /tmp/q >/dev/null
+if grep -q "ublk zero copy" $log; then echo "qcow2 by zero copy"; exit 1; fi
+dd if=/dev/urandom of=/tmp/q/f bs=1M count=8 status=none
+qsum=$(sha256sum < /tmp/q/f)
+$V close q.qcow2
+qemu-img check -q q.qcow2
+$V open q.qcow2 --attach ublk --mount /tmp/q >/dev/null
+test "$(sha256sum < /tmp/q/f)" = "$qsum"
+$V close q.qcow2
+$V daemon --stop
+echo ZERO-COPY-OK
+"#
+        ),
+    );
+    assert!(out.contains("ZERO-COPY-OK"), "{out}");
 }

@@ -56,6 +56,12 @@ pub struct DaemonArgs {
     #[cfg(target_os = "linux")]
     #[arg(long)]
     pub fuse_passthrough: bool,
+    /// Serve ublk devices by copy even where the kernel offers zero copy (Linux 6.16+, raw
+    /// images with no filter; also with VDK_UBLK_ZERO_COPY=0 in the environment of `vdk
+    /// open`, which starts the daemon).
+    #[cfg(target_os = "linux")]
+    #[arg(long)]
+    pub ublk_copy: bool,
     /// Ask the running daemon to close every disk and stop.
     #[arg(long, conflicts_with = "reload")]
     pub stop: bool,
@@ -117,6 +123,9 @@ impl DaemonArgs {
             #[cfg(target_os = "linux")]
             fuse_passthrough: self.fuse_passthrough
                 || std::env::var_os("VDK_FUSE_PASSTHROUGH").is_some_and(|v| v == "1"),
+            #[cfg(target_os = "linux")]
+            ublk_zero_copy: !self.ublk_copy
+                && std::env::var_os("VDK_UBLK_ZERO_COPY").is_none_or(|v| v != "0"),
             #[cfg(target_os = "linux")]
             owner: self.owner.as_deref().map(user_ids).transpose()?,
             #[cfg(not(target_os = "linux"))]

@@ -105,11 +105,7 @@ impl Daemon {
             (&disk.id, &disk.export),
             disk.device.clone(),
             disk.read_only,
-            // (Opened only when passthrough is on: the image is not opened twice for nothing.)
-            self.attacher
-                .passthrough()
-                .then(|| passthrough_file(disk))
-                .flatten(),
+            self.backing(disk),
         )?;
         let dev = attached.block_device();
         // A device taken over from a daemon that died (ublk, kernel NBD) may hold a mounted
@@ -191,12 +187,30 @@ impl Daemon {
             lock(&disk.state).block_device = None;
         }
     }
+
+    /// The file that holds `disk` byte for byte, opened again for FUSE passthrough or ublk
+    /// zero copy, where the disk's attach kind uses it (only then: the image is not opened
+    /// twice for nothing).
+    fn backing(&self, disk: &Disk) -> Option<vdk_attach::ZeroCopy> {
+        let wanted = match disk.attach {
+            crate::control::Attach::FuseLoop => self.attacher.passthrough(),
+            crate::control::Attach::Ublk => self.attacher.zero_copy(),
+            _ => false,
+        };
+        if !wanted {
+            return None;
+        }
+        Some(vdk_attach::ZeroCopy {
+            file: backing_file(disk)?,
+            direct: disk.device.clone(),
+        })
+    }
 }
 
-/// The file that holds `disk` byte for byte, opened again for FUSE passthrough: a raw image
-/// on a local file system, with no filter and no overlay. Anything else is served.
-fn passthrough_file(disk: &Disk) -> Option<std::fs::File> {
-    if disk.attach != crate::control::Attach::FuseLoop || disk.cdrom {
+/// The file that holds `disk` byte for byte: a raw image on a local file system, with no
+/// filter and no overlay. Anything else is served.
+fn backing_file(disk: &Disk) -> Option<std::fs::File> {
+    if disk.cdrom {
         return None;
     }
     if !lock(&disk.filters).is_empty() {

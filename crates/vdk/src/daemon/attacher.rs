@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tracing::info;
 use vdk_attach::nbd::Connect;
-use vdk_attach::{Attach as _, Attached, FuseExport, FuseLoop, KernelNbd, Ublk};
+use vdk_attach::{Attach as _, Attached, FuseExport, FuseLoop, KernelNbd, Ublk, ZeroCopy};
 use vdk_core::sync::lock;
 use vdk_core::BlockDevice;
 
@@ -29,6 +29,8 @@ pub struct Attacher {
     threads: usize,
     /// FUSE passthrough for disks with a backing file (`--fuse-passthrough`).
     passthrough: bool,
+    /// ublk zero copy for them, where the kernel offers it (unless `--ublk-copy`).
+    zero_copy: bool,
     /// The fuse-loop attacher, made (and its FUSE export mounted) on first use.
     fuse_loop: Mutex<Option<Arc<FuseLoop>>>,
     /// Connections to the daemon's NBD server, for the kernel's NBD client.
@@ -47,12 +49,18 @@ impl std::fmt::Debug for Attacher {
 impl Attacher {
     /// Attaches over a FUSE export on `dir` served by `threads` threads, once asked to.
     /// Kernel NBD devices connect through `connect`; with `passthrough`, fuse-loop passes
-    /// the disks that have a backing file through to it.
-    pub fn new(dir: PathBuf, (threads, passthrough): (usize, bool), connect: Connect) -> Attacher {
+    /// the disks that have a backing file through to it; with `zero_copy`, ublk reads and
+    /// writes that file with no copy where the kernel can.
+    pub fn new(
+        dir: PathBuf,
+        (threads, passthrough, zero_copy): (usize, bool, bool),
+        connect: Connect,
+    ) -> Attacher {
         Attacher {
             dir,
             threads,
             passthrough,
+            zero_copy,
             fuse_loop: Mutex::new(None),
             connect,
         }
@@ -70,15 +78,16 @@ impl Attacher {
         Ok(a)
     }
 
-    /// Gives the disk `id` (serving `device`) a block device of the `kind` asked for; with
-    /// fuse-loop, `backing` is the file that holds the disk byte for byte, if one does.
+    /// Gives the disk `id` (serving `device`) a block device of the `kind` asked for;
+    /// `backing` is the file that holds the disk byte for byte, if one does, for FUSE
+    /// passthrough (fuse-loop) or zero copy (ublk).
     pub fn attach(
         &self,
         kind: Attach,
         (id, export): (&str, &str),
         device: Arc<dyn BlockDevice>,
         read_only: bool,
-        backing: Option<std::fs::File>,
+        backing: Option<ZeroCopy>,
     ) -> Result<Box<dyn Attached>, ApiError> {
         let attached = match kind {
             Attach::Nbd => KernelNbd::new(export, Arc::clone(&self.connect))
@@ -87,11 +96,11 @@ impl Attacher {
                 .map_err(|e| ApiError::io("cannot attach a kernel NBD device", &e))?,
             Attach::Ublk => Ublk::new()
                 .map_err(|e| ApiError::new(ErrorKind::Unsupported, e.to_string()))?
-                .attach(id, device, read_only)
+                .attach_zero_copy(id, device, read_only, backing)
                 .map_err(|e| ApiError::io("cannot attach a ublk device", &e))?,
             Attach::FuseLoop => self
                 .fuse_loop()?
-                .attach_with_backing(id, device, read_only, backing)
+                .attach_with_backing(id, device, read_only, backing.map(|b| b.file))
                 .map_err(|e| ApiError::io("cannot attach a loop device", &e))?,
             other => {
                 return Err(ApiError::new(
@@ -107,6 +116,12 @@ impl Attacher {
     /// Whether fuse-loop passes disks with a backing file through to it.
     pub fn passthrough(&self) -> bool {
         self.passthrough
+    }
+
+    /// Whether ublk reads and writes a disk's backing file with no copy (the kernel offers
+    /// it, and the daemon was not told otherwise).
+    pub fn zero_copy(&self) -> bool {
+        self.zero_copy && vdk_attach::ublk::zero_copy_offered()
     }
 
     /// Unmounts the FUSE export (every disk is detached by now).

@@ -90,6 +90,10 @@ pub struct Config {
     /// Raw images with no filter go through FUSE passthrough (`--fuse-passthrough`).
     #[cfg(target_os = "linux")]
     pub fuse_passthrough: bool,
+    /// ublk serves raw images with no filter by zero copy where the kernel offers it (off
+    /// with `--ublk-copy`).
+    #[cfg(target_os = "linux")]
+    pub ublk_zero_copy: bool,
     /// The uid and gid of the user served besides the daemon's own (`--owner`).
     pub owner: Option<(u32, u32)>,
 }
@@ -119,7 +123,11 @@ impl Daemon {
         #[cfg(target_os = "linux")]
         let attacher = attacher::Attacher::new(
             paths.fuse.clone(),
-            (config.fuse_threads, config.fuse_passthrough),
+            (
+                config.fuse_threads,
+                config.fuse_passthrough,
+                config.ublk_zero_copy,
+            ),
             nbd.connector(),
         );
         Daemon {

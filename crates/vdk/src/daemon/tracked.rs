@@ -268,6 +268,23 @@ impl BlockDevice for Gone {
     }
 }
 
+/// Reads and writes the kernel does on the disk's file itself (ublk zero copy), counted as
+/// the disk's own, and refused once the disk is closed.
+#[cfg(target_os = "linux")]
+impl vdk_attach::Direct for Tracked {
+    fn is_open(&self) -> bool {
+        self.open().is_ok()
+    }
+
+    fn done(&self, write: bool, bytes: Option<u64>) {
+        match (write, bytes) {
+            (false, Some(n)) => read_done(&self.stats, n),
+            (true, Some(n)) => write_done(&self.stats, n),
+            (_, None) => add(&self.stats.errors, 1),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
