@@ -78,7 +78,7 @@ pub fn parse(
         let mut ce = None;
         while at + 4 <= bytes.len() {
             let sig = [bytes[at], bytes[at + 1]];
-            let len = usize::from(bytes[at + 2]);
+            let len = entry_len(&bytes, at);
             if len < 4 || at + len > bytes.len() {
                 break;
             }
@@ -152,6 +152,38 @@ pub fn parse(
     }
     su.symlink = link.finish();
     su
+}
+
+/// The length of the entry at `at`. Its length byte, unless that is wrapped: genisoimage
+/// 1.1.11 writes an SL entry of more than 255 bytes (a long symlink target continued into a
+/// continuation area) with its length modulo 256, 268 as 12. When no entry (or the end of the
+/// area, or padding) follows at the length the byte says, but one does 256 (or 512, ...)
+/// bytes further, the entry is that long.
+fn entry_len(bytes: &[u8], at: usize) -> usize {
+    let declared = usize::from(bytes[at + 2]);
+    // What may follow an entry: the area's end, zero padding, or another entry's header
+    // (every SUSP and RRIP signature is two capital letters).
+    let follows = |p: usize| match bytes.get(p..) {
+        None => false,
+        Some(rest) if rest.iter().all(|&b| b == 0) => true,
+        Some(rest) => {
+            rest.len() >= 4
+                && rest[0].is_ascii_uppercase()
+                && rest[1].is_ascii_uppercase()
+                && rest[2] >= 4
+        }
+    };
+    if declared < 4 || follows(at + declared) {
+        return declared;
+    }
+    let mut len = declared + 256;
+    while at + len <= bytes.len() {
+        if follows(at + len) {
+            return len;
+        }
+        len += 256;
+    }
+    declared
 }
 
 /// TF (RRIP 4.1.6): the times its flags announce, in a fixed order, each 7 or 17 bytes.
@@ -321,6 +353,33 @@ mod tests {
         let su = parse(&ce, 0, &mut more);
         assert_eq!(su.name.as_deref(), Some(&b"n"[..]));
         assert_eq!(calls, MAX_CONTINUATIONS);
+    }
+
+    #[test]
+    fn an_sl_entry_with_its_length_byte_wrapped_reads_whole() {
+        // As genisoimage writes a 300-byte target's tail into a continuation area: one SL
+        // entry of 268 bytes whose length byte says 12, then a TF entry.
+        let mut data = vec![0u8];
+        let mut want = Vec::new();
+        for i in 0..14 {
+            let c = format!("c{i:02}{}", "x".repeat(13));
+            data.extend([0, 16]);
+            data.extend(c.as_bytes());
+            want.push(c);
+        }
+        data.extend([0, 9]);
+        data.extend(b"tail-part");
+        want.push("tail-part".into());
+        let whole = 4 + data.len();
+        assert!(whole > 255);
+        let mut sl = vec![b'S', b'L', (whole % 256) as u8, 1];
+        sl.extend(&data);
+        let mut tf = vec![0x02];
+        tf.extend([126, 11, 2, 10, 20, 30, 0]);
+        sl.extend(entry(b"TF", &tf));
+        let su = parse(&sl, 0, &mut none);
+        assert_eq!(su.symlink.unwrap(), want.join("/").into_bytes());
+        assert!(su.mtime.is_some(), "the entry after it is read too");
     }
 
     #[test]

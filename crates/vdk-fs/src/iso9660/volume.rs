@@ -133,8 +133,7 @@ pub fn record_date(b: &[u8]) -> Option<Time> {
         u32::from(b[4]),
         u32::from(b[5]),
     );
-    let offset = i64::from(b[6] as i8).clamp(-48, 52) * 15 * 60;
-    Some((t - offset, 0))
+    Some((t - gmt_offset(b[6]), 0))
 }
 
 /// The 17-byte date of a volume descriptor or of a long-form Rock Ridge time (ECMA-119
@@ -155,8 +154,19 @@ pub fn long_date(b: &[u8]) -> Option<Time> {
         return None;
     }
     let t = unix_time(i64::from(year), month, day, hour, min, sec);
-    let offset = i64::from(b[16] as i8).clamp(-48, 52) * 15 * 60;
-    Some((t - offset, cs * 10_000_000))
+    Some((t - gmt_offset(b[16]), cs * 10_000_000))
+}
+
+/// A date's offset from UTC in seconds: a signed count of quarter hours. ECMA-119 allows
+/// -48..=+52; discs carry other values, and the Linux kernel applies any within -52..=+52
+/// and ignores the rest (the time is then read as UTC): so does vdk.
+fn gmt_offset(quarters: u8) -> i64 {
+    let q = i64::from(quarters as i8);
+    if (-52..=52).contains(&q) {
+        q * 15 * 60
+    } else {
+        0
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +184,26 @@ mod tests {
         let l = long_date(b"2026110210203050\x00").unwrap();
         assert_eq!(l, (unix_time(2026, 11, 2, 10, 20, 30), 500_000_000));
         assert_eq!(long_date(b"0000000000000000\x00"), None);
+    }
+
+    #[test]
+    fn offsets_beyond_thirteen_hours_are_ignored_as_the_kernel_does() {
+        let at = |q: i8| record_date(&[126, 11, 2, 10, 20, 30, q as u8]).unwrap().0;
+        let utc = unix_time(2026, 11, 2, 10, 20, 30);
+        // ECMA-119's range is -48..=52; the kernel applies -52..=52, and so does vdk.
+        assert_eq!(at(-48), utc + 12 * 3600);
+        assert_eq!(at(-50), utc + 50 * 900);
+        assert_eq!(at(-52), utc + 13 * 3600);
+        assert_eq!(at(52), utc - 13 * 3600);
+        // Beyond: the offset is ignored, never clamped.
+        for q in [-53, -100, i8::MIN, 53, 100, i8::MAX] {
+            assert_eq!(at(q), utc, "offset {q}");
+        }
+        let mut long = *b"2026110210203000\x00";
+        long[16] = 60;
+        assert_eq!(long_date(&long).unwrap().0, utc);
+        long[16] = (-8i8) as u8;
+        assert_eq!(long_date(&long).unwrap().0, utc + 2 * 3600);
     }
 
     #[test]
