@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 mod cdb;
+mod cdsector;
 mod lu;
 mod mmc;
 mod mode;

@@ -1,12 +1,14 @@
-//! MMC commands of a CD/DVD-ROM drive serving an ISO image: READ TOC/PMA/ATIP, GET
-//! CONFIGURATION, GET EVENT STATUS NOTIFICATION, READ DISC INFORMATION, READ TRACK
-//! INFORMATION, MECHANISM STATUS, and the SBC reads a drive answers. Writes are refused with
-//! the sense of a write-protected medium.
+//! MMC commands of a CD/DVD-ROM drive serving an ISO image: READ TOC/PMA/ATIP (formats 0, 1
+//! and 2), GET CONFIGURATION, GET EVENT STATUS NOTIFICATION, READ DISC INFORMATION, READ
+//! TRACK INFORMATION, MECHANISM STATUS, READ CD (raw sectors made as ECMA-130 lays them out),
+//! GET PERFORMANCE, READ DISC STRUCTURE (DVD), and the SBC reads a drive answers. Writes are
+//! refused with the sense of a write-protected medium.
 //!
 //! The disc is one session with one data track (mode 1) covering the whole image, as a
 //! pressed CD-ROM or DVD-ROM is; images larger than a CD's 80 minutes are reported as DVD-ROM.
 
 use crate::cdb::{u16_of, u32_of, Cdb};
+use crate::cdsector;
 use crate::lu::{LogicalUnit, Medium};
 use crate::sbc;
 use crate::sense::Sense;
@@ -21,6 +23,9 @@ const SYNC_CACHE10: u8 = 0x35;
 const SET_CD_SPEED: u8 = 0xbb;
 const MECHANISM_STATUS: u8 = 0xbd;
 const SET_STREAMING: u8 = 0xb6;
+const GET_PERFORMANCE: u8 = 0xac;
+const READ_DISC_STRUCTURE: u8 = 0xad;
+const READ_CD: u8 = 0xbe;
 
 /// Opcodes that would change the medium.
 const WRITES: &[u8] = &[
@@ -52,6 +57,9 @@ pub fn execute(lu: &LogicalUnit, req: &Request<'_>, cdb: &Cdb<'_>) -> Option<Res
         READ_DISC_INFO => disc_info(lu, cdb).into(),
         READ_TRACK_INFO => track_info(lu, cdb).into(),
         MECHANISM_STATUS => mechanism_status(lu, cdb).into(),
+        READ_CD => read_cd(lu, cdb).into(),
+        GET_PERFORMANCE => performance(lu, cdb).into(),
+        READ_DISC_STRUCTURE => disc_structure(lu, cdb).into(),
         // Speed settings are accepted with or without a disc.
         SET_CD_SPEED | SET_STREAMING => Response::good(Vec::new()),
         SYNC_CACHE10 => match lu.loaded() {
@@ -112,6 +120,31 @@ fn read_toc(lu: &LogicalUnit, cdb: &Cdb<'_>) -> Result<Vec<u8>, Sense> {
             d[3] = 1;
             d.extend_from_slice(&[0, ADR_CONTROL_DATA, 1, 0]);
             d.extend_from_slice(&address(0, msf));
+        }
+        2 => {
+            // The full TOC of the one session (byte 6 asks from which session on): the
+            // Q sub-channel entries of its lead-in, with addresses always in MSF.
+            if track > 1 {
+                return Err(Sense::invalid_cdb(6, None));
+            }
+            d[2] = 1;
+            d[3] = 1;
+            let msf_of = |lba: u64| {
+                let a = address(lba, true);
+                [a[1], a[2], a[3]]
+            };
+            // POINT A0: first track (PMIN) and disc type (PSEC: CD-DA or CD-ROM);
+            // A1: last track; A2: where the lead-out starts; then track 1's start.
+            let points: [(u8, [u8; 3]); 4] = [
+                (0xa0, [1, 0x00, 0]),
+                (0xa1, [1, 0, 0]),
+                (0xa2, msf_of(m.blocks)),
+                (1, msf_of(0)),
+            ];
+            for (point, p) in points {
+                d.extend_from_slice(&[1, ADR_CONTROL_DATA, 0, point, 0, 0, 0, 0]);
+                d.extend_from_slice(&p);
+            }
         }
         _ => return Err(Sense::invalid_cdb(2, Some(3))),
     }
@@ -268,5 +301,168 @@ fn mechanism_status(lu: &LogicalUnit, cdb: &Cdb<'_>) -> Result<Vec<u8>, Sense> {
     let open = lu.lock().tray_open;
     let mut d = vec![0u8; 8];
     d[1] = if open { 0x10 } else { 0 };
+    Ok(cdb.cut_field(d, 8, 2))
+}
+
+/// The parts of a raw mode 1 sector READ CD byte 9 selects, as a byte range of it: sync,
+/// header (header codes 01b and 11b; a mode 1 sector has no sub-header, so 10b adds nothing),
+/// user data, EDC and ECC. MMC-6 allows only runs of adjacent parts, and neither the sync nor
+/// the EDC and ECC alone.
+fn selected_parts(byte9: u8) -> Option<std::ops::Range<usize>> {
+    let sync = byte9 & 0x80 != 0;
+    let header = byte9 & 0x20 != 0;
+    let user = byte9 & 0x10 != 0;
+    let ecc = byte9 & 0x08 != 0;
+    let parts = [
+        (sync, 0..cdsector::HEADER),
+        (header, cdsector::HEADER..cdsector::USER),
+        (user, cdsector::USER..cdsector::EDC),
+        (ecc, cdsector::EDC..cdsector::RAW),
+    ];
+    let chosen: Vec<usize> = (0..4).filter(|&i| parts[i].0).collect();
+    let (Some(&first), Some(&last)) = (chosen.first(), chosen.last()) else {
+        return Some(0..0);
+    };
+    let adjacent = last - first + 1 == chosen.len();
+    let lone_edge = chosen.len() == 1 && (first == 0 || first == 3);
+    (adjacent && !lone_edge).then(|| parts[first].1.start..parts[last].1.end)
+}
+
+/// READ CD of a data disc: its one track is mode 1, so the expected sector type must be any
+/// (000b) or mode 1 (010b); of each sector the parts byte 9 selects. C2 error information
+/// and sub-channel data are not offered (mode page 2Ah says so) and are refused.
+fn read_cd(lu: &LogicalUnit, cdb: &Cdb<'_>) -> Result<Vec<u8>, Sense> {
+    let m = lu.loaded()?;
+    if profile_of(&m) != PROFILE_CD_ROM {
+        return Err(Sense::INCOMPATIBLE_FORMAT);
+    }
+    match (cdb.byte(1) >> 2) & 0x07 {
+        0 | 2 => {}
+        1 | 3..=5 => return Err(Sense::ILLEGAL_MODE_FOR_TRACK),
+        _ => return Err(Sense::invalid_cdb(1, Some(4))),
+    }
+    let byte9 = cdb.byte(9);
+    if byte9 & 0x06 != 0 {
+        return Err(Sense::invalid_cdb(9, Some(2)));
+    }
+    if cdb.byte(10) & 0x07 != 0 {
+        return Err(Sense::invalid_cdb(10, Some(2)));
+    }
+    let Some(part) = selected_parts(byte9) else {
+        return Err(Sense::invalid_cdb(9, Some(7)));
+    };
+    let lba = u64::from(cdb.be32(2));
+    let count = u64::from(cdb.be24(6));
+    let (off, len) = m.range(lba, count)?;
+    let each = part.len() as u64;
+    if count * each > u64::from(crate::MAX_TRANSFER) {
+        return Err(Sense::invalid_cdb(6, None));
+    }
+    let mut user = vec![0u8; usize::try_from(len).map_err(|_| Sense::LBA_OUT_OF_RANGE)?];
+    m.dev
+        .read_at(&mut user, off)
+        .map_err(|e| Sense::from_error(&e, false))?;
+    let only_user = part.start >= cdsector::USER && part.end <= cdsector::EDC;
+    let mut out = Vec::with_capacity(usize::try_from(count * each).unwrap_or(0));
+    for (i, data) in user.chunks_exact(2048).enumerate() {
+        if only_user {
+            out.extend_from_slice(&data[part.start - cdsector::USER..part.end - cdsector::USER]);
+        } else {
+            out.extend_from_slice(&cdsector::mode1(lba + i as u64, data)[part.clone()]);
+        }
+    }
+    Ok(out)
+}
+
+/// Nominal read speeds reported: 48x CD (176 kB/s each), 16x DVD (1385 kB/s each), as mode
+/// page 2Ah's maximum read speed says for a CD.
+fn read_speed(m: &Medium) -> u32 {
+    if profile_of(m) == PROFILE_DVD_ROM {
+        16 * 1385
+    } else {
+        48 * 176
+    }
+}
+
+/// GET PERFORMANCE: type 00h, nominal read performance, one descriptor from the LBA asked
+/// to the end of the disc (no exceptions, and no write performance: the drive does not
+/// write); type 03h, write speeds: none.
+fn performance(lu: &LogicalUnit, cdb: &Cdb<'_>) -> Result<Vec<u8>, Sense> {
+    let kind = cdb.byte(10);
+    let max = usize::from(cdb.be16(8));
+    let mut d = vec![0u8; 8];
+    match kind {
+        0x00 => {
+            let m = lu.loaded()?;
+            let write = cdb.bit(1, 2);
+            let except = cdb.byte(1) & 0x03;
+            if except == 3 {
+                return Err(Sense::invalid_cdb(1, Some(1)));
+            }
+            d[4] = (u8::from(write) << 1) | u8::from(except != 0);
+            let start = cdb.be32(2);
+            if !write && except == 0 && max > 0 && u64::from(start) < m.blocks {
+                let end = u32::try_from(m.blocks - 1).unwrap_or(u32::MAX);
+                let speed = read_speed(&m);
+                for v in [start, speed, end, speed] {
+                    d.extend_from_slice(&v.to_be_bytes());
+                }
+            }
+        }
+        0x03 => {}
+        _ => return Err(Sense::invalid_cdb(10, None)),
+    }
+    let n = u32_of(d.len() - 4);
+    d[..4].copy_from_slice(&n.to_be_bytes());
+    Ok(d)
+}
+
+/// The structures READ DISC STRUCTURE answers for a DVD-ROM: physical format information,
+/// copyright information, disc manufacturing information; and the list of them (FFh).
+const DVD_STRUCTURES: [(u8, u16); 4] = [(0x00, 2052), (0x01, 8), (0x04, 2052), (0xff, 20)];
+
+/// READ DISC STRUCTURE (media type DVD) of a one-layer DVD-ROM made of the image; a CD has
+/// none of these structures (INCOMPATIBLE FORMAT), except the list of those it would answer.
+fn disc_structure(lu: &LogicalUnit, cdb: &Cdb<'_>) -> Result<Vec<u8>, Sense> {
+    if cdb.byte(1) & 0x0f != 0 {
+        // Only DVD structures (media type 0000b); no BD.
+        return Err(Sense::invalid_cdb(1, Some(3)));
+    }
+    let format = cdb.byte(7);
+    let mut d = vec![0u8; 4];
+    if format == 0xff {
+        for (code, len) in DVD_STRUCTURES {
+            d.extend_from_slice(&[code, 0x40]); // RDS: readable with this command
+            d.extend_from_slice(&len.to_be_bytes());
+        }
+    } else {
+        let m = lu.loaded()?;
+        if profile_of(&m) != PROFILE_DVD_ROM {
+            return Err(Sense::INCOMPATIBLE_FORMAT);
+        }
+        if cdb.byte(6) != 0 {
+            return Err(Sense::invalid_cdb(6, None)); // one layer
+        }
+        match format {
+            0x00 => {
+                let mut p = vec![0u8; 2048];
+                p[0] = 0x01; // DVD-ROM, part version 1
+                p[1] = 0x02; // 120 mm; maximum rate 10.08 Mb/s
+                p[2] = 0x01; // one layer, parallel track path, embossed (read-only) layer
+                             // First and last physical sectors of the data area (it starts at 30000h).
+                let first = 0x0003_0000u32;
+                let last = first + u32::try_from(m.blocks).unwrap_or(u32::MAX - first) - 1;
+                p[4..8].copy_from_slice(&first.to_be_bytes());
+                p[8..12].copy_from_slice(&last.to_be_bytes());
+                d.extend(p);
+            }
+            // No copy protection; playable in every region.
+            0x01 => d.extend_from_slice(&[0, 0, 0, 0]),
+            0x04 => d.extend(vec![0u8; 2048]),
+            _ => return Err(Sense::invalid_cdb(7, None)),
+        }
+    }
+    let n = u16_of(d.len() - 2);
+    d[..2].copy_from_slice(&n.to_be_bytes());
     Ok(cdb.cut_field(d, 8, 2))
 }

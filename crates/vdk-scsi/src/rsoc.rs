@@ -83,10 +83,13 @@ const MMC: &[Command] = &[
     (0x9e, Some(0x10), 16), // SERVICE ACTION IN(16): READ CAPACITY(16)
     (0x9e, Some(0x12), 16), //   GET LBA STATUS
     (0xa8, None, 12),       // READ(12)
+    (0xac, None, 12),       // GET PERFORMANCE
+    (0xad, None, 12),       // READ DISC STRUCTURE
     (0xaf, None, 12),       // VERIFY(12)
     (0xb6, None, 12),       // SET STREAMING
     (0xbb, None, 12),       // SET CD SPEED
     (0xbd, None, 12),       // MECHANISM STATUS
+    (0xbe, None, 12),       // READ CD
 ];
 
 fn commands(device: DeviceType) -> Vec<Command> {

@@ -81,6 +81,11 @@ impl Sense {
     pub const SAVING_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x39, 0x00);
     /// An initiator prevented medium removal.
     pub const REMOVAL_PREVENTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x53, 0x02);
+    /// ILLEGAL MODE FOR THIS TRACK: a READ CD that asks for a sector type other than the
+    /// track's.
+    pub const ILLEGAL_MODE_FOR_TRACK: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x64, 0x00);
+    /// CANNOT READ MEDIUM - INCOMPATIBLE FORMAT: a CD command on a DVD, or a DVD one on a CD.
+    pub const INCOMPATIBLE_FORMAT: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x30, 0x02);
     /// The medium is read-only.
     pub const WRITE_PROTECTED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x00);
     /// A thin-provisioned disk ran out of space.

@@ -242,6 +242,193 @@ fn every_mmc_command_answers_as_mmc_6_says() {
     assert_eq!(a.data, bytes[16 * BLOCK..17 * BLOCK]);
 }
 
+/// The EDC of ECMA-130 14.3, bit by bit: CRC-32 of (x^16+x^15+x^2+1)(x^16+x^2+x+1), least
+/// significant bit first.
+fn edc(data: &[u8]) -> u32 {
+    let mut crc = 0u32;
+    for &b in data {
+        for bit in 0..8 {
+            let x = (crc ^ u32::from(b >> bit)) & 1;
+            crc = (crc >> 1) ^ if x != 0 { 0xd801_8001 } else { 0 };
+        }
+    }
+    crc
+}
+
+/// What Linux's sr and udev's cdrom_id, and Windows' cdrom class driver, ask of a disc beyond
+/// the basics: READ CD (raw sectors), READ TOC format 2 (the full TOC), GET PERFORMANCE, SET
+/// CD SPEED, and READ DISC STRUCTURE, which a DVD-size image answers and a CD refuses.
+#[test]
+fn raw_sectors_full_toc_performance_and_dvd_structures_answer_as_mmc_6_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = iso(dir.path(), "disc.iso", "VDKRAW", 300_000);
+    let bytes = fs::read(&image).unwrap();
+    let blocks = (bytes.len() / BLOCK) as u64;
+    let (d, url, _id) = drive(&image);
+    let mut sh = ScsiShell::connect(&url, "iqn.2026-11.org.vdk.test:raw");
+    let read_cd = |lba: u32, count: u32, b1: u8, b9: u8, b10: u8| {
+        let l = lba.to_be_bytes();
+        let c = count.to_be_bytes();
+        vec![
+            0xbe, b1, l[0], l[1], l[2], l[3], c[1], c[2], c[3], b9, b10, 0,
+        ]
+    };
+    // Everything (F8h) of LBA 16..18: sync, the BCD address after the 2 s pregap, mode 1,
+    // the volume descriptors, the EDC of what precedes it, eight zeroes, 276 bytes of parity.
+    let a = sh.read(&read_cd(16, 2, 0, 0xf8, 0), 2 * 2352);
+    assert_eq!(a.status, 0, "{a:?}");
+    assert_eq!(a.data.len(), 2 * 2352);
+    for (i, raw) in a.data.chunks(2352).enumerate() {
+        let lba = 16 + i;
+        assert_eq!(
+            &raw[..12],
+            &[0, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 0]
+        );
+        let frames = lba + 150;
+        let bcd = |v: usize| (((v / 10) << 4) | (v % 10)) as u8;
+        assert_eq!(
+            &raw[12..16],
+            &[
+                bcd(frames / 4500),
+                bcd(frames / 75 % 60),
+                bcd(frames % 75),
+                1
+            ]
+        );
+        assert_eq!(&raw[16..2064], &bytes[lba * BLOCK..(lba + 1) * BLOCK]);
+        assert_eq!(
+            u32::from_le_bytes(raw[2064..2068].try_into().unwrap()),
+            edc(&raw[..2064])
+        );
+        assert_eq!(&raw[2068..2076], &[0; 8]);
+        assert!(raw[2076..].iter().any(|&b| b != 0), "parity present");
+    }
+    // User data alone (10h, sector type mode 1) is the image; header and data (30h) and
+    // user data with EDC/ECC (18h) are the parts of the raw sector.
+    let a = sh.read(&read_cd(17, 3, 2 << 2, 0x10, 0), 3 * BLOCK);
+    assert_eq!(a.data, bytes[17 * BLOCK..20 * BLOCK]);
+    let raw = sh.read(&read_cd(17, 1, 0, 0xf8, 0), 2352).data;
+    let a = sh.read(&read_cd(17, 1, 0, 0x30, 0), 2052);
+    assert_eq!(a.data, raw[12..2064]);
+    let a = sh.read(&read_cd(17, 1, 0, 0x18, 0), 2336);
+    assert_eq!(a.data, raw[16..]);
+    let a = sh.read(&read_cd(17, 1, 0, 0xa0, 0), 16);
+    assert_eq!(a.data, raw[..16]);
+    // Refused per MMC-6: an audio (CD-DA) or mode 2 sector type on this data track; parts
+    // that are not adjacent (sync and user data), the sync alone, EDC alone; C2 error
+    // pointers and sub-channel data, which mode page 2Ah does not offer.
+    for b1 in [1u8 << 2, 3 << 2, 4 << 2, 5 << 2] {
+        let a = sh.read(&read_cd(16, 1, b1, 0x10, 0), 2352);
+        assert!(a.is(ILLEGAL_REQUEST, 0x64, 0), "type {b1:#x}: {a:?}");
+    }
+    for b9 in [0x90u8, 0x80, 0x08, 0x28] {
+        let a = sh.read(&read_cd(16, 1, 0, b9, 0), 2352);
+        assert!(a.is(ILLEGAL_REQUEST, 0x24, 0), "{b9:#x}: {a:?}");
+        assert_eq!(a.field, Some(9));
+    }
+    let a = sh.read(&read_cd(16, 1, 0, 0x12, 0), 2352);
+    assert!(a.is(ILLEGAL_REQUEST, 0x24, 0), "{a:?}");
+    let a = sh.read(&read_cd(16, 1, 0, 0x10, 1), 2352);
+    assert!(a.is(ILLEGAL_REQUEST, 0x24, 0), "{a:?}");
+    assert_eq!(a.field, Some(10));
+    // Past the end of the disc.
+    let a = sh.read(&read_cd(blocks as u32, 1, 0, 0x10, 0), 2048);
+    assert!(a.is(ILLEGAL_REQUEST, 0x21, 0), "{a:?}");
+
+    // READ TOC format 2: session 1 of 1; points A0 (first track 1, CD-ROM), A1 (last track
+    // 1), A2 (the lead-out, in MSF) and track 1 at 00:02:00.
+    let a = sh.read(&[0x43, 0x02, 2, 0, 0, 0, 1, 0, 255, 0], 255);
+    assert_eq!(a.status, 0, "{a:?}");
+    assert_eq!(be16(&a.data), 2 + 4 * 11);
+    assert_eq!((a.data[2], a.data[3]), (1, 1), "first and last session");
+    let entries: Vec<&[u8]> = a.data[4..].chunks(11).collect();
+    let point = |p: u8| *entries.iter().find(|e| e[3] == p).expect("TOC point");
+    assert_eq!(&point(0xa0)[8..11], &[1, 0, 0]);
+    assert_eq!(&point(0xa1)[8..11], &[1, 0, 0]);
+    let lead_out = blocks + 150;
+    assert_eq!(
+        &point(0xa2)[8..11],
+        &[
+            (lead_out / 4500) as u8,
+            (lead_out / 75 % 60) as u8,
+            (lead_out % 75) as u8
+        ]
+    );
+    assert_eq!(&point(1)[8..11], &[0, 2, 0]);
+    assert!(entries.iter().all(|e| e[0] == 1 && e[1] == 0x14));
+    let a = sh.read(&[0x43, 0x02, 2, 0, 0, 0, 2, 0, 255, 0], 255);
+    assert!(a.is(ILLEGAL_REQUEST, 0x24, 0), "session 2: {a:?}");
+
+    // GET PERFORMANCE, nominal read performance: one descriptor from the LBA asked to the
+    // last one, at the speed mode page 2Ah reports; write speeds: none.
+    let a = sh.read(&[0xac, 0, 0, 0, 0, 10, 0, 0, 0, 4, 0, 0], 8 + 4 * 16);
+    assert_eq!(a.status, 0, "{a:?}");
+    assert_eq!(be32(&a.data), 4 + 16);
+    let desc = &a.data[8..24];
+    assert_eq!(be32(desc), 10);
+    assert_eq!(be32(&desc[8..]), blocks - 1);
+    assert_eq!(be32(&desc[4..]), 176 * 48);
+    assert_eq!(be32(&desc[12..]), 176 * 48);
+    let a = sh.read(&[0xac, 0, 0, 0, 0, 0, 0, 0, 0, 4, 3, 0], 64);
+    assert_eq!((a.status, be32(&a.data)), (0, 4), "no write speeds: {a:?}");
+    let a = sh.read(&[0xac, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0], 64);
+    assert!(a.is(ILLEGAL_REQUEST, 0x24, 0), "{a:?}");
+    // SET CD SPEED is taken.
+    assert_eq!(
+        sh.none(&[0xbb, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0])
+            .status,
+        0
+    );
+
+    // READ DISC STRUCTURE on a CD: the list of structures a DVD would answer; the
+    // structures themselves, INCOMPATIBLE FORMAT.
+    let a = sh.read(&[0xad, 0, 0, 0, 0, 0, 0, 0xff, 0, 64, 0, 0], 64);
+    assert_eq!(a.status, 0, "{a:?}");
+    let codes: Vec<u8> = a.data[4..].chunks(4).map(|c| c[0]).collect();
+    assert_eq!(codes, vec![0x00, 0x01, 0x04, 0xff]);
+    let a = sh.read(&[0xad, 0, 0, 0, 0, 0, 0, 0, 0x08, 4, 0, 0], 2052);
+    assert!(a.is(ILLEGAL_REQUEST, 0x30, 2), "{a:?}");
+    drop(sh);
+    drop(d);
+
+    // A DVD-size image (past a CD's 80 minutes): READ DISC STRUCTURE answers, READ CD does
+    // not (a DVD has no CD sectors).
+    let big = dir.path().join("dvd.iso");
+    fs::copy(&image, &big).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(800 << 20)
+        .unwrap();
+    let dvd_blocks = (800u64 << 20) / BLOCK as u64;
+    let (_d, url, _id) = drive(&big);
+    let mut sh = ScsiShell::connect(&url, "iqn.2026-11.org.vdk.test:dvd");
+    let a = sh.read(&[0xad, 0, 0, 0, 0, 0, 0, 0, 0x08, 4, 0, 0], 2052);
+    assert_eq!(a.status, 0, "{a:?}");
+    assert_eq!(be16(&a.data), 2050);
+    let p = &a.data[4..];
+    assert_eq!(p[0] >> 4, 0, "DVD-ROM book");
+    assert_eq!((p[2] >> 5) & 3, 0, "one layer");
+    assert_eq!(be32(&p[4..]), 0x30000);
+    assert_eq!(be32(&p[8..]), 0x30000 + dvd_blocks - 1);
+    let a = sh.read(&[0xad, 0, 0, 0, 0, 0, 0, 1, 0, 8, 0, 0], 8);
+    assert_eq!(
+        (a.status, be16(&a.data)),
+        (0, 6),
+        "copyright information: {a:?}"
+    );
+    assert_eq!(a.data[4], 0, "no copy protection");
+    let a = sh.read(&[0xad, 0, 0, 0, 0, 0, 1, 0, 0x08, 4, 0, 0], 2052);
+    assert!(a.is(ILLEGAL_REQUEST, 0x24, 0), "layer 1: {a:?}");
+    let a = sh.read(&[0xad, 1, 0, 0, 0, 0, 0, 0, 0x08, 4, 0, 0], 2052);
+    assert!(a.is(ILLEGAL_REQUEST, 0x24, 0), "BD media type: {a:?}");
+    let a = sh.read(&read_cd(16, 1, 0, 0x10, 0), 2048);
+    assert!(a.is(ILLEGAL_REQUEST, 0x30, 2), "{a:?}");
+    let a = sh.read(&[0xac, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0], 24);
+    assert_eq!(be32(&a.data[12..]), 16 * 1385, "DVD speed");
+}
+
 #[test]
 fn vdk_eject_and_insert_change_the_disc_under_initiators() {
     let dir = tempfile::tempdir().unwrap();
