@@ -11,6 +11,9 @@ use crate::{be32, be64};
 /// "QFI\xfb".
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 
+/// Where a version 3 header keeps its incompatible feature bits.
+pub const INCOMPATIBLE_FEATURES_AT: u64 = 72;
+
 /// Incompatible feature bits.
 pub mod incompat {
     /// Refcounts may be inconsistent.
@@ -208,7 +211,7 @@ impl Header {
             if b.len() < 104 {
                 return Err(bad("truncated version 3 header"));
             }
-            h.incompatible_features = be64(b, 72);
+            h.incompatible_features = be64(b, INCOMPATIBLE_FEATURES_AT as usize);
             h.compatible_features = be64(b, 80);
             h.autoclear_features = be64(b, 88);
             h.refcount_order = be32(b, 96);

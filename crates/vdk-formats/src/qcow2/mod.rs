@@ -153,6 +153,39 @@ pub struct Qcow2 {
     max_clusters: u64,
 }
 
+/// A dirty image (written with lazy refcounts and not closed cleanly: its refcounts may be
+/// short of its references) opened for writing: its refcounts are rebuilt from the references,
+/// as QEMU does on opening it, and the dirty bit is cleared, so that no allocation lands on a
+/// live cluster. What cannot be rebuilt (a reference past the refcount table, a broken
+/// table) refuses the open.
+fn rebuild_refcounts(path: &Path, file: &File, header: &mut Header) -> io::Result<()> {
+    let report = check::check(path, header, true)?;
+    let unfixed = report.corruptions.saturating_sub(report.corruptions_fixed);
+    if report.errors > 0 || unfixed > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: it is marked dirty and its refcounts cannot be rebuilt ({} errors): \
+                 qemu-img check -r all, or open it read-only",
+                path.display(),
+                report.errors + unfixed
+            ),
+        ));
+    }
+    let features = header.incompatible_features & !incompat::DIRTY;
+    file.write_all_at(&features.to_be_bytes(), header::INCOMPATIBLE_FEATURES_AT)?;
+    file.sync_data()?;
+    header.incompatible_features = features;
+    tracing::info!(
+        image = %path.display(),
+        corruptions = report.corruptions_fixed,
+        leaks = report.leaks_fixed,
+        "the qcow2 image was left dirty (lazy refcounts, not closed cleanly): its refcounts \
+         were rebuilt before writing"
+    );
+    Ok(())
+}
+
 impl Qcow2 {
     /// Opens a qcow2 image whose header is `header` (parsed from the file's first cluster)
     /// with `backing` as its backing disk.
@@ -176,13 +209,12 @@ impl Qcow2 {
             return refuse("qcow2 images with an external data file are not supported");
         }
         let writable = !opts.read_only;
+        let mut header = header;
         if writable {
             let why = if header.nb_snapshots > 0 {
                 Some("it has internal snapshots, which vdk reads but does not write")
             } else if header.extended_l2() {
                 Some("it has extended L2 entries (subclusters), which vdk reads but does not write")
-            } else if header.incompatible_features & incompat::DIRTY != 0 {
-                Some("it is marked dirty (refcounts need repair: qemu-img check -r all)")
             } else if header.incompatible_features & incompat::CORRUPT != 0 {
                 Some("it is marked corrupt (qemu-img check -r all)")
             } else {
@@ -192,6 +224,9 @@ impl Qcow2 {
                 return refuse(&format!(
                     "cannot open it for writing: {why}; open it read-only"
                 ));
+            }
+            if header.incompatible_features & incompat::DIRTY != 0 {
+                rebuild_refcounts(path, &file, &mut header)?;
             }
         }
         let cluster_size = header.cluster_size();
