@@ -730,12 +730,19 @@ impl Client {
     pub fn call<T: DeserializeOwned>(&mut self, req: &Request) -> io::Result<Result<T, ApiError>> {
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');
-        self.writer.write_all(&line)?;
-        let Some(answer) = read_line(&mut self.reader)? else {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the daemon closed the connection without answering",
-            ));
+        // A daemon that refuses the caller outright (another user) answers at once and hangs
+        // up: the request may then meet a closed socket, but the answer is there to read.
+        let sent = self.writer.write_all(&line);
+        let answer = match (read_line(&mut self.reader), sent) {
+            (Ok(Some(answer)), _) => answer,
+            (_, Err(e)) => return Err(e),
+            (Err(e), Ok(())) => return Err(e),
+            (Ok(None), Ok(())) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the daemon closed the connection without answering",
+                ))
+            }
         };
         let answer = answer.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let resp: Response = serde_json::from_str(&answer)?;
