@@ -40,6 +40,8 @@ pub struct Negotiated {
     pub export: Arc<Export>,
     /// Structured replies are in use.
     pub structured: bool,
+    /// Extended headers are in use (then `structured` is too).
+    pub extended: bool,
     /// base:allocation was selected.
     pub meta_context: bool,
     /// The transmission flags sent.
@@ -114,6 +116,8 @@ struct State<'a, 'c, S> {
     secure: bool,
     no_zeroes: bool,
     structured: bool,
+    /// Extended headers were negotiated (they imply structured replies).
+    extended: bool,
     /// The export name the selected context was set for.
     meta_export: Option<String>,
     out: Vec<u8>,
@@ -159,6 +163,7 @@ pub fn negotiate_client<S: Read + Write>(
         secure: false,
         no_zeroes: client_flags & CLIENT_NO_ZEROES != 0,
         structured: false,
+        extended: false,
         meta_export: None,
         out: Vec::new(),
     };
@@ -198,6 +203,7 @@ impl<S: Read + Write> State<'_, '_, S> {
         // What was agreed in the clear is not trusted once encrypted (proto.md: the state
         // is as if the connection had just begun).
         self.structured = false;
+        self.extended = false;
         self.meta_export = None;
         Ok(None)
     }
@@ -247,6 +253,12 @@ impl<S: Read + Write> State<'_, '_, S> {
                 let _ = self.reply(h.option, rep::ACK, &[]);
                 Err(HandshakeError::Ended)
             }
+            ClientOption::ExportName(_) if self.extended => {
+                // It has no way to say the transmission is extended: proto.md forbids it.
+                Err(HandshakeError::Protocol(
+                    "NBD_OPT_EXPORT_NAME after extended headers were negotiated".into(),
+                ))
+            }
             ClientOption::ExportName(name) => self.export_name(&name).map(Some),
             ClientOption::List => {
                 let peer = &self.client.peer;
@@ -265,6 +277,11 @@ impl<S: Read + Write> State<'_, '_, S> {
             ClientOption::StartTls => self.start_tls(h.option),
             ClientOption::Info(req) => self.info(opt::INFO, &req).map(|_| None),
             ClientOption::Go(req) => self.info(opt::GO, &req),
+            ClientOption::StructuredReply if self.extended => self.reply_error(
+                h.option,
+                rep::ERR_EXT_HEADER_REQD,
+                "extended headers are on, which take the place of structured replies",
+            ),
             ClientOption::StructuredReply if self.structured => {
                 self.reply_error(h.option, rep::ERR_INVALID, "structured replies already on")
             }
@@ -274,7 +291,15 @@ impl<S: Read + Write> State<'_, '_, S> {
             }
             ClientOption::ListMetaContext(req) => self.meta_context(h.option, &req, false),
             ClientOption::SetMetaContext(req) => self.meta_context(h.option, &req, true),
-            ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
+            ClientOption::ExtendedHeaders if self.extended => {
+                self.reply_error(h.option, rep::ERR_INVALID, "extended headers already on")
+            }
+            ClientOption::ExtendedHeaders => {
+                self.extended = true;
+                self.structured = true;
+                self.reply(h.option, rep::ACK, &[]).map(|()| None)
+            }
+            ClientOption::Unknown(_) => {
                 self.reply_error(h.option, rep::ERR_UNSUP, "option not supported")
             }
         }
@@ -312,6 +337,7 @@ impl<S: Read + Write> State<'_, '_, S> {
         Negotiated {
             export,
             structured: self.structured,
+            extended: self.extended,
             meta_context,
             flags,
             block_size_agreed: false,

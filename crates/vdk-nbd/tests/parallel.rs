@@ -73,6 +73,7 @@ fn send_read(s: &mut UnixStream, cookie: u64, offset: u64) {
         cookie,
         offset,
         len: 4096,
+        extended: false,
     };
     s.write_all(&h.encode()).unwrap();
 }

@@ -70,6 +70,22 @@ fn nbdinfo_map_shows_data_between_holes() {
     for (row, want) in rows.iter().zip(expect) {
         assert_eq!(&row[..3], &want[..], "{out}");
     }
+    // The same map through QEMU's client, which negotiates extended headers (64-bit block
+    // status), while Debian's libnbd 1.14 keeps the compact ones: the server says which.
+    need("qemu-img");
+    let out = stdout(Command::new("qemu-img").args(["map", "--output=json", &vdk.uri("")]));
+    let map: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let data: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, vec![(4 * MIB, MIB)], "{out}");
+    let log = vdk.log();
+    assert!(log.contains("extended=false"), "nbdinfo: {log}");
+    assert!(log.contains("extended=true"), "qemu-img: {log}");
 }
 
 #[test]
@@ -185,6 +201,10 @@ fn qemu_io_verifies_patterns_aio_discard_and_write_zeroes() {
         "{text}"
     );
     io(&["read -P 0x44 9M 256k"]);
+    // QEMU 10's client asked for extended headers, and every request above used them.
+    let log = vdk.log();
+    assert!(log.contains("extended=true"), "{log}");
+    assert!(!log.contains("extended=false"), "{log}");
 }
 
 #[test]

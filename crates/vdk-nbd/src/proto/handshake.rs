@@ -55,6 +55,8 @@ pub mod rep {
     pub const ERR_SHUTDOWN: u32 = ERR | 7;
     /// The option's data is too large.
     pub const ERR_TOO_BIG: u32 = ERR | 9;
+    /// Extended headers were negotiated, which this option would contradict.
+    pub const ERR_EXT_HEADER_REQD: u32 = ERR | 10;
 }
 
 /// Information types of INFO and GO (NBD_INFO_*).

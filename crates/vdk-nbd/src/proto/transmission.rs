@@ -1,6 +1,9 @@
 //! Transmission phase: requests parsed and checked, replies encoded.
 //! proto.md sections "Request message", "Simple reply message", "Structured reply chunk
-//! message", "Request types" and "Error values".
+//! message", "Request types" and "Error values"; and the extended headers of the
+//! `EXTENDED_HEADERS` extension (proto.md of the nbd project's extension-ext-header branch):
+//! 32-byte requests with 64-bit lengths, and 32-byte reply chunk headers that carry the
+//! request's offset, used for every reply once negotiated.
 
 use super::{errno, tflags, Cursor};
 
@@ -16,6 +19,14 @@ pub const REQUEST_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size of a structured reply chunk header.
 pub const CHUNK_HEADER_LEN: usize = 20;
+/// Magic of an extended request.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Magic of an extended reply chunk.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
+/// Size of an extended request header.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+/// Size of an extended reply chunk header.
+pub const EXTENDED_HEADER_LEN: usize = 32;
 
 /// Command types (NBD_CMD_*).
 pub mod cmd {
@@ -49,6 +60,8 @@ pub mod cflags {
     pub const REQ_ONE: u16 = 1 << 3;
     /// Write zeroes only if fast.
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// Extended headers: the length is that of a payload that follows (writes).
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk types (NBD_REPLY_TYPE_*).
@@ -61,6 +74,8 @@ pub mod chunk {
     pub const OFFSET_HOLE: u16 = 2;
     /// Block status descriptors of one context.
     pub const BLOCK_STATUS: u16 = 5;
+    /// Block status with 64-bit lengths and flags (extended headers only).
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     /// An error.
     pub const ERROR: u16 = (1 << 15) | 1;
 }
@@ -79,8 +94,11 @@ pub struct RequestHeader {
     pub cookie: u64,
     /// Byte offset.
     pub offset: u64,
-    /// Length in bytes (of the payload for a write).
-    pub len: u32,
+    /// Length in bytes (of the payload for a write); above 32 bits only in an extended
+    /// request.
+    pub len: u64,
+    /// It came as an extended request: its reply uses extended chunk headers.
+    pub extended: bool,
 }
 
 impl RequestHeader {
@@ -95,25 +113,57 @@ impl RequestHeader {
             kind: c.u16()?,
             cookie: c.u64()?,
             offset: c.u64()?,
-            len: c.u32()?,
+            len: u64::from(c.u32()?),
+            extended: false,
         })
     }
 
-    /// Encodes the header (for clients and tests).
-    pub fn encode(&self) -> [u8; REQUEST_LEN] {
-        let mut b = [0u8; REQUEST_LEN];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
-        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
-        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+    /// Parses an extended request header; `None` if the magic is wrong.
+    pub fn parse_extended(b: &[u8; EXTENDED_REQUEST_LEN]) -> Option<RequestHeader> {
+        let mut c = Cursor::new(b);
+        if c.u32()? != EXTENDED_REQUEST_MAGIC {
+            return None;
+        }
+        Some(RequestHeader {
+            flags: c.u16()?,
+            kind: c.u16()?,
+            cookie: c.u64()?,
+            offset: c.u64()?,
+            len: c.u64()?,
+            extended: true,
+        })
+    }
+
+    /// Encodes the header (for clients and tests): 28 bytes, or 32 if it is extended.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(EXTENDED_REQUEST_LEN);
+        let magic = if self.extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        b.extend_from_slice(&magic.to_be_bytes());
+        b.extend_from_slice(&self.flags.to_be_bytes());
+        b.extend_from_slice(&self.kind.to_be_bytes());
+        b.extend_from_slice(&self.cookie.to_be_bytes());
+        b.extend_from_slice(&self.offset.to_be_bytes());
+        if self.extended {
+            b.extend_from_slice(&self.len.to_be_bytes());
+        } else {
+            let len = u32::try_from(self.len).unwrap_or(u32::MAX);
+            b.extend_from_slice(&len.to_be_bytes());
+        }
         b
     }
 
-    /// Bytes of payload that follow this header: the length of a write, else nothing.
-    pub fn payload_len(&self) -> u32 {
-        if self.kind == cmd::WRITE {
+    /// Bytes of payload that follow this header: the length of a write; in an extended
+    /// request also of any request flagged `PAYLOAD_LEN`; else nothing. (The extension's text
+    /// has writes carry the flag; QEMU's client, like its server and nbdkit, sends writes
+    /// without it and their length as the payload's: both are taken.)
+    pub fn payload_len(&self) -> u64 {
+        let carries =
+            self.kind == cmd::WRITE || (self.extended && self.flags & cflags::PAYLOAD_LEN != 0);
+        if carries {
             self.len
         } else {
             0
@@ -174,6 +224,8 @@ pub struct Limits {
     pub max_payload: u32,
     /// Structured replies were negotiated.
     pub structured: bool,
+    /// Extended headers were negotiated: requests and replies have 32-byte headers.
+    pub extended: bool,
     /// A metadata context was selected.
     pub meta_context: bool,
 }
@@ -185,6 +237,11 @@ pub fn check_request(h: &RequestHeader, l: &Limits) -> Result<Command, u32> {
     use cflags::*;
     let has = |f: u16| h.flags & f != 0;
     let advertised = |f: u16| l.flags & f != 0;
+    // Only a write carries a payload here (its payload was read, or skipped, already).
+    if h.extended && has(PAYLOAD_LEN) && h.kind != cmd::WRITE {
+        return Err(errno::EINVAL);
+    }
+    let flags = h.flags & !if h.extended { PAYLOAD_LEN } else { 0 };
     let allowed: u16 = match h.kind {
         cmd::READ => DF,
         cmd::WRITE | cmd::TRIM => FUA,
@@ -193,7 +250,7 @@ pub fn check_request(h: &RequestHeader, l: &Limits) -> Result<Command, u32> {
         cmd::DISC | cmd::FLUSH | cmd::CACHE => 0,
         _ => return Err(errno::EINVAL),
     };
-    if h.flags & !allowed != 0
+    if flags & !allowed != 0
         || (has(FUA) && !advertised(tflags::SEND_FUA))
         || (has(DF) && !advertised(tflags::SEND_DF))
         || (has(FAST_ZERO) && !advertised(tflags::SEND_FAST_ZERO))
@@ -217,7 +274,7 @@ pub fn check_request(h: &RequestHeader, l: &Limits) -> Result<Command, u32> {
         return Err(errno::EINVAL);
     }
     if !matches!(h.kind, cmd::DISC | cmd::FLUSH) {
-        let len = u64::from(h.len);
+        let len = h.len;
         let past_end = h.offset.checked_add(len).is_none_or(|end| end > l.size);
         if past_end {
             // proto.md: writes past the end are ENOSPC, reads and trims EINVAL.
@@ -229,10 +286,10 @@ pub fn check_request(h: &RequestHeader, l: &Limits) -> Result<Command, u32> {
             });
         }
         let bs = u64::from(l.min_block.max(1));
-        if !h.offset.is_multiple_of(bs) || len % bs != 0 {
+        if !h.offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
             return Err(errno::EINVAL);
         }
-        if matches!(h.kind, cmd::READ | cmd::WRITE) && h.len > l.max_payload {
+        if matches!(h.kind, cmd::READ | cmd::WRITE) && h.len > u64::from(l.max_payload) {
             return Err(errno::EINVAL);
         }
     }
@@ -263,50 +320,77 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
     b
 }
 
-/// Appends a structured chunk header; `len` is the length of the chunk's payload.
-pub fn chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, len: u32) {
-    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+/// Appends the header of a reply chunk to `h`: a structured chunk header, or an extended one
+/// (which repeats the request's offset) if `h` came extended. `len` is the chunk's payload.
+pub fn chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, h: &RequestHeader, len: u32) {
+    let magic = if h.extended {
+        EXTENDED_REPLY_MAGIC
+    } else {
+        STRUCTURED_REPLY_MAGIC
+    };
+    out.extend_from_slice(&magic.to_be_bytes());
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&h.cookie.to_be_bytes());
+    if h.extended {
+        out.extend_from_slice(&h.offset.to_be_bytes());
+        out.extend_from_slice(&u64::from(len).to_be_bytes());
+    } else {
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+}
+
+/// Appends the success of a request without data: a simple reply, or with extended headers
+/// (where simple replies are not allowed) a final NONE chunk.
+pub fn ok_reply(out: &mut Vec<u8>, h: &RequestHeader) {
+    if h.extended {
+        done_chunk(out, h);
+    } else {
+        out.extend_from_slice(&simple_reply(0, h.cookie));
+    }
 }
 
 /// Appends the header of an OFFSET_DATA chunk carrying `data_len` bytes; the data follows.
-pub fn offset_data_header(out: &mut Vec<u8>, done: bool, cookie: u64, offset: u64, data_len: u32) {
+pub fn offset_data_header(
+    out: &mut Vec<u8>,
+    done: bool,
+    h: &RequestHeader,
+    offset: u64,
+    data_len: u32,
+) {
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
     chunk_header(
         out,
         flags,
         chunk::OFFSET_DATA,
-        cookie,
+        h,
         data_len.saturating_add(8),
     );
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
 /// Appends an OFFSET_HOLE chunk.
-pub fn offset_hole(out: &mut Vec<u8>, done: bool, cookie: u64, offset: u64, len: u32) {
+pub fn offset_hole(out: &mut Vec<u8>, done: bool, h: &RequestHeader, offset: u64, len: u32) {
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
-    chunk_header(out, flags, chunk::OFFSET_HOLE, cookie, 12);
+    chunk_header(out, flags, chunk::OFFSET_HOLE, h, 12);
     out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&len.to_be_bytes());
 }
 
 /// Appends a final NONE chunk.
-pub fn done_chunk(out: &mut Vec<u8>, cookie: u64) {
-    chunk_header(out, REPLY_FLAG_DONE, chunk::NONE, cookie, 0);
+pub fn done_chunk(out: &mut Vec<u8>, h: &RequestHeader) {
+    chunk_header(out, REPLY_FLAG_DONE, chunk::NONE, h, 0);
 }
 
 /// Appends a final ERROR chunk with a message (cut to the protocol's string limit).
-pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
+pub fn error_chunk(out: &mut Vec<u8>, h: &RequestHeader, error: u32, message: &str) {
     let msg = &message.as_bytes()[..message.len().min(super::MAX_STRING)];
     let msg_len = u16::try_from(msg.len()).unwrap_or(0); // at most 4096
     chunk_header(
         out,
         REPLY_FLAG_DONE,
         chunk::ERROR,
-        cookie,
+        h,
         6 + u32::from(msg_len),
     );
     out.extend_from_slice(&error.to_be_bytes());
@@ -314,15 +398,30 @@ pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
     out.extend_from_slice(msg);
 }
 
-/// Appends a final BLOCK_STATUS chunk of `(length, flags)` descriptors.
-pub fn block_status(out: &mut Vec<u8>, cookie: u64, context: u32, extents: &[(u32, u32)]) {
-    // Callers bound the descriptor count far below 2^29.
-    let len = u32::try_from(4 + 8 * extents.len()).unwrap_or(u32::MAX);
-    chunk_header(out, REPLY_FLAG_DONE, chunk::BLOCK_STATUS, cookie, len);
-    out.extend_from_slice(&context.to_be_bytes());
-    for (length, flags) in extents {
-        out.extend_from_slice(&length.to_be_bytes());
-        out.extend_from_slice(&flags.to_be_bytes());
+/// Appends a final block status chunk of `(length, flags)` descriptors: BLOCK_STATUS, or
+/// BLOCK_STATUS_EXT (64-bit lengths and flags, and a count) if `h` came extended. Compact
+/// requests are shorter than 4 GiB, so their lengths fit in 32 bits.
+pub fn block_status(out: &mut Vec<u8>, h: &RequestHeader, context: u32, extents: &[(u64, u32)]) {
+    // Callers bound the descriptor count far below 2^27.
+    let count = u32::try_from(extents.len()).unwrap_or(u32::MAX);
+    if h.extended {
+        let len = 8u32.saturating_add(count.saturating_mul(16));
+        chunk_header(out, REPLY_FLAG_DONE, chunk::BLOCK_STATUS_EXT, h, len);
+        out.extend_from_slice(&context.to_be_bytes());
+        out.extend_from_slice(&count.to_be_bytes());
+        for (length, flags) in extents {
+            out.extend_from_slice(&length.to_be_bytes());
+            out.extend_from_slice(&u64::from(*flags).to_be_bytes());
+        }
+    } else {
+        let len = 4u32.saturating_add(count.saturating_mul(8));
+        chunk_header(out, REPLY_FLAG_DONE, chunk::BLOCK_STATUS, h, len);
+        out.extend_from_slice(&context.to_be_bytes());
+        for (length, flags) in extents {
+            let length = u32::try_from(*length).unwrap_or(u32::MAX);
+            out.extend_from_slice(&length.to_be_bytes());
+            out.extend_from_slice(&flags.to_be_bytes());
+        }
     }
 }
 
@@ -347,6 +446,7 @@ mod tests {
             min_block: 1,
             max_payload: 32 << 20,
             structured: true,
+            extended: false,
             meta_context: true,
         }
     }
@@ -357,14 +457,18 @@ mod tests {
             kind,
             cookie: 7,
             offset,
-            len,
+            len: u64::from(len),
+            extended: false,
         }
     }
 
     #[test]
     fn header_round_trips() {
         let h = req(cmd::WRITE, cflags::FUA, 4096, 512);
-        assert_eq!(RequestHeader::parse(&h.encode()), Some(h));
+        assert_eq!(
+            RequestHeader::parse(h.encode().first_chunk().unwrap()),
+            Some(h)
+        );
     }
 
     #[test]

@@ -113,7 +113,13 @@ pub(super) fn run(
     if exports.find(&export.name).is_none() {
         return;
     }
-    info!(%peer, export = %export.name, structured = negotiated.structured, "client connected");
+    info!(
+        %peer,
+        export = %export.name,
+        structured = negotiated.structured,
+        extended = negotiated.extended,
+        "client connected"
+    );
     // Read-only is enforced by the disk, not only by the advertised flag.
     let device: Arc<dyn BlockDevice> = if export.read_only && !export.device.info().read_only {
         Arc::new(ReadOnly::new(Arc::clone(&export.device)))
@@ -133,6 +139,7 @@ pub(super) fn run(
         min_block,
         max_payload,
         structured: negotiated.structured,
+        extended: negotiated.extended,
         meta_context: negotiated.meta_context,
     };
     let writer = match stream.try_clone() {
@@ -254,7 +261,7 @@ impl Conn {
 /// The bytes a request holds while it waits and runs: its payload or its read buffer.
 fn cost(h: &RequestHeader) -> u64 {
     match h.kind {
-        tx::cmd::READ | tx::cmd::WRITE => u64::from(h.len),
+        tx::cmd::READ | tx::cmd::WRITE => h.len,
         _ => 0,
     }
 }
@@ -320,7 +327,8 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
         // requests are already buffered, so that a burst is answered with one writev.
         let due = batch.has_large()
             || (!batch.out.is_empty()
-                && (batch.out.len() >= BATCH_MAX || !request_buffered(reader.buffer())));
+                && (batch.out.len() >= BATCH_MAX
+                    || !request_buffered(reader.buffer(), conn.limits.extended)));
         if due {
             if let Err(e) = batch.flush(conn) {
                 debug!(error = %e, "cannot send replies");
@@ -362,7 +370,7 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
                 command,
                 payload: Payload::Owned(bufs),
             };
-            if header.len <= INLINE_MAX {
+            if header.len <= u64::from(INLINE_MAX) {
                 serve_blocking(conn, job, &mut batch); // an owned write never waits
             } else {
                 submit(conn, job, &mut batch);
@@ -425,12 +433,20 @@ fn wait_request(conn: &Conn, reader: &mut BufReader<Stream>, batch: &mut Batch) 
 }
 
 /// Whether the read buffer holds a whole request (header and payload).
-fn request_buffered(buf: &[u8]) -> bool {
-    let Some(raw) = buf.first_chunk::<{ tx::REQUEST_LEN }>() else {
-        return false;
+fn request_buffered(buf: &[u8], extended: bool) -> bool {
+    let parsed = if extended {
+        buf.first_chunk::<{ tx::EXTENDED_REQUEST_LEN }>()
+            .and_then(RequestHeader::parse_extended)
+    } else {
+        buf.first_chunk::<{ tx::REQUEST_LEN }>()
+            .and_then(RequestHeader::parse)
     };
-    RequestHeader::parse(raw)
-        .is_some_and(|h| buf.len() - tx::REQUEST_LEN >= h.payload_len() as usize)
+    let at = if extended {
+        tx::EXTENDED_REQUEST_LEN
+    } else {
+        tx::REQUEST_LEN
+    };
+    parsed.is_some_and(|h| (buf.len() - at) as u64 >= h.payload_len())
 }
 
 fn worker(conn: &Arc<Conn>) {
@@ -450,17 +466,39 @@ fn worker(conn: &Arc<Conn>) {
 }
 
 fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, payload: &mut Vec<u8>) -> Next {
-    let mut raw = [0u8; tx::REQUEST_LEN];
-    if let Err(e) = reader.read_exact(&mut raw) {
+    // Once extended headers are negotiated, every request is extended (32 bytes).
+    let mut raw = [0u8; tx::EXTENDED_REQUEST_LEN];
+    let extended = conn.limits.extended;
+    let size = if extended {
+        tx::EXTENDED_REQUEST_LEN
+    } else {
+        tx::REQUEST_LEN
+    };
+    if let Err(e) = reader.read_exact(&mut raw[..size]) {
         if e.kind() != io::ErrorKind::UnexpectedEof {
             debug!(error = %e, "read failed");
         }
         return Next::Closed;
     }
-    let Some(header) = RequestHeader::parse(&raw) else {
+    let parsed = if extended {
+        RequestHeader::parse_extended(&raw)
+    } else {
+        raw.first_chunk::<{ tx::REQUEST_LEN }>()
+            .and_then(RequestHeader::parse)
+    };
+    let Some(header) = parsed else {
         warn!("bad request magic, closing the connection");
         return Next::Closed;
     };
+    // A payload larger than any this server takes cannot be skipped gracefully: proto.md
+    // asks for a hard disconnect.
+    if header.payload_len() > u64::from(conn.limits.max_payload).max(UNAGREED_MAX_PAYLOAD.into()) {
+        warn!(
+            len = header.payload_len(),
+            "request payload too large, closing the connection"
+        );
+        return Next::Closed;
+    }
     let mut command = check_request(&header, &conn.limits);
     if command.is_err() {
         // The disk may have grown since this connection's handshake (`vdk resize` of an open
@@ -475,7 +513,8 @@ fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, payload: &mut Vec<u
             command = check_request(&header, &grown);
         }
     }
-    let len = header.payload_len() as usize;
+    // Bounded above by the largest payload taken.
+    let len = usize::try_from(header.payload_len()).unwrap_or(usize::MAX);
     if let (Ok(_), Some(unit)) = (command, conn.write_unit) {
         if len > 0 && len.is_multiple_of(unit) && header.offset % unit as u64 == 0 {
             return match receive_owned(conn, reader, len / unit, unit) {
@@ -492,7 +531,7 @@ fn read_request(conn: &Conn, reader: &mut BufReader<Stream>, payload: &mut Vec<u
             receive(reader, payload, len)
         } else {
             // A refused write's data is skipped in small pieces, never held whole.
-            discard(reader, u64::from(header.payload_len()))
+            discard(reader, header.payload_len())
         };
         if let Err(e) = got {
             debug!(error = %e, "payload read failed");

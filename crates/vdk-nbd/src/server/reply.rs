@@ -14,7 +14,7 @@ use crate::proto::{errno, STATE_HOLE, STATE_ZERO};
 
 /// Reads shorter than this are sent as one data chunk without asking the disk for holes:
 /// for small random reads an extents call costs more than the zeroes it would save.
-const SPARSE_READ_MIN: u32 = 64 << 10;
+const SPARSE_READ_MIN: u64 = 64 << 10;
 
 /// Most descriptors in one block status reply.
 const MAX_DESCRIPTORS: usize = 1 << 16;
@@ -81,16 +81,17 @@ impl Batch {
         r
     }
 
-    pub(super) fn ok(&mut self, cookie: u64) {
-        self.out.extend_from_slice(&tx::simple_reply(0, cookie));
+    pub(super) fn ok(&mut self, h: &RequestHeader) {
+        tx::ok_reply(&mut self.out, h);
     }
 
-    /// An error reply: a structured ERROR chunk for reads and block status when structured
-    /// replies are on (simple replies are allowed for the rest), else a simple reply.
+    /// An error reply: an ERROR chunk for every request with extended headers, and for reads
+    /// and block status when structured replies are on (simple replies are allowed for the
+    /// rest), else a simple reply.
     pub(super) fn error(&mut self, conn: &Conn, h: &RequestHeader, code: u32, msg: &str) {
         let structured_cmd = matches!(h.kind, tx::cmd::READ | tx::cmd::BLOCK_STATUS);
-        if conn.limits.structured && structured_cmd {
-            tx::error_chunk(&mut self.out, h.cookie, code, msg);
+        if h.extended || (conn.limits.structured && structured_cmd) {
+            tx::error_chunk(&mut self.out, h, code, msg);
         } else {
             self.out
                 .extend_from_slice(&tx::simple_reply(code, h.cookie));
@@ -101,6 +102,11 @@ impl Batch {
         debug!(cmd = h.kind, offset = h.offset, len = h.len, error = %e, "request failed");
         self.error(conn, h, nbd_errno(e), &e.to_string());
     }
+}
+
+/// The bytes a read or write moves: at most the largest payload, a u32 (`check_request`).
+fn data_len(h: &RequestHeader) -> usize {
+    usize::try_from(h.len).unwrap_or(usize::MAX)
 }
 
 /// Reads smaller than this are copied into the reply batch; larger ones are sent from their
@@ -130,7 +136,7 @@ pub(super) fn serve_inline(
     payload: &[u8],
     b: &mut Batch,
 ) -> bool {
-    if h.len > INLINE_MAX {
+    if h.len > u64::from(INLINE_MAX) {
         // Except a read from a disk that lends its memory: no copy is made on this side.
         return match c {
             Command::Read { df } if conn.lends_memory => read_reply(conn, h, df, false, b),
@@ -143,8 +149,8 @@ pub(super) fn serve_inline(
             let Some(lend) = conn.lend() else {
                 return false;
             };
-            match lend.try_write_at(&payload[..h.len as usize], h.offset) {
-                Ok(true) => b.ok(h.cookie),
+            match lend.try_write_at(&payload[..data_len(h)], h.offset) {
+                Ok(true) => b.ok(h),
                 Ok(false) => return false,
                 Err(e) => b.failed(conn, h, &e),
             }
@@ -157,7 +163,7 @@ pub(super) fn serve_inline(
 /// Serves any request, waiting as long as the disk needs.
 pub(super) fn serve_blocking(conn: &Conn, job: Job, b: &mut Batch) {
     let (h, dev) = (&job.header, &*conn.device);
-    let len = u64::from(h.len);
+    let len = h.len;
     let payload = match job.payload {
         Payload::Owned(bufs) => {
             let fua = matches!(job.command, Command::Write { fua: true });
@@ -178,7 +184,7 @@ pub(super) fn serve_blocking(conn: &Conn, job: Job, b: &mut Batch) {
                 }
             });
             return match result {
-                Ok(()) => b.ok(h.cookie),
+                Ok(()) => b.ok(h),
                 Err(e) => b.failed(conn, h, &e),
             };
         }
@@ -190,7 +196,7 @@ pub(super) fn serve_blocking(conn: &Conn, job: Job, b: &mut Batch) {
             return;
         }
         Command::BlockStatus { req_one } => return block_status_reply(conn, h, req_one, b),
-        Command::Write { fua } => dev.write_at(&payload[..h.len as usize], h.offset, fua),
+        Command::Write { fua } => dev.write_at(&payload[..data_len(h)], h.offset, fua),
         Command::Flush => dev.flush(),
         Command::Trim { fua } => {
             dev.trim(h.offset, len)
@@ -204,7 +210,7 @@ pub(super) fn serve_blocking(conn: &Conn, job: Job, b: &mut Batch) {
         Command::Disc => Ok(()),
     };
     match result {
-        Ok(()) => b.ok(h.cookie),
+        Ok(()) => b.ok(h),
         Err(e) => b.failed(conn, h, &e),
     }
     if payload.capacity() > 0 {
@@ -223,8 +229,8 @@ fn sparse_runs(conn: &Conn, h: &RequestHeader, df: bool) -> Option<Vec<(usize, u
         return None;
     }
     // Holes are an optimisation: if the map fails, the read itself reports a real error.
-    let map = conn.device.extents(h.offset, u64::from(h.len)).ok()?;
-    if map.len() != u64::from(h.len) {
+    let map = conn.device.extents(h.offset, h.len).ok()?;
+    if map.len() != h.len {
         return None; // a map that does not cover the request exactly is not trusted
     }
     let runs: Vec<(usize, usize, bool)> = map
@@ -253,10 +259,12 @@ fn read_reply(conn: &Conn, h: &RequestHeader, df: bool, wait: bool, b: &mut Batc
     let outcome = if let Some(runs) = sparse_runs(conn, h, df) {
         read_sparse(h, &runs, b, read)
     } else {
-        let n = h.len as usize;
+        // A read is at most the maximum payload, a u32 (check_request).
+        let n = data_len(h);
+        let n32 = u32::try_from(h.len).unwrap_or(u32::MAX);
         // One data run: header, then the data into the batch or, if large, its own buffer.
-        if conn.limits.structured {
-            tx::offset_data_header(&mut b.out, true, h.cookie, h.offset, h.len);
+        if conn.limits.structured || h.extended {
+            tx::offset_data_header(&mut b.out, true, h, h.offset, n32);
         } else {
             b.out.extend_from_slice(&tx::simple_reply(0, h.cookie));
         }
@@ -309,10 +317,10 @@ fn read_sparse(
         let at = h.offset + start as u64;
         let n32 = u32::try_from(n).unwrap_or(u32::MAX); // n <= h.len, a u32
         if zero {
-            tx::offset_hole(&mut b.out, done, h.cookie, at, n32);
+            tx::offset_hole(&mut b.out, done, h, at, n32);
             continue;
         }
-        tx::offset_data_header(&mut b.out, done, h.cookie, at, n32);
+        tx::offset_data_header(&mut b.out, done, h, at, n32);
         let pos = b.out.len();
         b.out.resize(pos + n, 0);
         r = read(&mut b.out[pos..], at);
@@ -327,12 +335,12 @@ fn block_status_reply(conn: &Conn, h: &RequestHeader, req_one: bool, b: &mut Bat
     if h.len == 0 {
         return b.error(conn, h, errno::EINVAL, "block status of zero length");
     }
-    let map = match conn.device.extents(h.offset, u64::from(h.len)) {
+    let map = match conn.device.extents(h.offset, h.len) {
         Ok(m) => m,
         Err(e) => return b.failed(conn, h, &e),
     };
     let limit = if req_one { 1 } else { MAX_DESCRIPTORS };
-    let descriptors: Vec<(u32, u32)> = map
+    let descriptors: Vec<(u64, u32)> = map
         .runs()
         .iter()
         .take(limit)
@@ -342,9 +350,9 @@ fn block_status_reply(conn: &Conn, h: &RequestHeader, req_one: bool, b: &mut Bat
                 ExtentKind::Hole => STATE_HOLE | STATE_ZERO,
                 ExtentKind::Zero => STATE_ZERO,
             };
-            // A run lies inside the request, whose length is a u32.
-            (u32::try_from(r.len).unwrap_or(u32::MAX), flags)
+            // A run lies inside the request: under 4 GiB unless the request is extended.
+            (r.len, flags)
         })
         .collect();
-    tx::block_status(&mut b.out, h.cookie, BASE_ALLOCATION_ID, &descriptors);
+    tx::block_status(&mut b.out, h, BASE_ALLOCATION_ID, &descriptors);
 }
