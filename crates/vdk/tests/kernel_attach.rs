@@ -81,7 +81,7 @@ fn guest_on(kernel: Option<(PathBuf, String)>, script: &str) -> String {
         std::fs::copy(env!("CARGO_BIN_EXE_vdk"), &vdk).unwrap();
     }
     let body = format!(
-        "set -eu\nV={}\nFSX={}\nFIO={}\n{script}",
+        "set -eu\nV={}\nFSX={}\nFIO={}\n{KILL_UNDER_WRITER}{script}",
         vdk.display(),
         tool("fsx"),
         tool("fio"),
@@ -112,6 +112,22 @@ fn guest_on(kernel: Option<(PathBuf, String)>, script: &str) -> String {
     );
     text
 }
+
+/// A shell function for the guest scripts: a verifying writer of SIZE ($1) on the file system
+/// mounted at /tmp/m (O_DIRECT, so that it waits on the device), then `kill -9` of the daemon
+/// under it; `$job` is the writer, whose report goes to fio.out.
+const KILL_UNDER_WRITER: &str = r#"
+kill_daemon_under_writer() {
+    $FIO --name=v --filename=/tmp/m/fio.dat --size=$1 --rw=randwrite --bs=4k \
+        --ioengine=psync --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --output=fio.out &
+    job=$!
+    sleep 3
+    kill -0 $job
+    kill -9 $(pgrep -f "vdk daemon")
+    sleep 1
+}
+"#;
 
 /// fsx settings for a file system and for a block device (fixed size, any offset).
 const FSX_CONFIGS: &str = r#"
@@ -203,15 +219,8 @@ fn a_ublk_device_outlives_kill_9_of_its_daemon_and_the_next_one_takes_it_over() 
 modprobe ublk_drv
 $V open d.img 256M --attach ublk --mkfs ext4 --mount /tmp/m --json > open.json
 dev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' open.json)
-# A verifying writer on the mounted file system, with O_DIRECT so that it waits on the device.
-$FIO --name=v --filename=/tmp/m/fio.dat --size=48M --rw=randwrite --bs=4k --ioengine=psync \
-    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
-job=$!
-sleep 3
-kill -0 $job
-daemon=$(pgrep -f "vdk daemon")
-kill -9 $daemon
-sleep 1
+# A verifying writer on the mounted file system, and kill -9 of the daemon under it.
+kill_daemon_under_writer 48M
 # The device stays while nobody serves it; its I/O waits.
 test -b "$dev"
 kill -0 $job
@@ -272,13 +281,7 @@ dev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' again.json)
 (cd /tmp/m && sha256sum -c --quiet "$here/sums")
 # kill -9 of the daemon under a verifying writer: the device waits for a new daemon, which
 # gives it new connections.
-$FIO --name=v --filename=/tmp/m/fio.dat --size=32M --rw=randwrite --bs=4k --ioengine=psync \
-    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
-job=$!
-sleep 3
-kill -0 $job
-kill -9 $(pgrep -f "vdk daemon")
-sleep 1
+kill_daemon_under_writer 32M
 kill -0 $job
 $V open d.img --attach nbd --json > third.json
 grep -q "\"block_device\": \"$dev\"" third.json || { cat third.json; exit 1; }
@@ -392,13 +395,7 @@ cmp -n 2097152 b.img /dev/zero --ignore-initial=1048576:0
 # device over, with zero copy again; the image with a filter cannot.
 $V open d.img 256M --attach ublk --mkfs ext4 --mount /tmp/m --json > open.json
 dev=$(sed -n 's/.*"block_device": "\(.*\)".*/\1/p' open.json)
-$FIO --name=v --filename=/tmp/m/fio.dat --size=32M --rw=randwrite --bs=4k --ioengine=psync \
-    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
-job=$!
-sleep 3
-kill -0 $job
-kill -9 $(pgrep -f "vdk daemon")
-sleep 1
+kill_daemon_under_writer 32M
 test -b "$dev"
 if $V open d.img --attach ublk --filter stats 2> filtered.err; then echo "taken over with a filter"; exit 1; fi
 grep -q "can take it over" filtered.err || {{ cat filtered.err; exit 1; }}
