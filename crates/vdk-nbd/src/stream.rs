@@ -3,9 +3,11 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::sys::{self, UnixListener, UnixStream};
+use crate::tls::record::Session;
 
 /// A connected client socket.
 #[derive(Debug)]
@@ -14,6 +16,8 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix domain.
     Unix(UnixStream),
+    /// TLS over either, after STARTTLS (its handles share one session).
+    Tls(Arc<Session>),
 }
 
 impl Stream {
@@ -22,6 +26,7 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(Arc::clone(s)),
         })
     }
 
@@ -30,6 +35,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
+            Stream::Tls(s) => s.shutdown(how),
         }
     }
 
@@ -38,6 +44,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.socket().set_read_timeout(t),
         }
     }
 
@@ -46,6 +53,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.socket().set_write_timeout(t),
         }
     }
 
@@ -54,13 +62,16 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_nonblocking(on),
             Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tls(s) => s.socket().set_nonblocking(on),
         }
     }
 
     /// TCP keep-alive ([`vdk_core::net::set_keepalive`]); nothing on a Unix socket.
     pub fn set_keepalive(&self, idle: Duration) {
-        if let Stream::Tcp(s) = self {
-            vdk_core::net::set_keepalive(s, idle);
+        match self {
+            Stream::Tcp(s) => vdk_core::net::set_keepalive(s, idle),
+            Stream::Unix(_) => {}
+            Stream::Tls(s) => s.socket().set_keepalive(idle),
         }
     }
 
@@ -69,6 +80,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
             Stream::Unix(_) => None,
+            Stream::Tls(s) => s.socket().peer_ip(),
         }
     }
 
@@ -79,6 +91,7 @@ impl Stream {
                 .peer_addr()
                 .map_or_else(|_| "tcp client".into(), |a| a.to_string()),
             Stream::Unix(_) => "unix client".into(),
+            Stream::Tls(s) => s.socket().peer(),
         }
     }
 
@@ -102,6 +115,7 @@ impl Read for &Stream {
         match *self {
             Stream::Tcp(s) => (&mut &*s).read(buf),
             Stream::Unix(s) => (&mut &*s).read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -111,12 +125,14 @@ impl Write for &Stream {
         match *self {
             Stream::Tcp(s) => (&mut &*s).write(buf),
             Stream::Unix(s) => (&mut &*s).write(buf),
+            Stream::Tls(s) => s.write_vectored(&[IoSlice::new(buf)]),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match *self {
             Stream::Tcp(s) => (&mut &*s).write_vectored(bufs),
             Stream::Unix(s) => (&mut &*s).write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -1,38 +1,39 @@
 //! NBD over TLS (proto.md "TLS support"): STARTTLS during the handshake, with rustls.
 //!
 //! ```text
-//!   client ══TLS══ socket ─► pump thread (rustls) ─► socketpair ─► the usual connection code
+//!   client ══TLS══ socket ─► Stream::Tls: records opened by the connection's reader,
+//!                                         sealed by whichever thread sends a reply
 //! ```
 //!
 //! After NBD_OPT_STARTTLS is acknowledged, the TLS handshake runs on the connection's own
 //! thread (so its deadline and the client's certificate are known before the NBD handshake
-//! goes on), then one thread per connection moves bytes between the TLS socket and one end of
-//! a socket pair (Unix on Linux, loopback TCP on Windows), encrypting and decrypting; the
-//! other end serves the connection exactly as a plain one, with its time-outs, limits and
-//! batched replies. Both directions have back-pressure: nothing is read from one side while
-//! the other has not taken what came.
+//! goes on), with rustls's unbuffered API. rustls then hands the traffic keys to
+//! [`record`], and the connection goes on exactly as a plain one (its time-outs, limits,
+//! batched replies and workers), its stream sealing and opening records in place: no thread
+//! or socket pair in between.
 //!
 //! Certificates follow nbdkit's `--tls-certificates DIR` layout: `server-cert.pem` (the chain),
 //! `server-key.pem`, and `ca-cert.pem`, the authority that client certificates must chain to
 //! when peers are verified. [`Tls::reload`] reads them again (on SIGHUP); connections already
 //! up keep the configuration they started with.
 
+pub mod record;
+
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
-use std::thread;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::UnbufferedServerConnection;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig, ServerConnection};
-use tracing::debug;
+use rustls::unbuffered::{ConnectionState, EncodeError};
+use rustls::{RootCertStore, ServerConfig};
 use vdk_core::sync;
 
 use crate::stream::Stream;
-use crate::sys;
 
 /// Whether clients may or must use TLS (nbdkit's `--tls=off|on|require`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,36 +119,106 @@ impl Tls {
         Arc::clone(&sync::read(&self.config))
     }
 
-    /// Runs the TLS handshake on `io` (the socket behind it is `net`), then starts the pump.
-    /// Returns the stream that carries the decrypted connection, and the client's
-    /// certificate names (subject CN and DNS alternative names) if it sent a certificate.
+    /// Runs the TLS handshake on `io` (the socket behind it is `net`). Returns the stream that
+    /// carries the connection from then on, and the client's certificate names (subject CN
+    /// and DNS alternative names) if it sent a certificate.
     pub(crate) fn accept(
         &self,
         net: Stream,
         io: &mut impl ReadWrite,
     ) -> io::Result<(Stream, Vec<String>)> {
-        let mut conn = ServerConnection::new(self.current()).map_err(io::Error::other)?;
-        while conn.is_handshaking() {
-            conn.complete_io(io)?;
+        let mut conn = UnbufferedServerConnection::new(self.current()).map_err(io::Error::other)?;
+        let mut incoming = vec![0u8; HANDSHAKE_BUF];
+        let mut used = 0;
+        let mut outgoing = vec![0u8; HANDSHAKE_BUF];
+        let mut out_used = 0;
+        // Application data that came with the handshake's last records.
+        let mut early = Vec::new();
+        loop {
+            let status = conn.process_tls_records(&mut incoming[..used]);
+            let mut discard = status.discard;
+            let mut read_more = false;
+            match status.state.map_err(handshake_error)? {
+                ConnectionState::ReadTraffic(mut r) => {
+                    while let Some(record) = r.next_record() {
+                        let record = record.map_err(handshake_error)?;
+                        discard += record.discard;
+                        early.extend_from_slice(record.payload);
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut e) => loop {
+                    match e.encode(&mut outgoing[out_used..]) {
+                        Ok(n) => {
+                            out_used += n;
+                            break;
+                        }
+                        Err(EncodeError::InsufficientSize(s)) => {
+                            outgoing.resize(out_used + s.required_size, 0);
+                        }
+                        Err(e) => return Err(io::Error::other(e.to_string())),
+                    }
+                },
+                ConnectionState::TransmitTlsData(t) => {
+                    io.write_all(&outgoing[..out_used])?;
+                    out_used = 0;
+                    t.done();
+                }
+                ConnectionState::BlockedHandshake => read_more = true,
+                ConnectionState::WriteTraffic(_) => break,
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "client closed the connection during the TLS handshake",
+                    ))
+                }
+                other => {
+                    return Err(handshake_error(rustls::Error::General(format!(
+                        "unexpected state {other:?} in the TLS handshake"
+                    ))))
+                }
+            }
+            incoming.copy_within(discard..used, 0);
+            used -= discard;
+            if read_more {
+                if used == incoming.len() {
+                    if incoming.len() >= HANDSHAKE_MAX {
+                        return Err(handshake_error(rustls::Error::General(
+                            "handshake messages too large".into(),
+                        )));
+                    }
+                    incoming.resize(incoming.len() * 2, 0);
+                }
+                match io.read(&mut incoming[used..])? {
+                    0 => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "client closed the connection during the TLS handshake",
+                        ))
+                    }
+                    n => used += n,
+                }
+            }
         }
-        // Back-pressure is the pump's (a chunk is encrypted only once the last one is sent):
-        // rustls's own limit would make a large write fail half done.
-        conn.set_buffer_limit(None);
         let names = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .map(|c| certificate_names(c.as_ref()))
             .unwrap_or_default();
-        let (inner, outer) = sys::plain_pair()?;
-        thread::Builder::new()
-            .name("nbd-tls".into())
-            .spawn(move || {
-                if let Err(e) = pump(conn, &net, &outer) {
-                    debug!(error = %e, "tls connection ended");
-                }
-            })?;
-        Ok((inner, names))
+        let (secrets, keys) = conn
+            .dangerous_into_kernel_connection()
+            .map_err(io::Error::other)?;
+        let session = record::Session::new(net, secrets, keys, early, &incoming[..used])?;
+        Ok((Stream::Tls(Arc::new(session)), names))
     }
+}
+
+/// Handshake buffers' first size, and the most that incoming handshake messages may take.
+const HANDSHAKE_BUF: usize = 16 << 10;
+const HANDSHAKE_MAX: usize = 256 << 10;
+
+/// A TLS error during the handshake, as an I/O error of kind InvalidData.
+fn handshake_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 /// Read and write, for the handshake's I/O wrapper.
@@ -187,13 +258,15 @@ fn load(dir: &Path, verify_peer: bool) -> io::Result<Arc<ServerConfig>> {
     } else {
         builder.with_no_client_auth()
     };
-    let config = builder.with_single_cert(certs, key).map_err(|e| {
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
         invalid(format!(
             "{} and {}: {e}",
             cert_file.display(),
             key_file.display()
         ))
     })?;
+    // The record layer runs in the connection's threads with the keys rustls derived.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -246,151 +319,6 @@ fn common_names(mut name: &[u8]) -> Vec<String> {
         }
     }
     out
-}
-
-/// Most decrypted bytes held for the server side before reading from the client stops.
-const DOWN_MAX: usize = 1 << 20;
-
-/// Bytes read at a time from either side.
-const CHUNK: usize = 256 << 10;
-
-/// Moves bytes between the TLS socket `net` and the plain socket `plain` until either side
-/// is finished: decrypts what the client sends, encrypts what the server answers.
-fn pump(mut conn: ServerConnection, net: &Stream, plain: &Stream) -> io::Result<()> {
-    net.set_nonblocking(true)?;
-    plain.set_nonblocking(true)?;
-    // rustls reads 4 KiB at a time: the socket is read in large chunks behind it.
-    let mut net_r = Buffered::new(net);
-    let mut net_w = net;
-    let (mut plain_r, mut plain_w) = (plain, plain);
-    let mut down: Vec<u8> = Vec::new(); // decrypted, not yet taken by the server side
-    let mut down_at = 0;
-    let mut buf = vec![0u8; CHUNK];
-    let (mut net_eof, mut plain_eof, mut plain_shut) = (false, false, false);
-    loop {
-        // The client's records, decrypted, as long as they come and there is room.
-        while !net_eof && conn.wants_read() && down.len() - down_at < DOWN_MAX {
-            match conn.read_tls(&mut net_r) {
-                Ok(0) => net_eof = true,
-                Ok(_) => {
-                    if let Err(e) = conn.process_new_packets() {
-                        let _ = conn.write_tls(&mut net_w); // the alert, if it can go
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-            net_eof |= drain(&mut conn, &mut down, &mut buf)?;
-        }
-        // Plaintext rustls already holds (read along with the handshake) comes out too.
-        net_eof |= drain(&mut conn, &mut down, &mut buf)?;
-        // ... handed to the server side.
-        while down_at < down.len() {
-            match plain_w.write(&down[down_at..]) {
-                Ok(n) => down_at += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        if down_at == down.len() {
-            down.clear();
-            down_at = 0;
-            if net_eof && !plain_shut {
-                plain.shutdown(std::net::Shutdown::Write)?;
-                plain_shut = true;
-            }
-        }
-        // The server's replies, encrypted, once the previous ones are on their way.
-        if !plain_eof && !conn.wants_write() {
-            match plain_r.read(&mut buf) {
-                Ok(0) => {
-                    plain_eof = true;
-                    conn.send_close_notify();
-                }
-                Ok(n) => conn.writer().write_all(&buf[..n])?,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        while conn.wants_write() {
-            match conn.write_tls(&mut net_w) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        if plain_eof && !conn.wants_write() {
-            let _ = net.shutdown(std::net::Shutdown::Both);
-            return Ok(());
-        }
-        let net_room = !net_eof && conn.wants_read() && down.len() - down_at < DOWN_MAX;
-        if net_room && !net_r.is_empty() {
-            continue; // bytes already read from the client, and room for them now
-        }
-        let net_want = sys::Want {
-            read: net_room,
-            write: conn.wants_write(),
-        };
-        let plain_want = sys::Want {
-            read: !plain_eof && !conn.wants_write(),
-            write: down_at < down.len(),
-        };
-        // A hang-up with nothing asked for: the other side of the pair closed.
-        if sys::wait_either(net, net_want, plain, plain_want)? {
-            return Ok(());
-        }
-    }
-}
-
-/// Moves what rustls has decrypted into `down`. True: the client sent close_notify.
-fn drain(conn: &mut ServerConnection, down: &mut Vec<u8>, buf: &mut [u8]) -> io::Result<bool> {
-    loop {
-        match conn.reader().read(buf) {
-            Ok(0) => return Ok(true),
-            Ok(n) => down.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Reads a socket in chunks of [`CHUNK`] and hands them out in whatever pieces are asked for.
-struct Buffered<'a> {
-    inner: &'a Stream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl<'a> Buffered<'a> {
-    fn new(inner: &'a Stream) -> Buffered<'a> {
-        Buffered {
-            inner,
-            buf: vec![0; CHUNK],
-            start: 0,
-            end: 0,
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-}
-
-impl Read for Buffered<'_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.is_empty() {
-            let mut r = self.inner;
-            let n = r.read(&mut self.buf)?;
-            self.start = 0;
-            self.end = n;
-        }
-        let n = out.len().min(self.end - self.start);
-        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
-        self.start += n;
-        Ok(n)
-    }
 }
 
 #[cfg(test)]

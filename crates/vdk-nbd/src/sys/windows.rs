@@ -1,14 +1,10 @@
 //! Windows: TCP only for now. std has no Unix domain sockets there (Windows 10 has AF_UNIX,
-//! which a crate can reach later), so a `unix://` listener is refused with a clear error, and
-//! the TLS pump's pair is two loopback TCP sockets.
+//! which a crate can reach later), so a `unix://` listener is refused with a clear error.
 
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-use std::os::windows::io::{AsSocket, BorrowedSocket};
+use std::net::Shutdown;
 use std::path::Path;
 use std::time::Duration;
-
-use crate::stream::Stream;
 
 fn no_unix() -> io::Error {
     io::Error::new(
@@ -84,29 +80,4 @@ impl UnixListener {
 /// Never called: no Unix connection exists here.
 pub fn large_send_buffer(s: &UnixStream) {
     match *s {}
-}
-
-/// Two connected sockets, for the TLS pump: a loopback TCP pair, the second end checked to
-/// be the first's peer so that no other local process can take its place.
-pub fn plain_pair() -> io::Result<(Stream, Stream)> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let a = TcpStream::connect(listener.local_addr()?)?;
-    loop {
-        let (b, peer) = listener.accept()?;
-        if peer == a.local_addr()? {
-            a.set_nodelay(true)?;
-            b.set_nodelay(true)?;
-            return Ok((Stream::Tcp(a), Stream::Tcp(b)));
-        }
-    }
-}
-
-/// For `wait_either`: a stream is polled through its socket.
-impl AsSocket for Stream {
-    fn as_socket(&self) -> BorrowedSocket<'_> {
-        match self {
-            Stream::Tcp(s) => s.as_socket(),
-            Stream::Unix(s) => match *s {},
-        }
-    }
 }
