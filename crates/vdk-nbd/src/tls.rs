@@ -31,6 +31,7 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::server::WebPkiClientVerifier;
 use rustls::unbuffered::{ConnectionState, EncodeError};
 use rustls::{RootCertStore, ServerConfig};
+use tracing::debug;
 use vdk_core::sync;
 
 use crate::stream::Stream;
@@ -207,6 +208,11 @@ impl Tls {
         let (secrets, keys) = conn
             .dangerous_into_kernel_connection()
             .map_err(io::Error::other)?;
+        debug!(
+            version = ?keys.protocol_version(),
+            suite = ?keys.negotiated_cipher_suite().suite(),
+            "tls handshake done"
+        );
         let session = record::Session::new(net, secrets, keys, early, &incoming[..used])?;
         Ok((Stream::Tls(Arc::new(session)), names))
     }

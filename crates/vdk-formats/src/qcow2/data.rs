@@ -99,25 +99,46 @@ impl Qcow2 {
 
     // ---- writing -----------------------------------------------------------------------
 
-    /// The L2 table for guest cluster `gc`, allocated (empty) if there is none.
+    /// The L2 table for guest cluster `gc`, writable: allocated (empty) if there is none, and
+    /// copied if it is shared with an internal snapshot (its L1 entry lacks COPIED, its
+    /// refcount is above 1). The copy refers to the same clusters, which the snapshot
+    /// creation counted once per table already; the shared table loses this image's reference
+    /// once the copy is written and mapped (write-back order), so the snapshot reads as it did.
     pub(super) fn ensure_l2(&self, m: &mut Meta, gc: u64) -> Result<u64> {
         let l1i = (gc / self.l2_entries) as usize;
-        let off =
+        let l1e =
             m.l1.get(l1i)
                 .copied()
-                .ok_or_else(|| corrupt("guest cluster beyond the L1 table"))?
-                & OFFSET_MASK;
-        if off != 0 {
+                .ok_or_else(|| corrupt("guest cluster beyond the L1 table"))?;
+        let off = l1e & OFFSET_MASK;
+        let shared = if off == 0 {
+            None
+        } else {
             self.load_l2(m, off)?;
-            return Ok(off);
-        }
+            if l1e & COPIED != 0 {
+                return Ok(off);
+            }
+            // Taken before make_room, which may evict the table from the cache.
+            let t = m.l2.get(&off).ok_or_else(|| corrupt("L2 table vanished"))?;
+            Some(t.entries.clone())
+        };
         self.make_room(m, false)?;
         let (host, _) = self.alloc(m)?;
         let width = if self.header.extended_l2() { 2 } else { 1 };
+        let copied = shared.is_some();
+        let entries = shared.unwrap_or_else(|| vec![0; (self.l2_entries * width) as usize]);
+        if copied {
+            debug!(
+                table = off,
+                copy = host,
+                "L2 table shared with a snapshot: copied"
+            );
+            self.release(m, off, self.cluster_size);
+        }
         m.l2.insert(
             host,
             Table {
-                entries: vec![0; (self.l2_entries * width) as usize],
+                entries,
                 dirty: true,
             },
         );
@@ -141,17 +162,25 @@ impl Qcow2 {
         let t =
             m.l2.get_mut(&l2off)
                 .ok_or_else(|| corrupt("L2 table vanished"))?;
-        t.entries[(gc % self.l2_entries) as usize] = entry;
+        let i = (gc % self.l2_entries) as usize;
+        // What the entry held is read from the table itself: a zero cluster shared with a
+        // snapshot maps as one with no host to reuse, yet holds a reference to give back.
+        let prev = std::mem::replace(&mut t.entries[i], entry);
         t.dirty = true;
-        match old {
-            Map::Data { host, .. } | Map::Zero { host }
-                if host != 0 && host != entry & OFFSET_MASK =>
-            {
-                self.release(m, host, self.cluster_size)
+        if prev & COMPRESSED != 0 {
+            if let Map::Compressed { offset, len } = self.compressed(prev)? {
+                self.release(m, offset, len);
             }
-            Map::Compressed { offset, len } => self.release(m, offset, len),
-            _ => {}
+        } else {
+            let host = prev & OFFSET_MASK;
+            if host != 0 && host != entry & OFFSET_MASK {
+                self.release(m, host, self.cluster_size);
+            }
         }
+        debug_assert!(
+            !matches!(old, Map::Sub { .. }),
+            "subclusters are not written"
+        );
         Ok(())
     }
 

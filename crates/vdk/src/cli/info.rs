@@ -216,7 +216,7 @@ fn describe(out: &mut String, i: &ImageInfo) {
     if i.snapshots > 0 {
         let _ = writeln!(
             out,
-            "internal snapshots: {} (the image is read-only in vdk)",
+            "internal snapshots: {} (listed by qemu-img snapshot -l)",
             i.snapshots
         );
     }
