@@ -211,13 +211,7 @@ impl Qcow2 {
         let writable = !opts.read_only;
         let mut header = header;
         if writable {
-            let dirty = header.incompatible_features & incompat::DIRTY != 0;
-            let why = if header.nb_snapshots > 0 && dirty {
-                Some(
-                    "it was not closed cleanly and has internal snapshots, whose refcounts \
-                     vdk does not rebuild (qemu-img check -r all repairs it)",
-                )
-            } else if header.extended_l2() {
+            let why = if header.extended_l2() {
                 Some("it has extended L2 entries (subclusters), which vdk reads but does not write")
             } else if header.incompatible_features & incompat::CORRUPT != 0 {
                 Some("it is marked corrupt (qemu-img check -r all)")

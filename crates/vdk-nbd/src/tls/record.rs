@@ -400,13 +400,20 @@ impl Session {
                 return Err(protocol("too many records under one TLS 1.2 key"));
             }
         }
+        // A reply a little over the chunk (a header and 256 KiB of data) goes in one send.
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let cap = if total <= SEND_CHUNK + MAX_PLAIN {
+            total
+        } else {
+            SEND_CHUNK
+        };
         let mut records = Vec::new();
         let mut taken = 0;
         let mut pieces: Vec<&[u8]> = Vec::new();
         let mut in_record = 0;
         let mut slices = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
         let mut current: &[u8] = slices.next().unwrap_or_default();
-        while taken < SEND_CHUNK && !current.is_empty() {
+        while taken < cap && !current.is_empty() {
             let n = current.len().min(MAX_PLAIN - in_record);
             pieces.push(&current[..n]);
             current = &current[n..];
@@ -415,7 +422,7 @@ impl Session {
             if current.is_empty() {
                 current = slices.next().unwrap_or_default();
             }
-            if in_record == MAX_PLAIN || current.is_empty() || taken >= SEND_CHUNK {
+            if in_record == MAX_PLAIN || current.is_empty() || taken >= cap {
                 let chunks = OutboundChunks::new(&pieces);
                 records.push(seal(&mut tx, ContentType::ApplicationData, chunks)?);
                 pieces.clear();
