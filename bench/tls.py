@@ -61,6 +61,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--vdk", default="target/release/vdk")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--vdk-before", help="another vdk build, served with TLS in the same rounds")
     args = ap.parse_args()
     vdk = os.path.abspath(args.vdk)
     tmp = tempfile.mkdtemp(prefix="vdk-bench-tls-", dir="/dev/shm")
@@ -80,6 +81,11 @@ def main():
         port = free_port()
         servers["vdk"] = ([vdk, "serve", "--memory", "1G", "--listen", "tcp://127.0.0.1:%d" % port,
                            "--tls", "require", "--tls-certificates", pki], port, "memory", True)
+        if args.vdk_before:
+            port = free_port()
+            servers["vdk before"] = ([os.path.abspath(args.vdk_before), "serve", "--memory", "1G",
+                                      "--listen", "tcp://127.0.0.1:%d" % port, "--tls", "require",
+                                      "--tls-certificates", pki], port, "memory", True)
         port = free_port()
         servers["vdk (no TLS)"] = ([vdk, "serve", "--memory", "1G",
                                     "--listen", "tcp://127.0.0.1:%d" % port], port, "memory", False)
@@ -131,7 +137,7 @@ def main():
     for name in uris:
         print("| %s | %.0f | %.0f |" % (name, mib / med[(name, "write")], mib / med[(name, "read")]))
     print()
-    for peer in ("nbdkit", "qemu-nbd"):
+    for peer in ("nbdkit", "qemu-nbd") + (("vdk before",) if args.vdk_before else ()):
         print("vdk / %s: write %.2fx, read %.2fx" % (
             peer, med[(peer, "write")] / med[("vdk", "write")],
             med[(peer, "read")] / med[("vdk", "read")]))

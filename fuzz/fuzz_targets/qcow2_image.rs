@@ -1,5 +1,7 @@
 //! Any bytes as a whole qcow2 image file: opened read-only, read in full and mapped, it
-//! gives data or errors, never a panic, a hang or a read outside the file.
+//! gives data or errors, never a panic, a hang or a read outside the file; checked (the
+//! refcounts against every table, internal snapshots' included), it gives a report or an
+//! error.
 #![no_main]
 
 #[path = "common/mod.rs"]
@@ -8,4 +10,7 @@ mod common;
 use libfuzzer_sys::fuzz_target;
 use vdk_formats::Format;
 
-fuzz_target!(|data: &[u8]| common::exercise(data, Format::Qcow2, false, 4 << 20));
+fuzz_target!(|data: &[u8]| {
+    common::exercise(data, Format::Qcow2, false, 4 << 20);
+    common::check(data, Format::Qcow2);
+});

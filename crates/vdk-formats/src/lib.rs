@@ -707,6 +707,35 @@ pub fn check(
     }
 }
 
+/// The internal snapshots of the qcow2 image at `path`, in table order (read without a lock,
+/// as `qemu-img snapshot -l -U` does: the table changes only by a header switch). Other
+/// formats have none to list and are refused with a message.
+pub fn snapshots(
+    path: &Path,
+    format: Option<Format>,
+) -> io::Result<Vec<qcow2::snapshot::Snapshot>> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    if format != Format::Qcow2 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{}: a {} image has no internal snapshots (only qcow2 does)",
+                path.display(),
+                format.name()
+            ),
+        ));
+    }
+    let file = File::open(path)?;
+    let (header, _) = qcow2_header(path, &file)?;
+    let len = file.metadata()?.len();
+    let table = qcow2::snapshot::read(&file, &header, len)
+        .map_err(|e| corrupt(Format::Qcow2, path, e.to_string()))?;
+    Ok(table.snapshots)
+}
+
 /// Resizes the image at `path` to `new_size` bytes: grows it (qcow2: growing its L1 table if
 /// needed; raw: extending the file), or with `shrink` makes it smaller (raw: cut; qcow2: only
 /// when nothing is allocated past the new end). Other formats are refused.

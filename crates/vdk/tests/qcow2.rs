@@ -264,6 +264,24 @@ fn an_image_with_internal_snapshots_is_written_and_its_snapshots_stay_intact() {
         out
     };
     let (one, two) = (snap_raw("one"), snap_raw("two"));
+    // vdk lists them as qemu-img describes them.
+    let listed: serde_json::Value =
+        serde_json::from_str(&vdk(&["snapshot", "--list", "--json", s(&img)])).unwrap();
+    let info = qemu_json(&["info", "--output=json", s(&img)]);
+    assert_eq!(listed, info["snapshots"], "{listed} vs {info}");
+    let text = vdk(&["snapshot", "-l", s(&img)]);
+    assert!(
+        text.lines()
+            .nth(2)
+            .is_some_and(|l| l.starts_with("1 ") && l.contains("one")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .nth(3)
+            .is_some_and(|l| l.starts_with("2 ") && l.contains("two")),
+        "{text}"
+    );
     let reference = dir.path().join("ref.raw");
     qimg(&["convert", "-O", "raw", s(&img), s(&reference)]);
     let mut v = common::Vdk::serve_in(dir, &["s.qcow2"]);

@@ -35,3 +35,15 @@ pub fn exercise(bytes: &[u8], format: Format, writable: bool, max: u64) {
         let _ = image.device.write_at(&[1; 4096], 0, false);
     }
 }
+
+/// Writes `bytes` to a temporary file and runs the consistency check on it (no repair).
+#[allow(dead_code)] // not every target that shares this module checks
+pub fn check(bytes: &[u8], format: Format) {
+    let Ok(mut file) = tempfile::NamedTempFile::new_in("/dev/shm") else {
+        return;
+    };
+    if file.write_all(bytes).is_err() {
+        return;
+    }
+    let _ = vdk_formats::check(file.path(), Some(format), false, true);
+}

@@ -56,49 +56,6 @@ fn unsupported(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::Unsupported, msg.to_owned())
 }
 
-/// The internal snapshots' L1 tables (offset, entries) and the snapshot table's length.
-struct SnapshotTables {
-    l1s: Vec<(u64, u32)>,
-    table_len: u64,
-}
-
-/// Most bytes a snapshot table may take (QEMU's own limit: 64 MiB).
-const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
-
-/// Reads the snapshot table (qcow2.txt "Snapshot table"): each entry a fixed part of 40
-/// bytes, extra data, the ID and the name, padded to 8 bytes.
-fn snapshot_l1s(file: &File, h: &Header, file_len: u64) -> io::Result<SnapshotTables> {
-    let bad =
-        |msg: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot table: {msg}"));
-    let start = h.snapshots_offset;
-    let room = file_len.saturating_sub(start).min(MAX_SNAPSHOT_TABLE);
-    let mut raw = vec![0u8; usize::try_from(room).map_err(|_| bad("too large"))?];
-    file.read_exact_at(&mut raw, start)?;
-    let mut at = 0usize;
-    let mut l1s = Vec::new();
-    for _ in 0..h.nb_snapshots {
-        let fixed = raw
-            .get(at..at + 40)
-            .ok_or_else(|| bad("an entry runs past the end of the file"))?;
-        let be32 = |o: usize| u32::from_be_bytes(fixed[o..o + 4].try_into().unwrap_or([0; 4]));
-        let be16 = |o: usize| u16::from_be_bytes(fixed[o..o + 2].try_into().unwrap_or([0; 2]));
-        let l1_offset = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or([0; 8]));
-        let l1_size = be32(8);
-        let (id_len, name_len) = (usize::from(be16(12)), usize::from(be16(14)));
-        let extra = be32(36) as usize;
-        let len = (40 + extra + id_len + name_len).next_multiple_of(8);
-        if at + len > raw.len() {
-            return Err(bad("an entry runs past the end of the file"));
-        }
-        l1s.push((l1_offset, l1_size));
-        at += len;
-    }
-    Ok(SnapshotTables {
-        l1s,
-        table_len: at as u64,
-    })
-}
-
 /// Checks the qcow2 image at `path` whose header is `h`; with `repair`, rewrites refcounts
 /// that disagree with the references (leaks and corruptions of the refcounts alike).
 pub fn check(path: &Path, h: &Header, repair: bool) -> io::Result<CheckReport> {
@@ -160,14 +117,10 @@ pub fn check(path: &Path, h: &Header, repair: bool) -> io::Result<CheckReport> {
     // share is referenced once by each, as their refcounts count it.
     let mut l1s = vec![read_u64s(&file, h.l1_table_offset, h.l1_size as usize)?];
     if h.nb_snapshots > 0 {
-        let snaps = snapshot_l1s(&file, h, file_len)?;
-        add(
-            &mut report,
-            h.snapshots_offset,
-            snaps.table_len,
-            "snapshot table",
-        );
-        for (offset, size) in snaps.l1s {
+        let table = super::snapshot::read(&file, h, file_len)?;
+        add(&mut report, h.snapshots_offset, table.len, "snapshot table");
+        for sn in &table.snapshots {
+            let (offset, size) = (sn.l1_table_offset, sn.l1_size);
             // QEMU's own bound on an L1 table: 32 MiB.
             let too_big = u64::from(size) * 8 > 32 << 20;
             if too_big || !offset.is_multiple_of(cs) || offset + u64::from(size) * 8 > file_len {

@@ -38,6 +38,7 @@ mod data;
 pub mod header;
 mod meta;
 pub mod refcount;
+pub mod snapshot;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;

@@ -1,6 +1,6 @@
 //! `vdk create` and `vdk info`: making and describing image files, as `qemu-img` does.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -570,10 +570,18 @@ pub fn discard(args: OverlayArgs) -> anyhow::Result<()> {
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
     /// An open cow disk (its id or overlay: switched live to the new overlay), or the overlay
-    /// file of a closed one; it is not written any more after this.
+    /// file of a closed one; it is not written any more after this. With --list: a qcow2
+    /// image.
     overlay: PathBuf,
     /// The new overlay on top of it.
-    new: PathBuf,
+    #[arg(required_unless_present = "list")]
+    new: Option<PathBuf>,
+    /// List the internal snapshots of a qcow2 image (as `qemu-img snapshot -l` does).
+    #[arg(short = 'l', long, conflicts_with_all = ["new", "force"])]
+    list: bool,
+    /// With --list: print JSON (the objects of `qemu-img info --output=json`'s "snapshots").
+    #[arg(long, requires = "list")]
+    json: bool,
     /// Even while a file system on the disk is mounted.
     #[arg(long)]
     force: bool,
@@ -583,11 +591,15 @@ pub struct SnapshotArgs {
 
 /// Runs `vdk snapshot`.
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
+    if args.list {
+        return list_snapshots(&args.overlay, args.json);
+    }
+    let new = args.new.clone().unwrap_or_default(); // required without --list (clap)
     let paths = &args.socket.paths()?;
     if let Ok(mut client) = Client::connect(&paths.socket) {
         let req = Request::Snapshot(crate::control::SnapshotRequest {
             disk: crate::cli::disks::disk_key(&args.overlay.to_string_lossy())?,
-            new: std::path::absolute(&args.new)?,
+            new: std::path::absolute(&new)?,
             force: args.force,
         });
         match client.call::<crate::control::SnapshotReport>(&req)? {
@@ -595,7 +607,7 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
                 crate::outln!(
                     "{} now writes to {}, on top of {}",
                     v.id,
-                    args.new.display(),
+                    new.display(),
                     args.overlay.display()
                 )?;
                 return Ok(());
@@ -605,13 +617,90 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
         }
     }
     refuse_if_loop_mounted(&args.overlay, Some(args.force))?;
-    vdk_filters::cow::snapshot(&args.overlay, &args.new)
-        .with_context(|| format!("cannot make {}", args.new.display()))?;
+    vdk_filters::cow::snapshot(&args.overlay, &new)
+        .with_context(|| format!("cannot make {}", new.display()))?;
     crate::outln!(
         "{} now sits on {}: serve it as an image (vdk serve {})",
-        args.new.display(),
+        new.display(),
         args.overlay.display(),
-        args.new.display()
+        new.display()
     )?;
     Ok(())
+}
+
+/// `vdk snapshot --list`: a qcow2 image's internal snapshots.
+fn list_snapshots(image: &Path, json: bool) -> anyhow::Result<()> {
+    let snaps = vdk_formats::snapshots(image, None)
+        .with_context(|| format!("cannot list the snapshots of {}", image.display()))?;
+    if json {
+        let v: Vec<serde_json::Value> = snaps
+            .iter()
+            .map(|s| {
+                let mut o = serde_json::json!({
+                    "id": s.id,
+                    "name": s.name,
+                    "vm-state-size": s.vm_state_size,
+                    "date-sec": s.date_sec,
+                    "date-nsec": s.date_nsec,
+                    "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                });
+                if let Some(c) = s.icount {
+                    o["icount"] = c.into();
+                }
+                o
+            })
+            .collect();
+        return super::out::json(&v);
+    }
+    if snaps.is_empty() {
+        crate::outln!("{}: no internal snapshots", image.display())?;
+        return Ok(());
+    }
+    crate::outln!("Snapshot list:")?;
+    crate::outln!(
+        "{:<10}{:<18}{:>10} {:<20} {:>15}",
+        "ID",
+        "TAG",
+        "VM SIZE",
+        "DATE",
+        "VM CLOCK"
+    )?;
+    for s in &snaps {
+        let date = chrono_like(s.date_sec);
+        let clock = s.vm_clock_nsec;
+        let (h, m) = (clock / 3_600_000_000_000, clock / 60_000_000_000 % 60);
+        let (sec, ms) = (clock / 1_000_000_000 % 60, clock / 1_000_000 % 1000);
+        crate::outln!(
+            "{:<10}{:<18}{:>10} {:<20} {:>15}",
+            s.id,
+            s.name,
+            Human(s.vm_state_size).to_string(),
+            date,
+            format!("{h:02}:{m:02}:{sec:02}.{ms:03}")
+        )?;
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC for seconds since the epoch (civil calendar arithmetic).
+fn chrono_like(secs: u32) -> String {
+    let secs = u64::from(secs);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm, in unsigned form).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
