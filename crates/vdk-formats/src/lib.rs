@@ -736,6 +736,35 @@ pub fn snapshots(
     Ok(table.snapshots)
 }
 
+/// Creates, applies or deletes an internal snapshot of the qcow2 image at `path`, which must
+/// not be open elsewhere (it is locked for writing, as `qemu-img snapshot` locks it).
+pub fn edit_snapshots(path: &Path, edit: &qcow2::snapshot::Edit) -> io::Result<()> {
+    if probe(path)? != Format::Qcow2 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{}: only qcow2 images have internal snapshots",
+                path.display()
+            ),
+        ));
+    }
+    let file = fs::OpenOptions::new().read(true).write(true).open(path)?;
+    vdk_backends::lock_image(&file, path, false)?;
+    // The backing chain is not needed to change the tables.
+    let (header, _) = qcow2_header(path, &file)?;
+    let q = Qcow2::open(
+        path,
+        file,
+        header,
+        None,
+        &Qcow2Options {
+            read_only: false,
+            max_bytes: None,
+        },
+    )?;
+    q.edit_snapshots(edit)
+}
+
 /// Resizes the image at `path` to `new_size` bytes: grows it (qcow2: growing its L1 table if
 /// needed; raw: extending the file), or with `shrink` makes it smaller (raw: cut; qcow2: only
 /// when nothing is allocated past the new end). Other formats are refused.

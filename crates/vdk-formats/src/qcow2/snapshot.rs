@@ -4,9 +4,10 @@
 use std::fs::File;
 use std::io;
 
+use tracing::debug;
 use vdk_core::sys::FileExt;
 
-use super::header::Header;
+use super::header::{Header, OFFSET_MASK};
 
 /// One internal snapshot, as the table records it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,6 +116,411 @@ pub fn parse(raw: &[u8], count: u32) -> io::Result<Table> {
         snapshots,
         len: at as u64,
     })
+}
+
+/// What `vdk snapshot` does to a qcow2 image's internal snapshots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Edit {
+    /// Take a snapshot of the image as it is, with this name.
+    Create(String),
+    /// Make the image what the snapshot (name or ID) holds again.
+    Apply(String),
+    /// Forget the snapshot (name or ID), freeing what only it held.
+    Delete(String),
+}
+
+/// Where the header keeps the snapshot count (then the table's offset, 12 bytes in all).
+const NB_SNAPSHOTS_AT: u64 = 60;
+
+/// An entry's bytes as stored (unpadded) and what they say.
+struct Stored {
+    raw: Vec<u8>,
+    snap: Snapshot,
+}
+
+impl super::Qcow2 {
+    /// Carries out `edit` on this image (open for writing, nobody else's).
+    ///
+    /// Crash safety follows QEMU's order: references are added (and COPIED flags cleared)
+    /// and synced before the new snapshot table is switched in by one 12-byte header write;
+    /// references are dropped only after the switch; COPIED flags are set again last. A crash
+    /// anywhere leaves at worst leaked clusters, never a cluster freed while referenced.
+    pub fn edit_snapshots(&self, edit: &Edit) -> io::Result<()> {
+        self.edit(edit).map_err(|e| match e {
+            vdk_core::Error::Io(e) => e,
+            other => io::Error::other(other),
+        })
+    }
+
+    fn edit(&self, edit: &Edit) -> vdk_core::Result<()> {
+        use vdk_core::Error;
+        let invalid = |msg: String| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, msg));
+        let unsupported = |msg: String| Error::Io(io::Error::new(io::ErrorKind::Unsupported, msg));
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.header.extended_l2() {
+            return Err(unsupported(
+                "internal snapshots of images with extended L2 entries are qemu-img's".into(),
+            ));
+        }
+        let mut m = vdk_core::sync::lock(&self.meta);
+        self.write_back(&mut m)?;
+        let (count, table_at) = self.snapshot_header()?;
+        let stored = self.stored_snapshots(count, table_at)?;
+        let find = |key: &str| {
+            stored
+                .iter()
+                .position(|s| s.snap.id == key)
+                .or_else(|| stored.iter().position(|s| s.snap.name == key))
+                .ok_or_else(|| invalid(format!("no snapshot named {key:?}")))
+        };
+        let old_table = (table_at, table_len(&stored));
+        match edit {
+            Edit::Create(name) => {
+                if stored.iter().any(|s| s.snap.name == *name) {
+                    return Err(invalid(format!("a snapshot named {name:?} exists")));
+                }
+                // The active tables' references, counted once more; COPIED cleared.
+                let l1 = m.l1.clone();
+                self.add_references(&mut m, &l1, true)?;
+                let meta = &mut *m;
+                for (i, e) in meta.l1.iter_mut().enumerate() {
+                    if *e & super::COPIED != 0 {
+                        *e &= !super::COPIED;
+                        meta.l1_dirty.insert(i);
+                    }
+                }
+                let l1_bytes: Vec<u8> = m.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+                let l1_at = self.write_new(&mut m, &l1_bytes)?;
+                let next_id = stored
+                    .iter()
+                    .filter_map(|s| s.snap.id.parse::<u64>().ok())
+                    .max()
+                    .unwrap_or(0)
+                    + 1;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let snap = Snapshot {
+                    l1_table_offset: l1_at,
+                    l1_size: u32::try_from(m.l1.len())
+                        .map_err(|_| invalid("L1 table too large".into()))?,
+                    id: next_id.to_string(),
+                    name: name.clone(),
+                    date_sec: u32::try_from(now.as_secs()).unwrap_or(u32::MAX),
+                    date_nsec: now.subsec_nanos(),
+                    vm_clock_nsec: 0,
+                    vm_state_size: 0,
+                    disk_size: Some(self.size.load(std::sync::atomic::Ordering::SeqCst)),
+                    icount: None,
+                };
+                let mut entries: Vec<Vec<u8>> = stored.into_iter().map(|s| s.raw).collect();
+                entries.push(encode(&snap));
+                self.switch_table(&mut m, &entries, old_table)?;
+                debug!(image = %self.path.display(), name, "internal snapshot created");
+            }
+            Edit::Delete(key) => {
+                let at = find(key)?;
+                let gone = &stored[at].snap;
+                let l1 = self.snapshot_l1(gone)?;
+                let entries: Vec<Vec<u8>> = stored
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != at)
+                    .map(|(_, s)| s.raw.clone())
+                    .collect();
+                self.switch_table(&mut m, &entries, old_table)?;
+                // Only now that no table names the snapshot: its references go.
+                self.drop_references(&mut m, &l1)?;
+                self.release(&mut m, gone.l1_table_offset, u64::from(gone.l1_size) * 8);
+                self.write_back(&mut m)?;
+                self.forget_freed(&mut m)?;
+                self.set_copied_flags(&mut m)?;
+                debug!(image = %self.path.display(), key, "internal snapshot deleted");
+            }
+            Edit::Apply(key) => {
+                let snap = &stored[find(key)?].snap;
+                let size = self.size.load(std::sync::atomic::Ordering::SeqCst);
+                if snap.disk_size.is_some_and(|d| d != size) || snap.l1_size as usize > m.l1.len() {
+                    return Err(unsupported(format!(
+                        "applying snapshot {key:?}, taken when the disk had another size"
+                    )));
+                }
+                let mut l1 = self.snapshot_l1(snap)?;
+                self.add_references(&mut m, &l1, false)?;
+                self.write_back(&mut m)?;
+                l1.resize(m.l1.len(), 0);
+                let old = std::mem::replace(&mut m.l1, l1);
+                let n = m.l1.len();
+                m.l1_dirty.extend(0..n);
+                self.write_back(&mut m)?;
+                self.drop_references(&mut m, &old)?;
+                self.write_back(&mut m)?;
+                self.forget_freed(&mut m)?;
+                self.set_copied_flags(&mut m)?;
+                debug!(image = %self.path.display(), key, "internal snapshot applied");
+            }
+        }
+        self.write_back(&mut m)
+    }
+
+    /// The header's snapshot count and table offset, as on disk now.
+    fn snapshot_header(&self) -> vdk_core::Result<(u32, u64)> {
+        let mut b = [0u8; 12];
+        self.io(self.file.read_exact_at(&mut b, NB_SNAPSHOTS_AT))?;
+        Ok((be32(&b, 0), be64(&b, 4)))
+    }
+
+    fn stored_snapshots(&self, count: u32, at: u64) -> vdk_core::Result<Vec<Stored>> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let len = self.io(self.file.metadata())?.len();
+        let room = len.saturating_sub(at).min(MAX_TABLE);
+        let mut raw = vec![0u8; usize::try_from(room).unwrap_or(0)];
+        self.io(self.file.read_exact_at(&mut raw, at))?;
+        let table = parse(&raw, count).map_err(vdk_core::Error::Io)?;
+        // Each entry's own bytes, found again from the 8-aligned layout.
+        let mut from = 0usize;
+        let mut out = Vec::new();
+        for snap in table.snapshots {
+            from = from.next_multiple_of(8);
+            let n = FIXED
+                + be32(&raw[from..], 36) as usize
+                + usize::from(be16(&raw[from..], 12))
+                + usize::from(be16(&raw[from..], 14));
+            out.push(Stored {
+                raw: raw[from..from + n].to_vec(),
+                snap,
+            });
+            from += n;
+        }
+        Ok(out)
+    }
+
+    fn snapshot_l1(&self, s: &Snapshot) -> vdk_core::Result<Vec<u64>> {
+        if u64::from(s.l1_size) * 8 > 32 << 20 {
+            return Err(super::corrupt("snapshot L1 table too large"));
+        }
+        let mut raw = vec![0u8; s.l1_size as usize * 8];
+        self.io(self.file.read_exact_at(&mut raw, s.l1_table_offset))?;
+        Ok(raw.chunks_exact(8).map(|c| be64(c, 0)).collect())
+    }
+
+    /// Writes `bytes` to new clusters past everything (refcount 1); returns their offset.
+    fn write_new(&self, m: &mut super::Meta, bytes: &[u8]) -> vdk_core::Result<u64> {
+        let n = (bytes.len() as u64).div_ceil(self.cluster_size).max(1);
+        let at = self.reserve_run(m, n)? * self.cluster_size;
+        let mut padded = bytes.to_vec();
+        padded.resize((n * self.cluster_size) as usize, 0);
+        self.io(self.file.write_all_at(&padded, at))?;
+        Ok(at)
+    }
+
+    /// Writes a new table of `entries`, syncs, switches the header to it, then frees the old.
+    fn switch_table(
+        &self,
+        m: &mut super::Meta,
+        entries: &[Vec<u8>],
+        (old_at, old_len): (u64, u64),
+    ) -> vdk_core::Result<()> {
+        let mut table = Vec::new();
+        for e in entries {
+            table.resize(table.len().next_multiple_of(8), 0);
+            table.extend_from_slice(e);
+        }
+        let at = if entries.is_empty() {
+            0
+        } else {
+            self.write_new(m, &table)?
+        };
+        // The new table, its refcounts and every reference added so far are on disk first.
+        self.write_back(m)?;
+        self.io(self.file.sync_data())?;
+        let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+        let mut h = count.to_be_bytes().to_vec();
+        h.extend_from_slice(&at.to_be_bytes());
+        self.io(self.file.write_all_at(&h, NB_SNAPSHOTS_AT))?;
+        self.io(self.file.sync_data())?;
+        if old_len > 0 {
+            self.release(m, old_at, old_len);
+        }
+        Ok(())
+    }
+
+    /// Counts one more reference to every L2 table of `l1` and every cluster they map;
+    /// with `clear`, clears the COPIED flags of those L2 entries (they become shared).
+    fn add_references(&self, m: &mut super::Meta, l1: &[u64], clear: bool) -> vdk_core::Result<()> {
+        for l1e in l1 {
+            let l2 = l1e & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            self.add_ref(m, l2, self.cluster_size)?;
+            self.load_l2(m, l2)?;
+            let entries = m.l2[&l2].entries.clone();
+            let mut changed = false;
+            let mut new = entries.clone();
+            for (i, e) in entries.iter().enumerate() {
+                if let Some((off, len)) = self.referenced(*e)? {
+                    self.add_ref(m, off, len)?;
+                    if clear && e & super::COPIED != 0 {
+                        new[i] = e & !super::COPIED;
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                self.load_l2(m, l2)?;
+                if let Some(t) = m.l2.get_mut(&l2) {
+                    t.entries = new;
+                    t.dirty = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back one reference to every L2 table of `l1` and every cluster they map.
+    fn drop_references(&self, m: &mut super::Meta, l1: &[u64]) -> vdk_core::Result<()> {
+        for l1e in l1 {
+            let l2 = l1e & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            self.load_l2(m, l2)?;
+            let entries = m.l2[&l2].entries.clone();
+            for e in entries {
+                if let Some((off, len)) = self.referenced(e)? {
+                    self.release(m, off, len);
+                }
+            }
+            self.release(m, l2, self.cluster_size);
+        }
+        Ok(())
+    }
+
+    /// The host bytes an L2 entry refers to (data, a preallocated zero cluster, compressed
+    /// data), if any.
+    fn referenced(&self, e: u64) -> vdk_core::Result<Option<(u64, u64)>> {
+        if e & super::COMPRESSED != 0 {
+            if let super::Map::Compressed { offset, len } = self.compressed(e)? {
+                return Ok(Some((offset, len)));
+            }
+            return Ok(None);
+        }
+        let host = e & OFFSET_MASK;
+        Ok((host != 0).then_some((host, self.cluster_size)))
+    }
+
+    fn add_ref(&self, m: &mut super::Meta, offset: u64, len: u64) -> vdk_core::Result<()> {
+        let first = offset / self.cluster_size;
+        let last = (offset + len.max(1) - 1) / self.cluster_size;
+        for c in first..=last {
+            let n = self.refcount(m, c)?;
+            if n == 0 {
+                return Err(super::corrupt(format!(
+                    "cluster {c} is referenced but its refcount is 0 (qemu-img check -r all)"
+                )));
+            }
+            self.set_refcount(m, c, n + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Drops cached L2 tables whose clusters were freed (they may be reused as data).
+    fn forget_freed(&self, m: &mut super::Meta) -> vdk_core::Result<()> {
+        let cached: Vec<u64> = m.l2.keys().copied().collect();
+        for off in cached {
+            if self.refcount(m, off / self.cluster_size)? == 0 {
+                m.l2.remove(&off);
+                m.metadata.remove(&off);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets COPIED on the active tables' entries exactly where the refcount is 1, as QEMU
+    /// keeps them (and `qemu-img check` verifies).
+    fn set_copied_flags(&self, m: &mut super::Meta) -> vdk_core::Result<()> {
+        for i in 0..m.l1.len() {
+            let l1e = m.l1[i];
+            let l2 = l1e & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let owned = self.refcount(m, l2 / self.cluster_size)? == 1;
+            let want = if owned { l2 | super::COPIED } else { l2 };
+            if want != l1e {
+                m.l1[i] = want;
+                m.l1_dirty.insert(i);
+            }
+            if !owned {
+                continue;
+            }
+            self.load_l2(m, l2)?;
+            let entries = m.l2[&l2].entries.clone();
+            let mut new = entries.clone();
+            for (j, e) in entries.iter().enumerate() {
+                if e & super::COMPRESSED != 0 {
+                    continue;
+                }
+                let host = e & OFFSET_MASK;
+                if host == 0 {
+                    continue;
+                }
+                let one = self.refcount(m, host / self.cluster_size)? == 1;
+                new[j] = if one {
+                    e | super::COPIED
+                } else {
+                    e & !super::COPIED
+                };
+            }
+            if new != entries {
+                self.load_l2(m, l2)?;
+                if let Some(t) = m.l2.get_mut(&l2) {
+                    t.entries = new;
+                    t.dirty = true;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of a table of `stored` entries, 8-aligned each, unpadded at the end.
+fn table_len(stored: &[Stored]) -> u64 {
+    let mut len = 0usize;
+    for s in stored {
+        len = len.next_multiple_of(8) + s.raw.len();
+    }
+    len as u64
+}
+
+/// One entry as QEMU writes it: the fixed part, 24 bytes of extra data (large VM state size,
+/// disk size, instruction count: none), the ID and the name.
+fn encode(s: &Snapshot) -> Vec<u8> {
+    let mut e = Vec::new();
+    e.extend_from_slice(&s.l1_table_offset.to_be_bytes());
+    e.extend_from_slice(&s.l1_size.to_be_bytes());
+    e.extend_from_slice(&u16::try_from(s.id.len()).unwrap_or(u16::MAX).to_be_bytes());
+    e.extend_from_slice(
+        &u16::try_from(s.name.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
+    e.extend_from_slice(&s.date_sec.to_be_bytes());
+    e.extend_from_slice(&s.date_nsec.to_be_bytes());
+    e.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
+    e.extend_from_slice(&0u32.to_be_bytes());
+    e.extend_from_slice(&24u32.to_be_bytes());
+    e.extend_from_slice(&s.vm_state_size.to_be_bytes());
+    e.extend_from_slice(&s.disk_size.unwrap_or(0).to_be_bytes());
+    e.extend_from_slice(&s.icount.unwrap_or(u64::MAX).to_be_bytes());
+    e.extend_from_slice(s.id.as_bytes());
+    e.extend_from_slice(s.name.as_bytes());
+    e
 }
 
 #[cfg(test)]

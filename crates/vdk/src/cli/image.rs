@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Args;
 use vdk_core::size::{parse_size, Human};
+use vdk_formats::qcow2::snapshot::Edit;
 use vdk_formats::{CreateOptions, Format};
 
 use crate::cloud::StoreArgs;
@@ -574,11 +575,21 @@ pub struct SnapshotArgs {
     /// image.
     overlay: PathBuf,
     /// The new overlay on top of it.
-    #[arg(required_unless_present = "list")]
+    #[arg(required_unless_present_any = ["list", "create", "apply", "delete"])]
     new: Option<PathBuf>,
     /// List the internal snapshots of a qcow2 image (as `qemu-img snapshot -l` does).
-    #[arg(short = 'l', long, conflicts_with_all = ["new", "force"])]
+    #[arg(short = 'l', long, conflicts_with_all = ["new", "force", "create", "apply", "delete"])]
     list: bool,
+    /// Take an internal snapshot NAME of a qcow2 image (`qemu-img snapshot -c`).
+    #[arg(short = 'c', long, value_name = "NAME", conflicts_with_all = ["new", "apply", "delete"])]
+    create: Option<String>,
+    /// Make a qcow2 image what its snapshot NAME (or ID) holds again (`qemu-img snapshot -a`);
+    /// what was written since is gone unless another snapshot keeps it.
+    #[arg(short = 'a', long, value_name = "NAME", conflicts_with_all = ["new", "delete"])]
+    apply: Option<String>,
+    /// Delete the internal snapshot NAME (or ID) of a qcow2 image (`qemu-img snapshot -d`).
+    #[arg(short = 'd', long, value_name = "NAME", conflicts_with = "new")]
+    delete: Option<String>,
     /// With --list: print JSON (the objects of `qemu-img info --output=json`'s "snapshots").
     #[arg(long, requires = "list")]
     json: bool,
@@ -593,6 +604,27 @@ pub struct SnapshotArgs {
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
     if args.list {
         return list_snapshots(&args.overlay, args.json);
+    }
+    let edit = match (&args.create, &args.apply, &args.delete) {
+        (Some(n), _, _) => Some(Edit::Create(n.clone())),
+        (_, Some(n), _) => Some(Edit::Apply(n.clone())),
+        (_, _, Some(n)) => Some(Edit::Delete(n.clone())),
+        _ => None,
+    };
+    if let Some(edit) = edit {
+        let img = &args.overlay;
+        if matches!(edit, Edit::Apply(_)) {
+            refuse_if_loop_mounted(img, Some(args.force))?;
+        }
+        vdk_formats::edit_snapshots(img, &edit)
+            .with_context(|| format!("cannot change the snapshots of {}", img.display()))?;
+        let done = match &edit {
+            Edit::Create(n) => format!("snapshot {n:?} taken"),
+            Edit::Apply(n) => format!("snapshot {n:?} applied: the disk reads as it did then"),
+            Edit::Delete(n) => format!("snapshot {n:?} deleted"),
+        };
+        crate::outln!("{}: {done}", img.display())?;
+        return Ok(());
     }
     let new = args.new.clone().unwrap_or_default(); // required without --list (clap)
     let paths = &args.socket.paths()?;

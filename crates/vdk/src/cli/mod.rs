@@ -98,7 +98,8 @@ enum Command {
     Commit(image::OverlayArgs),
     /// Empty a cow overlay: the disk reads as its base again.
     Discard(image::OverlayArgs),
-    /// Start a new overlay on top of a cow overlay (a chain).
+    /// Start a new overlay on top of a cow overlay (a chain); or, with -l/-c/-a/-d, list,
+    /// take, apply or delete a qcow2 image's internal snapshots.
     Snapshot(image::SnapshotArgs),
     /// Take the disc out of an open CD-ROM disk (an ISO): iSCSI initiators see no medium.
     Eject(disks::EjectArgs),
