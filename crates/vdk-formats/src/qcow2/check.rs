@@ -161,7 +161,26 @@ pub fn check(path: &Path, h: &Header, repair: bool) -> io::Result<CheckReport> {
         }
         add(&mut report, l2off, cs, "L2 table");
         let l2 = read_u64s(&file, l2off, (cs / 8) as usize)?;
-        for e in l2.iter().step_by(width) {
+        for entry in l2.chunks_exact(width) {
+            let e = &entry[0];
+            // Extended L2: the subcluster bitmap (32 allocation bits, then 32 zero bits).
+            if let Some(&bitmap) = entry.get(1) {
+                let (alloc, zero) = (bitmap & 0xffff_ffff, bitmap >> 32);
+                let compressed = e & (1 << 62) != 0;
+                let wrong = if compressed && bitmap != 0 {
+                    Some("a compressed cluster with a subcluster bitmap")
+                } else if !compressed && alloc & zero != 0 {
+                    Some("subclusters both allocated and zero")
+                } else if !compressed && alloc != 0 && e & OFFSET_MASK == 0 {
+                    Some("allocated subclusters without a host cluster")
+                } else {
+                    None
+                };
+                if let Some(what) = wrong {
+                    report.errors += 1;
+                    report.note(format!("ERROR L2 table at {l2off}: {what} ({bitmap:#x})"));
+                }
+            }
             if e & (1 << 62) != 0 {
                 let off = e & ((1u64 << x) - 1);
                 let sectors = ((e & !(3u64 << 62)) >> x) + 1;

@@ -61,7 +61,9 @@ impl Qcow2 {
                 buf.copy_from_slice(&data[at..at + buf.len()]);
                 Ok(())
             }
-            Map::Sub { host, alloc, zero } => {
+            Map::Sub {
+                host, alloc, zero, ..
+            } => {
                 let sub = self.cluster_size / 32;
                 let mut done = 0usize;
                 while done < buf.len() {
@@ -149,15 +151,8 @@ impl Qcow2 {
     }
 
     /// Sets the L2 entry of `gc` (its table is `l2off`), releasing what the old entry held
-    /// unless `keep` is that same host cluster.
-    pub(super) fn set_entry(
-        &self,
-        m: &mut Meta,
-        l2off: u64,
-        gc: u64,
-        entry: u64,
-        old: Map,
-    ) -> Result<()> {
+    /// unless it is the same host cluster.
+    pub(super) fn set_entry(&self, m: &mut Meta, l2off: u64, gc: u64, entry: u64) -> Result<()> {
         self.load_l2(m, l2off)?;
         let t =
             m.l2.get_mut(&l2off)
@@ -165,7 +160,22 @@ impl Qcow2 {
         let i = (gc % self.l2_entries) as usize;
         // What the entry held is read from the table itself: a zero cluster shared with a
         // snapshot maps as one with no host to reuse, yet holds a reference to give back.
-        let prev = std::mem::replace(&mut t.entries[i], entry);
+        let prev = if self.header.extended_l2() {
+            // Extended L2: whole clusters in the bitmap. A host cluster is all allocated, a
+            // zero one all zero (its host kept if preallocated), none: unallocated.
+            let host = entry & OFFSET_MASK;
+            let (word, bitmap) = if entry & ZERO != 0 {
+                (entry & !ZERO, u64::from(u32::MAX) << 32)
+            } else if host != 0 {
+                (entry, u64::from(u32::MAX))
+            } else {
+                (entry, 0)
+            };
+            t.entries[2 * i + 1] = bitmap;
+            std::mem::replace(&mut t.entries[2 * i], word)
+        } else {
+            std::mem::replace(&mut t.entries[i], entry)
+        };
         t.dirty = true;
         if prev & COMPRESSED != 0 {
             if let Map::Compressed { offset, len } = self.compressed(prev)? {
@@ -177,10 +187,6 @@ impl Qcow2 {
                 self.release(m, host, self.cluster_size);
             }
         }
-        debug_assert!(
-            !matches!(old, Map::Sub { .. }),
-            "subclusters are not written"
-        );
         Ok(())
     }
 
@@ -231,7 +237,7 @@ impl Qcow2 {
             }
             return Err(e);
         }
-        self.set_entry(&mut m, l2off, gc, host | COPIED, map)
+        self.set_entry(&mut m, l2off, gc, host | COPIED)
     }
 
     /// Writes a new host cluster: the guest's bytes, and around them what the cluster held
@@ -303,7 +309,7 @@ impl Qcow2 {
             return Ok(());
         }
         let l2 = self.ensure_l2(&mut m, gc)?;
-        self.set_entry(&mut m, l2, gc, entry, map)?;
+        self.set_entry(&mut m, l2, gc, entry)?;
         if keep.is_none() && entry == 0 {
             debug!(cluster = gc, "cluster discarded");
         }
@@ -448,7 +454,7 @@ impl Qcow2 {
         for (gc, host, old, l2, _) in &allocs {
             m.allocating.remove(gc);
             if written.is_ok() && mapped.is_ok() {
-                mapped = self.set_entry(&mut m, *l2, *gc, host | COPIED, *old);
+                mapped = self.set_entry(&mut m, *l2, *gc, host | COPIED);
             } else if !matches!(old, Map::Zero { host: h } if h == host) {
                 self.release(&mut m, *host, cs);
             }
@@ -569,11 +575,6 @@ impl BlockDevice for Qcow2 {
                 Map::Zero { .. } => Some(ExtentKind::Zero),
                 Map::Unallocated if self.backing_empty(gc) => Some(ExtentKind::Hole),
                 Map::Unallocated => None,
-                Map::Sub {
-                    alloc: 0,
-                    zero: u32::MAX,
-                    ..
-                } => Some(ExtentKind::Zero),
                 _ => Some(ExtentKind::Data),
             };
             match runs.last_mut() {

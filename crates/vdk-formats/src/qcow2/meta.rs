@@ -134,7 +134,25 @@ impl Qcow2 {
             if alloc != 0 && host == 0 {
                 return Err(corrupt("allocated subclusters without a host cluster"));
             }
-            return Ok(Map::Sub { host, alloc, zero });
+            if alloc & zero != 0 {
+                return Err(corrupt("subclusters both allocated and zero"));
+            }
+            let owned = e & COPIED != 0;
+            // Uniform clusters map as plain ones (writes in place, zero runs, holes); mixed
+            // ones subcluster by subcluster.
+            return Ok(match (alloc, zero) {
+                (u32::MAX, _) => Map::Data { host, owned },
+                (0, u32::MAX) => Map::Zero {
+                    host: if owned { host } else { 0 },
+                },
+                (0, 0) if host == 0 => Map::Unallocated,
+                _ => Map::Sub {
+                    host,
+                    alloc,
+                    zero,
+                    owned,
+                },
+            });
         }
         let e = t.entries[l2i];
         if e & COMPRESSED != 0 {

@@ -84,8 +84,14 @@ enum Map {
     Data { host: u64, owned: bool },
     /// Compressed data at `offset`, `len` bytes at most.
     Compressed { offset: u64, len: u64 },
-    /// Extended L2: per-subcluster allocation (`alloc`) and zero (`zero`) bitmaps.
-    Sub { host: u64, alloc: u32, zero: u32 },
+    /// Extended L2, subclusters mixed: per-subcluster allocation (`alloc`) and zero (`zero`)
+    /// bitmaps; `owned` if the host cluster's refcount is one.
+    Sub {
+        host: u64,
+        alloc: u32,
+        zero: u32,
+        owned: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -212,9 +218,7 @@ impl Qcow2 {
         let writable = !opts.read_only;
         let mut header = header;
         if writable {
-            let why = if header.extended_l2() {
-                Some("it has extended L2 entries (subclusters), which vdk reads but does not write")
-            } else if header.incompatible_features & incompat::CORRUPT != 0 {
+            let why = if header.incompatible_features & incompat::CORRUPT != 0 {
                 Some("it is marked corrupt (qemu-img check -r all)")
             } else {
                 None
