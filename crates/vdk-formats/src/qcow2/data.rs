@@ -237,7 +237,29 @@ impl Qcow2 {
             }
             return Err(e);
         }
-        self.set_entry(&mut m, l2off, gc, host | COPIED)
+        self.set_entry(&mut m, l2off, gc, host | COPIED)?;
+        // Extended L2: subclusters that read as zeroes by their bits and that this write did
+        // not touch keep their bits (the new cluster holds zeroes there too).
+        if self.header.extended_l2() && !data.is_empty() {
+            let sub = self.cluster_size / 32;
+            let (first, last) = (in_cl / sub, (in_cl + data.len() as u64 - 1) / sub);
+            let touched =
+                u32::try_from(((1u64 << (last - first + 1)) - 1) << first).unwrap_or(u32::MAX);
+            let zero = match map {
+                Map::Sub { zero, .. } => zero,
+                Map::Zero { .. } => u32::MAX,
+                _ => 0,
+            } & !touched;
+            if zero != 0 {
+                let t =
+                    m.l2.get_mut(&l2off)
+                        .ok_or_else(|| corrupt("L2 table vanished"))?;
+                let i = 2 * (gc % self.l2_entries) as usize + 1;
+                t.entries[i] = u64::from(!zero) | (u64::from(zero) << 32);
+                t.dirty = true;
+            }
+        }
+        Ok(())
     }
 
     /// Writes a new host cluster: the guest's bytes, and around them what the cluster held
@@ -314,6 +336,52 @@ impl Qcow2 {
             debug!(cluster = gc, "cluster discarded");
         }
         Ok(())
+    }
+
+    /// Extended L2: zeroes `[in_cl, in_cl + n)` of guest cluster `gc` by the zero bits of
+    /// the whole subclusters in it (the ends that cover part of a subcluster are written as
+    /// zeroes first). False: nothing done, the range is to be written as zeroes (a standard
+    /// image, a compressed cluster, or no whole subcluster in the range).
+    fn zero_by_subclusters(&self, gc: u64, in_cl: u64, n: u64) -> Result<bool> {
+        if !self.header.extended_l2() {
+            return Ok(false);
+        }
+        let sub = self.cluster_size / 32;
+        let (s0, s1) = (in_cl.div_ceil(sub), (in_cl + n) / sub);
+        if s1 <= s0 {
+            return Ok(false);
+        }
+        if matches!(
+            self.lookup(&mut lock(&self.meta), gc)?,
+            Map::Compressed { .. }
+        ) {
+            return Ok(false);
+        }
+        let (head, tail) = (s0 * sub - in_cl, in_cl + n - s1 * sub);
+        if head > 0 {
+            self.write_piece(gc, in_cl, &vec![0u8; head as usize])?;
+        }
+        if tail > 0 {
+            self.write_piece(gc, s1 * sub, &vec![0u8; tail as usize])?;
+        }
+        // Bits s0..s1 (at most all 32).
+        let mask = u32::try_from(((1u64 << (s1 - s0)) - 1) << s0).unwrap_or(u32::MAX);
+        let (mut m, map) = self.settled(lock(&self.meta), gc)?;
+        if matches!(map, Map::Compressed { .. }) {
+            drop(m);
+            self.write_piece(gc, s0 * sub, &vec![0u8; ((s1 - s0) * sub) as usize])?;
+            return Ok(true);
+        }
+        let l2 = self.ensure_l2(&mut m, gc)?;
+        let t =
+            m.l2.get_mut(&l2)
+                .ok_or_else(|| corrupt("L2 table vanished"))?;
+        let i = 2 * (gc % self.l2_entries) as usize + 1;
+        let (alloc, zero) = (t.entries[i] & u64::from(u32::MAX), t.entries[i] >> 32);
+        let (alloc, zero) = (alloc & !u64::from(mask), zero | u64::from(mask));
+        t.entries[i] = alloc | (zero << 32);
+        t.dirty = true;
+        Ok(true)
     }
 
     /// Reads from `buf[at..]` on: maps up to [`BATCH`] clusters under one lock, then reads
@@ -553,7 +621,7 @@ impl BlockDevice for Qcow2 {
                 let map = self.lookup(&mut lock(&self.meta), gc)?;
                 let zero_now = matches!(map, Map::Zero { .. })
                     || (map == Map::Unallocated && self.backing_empty(gc));
-                if !zero_now {
+                if !zero_now && !self.zero_by_subclusters(gc, in_cl, n)? {
                     self.write_piece(gc, in_cl, &vec![0u8; n as usize])?;
                 }
             }
