@@ -748,21 +748,21 @@ pub fn edit_snapshots(path: &Path, edit: &qcow2::snapshot::Edit) -> io::Result<(
             ),
         ));
     }
+    qcow2_tables(path, |_| Ok(()))?.edit_snapshots(edit)
+}
+
+/// The qcow2 image at `path` opened for writing its tables (locked, as qemu-img locks it),
+/// once `allow` has accepted its header. The backing chain is not needed to change tables.
+fn qcow2_tables(path: &Path, allow: impl FnOnce(&Header) -> io::Result<()>) -> io::Result<Qcow2> {
     let file = fs::OpenOptions::new().read(true).write(true).open(path)?;
     vdk_backends::lock_image(&file, path, false)?;
-    // The backing chain is not needed to change the tables.
     let (header, _) = qcow2_header(path, &file)?;
-    let q = Qcow2::open(
-        path,
-        file,
-        header,
-        None,
-        &Qcow2Options {
-            read_only: false,
-            max_bytes: None,
-        },
-    )?;
-    q.edit_snapshots(edit)
+    allow(&header)?;
+    let opts = Qcow2Options {
+        read_only: false,
+        max_bytes: None,
+    };
+    Qcow2::open(path, file, header, None, &opts)
 }
 
 /// Resizes the image at `path` to `new_size` bytes: grows it (qcow2: growing its L1 table if
@@ -787,26 +787,15 @@ pub fn resize(path: &Path, format: Option<Format>, new_size: u64, shrink: bool) 
             file.sync_all()
         }
         Format::Qcow2 => {
-            let file = fs::OpenOptions::new().read(true).write(true).open(path)?;
-            vdk_backends::lock_image(&file, path, false)?;
-            // The backing chain is not needed to change the tables.
-            let (header, _) = qcow2_header(path, &file)?;
-            if new_size < header.size && !shrink {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "shrinking drops what lies past the new end: asked only with --shrink",
-                ));
-            }
-            let q = Qcow2::open(
-                path,
-                file,
-                header,
-                None,
-                &Qcow2Options {
-                    read_only: false,
-                    max_bytes: None,
-                },
-            )?;
+            let q = qcow2_tables(path, |h| {
+                if new_size < h.size && !shrink {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "shrinking drops what lies past the new end: asked only with --shrink",
+                    ));
+                }
+                Ok(())
+            })?;
             q.resize(new_size).map_err(|e| match e {
                 vdk_core::Error::Io(e) => e,
                 other => io::Error::other(other),

@@ -4,6 +4,8 @@
 //! request's cookie and offset.
 #![allow(clippy::cast_possible_truncation)] // test sizes are small constants
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -11,20 +13,11 @@ use std::sync::Arc;
 use vdk_backends::MemoryDisk;
 use vdk_nbd::proto::handshake::{opt, rep};
 use vdk_nbd::proto::transmission::{cflags, chunk, cmd, RequestHeader, EXTENDED_REPLY_MAGIC};
-use vdk_nbd::proto::{IHAVEOPT, REPLY_MAGIC};
 use vdk_nbd::{Export, Server, ServerConfig, Stream};
 
-const GIB: u64 = 1 << 30;
+use common::{be16, be32, be64, option_bytes, option_replies};
 
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes(b[..2].try_into().unwrap())
-}
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
+const GIB: u64 = 1 << 30;
 
 /// A connection to a server of one 8 GiB RAM disk named "ram", past the greeting (the server
 /// serves it while the handle lives).
@@ -41,25 +34,8 @@ fn connect() -> (Server, UnixStream) {
 
 /// Sends an option; the replies up to the final one, as (type, data).
 fn option(s: &mut UnixStream, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
-    let mut o = IHAVEOPT.to_be_bytes().to_vec();
-    o.extend_from_slice(&option.to_be_bytes());
-    o.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    o.extend_from_slice(data);
-    s.write_all(&o).unwrap();
-    let mut replies = Vec::new();
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).unwrap();
-        assert_eq!(be64(&h), REPLY_MAGIC);
-        assert_eq!(be32(&h[8..]), option);
-        let kind = be32(&h[12..]);
-        let mut d = vec![0u8; be32(&h[16..]) as usize];
-        s.read_exact(&mut d).unwrap();
-        replies.push((kind, d));
-        if kind == rep::ACK || kind & rep::ERR != 0 {
-            return replies;
-        }
-    }
+    s.write_all(&option_bytes(option, data)).unwrap();
+    option_replies(s, option)
 }
 
 fn named(name: &str) -> Vec<u8> {
@@ -202,11 +178,8 @@ fn export_name_after_extended_headers_closes_and_plain_clients_keep_compact_repl
     let r = option(&mut s, opt::EXTENDED_HEADERS, &[]);
     assert_eq!(r.last().unwrap().0, rep::ACK);
     // EXPORT_NAME cannot say the transmission is extended: the server closes.
-    let mut o = IHAVEOPT.to_be_bytes().to_vec();
-    o.extend_from_slice(&opt::EXPORT_NAME.to_be_bytes());
-    o.extend_from_slice(&3u32.to_be_bytes());
-    o.extend_from_slice(b"ram");
-    s.write_all(&o).unwrap();
+    s.write_all(&option_bytes(opt::EXPORT_NAME, b"ram"))
+        .unwrap();
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert!(rest.is_empty(), "{rest:?}");

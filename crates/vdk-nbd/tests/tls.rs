@@ -5,6 +5,8 @@
 //! its connection only.
 #![allow(clippy::cast_possible_truncation)] // test sizes are small constants
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -17,17 +19,11 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned, Support
 use vdk_backends::MemoryDisk;
 use vdk_nbd::proto::handshake::{opt, rep};
 use vdk_nbd::proto::transmission::{cmd, RequestHeader};
-use vdk_nbd::proto::{IHAVEOPT, REPLY_MAGIC};
 use vdk_nbd::{Export, Server, ServerConfig, Stream, Tls, TlsMode};
 
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+use common::{be32, be64, option_bytes, option_replies};
 
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -105,32 +101,6 @@ fn server(dir: &Path) -> (Server, RootCertStore) {
     (server, roots)
 }
 
-fn option_bytes(option: u32, data: &[u8]) -> Vec<u8> {
-    let mut o = IHAVEOPT.to_be_bytes().to_vec();
-    o.extend_from_slice(&option.to_be_bytes());
-    o.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    o.extend_from_slice(data);
-    o
-}
-
-/// Reads option replies up to the final one; their types.
-fn option_replies(s: &mut impl Read, option: u32) -> Vec<u32> {
-    let mut kinds = Vec::new();
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).unwrap();
-        assert_eq!(be64(&h), REPLY_MAGIC);
-        assert_eq!(be32(&h[8..]), option);
-        let kind = be32(&h[12..]);
-        let mut d = vec![0u8; be32(&h[16..]) as usize];
-        s.read_exact(&mut d).unwrap();
-        kinds.push(kind);
-        if kind == rep::ACK || kind & rep::ERR != 0 {
-            return kinds;
-        }
-    }
-}
-
 type Client = StreamOwned<ClientConnection, UnixStream>;
 
 /// Connects to `server`, asks for STARTTLS in the clear, and starts a TLS client of `config`
@@ -143,7 +113,7 @@ fn connect(server: &Server, config: Arc<ClientConfig>) -> (Client, UnixStream) {
     s.read_exact(&mut greeting).unwrap();
     s.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
     s.write_all(&option_bytes(opt::STARTTLS, &[])).unwrap();
-    assert_eq!(option_replies(&mut s, opt::STARTTLS), vec![rep::ACK]);
+    assert_eq!(option_replies(&mut s, opt::STARTTLS)[0].0, rep::ACK);
     let name = ServerName::try_from("localhost").unwrap();
     let mut conn = ClientConnection::new(config, name).unwrap();
     let mut go = 3u32.to_be_bytes().to_vec();
@@ -154,7 +124,10 @@ fn connect(server: &Server, config: Arc<ClientConfig>) -> (Client, UnixStream) {
         .unwrap();
     let raw = s.try_clone().unwrap();
     let mut c = StreamOwned::new(conn, s);
-    assert_eq!(option_replies(&mut c, opt::GO).last(), Some(&rep::ACK));
+    assert_eq!(
+        option_replies(&mut c, opt::GO).last().map(|r| r.0),
+        Some(rep::ACK)
+    );
     (c, raw)
 }
 

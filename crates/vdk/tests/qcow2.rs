@@ -188,13 +188,7 @@ fn a_dirty_image_left_by_a_crash_is_repaired_and_written() {
         .success());
     let reference = dir.path().join("ref.raw");
     run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&img), s(&reference)]));
-    let mut v = common::Vdk::serve_in(dir, &["d.qcow2"]);
-    let uri = v.uri("d.qcow2");
-    assert!(
-        v.log_has("its refcounts were rebuilt before writing"),
-        "{}",
-        v.log()
-    );
+    let (mut v, uri) = serve_repaired(dir, "d.qcow2");
     // Writes across what was there: new clusters must not land on the clusters the lagging
     // refcounts called free.
     let mut rng = Rng(0x5eed_d1a7);
@@ -371,13 +365,7 @@ fn a_dirty_image_with_a_snapshot_is_repaired_counting_the_snapshot() {
     assert_eq!(info["dirty-flag"], true, "{info}");
     let reference = dir.path().join("ref.raw");
     run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&img), s(&reference)]));
-    let mut v = common::Vdk::serve_in(dir, &["d.qcow2"]);
-    let uri = v.uri("d.qcow2");
-    assert!(
-        v.log_has("its refcounts were rebuilt before writing"),
-        "{}",
-        v.log()
-    );
+    let (mut v, uri) = serve_repaired(dir, "d.qcow2");
     let ops = [
         "write -P 0x41 0 6M",
         "discard 2M 1M",
@@ -750,6 +738,18 @@ fn extended_l2_images_are_written_with_subclusters_as_qemu_reads_them() {
         .status()
         .unwrap();
     assert!(!q.success(), "qemu-img check must find the same bitmap");
+}
+
+/// Serves the dirty image `name` in `dir`: vdk must say it rebuilt the refcounts.
+fn serve_repaired(dir: tempfile::TempDir, name: &str) -> (common::Vdk, String) {
+    let v = common::Vdk::serve_in(dir, &[name]);
+    let uri = v.uri(name);
+    assert!(
+        v.log_has("its refcounts were rebuilt before writing"),
+        "{}",
+        v.log()
+    );
+    (v, uri)
 }
 
 /// A small xorshift, so a failing run can be reproduced.
