@@ -9,7 +9,7 @@
 //! The two directions are independent, each behind its own lock: the connection's reader
 //! thread decrypts requests while a worker encrypts a reply. Received records are read from
 //! the socket in large chunks and opened in place; replies are sealed a record at a time and
-//! sent with one vectored write per [`SEND_CHUNK`].
+//! sent with one vectored write per 256 KiB of plaintext.
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
