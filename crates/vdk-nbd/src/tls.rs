@@ -75,6 +75,7 @@ pub struct Tls {
     dir: PathBuf,
     verify_peer: bool,
     config: RwLock<Arc<ServerConfig>>,
+    key_update_after: u64,
 }
 
 impl fmt::Debug for Tls {
@@ -101,7 +102,17 @@ impl Tls {
             dir: dir.to_owned(),
             verify_peer,
             config: RwLock::new(config),
+            key_update_after: record::KEY_UPDATE_AFTER,
         })
+    }
+
+    /// Sends a TLS 1.3 key update after this many records under one key (default
+    /// [`record::KEY_UPDATE_AFTER`], about 128 GiB; the suite's confidentiality limit caps
+    /// it). TLS 1.2 connections cannot update keys: they end at the limit instead.
+    #[must_use]
+    pub fn with_key_update_after(mut self, records: u64) -> Tls {
+        self.key_update_after = records.max(1);
+        self
     }
 
     /// The mode.
@@ -213,7 +224,9 @@ impl Tls {
             suite = ?keys.negotiated_cipher_suite().suite(),
             "tls handshake done"
         );
-        let session = record::Session::new(net, secrets, keys, early, &incoming[..used])?;
+        let pending = &incoming[..used];
+        let session =
+            record::Session::new(net, secrets, keys, early, pending, self.key_update_after)?;
         Ok((Stream::Tls(Arc::new(session)), names))
     }
 }

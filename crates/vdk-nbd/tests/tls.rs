@@ -86,8 +86,12 @@ fn certificates(dir: &Path) {
 
 /// A TLS-requiring server of one 64 MiB RAM disk "ram", and the CA its certificate chains to.
 fn server(dir: &Path) -> (Server, RootCertStore) {
+    server_with(dir, |t| t)
+}
+
+fn server_with(dir: &Path, tune: impl FnOnce(Tls) -> Tls) -> (Server, RootCertStore) {
     certificates(dir);
-    let tls = Tls::new(TlsMode::Require, dir, false).unwrap();
+    let tls = tune(Tls::new(TlsMode::Require, dir, false).unwrap());
     let disk = Arc::new(MemoryDisk::new(64 << 20));
     let config = ServerConfig {
         tls: Some(Arc::new(tls)),
@@ -288,4 +292,39 @@ fn a_corrupt_record_ends_its_connection_only() {
     write_at(&mut good, 2, 8192, &[9; 8192]);
     assert!(read_at(&mut good, 3, 0, 4096) == [7; 4096]);
     assert!(read_at(&mut good, 4, 8192, 8192) == [9; 8192]);
+}
+
+#[test]
+fn the_server_updates_its_own_keys_after_its_record_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every 8 records: a 1 MiB read (64 records, 4 sends) crosses several key updates.
+    let (server, roots) = server_with(dir.path(), |t| t.with_key_update_after(8));
+    let suite = rustls::crypto::aws_lc_rs::default_provider()
+        .cipher_suites
+        .into_iter()
+        .find(|s| matches!(s, SupportedCipherSuite::Tls13(_)))
+        .unwrap();
+    let (mut c, _) = connect(&server, client_config(&roots, suite));
+    let big = pattern(1 << 20, 9);
+    write_at(&mut c, 1, 0, &big);
+    for cookie in 2..6 {
+        assert!(read_at(&mut c, cookie, 0, 1 << 20) == big, "read {cookie}");
+    }
+    // The limit is real: TLS 1.2 has no key update, so its connection ends there instead.
+    let tls12 = rustls::crypto::aws_lc_rs::default_provider()
+        .cipher_suites
+        .into_iter()
+        .find(|s| {
+            s.suite()
+                .as_str()
+                .is_some_and(|n| n.contains("ECDSA") && n.contains("GCM"))
+        })
+        .unwrap();
+    let (mut c, _) = connect(&server, client_config(&roots, tls12));
+    request(&mut c, cmd::READ, 7, 0, 1 << 20);
+    let mut got = vec![0u8; (1 << 20) + 16];
+    assert!(
+        c.read_exact(&mut got).is_err(),
+        "a TLS 1.2 connection must end at the limit"
+    );
 }

@@ -43,9 +43,9 @@ const RECV_CHUNK: usize = 256 << 10;
 /// Most plaintext sealed before it is sent (one vectored write).
 const SEND_CHUNK: usize = 256 << 10;
 
-/// Records sealed under one key before a TLS 1.3 key update is sent, at most (rustls's
+/// Records sealed under one key before a TLS 1.3 key update is sent, by default (rustls's
 /// confidentiality limit for the suite also applies, whichever is lower).
-const KEY_UPDATE_AFTER: u64 = 1 << 23;
+pub const KEY_UPDATE_AFTER: u64 = 1 << 23;
 
 /// HandshakeType::KeyUpdate (RFC 8446 4.6.3).
 const KEY_UPDATE: u8 = 24;
@@ -64,6 +64,8 @@ pub struct Session {
     tx: Mutex<Tx>,
     keys: Mutex<KernelConnection<ServerConnectionData>>,
     suite: SupportedCipherSuite,
+    /// Records sealed under one key before our own TLS 1.3 key update.
+    key_update_after: u64,
 }
 
 impl fmt::Debug for Session {
@@ -185,6 +187,7 @@ impl Session {
         keys: KernelConnection<ServerConnectionData>,
         early: Vec<u8>,
         pending: &[u8],
+        key_update_after: u64,
     ) -> io::Result<Session> {
         let suite = keys.negotiated_cipher_suite();
         let (tx_seq, tx) = secrets.tx;
@@ -214,6 +217,7 @@ impl Session {
             }),
             keys: Mutex::new(keys),
             suite,
+            key_update_after,
         })
     }
 
@@ -440,7 +444,7 @@ impl Session {
             SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
         };
         // A margin below the limit for the records of one write.
-        tx.seq >= KEY_UPDATE_AFTER.min(limit.saturating_sub(1024))
+        tx.seq >= self.key_update_after.min(limit.saturating_sub(1024))
     }
 }
 
