@@ -740,6 +740,66 @@ fn extended_l2_images_are_written_with_subclusters_as_qemu_reads_them() {
     assert!(!q.success(), "qemu-img check must find the same bitmap");
 }
 
+/// An extended-L2 image on a backing file under the cow filter: writes go to the overlay and
+/// read back over the image's mixed subclusters as a raw copy that took them; the image itself
+/// is left exactly as it was.
+#[test]
+fn an_extended_l2_image_under_the_cow_filter_is_only_read() {
+    need("qemu-img");
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let data: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(40_503) >> 7) as u8)
+        .collect();
+    fs::write(p("base.raw"), data).unwrap();
+    let o = "extended_l2=on,cluster_size=65536";
+    let img = s(&p("x.qcow2")).to_owned();
+    run(Command::new("qemu-img").args([
+        "create", "-f", "qcow2", "-o", o, "-b", "base.raw", "-F", "raw", &img,
+    ]));
+    run(Command::new("qemu-io").args([
+        "-c",
+        "write -P 0x11 4k 2k",
+        "-c",
+        "write -z 70k 4k",
+        "-c",
+        "write -P 0x12 1M 130k",
+        &img,
+    ]));
+    run(Command::new("qemu-img").args(["convert", "-O", "raw", &img, s(&p("before.raw"))]));
+    fs::copy(p("before.raw"), p("ref.raw")).unwrap();
+    let mut v = common::Vdk::serve_in(dir, &["x.qcow2", "--filter", "cow"]);
+    let uri = v.uri("x.qcow2");
+    let ops = [
+        "write -P 0x21 3000 5000",
+        "write -z 60000 20000",
+        "discard 131072 65536",
+        "write -P 0x22 1040000 100",
+    ];
+    for target in [uri.as_str(), s(&v.path("ref.raw"))] {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for op in ops {
+            c.args(["-c", op]);
+        }
+        run(c.arg(target));
+    }
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        &uri,
+        s(&v.path("ref.raw")),
+    ]));
+    assert!(v.stop().success());
+    let img = v.path("x.qcow2");
+    run(Command::new("qemu-img").args(["check", s(&img)]));
+    run(Command::new("qemu-img").args(["compare", "-F", "raw", s(&img), s(&v.path("before.raw"))]));
+}
+
 /// Serves the dirty image `name` in `dir`: vdk must say it rebuilt the refcounts.
 fn serve_repaired(dir: tempfile::TempDir, name: &str) -> (common::Vdk, String) {
     let v = common::Vdk::serve_in(dir, &[name]);
