@@ -192,27 +192,13 @@ fn a_dirty_image_left_by_a_crash_is_repaired_and_written() {
     // Writes across what was there: new clusters must not land on the clusters the lagging
     // refcounts called free.
     let mut rng = Rng(0x5eed_d1a7);
-    let mut ops = Vec::new();
-    for i in 0..40 {
-        let off = rng.below(60 << 20) & !0xfff;
-        let len = (rng.below(256) + 1) << 12;
-        ops.push(match i % 4 {
-            0 | 1 => format!("write -P {} {off} {len}", 0x60 + i),
-            2 => format!("write -z {off} {len}"),
-            _ => format!("discard {off} {len}"),
-        });
-    }
-    let mut args = vec!["-f".to_owned(), "raw".to_owned()];
-    let mut rargs = args.clone();
-    for op in &ops {
-        args.extend(["-c".to_owned(), op.clone()]);
-        rargs.extend(["-c".to_owned(), op.clone()]);
-    }
-    args.push(uri.clone());
-    rargs.push(s(&v.path("ref.raw")).to_owned());
-    run(Command::new("qemu-io").args(&args));
-    run(Command::new("qemu-io").args(&rargs));
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", &uri, s(&v.path("ref.raw"))]));
+    let ops: Vec<String> = (0..40)
+        .map(|i| {
+            let off = rng.below(60 << 20) & !0xfff;
+            mixed_op(i, off, (rng.below(256) + 1) << 12, 0x60)
+        })
+        .collect();
+    same_writes(&ops, &uri, &v.path("ref.raw"));
     assert!(v.stop().success());
     let img = v.path("d.qcow2");
     // No error, no leak (qemu-img check exits 0 only then), and clean.
@@ -291,24 +277,13 @@ fn an_image_with_internal_snapshots_is_written_and_its_snapshots_stay_intact() {
     let mut v = common::Vdk::serve_in(dir, &["s.qcow2"]);
     let uri = v.uri("s.qcow2");
     let mut rng = Rng(0x51a9_5407);
-    let mut args = vec!["-f".to_owned(), "raw".to_owned()];
-    let mut rargs = args.clone();
-    for i in 0..48 {
-        let off = rng.below(60 << 20) & !0xfff;
-        let len = (rng.below(200) + 1) << 12;
-        let op = match i % 4 {
-            0 | 1 => format!("write -P {} {off} {len}", 0x40 + i),
-            2 => format!("write -z {off} {len}"),
-            _ => format!("discard {off} {len}"),
-        };
-        args.extend(["-c".to_owned(), op.clone()]);
-        rargs.extend(["-c".to_owned(), op]);
-    }
-    args.push(uri.clone());
-    rargs.push(s(&v.path("ref.raw")).to_owned());
-    run(Command::new("qemu-io").args(&args));
-    run(Command::new("qemu-io").args(&rargs));
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", &uri, s(&v.path("ref.raw"))]));
+    let ops: Vec<String> = (0..48)
+        .map(|i| {
+            let off = rng.below(60 << 20) & !0xfff;
+            mixed_op(i, off, (rng.below(200) + 1) << 12, 0x40)
+        })
+        .collect();
+    same_writes(&ops, &uri, &v.path("ref.raw"));
     assert!(v.stop().success());
     assert!(
         v.log_has("L2 table shared with a snapshot: copied"),
@@ -372,14 +347,7 @@ fn a_dirty_image_with_a_snapshot_is_repaired_counting_the_snapshot() {
         "write -z 8M 512k",
         "write -P 0x42 20M 1M",
     ];
-    for target in [uri.as_str(), s(&v.path("ref.raw"))] {
-        let mut c = Command::new("qemu-io");
-        c.args(["-f", "raw"]);
-        for op in ops {
-            c.args(["-c", op]);
-        }
-        run(c.arg(target));
-    }
+    same_writes(&ops.map(String::from), &uri, &v.path("ref.raw"));
     assert!(v.stop().success());
     let img = v.path("d.qcow2");
     run(Command::new("qemu-img").args(["check", s(&img)]));
@@ -657,45 +625,27 @@ fn extended_l2_images_are_written_with_subclusters_as_qemu_reads_them() {
     let mut rng = Rng(0x5eb_c1a5);
     for img in ["top.qcow2", "alone.qcow2"] {
         let uri = v.uri(img);
-        let mut args = vec!["-f".to_owned(), "raw".to_owned()];
-        let mut rargs = args.clone();
-        for i in 0..60 {
-            // Offsets and lengths in 512-byte steps: inside subclusters (2 KiB), across them,
-            // across clusters.
-            let off = rng.below(15 << 11) << 9;
-            let len = (rng.below(if i % 5 == 0 { 512 } else { 40 }) + 1) << 9;
-            let op = match i % 4 {
-                0 | 1 => format!("write -P {} {off} {len}", 0x30 + i),
-                2 => format!("write -z {off} {len}"),
-                _ => format!("discard {off} {len}"),
-            };
-            args.extend(["-c".to_owned(), op.clone()]);
-            rargs.extend(["-c".to_owned(), op]);
-        }
-        let reference = v.path(&format!("{img}.raw"));
-        args.push(uri.clone());
-        rargs.push(s(&reference).to_owned());
-        run(Command::new("qemu-io").args(&args));
-        run(Command::new("qemu-io").args(&rargs));
-        run(Command::new("qemu-img").args(["compare", "-f", "raw", &uri, s(&reference)]));
+        // Offsets and lengths in 512-byte steps: inside subclusters (2 KiB), across them,
+        // across clusters.
+        let ops: Vec<String> = (0..60)
+            .map(|i| {
+                let off = rng.below(15 << 11) << 9;
+                let len = (rng.below(if i % 5 == 0 { 512 } else { 40 }) + 1) << 9;
+                mixed_op(i, off, len, 0x30)
+            })
+            .collect();
+        same_writes(&ops, &uri, &v.path(&format!("{img}.raw")));
     }
     // Whole subclusters inside a data cluster are zeroed by their zero bits (qemu-img map
     // sees a zero run of exactly them), the partial ones around them by zeroes written.
     let uri = v.uri("alone.qcow2");
     let reference = v.path("alone.qcow2.raw");
-    for target in [uri.as_str(), s(&reference)] {
-        run(Command::new("qemu-io").args([
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x77 4M 64k",
-            "-c",
-            "write -z 4202496 8192",
-            "-c",
-            "write -z 4243456 5000",
-            target,
-        ]));
-    }
+    let ops = [
+        "write -P 0x77 4M 64k",
+        "write -z 4202496 8192",
+        "write -z 4243456 5000",
+    ];
+    same_writes(&ops.map(String::from), &uri, &reference);
     assert!(v.stop().success());
     let map =
         stdout(Command::new("qemu-img").args(["map", "--output=json", s(&v.path("alone.qcow2"))]));
@@ -777,23 +727,7 @@ fn an_extended_l2_image_under_the_cow_filter_is_only_read() {
         "discard 131072 65536",
         "write -P 0x22 1040000 100",
     ];
-    for target in [uri.as_str(), s(&v.path("ref.raw"))] {
-        let mut c = Command::new("qemu-io");
-        c.args(["-f", "raw"]);
-        for op in ops {
-            c.args(["-c", op]);
-        }
-        run(c.arg(target));
-    }
-    run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        &uri,
-        s(&v.path("ref.raw")),
-    ]));
+    same_writes(&ops.map(String::from), &uri, &v.path("ref.raw"));
     assert!(v.stop().success());
     let img = v.path("x.qcow2");
     run(Command::new("qemu-img").args(["check", s(&img)]));
@@ -810,6 +744,29 @@ fn serve_repaired(dir: tempfile::TempDir, name: &str) -> (common::Vdk, String) {
         v.log()
     );
     (v, uri)
+}
+
+/// Op `i` of a mixed random run: two writes of pattern `first + i`, a zero write, a discard.
+fn mixed_op(i: u64, off: u64, len: u64, first: u64) -> String {
+    match i % 4 {
+        0 | 1 => format!("write -P {} {off} {len}", first + i),
+        2 => format!("write -z {off} {len}"),
+        _ => format!("discard {off} {len}"),
+    }
+}
+
+/// Runs qemu-io `ops` on the raw NBD disk at `uri` and on the raw file `reference`, then
+/// compares the two.
+fn same_writes(ops: &[String], uri: &str, reference: &Path) {
+    for target in [uri, s(reference)] {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for op in ops {
+            c.args(["-c", op]);
+        }
+        run(c.arg(target));
+    }
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", uri, s(reference)]));
 }
 
 /// A small xorshift, so a failing run can be reproduced.

@@ -41,6 +41,8 @@ pub struct Table {
     pub snapshots: Vec<Snapshot>,
     /// Bytes from the table's start to the end of its last entry.
     pub len: u64,
+    /// Where each entry's bytes lie in the table, unpadded (in `snapshots` order).
+    pub spans: Vec<std::ops::Range<usize>>,
 }
 
 /// Most bytes a snapshot table may take (QEMU's own bound: 64 MiB).
@@ -80,6 +82,7 @@ pub fn read(file: &File, h: &Header, file_len: u64) -> io::Result<Table> {
 pub fn parse(raw: &[u8], count: u32) -> io::Result<Table> {
     let mut at = 0usize;
     let mut snapshots = Vec::new();
+    let mut spans = Vec::new();
     for _ in 0..count {
         // Each entry starts 8-aligned; the table ends right after the last one, unpadded.
         at = at.next_multiple_of(8);
@@ -110,11 +113,13 @@ pub fn parse(raw: &[u8], count: u32) -> io::Result<Table> {
             id: text(0, id_len),
             name: text(id_len, name_len),
         });
+        spans.push(at..at + len);
         at += len;
     }
     Ok(Table {
         snapshots,
         len: at as u64,
+        spans,
     })
 }
 
@@ -281,22 +286,15 @@ impl super::Qcow2 {
         let mut raw = vec![0u8; usize::try_from(room).unwrap_or(0)];
         self.io(self.file.read_exact_at(&mut raw, at))?;
         let table = parse(&raw, count).map_err(vdk_core::Error::Io)?;
-        // Each entry's own bytes, found again from the 8-aligned layout.
-        let mut from = 0usize;
-        let mut out = Vec::new();
-        for snap in table.snapshots {
-            from = from.next_multiple_of(8);
-            let n = FIXED
-                + be32(&raw[from..], 36) as usize
-                + usize::from(be16(&raw[from..], 12))
-                + usize::from(be16(&raw[from..], 14));
-            out.push(Stored {
-                raw: raw[from..from + n].to_vec(),
+        Ok(table
+            .snapshots
+            .into_iter()
+            .zip(table.spans)
+            .map(|(snap, span)| Stored {
+                raw: raw[span].to_vec(),
                 snap,
-            });
-            from += n;
-        }
-        Ok(out)
+            })
+            .collect())
     }
 
     fn snapshot_l1(&self, s: &Snapshot) -> vdk_core::Result<Vec<u64>> {
