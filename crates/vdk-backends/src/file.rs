@@ -217,6 +217,7 @@ impl BlockDevice for FileDisk {
             extents: self.sparse,
             multi_conn: true,
             cache: cfg!(target_os = "linux"),
+            ..Capabilities::NONE
         };
         info
     }

@@ -31,6 +31,10 @@ pub struct Capabilities {
     pub multi_conn: bool,
     /// `cache` does real read-ahead.
     pub cache: bool,
+    /// Every read must reach the device (`read_at`, or a fast path): a filter meters reads
+    /// (the rate filter), so a front end never answers one from `extents` alone (the NBD
+    /// server's sparse reads, which skip reading holes, are off).
+    pub metered: bool,
 }
 
 impl Capabilities {
@@ -43,6 +47,7 @@ impl Capabilities {
         extents: false,
         multi_conn: false,
         cache: false,
+        metered: false,
     };
 }
 

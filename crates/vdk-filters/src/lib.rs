@@ -13,6 +13,7 @@
 //! | `partition` | `number` (or `partition:N`) | shows one MBR or GPT partition as the disk |
 //! | `cow` | `overlay`, `size`, `volatile` | redirects writes to an overlay; the base is only read |
 //! | `cache` | `size`, `block`, `dir` | a bounded read cache in RAM, or in a file in `dir` |
+//! | `rate` | `bps`, `read-bps`, `write-bps`, `iops`, `read-iops`, `write-iops`, `burst` | token-bucket limits, changeable while served ([`rate`]) |
 //!
 //! `op` is `read`, `write`, `flush`, `trim` or `all`, several joined by `+`; `range` is
 //! `START-END` in bytes or with units (`1M-2M`); `errno` is `EIO` or `ENOSPC`.
@@ -22,6 +23,7 @@
 pub mod cache;
 pub mod cow;
 pub mod partition;
+pub mod rate;
 pub mod simple;
 
 use std::sync::Arc;
@@ -74,6 +76,9 @@ pub enum FilterSpec {
         /// Keep blocks in a file in this directory rather than in RAM.
         dir: Option<std::path::PathBuf>,
     },
+    /// `rate`: its limits, shared with whoever changes them while the disk is served (and
+    /// by every chain built from this spec).
+    Rate(Arc<rate::Limiter>),
 }
 
 /// A filter spec that does not parse.
@@ -93,6 +98,7 @@ pub const FILTERS: &[&str] = &[
     "error",
     "delay",
     "partition",
+    "rate",
 ];
 
 fn kinds(v: &str) -> Result<Vec<Kind>, String> {
@@ -257,6 +263,11 @@ impl FilterSpec {
                     dir: get("dir").map(Into::into),
                 })
             }
+            "rate" => {
+                let mut limits = rate::Limits::default();
+                limits.set(&pairs).map_err(fail)?;
+                Ok(FilterSpec::Rate(Arc::new(rate::Limiter::new(limits))))
+            }
             other => Err(fail(format!(
                 "unknown filter {other:?} (filters: {})",
                 FILTERS.join(", ")
@@ -333,6 +344,7 @@ pub fn apply_over(
             FilterSpec::Cache { size, block, dir } => {
                 Arc::new(cache::Cache::new(device, *size, *block, dir.as_deref())?)
             }
+            FilterSpec::Rate(limiter) => Arc::new(rate::Rate::new(device, Arc::clone(limiter))),
         };
     }
     Ok(Chain { device, stats })
@@ -367,6 +379,8 @@ mod tests {
             vec!["cache:size=1M,block=4K"],
             vec!["cache:size=256K,block=64K,dir=/tmp"],
             vec!["cow", "cache:size=2M", "stats"],
+            vec!["rate", "stats"],
+            vec!["rate:bps=1G,iops=1000000,burst=60"],
         ] {
             let s = specs(&chain);
             conformance::run(&|| {
@@ -404,6 +418,8 @@ mod tests {
             ("partition:0", "1 or more"),
             ("error:range=5-1", "empty"),
             ("readonly:x", "KEY=VALUE"),
+            ("rate:speed=1", "no key"),
+            ("rate:bps=x", "bps"),
         ] {
             let e = FilterSpec::parse(spec).unwrap_err().to_string();
             assert!(e.contains(want), "{spec}: {e}");

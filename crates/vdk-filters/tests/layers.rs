@@ -21,6 +21,7 @@ const FILTERS: &[&str] = &[
     "error:op=all,rate=0",
     "delay:op=all,ms=0",
     "partition:1",
+    "rate:bps=10G,iops=10000000",
 ];
 
 /// Where partition 1 starts, in bytes: the disks below have room for it and a table.

@@ -606,6 +606,7 @@ impl BlockDevice for ObjectDisk {
             extents: true,
             multi_conn: true,
             cache: true,
+            ..Capabilities::NONE
         };
         i
     }

@@ -37,6 +37,9 @@ pub enum Request {
     Reload,
     /// Latency histograms and counters of a disk's stats filter. → [`StatsReport`]
     Stats(DiskRequest),
+    /// Change an open disk's filter settings while it is served (a rate filter's limits).
+    /// → [`DiskStatus`]
+    Set(SetRequest),
     /// Merge an open cow disk's overlay into its base. → [`CommitReport`]
     Commit(OverlayRequest),
     /// Empty an open cow disk's overlay. → [`CommitReport`]
@@ -67,7 +70,7 @@ pub enum Request {
 pub enum Reply {
     /// `version`.
     Version(VersionInfo),
-    /// `open`, `close`, `mount`, `unmount`, `eject`, `insert`, `resize`.
+    /// `open`, `close`, `mount`, `unmount`, `eject`, `insert`, `resize`, `set`.
     Disk(Box<DiskStatus>),
     /// `list`.
     Disks(Vec<DiskStatus>),
@@ -339,6 +342,17 @@ pub struct DiskRequest {
     pub disk: String,
 }
 
+/// `set`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRequest {
+    /// The disk's id, or its image's absolute path.
+    pub disk: String,
+    /// Changes, applied in order: `rate:KEY=VALUE,...` (keys of the rate filter; `0` or
+    /// `off` lifts a limit, keys not named keep their values) or `rate=BYTES_PER_SECOND`.
+    pub settings: Vec<String>,
+}
+
 /// `open`.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -381,7 +395,7 @@ pub struct OpenRequest {
     #[serde(default)]
     pub probe_backing: bool,
     /// Filters over the image, in order, the first over the image: `NAME[:KEY=VALUE,...]`
-    /// (cow, cache, readonly, stats, error, delay, partition; docs/filters.md).
+    /// (cow, cache, readonly, stats, error, delay, partition, rate; docs/filters.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<String>,
     /// Serve the disk as a LUN of an iSCSI target (a CD-ROM LUN for an ISO).

@@ -154,7 +154,7 @@ pub(super) fn run(
         device: Arc::clone(&device),
         limits,
         fast_zero: info.caps.fast_zero,
-        sparse_reads: info.caps.extents,
+        sparse_reads: info.caps.extents && !info.caps.metered,
         broken: AtomicBool::new(false),
         pool: Pool::new(config.threads_per_connection.max(1)),
         spare: Mutex::default(),

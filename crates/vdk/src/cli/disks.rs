@@ -137,7 +137,7 @@ pub struct OpenArgs {
     #[arg(long)]
     probe_backing: bool,
     /// A filter over the image, NAME[:KEY=VALUE,...]: cow, cache, readonly, stats, error,
-    /// delay, partition (docs/filters.md). Repeatable, applied in order.
+    /// delay, partition, rate (docs/filters.md). Repeatable, applied in order.
     #[arg(long = "filter", value_name = "SPEC")]
     filters: Vec<String>,
     /// Also serve the disk over iSCSI, as a LUN of a target (a CD-ROM LUN for an ISO).
@@ -370,6 +370,36 @@ pub fn close(args: CloseArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     crate::outln!("closed {}: {}", status.id, status.image.display())?;
+    Ok(())
+}
+
+/// `vdk set`.
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// The disk: its id or its image file.
+    disk: String,
+    /// What to change: rate:KEY=VALUE,... (bps, read-bps, write-bps, iops, read-iops,
+    /// write-iops, burst; 0 or off lifts a limit; keys not named keep their values), or
+    /// rate=BYTES_PER_SECOND.
+    #[arg(required = true, value_name = "SETTING")]
+    settings: Vec<String>,
+    /// Print the disk as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
+}
+
+/// Runs `vdk set`.
+pub fn set(args: SetArgs) -> anyhow::Result<()> {
+    let req = Request::Set(crate::control::SetRequest {
+        disk: disk_key(&args.disk)?,
+        settings: args.settings,
+    });
+    let Some(status) = ask::<DiskStatus>(&args.socket, false, &req, args.json)? else {
+        return Ok(());
+    };
+    crate::outln!("{}: {}", status.id, status.filters.join(" "))?;
     Ok(())
 }
 

@@ -94,6 +94,8 @@ enum Command {
     Resize(image::ResizeArgs),
     /// Counters and latency histograms of a disk opened with --filter stats.
     Stats(list::StatsArgs),
+    /// Change an open disk's rate limits while it is served: vdk set ID rate:read-bps=10M.
+    Set(disks::SetArgs),
     /// Merge a cow overlay into its base, then empty it (safe to run again if interrupted).
     Commit(image::OverlayArgs),
     /// Empty a cow overlay: the disk reads as its base again.
@@ -156,6 +158,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Compare(args) => return compare::run(args, &env_paths()?),
         Command::Resize(args) => image::resize(args, &env_paths()?),
         Command::Stats(args) => list::stats(args),
+        Command::Set(args) => disks::set(args),
         Command::Commit(args) => image::commit(args),
         Command::Discard(args) => image::discard(args),
         Command::Snapshot(args) => image::snapshot(args),

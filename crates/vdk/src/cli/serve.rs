@@ -76,7 +76,7 @@ pub struct ServeArgs {
     #[arg(long)]
     probe_backing: bool,
     /// A filter on every export, NAME[:KEY=VALUE,...]: cow, cache, readonly, stats, error,
-    /// delay, partition (docs/filters.md). Repeatable; applied in the order given (the
+    /// delay, partition, rate (docs/filters.md). Repeatable; applied in the order given (the
     /// first wraps the image).
     #[arg(long = "filter", value_name = "SPEC")]
     filters: Vec<String>,

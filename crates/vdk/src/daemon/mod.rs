@@ -190,6 +190,42 @@ impl Daemon {
         })
     }
 
+    /// Changes the limits of an open disk's rate filter (its outermost one), in force at once
+    /// and kept when the chain is opened again (a live commit); `list` shows them.
+    fn set(&self, key: &str, settings: &[String]) -> Result<DiskStatus, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.disks.find(key)?;
+        let found = lock(&disk.recipe)
+            .specs
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, s)| match s {
+                vdk_filters::FilterSpec::Rate(l) => Some((i, Arc::clone(l))),
+                _ => None,
+            });
+        let Some((index, limiter)) = found else {
+            return Err(ApiError::invalid(format!(
+                "{} has no rate filter: open it with --filter rate (no limits) to change them later",
+                disk.id
+            )));
+        };
+        if settings.is_empty() {
+            return Err(ApiError::invalid("nothing to set (rate:KEY=VALUE,...)"));
+        }
+        let mut limits = limiter.limits();
+        for s in settings {
+            vdk_filters::rate::change(&mut limits, s).map_err(ApiError::invalid)?;
+        }
+        limiter.set(limits);
+        let spec = limits.spec();
+        if let Some(f) = lock(&disk.filters).get_mut(index) {
+            f.clone_from(&spec);
+        }
+        info!(id = %disk.id, limits = %spec, "rate limits changed");
+        Ok(self.status(&disk))
+    }
+
     /// Reads the TLS certificates again; on failure the ones in use stay.
     fn reload_tls(&self) -> Result<(), ApiError> {
         let Some(tls) = &self.tls else {
