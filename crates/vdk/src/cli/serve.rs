@@ -289,14 +289,19 @@ fn stdin_stream() -> anyhow::Result<vdk_nbd::Stream> {
 
 /// Runs `vdk serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let specs = args
-        .filters
-        .iter()
-        .map(|f| vdk_filters::FilterSpec::parse(f))
-        .collect::<Result<Vec<_>, _>>()?;
+    // Parsed for each export: each gets filters of its own (a rate filter's limits are per
+    // disk).
+    let parse = || {
+        args.filters
+            .iter()
+            .map(|f| vdk_filters::FilterSpec::parse(f))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    parse()?;
     let mut served = Vec::new();
     let mut stats = Vec::new();
     for (name, source) in exports(&args)? {
+        let specs = parse()?;
         let read_only = args.read_only || vdk_filters::redirects_writes(&specs);
         let (device, base) = open(&source, &args, read_only)?;
         let chain = vdk_filters::apply_over(device, base, &specs)
