@@ -34,6 +34,7 @@ packages=(
   busybox-static  # the throwaway guest of the kernel-attach tests (../shared/vm/vmrun.sh) ...
   kmod            # ... loads ublk_drv and nbd in it
   nbd-client      # the kernel NBD client's own tool, beside vdk's attach, in the guest
+  prometheus      # promtool checks the metrics endpoint's text format (curl scrapes it)
   curl            # scripts/guest-kernel.sh fetches a newer guest kernel ...
   xz-utils        # ... and unpacks its package index
 )

@@ -249,6 +249,11 @@ impl Server {
         Some(t)
     }
 
+    /// Initiator connections open now.
+    pub fn connections(&self) -> usize {
+        self.life.connections()
+    }
+
     /// A handle that stops [`serve`](Self::serve) from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.life.clone())

@@ -100,6 +100,23 @@ struct Inner {
     writeback_delay: Duration,
     /// Background uploads that failed (retried at the next round).
     failures: AtomicU64,
+    /// Chunk uploads (or deletions of zeroed chunks) running now.
+    uploading: AtomicU64,
+    /// Chunk uploads that failed, in the background or for a flush.
+    upload_failures: AtomicU64,
+}
+
+/// What an object-store disk's cache and uploads are doing ([`ObjectDisk::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Bytes in the cache.
+    pub cached: u64,
+    /// Of them, bytes not yet in the bucket.
+    pub dirty: u64,
+    /// Chunk uploads running now.
+    pub uploading: u64,
+    /// Chunk uploads that failed since the disk was opened (each is retried).
+    pub upload_failures: u64,
 }
 
 impl Inner {
@@ -239,7 +256,18 @@ impl Inner {
     }
 
     /// Uploads dirty chunk `index` as it is now (deletes it from the bucket if all zero).
+    /// Uploads one chunk, counted in [`CacheStats`].
     async fn upload(&self, index: u64) -> Result<(), ObjError> {
+        self.uploading.fetch_add(1, Ordering::Relaxed);
+        let r = self.upload_chunk(index).await;
+        self.uploading.fetch_sub(1, Ordering::Relaxed);
+        if r.is_err() {
+            self.upload_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn upload_chunk(&self, index: u64) -> Result<(), ObjError> {
         let stripe = usize::try_from(index % UPLOAD_LOCKS).unwrap_or(0);
         let _one = self.upload_locks[stripe].lock().await;
         self.may_write()?;
@@ -462,6 +490,8 @@ impl ObjectDisk {
             closing: AtomicBool::new(false),
             seq_end: AtomicU64::new(u64::MAX),
             failures: AtomicU64::new(0),
+            uploading: AtomicU64::new(0),
+            upload_failures: AtomicU64::new(0),
             writeback_delay: opts.writeback_delay,
             meta,
         });
@@ -562,6 +592,17 @@ impl ObjectDisk {
             self.inner.cache.cached_bytes(),
             self.inner.cache.dirty_bytes(),
         )
+    }
+
+    /// What the disk's cache and uploads are doing now.
+    pub fn stats(&self) -> CacheStats {
+        let (cached, dirty) = self.cache_usage();
+        CacheStats {
+            cached,
+            dirty,
+            uploading: self.inner.uploading.load(Ordering::Relaxed),
+            upload_failures: self.inner.upload_failures.load(Ordering::Relaxed),
+        }
     }
 
     /// Chunks stored in the bucket (as far as this opener knows).

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 pub use codec::{read_key, Codec, KEY_LEN};
 pub use disk::{
-    create, create_at, destroy, info, CreateOptions, DiskStats, ObjectDisk, Recovery,
+    create, create_at, destroy, info, CacheStats, CreateOptions, DiskStats, ObjectDisk, Recovery,
     RecoveryReport,
 };
 pub use location::{is_url, store_message, Lister, Location, StoreEnv, StoreOptions};

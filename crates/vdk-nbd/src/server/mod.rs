@@ -148,6 +148,11 @@ impl Server {
         Some(removed)
     }
 
+    /// Client connections open now (those still negotiating included).
+    pub fn connections(&self) -> usize {
+        self.life.connections()
+    }
+
     /// A handle that stops [`Server::serve`].
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.life.clone())

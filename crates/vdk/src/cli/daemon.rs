@@ -62,6 +62,12 @@ pub struct DaemonArgs {
     #[cfg(target_os = "linux")]
     #[arg(long)]
     pub ublk_copy: bool,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics (per disk I/O counters, latency
+    /// histograms, requests in flight, object-store caches and uploads, connections per
+    /// front end, the process's memory and files): tcp://HOST:PORT. No authentication: keep
+    /// it on loopback or a trusted network.
+    #[arg(long, value_name = "URI")]
+    pub metrics: Option<String>,
     /// Ask the running daemon to close every disk and stop.
     #[arg(long, conflicts_with = "reload")]
     pub stop: bool,
@@ -130,6 +136,7 @@ impl DaemonArgs {
             owner: self.owner.as_deref().map(user_ids).transpose()?,
             #[cfg(not(target_os = "linux"))]
             owner: None,
+            metrics: self.metrics.clone(),
         })
     }
 }

@@ -71,6 +71,13 @@ impl Front {
         self.settings.all
     }
 
+    /// Initiator connections open now (none before the server starts).
+    pub fn connections(&self) -> usize {
+        lock(&self.running)
+            .as_ref()
+            .map_or(0, |r| r.server.connections())
+    }
+
     /// Starts the server on its portals unless it runs already.
     pub fn start(&self) -> Result<(), ApiError> {
         let mut slot = lock(&self.running);

@@ -40,6 +40,7 @@ mod grow;
 mod initiator;
 mod iscsi;
 mod media;
+mod metrics;
 #[cfg(target_os = "linux")]
 pub mod mount;
 mod nbd;
@@ -96,6 +97,8 @@ pub struct Config {
     pub ublk_zero_copy: bool,
     /// The uid and gid of the user served besides the daemon's own (`--owner`).
     pub owner: Option<(u32, u32)>,
+    /// Where to serve Prometheus metrics (`tcp://HOST:PORT`), if anywhere.
+    pub metrics: Option<String>,
 }
 
 /// The daemon: its parts, and the requests that change them.
@@ -308,9 +311,13 @@ pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<()> {
             give(path, config.owner)?;
         }
     }
+    let metrics = config.metrics.as_deref().map(metrics::bind).transpose()?;
     let server = Arc::new(Server::new(Vec::new(), config.nbd.clone()));
     let front = nbd::NbdFront::new(Arc::clone(&server), &listeners);
     let daemon = Arc::new(Daemon::new(paths.clone(), front, config, recovered));
+    if let Some(listener) = metrics {
+        metrics::serve(listener, Arc::downgrade(&daemon))?;
+    }
     if !config.iscsi.listen.is_empty() {
         // Portals asked for by name start now, so that a wrong one fails at once.
         daemon

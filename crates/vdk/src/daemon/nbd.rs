@@ -42,6 +42,11 @@ impl NbdFront {
         NbdFront { server, uris }
     }
 
+    /// Client connections open now.
+    pub fn connections(&self) -> usize {
+        self.server.connections()
+    }
+
     /// Offers `device` as the export `spec` describes.
     pub fn export(
         &self,

@@ -319,7 +319,7 @@ impl Daemon {
             ));
         }
         let shown = image.display();
-        let recipe = Recipe {
+        let mut recipe = Recipe {
             image: image.to_owned(),
             format: asked.format,
             // The base of a cow disk is only read.
@@ -327,6 +327,7 @@ impl Daemon {
             probe_backing: req.probe_backing,
             specs: asked.specs,
             cloud: is_cloud(req).then(|| (req.cloud.clone(), self.paths.dir.join("cache"))),
+            object: std::sync::Weak::new(),
         };
         let (chain, opened_format) = recipe.build()?;
         let backend = chain.device;

@@ -2,7 +2,7 @@
 //! be opened again (after a live commit, discard or snapshot).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use vdk_filters::cow::Overlay;
 use vdk_filters::FilterSpec;
@@ -26,19 +26,22 @@ pub struct Recipe {
     /// For a disk in object storage (`image` is its URL): how to reach it, and where its
     /// cache goes by default.
     pub cloud: Option<(CloudOptions, PathBuf)>,
+    /// The object-store disk the chain was last built over (for its cache figures).
+    pub object: Weak<vdk_objstore::ObjectDisk>,
 }
 
 impl Recipe {
     /// Opens the image and applies the filters.
-    pub fn build(&self) -> Result<(vdk_filters::Chain, Format), ApiError> {
+    pub fn build(&mut self) -> Result<(vdk_filters::Chain, Format), ApiError> {
         let shown = self.image.display();
         let bad_filter = |e: vdk_filters::ChainError| ApiError::invalid(format!("{shown}: {e}"));
         if let Some((opts, cache_root)) = &self.cloud {
             let url = self.image.to_string_lossy();
             let disk = crate::cloud::open(&url, opts, self.read_only, Some(cache_root))
                 .map_err(cloud_error)?;
-            let chain =
-                vdk_filters::apply_over(Arc::new(disk), None, &self.specs).map_err(bad_filter)?;
+            let disk = Arc::new(disk);
+            self.object = Arc::downgrade(&disk);
+            let chain = vdk_filters::apply_over(disk, None, &self.specs).map_err(bad_filter)?;
             return Ok((chain, Format::Raw));
         }
         let opts = vdk_formats::OpenOptions {

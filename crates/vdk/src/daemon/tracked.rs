@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Instant;
 
 use vdk_core::sync;
 use vdk_core::{BlockDevice, DiskInfo, Error, Extents, Lend, Piece, Result};
@@ -18,6 +19,79 @@ struct Stats {
     flushes: AtomicU64,
     trims: AtomicU64,
     errors: AtomicU64,
+    in_flight: AtomicU64,
+    /// Per [`Op`].
+    latency: [Latency; 4],
+}
+
+/// Latency buckets: bucket i counts requests that took less than 2^i microseconds and at
+/// least 2^(i-1); the last counts every longer one too (2^24 us is about 17 s).
+pub const LATENCY_BUCKETS: usize = 25;
+
+#[derive(Debug, Default)]
+struct Latency {
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    sum_us: AtomicU64,
+}
+
+/// The kinds of request the latency histograms tell apart.
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    /// Reads.
+    Read,
+    /// Writes.
+    Write,
+    /// Flushes.
+    Flush,
+    /// Trims and zero writes.
+    Trim,
+}
+
+impl Op {
+    /// Every kind, in order.
+    pub const ALL: [Op; 4] = [Op::Read, Op::Write, Op::Flush, Op::Trim];
+
+    /// Its name in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Trim => "trim",
+        }
+    }
+}
+
+/// One kind's latency histogram: per bucket (as [`LATENCY_BUCKETS`] says), and the sum.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    /// Requests per bucket.
+    pub buckets: Vec<u64>,
+    /// Sum of latencies, microseconds.
+    pub sum_us: u64,
+}
+
+/// A request in flight, from when the disk was asked: counted in `in_flight` until dropped.
+struct Timing<'a> {
+    stats: &'a Stats,
+    start: Instant,
+}
+
+impl Timing<'_> {
+    /// The request is done (well or not): its latency goes to `op`'s histogram.
+    fn done(self, op: Op) {
+        let us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let l = &self.stats.latency[op as usize];
+        let bucket = (64 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        add(&l.buckets[bucket], 1);
+        add(&l.sum_us, us);
+    }
+}
+
+impl Drop for Timing<'_> {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A backend with counters and a close switch.
@@ -96,12 +170,38 @@ impl Tracked {
         }
     }
 
-    fn open(&self) -> Result<()> {
+    /// Requests being served now.
+    pub fn in_flight(&self) -> u64 {
+        self.stats.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The latency histogram of each kind of request, in [`Op::ALL`]'s order.
+    pub fn latency(&self) -> Vec<(Op, Histogram)> {
+        Op::ALL
+            .iter()
+            .map(|op| {
+                let l = &self.stats.latency[*op as usize];
+                let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+                let h = Histogram {
+                    buckets: l.buckets.iter().map(get).collect(),
+                    sum_us: get(&l.sum_us),
+                };
+                (*op, h)
+            })
+            .collect()
+    }
+
+    /// Fails once the disk is closed; otherwise the request is in flight from now.
+    fn open(&self) -> Result<Timing<'_>> {
         if self.closed.load(Ordering::Relaxed) {
             add(&self.stats.errors, 1);
             return Err(Error::Closed);
         }
-        Ok(())
+        add(&self.stats.in_flight, 1);
+        Ok(Timing {
+            stats: &self.stats,
+            start: Instant::now(),
+        })
     }
 
     /// Counts the outcome of a request: `done` with the byte count on success.
@@ -130,48 +230,53 @@ impl BlockDevice for Tracked {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.open()?;
+        let t = self.open()?;
         let n = buf.len() as u64;
         let r = self.below().read_at(buf, offset);
+        t.done(Op::Read);
         self.count(r, |s, ()| read_done(s, n))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.open()?;
+        let t = self.open()?;
         let r = self.below().write_at(buf, offset, fua);
+        t.done(Op::Write);
         self.count(r, |s, ()| write_done(s, buf.len() as u64))
     }
 
     fn flush(&self) -> Result<()> {
-        self.open()?;
+        let t = self.open()?;
         let r = self.below().flush();
+        t.done(Op::Flush);
         self.count(r, |s, ()| add(&s.flushes, 1))
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.open()?;
+        let t = self.open()?;
         let r = self.below().trim(offset, len);
+        t.done(Op::Trim);
         self.count(r, |s, ()| add(&s.trims, 1))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
-        self.open()?;
+        let t = self.open()?;
         let r = self.below().write_zeroes(offset, len, may_trim, fua);
+        t.done(Op::Trim);
         self.count(r, |s, ()| add(&s.trims, 1))
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Extents> {
-        self.open()?;
+        let _in_flight = self.open()?;
         self.below().extents(offset, len)
     }
 
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
-        self.open()?;
+        let _in_flight = self.open()?;
         self.below().cache(offset, len)
     }
 
     fn grow(&self, new_size: u64) -> Result<()> {
-        self.open()?;
+        let _in_flight = self.open()?;
         self.below().grow(new_size)
     }
 
@@ -185,13 +290,16 @@ impl BlockDevice for Tracked {
 /// counted and closed as the slow ones are.
 impl Lend for Tracked {
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        self.open()?;
+        let t = self.open()?;
         let below = self.below();
         let Some(lend) = below.lend() else {
             return Ok(false);
         };
         let n = buf.len() as u64;
         let r = lend.try_read_at(buf, offset);
+        if !matches!(r, Ok(false)) {
+            t.done(Op::Read);
+        }
         self.count(r, |s, done| {
             if *done {
                 read_done(s, n);
@@ -200,12 +308,15 @@ impl Lend for Tracked {
     }
 
     fn try_write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        self.open()?;
+        let t = self.open()?;
         let below = self.below();
         let Some(lend) = below.lend() else {
             return Ok(false);
         };
         let r = lend.try_write_at(buf, offset);
+        if !matches!(r, Ok(false)) {
+            t.done(Op::Write);
+        }
         self.count(r, |s, done| {
             if *done {
                 write_done(s, buf.len() as u64);
@@ -214,12 +325,15 @@ impl Lend for Tracked {
     }
 
     fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Vec<Piece>>> {
-        self.open()?;
+        let t = self.open()?;
         let below = self.below();
         let Some(lend) = below.lend() else {
             return Ok(None);
         };
         let r = lend.read_shared(offset, len);
+        if !matches!(r, Ok(None)) {
+            t.done(Op::Read);
+        }
         self.count(r, |s, pieces| {
             if pieces.is_some() {
                 read_done(s, len as u64);
@@ -232,13 +346,14 @@ impl Lend for Tracked {
     }
 
     fn write_owned(&self, offset: u64, bufs: Vec<Arc<[u8]>>) -> Result<Vec<Arc<[u8]>>> {
-        self.open()?;
+        let t = self.open()?;
         let below = self.below();
         let Some(lend) = below.lend() else {
             return Err(Error::Unsupported(vdk_core::Op::Write));
         };
         let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         let r = lend.write_owned(offset, bufs);
+        t.done(Op::Write);
         self.count(r, |s, _| write_done(s, n))
     }
 }
@@ -312,6 +427,12 @@ mod tests {
             (1, 1, 512, 4096)
         );
         assert_eq!(c.flushes, 1);
+        let latency = t.latency();
+        for (op, want) in [(Op::Read, 1), (Op::Write, 1), (Op::Flush, 1), (Op::Trim, 0)] {
+            let (_, h) = latency.iter().find(|(o, _)| o.name() == op.name()).unwrap();
+            assert_eq!(h.buckets.iter().sum::<u64>(), want, "{op:?}");
+        }
+        assert_eq!(t.in_flight(), 0);
         t.close();
         assert!(matches!(t.read_at(&mut buf, 0), Err(Error::Closed)));
         assert!(matches!(t.write_at(&buf, 0, true), Err(Error::Closed)));

@@ -37,6 +37,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("mkfs.vfat", "dosfstools"),
     ("fsx", "cargo install fsx --locked"),
     ("fio", "fio"),
+    ("promtool", "prometheus"),
+    ("curl", "curl"),
     ("xorriso", "xorriso"),
     ("genisoimage", "genisoimage"),
     ("iscsi-ls", "libiscsi-bin"),
