@@ -18,7 +18,7 @@ fn template() -> &'static [u8] {
     T.get_or_init(|| {
         let dir = tempfile::tempdir_in("/dev/shm").expect("temp dir");
         let p = dir.path().join("t.vhdx");
-        let opts = CreateOptions { format: Format::Vhdx, cluster_size: None, backing: None, fixed: false };
+        let opts = CreateOptions { format: Format::Vhdx, cluster_size: None, backing: None, fixed: false, encrypt: None };
         // No data written: a block is 32 MiB of file, too much to copy for every input.
         create(&p, 64 << 20, &opts).expect("create template");
         std::fs::read(&p).expect("read template")

@@ -124,6 +124,7 @@ fn image_stacks(format: Format) {
             cluster_size: None,
             backing: None,
             fixed: false,
+            encrypt: None,
         };
         vdk_formats::create(&path, SIZE, &opts).unwrap();
         vdk_formats::open(&path, &OpenOptions::default())

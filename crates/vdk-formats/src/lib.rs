@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod iso;
+pub mod luks;
 pub mod qcow2;
 pub mod vhd;
 pub mod vhdx;
@@ -129,15 +130,18 @@ pub enum Format {
     Vhd,
     /// Hyper-V VHDX, fixed or dynamic.
     Vhdx,
+    /// A LUKS1 or LUKS2 encrypted disk (qemu's `luks`), served as its plaintext.
+    Luks,
 }
 
 impl Format {
     /// Every format, in the order help texts list them.
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 6] = [
         Format::Raw,
         Format::Qcow2,
         Format::Vhd,
         Format::Vhdx,
+        Format::Luks,
         Format::Iso,
     ];
 
@@ -149,6 +153,7 @@ impl Format {
             Format::Iso => "iso",
             Format::Vhd => "vhd",
             Format::Vhdx => "vhdx",
+            Format::Luks => "luks",
         }
     }
 
@@ -160,10 +165,11 @@ impl Format {
             "iso" => Ok(Format::Iso),
             "vhd" | "vpc" => Ok(Format::Vhd),
             "vhdx" => Ok(Format::Vhdx),
+            "luks" => Ok(Format::Luks),
             other => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!(
-                    "unknown or unsupported image format {other:?} (vdk reads raw, qcow2, vhd, vhdx and iso)"
+                    "unknown or unsupported image format {other:?} (vdk reads raw, qcow2, vhd, vhdx, luks and iso)"
                 ),
             )),
         }
@@ -186,6 +192,7 @@ pub fn format_by_name(path: &Path) -> Option<Format> {
         "vhd" | "vpc" => Some(Format::Vhd),
         "vhdx" => Some(Format::Vhdx),
         "iso" => Some(Format::Iso),
+        "luks" => Some(Format::Luks),
         _ => None,
     }
 }
@@ -196,7 +203,9 @@ pub fn format_by_name(path: &Path) -> Option<Format> {
 /// Naming the format (`--format raw`) says the user knows.
 pub fn check_named(path: &Path, probed: Format) -> io::Result<()> {
     match format_by_name(path) {
-        Some(named @ (Format::Qcow2 | Format::Vhd | Format::Vhdx)) if named != probed => {
+        Some(named @ (Format::Qcow2 | Format::Vhd | Format::Vhdx | Format::Luks))
+            if named != probed =>
+        {
             Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -231,6 +240,8 @@ pub fn probe(path: &Path) -> io::Result<Format> {
     let tail_ok = len >= 512 && read_some(&f, &mut tail, len - 512)? == 512;
     Ok(if head.starts_with(&MAGIC) {
         Format::Qcow2
+    } else if head.starts_with(luks::MAGIC) {
+        Format::Luks
     } else if head.starts_with(vhdx::MAGIC) {
         Format::Vhdx
     } else if vhd::is_vhd(&head, if tail_ok { &tail } else { &[] }) {
@@ -256,7 +267,7 @@ fn read_some(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 }
 
 /// How to open an image.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     /// The format; probed from the magic when `None`.
     pub format: Option<Format>,
@@ -267,6 +278,8 @@ pub struct OpenOptions {
     /// Take no image locks (with `read_only` only), as `qemu-img -U` does: read an image that
     /// another program has open for writing.
     pub force_share: bool,
+    /// The passphrase of an encrypted (LUKS) image.
+    pub key: Option<luks::Secret>,
 }
 
 /// An open image.
@@ -343,7 +356,8 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
         read_only,
         probe_backing,
         force_share,
-    } = *opts;
+        key: _,
+    } = opts.clone();
     let file_opts = FileOptions {
         read_only,
         force_share,
@@ -381,6 +395,10 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
         Format::Iso => Arc::new(iso::IsoDisk::open(path, file_opts)?),
         Format::Vhd => Arc::new(vhd::Vhd::open(path, file_opts)?),
         Format::Vhdx => Arc::new(vhdx::Vhdx::open(path, file_opts)?),
+        Format::Luks => Arc::new(
+            luks::LuksDisk::open(path, file_opts, opts.key.as_ref())
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
+        ),
         Format::Qcow2 => {
             let file = fs::OpenOptions::new()
                 .read(true)
@@ -412,7 +430,7 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
                     let bopts = OpenOptions {
                         format: bformat,
                         read_only: true,
-                        ..*opts
+                        ..opts.clone()
                     };
                     Some(open_in_chain(&bpath, &bopts, chain)?.device)
                 }
@@ -484,6 +502,8 @@ pub struct ImageInfo {
     pub volume_id: Option<String>,
     /// A VHD's kind: fixed or dynamic.
     pub subformat: Option<&'static str>,
+    /// A LUKS image's header.
+    pub luks: Option<luks::Summary>,
 }
 
 /// Describes the image at `path` (and its backing chain with `chain`).
@@ -533,6 +553,7 @@ fn info_in_chain(
         backing: None,
         volume_id: None,
         subformat: None,
+        luks: None,
     };
     if format == Format::Vhd {
         let (size, kind, block) = vhd::describe(path)?;
@@ -544,6 +565,13 @@ fn info_in_chain(
         let (size, block) = vhdx::describe(path)?;
         info.virtual_size = size;
         info.cluster_size = Some(block);
+    }
+    if format == Format::Luks {
+        let l = luks::summary(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        info.virtual_size = l.size;
+        info.encrypted = true;
+        info.luks = Some(l);
     }
     if format == Format::Iso {
         info.virtual_size -= info.virtual_size % u64::from(iso::SECTOR);
@@ -596,6 +624,8 @@ pub struct CreateOptions {
     pub backing: Option<(String, Format)>,
     /// A fixed (fully allocated) image rather than a growing one (VHD).
     pub fixed: bool,
+    /// Encrypt it (LUKS): the passphrase and the key slot's PBKDF2 time.
+    pub encrypt: Option<luks::CreateOptions>,
 }
 
 /// Creates a new image of `size` bytes at `path` (which must not exist). If it fails, no file
@@ -661,6 +691,26 @@ fn create_new(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<()> {
             }
             vhd::create(path, size, opts.fixed).map(drop)
         }
+        Format::Luks => {
+            let Some(enc) = &opts.encrypt else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a LUKS image needs a passphrase (--key-file FILE or --key-secret ENV)",
+                ));
+            };
+            if opts.backing.is_some() {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "LUKS images have no backing file",
+                ));
+            }
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)?;
+            luks::create(&file, size, enc)
+        }
         Format::Vhdx => {
             if opts.backing.is_some() || opts.fixed {
                 return Err(io::Error::new(
@@ -692,7 +742,7 @@ pub fn check(
         None => probe(path)?,
     };
     match format {
-        Format::Raw | Format::Iso | Format::Vhd | Format::Vhdx => Ok(None),
+        Format::Raw | Format::Iso | Format::Vhd | Format::Vhdx | Format::Luks => Ok(None),
         Format::Qcow2 => {
             let file = File::open(path)?;
             let lock = FileOptions {

@@ -108,6 +108,7 @@ fn images_vdk_makes_and_writes_pass_qemu_img_check() {
             cluster_size: Some(cluster),
             backing: None,
             fixed: false,
+            encrypt: None,
         };
         create(&img, size, &opts).unwrap();
         fs::File::create(&mirror).unwrap().set_len(size).unwrap();
@@ -196,6 +197,7 @@ fn backing_chains_read_through_and_never_write_below() {
         cluster_size: None,
         backing: Some(("mid.qcow2".into(), Format::Qcow2)),
         fixed: false,
+        encrypt: None,
     };
     create(&top, size, &opts).unwrap();
     let mirror = dir.path().join("top.raw");
@@ -244,6 +246,7 @@ fn parallel_writers_keep_data_and_metadata_straight() {
         cluster_size: Some(16384),
         backing: None,
         fixed: false,
+        encrypt: None,
     };
     create(&img, size, &opts).unwrap();
     let dev = open_rw(&img);
@@ -306,6 +309,7 @@ fn growing_while_writers_run_keeps_every_write() {
         cluster_size: Some(4096),
         backing: None,
         fixed: false,
+        encrypt: None,
     };
     create(&img, 4 * MIB, &opts).unwrap();
     let dev = open_rw(&img);

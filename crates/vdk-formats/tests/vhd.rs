@@ -54,6 +54,7 @@ fn vhds_vdk_makes_and_writes_read_the_same_in_qemu() {
             cluster_size: None,
             backing: None,
             fixed,
+            encrypt: None,
         };
         create(&img, 48 * MIB, &opts).unwrap();
         let size = open_ro(&img).info().size;
@@ -77,6 +78,7 @@ fn vhds_vdk_makes_and_writes_read_the_same_in_qemu() {
         cluster_size: None,
         backing: None,
         fixed: false,
+        encrypt: None,
     };
     create(&img, 1 << 40, &opts).unwrap();
     let dev = open_rw(&img);
@@ -98,6 +100,7 @@ fn parallel_writers_on_a_dynamic_vhd() {
         cluster_size: None,
         backing: None,
         fixed: false,
+        encrypt: None,
     };
     create(&img, 64 * MIB, &opts).unwrap();
     let dev = open_rw(&img);

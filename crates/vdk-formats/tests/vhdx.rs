@@ -64,6 +64,7 @@ fn vhdx_images_vdk_writes_pass_qemu_img_check() {
         cluster_size: None,
         backing: None,
         fixed: false,
+        encrypt: None,
     };
     create(&ours, 96 * MIB, &opts).unwrap();
     let theirs = dir.path().join("theirs.vhdx");

@@ -50,9 +50,13 @@ pub struct CloudArgs {
     /// The most the cache holds (default 1G); dirty chunks are uploaded before it fills.
     #[arg(long, value_name = "SIZE")]
     pub cache_size: Option<String>,
-    /// The key of an encrypted disk: a file of 32 raw bytes or 64 hex digits.
+    /// The key of an encrypted disk: a LUKS image's passphrase (all of FILE, byte for
+    /// byte, as cryptsetup and QEMU read it), or an object-store disk's 32 raw bytes or 64 hex digits.
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
+    /// A LUKS image's passphrase, from the environment variable ENV (never the command line).
+    #[arg(long, value_name = "ENV", conflicts_with = "key_file")]
+    pub key_secret: Option<String>,
     /// Drop the chunks a stopped writer left in the cache, not uploaded, instead of
     /// uploading them: the disk is as its last flush left it.
     #[arg(long)]
@@ -64,6 +68,11 @@ pub struct CloudArgs {
 }
 
 impl CloudArgs {
+    /// The LUKS passphrase given, if any.
+    pub fn luks_secret(&self) -> anyhow::Result<Option<vdk_formats::luks::Secret>> {
+        luks_secret(self.key_file.as_deref(), self.key_secret.as_deref())
+    }
+
     /// The options, paths made absolute (for the daemon).
     pub fn options(&self) -> anyhow::Result<CloudOptions> {
         let abs = |p: &Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
@@ -159,4 +168,17 @@ pub fn open(
         );
     }
     Ok(disk)
+}
+
+/// A LUKS passphrase from `--key-file FILE` or `--key-secret ENV`, if either is given.
+pub fn luks_secret(
+    file: Option<&Path>,
+    env: Option<&str>,
+) -> anyhow::Result<Option<vdk_formats::luks::Secret>> {
+    use vdk_formats::luks::Secret;
+    Ok(match (file, env) {
+        (Some(f), _) => Some(Secret::from_file(f)?),
+        (None, Some(e)) => Some(Secret::from_env(e)?),
+        (None, None) => None,
+    })
 }

@@ -412,6 +412,25 @@ pub struct OpenRequest {
     /// to reach it and cache it.
     #[serde(default, skip_serializing_if = "CloudOptions::is_default")]
     pub cloud: CloudOptions,
+    /// A LUKS image's passphrase: a file the daemon reads (absolute; its caller must be able
+    /// to read it), all of it, byte for byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// A LUKS image's passphrase itself (`vdk open --key-secret ENV` sends the variable's
+    /// value); never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret: Option<Redacted>,
+}
+
+/// A string that is a secret: serialised as it is, shown as `..` in logs and debug output.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("..")
+    }
 }
 
 /// How to reach and cache a disk in object storage. The store's settings and credentials come

@@ -161,6 +161,7 @@ pub fn new_image(
         cluster_size: cluster,
         backing: None,
         fixed: false,
+        encrypt: None,
     };
     vdk_formats::create(path, size, &opts).unwrap();
     open_rw(path)

@@ -58,6 +58,9 @@ pub struct ConvertArgs {
     /// Never show a progress bar (it shows only on a terminal anyway).
     #[arg(short, long)]
     quiet: bool,
+    /// With -O luks: milliseconds of PBKDF2 that opening the new image's key slot costs.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    iter_time: u32,
     /// A new object-store disk: bytes per chunk (default 4M).
     #[arg(long, value_name = "SIZE")]
     chunk_size: Option<String>,
@@ -96,7 +99,7 @@ fn to_cloud(args: &ConvertArgs, url: &str, src: &dyn BlockDevice) -> anyhow::Res
     vdk_objstore::create(url, &opts).with_context(|| format!("cannot create {url}"))?;
     let copied = (|| {
         let dst = crate::cloud::open(url, &cloud, false, None)?;
-        copy(src, &dst, args.quiet)?;
+        copy(src, &dst, args.quiet, false)?;
         let (_, dirty) = dst.cache_usage();
         if !args.quiet && dirty > 0 {
             eprintln!("uploading the last {}", Human(dirty));
@@ -125,6 +128,8 @@ pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()>
         Some(name) => Format::from_name(name)?,
         None => vdk_formats::format_by_name(&args.dst).unwrap_or(Format::Raw),
     };
+    // A LUKS passphrase opens an encrypted SRC and encrypts a LUKS DST (-O luks).
+    let secret = args.cloud.luks_secret()?;
     let src: Arc<dyn BlockDevice> = match url_of(&args.src) {
         Some(url) => Arc::new(crate::cloud::open(url, &args.cloud.options()?, true, None)?),
         None => {
@@ -135,6 +140,7 @@ pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()>
                     read_only: true,
                     probe_backing: args.probe_backing,
                     force_share: args.force_share,
+                    key: secret.clone(),
                 },
             )
             .with_context(|| format!("cannot open {}", args.src.display()))
@@ -164,6 +170,16 @@ pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()>
         cluster_size,
         backing: None,
         fixed: false,
+        encrypt: match (dst_format, &secret) {
+            (Format::Luks, Some(s)) => Some(vdk_formats::luks::CreateOptions {
+                secret: s.clone(),
+                iter_time_ms: args.iter_time,
+            }),
+            (Format::Luks, None) => {
+                bail!("-O luks needs a passphrase: --key-file FILE or --key-secret ENV")
+            }
+            _ => None,
+        },
     };
     vdk_formats::create(&args.dst, size, &opts)
         .with_context(|| format!("cannot create {}", args.dst.display()))?;
@@ -172,11 +188,12 @@ pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()>
             &args.dst,
             &OpenOptions {
                 format: Some(dst_format),
+                key: secret.clone(),
                 ..OpenOptions::default()
             },
         )?
         .device;
-        copy(&*src, &*dst, args.quiet)?;
+        copy(&*src, &*dst, args.quiet, dst_format == Format::Luks)?;
         dst.flush()?;
         anyhow::Ok(())
     })();
@@ -188,12 +205,14 @@ pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()>
     Ok(())
 }
 
-/// The data ranges of `src`, in pieces of at most [`PIECE`], lazily.
+/// The data ranges of `src` (every range, when `dense`), in pieces of at most [`PIECE`],
+/// lazily.
 struct Pieces<'a> {
     src: &'a dyn BlockDevice,
     size: u64,
     mapped_to: u64,
     queue: std::collections::VecDeque<(u64, u64)>,
+    dense: bool,
 }
 
 impl Pieces<'_> {
@@ -202,7 +221,7 @@ impl Pieces<'_> {
             let len = MAP_STEP.min(self.size - self.mapped_to);
             let map = self.src.extents(self.mapped_to, len)?;
             for (at, run) in map.iter() {
-                if run.kind == ExtentKind::Data {
+                if self.dense || run.kind == ExtentKind::Data {
                     let mut p = at;
                     while p < at + run.len {
                         let n = PIECE.min(at + run.len - p);
@@ -217,7 +236,14 @@ impl Pieces<'_> {
     }
 }
 
-fn copy(src: &dyn BlockDevice, dst: &dyn BlockDevice, quiet: bool) -> anyhow::Result<()> {
+/// Copies `src` into `dst`. Holes and zeroes are left out unless `dense` (a destination
+/// whose unwritten parts do not read as zeroes: a LUKS image's decrypt to noise).
+fn copy(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    quiet: bool,
+    dense: bool,
+) -> anyhow::Result<()> {
     let size = src.info().size;
     let bar = if quiet {
         ProgressBar::hidden()
@@ -235,6 +261,7 @@ fn copy(src: &dyn BlockDevice, dst: &dyn BlockDevice, quiet: bool) -> anyhow::Re
         size,
         mapped_to: 0,
         queue: Default::default(),
+        dense,
     });
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
@@ -250,7 +277,7 @@ fn copy(src: &dyn BlockDevice, dst: &dyn BlockDevice, quiet: bool) -> anyhow::Re
                         let b = &mut buf[..usize::try_from(n).unwrap_or(PIECE_BYTES)];
                         src.read_at(b, at)?;
                         // Zeroes in data stay holes in the new image.
-                        if b.iter().any(|x| *x != 0) {
+                        if dense || b.iter().any(|x| *x != 0) {
                             dst.write_at(b, at, false)?;
                         }
                         Ok(Some(n))

@@ -185,8 +185,27 @@ pub fn open(args: OpenArgs) -> anyhow::Result<()> {
                 ..args.cloud.options()?
             }
         } else {
-            args.cloud.options()?
+            // An image file's key is a LUKS passphrase (below), not an object-store key.
+            crate::control::CloudOptions {
+                key_file: None,
+                ..args.cloud.options()?
+            }
         },
+        key_file: if is_url {
+            None
+        } else {
+            args.cloud.key_file.as_deref().map(absolute).transpose()?
+        },
+        key_secret: args
+            .cloud
+            .key_secret
+            .as_deref()
+            .map(|name| {
+                std::env::var(name)
+                    .map(crate::control::Redacted)
+                    .map_err(|_| anyhow!("--key-secret {name}: no such environment variable"))
+            })
+            .transpose()?,
         size,
         read_only: args.read_only,
         format: args.format,

@@ -21,6 +21,7 @@ Examples:
   vdk create -f raw disk.img 10G
   vdk create overlay.qcow2 --backing base.img    size and backing format from the base
   vdk create s3://bucket/disks/d1 10G            a disk in object storage, 4 MiB chunks
+  vdk create disk.luks 10G --encrypt luks --key-file pass   LUKS1, as qemu-img -f luks makes it
   vdk create s3://bucket/d2 1T --compression zstd --encryption aes-256-gcm --key-file k")]
 pub struct CreateArgs {
     /// The new image (must not exist): a path, or an s3://, gs://, az:// or file:// URL
@@ -51,12 +52,26 @@ pub struct CreateArgs {
     /// Object storage: chunk compression, none (default) or zstd.
     #[arg(long, value_name = "HOW", default_value = "none")]
     compression: String,
-    /// Object storage: chunk encryption, none (default) or aes-256-gcm (needs --key-file).
-    #[arg(long, value_name = "HOW", default_value = "none")]
+    /// Encryption: luks for an image file (a LUKS1 image, qemu's luks format: AES-256-XTS,
+    /// PBKDF2-SHA256); for object storage aes-256-gcm chunks. Needs a key. Default none.
+    #[arg(
+        long,
+        visible_alias = "encrypt",
+        value_name = "HOW",
+        default_value = "none"
+    )]
     encryption: String,
-    /// Object storage: the key of an encrypted disk, 32 raw bytes or 64 hex digits.
+    /// The key: a LUKS image's passphrase (all of FILE, byte for byte), or an
+    /// object-store disk's 32 raw bytes or 64 hex digits.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// A LUKS image's passphrase, from the environment variable ENV.
+    #[arg(long, value_name = "ENV", conflicts_with = "key_file")]
+    key_secret: Option<String>,
+    /// LUKS: milliseconds of PBKDF2 that opening the key slot costs (as cryptsetup's and
+    /// qemu-img's iter-time; default 2000).
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    iter_time: u32,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -124,16 +139,46 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
     if let Some(url) = args.file.to_str().filter(|f| crate::cloud::is_url(f)) {
         return create_cloud(url, &args);
     }
-    if args.chunk_size.is_some()
-        || args.key_file.is_some()
-        || args.compression != "none"
-        || args.encryption != "none"
-    {
-        bail!("--chunk-size, --compression, --encryption and --key-file are for object-store disks (s3://...)");
+    if args.chunk_size.is_some() || args.compression != "none" {
+        bail!("--chunk-size and --compression are for object-store disks (s3://...)");
     }
+    let luks = match args.encryption.as_str() {
+        "none" => false,
+        "luks" => true,
+        other => bail!("unknown --encrypt {other:?} for an image file: luks (or none)"),
+    };
     let format = match args.format.as_deref() {
         Some(name) => Format::from_name(name)?,
+        None if luks => Format::Luks,
         None => vdk_formats::format_by_name(&args.file).unwrap_or(Format::Qcow2),
+    };
+    let encrypt = match (luks || format == Format::Luks, format) {
+        (false, _) => {
+            if args.key_file.is_some() || args.key_secret.is_some() {
+                bail!("a key goes with --encrypt luks (or an object-store disk's --encryption)");
+            }
+            None
+        }
+        (true, Format::Luks | Format::Raw) => {
+            let Some(secret) =
+                crate::cloud::luks_secret(args.key_file.as_deref(), args.key_secret.as_deref())?
+            else {
+                bail!("--encrypt luks needs a passphrase: --key-file FILE or --key-secret ENV");
+            };
+            Some(vdk_formats::luks::CreateOptions {
+                secret,
+                iter_time_ms: args.iter_time,
+            })
+        }
+        (true, other) => bail!(
+            "vdk encrypts raw LUKS images (-f luks); {other} images with encryption are not \
+             supported yet"
+        ),
+    };
+    let format = if encrypt.is_some() {
+        Format::Luks
+    } else {
+        format
     };
     let mut size = args
         .size
@@ -177,6 +222,7 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
         cluster_size,
         backing,
         fixed,
+        encrypt,
     };
     vdk_formats::create(&args.file, size, &opts)
         .with_context(|| format!("cannot create {}", args.file.display()))?;

@@ -181,6 +181,20 @@ fn format_specific(i: &ImageInfo) -> Option<Value> {
         Format::Iso => {
             d.insert("volume-id".into(), json!(i.volume_id.as_deref()?));
         }
+        Format::Luks => {
+            let l = i.luks.as_ref()?;
+            d.insert(
+                "cipher-alg".into(),
+                json!(format!("aes-{}", l.key_bits / 2)),
+            );
+            d.insert("cipher-mode".into(), json!("xts"));
+            d.insert("ivgen-alg".into(), json!("plain64"));
+            d.insert("payload-offset".into(), json!(l.payload_offset));
+            d.insert("uuid".into(), json!(l.uuid));
+            d.insert("version".into(), json!(l.version));
+            d.insert("sector-size".into(), json!(l.sector_size));
+            d.insert("active-slots".into(), json!(l.slots));
+        }
         Format::Raw | Format::Vhdx => return None,
     }
     Some(json!({ "type": i.format.name(), "data": d }))

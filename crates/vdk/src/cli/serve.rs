@@ -175,6 +175,7 @@ fn open(
                     format: Some(format),
                     read_only,
                     probe_backing: args.probe_backing,
+                    key: args.cloud.luks_secret()?,
                     ..Default::default()
                 };
                 let device = vdk_formats::open(path, &opts).map_err(cannot_open)?.device;

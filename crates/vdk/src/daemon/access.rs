@@ -262,6 +262,9 @@ fn paths(req: &Request) -> Result<Vec<(PathBuf, Want)>, ApiError> {
             if let Some(k) = &r.cloud.key_file {
                 out.push((k.clone(), Want::Read));
             }
+            if let Some(k) = &r.key_file {
+                out.push((k.clone(), Want::Read));
+            }
             for f in &r.filters {
                 out.extend(filter_paths(f));
             }

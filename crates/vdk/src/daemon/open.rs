@@ -35,6 +35,8 @@ struct Asked {
     format: Option<Format>,
     specs: Vec<FilterSpec>,
     allow: Vec<vdk_nbd::Rule>,
+    /// A LUKS image's passphrase.
+    key: Option<vdk_formats::luks::Secret>,
 }
 
 impl Asked {
@@ -145,11 +147,21 @@ impl Asked {
         if !req.iscsi && (req.iscsi_target.is_some() || req.iscsi_lun.is_some()) {
             return Err(invalid("--iscsi-target and --iscsi-lun go with --iscsi"));
         }
+        let key = match (&req.key_file, &req.key_secret) {
+            (Some(_), Some(_)) => return Err(invalid("a key file or a key secret, not both")),
+            (Some(f), None) => Some(
+                vdk_formats::luks::Secret::from_file(f)
+                    .map_err(|e| ApiError::io("cannot read the key", &e))?,
+            ),
+            (None, Some(s)) => Some(vdk_formats::luks::Secret::new(s.0.clone().into_bytes())),
+            (None, None) => None,
+        };
         Ok(Asked {
             attach,
             format,
             specs,
             allow,
+            key,
         })
     }
 }
@@ -167,7 +179,7 @@ impl Daemon {
         let (image, created) = if is_cloud(&req) {
             self.cloud_image(&req)?
         } else {
-            self.image(&req, asked.format)?
+            self.image(&req, asked.format, asked.key.as_ref())?
         };
         match self.open_image(&req, asked, &image, opener) {
             Ok(d) => {
@@ -223,6 +235,7 @@ impl Daemon {
         &self,
         req: &OpenRequest,
         format: Option<Format>,
+        key: Option<&vdk_formats::luks::Secret>,
     ) -> Result<(PathBuf, bool), ApiError> {
         let path = &req.path;
         let shown = path.display();
@@ -268,11 +281,19 @@ impl Daemon {
                 let format = format
                     .or_else(|| vdk_formats::format_by_name(path))
                     .unwrap_or(Format::Raw);
+                // A new .luks image is encrypted with the key given (key slot 0).
+                let encrypt = key.filter(|_| format == Format::Luks).map(|k| {
+                    vdk_formats::luks::CreateOptions {
+                        secret: k.clone(),
+                        iter_time_ms: 2000,
+                    }
+                });
                 let opts = vdk_formats::CreateOptions {
                     format,
                     cluster_size: None,
                     backing: None,
                     fixed: false,
+                    encrypt,
                 };
                 vdk_formats::create(path, size, &opts)
                     .map_err(|e| ApiError::io(format!("cannot create {shown}"), &e))?;
@@ -328,6 +349,7 @@ impl Daemon {
             specs: asked.specs,
             cloud: is_cloud(req).then(|| (req.cloud.clone(), self.paths.dir.join("cache"))),
             object: std::sync::Weak::new(),
+            key: asked.key.clone(),
         };
         let (chain, opened_format) = recipe.build()?;
         let backend = chain.device;

@@ -28,6 +28,8 @@ pub struct Recipe {
     pub cloud: Option<(CloudOptions, PathBuf)>,
     /// The object-store disk the chain was last built over (for its cache figures).
     pub object: Weak<vdk_objstore::ObjectDisk>,
+    /// A LUKS image's passphrase.
+    pub key: Option<vdk_formats::luks::Secret>,
 }
 
 impl Recipe {
@@ -48,6 +50,7 @@ impl Recipe {
             format: self.format,
             read_only: self.read_only,
             probe_backing: self.probe_backing,
+            key: self.key.clone(),
             ..Default::default()
         };
         let opened = vdk_formats::open(&self.image, &opts)

@@ -38,6 +38,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("fsx", "cargo install fsx --locked"),
     ("fio", "fio"),
     ("promtool", "prometheus"),
+    ("cryptsetup", "cryptsetup-bin"),
     ("curl", "curl"),
     ("xorriso", "xorriso"),
     ("genisoimage", "genisoimage"),
