@@ -293,14 +293,27 @@ fn cryptsetup_luks2_images_serve_their_plaintext() {
             .arg("--key-file")
             .arg(&pass)
             .arg(&image));
+        // The key from a file (the daemon reads it), or from the environment (the value
+        // travels in the request).
         let d = Daemon::new();
-        let v = d.open(&[
-            image.to_str().unwrap(),
-            "--attach",
-            "none",
-            "--key-file",
-            pass.to_str().unwrap(),
-        ]);
+        let key: [&str; 2] = if sector == 4096 {
+            ["--key-file", pass.to_str().unwrap()]
+        } else {
+            ["--key-secret", "VDK_TEST_PASS"]
+        };
+        let opened = stdout(
+            d.cmd(&[
+                "open",
+                image.to_str().unwrap(),
+                "--attach",
+                "none",
+                "--json",
+            ])
+            .args(key)
+            .env("VDK_TEST_PASS", PASS),
+        );
+        let v: serde_json::Value = serde_json::from_str(&opened).unwrap();
+        assert!(!d.log().contains(PASS), "the passphrase is never logged");
         assert_eq!(v["format"], "luks", "{v}");
         assert_eq!(v["size"], 8 << 20, "{name}: 24 MiB less the 16 MiB header");
         let uri = v["nbd"][0].as_str().unwrap();

@@ -161,18 +161,11 @@ fn metrics_scraped_under_load_pass_promtool_and_match_vdk_list() {
 #[test]
 fn a_bad_metrics_address_stops_the_daemon_with_a_clear_error() {
     let d = Daemon::new();
-    let out = d
-        .cmd(&["daemon", "--metrics", "http://127.0.0.1:9100"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("expected tcp://HOST:PORT"), "{err}");
-    let out = d
-        .cmd(&["daemon", "--metrics", "tcp://256.0.0.1:1"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("cannot listen"), "{err}");
+    for (uri, want) in [
+        ("http://127.0.0.1:9100", "expected tcp://HOST:PORT"),
+        ("tcp://256.0.0.1:1", "cannot listen"),
+    ] {
+        let err = common::admin::one_line_error(&mut d.cmd(&["daemon", "--metrics", uri]));
+        assert!(err.contains(want), "{uri}: {err}");
+    }
 }
