@@ -182,6 +182,31 @@ fn wrong_missing_keys_and_damaged_headers_are_one_line_errors() {
     };
     let e = serve(&["--key-file", wrong.to_str().unwrap()]);
     assert!(e.contains("opens no key slot"), "{e}");
+    // check reads the header without a key, and with one checks that it opens a slot.
+    let img = v.to_str().unwrap();
+    let p = pass.to_str().unwrap();
+    let out = stdout(&mut common::admin::vdk(&["check", img]));
+    assert!(
+        out.contains("No errors were found in the LUKS1 header"),
+        "{out}"
+    );
+    let out = stdout(&mut common::admin::vdk(&["check", img, "--key-file", p]));
+    assert!(out.contains("No errors were found on the image"), "{out}");
+    let e = common::admin::one_line_error(&mut common::admin::vdk(&[
+        "check",
+        img,
+        "--key-file",
+        wrong.to_str().unwrap(),
+    ]));
+    assert!(e.contains("opens no key slot"), "{e}");
+    let out = stdout(&mut common::admin::vdk(&[
+        "compare",
+        img,
+        img,
+        "--key-file",
+        p,
+    ]));
+    assert!(out.contains("identical"), "{out}");
     let e = serve(&[]);
     assert!(e.contains("--key-file"), "{e}");
     let e = common::admin::one_line_error(&mut common::admin::vdk(&[

@@ -46,6 +46,8 @@ pub struct CompareArgs {
     /// Print nothing; the exit status says it.
     #[arg(short = 'q', long)]
     quiet: bool,
+    #[command(flatten)]
+    key: super::KeyArgs,
 }
 
 /// What the comparison found.
@@ -62,6 +64,7 @@ fn open(
     path: &Path,
     format: Option<&str>,
     force_share: bool,
+    key: Option<vdk_formats::luks::Secret>,
 ) -> anyhow::Result<Arc<dyn BlockDevice>> {
     let format = format.map(Format::from_name).transpose()?;
     Ok(vdk_formats::open(
@@ -70,6 +73,7 @@ fn open(
             format,
             read_only: true,
             force_share,
+            key,
             ..OpenOptions::default()
         },
     )
@@ -81,9 +85,16 @@ fn open(
 pub fn run(args: CompareArgs, paths: &crate::paths::Paths) -> anyhow::Result<ExitCode> {
     let compared = (|| {
         let hint = "; add -U to compare it as it is now";
-        let a = open(&args.a, args.a_format.as_deref(), args.force_share)
-            .map_err(|e| super::name_holder(e, &args.a, paths, hint))?;
-        let b = open(&args.b, args.b_format.as_deref(), args.force_share)
+        // One passphrase opens whichever of them is encrypted (LUKS).
+        let key = args.key.secret()?;
+        let a = open(
+            &args.a,
+            args.a_format.as_deref(),
+            args.force_share,
+            key.clone(),
+        )
+        .map_err(|e| super::name_holder(e, &args.a, paths, hint))?;
+        let b = open(&args.b, args.b_format.as_deref(), args.force_share, key)
             .map_err(|e| super::name_holder(e, &args.b, paths, hint))?;
         compare(&*a, &*b, args.strict)
     })();

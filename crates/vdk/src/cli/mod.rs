@@ -61,6 +61,24 @@ fn env_paths() -> anyhow::Result<Paths> {
     Paths::new(std::env::var_os("VDK_SOCKET").map(PathBuf::from).as_deref())
 }
 
+/// The passphrase of a LUKS image, for commands that open images but not object-store disks.
+#[derive(Args, Clone, Debug, Default)]
+pub struct KeyArgs {
+    /// A LUKS image's passphrase: all of FILE, byte for byte (as cryptsetup and QEMU read it).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// A LUKS image's passphrase, from the environment variable ENV.
+    #[arg(long, value_name = "ENV", conflicts_with = "key_file")]
+    pub key_secret: Option<String>,
+}
+
+impl KeyArgs {
+    /// The passphrase given, if any.
+    pub fn secret(&self) -> anyhow::Result<Option<vdk_formats::luks::Secret>> {
+        crate::cloud::luks_secret(self.key_file.as_deref(), self.key_secret.as_deref())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve disk images over NBD in the foreground, until SIGINT or SIGTERM.
