@@ -433,7 +433,7 @@ impl Header {
             }
         }
         Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
+            io::ErrorKind::InvalidInput,
             "the passphrase opens no key slot (wrong key?)",
         ))
     }
@@ -718,7 +718,7 @@ impl LuksDisk {
         let header = Header::read(&raw)?;
         let Some(secret) = secret else {
             return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
+                io::ErrorKind::InvalidInput,
                 "it is encrypted (LUKS): give its passphrase with --key-file FILE or \
                  --key-secret ENV",
             ));
@@ -983,7 +983,7 @@ mod tests {
             Some(&Secret::new(b"wrong".to_vec())),
         )
         .unwrap_err();
-        assert_eq!(wrong.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(wrong.kind(), io::ErrorKind::InvalidInput);
         assert!(wrong.to_string().contains("wrong key"), "{wrong}");
         let none = LuksDisk::open(&path, FileOptions::default(), None).unwrap_err();
         assert!(none.to_string().contains("--key-file"), "{none}");
