@@ -169,6 +169,7 @@ pub fn cow(
         &Qcow2Options {
             read_only: false,
             max_bytes: opts.size,
+            key: None,
         },
     )?;
     Ok(Arc::new(q))
@@ -274,7 +275,7 @@ fn open_pair(overlay: &Path) -> io::Result<(Arc<dyn BlockDevice>, Qcow2, PathBuf
         None,
         &Qcow2Options {
             read_only: true,
-            max_bytes: None,
+            ..Qcow2Options::default()
         },
     )?;
     Ok((base, q, base_path))

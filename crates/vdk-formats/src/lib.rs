@@ -443,6 +443,7 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
                 &Qcow2Options {
                     read_only,
                     max_bytes: None,
+                    key: opts.key.clone(),
                 },
             )?)
         }
@@ -504,6 +505,8 @@ pub struct ImageInfo {
     pub subformat: Option<&'static str>,
     /// A LUKS image's header.
     pub luks: Option<luks::Summary>,
+    /// A qcow2 image's encryption: `luks` (served), `aes` (legacy, refused).
+    pub crypt: Option<&'static str>,
 }
 
 /// Describes the image at `path` (and its backing chain with `chain`).
@@ -554,6 +557,7 @@ fn info_in_chain(
         volume_id: None,
         subformat: None,
         luks: None,
+        crypt: None,
     };
     if format == Format::Vhd {
         let (size, kind, block) = vhd::describe(path)?;
@@ -597,6 +601,11 @@ fn info_in_chain(
         info.extended_l2 = h.extended_l2();
         info.snapshots = h.nb_snapshots;
         info.encrypted = h.crypt_method != 0;
+        info.crypt = match h.crypt_method {
+            0 => None,
+            1 => Some("aes"),
+            _ => Some("luks"),
+        };
         info.data_file = h.data_file.clone();
         if chain {
             if let Some(name) = &info.backing_file {
@@ -676,6 +685,7 @@ fn create_new(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<()> {
                 .backing
                 .as_ref()
                 .map(|(n, f)| (n.clone(), f.name().to_owned()));
+            q.encrypt.clone_from(&opts.encrypt);
             qcow2::create::create(path, size, &q).map(drop)
         }
         Format::Iso => Err(io::Error::new(
@@ -810,7 +820,7 @@ fn qcow2_tables(path: &Path, allow: impl FnOnce(&Header) -> io::Result<()>) -> i
     allow(&header)?;
     let opts = Qcow2Options {
         read_only: false,
-        max_bytes: None,
+        ..Qcow2Options::default()
     };
     Qcow2::open(path, file, header, None, &opts)
 }

@@ -237,6 +237,9 @@ pub struct Header {
     digest: KeyDigest,
     /// The header's UUID.
     pub uuid: String,
+    /// Where the header is in its file (0, or inside a qcow2 image): key slot offsets are
+    /// from here.
+    base: u64,
 }
 
 fn bad(why: impl Into<String>) -> io::Error {
@@ -275,16 +278,23 @@ fn check_cipher(cipher: &str, key_bytes: usize) -> io::Result<()> {
 impl Header {
     /// Reads the header at the start of `file`.
     pub fn read(file: &File) -> io::Result<Header> {
+        Header::read_at(file, 0)
+    }
+
+    /// Reads the header at `base` in `file` (a qcow2 image's embedded one).
+    pub fn read_at(file: &File, base: u64) -> io::Result<Header> {
         let mut head = vec![0u8; LUKS2_BIN];
-        let n = crate::read_some(file, &mut head, 0)?;
+        let n = crate::read_some(file, &mut head, base)?;
         if n < LUKS1_HEADER || !head.starts_with(MAGIC) {
             return Err(bad("no LUKS header (magic, or too short)"));
         }
-        match u16::from_be_bytes([head[6], head[7]]) {
+        let mut h = match u16::from_be_bytes([head[6], head[7]]) {
             1 => Header::luks1(&head),
-            2 => Header::luks2(file, &head[..n]),
+            2 => Header::luks2(file, base, &head[..n]),
             v => Err(bad(format!("LUKS version {v} (1 and 2 are known)"))),
-        }
+        }?;
+        h.base = base;
+        Ok(h)
     }
 
     fn luks1(h: &[u8]) -> io::Result<Header> {
@@ -341,10 +351,11 @@ impl Header {
             slots,
             digest,
             uuid: text(&h[168..208]),
+            base: 0,
         })
     }
 
-    fn luks2(file: &File, bin: &[u8]) -> io::Result<Header> {
+    fn luks2(file: &File, base: u64, bin: &[u8]) -> io::Result<Header> {
         if bin.len() < LUKS2_BIN {
             return Err(bad("a LUKS2 header shorter than 4096 bytes"));
         }
@@ -355,7 +366,7 @@ impl Header {
         // The primary header, or if its checksum fails the secondary one right after it.
         let mut why = String::new();
         for at in [0, hdr_size] {
-            match Header::luks2_area(file, at, hdr_size) {
+            match Header::luks2_area(file, base + at, hdr_size) {
                 Ok(h) => return Ok(h),
                 Err(e) if at == 0 => why = e.to_string(),
                 Err(e) => return Err(bad(format!("LUKS2 header: {why}; its secondary copy: {e}"))),
@@ -418,7 +429,7 @@ impl Header {
                 .checked_mul(slot.stripes as usize)
                 .ok_or_else(|| bad("key slot too large"))?;
             let mut material = Zeroizing::new(vec![0u8; len.div_ceil(SECTOR) * SECTOR]);
-            if crate::read_some(file, &mut material, slot.offset)? != material.len() {
+            if crate::read_some(file, &mut material, self.base + slot.offset)? != material.len() {
                 return Err(bad(format!(
                     "key slot {}: the file ends inside its material",
                     slot.name
@@ -596,6 +607,7 @@ fn luks2_json(j: &serde_json::Value) -> std::result::Result<Header, String> {
         slots,
         digest,
         uuid: String::new(),
+        base: 0,
     })
 }
 
@@ -827,22 +839,35 @@ fn iterations_for(ms: u32) -> u32 {
     n.max(MIN_ITERATIONS)
 }
 
+/// Sectors of a LUKS1 header as vdk writes it: the data (or, in a qcow2 image, the end of
+/// the embedded header) at 2 MiB.
+const PAYLOAD_SECTORS: u32 = 4096;
+/// Bytes of a LUKS1 header as vdk writes it, key slots included.
+pub const LUKS1_HEADER_BYTES: u64 = PAYLOAD_SECTORS as u64 * SECTOR as u64;
+
 /// Writes a LUKS1 header for a disk of `size` bytes (aes-xts-plain64 with a 512-bit key,
 /// sha256, 4000 stripes, data at 2 MiB, as cryptsetup lays LUKS1 out) into the new, empty
 /// `file`, and sizes the file. QEMU and cryptsetup open what it makes.
 pub fn create(file: &File, size: u64, opts: &CreateOptions) -> io::Result<()> {
-    use vdk_core::sys::FileExt;
-    const KEY_BYTES: usize = 64;
-    const KEY_BYTES_U32: u32 = 64;
-    const STRIPES: u32 = 4000;
-    const PAYLOAD_SECTORS: u32 = 4096;
-    let hash = Hash::Sha256;
     if !size.is_multiple_of(u64::from(SECTOR_U32)) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "a LUKS disk's size must be a multiple of 512",
         ));
     }
+    file.set_len(LUKS1_HEADER_BYTES + size)?;
+    write_luks1(file, 0, opts)?;
+    file.sync_all()
+}
+
+/// Writes a new LUKS1 header (and key slot 0's material) of [`LUKS1_HEADER_BYTES`] at
+/// `base` in `file`: a whole raw LUKS image's, or a qcow2 image's embedded one.
+pub(crate) fn write_luks1(file: &File, base: u64, opts: &CreateOptions) -> io::Result<()> {
+    use vdk_core::sys::FileExt;
+    const KEY_BYTES: usize = 64;
+    const KEY_BYTES_U32: u32 = 64;
+    const STRIPES: u32 = 4000;
+    let hash = Hash::Sha256;
     let mut key = Zeroizing::new(vec![0u8; KEY_BYTES]);
     getrandom::getrandom(&mut key).map_err(io::Error::other)?;
     let random = |n: usize| -> io::Result<Vec<u8>> {
@@ -911,10 +936,43 @@ pub fn create(file: &File, size: u64, opts: &CreateOptions) -> io::Result<()> {
     let mut material = Zeroizing::new(vec![0u8; material_sectors as usize * SECTOR]);
     material[..split.len()].copy_from_slice(&split);
     Xts::new(&slot_key)?.encrypt(&mut material, SECTOR, 0);
-    file.set_len(u64::from(PAYLOAD_SECTORS) * SECTOR as u64 + size)?;
-    file.write_all_at(&material, 8 * SECTOR as u64)?;
-    file.write_all_at(&h, 0)?;
-    file.sync_all()
+    file.write_all_at(&material, base + 8 * SECTOR as u64)?;
+    file.write_all_at(&h, base)
+}
+
+/// AES-XTS over 512-byte sectors numbered by their byte offset in the file (what QEMU uses as
+/// the IV of a LUKS-encrypted qcow2 image's data: the host offset).
+pub struct SectorCipher(Xts);
+
+impl fmt::Debug for SectorCipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SectorCipher(..)")
+    }
+}
+
+impl SectorCipher {
+    /// Encrypts `buf` (whole sectors) that goes at byte `offset`.
+    pub fn encrypt(&self, buf: &mut [u8], offset: u64) {
+        self.0.encrypt(buf, SECTOR, offset / SECTOR as u64);
+    }
+
+    /// Decrypts `buf` (whole sectors) read from byte `offset`.
+    pub fn decrypt(&self, buf: &mut [u8], offset: u64) {
+        self.0.decrypt(buf, SECTOR, offset / SECTOR as u64);
+    }
+}
+
+/// Opens the LUKS header at `base` in `file` (a qcow2 image's) with `secret`: the cipher of
+/// the image's data.
+pub fn open_embedded(file: &File, base: u64, secret: &Secret) -> io::Result<SectorCipher> {
+    let header = Header::read_at(file, base)?;
+    if header.sector_size != SECTOR_U32 {
+        return Err(bad(
+            "an embedded LUKS header with sectors other than 512 bytes",
+        ));
+    }
+    let key = header.unlock(file, secret)?;
+    Ok(SectorCipher(Xts::new(&key)?))
 }
 
 /// What `vdk info` shows of a LUKS image (no key needed).

@@ -379,3 +379,135 @@ fn cryptsetup_luks2_images_serve_their_plaintext() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// qemu-io's image options for an encrypted qcow2 image with the secret `s0`.
+fn qcow2_opts(image: &Path) -> String {
+    format!(
+        "driver=qcow2,encrypt.key-secret=s0,file.filename={}",
+        image.display()
+    )
+}
+
+#[test]
+fn qcow2_encrypted_with_luks_reads_and_writes_as_qemu_does() {
+    need("qemu-img");
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let pass = pass_file(dir.path());
+    let secret = format!("secret,id=s0,file={}", pass.display());
+    let qemu_io = |image: &Path, cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["--object", &secret, "--image-opts"]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        let out = stdout(c.arg(qcow2_opts(image)));
+        assert!(!out.contains("failed"), "qemu-io {cmds:?}: {out}");
+    };
+    let qemu_img_checks = |image: &Path| {
+        let out = stdout(
+            Command::new("qemu-img")
+                .args(["check", "--object", &secret, "--image-opts"])
+                .arg(qcow2_opts(image)),
+        );
+        assert!(out.contains("No errors were found"), "{out}");
+        let out = stdout(&mut common::admin::vdk(&["check", image.to_str().unwrap()]));
+        assert!(out.contains("No errors were found"), "{out}");
+    };
+    // QEMU makes and writes one; vdk serves it, with the same writes, zeroes and discards
+    // going to a raw mirror.
+    let q = dir.path().join("q.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "--object", &secret, "-f", "qcow2", "-o"])
+        .arg("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10")
+        .arg(&q)
+        .arg("16M"));
+    qemu_io(&q, &["write -P 0x5a 0 1M", "write -P 0x66 3M 4k"]);
+    let mirror = dir.path().join("mirror.img");
+    common::sparse_file(&mirror, 16 << 20);
+    qemu_io_nbd(
+        &format!("file:{}", mirror.display()),
+        &["write -P 0x5a 0 1M", "write -P 0x66 3M 4k"],
+    );
+    let ops = [
+        "write -P 0x21 6M 100k",
+        "write -P 0x22 8200k 4k",
+        "write -P 0x23 65024 1536",
+        "write -z 512k 64k",
+        "discard 3M 64k",
+        "write -P 0x24 131584 200k",
+        "write -z 10M 1M",
+        "write -P 0x25 15M 1M",
+    ];
+    {
+        let vdk = Vdk::serve(&[q.to_str().unwrap(), "--key-file", pass.to_str().unwrap()]);
+        qemu_io_nbd(&vdk.uri(""), &ops);
+        qemu_io_nbd(&vdk.uri(""), &["read -P 0x21 6M 100k", "read -P 0 5M 64k"]);
+    }
+    qemu_io_nbd(&format!("file:{}", mirror.display()), &ops);
+    run(Command::new("qemu-img")
+        .args(["compare", "--object", &secret, "--image-opts"])
+        .arg(format!("driver=raw,file.filename={}", mirror.display()))
+        .arg(qcow2_opts(&q)));
+    qemu_img_checks(&q);
+
+    // vdk makes one (key from the environment); QEMU writes it; vdk reads it.
+    let v = dir.path().join("v.qcow2");
+    run(
+        common::admin::vdk(&["create", v.to_str().unwrap(), "8M", "--encrypt", "luks"])
+            .args(["--key-secret", "VDK_TEST_PASS", "--iter-time", "10"])
+            .env("VDK_TEST_PASS", PASS),
+    );
+    let info = stdout(Command::new("qemu-img").arg("info").arg(&v));
+    assert!(
+        info.contains("encrypted: yes") && info.contains("format: luks"),
+        "{info}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&stdout(&mut common::admin::vdk(&[
+        "info",
+        v.to_str().unwrap(),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(
+        j["format-specific"]["data"]["encrypt"]["format"], "luks",
+        "{j}"
+    );
+    qemu_io(&v, &["write -P 0x77 1M 1M"]);
+    let vdk = Vdk::serve(&[v.to_str().unwrap(), "--key-file", pass.to_str().unwrap()]);
+    qemu_io_nbd(&vdk.uri(""), &["read -P 0x77 1M 1M", "read -P 0 0 1M"]);
+    drop(vdk);
+    qemu_img_checks(&v);
+    // On disk the data is not in the clear.
+    let raw = std::fs::read(&v).unwrap();
+    assert!(
+        !raw.windows(4096).any(|w| w.iter().all(|b| *b == 0x77)),
+        "no 4 KiB of plaintext in the file"
+    );
+
+    // convert --encrypt makes one from a plain image, identical to it.
+    let e = dir.path().join("e.qcow2");
+    run(&mut common::admin::vdk(&[
+        "convert",
+        mirror.to_str().unwrap(),
+        e.to_str().unwrap(),
+        "--encrypt",
+        "--key-file",
+        pass.to_str().unwrap(),
+        "--iter-time",
+        "10",
+    ]));
+    run(Command::new("qemu-img")
+        .args(["compare", "--object", &secret, "--image-opts"])
+        .arg(format!("driver=raw,file.filename={}", mirror.display()))
+        .arg(qcow2_opts(&e)));
+    // Without the key: a one-line error.
+    let sock = format!("unix://{}", dir.path().join("x.sock").display());
+    let err = common::admin::one_line_error(&mut common::admin::vdk(&[
+        "serve",
+        e.to_str().unwrap(),
+        "--listen",
+        &sock,
+    ]));
+    assert!(err.contains("--key-file"), "{err}");
+}

@@ -59,9 +59,14 @@ fn unsupported(msg: &str) -> io::Error {
 /// Checks the qcow2 image at `path` whose header is `h`; with `repair`, rewrites refcounts
 /// that disagree with the references (leaks and corruptions of the refcounts alike).
 pub fn check(path: &Path, h: &Header, repair: bool) -> io::Result<CheckReport> {
-    if h.has_bitmaps || h.crypt_method != 0 || h.incompatible_features & incompat::DATA_FILE != 0 {
+    let luks = h.crypt_method == 2 && h.crypto_header.is_some();
+    if h.has_bitmaps
+        || (h.crypt_method != 0 && !luks)
+        || h.incompatible_features & incompat::DATA_FILE != 0
+    {
         return Err(unsupported(
-            "vdk check does not follow bitmaps, encryption or data files: use qemu-img check",
+            "vdk check does not follow bitmaps, legacy AES encryption or data files: use \
+             qemu-img check",
         ));
     }
     let file = OpenOptions::new().read(true).write(repair).open(path)?;
@@ -93,6 +98,9 @@ pub fn check(path: &Path, h: &Header, repair: bool) -> io::Result<CheckReport> {
         }
     };
     add(&mut report, 0, cs, "header");
+    if let (true, Some((offset, len))) = (luks, h.crypto_header) {
+        add(&mut report, offset, len, "encryption header");
+    }
     add(
         &mut report,
         h.l1_table_offset,

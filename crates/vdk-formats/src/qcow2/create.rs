@@ -22,6 +22,8 @@ pub struct CreateOptions {
     /// Write vdk's header check ([`Header::vdk_check`]): for overlays, which vdk then refuses
     /// to use if what they are has changed.
     pub stamp: bool,
+    /// Encrypt the data with LUKS (`encrypt.format=luks`): a LUKS1 header in the file.
+    pub encrypt: Option<crate::luks::CreateOptions>,
 }
 
 impl Default for CreateOptions {
@@ -31,6 +33,7 @@ impl Default for CreateOptions {
             version: 3,
             backing: None,
             stamp: false,
+            encrypt: None,
         }
     }
 }
@@ -69,11 +72,17 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<File> 
         )));
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    // An encrypted image's LUKS header, after the L1 table.
+    let crypto_clusters = if opts.encrypt.is_some() {
+        crate::luks::LUKS1_HEADER_BYTES.div_ceil(cs)
+    } else {
+        0
+    };
     let rb_entries = cs * 8 / 16;
     // Header, refcount table, refcount blocks, L1: count the blocks that count them all.
     let mut blocks = 1;
     loop {
-        let used = 2 + blocks + l1_clusters;
+        let used = 2 + blocks + l1_clusters + crypto_clusters;
         let need = used.div_ceil(rb_entries);
         if need <= blocks {
             break;
@@ -83,14 +92,15 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<File> 
     if blocks > cs / 8 {
         return Err(invalid("image too large for its cluster size".into()));
     }
-    let used = 2 + blocks + l1_clusters;
+    let used = 2 + blocks + l1_clusters + crypto_clusters;
+    let crypto_at = (2 + blocks + l1_clusters) * cs;
     let mut header = Header {
         version: opts.version,
         backing_file_offset: 0,
         backing_file_size: 0,
         cluster_bits: bits,
         size,
-        crypt_method: 0,
+        crypt_method: if opts.encrypt.is_some() { 2 } else { 0 },
         l1_size: u32::try_from(l1_size).map_err(|_| invalid("L1 too large".into()))?,
         l1_table_offset: (2 + blocks) * cs,
         refcount_table_offset: cs,
@@ -106,6 +116,10 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<File> 
         backing_format: opts.backing.as_ref().map(|(_, f)| f.clone()),
         data_file: None,
         has_bitmaps: false,
+        crypto_header: opts
+            .encrypt
+            .as_ref()
+            .map(|_| (crypto_at, crate::luks::LUKS1_HEADER_BYTES)),
         vdk_check: None,
         extensions_end: 0,
     };
@@ -146,6 +160,9 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<File> 
             file.write_all_at(&refcount::encode(&counts, 4), (2 + b) * cs)?;
         }
         file.set_len(used * cs)?;
+        if let Some(e) = &opts.encrypt {
+            crate::luks::write_luks1(&file, crypto_at, e)?;
+        }
         file.sync_all()
     })();
     if let Err(e) = result {

@@ -41,6 +41,41 @@ impl Qcow2 {
         Ok(out)
     }
 
+    /// Reads guest data (never metadata) from host offset `host`, decrypted for an encrypted
+    /// image; returns the bytes the file had (a short read at its end).
+    pub(super) fn read_data(&self, buf: &mut [u8], host: u64) -> Result<usize> {
+        let n = self.read_some(buf, host)?;
+        if let Some(c) = &self.crypto {
+            // Whole sectors only: requests to an encrypted image are 512-byte aligned.
+            c.decrypt(&mut buf[..n - n % 512], host);
+        }
+        Ok(n)
+    }
+
+    /// Writes guest data at host offset `host`, encrypted for an encrypted image.
+    pub(super) fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+        match &self.crypto {
+            None => self.io(self.file.write_all_at(data, host)),
+            Some(c) => {
+                let mut sealed = data.to_vec();
+                c.encrypt(&mut sealed, host);
+                self.io(self.file.write_all_at(&sealed, host))
+            }
+        }
+    }
+
+    /// For an encrypted image, whose sectors are encrypted whole: requests must be aligned.
+    fn aligned(&self, offset: u64, len: u64) -> Result<()> {
+        if self.crypto.is_some() && !(offset.is_multiple_of(512) && len.is_multiple_of(512)) {
+            return Err(vdk_core::Error::Misaligned {
+                offset,
+                len,
+                block_size: 512,
+            });
+        }
+        Ok(())
+    }
+
     /// Fills `buf` with guest bytes from `guest` on, all inside one cluster mapped by `map`.
     pub(super) fn read_mapped(&self, map: Map, buf: &mut [u8], guest: u64) -> Result<()> {
         let in_cl = guest & (self.cluster_size - 1);
@@ -51,9 +86,12 @@ impl Qcow2 {
                 Ok(())
             }
             Map::Data { host, .. } => {
-                let n = self.read_some(buf, host + in_cl)?;
+                let n = self.read_data(buf, host + in_cl)?;
                 buf[n..].fill(0);
                 Ok(())
+            }
+            Map::Compressed { .. } if self.crypto.is_some() => {
+                Err(corrupt("a compressed cluster in an encrypted image"))
             }
             Map::Compressed { offset, len } => {
                 let data = self.decompress(offset, len)?;
@@ -72,7 +110,7 @@ impl Qcow2 {
                     let n = ((i + 1) * sub - at).min((buf.len() - done) as u64) as usize;
                     let part = &mut buf[done..done + n];
                     if alloc & (1 << i) != 0 {
-                        let got = self.read_some(part, host + at)?;
+                        let got = self.read_data(part, host + at)?;
                         part[got..].fill(0);
                     } else if zero & (1 << i) != 0 {
                         part.fill(0);
@@ -212,7 +250,7 @@ impl Qcow2 {
             }
             self.check_not_fixed_metadata(&m, host, "data cluster")?;
             drop(m);
-            return self.io(self.file.write_all_at(data, host + in_cl));
+            return self.write_data(data, host + in_cl);
         }
         // A new cluster (or a preallocated zero one): reserve it, fill it outside the lock,
         // then map it.
@@ -275,14 +313,15 @@ impl Qcow2 {
     ) -> Result<()> {
         let cs = self.cluster_size;
         if in_cl == 0 && data.len() as u64 == cs {
-            return self.io(self.file.write_all_at(data, host));
+            return self.write_data(data, host);
         }
         let zero_before = match old {
             Map::Zero { .. } => true,
             Map::Unallocated => self.backing_empty(gc),
             _ => false,
         };
-        if zero_before && fresh {
+        // (Not for an encrypted image: a cluster's zeroes must be written encrypted.)
+        if zero_before && fresh && self.crypto.is_none() {
             // Past the end of the file: the rest of the cluster already reads as zeroes.
             self.io(self.file.write_all_at(data, host + in_cl))?;
             // Make the file cover the whole cluster, so that readers (qemu among them) see
@@ -300,7 +339,7 @@ impl Qcow2 {
         }
         let at = in_cl as usize;
         cluster[at..at + data.len()].copy_from_slice(data);
-        self.io(self.file.write_all_at(&cluster, host))
+        self.write_data(&cluster, host)
     }
 
     /// Makes whole guest cluster `gc` read as zeroes.
@@ -419,7 +458,7 @@ impl Qcow2 {
                 len += n2;
                 j += 1;
             }
-            let got = self.read_some(&mut buf[p..p + len], start)?;
+            let got = self.read_data(&mut buf[p..p + len], start)?;
             buf[p + got..p + len].fill(0);
             i = j;
         }
@@ -470,7 +509,7 @@ impl Qcow2 {
         }
         if let Some(start) = start {
             drop(m);
-            self.io(self.file.write_all_at(&buf[at..p], start))?;
+            self.write_data(&buf[at..p], start)?;
             return Ok(p - at);
         }
         // Whole new clusters.
@@ -514,7 +553,7 @@ impl Qcow2 {
                 j += 1;
             }
             let (from, to) = (allocs[i].4, allocs[j - 1].4 + cs as usize);
-            written = self.io(self.file.write_all_at(&buf[from..to], allocs[i].1));
+            written = self.write_data(&buf[from..to], allocs[i].1);
             i = j;
         }
         let mut m = lock(&self.meta);
@@ -545,6 +584,9 @@ impl BlockDevice for Qcow2 {
     fn info(&self) -> DiskInfo {
         let mut info = DiskInfo::new(self.size());
         info.read_only = self.read_only;
+        if self.crypto.is_some() {
+            info.logical_block_size = 512;
+        }
         info.preferred_request = u32::try_from(self.cluster_size).unwrap_or(4096).max(4096);
         info.caps = Capabilities {
             flush: true,
@@ -566,6 +608,7 @@ impl BlockDevice for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size(), offset, buf.len() as u64)?;
+        self.aligned(offset, buf.len() as u64)?;
         let mut at = 0;
         while at < buf.len() {
             at += self.read_batch(buf, offset, at)?;
@@ -575,6 +618,7 @@ impl BlockDevice for Qcow2 {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.writable(offset, buf.len() as u64)?;
+        self.aligned(offset, buf.len() as u64)?;
         let mut at = 0;
         while at < buf.len() {
             let done = self.write_batch(buf, offset, at)?;
@@ -607,6 +651,7 @@ impl BlockDevice for Qcow2 {
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
         self.writable(offset, len)?;
+        self.aligned(offset, len)?;
         let cs = self.cluster_size;
         let mut pos = offset;
         let end = offset + len;

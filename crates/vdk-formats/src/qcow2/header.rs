@@ -131,6 +131,9 @@ pub struct Header {
     pub data_file: Option<String>,
     /// A bitmaps extension is present.
     pub has_bitmaps: bool,
+    /// The full-disk-encryption header (LUKS, with `crypt_method` 2): its offset and length
+    /// in the file.
+    pub crypto_header: Option<(u64, u64)>,
     /// vdk's header check: its format version and a CRC-32C over the version, cluster size,
     /// virtual size and backing file (see [`Header::identity_crc`]).
     pub vdk_check: Option<(u32, u32)>,
@@ -204,6 +207,7 @@ impl Header {
             backing_format: None,
             data_file: None,
             has_bitmaps: false,
+            crypto_header: None,
             vdk_check: None,
             extensions_end: 72,
         };
@@ -344,7 +348,13 @@ impl Header {
                 ext::VDK_CHECK if data.len() >= 8 => {
                     self.vdk_check = Some((be32(data, 0), be32(data, 4)));
                 }
-                ext::FEATURE_TABLE | ext::CRYPTO => {}
+                ext::CRYPTO => {
+                    if data.len() < 16 {
+                        return Err(bad("the encryption header extension is too short"));
+                    }
+                    self.crypto_header = Some((be64(data, 0), be64(data, 8)));
+                }
+                ext::FEATURE_TABLE => {}
                 _ => {}
             }
             at = data_at + len.div_ceil(8) * 8;
@@ -408,6 +418,12 @@ impl Header {
             b.extend_from_slice(fmt.as_bytes());
             b.resize(b.len().div_ceil(8) * 8, 0);
         }
+        if let Some((offset, len)) = self.crypto_header {
+            b.extend_from_slice(&ext::CRYPTO.to_be_bytes());
+            b.extend_from_slice(&16u32.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+        }
         if let Some((version, crc)) = self.vdk_check {
             b.extend_from_slice(&ext::VDK_CHECK.to_be_bytes());
             b.extend_from_slice(&8u32.to_be_bytes());
@@ -462,6 +478,7 @@ mod tests {
             backing_format: Some("raw".into()),
             data_file: None,
             has_bitmaps: false,
+            crypto_header: None,
             vdk_check: None,
             extensions_end: 0,
         }

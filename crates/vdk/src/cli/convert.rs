@@ -58,7 +58,11 @@ pub struct ConvertArgs {
     /// Never show a progress bar (it shows only on a terminal anyway).
     #[arg(short, long)]
     quiet: bool,
-    /// With -O luks: milliseconds of PBKDF2 that opening the new image's key slot costs.
+    /// Encrypt DST with LUKS (a qcow2 DST: encrypt.format=luks), with the passphrase given;
+    /// -O luks always is.
+    #[arg(long)]
+    encrypt: bool,
+    /// Encrypting: milliseconds of PBKDF2 that opening the new image's key slot costs.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     iter_time: u32,
     /// A new object-store disk: bytes per chunk (default 4M).
@@ -159,6 +163,9 @@ pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()>
             args.dst.display()
         );
     }
+    if args.encrypt && !matches!(dst_format, Format::Qcow2 | Format::Luks) {
+        bail!("--encrypt makes a qcow2 (encrypt.format=luks) or a LUKS image (-O luks), not {dst_format}");
+    }
     let size = src.info().size;
     let cluster_size = args
         .cluster_size
@@ -170,15 +177,15 @@ pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()>
         cluster_size,
         backing: None,
         fixed: false,
-        encrypt: match (dst_format, &secret) {
-            (Format::Luks, Some(s)) => Some(vdk_formats::luks::CreateOptions {
+        encrypt: match (dst_format == Format::Luks || args.encrypt, &secret) {
+            (true, Some(s)) => Some(vdk_formats::luks::CreateOptions {
                 secret: s.clone(),
                 iter_time_ms: args.iter_time,
             }),
-            (Format::Luks, None) => {
-                bail!("-O luks needs a passphrase: --key-file FILE or --key-secret ENV")
+            (true, None) => {
+                bail!("encrypting needs a passphrase: --key-file FILE or --key-secret ENV")
             }
-            _ => None,
+            (false, _) => None,
         },
     };
     vdk_formats::create(&args.dst, size, &opts)

@@ -21,6 +21,7 @@ Examples:
   vdk create -f raw disk.img 10G
   vdk create overlay.qcow2 --backing base.img    size and backing format from the base
   vdk create s3://bucket/disks/d1 10G            a disk in object storage, 4 MiB chunks
+  vdk create disk.qcow2 10G --encrypt luks --key-file pass  qcow2 encrypt.format=luks
   vdk create disk.luks 10G --encrypt luks --key-file pass   LUKS1, as qemu-img -f luks makes it
   vdk create s3://bucket/d2 1T --compression zstd --encryption aes-256-gcm --key-file k")]
 pub struct CreateArgs {
@@ -52,8 +53,9 @@ pub struct CreateArgs {
     /// Object storage: chunk compression, none (default) or zstd.
     #[arg(long, value_name = "HOW", default_value = "none")]
     compression: String,
-    /// Encryption: luks for an image file (a LUKS1 image, qemu's luks format: AES-256-XTS,
-    /// PBKDF2-SHA256); for object storage aes-256-gcm chunks. Needs a key. Default none.
+    /// Encryption: luks for an image file (qcow2's encrypt.format=luks, or for a raw image a
+    /// LUKS1 image, qemu's luks format: AES-256-XTS, PBKDF2-SHA256); for object storage
+    /// aes-256-gcm chunks. Needs a key. Default none.
     #[arg(
         long,
         visible_alias = "encrypt",
@@ -149,7 +151,6 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
     };
     let format = match args.format.as_deref() {
         Some(name) => Format::from_name(name)?,
-        None if luks => Format::Luks,
         None => vdk_formats::format_by_name(&args.file).unwrap_or(Format::Qcow2),
     };
     let encrypt = match (luks || format == Format::Luks, format) {
@@ -159,7 +160,7 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
             }
             None
         }
-        (true, Format::Luks | Format::Raw) => {
+        (true, Format::Luks | Format::Raw | Format::Qcow2) => {
             let Some(secret) =
                 crate::cloud::luks_secret(args.key_file.as_deref(), args.key_secret.as_deref())?
             else {
@@ -171,14 +172,14 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
             })
         }
         (true, other) => bail!(
-            "vdk encrypts raw LUKS images (-f luks); {other} images with encryption are not \
-             supported yet"
+            "vdk encrypts qcow2 images and raw LUKS images (-f luks); {other} images with \
+             encryption are not supported"
         ),
     };
-    let format = if encrypt.is_some() {
-        Format::Luks
-    } else {
-        format
+    // An encrypted raw image is a LUKS image; a qcow2 one stays qcow2 (encrypt.format=luks).
+    let format = match (&encrypt, format) {
+        (Some(_), Format::Raw) => Format::Luks,
+        (_, f) => f,
     };
     let mut size = args
         .size

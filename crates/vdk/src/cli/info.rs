@@ -174,6 +174,9 @@ fn format_specific(i: &ImageInfo) -> Option<Value> {
             if let Some(f) = &i.data_file {
                 d.insert("data-file".into(), json!(f));
             }
+            if let Some(c) = i.crypt {
+                d.insert("encrypt".into(), json!({ "format": c }));
+            }
         }
         Format::Vhd => {
             d.insert("subformat".into(), json!(i.subformat?));
@@ -253,8 +256,14 @@ fn describe(out: &mut String, i: &ImageInfo) {
         if i.dirty {
             let _ = writeln!(out, "    dirty: true (closed uncleanly)");
         }
-        if i.encrypted {
-            let _ = writeln!(out, "    encrypted: yes (not supported by vdk)");
+        match i.crypt {
+            Some("luks") => {
+                let _ = writeln!(out, "    encrypt:\n        format: luks");
+            }
+            Some(other) => {
+                let _ = writeln!(out, "    encrypted: yes ({other}: not supported by vdk)");
+            }
+            None => {}
         }
         if let Some(d) = &i.data_file {
             let _ = writeln!(out, "    data file: {d} (not supported by vdk)");

@@ -281,13 +281,13 @@ impl Daemon {
                 let format = format
                     .or_else(|| vdk_formats::format_by_name(path))
                     .unwrap_or(Format::Raw);
-                // A new .luks image is encrypted with the key given (key slot 0).
-                let encrypt = key.filter(|_| format == Format::Luks).map(|k| {
-                    vdk_formats::luks::CreateOptions {
+                // A new .luks or .qcow2 image is encrypted with the key given (key slot 0).
+                let encrypt = key
+                    .filter(|_| matches!(format, Format::Luks | Format::Qcow2))
+                    .map(|k| vdk_formats::luks::CreateOptions {
                         secret: k.clone(),
                         iter_time_ms: 2000,
-                    }
-                });
+                    });
                 let opts = vdk_formats::CreateOptions {
                     format,
                     cluster_size: None,
