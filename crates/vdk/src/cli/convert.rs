@@ -41,7 +41,7 @@ pub struct ConvertArgs {
     /// Format of SRC; probed from its magic if not given.
     #[arg(short = 'f', long = "format", value_name = "FORMAT")]
     src_format: Option<String>,
-    /// Format of DST: qcow2, vhd, vhdx or raw; by default the one its name says
+    /// Format of DST: qcow2, vhd, vhdx, luks or raw; by default the one its name says
     /// (disk.qcow2, disk.vhdx), else raw (as qemu-img).
     #[arg(short = 'O', long = "output-format", value_name = "FORMAT")]
     dst_format: Option<String>,

@@ -108,7 +108,7 @@ pub struct OpenArgs {
     /// Open read-only (the block device and the NBD export refuse writes).
     #[arg(long)]
     read_only: bool,
-    /// Image format: raw, qcow2, vhd, vhdx or iso; probed from its first bytes when not
+    /// Image format: raw, qcow2, vhd, vhdx, luks or iso; probed from its first bytes when not
     /// given (a file named .qcow2, .vhd or .vhdx that holds no such header is refused for
     /// writing unless its format is given).
     #[arg(long, short = 'f')]

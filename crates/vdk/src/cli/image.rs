@@ -244,7 +244,7 @@ Exit status, as qemu-img check: 0 consistent, 2 corruption found, 3 only leaked 
 pub struct CheckArgs {
     /// The image.
     file: PathBuf,
-    /// Its format (raw, qcow2, vhd, vhdx, iso); probed from its magic if not given.
+    /// Its format (raw, qcow2, vhd, vhdx, luks, iso); probed from its magic if not given.
     #[arg(long, short = 'f')]
     format: Option<String>,
     /// Rewrite refcounts that disagree with the tables (fixes leaks; and refcounts too low).
@@ -401,7 +401,7 @@ pub struct ResizeArgs {
     /// The new size, +SIZE to grow by that much, or -SIZE to shrink by that much.
     #[arg(allow_hyphen_values = true)]
     size: String,
-    /// Its format (raw, qcow2, vhd, vhdx, iso); probed from its magic if not given.
+    /// Its format (raw, qcow2, vhd, vhdx, luks, iso); probed from its magic if not given.
     #[arg(long, short = 'f')]
     format: Option<String>,
     /// Allow the image to get smaller: raw images lose what lies past the new end; qcow2

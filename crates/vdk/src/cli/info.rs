@@ -54,7 +54,7 @@ Examples:
 pub struct InfoArgs {
     /// The image, or an object-store disk's URL.
     file: PathBuf,
-    /// Its format (raw, qcow2, vhd, vhdx, iso); probed from its magic if not given.
+    /// Its format (raw, qcow2, vhd, vhdx, luks, iso); probed from its magic if not given.
     #[arg(long, short = 'f')]
     format: Option<String>,
     /// Describe the backing images too.

@@ -101,7 +101,7 @@ enum Command {
     Create(image::CreateArgs),
     /// Describe an image: format, sizes, cluster size, backing chain, flags.
     Info(info::InfoArgs),
-    /// Copy an image into a new one (raw, qcow2, vhd, vhdx, or object storage), leaving holes
+    /// Copy an image into a new one (raw, qcow2, vhd, vhdx, luks, or object storage), leaving holes
     /// and zeroes out.
     Convert(convert::ConvertArgs),
     /// Whether two images hold the same disk (as qemu-img compare): exit 0 if so, 1 if not.

@@ -36,7 +36,7 @@ Examples:
 
 SIGHUP reads the TLS certificates again (for new connections).")]
 pub struct ServeArgs {
-    /// Images to export (raw, qcow2, vhd, vhdx, iso; or s3://, gs://, az://, file:// URLs of
+    /// Images to export (raw, qcow2, vhd, vhdx, luks, iso; or s3://, gs://, az://, file:// URLs of
     /// disks in object storage), each under its file name; the first is also the default
     /// export (the empty name).
     images: Vec<PathBuf>,
@@ -67,7 +67,7 @@ pub struct ServeArgs {
     /// Open files with O_DIRECT (requests must then be 4096-aligned; raw images only).
     #[arg(long)]
     direct: bool,
-    /// Image format of the files (raw, qcow2, vhdx, vhd, iso); probed from their first bytes
+    /// Image format of the files (raw, qcow2, vhdx, vhd, luks, iso); probed from their first bytes
     /// if not given.
     #[arg(long, short = 'f', value_name = "FORMAT")]
     format: Option<String>,
