@@ -257,6 +257,14 @@ impl Reader<'_> {
                 }
             }
         }
+        // A session that ends releases what its nexus held (a RESERVE(6) reservation) before
+        // the logout is answered: the initiator may log in again at once and find it free.
+        let session_ends = l.reason == 0 || (close_self && lock(&conn.session.conns).len() <= 1);
+        if session_ends {
+            if let Kind::Normal(t) = &conn.session.kind {
+                t.luns.nexus_lost(conn.session.nexus);
+            }
+        }
         conn.complete_window(!l.immediate);
         let bhs = response::logout_response(l.itt, response, Numbers::default());
         let _ = conn.send_one(bhs, &[], Stat::Take);
