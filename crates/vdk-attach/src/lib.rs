@@ -45,9 +45,12 @@ pub trait Attach: Send + Sync + fmt::Debug {
 pub trait Direct: Send + Sync {
     /// Whether the disk still takes requests; once it was closed they fail.
     fn is_open(&self) -> bool;
-    /// A read (or, with `write`, a write) done on the file: the bytes moved, or `None` if it
-    /// failed.
-    fn done(&self, write: bool, bytes: Option<u64>);
+    /// A write of `[offset, offset + len)` is about to be sent to the file (a backup may
+    /// copy what it overwrites first).
+    fn before_write(&self, offset: u64, len: u64);
+    /// A read (or, with `write`, a write) of `[offset, offset + len)` done on the file, well
+    /// (`ok`) or not.
+    fn done(&self, write: bool, offset: u64, len: u64, ok: bool);
 }
 
 /// A disk attached to the kernel.

@@ -401,6 +401,9 @@ impl Fixed<'_> {
         if !self.zero_copy.direct.is_open() {
             return Err(-Errno::Io.raw());
         }
+        if req.op == sys::UBLK_IO_OP_WRITE {
+            self.zero_copy.direct.before_write(req.offset, req.len);
+        }
         self.done.borrow_mut()[usize::from(tag)] = 0;
         self.submit(q, tag, req, 0)
     }
@@ -457,11 +460,11 @@ impl Fixed<'_> {
                     self.done.borrow_mut()[usize::from(tag)] = done;
                     return self.submit(q, tag, req, done).err();
                 }
-                direct.done(write, Some(req.len));
+                direct.done(write, req.offset, req.len, true);
                 return Some(i32::try_from(req.len).unwrap_or(-Errno::Overflow.raw()));
             }
         };
-        direct.done(write, None);
+        direct.done(write, req.offset, req.len, false);
         Some(answer)
     }
 }

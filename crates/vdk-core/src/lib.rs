@@ -24,6 +24,7 @@
 // Tests build small buffers from constants; production code converts with checks.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
+pub mod bitmap;
 mod error;
 mod extents;
 mod filter;

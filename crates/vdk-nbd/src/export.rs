@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use vdk_core::bitmap::Bitmaps;
 use vdk_core::{BlockDevice, DiskInfo};
 
 use crate::proto::tflags;
@@ -25,6 +26,8 @@ pub struct Export {
     pub read_only: bool,
     /// Who may see and open it; empty: every client.
     pub allow: Vec<Rule>,
+    /// The disk's dirty bitmaps, offered as `qemu:dirty-bitmap:NAME` metadata contexts.
+    pub bitmaps: Option<Arc<Bitmaps>>,
 }
 
 /// Who a client is, as export allow-lists see it.
@@ -127,6 +130,7 @@ impl Export {
             device,
             read_only: false,
             allow: Vec::new(),
+            bitmaps: None,
         }
     }
 

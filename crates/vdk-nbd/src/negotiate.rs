@@ -5,13 +5,14 @@
 //!                                 -> ABORT / EOF       -> closed
 //! ```
 //! State carried across options: whether structured replies were negotiated, which metadata
-//! context was selected for which export, and whether TLS is up. Exports that the client may
+//! contexts were selected for which export, and whether TLS is up. Exports that the client may
 //! not open ([`Export::allows`]) are invisible to it: not listed, and unknown by name.
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use tracing::debug;
+use vdk_core::bitmap::DirtyBitmap;
 
 use crate::export::{Export, Peer};
 use crate::proto::handshake::{
@@ -24,8 +25,17 @@ use crate::proto::{
 };
 use crate::tls::TlsMode;
 
-/// The id of the base:allocation context when selected.
-pub const BASE_ALLOCATION_ID: u32 = 1;
+/// The namespace and leaf of an export's dirty bitmaps: `qemu:dirty-bitmap:NAME`.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
+/// A metadata context a connection selected; the n-th selected has id n (from 1).
+#[derive(Clone, Debug)]
+pub enum Context {
+    /// base:allocation: holes and zeroes.
+    Allocation,
+    /// qemu:dirty-bitmap:NAME: what the bitmap marks dirty.
+    DirtyBitmap(Arc<DirtyBitmap>),
+}
 
 /// Option data larger than this is skipped and answered NBD_REP_ERR_TOO_BIG.
 const MAX_OPTION_DATA: u32 = 64 << 10;
@@ -42,8 +52,8 @@ pub struct Negotiated {
     pub structured: bool,
     /// Extended headers are in use (then `structured` is too).
     pub extended: bool,
-    /// base:allocation was selected.
-    pub meta_context: bool,
+    /// The metadata contexts selected, in id order (the first has id 1).
+    pub contexts: Vec<Context>,
     /// The transmission flags sent.
     pub flags: u16,
     /// The client asked for NBD_INFO_BLOCK_SIZE, so it keeps to the maximum sent. Clients
@@ -118,8 +128,8 @@ struct State<'a, 'c, S> {
     structured: bool,
     /// Extended headers were negotiated (they imply structured replies).
     extended: bool,
-    /// The export name the selected context was set for.
-    meta_export: Option<String>,
+    /// The export name the selected contexts were set for, and the contexts.
+    meta: Option<(String, Vec<Context>)>,
     out: Vec<u8>,
 }
 
@@ -164,7 +174,7 @@ pub fn negotiate_client<S: Read + Write>(
         no_zeroes: client_flags & CLIENT_NO_ZEROES != 0,
         structured: false,
         extended: false,
-        meta_export: None,
+        meta: None,
         out: Vec::new(),
     };
     for _ in 0..MAX_OPTIONS {
@@ -204,7 +214,7 @@ impl<S: Read + Write> State<'_, '_, S> {
         // is as if the connection had just begun).
         self.structured = false;
         self.extended = false;
-        self.meta_export = None;
+        self.meta = None;
         Ok(None)
     }
 
@@ -332,13 +342,19 @@ impl<S: Read + Write> State<'_, '_, S> {
     fn negotiated(&self, export: Arc<Export>) -> Negotiated {
         let info = export.device.info();
         let flags = export.transmission_flags(&info, self.structured);
-        let meta_context = self.meta_export.as_deref() == Some(export.name.as_str())
-            || (self.meta_export.as_deref() == Some("") && self.is_default(&export));
+        let contexts = match &self.meta {
+            Some((name, contexts))
+                if *name == export.name || (name.is_empty() && self.is_default(&export)) =>
+            {
+                contexts.clone()
+            }
+            _ => Vec::new(),
+        };
         Negotiated {
             export,
             structured: self.structured,
             extended: self.extended,
-            meta_context,
+            contexts,
             flags,
             block_size_agreed: false,
         }
@@ -407,32 +423,49 @@ impl<S: Read + Write> State<'_, '_, S> {
                 "structured replies not negotiated",
             );
         }
-        if self.find(&req.export).is_none() {
+        let Some(export) = self.find(&req.export) else {
             let msg = format!("no export named {:?}", req.export);
             return self.reply_error(option, rep::ERR_UNKNOWN, &msg);
-        }
-        let matches = |q: &str| {
-            if set {
-                q == BASE_ALLOCATION
-            } else {
-                q == BASE_ALLOCATION || q == "base:"
+        };
+        // The export's contexts by name; a LIST query may also be a namespace ("base:") or a
+        // namespace and leaf ("qemu:dirty-bitmap:"), SET takes whole names.
+        let mut offered = vec![(BASE_ALLOCATION.to_owned(), Context::Allocation)];
+        if let Some(bitmaps) = &export.bitmaps {
+            for (name, b) in bitmaps.all() {
+                offered.push((
+                    format!("{DIRTY_BITMAP_PREFIX}{name}"),
+                    Context::DirtyBitmap(b),
+                ));
             }
-        };
-        let selected = if req.queries.is_empty() {
-            !set // LIST with no query lists everything; SET with none selects nothing
-        } else {
-            req.queries.iter().any(|q| matches(q))
-        };
-        if set {
-            self.meta_export = selected.then(|| req.export.clone());
         }
-        if selected {
-            let id = if set { BASE_ALLOCATION_ID } else { 0 };
-            self.out_reply(
-                option,
-                rep::META_CONTEXT,
-                &hs::meta_context_entry(id, BASE_ALLOCATION),
-            );
+        let asked = |name: &str| {
+            req.queries.iter().any(|q| {
+                q == name
+                    || (!set
+                        && (q.ends_with(':') && name.starts_with(q.as_str())
+                            || q == "qemu:" && name.starts_with(DIRTY_BITMAP_PREFIX)))
+            })
+        };
+        let chosen: Vec<(String, Context)> = offered
+            .into_iter()
+            // LIST with no query lists everything; SET with none selects nothing.
+            .filter(|(name, _)| (req.queries.is_empty() && !set) || asked(name))
+            .collect();
+        for (i, (name, _)) in chosen.iter().enumerate() {
+            let id = if set {
+                u32::try_from(i + 1).unwrap_or(u32::MAX)
+            } else {
+                0
+            };
+            self.out_reply(option, rep::META_CONTEXT, &hs::meta_context_entry(id, name));
+        }
+        if set {
+            self.meta = (!chosen.is_empty()).then(|| {
+                (
+                    req.export.clone(),
+                    chosen.into_iter().map(|(_, c)| c).collect(),
+                )
+            });
         }
         self.reply(option, rep::ACK, &[]).map(|()| None)
     }

@@ -40,6 +40,13 @@ pub enum Request {
     /// Change an open disk's filter settings while it is served (a rate filter's limits).
     /// → [`DiskStatus`]
     Set(SetRequest),
+    /// Add, remove, clear or list an open disk's dirty bitmaps. → `[BitmapStatus]` (the
+    /// disk's bitmaps after the change)
+    Bitmap(BitmapRequest),
+    /// Copy an open disk, as it is when this begins, into a new qcow2 image: all of it, or
+    /// (`incremental`) what a dirty bitmap marks, on top of the previous backup.
+    /// → [`BackupReport`]
+    Backup(BackupRequest),
     /// Merge an open cow disk's overlay into its base. → [`CommitReport`]
     Commit(OverlayRequest),
     /// Empty an open cow disk's overlay. → [`CommitReport`]
@@ -76,6 +83,10 @@ pub enum Reply {
     Disks(Vec<DiskStatus>),
     /// `stats`.
     Stats(StatsReport),
+    /// `bitmap`.
+    Bitmaps(Vec<BitmapStatus>),
+    /// `backup`.
+    Backup(BackupReport),
     /// `commit`, `discard`.
     Commit(CommitReport),
     /// `snapshot`.
@@ -353,6 +364,90 @@ pub struct SetRequest {
     pub settings: Vec<String>,
 }
 
+/// What `bitmap` does.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BitmapAction {
+    /// Only answer the disk's bitmaps.
+    #[default]
+    List,
+    /// Add a clean bitmap `name`: from now on the disk's writes, zeroes and trims mark it.
+    Add,
+    /// Remove the bitmap `name`.
+    Remove,
+    /// Make the bitmap `name` clean.
+    Clear,
+}
+
+/// `bitmap`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BitmapRequest {
+    /// The disk's id, or its image's absolute path.
+    pub disk: String,
+    /// What to do.
+    #[serde(default)]
+    pub action: BitmapAction,
+    /// The bitmap (all but `list`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// With `add`: bytes per bit, a power of two from 512 (default 65536).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granularity: Option<u64>,
+}
+
+/// One dirty bitmap of a disk.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct BitmapStatus {
+    /// Its name (the NBD meta context is `qemu:dirty-bitmap:NAME`).
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Bytes marked dirty.
+    pub dirty: u64,
+    /// The last backup made with it (`backup`), the base of the next incremental one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<PathBuf>,
+}
+
+/// `backup`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    /// The disk's id, or its image's absolute path.
+    pub disk: String,
+    /// The new qcow2 image (an absolute path where no file is).
+    pub target: PathBuf,
+    /// A dirty bitmap of the disk: a full backup clears it when it begins (it then marks
+    /// what changes after the backup's moment); an incremental one copies what it marks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
+    /// Copy only what `bitmap` marks, into an image whose backing file is the previous
+    /// backup.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incremental: bool,
+    /// With `incremental`: the previous backup (by default the last one made with the
+    /// bitmap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<PathBuf>,
+}
+
+/// The answer to `backup`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct BackupReport {
+    /// The disk.
+    pub id: String,
+    /// The image made.
+    pub target: PathBuf,
+    /// Its backing file (an incremental backup's previous one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<PathBuf>,
+    /// Bytes looked at (all of the disk, or what the bitmap marked).
+    pub scanned: u64,
+    /// Bytes of data written into it (zeroes are recorded, not written).
+    pub copied: u64,
+}
+
 /// `open`.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -542,6 +637,9 @@ pub struct DiskStatus {
     /// latency histogram (as `vdk stats` shows them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<OpsReport>,
+    /// Its dirty bitmaps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bitmaps: Vec<BitmapStatus>,
 }
 
 /// A stats filter's figures as `stats` and `list` answer them.

@@ -58,12 +58,35 @@ fn name_and_infos(name: &str) -> Vec<u8> {
 }
 
 fn meta_query(export: &str, query: &str) -> Vec<u8> {
+    meta_queries(export, &[query])
+}
+
+fn meta_queries(export: &str, queries: &[&str]) -> Vec<u8> {
     let mut d = (export.len() as u32).to_be_bytes().to_vec();
     d.extend_from_slice(export.as_bytes());
-    d.extend_from_slice(&1u32.to_be_bytes());
-    d.extend_from_slice(&(query.len() as u32).to_be_bytes());
-    d.extend_from_slice(query.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
     d
+}
+
+/// The (id, name) of each META_CONTEXT reply the server sent.
+fn contexts_replied(out: &[u8]) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    let mut at = 18;
+    while at + 20 <= out.len() {
+        let kind = u32::from_be_bytes(out[at + 12..at + 16].try_into().unwrap());
+        let len = u32::from_be_bytes(out[at + 16..at + 20].try_into().unwrap()) as usize;
+        if kind == rep::META_CONTEXT {
+            let d = &out[at + 20..at + 20 + len];
+            let id = u32::from_be_bytes(d[..4].try_into().unwrap());
+            found.push((id, String::from_utf8(d[4..].to_vec()).unwrap()));
+        }
+        at += 20 + len;
+    }
+    found
 }
 
 /// The reply types the server sent, in order, after the 18-byte greeting.
@@ -117,7 +140,7 @@ fn structured_go_selects_base_allocation_and_advertises_df() {
         (opt::GO, name_and_infos("ram")),
     ]);
     let n = negotiate(&mut s, &exports()).unwrap();
-    assert!(n.structured && n.meta_context);
+    assert!(n.structured && matches!(n.contexts[..], [Context::Allocation]));
     assert_ne!(n.flags & tflags::SEND_DF, 0);
 }
 
@@ -132,7 +155,7 @@ fn context_set_for_another_export_is_not_selected() {
         (opt::SET_META_CONTEXT, meta_query("a", BASE_ALLOCATION)),
         (opt::GO, name_and_infos("b")),
     ]);
-    assert!(!negotiate(&mut s, &two).unwrap().meta_context);
+    assert!(negotiate(&mut s, &two).unwrap().contexts.is_empty());
 }
 
 #[test]
@@ -162,5 +185,61 @@ fn unknown_client_flags_close_the_connection() {
     assert!(matches!(
         negotiate(&mut s, &exports()),
         Err(HandshakeError::Protocol(_))
+    ));
+}
+
+#[test]
+fn dirty_bitmaps_are_listed_by_namespace_and_selected_by_name_with_ids_in_order() {
+    use vdk_core::bitmap::{Bitmaps, DirtyBitmap};
+    let bitmaps = Arc::new(Bitmaps::default());
+    for name in ["daily", "weekly"] {
+        bitmaps
+            .add(name, DirtyBitmap::new(1 << 20, 65536).unwrap())
+            .unwrap();
+    }
+    let mut export = Export::new("ram", Arc::new(MemoryDisk::new(1 << 20)));
+    export.bitmaps = Some(bitmaps);
+    let exports = vec![Arc::new(export)];
+    let mut s = client(&[
+        (opt::STRUCTURED_REPLY, vec![]),
+        (opt::LIST_META_CONTEXT, meta_queries("ram", &[])),
+        (opt::LIST_META_CONTEXT, meta_query("ram", "qemu:")),
+        (
+            opt::LIST_META_CONTEXT,
+            meta_query("ram", "qemu:dirty-bitmap:"),
+        ),
+        // SET takes whole names only; an unknown one is left out.
+        (
+            opt::SET_META_CONTEXT,
+            meta_queries(
+                "ram",
+                &[
+                    "qemu:dirty-bitmap:",
+                    "qemu:dirty-bitmap:weekly",
+                    "base:allocation",
+                    "x:y",
+                ],
+            ),
+        ),
+        (opt::GO, name_and_infos("ram")),
+    ]);
+    let n = negotiate(&mut s, &exports).unwrap();
+    let all = |id| {
+        vec![
+            (id, "base:allocation".to_owned()),
+            (id, "qemu:dirty-bitmap:daily".to_owned()),
+            (id, "qemu:dirty-bitmap:weekly".to_owned()),
+        ]
+    };
+    let mut want = all(0);
+    want.extend(all(0)[1..].to_vec());
+    want.extend(all(0)[1..].to_vec());
+    // SET answers in the export's order: base:allocation (1), then weekly (2).
+    want.push((1, "base:allocation".into()));
+    want.push((2, "qemu:dirty-bitmap:weekly".into()));
+    assert_eq!(contexts_replied(&s.output), want);
+    assert!(matches!(
+        n.contexts[..],
+        [Context::Allocation, Context::DirtyBitmap(_)]
     ));
 }

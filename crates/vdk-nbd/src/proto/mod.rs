@@ -88,6 +88,8 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 pub const STATE_HOLE: u32 = 1 << 0;
 /// base:allocation flag: the extent reads as zeroes.
 pub const STATE_ZERO: u32 = 1 << 1;
+/// qemu:dirty-bitmap flag: the extent was written since the bitmap was last cleared.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// Strings (export names, descriptions, queries) may not be longer than this (proto.md
 /// "Conventions").

@@ -398,15 +398,22 @@ pub fn error_chunk(out: &mut Vec<u8>, h: &RequestHeader, error: u32, message: &s
     out.extend_from_slice(msg);
 }
 
-/// Appends a final block status chunk of `(length, flags)` descriptors: BLOCK_STATUS, or
+/// Appends a block status chunk of `(length, flags)` descriptors (the reply's last if `last`): BLOCK_STATUS, or
 /// BLOCK_STATUS_EXT (64-bit lengths and flags, and a count) if `h` came extended. Compact
 /// requests are shorter than 4 GiB, so their lengths fit in 32 bits.
-pub fn block_status(out: &mut Vec<u8>, h: &RequestHeader, context: u32, extents: &[(u64, u32)]) {
+pub fn block_status(
+    out: &mut Vec<u8>,
+    h: &RequestHeader,
+    context: u32,
+    extents: &[(u64, u32)],
+    last: bool,
+) {
     // Callers bound the descriptor count far below 2^27.
     let count = u32::try_from(extents.len()).unwrap_or(u32::MAX);
+    let done = if last { REPLY_FLAG_DONE } else { 0 };
     if h.extended {
         let len = 8u32.saturating_add(count.saturating_mul(16));
-        chunk_header(out, REPLY_FLAG_DONE, chunk::BLOCK_STATUS_EXT, h, len);
+        chunk_header(out, done, chunk::BLOCK_STATUS_EXT, h, len);
         out.extend_from_slice(&context.to_be_bytes());
         out.extend_from_slice(&count.to_be_bytes());
         for (length, flags) in extents {
@@ -415,7 +422,7 @@ pub fn block_status(out: &mut Vec<u8>, h: &RequestHeader, context: u32, extents:
         }
     } else {
         let len = 4u32.saturating_add(count.saturating_mul(8));
-        chunk_header(out, REPLY_FLAG_DONE, chunk::BLOCK_STATUS, h, len);
+        chunk_header(out, done, chunk::BLOCK_STATUS, h, len);
         out.extend_from_slice(&context.to_be_bytes());
         for (length, flags) in extents {
             let length = u32::try_from(*length).unwrap_or(u32::MAX);

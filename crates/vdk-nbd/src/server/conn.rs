@@ -17,7 +17,7 @@ use vdk_core::{zeroed_buffer, BlockDevice, Lend, ReadOnly};
 use super::reply::{serve_blocking, serve_inline, Batch};
 use super::{ExportSet, ServerConfig};
 use crate::export::{Export, Peer};
-use crate::negotiate::{negotiate_client, Client, Exports, HandshakeError};
+use crate::negotiate::{negotiate_client, Client, Context, Exports, HandshakeError};
 use crate::proto::transmission::{self as tx, check_request, Command, Limits, RequestHeader};
 use crate::stream::Stream;
 use crate::tls::{Tls, TlsMode};
@@ -140,7 +140,7 @@ pub(super) fn run(
         max_payload,
         structured: negotiated.structured,
         extended: negotiated.extended,
-        meta_context: negotiated.meta_context,
+        meta_context: !negotiated.contexts.is_empty(),
     };
     let writer = match stream.try_clone() {
         Ok(w) => w,
@@ -153,6 +153,7 @@ pub(super) fn run(
         writer: Mutex::new(writer),
         device: Arc::clone(&device),
         limits,
+        contexts: negotiated.contexts,
         fast_zero: info.caps.fast_zero,
         sparse_reads: info.caps.extents && !info.caps.metered,
         broken: AtomicBool::new(false),
@@ -183,6 +184,8 @@ pub(super) struct Conn {
     pub(super) writer: Mutex<Stream>,
     pub(super) device: Arc<dyn BlockDevice>,
     pub(super) limits: Limits,
+    /// The metadata contexts selected, the first with id 1.
+    pub(super) contexts: Vec<Context>,
     pub(super) fast_zero: bool,
     pub(super) sparse_reads: bool,
     /// A reply could not be sent: the connection is finished.

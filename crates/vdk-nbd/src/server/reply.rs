@@ -8,9 +8,9 @@ use vdk_core::sync::lock;
 use vdk_core::{Errno, Error, ExtentKind, Piece};
 
 use super::conn::{Conn, Job, Payload, INLINE_MAX, MAX_SPARE_UNITS};
-use crate::negotiate::BASE_ALLOCATION_ID;
+use crate::negotiate::Context;
 use crate::proto::transmission::{self as tx, Command, RequestHeader};
-use crate::proto::{errno, STATE_HOLE, STATE_ZERO};
+use crate::proto::{errno, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 
 /// Reads shorter than this are sent as one data chunk without asking the disk for holes:
 /// for small random reads an extents call costs more than the zeroes it would save.
@@ -335,24 +335,45 @@ fn block_status_reply(conn: &Conn, h: &RequestHeader, req_one: bool, b: &mut Bat
     if h.len == 0 {
         return b.error(conn, h, errno::EINVAL, "block status of zero length");
     }
-    let map = match conn.device.extents(h.offset, h.len) {
-        Ok(m) => m,
-        Err(e) => return b.failed(conn, h, &e),
-    };
     let limit = if req_one { 1 } else { MAX_DESCRIPTORS };
-    let descriptors: Vec<(u64, u32)> = map
-        .runs()
-        .iter()
-        .take(limit)
-        .map(|r| {
-            let flags = match r.kind {
-                ExtentKind::Data => 0,
-                ExtentKind::Hole => STATE_HOLE | STATE_ZERO,
-                ExtentKind::Zero => STATE_ZERO,
-            };
-            // A run lies inside the request: under 4 GiB unless the request is extended.
-            (r.len, flags)
-        })
-        .collect();
-    tx::block_status(&mut b.out, h, BASE_ALLOCATION_ID, &descriptors);
+    // One chunk per context, each in full before any is sent: an error ends the reply.
+    let mut chunks = Vec::with_capacity(conn.contexts.len());
+    for context in &conn.contexts {
+        // A run lies inside the request: under 4 GiB unless the request is extended.
+        let descriptors: Vec<(u64, u32)> = match context {
+            Context::Allocation => match conn.device.extents(h.offset, h.len) {
+                Ok(map) => map
+                    .runs()
+                    .iter()
+                    .take(limit)
+                    .map(|r| {
+                        let flags = match r.kind {
+                            ExtentKind::Data => 0,
+                            ExtentKind::Hole => STATE_HOLE | STATE_ZERO,
+                            ExtentKind::Zero => STATE_ZERO,
+                        };
+                        (r.len, flags)
+                    })
+                    .collect(),
+                Err(e) => return b.failed(conn, h, &e),
+            },
+            Context::DirtyBitmap(bitmap) => {
+                let mut runs = bitmap.runs(h.offset, h.len);
+                if runs.is_empty() {
+                    // Past the bitmap's end (the disk grew after it was made): clean.
+                    runs.push((h.len, false));
+                }
+                runs.iter()
+                    .take(limit)
+                    .map(|(len, dirty)| (*len, u32::from(*dirty) * STATE_DIRTY))
+                    .collect()
+            }
+        };
+        chunks.push(descriptors);
+    }
+    let last = chunks.len();
+    for (i, descriptors) in chunks.iter().enumerate() {
+        let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        tx::block_status(&mut b.out, h, id, descriptors, i + 1 == last);
+    }
 }

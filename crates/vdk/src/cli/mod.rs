@@ -1,5 +1,6 @@
 //! The command line.
 
+mod backup;
 mod compare;
 mod convert;
 mod daemon;
@@ -114,6 +115,12 @@ enum Command {
     Stats(list::StatsArgs),
     /// Change an open disk's rate limits while it is served: vdk set ID rate:read-bps=10M.
     Set(disks::SetArgs),
+    /// Add, remove, clear or list an open disk's dirty bitmaps (what changed since a point in
+    /// time, served over NBD as qemu:dirty-bitmap:NAME).
+    Bitmap(backup::BitmapArgs),
+    /// Copy an open disk into a new qcow2 image, as it is now: all of it, or with
+    /// --incremental what a dirty bitmap marks, on top of the previous backup.
+    Backup(backup::BackupArgs),
     /// Merge a cow overlay into its base, then empty it (safe to run again if interrupted).
     Commit(image::OverlayArgs),
     /// Empty a cow overlay: the disk reads as its base again.
@@ -177,6 +184,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Resize(args) => image::resize(args, &env_paths()?),
         Command::Stats(args) => list::stats(args),
         Command::Set(args) => disks::set(args),
+        Command::Bitmap(args) => backup::bitmap(args),
+        Command::Backup(args) => backup::backup(args),
         Command::Commit(args) => image::commit(args),
         Command::Discard(args) => image::discard(args),
         Command::Snapshot(args) => image::snapshot(args),

@@ -271,6 +271,12 @@ fn paths(req: &Request) -> Result<Vec<(PathBuf, Want)>, ApiError> {
         }
         Request::Mount(r) => out.push((r.dir.clone(), Want::Dir)),
         Request::Snapshot(r) => out.push((r.new.clone(), Want::Write)),
+        Request::Backup(r) => {
+            out.push((r.target.clone(), Want::Write));
+            if let Some(b) = &r.base {
+                out.push((b.clone(), Want::Read));
+            }
+        }
         Request::Insert(r) => out.push((r.image.clone(), Want::Read)),
         Request::FsMount(r) => {
             if r.source.starts_with('/') {

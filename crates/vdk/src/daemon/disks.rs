@@ -76,6 +76,8 @@ pub struct Disk {
     pub state: Mutex<Attachment>,
     /// Its LUN, when served over iSCSI.
     pub iscsi: Mutex<Option<Lun>>,
+    /// The last backup made with each dirty bitmap.
+    pub backups: super::backup::Backups,
 }
 
 impl Disk {

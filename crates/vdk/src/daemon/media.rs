@@ -165,7 +165,7 @@ impl Daemon {
             allow: &disk.allow,
             description: format!("vdk disk {}: {shown}", disk.id),
         };
-        self.nbd.export(spec, disk.device.clone())?;
+        self.nbd.export(spec, &disk.device)?;
         if disk.attach.is_block_device() {
             self.attach(&disk)?;
         }

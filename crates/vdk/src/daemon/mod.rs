@@ -31,6 +31,7 @@ mod access;
 mod attach;
 #[cfg(target_os = "linux")]
 mod attacher;
+mod backup;
 mod channel;
 mod close;
 #[cfg(target_os = "linux")]
@@ -175,6 +176,7 @@ impl Daemon {
             },
             stats: d.device.counters(),
             latency: lock(&d.stats).as_deref().map(crate::control::stats_report),
+            bitmaps: backup::bitmap_status(d),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use vdk_core::BlockDevice;
+use super::tracked::Tracked;
 use vdk_nbd::{Export, Rule, Server};
 
 use crate::control::{ApiError, ErrorKind};
@@ -47,13 +47,11 @@ impl NbdFront {
         self.server.connections()
     }
 
-    /// Offers `device` as the export `spec` describes.
-    pub fn export(
-        &self,
-        spec: ExportSpec<'_>,
-        device: Arc<dyn BlockDevice>,
-    ) -> Result<(), ApiError> {
-        let mut export = Export::new(spec.name.to_owned(), device);
+    /// Offers `device` as the export `spec` describes, its dirty bitmaps as metadata
+    /// contexts.
+    pub fn export(&self, spec: ExportSpec<'_>, device: &Arc<Tracked>) -> Result<(), ApiError> {
+        let mut export = Export::new(spec.name.to_owned(), device.clone());
+        export.bitmaps = Some(Arc::clone(device.bitmaps()));
         export.read_only = spec.read_only;
         export.allow = spec.allow.to_vec();
         export.description = spec.description;

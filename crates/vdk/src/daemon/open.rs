@@ -373,7 +373,7 @@ impl Daemon {
             allow: &asked.allow,
             description: format!("vdk disk {id}: {shown}"),
         };
-        self.nbd.export(spec, device.clone())?;
+        self.nbd.export(spec, &device)?;
         let disk = Arc::new(Disk {
             id,
             opener,
@@ -387,6 +387,7 @@ impl Daemon {
             read_only: req.read_only || size_info.read_only,
             cdrom: size_info.media == vdk_core::MediaKind::CdRom,
             iscsi: Mutex::new(None),
+            backups: Mutex::default(),
             attach: asked.attach,
             export,
             allow: asked.allow,

@@ -1,10 +1,13 @@
 //! The disk as the daemon's front ends see it: the backend, counted, and with a switch that
 //! fails every later request once the disk is closed (as a disk pulled out of its slot does).
+//! Every write (and zeroing, and trim) marks the disk's dirty bitmaps, and, while a backup
+//! runs, first has the backup copy the old data of what it overwrites.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
+use vdk_core::bitmap::Bitmaps;
 use vdk_core::sync;
 use vdk_core::{BlockDevice, DiskInfo, Error, Extents, Lend, Piece, Result};
 
@@ -102,6 +105,18 @@ pub struct Tracked {
     inner: RwLock<Arc<dyn BlockDevice>>,
     closed: AtomicBool,
     stats: Stats,
+    bitmaps: Arc<Bitmaps>,
+    /// The backup running now, if any.
+    backup: RwLock<Option<Arc<dyn BeforeWrite>>>,
+    /// Whether `backup` is set, read without its lock on every write.
+    backing_up: AtomicBool,
+}
+
+/// What must happen before the disk's data changes: a backup copies what is about to be
+/// overwritten (copy before write), so that it holds the disk as it was when it began.
+pub trait BeforeWrite: Send + Sync + std::fmt::Debug {
+    /// `[offset, offset + len)` of `below` is about to be written.
+    fn before_write(&self, below: &dyn BlockDevice, offset: u64, len: u64);
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -115,6 +130,52 @@ impl Tracked {
             inner: RwLock::new(inner),
             closed: AtomicBool::new(false),
             stats: Stats::default(),
+            bitmaps: Arc::default(),
+            backup: RwLock::new(None),
+            backing_up: AtomicBool::new(false),
+        }
+    }
+
+    /// The disk's dirty bitmaps, which its writes mark.
+    pub fn bitmaps(&self) -> &Arc<Bitmaps> {
+        &self.bitmaps
+    }
+
+    /// Runs `f` while no request is in flight (they wait for it): the moment a backup begins.
+    pub fn quiesced<T>(&self, f: impl FnOnce(&Arc<dyn BlockDevice>) -> T) -> T {
+        let slot = sync::write(&self.inner);
+        f(&slot)
+    }
+
+    /// Runs `f` on the chain below as it is now, as a request would (but uncounted).
+    pub fn with_below<T>(&self, f: impl FnOnce(&dyn BlockDevice) -> T) -> T {
+        f(&**self.below())
+    }
+
+    /// Sets (or, with `None`, ends) what runs before every write. Called inside
+    /// [`quiesced`](Self::quiesced) to start at a point no write straddles.
+    pub fn set_before_write(&self, job: Option<Arc<dyn BeforeWrite>>) {
+        let on = job.is_some();
+        *sync::write(&self.backup) = job;
+        self.backing_up.store(on, Ordering::Release);
+    }
+
+    /// Whether a backup runs.
+    pub fn is_backing_up(&self) -> bool {
+        self.backing_up.load(Ordering::Acquire)
+    }
+
+    /// Whether the disk was closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// `[offset, offset + len)` of `below` is about to be written.
+    fn before_write(&self, below: &dyn BlockDevice, offset: u64, len: u64) {
+        if self.backing_up.load(Ordering::Acquire) {
+            if let Some(job) = sync::read(&self.backup).clone() {
+                job.before_write(below, offset, len);
+            }
         }
     }
 
@@ -239,7 +300,11 @@ impl BlockDevice for Tracked {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         let t = self.open()?;
-        let r = self.below().write_at(buf, offset, fua);
+        let below = self.below();
+        self.before_write(&**below, offset, buf.len() as u64);
+        let r = below.write_at(buf, offset, fua);
+        // Failed or not, the data there may have changed.
+        self.bitmaps.mark(offset, buf.len() as u64);
         t.done(Op::Write);
         self.count(r, |s, ()| write_done(s, buf.len() as u64))
     }
@@ -253,14 +318,20 @@ impl BlockDevice for Tracked {
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
         let t = self.open()?;
-        let r = self.below().trim(offset, len);
+        let below = self.below();
+        self.before_write(&**below, offset, len);
+        let r = below.trim(offset, len);
+        self.bitmaps.mark(offset, len);
         t.done(Op::Trim);
         self.count(r, |s, ()| add(&s.trims, 1))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
         let t = self.open()?;
-        let r = self.below().write_zeroes(offset, len, may_trim, fua);
+        let below = self.below();
+        self.before_write(&**below, offset, len);
+        let r = below.write_zeroes(offset, len, may_trim, fua);
+        self.bitmaps.mark(offset, len);
         t.done(Op::Trim);
         self.count(r, |s, ()| add(&s.trims, 1))
     }
@@ -277,7 +348,9 @@ impl BlockDevice for Tracked {
 
     fn grow(&self, new_size: u64) -> Result<()> {
         let _in_flight = self.open()?;
-        self.below().grow(new_size)
+        self.below().grow(new_size)?;
+        self.bitmaps.resize(new_size);
+        Ok(())
     }
 
     /// Its own, always: the chain below may change (a live commit) and lend or not.
@@ -313,8 +386,14 @@ impl Lend for Tracked {
         let Some(lend) = below.lend() else {
             return Ok(false);
         };
+        let n = buf.len() as u64;
+        if self.backing_up.load(Ordering::Acquire) {
+            // The backup's copy may wait: the slow path does it.
+            return Ok(false);
+        }
         let r = lend.try_write_at(buf, offset);
         if !matches!(r, Ok(false)) {
+            self.bitmaps.mark(offset, n);
             t.done(Op::Write);
         }
         self.count(r, |s, done| {
@@ -352,7 +431,9 @@ impl Lend for Tracked {
             return Err(Error::Unsupported(vdk_core::Op::Write));
         };
         let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.before_write(&**below, offset, n);
         let r = lend.write_owned(offset, bufs);
+        self.bitmaps.mark(offset, n);
         t.done(Op::Write);
         self.count(r, |s, _| write_done(s, n))
     }
@@ -391,11 +472,18 @@ impl vdk_attach::Direct for Tracked {
         self.open().is_ok()
     }
 
-    fn done(&self, write: bool, bytes: Option<u64>) {
-        match (write, bytes) {
-            (false, Some(n)) => read_done(&self.stats, n),
-            (true, Some(n)) => write_done(&self.stats, n),
-            (_, None) => add(&self.stats.errors, 1),
+    fn before_write(&self, offset: u64, len: u64) {
+        self.before_write(&**self.below(), offset, len);
+    }
+
+    fn done(&self, write: bool, offset: u64, len: u64, ok: bool) {
+        if write {
+            self.bitmaps.mark(offset, len);
+        }
+        match (write, ok) {
+            (false, true) => read_done(&self.stats, len),
+            (true, true) => write_done(&self.stats, len),
+            (_, false) => add(&self.stats.errors, 1),
         }
     }
 }

@@ -1,0 +1,146 @@
+//! `vdk bitmap` and `vdk backup`: dirty bitmaps of open disks, and backups made with them.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use super::disks::{absolute, ask, disk_key};
+use crate::control::{
+    BackupReport, BackupRequest, BitmapAction, BitmapRequest, BitmapStatus, Request,
+};
+
+/// What `vdk bitmap` does.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Action {
+    /// List the disk's bitmaps: name, granularity, bytes marked dirty, last backup.
+    List,
+    /// Add a clean bitmap: from now on writes, zeroes and trims mark it.
+    Add,
+    /// Remove a bitmap.
+    Remove,
+    /// Make a bitmap clean.
+    Clear,
+}
+
+/// `vdk bitmap`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+A bitmap is served over NBD as the metadata context qemu:dirty-bitmap:NAME
+(nbdinfo --map=qemu:dirty-bitmap:NAME URI). Examples:
+  vdk bitmap add disk0 daily
+  vdk bitmap list disk0")]
+pub struct BitmapArgs {
+    /// list, add, remove or clear.
+    #[arg(value_enum)]
+    action: Action,
+    /// The disk: its id or its image file.
+    disk: String,
+    /// The bitmap (all but list).
+    #[arg(required_if_eq_any([("action", "add"), ("action", "remove"), ("action", "clear")]))]
+    name: Option<String>,
+    /// With add: bytes per bit, a power of two from 512 (default 64K).
+    #[arg(long, value_name = "BYTES", value_parser = vdk_core::size::parse_size)]
+    granularity: Option<u64>,
+    /// Print the bitmaps as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
+}
+
+/// Runs `vdk bitmap`.
+pub fn bitmap(args: BitmapArgs) -> anyhow::Result<()> {
+    let action = match args.action {
+        Action::List => BitmapAction::List,
+        Action::Add => BitmapAction::Add,
+        Action::Remove => BitmapAction::Remove,
+        Action::Clear => BitmapAction::Clear,
+    };
+    if args.granularity.is_some() && action != BitmapAction::Add {
+        anyhow::bail!("--granularity is for add only");
+    }
+    let req = Request::Bitmap(BitmapRequest {
+        disk: disk_key(&args.disk)?,
+        action,
+        name: args.name,
+        granularity: args.granularity,
+    });
+    let Some(list) = ask::<Vec<BitmapStatus>>(&args.socket, false, &req, args.json)? else {
+        return Ok(());
+    };
+    if action != BitmapAction::List {
+        return Ok(());
+    }
+    for b in list {
+        let last = b
+            .last_backup
+            .map(|p| format!("  last backup {}", p.display()))
+            .unwrap_or_default();
+        crate::outln!(
+            "{}  granularity {}  dirty {}{last}",
+            b.name,
+            vdk_core::size::Human(b.granularity),
+            vdk_core::size::Human(b.dirty)
+        )?;
+    }
+    Ok(())
+}
+
+/// `vdk backup`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The backup is the disk as it was when the command began, though it stays in use.
+  vdk bitmap add disk0 daily
+  vdk backup disk0 --bitmap daily full.qcow2
+  ... (the disk is written) ...
+  vdk backup disk0 --bitmap daily --incremental inc1.qcow2
+inc1.qcow2's backing file is full.qcow2; qemu-img convert -O raw inc1.qcow2 disk.img restores it.")]
+pub struct BackupArgs {
+    /// The disk: its id or its image file.
+    disk: String,
+    /// The new qcow2 image (there must be no file there).
+    target: PathBuf,
+    /// A dirty bitmap of the disk: a full backup clears it when it begins; an incremental
+    /// one copies what it marks, and clears it.
+    #[arg(long, value_name = "NAME")]
+    bitmap: Option<String>,
+    /// Copy only what --bitmap marks, into an image whose backing file is the previous
+    /// backup made with that bitmap.
+    #[arg(long, requires = "bitmap")]
+    incremental: bool,
+    /// With --incremental: the previous backup, if not the last one made with the bitmap
+    /// (after a daemon restart).
+    #[arg(long, value_name = "FILE", requires = "incremental")]
+    base: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    pub socket: crate::cli::SocketArg,
+}
+
+/// Runs `vdk backup`.
+pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let req = Request::Backup(BackupRequest {
+        disk: disk_key(&args.disk)?,
+        target: absolute(&args.target)?,
+        bitmap: args.bitmap,
+        incremental: args.incremental,
+        base: args.base.as_deref().map(absolute).transpose()?,
+    });
+    let Some(r) = ask::<BackupReport>(&args.socket, false, &req, args.json)? else {
+        return Ok(());
+    };
+    let on = r
+        .base
+        .map(|b| format!(" on top of {}", b.display()))
+        .unwrap_or_default();
+    crate::outln!(
+        "backed up {} to {}{on}: {} looked at, {} of data copied",
+        r.id,
+        r.target.display(),
+        vdk_core::size::Human(r.scanned),
+        vdk_core::size::Human(r.copied)
+    )?;
+    Ok(())
+}

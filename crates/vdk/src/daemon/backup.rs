@@ -1,0 +1,337 @@
+//! Dirty bitmaps and backups of open disks.
+//!
+//! A backup is of the disk as it was at one moment, though writes go on while it copies:
+//! that moment is taken while no request is in flight ([`Tracked::quiesced`]), and from then
+//! on a write to a part not yet copied first has the backup copy what it overwrites (copy
+//! before write). An incremental backup copies what its bitmap marked at that moment, into a
+//! qcow2 image whose backing file is the previous backup; the bitmap starts again clean then,
+//! and gets its marks back if the backup fails.
+// Buffers are at most CHUNK bytes.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+use vdk_core::bitmap::{DirtyBitmap, Frozen, DEFAULT_GRANULARITY};
+use vdk_core::sync::lock;
+use vdk_core::BlockDevice;
+use vdk_formats::{CreateOptions, Format, OpenOptions};
+
+use super::disks::Disk;
+use super::tracked::{BeforeWrite, Tracked};
+use super::Daemon;
+use crate::control::{
+    ApiError, BackupReport, BackupRequest, BitmapAction, BitmapRequest, BitmapStatus, ErrorKind,
+};
+
+/// Bytes copied at a time (granules can be larger).
+const CHUNK: u64 = 1 << 20;
+
+/// A backup being made: the granules still to copy, and where to.
+#[derive(Debug)]
+struct Job {
+    /// What is left to copy; a granule is copied (by the copier, or by a write about to
+    /// change it) with this held, then unmarked.
+    pending: Mutex<Frozen>,
+    dest: Arc<dyn BlockDevice>,
+    /// A full backup into an image of its own: zeroes need no recording.
+    full: bool,
+    /// Bytes of data written to `dest`.
+    copied: AtomicU64,
+    /// The first failure; the backup is then abandoned.
+    failed: Mutex<Option<String>>,
+}
+
+impl Job {
+    /// Copies the granule at `at` if it is still pending.
+    fn copy(&self, pending: &mut Frozen, below: &dyn BlockDevice, at: u64) {
+        if !pending.is_dirty(at) {
+            return;
+        }
+        let g = pending.granularity();
+        let start = at - at % g;
+        pending.unmark(start);
+        if lock(&self.failed).is_some() {
+            return;
+        }
+        let size = self.dest.info().size;
+        let len = g.min(size.saturating_sub(start));
+        if len == 0 {
+            return;
+        }
+        let mut buf = vec![0u8; CHUNK.min(len) as usize];
+        let mut r = Ok(());
+        let mut at = start;
+        while at < start + len && r.is_ok() {
+            let n = CHUNK.min(start + len - at);
+            let chunk = &mut buf[..n as usize];
+            r = below.read_at(chunk, at).and_then(|()| {
+                if chunk.iter().all(|b| *b == 0) {
+                    if self.full {
+                        Ok(())
+                    } else {
+                        self.dest.write_zeroes(at, n, false, false)
+                    }
+                } else {
+                    self.copied.fetch_add(n, Ordering::Relaxed);
+                    self.dest.write_at(chunk, at, false)
+                }
+            });
+            at += n;
+        }
+        if let Err(e) = r {
+            lock(&self.failed).get_or_insert_with(|| format!("at byte {start}: {e}"));
+        }
+    }
+}
+
+impl BeforeWrite for Job {
+    fn before_write(&self, below: &dyn BlockDevice, offset: u64, len: u64) {
+        let mut pending = lock(&self.pending);
+        let g = pending.granularity();
+        let end = offset.saturating_add(len);
+        let mut at = offset - offset % g;
+        while at < end {
+            self.copy(&mut pending, below, at);
+            at += g;
+        }
+    }
+}
+
+impl Daemon {
+    /// Adds, removes, clears or lists a disk's dirty bitmaps.
+    pub(super) fn bitmap(&self, req: &BitmapRequest) -> Result<Vec<BitmapStatus>, ApiError> {
+        let _one_at_a_time = lock(&self.changing);
+        let disk = self.disks.find(&req.disk)?;
+        let bitmaps = disk.device.bitmaps();
+        let name = || {
+            req.name
+                .as_deref()
+                .ok_or_else(|| ApiError::invalid("which bitmap? (name)"))
+        };
+        match req.action {
+            BitmapAction::List => {}
+            BitmapAction::Add => {
+                #[cfg(target_os = "linux")]
+                if disk.attach == crate::control::Attach::FuseLoop && self.attacher.passthrough() {
+                    return Err(ApiError::new(
+                        ErrorKind::Unsupported,
+                        format!("{}'s block device writes its image itself (the daemon's --fuse-passthrough): no bitmap could see those writes", disk.id),
+                    ));
+                }
+                let size = disk.device.info().size;
+                let g = req.granularity.unwrap_or(DEFAULT_GRANULARITY);
+                let b = DirtyBitmap::new(size, g).map_err(ApiError::invalid)?;
+                bitmaps.add(name()?, b).map_err(ApiError::invalid)?;
+                info!(id = %disk.id, bitmap = name()?, granularity = g, "dirty bitmap added");
+            }
+            BitmapAction::Remove => {
+                bitmaps.remove(name()?).map_err(not_found)?;
+                lock(&disk.backups).remove(name()?);
+                info!(id = %disk.id, bitmap = name()?, "dirty bitmap removed");
+            }
+            BitmapAction::Clear => {
+                find(&disk, name()?)?.clear();
+                info!(id = %disk.id, bitmap = name()?, "dirty bitmap cleared");
+            }
+        }
+        Ok(bitmap_status(&disk))
+    }
+
+    /// Copies an open disk into a new qcow2 image: all of it, or what a bitmap marks.
+    pub(super) fn backup(&self, req: BackupRequest) -> Result<BackupReport, ApiError> {
+        let disk = {
+            let _one_at_a_time = lock(&self.changing);
+            self.disks.find(&req.disk)?
+        };
+        if !req.target.is_absolute() {
+            return Err(ApiError::invalid("the backup's path must be absolute"));
+        }
+        let bitmap = req.bitmap.as_deref().map(|n| find(&disk, n)).transpose()?;
+        let base = if req.incremental {
+            let Some(name) = &req.bitmap else {
+                return Err(ApiError::invalid(
+                    "an incremental backup needs the bitmap that marks what changed (--bitmap)",
+                ));
+            };
+            let last = lock(&disk.backups).get(name).cloned();
+            let Some(base) = req.base.clone().or(last) else {
+                return Err(ApiError::invalid(format!(
+                    "no earlier backup made with bitmap {name:?}: make a full one first, or name the last one (--base)"
+                )));
+            };
+            if !base.is_file() {
+                return Err(ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("the previous backup {} is not there", base.display()),
+                ));
+            }
+            Some(base)
+        } else {
+            None
+        };
+        let g = bitmap
+            .as_ref()
+            .map_or(DEFAULT_GRANULARITY, |b| b.granularity());
+        let size = disk.device.info().size;
+        if disk.device.is_backing_up() {
+            return Err(ApiError::new(
+                ErrorKind::Busy,
+                format!("{} is being backed up already", disk.id),
+            ));
+        }
+        let dest = make_target(&req.target, size, base.as_deref())?;
+        let full = base.is_none();
+        // The backup's moment: no request in flight, none starts until the copying is set up.
+        let started = disk.device.quiesced(|_| {
+            if disk.device.is_backing_up() {
+                return None;
+            }
+            let taken = match (&bitmap, full) {
+                (Some(b), false) => b.take(),
+                (Some(b), true) => {
+                    b.clear();
+                    Frozen::full(size, g)
+                }
+                (None, _) => Frozen::full(size, g),
+            };
+            let job = Arc::new(Job {
+                pending: Mutex::new(taken.clone()),
+                dest,
+                full,
+                copied: AtomicU64::new(0),
+                failed: Mutex::new(None),
+            });
+            disk.device
+                .set_before_write(Some(Arc::clone(&job) as Arc<dyn BeforeWrite>));
+            Some((job, taken))
+        });
+        let Some((job, taken)) = started else {
+            let _ = std::fs::remove_file(&req.target);
+            return Err(ApiError::new(
+                ErrorKind::Busy,
+                format!("{} is being backed up already", disk.id),
+            ));
+        };
+        info!(id = %disk.id, target = %req.target.display(), incremental = req.incremental, "backup started");
+        let scanned = copy_all(&disk.device, &job, &taken);
+        disk.device.set_before_write(None);
+        let failed = lock(&job.failed).take();
+        let result = match failed {
+            Some(e) => Err(e),
+            None => job.dest.flush().map_err(|e| e.to_string()),
+        };
+        if let Err(e) = result {
+            if let Some(b) = &bitmap {
+                // What was taken is still to be backed up next time.
+                b.merge(&taken);
+            }
+            drop(job);
+            let _ = std::fs::remove_file(&req.target);
+            warn!(id = %disk.id, error = %e, "backup failed");
+            return Err(ApiError::new(ErrorKind::Io, format!("backup failed: {e}")));
+        }
+        if let Some(name) = &req.bitmap {
+            lock(&disk.backups).insert(name.clone(), req.target.clone());
+        }
+        let copied = job.copied.load(Ordering::Relaxed);
+        info!(id = %disk.id, target = %req.target.display(), copied, "backup done");
+        Ok(BackupReport {
+            id: disk.id.clone(),
+            target: req.target,
+            base,
+            scanned,
+            copied,
+        })
+    }
+}
+
+/// Copies every granule `taken` marks (those a write has not copied first); the bytes
+/// looked at.
+fn copy_all(device: &Tracked, job: &Job, taken: &Frozen) -> u64 {
+    let g = taken.granularity();
+    let mut scanned = 0;
+    for (offset, len) in taken.dirty() {
+        let mut at = offset;
+        while at < offset + len {
+            if device.is_closed() {
+                lock(&job.failed).get_or_insert_with(|| "the disk was closed".into());
+                return scanned;
+            }
+            // The chain's lock before the pending set's, as a write takes them.
+            device.with_below(|below| job.copy(&mut lock(&job.pending), below, at));
+            if lock(&job.failed).is_some() {
+                return scanned;
+            }
+            at += g;
+        }
+        scanned += len;
+    }
+    scanned
+}
+
+/// Creates the backup's image and opens it for writing.
+fn make_target(
+    target: &Path,
+    size: u64,
+    base: Option<&Path>,
+) -> Result<Arc<dyn BlockDevice>, ApiError> {
+    let opts = CreateOptions {
+        format: Format::Qcow2,
+        cluster_size: None,
+        backing: base.map(|b| (b.display().to_string(), Format::Qcow2)),
+        fixed: false,
+        encrypt: None,
+    };
+    let shown = target.display();
+    vdk_formats::create(target, size, &opts).map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::AlreadyExists {
+            ErrorKind::AlreadyOpen
+        } else {
+            ErrorKind::Io
+        };
+        ApiError::new(kind, format!("cannot create {shown}: {e}"))
+    })?;
+    let open = OpenOptions {
+        format: Some(Format::Qcow2),
+        ..OpenOptions::default()
+    };
+    vdk_formats::open(target, &open)
+        .map(|i| i.device)
+        .map_err(|e| {
+            let _ = std::fs::remove_file(target);
+            ApiError::new(ErrorKind::Io, format!("cannot open {shown}: {e}"))
+        })
+}
+
+fn not_found(e: String) -> ApiError {
+    ApiError::new(ErrorKind::NotFound, e)
+}
+
+fn find(disk: &Disk, name: &str) -> Result<Arc<DirtyBitmap>, ApiError> {
+    disk.device
+        .bitmaps()
+        .get(name)
+        .ok_or_else(|| not_found(format!("{} has no bitmap {name:?}", disk.id)))
+}
+
+/// A disk's bitmaps as `bitmap` and `list` answer them.
+pub(super) fn bitmap_status(disk: &Disk) -> Vec<BitmapStatus> {
+    let last = lock(&disk.backups).clone();
+    disk.device
+        .bitmaps()
+        .all()
+        .into_iter()
+        .map(|(name, b)| BitmapStatus {
+            granularity: b.granularity(),
+            dirty: b.dirty_bytes(),
+            last_backup: last.get(&name).cloned(),
+            name,
+        })
+        .collect()
+}
+
+/// Where backups are recorded per bitmap, for the next incremental one.
+pub(super) type Backups = Mutex<std::collections::BTreeMap<String, PathBuf>>;
