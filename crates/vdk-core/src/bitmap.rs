@@ -16,6 +16,12 @@ pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
 pub struct DirtyBitmap {
     granularity: u64,
     state: Mutex<State>,
+    /// Kept in the image ([`BitmapStore`]) when the disk closes.
+    persistent: bool,
+    /// Found in the image marked in use: a program that had it did not close the image (a
+    /// crash), so it may have missed writes. It marks nothing and cannot be used; it can
+    /// only be removed.
+    inconsistent: bool,
 }
 
 #[derive(Debug)]
@@ -52,7 +58,60 @@ impl DirtyBitmap {
                 size,
                 words: vec![0; words_for(size, granularity)],
             }),
+            persistent: false,
+            inconsistent: false,
         })
+    }
+
+    /// A bitmap of a disk of `size` bytes as an image stored it: `bytes` are its bits, bit i
+    /// in byte i / 8 at position i % 8 (qcow2's layout); missing bytes are clean. Bits past
+    /// the disk's end are dropped.
+    pub fn from_stored(size: u64, granularity: u64, bytes: &[u8]) -> Result<DirtyBitmap, String> {
+        let b = DirtyBitmap::new(size, granularity)?;
+        {
+            let mut st = lock(&b.state);
+            for (w, chunk) in st.words.iter_mut().zip(bytes.chunks(8)) {
+                let mut le = [0u8; 8];
+                le[..chunk.len()].copy_from_slice(chunk);
+                *w = u64::from_le_bytes(le);
+            }
+        }
+        b.resize(size);
+        Ok(b)
+    }
+
+    /// The bits in qcow2's layout (as [`from_stored`](Self::from_stored) reads them): one bit
+    /// per granule of the disk, rounded up to whole bytes.
+    pub fn to_stored(&self) -> Vec<u8> {
+        let st = lock(&self.state);
+        let bytes = usize::try_from(st.bits(self.granularity).div_ceil(8)).unwrap_or(usize::MAX);
+        let mut out: Vec<u8> = st.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(bytes);
+        out
+    }
+
+    /// The same bitmap, kept in the image (`true`) or in memory only.
+    #[must_use]
+    pub fn persistent(mut self, yes: bool) -> DirtyBitmap {
+        self.persistent = yes;
+        self
+    }
+
+    /// The same bitmap, marked inconsistent (found in use in the image).
+    #[must_use]
+    pub fn inconsistent(mut self) -> DirtyBitmap {
+        self.inconsistent = true;
+        self
+    }
+
+    /// Whether the image keeps it.
+    pub fn is_persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// Whether it was found in use (a crash): unusable, only removable.
+    pub fn is_inconsistent(&self) -> bool {
+        self.inconsistent
     }
 
     /// Bytes per bit.
@@ -67,7 +126,7 @@ impl DirtyBitmap {
 
     /// Marks `[offset, offset + len)` dirty: every bit the range touches.
     pub fn mark(&self, offset: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || self.inconsistent {
             return;
         }
         let mut st = lock(&self.state);
@@ -172,13 +231,8 @@ pub struct Frozen {
 impl Frozen {
     /// Every granule of a disk of `size` bytes marked.
     pub fn full(size: u64, granularity: u64) -> Frozen {
-        let b = DirtyBitmap {
-            granularity,
-            state: Mutex::new(State {
-                size,
-                words: vec![0; words_for(size, granularity)],
-            }),
-        };
+        let b = DirtyBitmap::new(size, granularity.clamp(512, 1 << 31))
+            .unwrap_or_else(|_| unreachable!("a clamped power of two"));
         b.mark(0, size);
         b.take()
     }
@@ -253,12 +307,16 @@ pub struct Bitmaps {
 impl Bitmaps {
     /// Adds a clean bitmap `name`; a name already in use is an error.
     pub fn add(&self, name: &str, bitmap: DirtyBitmap) -> Result<Arc<DirtyBitmap>, String> {
+        self.insert(name, Arc::new(bitmap))
+    }
+
+    /// Adds `b` as the bitmap `name` (one removed, put back); a name in use is an error.
+    pub fn insert(&self, name: &str, b: Arc<DirtyBitmap>) -> Result<Arc<DirtyBitmap>, String> {
         check_name(name)?;
         let mut list = write(&self.list);
         if list.iter().any(|(n, _)| n == name) {
             return Err(format!("the disk already has a bitmap {name:?}"));
         }
-        let b = Arc::new(bitmap);
         list.push((name.to_owned(), Arc::clone(&b)));
         self.count.store(list.len(), Ordering::Release);
         Ok(b)
@@ -309,6 +367,18 @@ impl Bitmaps {
             b.resize(size);
         }
     }
+}
+
+/// Where a disk's image keeps bitmaps (qcow2's bitmaps extension).
+pub trait BitmapStore: Send + Sync + std::fmt::Debug {
+    /// The bitmaps the image held when it was opened, each with its bits (or marked
+    /// inconsistent); those it tracks are now marked in use in the image, so that a crash
+    /// leaves them inconsistent.
+    fn stored(&self) -> Vec<(String, DirtyBitmap)>;
+    /// Makes `bitmaps` (the persistent ones among them) the image's bitmaps, with their bits
+    /// now: `in_use` while the disk stays open, not when it closes. An inconsistent one keeps
+    /// what the image has of it; one the image had that is not named is removed.
+    fn save(&self, bitmaps: &[(String, Arc<DirtyBitmap>)], in_use: bool) -> crate::Result<()>;
 }
 
 /// Whether `name` can name a bitmap: 1 to 1023 bytes (qcow2's limit), no control characters.
@@ -371,6 +441,25 @@ mod tests {
         assert_eq!(b.dirty_bytes(), 512 * 10);
         assert!(DirtyBitmap::new(1, 1000).is_err());
         assert!(DirtyBitmap::new(1, 256).is_err());
+    }
+
+    #[test]
+    fn stored_layout_is_one_bit_per_granule_lowest_bit_first() {
+        let b = DirtyBitmap::new(100 * 512, 512).unwrap();
+        b.mark(0, 512);
+        b.mark(9 * 512, 1);
+        b.mark(99 * 512, 1);
+        let raw = b.to_stored();
+        assert_eq!(raw.len(), 13);
+        assert_eq!((raw[0], raw[1], raw[12]), (0b1, 0b10, 0b1000));
+        let back = DirtyBitmap::from_stored(100 * 512, 512, &raw).unwrap();
+        assert_eq!(back.runs(0, 100 * 512), b.runs(0, 100 * 512));
+        // Bits past the end are dropped.
+        let full = DirtyBitmap::from_stored(3 * 512, 512, &[0xff]).unwrap();
+        assert_eq!(full.dirty_bytes(), 3 * 512);
+        let bad = DirtyBitmap::new(512, 512).unwrap().inconsistent();
+        bad.mark(0, 512);
+        assert_eq!(bad.dirty_bytes(), 0);
     }
 
     #[test]

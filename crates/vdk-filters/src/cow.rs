@@ -169,7 +169,7 @@ pub fn cow(
         &Qcow2Options {
             read_only: false,
             max_bytes: opts.size,
-            key: None,
+            ..Qcow2Options::default()
         },
     )?;
     Ok(Arc::new(q))

@@ -280,6 +280,9 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// The passphrase of an encrypted (LUKS) image.
     pub key: Option<luks::Secret>,
+    /// Keep a writable qcow2 image's dirty bitmaps ([`Image::bitmaps`]) instead of
+    /// invalidating them: the caller marks them on every write and saves them.
+    pub keep_bitmaps: bool,
 }
 
 /// An open image.
@@ -289,6 +292,9 @@ pub struct Image {
     pub device: Arc<dyn BlockDevice>,
     /// Its format.
     pub format: Format,
+    /// Where it keeps dirty bitmaps: a writable qcow2 image opened with
+    /// [`OpenOptions::keep_bitmaps`].
+    pub bitmaps: Option<Arc<dyn vdk_core::bitmap::BitmapStore>>,
 }
 
 /// An image whose metadata does not hold together: a header, table or log that is wrong,
@@ -357,6 +363,7 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
         probe_backing,
         force_share,
         key: _,
+        keep_bitmaps,
     } = opts.clone();
     let file_opts = FileOptions {
         read_only,
@@ -390,6 +397,7 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
             probed
         }
     };
+    let mut bitmaps = None;
     let device: Arc<dyn BlockDevice> = match format {
         Format::Raw => Arc::new(FileDisk::open(path, file_opts)?),
         Format::Iso => Arc::new(iso::IsoDisk::open(path, file_opts)?),
@@ -430,12 +438,13 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
                     let bopts = OpenOptions {
                         format: bformat,
                         read_only: true,
+                        keep_bitmaps: false,
                         ..opts.clone()
                     };
                     Some(open_in_chain(&bpath, &bopts, chain)?.device)
                 }
             };
-            Arc::new(Qcow2::open(
+            let q = Arc::new(Qcow2::open(
                 path,
                 file,
                 header,
@@ -444,11 +453,20 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
                     read_only,
                     max_bytes: None,
                     key: opts.key.clone(),
+                    keep_bitmaps: keep_bitmaps && !read_only,
                 },
-            )?)
+            )?);
+            if keep_bitmaps && !read_only {
+                bitmaps = Some(Arc::clone(&q) as Arc<dyn vdk_core::bitmap::BitmapStore>);
+            }
+            q
         }
     };
-    Ok(Image { device, format })
+    Ok(Image {
+        device,
+        format,
+        bitmaps,
+    })
 }
 
 /// A backing file name is relative to the directory of the image that names it.

@@ -431,7 +431,12 @@ impl<S: Read + Write> State<'_, '_, S> {
         // namespace and leaf ("qemu:dirty-bitmap:"), SET takes whole names.
         let mut offered = vec![(BASE_ALLOCATION.to_owned(), Context::Allocation)];
         if let Some(bitmaps) = &export.bitmaps {
-            for (name, b) in bitmaps.all() {
+            // An inconsistent one (left in use by a crash) is not offered.
+            for (name, b) in bitmaps
+                .all()
+                .into_iter()
+                .filter(|(_, b)| !b.is_inconsistent())
+            {
                 offered.push((
                     format!("{DIRTY_BITMAP_PREFIX}{name}"),
                     Context::DirtyBitmap(b),

@@ -394,6 +394,9 @@ pub struct BitmapRequest {
     /// With `add`: bytes per bit, a power of two from 512 (default 65536).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granularity: Option<u64>,
+    /// With `add`: kept in the image (qcow2), across closes and restarts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persistent: bool,
 }
 
 /// One dirty bitmap of a disk.
@@ -405,6 +408,13 @@ pub struct BitmapStatus {
     pub granularity: u64,
     /// Bytes marked dirty.
     pub dirty: u64,
+    /// Kept in the image (qcow2's bitmaps extension).
+    #[serde(default)]
+    pub persistent: bool,
+    /// Found in use in the image when it was opened (it was not closed cleanly): it may
+    /// have missed writes, marks nothing and cannot be backed up from; remove it.
+    #[serde(default)]
+    pub inconsistent: bool,
     /// The last backup made with it (`backup`), the base of the next incremental one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<PathBuf>,

@@ -331,3 +331,195 @@ fn block_device_writes_mark_bitmaps() {
     assert_eq!(dirty_map(&uri, "dev"), vec![(100 * 4096, 3 * 4096)]);
     d.ok(&["close", &id]);
 }
+
+/// The bitmaps `qemu-img info` lists for `image`, as (name, flags).
+fn qemu_bitmaps(image: &Path) -> Vec<(String, Vec<String>)> {
+    let info = stdout(
+        Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(image),
+    );
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let Some(list) = v["format-specific"]["data"]["bitmaps"].as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|b| {
+            let flags = b["flags"].as_array().unwrap();
+            (
+                b["name"].as_str().unwrap().to_owned(),
+                flags
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_owned())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// What QEMU's own NBD server (qemu-nbd -B) reads of a bitmap stored in `image`.
+fn qemu_dirty_map(image: &Path, bitmap: &str) -> Vec<(u64, u64)> {
+    let sock = image.with_extension("qemu-nbd.sock");
+    let mut server = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-k"])
+        .arg(&sock)
+        .args(["-B", bitmap])
+        .arg(image)
+        .spawn()
+        .expect("start qemu-nbd");
+    common::wait_for(10, "qemu-nbd to listen", || sock.exists());
+    let map = dirty_map(&format!("nbd+unix:///?socket={}", sock.display()), bitmap);
+    let _ = server.kill();
+    let _ = server.wait();
+    map
+}
+
+fn check_clean(image: &Path) {
+    let check = stdout(Command::new("qemu-img").arg("check").arg(image));
+    assert!(
+        check.contains("No errors") && !check.contains("leaked"),
+        "{check}"
+    );
+}
+
+/// Persistent bitmaps live in the qcow2 image as QEMU keeps them: one QEMU made is loaded
+/// and kept up to date, one vdk made is read by QEMU; both survive a clean restart of the
+/// daemon (an incremental backup after it restores the disk), and after kill -9 they come
+/// back inconsistent (in use, as QEMU marks them), unusable until removed.
+#[test]
+fn persistent_bitmaps_survive_a_clean_restart_and_are_inconsistent_after_kill_9() {
+    for tool in ["qemu-io", "qemu-img", "qemu-nbd", "nbdinfo", "nbdcopy"] {
+        need(tool);
+    }
+    let d = Daemon::new();
+    let img = d.path("p.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("64M"));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&img)
+        .arg("qemu-made"));
+    let open = || d.open(&[img.to_str().unwrap(), "--attach", "none"]);
+    let v = open();
+    let id = v["id"].as_str().unwrap().to_owned();
+    let uri = v["nbd"][0].as_str().unwrap().to_owned();
+    d.ok(&[
+        "bitmap",
+        "add",
+        &id,
+        "vdk-made",
+        "--persistent",
+        "--granularity",
+        "4k",
+    ]);
+    d.ok(&["bitmap", "add", &id, "memory-only"]);
+    let b = bitmaps(&d, &id);
+    let flags: Vec<_> = (0..3)
+        .map(|i| (b[i]["name"].clone(), b[i]["persistent"].clone()))
+        .collect();
+    assert_eq!(
+        flags,
+        vec![
+            ("qemu-made".into(), true.into()),
+            ("vdk-made".into(), true.into()),
+            ("memory-only".into(), false.into())
+        ]
+    );
+    // While open, QEMU sees both in use.
+    let in_use = vec!["in-use".to_owned(), "auto".to_owned()];
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![
+            ("qemu-made".into(), in_use.clone()),
+            ("vdk-made".into(), in_use.clone())
+        ]
+    );
+    qemu_io(&uri, &["write -P 0x61 100k 1", "write -P 0x62 7M 4k"]);
+    let full = d.path("full.qcow2");
+    d.ok(&[
+        "backup",
+        &id,
+        "--bitmap",
+        "vdk-made",
+        full.to_str().unwrap(),
+    ]);
+    qemu_io(&uri, &["write -P 0x63 9M 8k"]);
+    let vdk_map = dirty_map(&uri, "vdk-made");
+    assert_eq!(vdk_map, vec![(9 * M, 8192)]);
+    let qemu_map = dirty_map(&uri, "qemu-made");
+    assert_eq!(qemu_map, vec![(64 << 10, K64), (7 * M, K64), (9 * M, K64)]);
+
+    // A clean stop saves them: QEMU reads the same bits, the image checks clean.
+    d.ok(&["daemon", "--stop"]);
+    let auto = vec!["auto".to_owned()];
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![
+            ("qemu-made".into(), auto.clone()),
+            ("vdk-made".into(), auto.clone())
+        ]
+    );
+    check_clean(&img);
+    assert_eq!(qemu_dirty_map(&img, "vdk-made"), vdk_map);
+    assert_eq!(qemu_dirty_map(&img, "qemu-made"), qemu_map);
+
+    // A new daemon has them as they were; an incremental backup on the full one made before
+    // the restart restores the disk.
+    open();
+    assert_eq!(bitmaps(&d, &id).as_array().unwrap().len(), 2);
+    assert_eq!(dirty_map(&uri, "vdk-made"), vdk_map);
+    let inc = d.path("inc.qcow2");
+    d.ok(&[
+        "backup",
+        &id,
+        "--bitmap",
+        "vdk-made",
+        "--incremental",
+        inc.to_str().unwrap(),
+        "--base",
+        full.to_str().unwrap(),
+    ]);
+    assert!(restored(&inc) == copy_of(&uri, &d.path("now.raw")));
+
+    // kill -9: the bitmaps stay in use in the image (QEMU calls them inconsistent), the
+    // image is sound, and the next daemon will not use them.
+    qemu_io(&uri, &["write -P 0x64 20M 4k"]);
+    run(Command::new("kill").args(["-9", &d.pid().to_string()]));
+    common::wait_for(10, "the daemon to die", || {
+        std::os::unix::net::UnixStream::connect(&d.socket).is_err()
+    });
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![
+            ("qemu-made".into(), in_use.clone()),
+            ("vdk-made".into(), in_use.clone())
+        ]
+    );
+    check_clean(&img);
+    open();
+    let b = bitmaps(&d, &id);
+    assert!(
+        b.as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["inconsistent"] == true),
+        "{b}"
+    );
+    let e = d.fails(&[
+        "backup",
+        &id,
+        "--bitmap",
+        "vdk-made",
+        d.path("x.qcow2").to_str().unwrap(),
+    ]);
+    assert!(e.contains("inconsistent"), "{e}");
+    let contexts = stdout(Command::new("nbdinfo").arg(&uri));
+    assert!(!contexts.contains("qemu:dirty-bitmap:"), "{contexts}");
+    // Removing one takes it out of the image; closing leaves the other as QEMU would.
+    d.ok(&["bitmap", "remove", &id, "vdk-made"]);
+    d.ok(&["close", &id]);
+    assert_eq!(qemu_bitmaps(&img), vec![("qemu-made".into(), in_use)]);
+    check_clean(&img);
+}

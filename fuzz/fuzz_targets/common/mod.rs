@@ -17,7 +17,9 @@ pub fn exercise(bytes: &[u8], format: Format, writable: bool, max: u64) {
         format: Some(format),
         read_only: !writable,
         probe_backing: false,
-            ..Default::default()
+        // Writable qcow2 images have their dirty bitmaps read, marked and saved again.
+        keep_bitmaps: writable,
+        ..Default::default()
     };
     let Ok(image) = open(file.path(), &opts) else {
         return;
@@ -33,6 +35,17 @@ pub fn exercise(bytes: &[u8], format: Format, writable: bool, max: u64) {
     let _ = image.device.extents(0, size);
     if writable {
         let _ = image.device.write_at(&[1; 4096], 0, false);
+    }
+    if let Some(store) = image.bitmaps {
+        let kept: Vec<_> = store
+            .stored()
+            .into_iter()
+            .map(|(name, b)| (name, std::sync::Arc::new(b)))
+            .collect();
+        for (_, b) in &kept {
+            b.mark(0, 4096);
+        }
+        let _ = store.save(&kept, false);
     }
 }
 

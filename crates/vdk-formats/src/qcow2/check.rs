@@ -52,6 +52,44 @@ fn read_u64s(file: &File, offset: u64, count: usize) -> io::Result<Vec<u64>> {
         .collect())
 }
 
+/// The clusters the bitmaps extension uses: its directory, tables and data.
+fn bitmap_clusters(
+    file: &File,
+    cs: u64,
+    file_len: u64,
+    count: u32,
+    dir_size: u64,
+    dir_offset: u64,
+) -> Result<Vec<(u64, u64)>, String> {
+    if dir_size > 64 << 20 || dir_offset.saturating_add(dir_size) > file_len {
+        return Err("the directory is too large or past the end".into());
+    }
+    let mut raw = vec![0u8; dir_size as usize];
+    file.read_exact_at(&mut raw, dir_offset)
+        .map_err(|e| e.to_string())?;
+    let entries = super::bitmaps::parse_directory(&raw, count)?;
+    let mut out = vec![(dir_offset, dir_size)];
+    for e in entries {
+        let len = u64::from(e.table_size) * 8;
+        if len == 0 {
+            continue;
+        }
+        if e.table_offset.saturating_add(len) > file_len {
+            return Err(format!("{:?}'s table is past the end", e.name));
+        }
+        out.push((e.table_offset, len));
+        let table = read_u64s(file, e.table_offset, e.table_size as usize)
+            .map_err(|err| err.to_string())?;
+        for t in table {
+            let off = t & OFFSET_MASK & !0x1ff;
+            if off != 0 {
+                out.push((off, cs));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn unsupported(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::Unsupported, msg.to_owned())
 }
@@ -60,7 +98,8 @@ fn unsupported(msg: &str) -> io::Error {
 /// that disagree with the references (leaks and corruptions of the refcounts alike).
 pub fn check(path: &Path, h: &Header, repair: bool) -> io::Result<CheckReport> {
     let luks = h.crypt_method == 2 && h.crypto_header.is_some();
-    if h.has_bitmaps
+    // A bitmaps extension that does not say where its directory is cannot be followed.
+    if (h.has_bitmaps && h.bitmaps.is_none())
         || (h.crypt_method != 0 && !luks)
         || h.incompatible_features & incompat::DATA_FILE != 0
     {
@@ -114,6 +153,20 @@ pub fn check(path: &Path, h: &Header, repair: bool) -> io::Result<CheckReport> {
         rt_len,
         "refcount table",
     );
+    // Persistent bitmaps: the directory, each table and each table's data clusters.
+    if let Some((count, dir_size, dir_offset)) = h.bitmaps {
+        match bitmap_clusters(&file, cs, file_len, count, dir_size, dir_offset) {
+            Ok(found) => {
+                for (off, len) in found {
+                    add(&mut report, off, len, "bitmap");
+                }
+            }
+            Err(why) => {
+                report.errors += 1;
+                report.note(format!("ERROR bitmaps: {why}"));
+            }
+        }
+    }
     let reftable = read_u64s(&file, h.refcount_table_offset, (rt_len / 8) as usize)?;
     for e in &reftable {
         let off = e & OFFSET_MASK;

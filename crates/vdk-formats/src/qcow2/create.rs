@@ -116,6 +116,7 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> io::Result<File> 
         backing_format: opts.backing.as_ref().map(|(_, f)| f.clone()),
         data_file: None,
         has_bitmaps: false,
+        bitmaps: None,
         crypto_header: opts
             .encrypt
             .as_ref()

@@ -36,8 +36,28 @@ pub mod compat {
     pub const LAZY_REFCOUNTS: u64 = 1 << 0;
 }
 
+/// The header extensions in `b` (the first cluster) from `start` (the header's length) to
+/// the end marker, as (type, data); one that runs past `b` ends the list.
+pub fn extensions(b: &[u8], start: usize) -> Vec<(u32, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = start;
+    while at + 8 <= b.len() {
+        let kind = be32(b, at);
+        let len = be32(b, at + 4) as usize;
+        if kind == ext::END {
+            break;
+        }
+        let Some(data) = b.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        out.push((kind, data));
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    out
+}
+
 /// Header extension types.
-mod ext {
+pub(super) mod ext {
     pub const END: u32 = 0;
     pub const BACKING_FORMAT: u32 = 0xe279_2aca;
     pub const FEATURE_TABLE: u32 = 0x6803_f857;
@@ -131,6 +151,8 @@ pub struct Header {
     pub data_file: Option<String>,
     /// A bitmaps extension is present.
     pub has_bitmaps: bool,
+    /// The bitmaps extension: bitmaps, directory size and offset.
+    pub bitmaps: Option<(u32, u64, u64)>,
     /// The full-disk-encryption header (LUKS, with `crypt_method` 2): its offset and length
     /// in the file.
     pub crypto_header: Option<(u64, u64)>,
@@ -207,6 +229,7 @@ impl Header {
             backing_format: None,
             data_file: None,
             has_bitmaps: false,
+            bitmaps: None,
             crypto_header: None,
             vdk_check: None,
             extensions_end: 72,
@@ -344,7 +367,12 @@ impl Header {
             match kind {
                 ext::BACKING_FORMAT => self.backing_format = Some(text()?),
                 ext::DATA_FILE => self.data_file = Some(text()?),
-                ext::BITMAPS => self.has_bitmaps = true,
+                ext::BITMAPS => {
+                    self.has_bitmaps = true;
+                    if data.len() >= 24 {
+                        self.bitmaps = Some((be32(data, 0), be64(data, 8), be64(data, 16)));
+                    }
+                }
                 ext::VDK_CHECK if data.len() >= 8 => {
                     self.vdk_check = Some((be32(data, 0), be32(data, 4)));
                 }
@@ -478,6 +506,7 @@ mod tests {
             backing_format: Some("raw".into()),
             data_file: None,
             has_bitmaps: false,
+            bitmaps: None,
             crypto_header: None,
             vdk_check: None,
             extensions_end: 0,

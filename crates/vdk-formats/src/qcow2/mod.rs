@@ -31,6 +31,7 @@
 // indexes (tables are at most 32 MiB), checked by the header parser: they fit any usize.
 #![allow(clippy::cast_possible_truncation)]
 
+pub mod bitmaps;
 pub mod check;
 pub mod compress;
 pub mod create;
@@ -136,6 +137,10 @@ pub struct Qcow2Options {
     pub max_bytes: Option<u64>,
     /// The passphrase of an image encrypted with LUKS (`encrypt.format=luks`).
     pub key: Option<crate::luks::Secret>,
+    /// Opened for writing by one who keeps its dirty bitmaps up to date (through
+    /// [`vdk_core::bitmap::BitmapStore`]): they are read and marked in use instead of
+    /// being invalidated.
+    pub keep_bitmaps: bool,
 }
 
 /// A qcow2 image.
@@ -152,7 +157,8 @@ pub struct Qcow2 {
     backing: Option<Arc<dyn BlockDevice>>,
     /// The virtual size: the header's, until the disk grows while open.
     size: AtomicU64,
-    /// Held while resizing, so that two resizes never interleave.
+    /// Held while resizing or rewriting the header's extensions (saving bitmaps), so that
+    /// two header changes never interleave.
     resizing: Mutex<()>,
     meta: Mutex<Meta>,
     allocated: Condvar,
@@ -163,6 +169,8 @@ pub struct Qcow2 {
     /// The data's cipher, for an image encrypted with LUKS: every data cluster is AES-XTS
     /// with its 512-byte sectors' host offsets as IVs (QEMU's layout); metadata is clear.
     crypto: Option<crate::luks::SectorCipher>,
+    /// Its persistent dirty bitmaps, when kept ([`Qcow2Options::keep_bitmaps`]).
+    bitmap_state: Mutex<bitmaps::State>,
 }
 
 /// A dirty image (written with lazy refcounts and not closed cleanly: its refcounts may be
@@ -265,6 +273,8 @@ impl Qcow2 {
             }
             if header.incompatible_features & incompat::DIRTY != 0 {
                 rebuild_refcounts(path, &file, &mut header)?;
+                // The rebuilt refcounts did not count the bitmaps' clusters: they go.
+                header.bitmaps = None;
             }
         }
         let cluster_size = header.cluster_size();
@@ -334,9 +344,10 @@ impl Qcow2 {
                 .unwrap_or(64)
                 .max(64),
             header,
+            bitmap_state: Mutex::default(),
         };
         if writable {
-            q.prepare_for_writing()?;
+            q.prepare_for_writing(opts.keep_bitmaps)?;
         }
         Ok(q)
     }
@@ -352,14 +363,23 @@ impl Qcow2 {
         self.size.load(Ordering::Acquire)
     }
 
-    /// Clears auto-clear bits (bitmaps vdk does not keep up to date) and makes sure the
-    /// refcount table covers every cluster the image can grow to, so that it never has to
-    /// grow while serving.
-    fn prepare_for_writing(&self) -> io::Result<()> {
-        if self.header.version >= 3 && self.header.autoclear_features != 0 {
+    /// Clears auto-clear bits (those of features not kept up to date: the bitmaps, unless
+    /// `keep_bitmaps`, which reads them and marks them in use) and makes sure the refcount
+    /// table covers every cluster the image can grow to, so that it never has to grow while
+    /// serving.
+    fn prepare_for_writing(&self, keep_bitmaps: bool) -> io::Result<()> {
+        let h = &self.header;
+        let keep = keep_bitmaps
+            && h.bitmaps.is_some()
+            && h.autoclear_features & bitmaps::AUTOCLEAR_BITMAPS != 0;
+        let autoclear = if keep { bitmaps::AUTOCLEAR_BITMAPS } else { 0 };
+        if h.version >= 3 && h.autoclear_features != autoclear {
             // Bytes 88..96: autoclear_features.
-            self.file.write_all_at(&0u64.to_be_bytes(), 88)?;
+            self.file.write_all_at(&autoclear.to_be_bytes(), 88)?;
             self.file.sync_data()?;
+        }
+        if keep {
+            self.load_bitmaps()?;
         }
         let mut m = lock(&self.meta);
         let virt = self.size().div_ceil(self.cluster_size);

@@ -41,6 +41,10 @@ pub struct BitmapArgs {
     /// With add: bytes per bit, a power of two from 512 (default 64K).
     #[arg(long, value_name = "BYTES", value_parser = vdk_core::size::parse_size)]
     granularity: Option<u64>,
+    /// With add: keep it in the image (qcow2, as QEMU does: qemu-img info lists it), across
+    /// closes and daemon restarts; one left in use by a crash comes back inconsistent.
+    #[arg(long)]
+    persistent: bool,
     /// Print the bitmaps as JSON.
     #[arg(long)]
     json: bool,
@@ -56,14 +60,15 @@ pub fn bitmap(args: BitmapArgs) -> anyhow::Result<()> {
         Action::Remove => BitmapAction::Remove,
         Action::Clear => BitmapAction::Clear,
     };
-    if args.granularity.is_some() && action != BitmapAction::Add {
-        anyhow::bail!("--granularity is for add only");
+    if (args.granularity.is_some() || args.persistent) && action != BitmapAction::Add {
+        anyhow::bail!("--granularity and --persistent are for add only");
     }
     let req = Request::Bitmap(BitmapRequest {
         disk: disk_key(&args.disk)?,
         action,
         name: args.name,
         granularity: args.granularity,
+        persistent: args.persistent,
     });
     let Some(list) = ask::<Vec<BitmapStatus>>(&args.socket, false, &req, args.json)? else {
         return Ok(());
@@ -76,8 +81,13 @@ pub fn bitmap(args: BitmapArgs) -> anyhow::Result<()> {
             .last_backup
             .map(|p| format!("  last backup {}", p.display()))
             .unwrap_or_default();
+        let kind = match (b.inconsistent, b.persistent) {
+            (true, _) => "  INCONSISTENT (left in use by a crash: remove it)",
+            (false, true) => "  persistent",
+            (false, false) => "",
+        };
         crate::outln!(
-            "{}  granularity {}  dirty {}{last}",
+            "{}  granularity {}  dirty {}{kind}{last}",
             b.name,
             vdk_core::size::Human(b.granularity),
             vdk_core::size::Human(b.dirty)

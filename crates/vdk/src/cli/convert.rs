@@ -145,6 +145,7 @@ pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()>
                     probe_backing: args.probe_backing,
                     force_share: args.force_share,
                     key: secret.clone(),
+                    keep_bitmaps: false,
                 },
             )
             .with_context(|| format!("cannot open {}", args.src.display()))

@@ -114,6 +114,13 @@ impl Daemon {
         match req.action {
             BitmapAction::List => {}
             BitmapAction::Add => {
+                let store = lock(&disk.recipe).bitmap_store.clone();
+                if req.persistent && store.is_none() {
+                    return Err(ApiError::new(
+                        ErrorKind::Unsupported,
+                        format!("{} cannot keep bitmaps: only a qcow2 image (version 3) opened for writing, without a cow or partition filter, can", disk.id),
+                    ));
+                }
                 #[cfg(target_os = "linux")]
                 if disk.attach == crate::control::Attach::FuseLoop && self.attacher.passthrough() {
                     return Err(ApiError::new(
@@ -123,12 +130,27 @@ impl Daemon {
                 }
                 let size = disk.device.info().size;
                 let g = req.granularity.unwrap_or(DEFAULT_GRANULARITY);
-                let b = DirtyBitmap::new(size, g).map_err(ApiError::invalid)?;
+                let b = DirtyBitmap::new(size, g)
+                    .map_err(ApiError::invalid)?
+                    .persistent(req.persistent);
                 bitmaps.add(name()?, b).map_err(ApiError::invalid)?;
-                info!(id = %disk.id, bitmap = name()?, granularity = g, "dirty bitmap added");
+                if req.persistent {
+                    if let Err(e) = save(&disk, store.as_deref()) {
+                        let _ = bitmaps.remove(name()?);
+                        return Err(e);
+                    }
+                }
+                info!(id = %disk.id, bitmap = name()?, granularity = g, persistent = req.persistent, "dirty bitmap added");
             }
             BitmapAction::Remove => {
-                bitmaps.remove(name()?).map_err(not_found)?;
+                let gone = bitmaps.remove(name()?).map_err(not_found)?;
+                if gone.is_persistent() {
+                    let store = lock(&disk.recipe).bitmap_store.clone();
+                    if let Err(e) = save(&disk, store.as_deref()) {
+                        bitmaps.insert(name()?, gone).map_err(ApiError::invalid)?;
+                        return Err(e);
+                    }
+                }
                 lock(&disk.backups).remove(name()?);
                 info!(id = %disk.id, bitmap = name()?, "dirty bitmap removed");
             }
@@ -150,6 +172,12 @@ impl Daemon {
             return Err(ApiError::invalid("the backup's path must be absolute"));
         }
         let bitmap = req.bitmap.as_deref().map(|n| find(&disk, n)).transpose()?;
+        if bitmap.as_ref().is_some_and(|b| b.is_inconsistent()) {
+            return Err(ApiError::invalid(format!(
+                "bitmap {:?} is inconsistent (the image was not closed cleanly, so it may have missed writes): remove it, add a new one and make a full backup",
+                req.bitmap.as_deref().unwrap_or_default()
+            )));
+        }
         let base = if req.incremental {
             let Some(name) = &req.bitmap else {
                 return Err(ApiError::invalid(
@@ -306,6 +334,19 @@ fn make_target(
         })
 }
 
+/// Writes the disk's persistent bitmaps into its image, in use (the disk stays open).
+fn save(disk: &Disk, store: Option<&dyn vdk_core::bitmap::BitmapStore>) -> Result<(), ApiError> {
+    let Some(store) = store else {
+        return Ok(());
+    };
+    store.save(&disk.device.bitmaps().all(), true).map_err(|e| {
+        ApiError::new(
+            ErrorKind::Io,
+            format!("cannot write the bitmaps into the image: {e}"),
+        )
+    })
+}
+
 fn not_found(e: String) -> ApiError {
     ApiError::new(ErrorKind::NotFound, e)
 }
@@ -327,6 +368,8 @@ pub(super) fn bitmap_status(disk: &Disk) -> Vec<BitmapStatus> {
         .map(|(name, b)| BitmapStatus {
             granularity: b.granularity(),
             dirty: b.dirty_bytes(),
+            persistent: b.is_persistent(),
+            inconsistent: b.is_inconsistent(),
             last_backup: last.get(&name).cloned(),
             name,
         })

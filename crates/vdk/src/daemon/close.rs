@@ -29,12 +29,23 @@ impl Daemon {
         }
         self.nbd.withdraw(&disk.export);
         disk.device.close();
+        let image = lock(&disk.medium).image.clone();
         disk.device.flush_backend().map_err(|e| {
-            ApiError::new(
-                ErrorKind::Io,
-                format!("flushing {}: {e}", lock(&disk.medium).image.display()),
-            )
-        })
+            ApiError::new(ErrorKind::Io, format!("flushing {}: {e}", image.display()))
+        })?;
+        // The image's bitmaps as they are now, no longer in use.
+        let store = lock(&disk.recipe).bitmap_store.clone();
+        if let Some(store) = store {
+            store
+                .save(&disk.device.bitmaps().all(), false)
+                .map_err(|e| {
+                    ApiError::new(
+                        ErrorKind::Io,
+                        format!("saving the dirty bitmaps of {}: {e}", image.display()),
+                    )
+                })?;
+        }
+        Ok(())
     }
 
     /// Closes a disk: unmount (sync first), detach, stop the export, flush, release.

@@ -350,6 +350,7 @@ impl Daemon {
             cloud: is_cloud(req).then(|| (req.cloud.clone(), self.paths.dir.join("cache"))),
             object: std::sync::Weak::new(),
             key: asked.key.clone(),
+            bitmap_store: None,
         };
         let (chain, opened_format) = recipe.build()?;
         let backend = chain.device;
@@ -366,6 +367,12 @@ impl Daemon {
             )));
         }
         let device = Arc::new(Tracked::new(backend));
+        if let Some(store) = &recipe.bitmap_store {
+            for (name, b) in store.stored() {
+                info!(image = %shown, bitmap = %name, inconsistent = b.is_inconsistent(), "dirty bitmap loaded from the image");
+                device.bitmaps().add(&name, b).map_err(invalid)?;
+            }
+        }
         let export = req.export_name.clone().unwrap_or_else(|| id.clone());
         let spec = ExportSpec {
             name: &export,

@@ -28,6 +28,9 @@ pub struct Recipe {
     pub cloud: Option<(CloudOptions, PathBuf)>,
     /// The object-store disk the chain was last built over (for its cache figures).
     pub object: Weak<vdk_objstore::ObjectDisk>,
+    /// Where the image keeps dirty bitmaps (a writable qcow2 image whose filters keep every
+    /// offset as it is), from the last build.
+    pub bitmap_store: Option<Arc<dyn vdk_core::bitmap::BitmapStore>>,
     /// A LUKS image's passphrase.
     pub key: Option<vdk_formats::luks::Secret>,
 }
@@ -51,6 +54,11 @@ impl Recipe {
             read_only: self.read_only,
             probe_backing: self.probe_backing,
             key: self.key.clone(),
+            // Bitmaps in the image are the disk's only if no filter moves or redirects data.
+            keep_bitmaps: !self
+                .specs
+                .iter()
+                .any(|s| matches!(s, FilterSpec::Partition { .. } | FilterSpec::Cow(_))),
             ..Default::default()
         };
         let opened = vdk_formats::open(&self.image, &opts)
@@ -59,6 +67,7 @@ impl Recipe {
             path: self.image.clone(),
             format: opened.format,
         };
+        self.bitmap_store = opened.bitmaps;
         let chain =
             vdk_filters::apply_over(opened.device, Some(base), &self.specs).map_err(bad_filter)?;
         Ok((chain, opened.format))
