@@ -278,9 +278,12 @@ fn a_backup_is_the_disk_when_it_began_though_written_meanwhile() {
         .spawn()
         .expect("start vdk backup");
     assert!(d.log_has("backup started"), "{}", d.log());
+    let e = d.fails(&["close", &id]);
+    assert!(e.contains("being backed up"), "{e}");
     // Overwrite all of it while the backup reads at 8 MB/s (about 4 s for 32 MiB).
     qemu_io(&uri, &["write -P 0xa5 0 32M"]);
     assert!(backup.wait().unwrap().success());
+    assert!(d.log_has("done=50%"), "progress in the log: {}", d.log());
     assert!(
         restored(&full).iter().all(|b| *b == 0x5a),
         "the backup holds writes made after it began"

@@ -280,8 +280,11 @@ impl Daemon {
 /// looked at.
 fn copy_all(device: &Tracked, job: &Job, taken: &Frozen) -> u64 {
     let g = taken.granularity();
+    let ranges = taken.dirty();
+    let total: u64 = ranges.iter().map(|(_, l)| l).sum();
     let mut scanned = 0;
-    for (offset, len) in taken.dirty() {
+    let mut shown = 0;
+    for (offset, len) in ranges {
         let mut at = offset;
         while at < offset + len {
             if device.is_closed() {
@@ -293,9 +296,15 @@ fn copy_all(device: &Tracked, job: &Job, taken: &Frozen) -> u64 {
             if lock(&job.failed).is_some() {
                 return scanned;
             }
+            scanned += g.min(offset + len - at);
             at += g;
+            // Progress in the log, every tenth.
+            let tenth = scanned * 10 / total.max(1);
+            if tenth > shown && tenth < 10 {
+                shown = tenth;
+                info!(done = %format!("{tenth}0%"), "backup");
+            }
         }
-        scanned += len;
     }
     scanned
 }

@@ -13,6 +13,15 @@ impl Daemon {
     /// Unmounts, detaches, withdraws the exports and flushes. With `force`, a busy mount is
     /// detached lazily and the disk refuses everything still queued.
     pub(super) fn tear_down(&self, disk: &Disk, force: bool) -> Result<(), ApiError> {
+        if disk.device.is_backing_up() && !force {
+            return Err(ApiError::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is being backed up: wait for the backup, or --force to end it (its target is removed)",
+                    disk.id
+                ),
+            ));
+        }
         #[cfg(target_os = "linux")]
         self.unmount_all_of(disk, force)?;
         // Windows lets go of the disk (flushing it) before its LUN goes; with `force` the
