@@ -39,6 +39,7 @@ packages=(
   prometheus      # promtool checks the metrics endpoint's text format (curl scrapes it)
   curl            # scripts/guest-kernel.sh fetches a newer guest kernel ...
   xz-utils        # ... and unpacks its package index
+  bsdutils        # script: a pseudo-terminal for the passphrase prompt test
 )
 
 missing=()

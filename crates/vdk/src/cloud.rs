@@ -68,9 +68,9 @@ pub struct CloudArgs {
 }
 
 impl CloudArgs {
-    /// The LUKS passphrase given, if any.
-    pub fn luks_secret(&self) -> anyhow::Result<Option<vdk_formats::luks::Secret>> {
-        luks_secret(self.key_file.as_deref(), self.key_secret.as_deref())
+    /// The LUKS passphrase given, if any; else, as `ask` says, typed at a prompt.
+    pub fn luks_secret(&self, ask: Ask<'_>) -> anyhow::Result<Option<vdk_formats::luks::Secret>> {
+        luks_secret_or_ask(self.key_file.as_deref(), self.key_secret.as_deref(), ask)
     }
 
     /// The options, paths made absolute (for the daemon).
@@ -168,6 +168,63 @@ pub fn open(
         );
     }
     Ok(disk)
+}
+
+/// When a passphrase that `--key-file` and `--key-secret` did not give is asked for on the
+/// terminal.
+#[derive(Clone, Copy, Debug)]
+pub enum Ask<'a> {
+    /// Never.
+    Never,
+    /// If this image (a LUKS image, or a qcow2 image encrypted with LUKS) needs one.
+    IfEncrypted(&'a Path),
+    /// Always, twice (a new passphrase, for an image being encrypted).
+    New,
+}
+
+/// A LUKS passphrase from `--key-file FILE` or `--key-secret ENV`, or else, where `ask` says
+/// so, typed at a prompt ([`ask_passphrase`]).
+pub fn luks_secret_or_ask(
+    file: Option<&Path>,
+    env: Option<&str>,
+    ask: Ask<'_>,
+) -> anyhow::Result<Option<vdk_formats::luks::Secret>> {
+    if let Some(s) = luks_secret(file, env)? {
+        return Ok(Some(s));
+    }
+    Ok(ask_passphrase(ask)?.map(|p| vdk_formats::luks::Secret::new(p.into_bytes())))
+}
+
+/// A passphrase typed at a prompt on the terminal (echo off), as cryptsetup asks for it:
+/// only where stdin is a terminal and `ask` says one is needed.
+pub fn ask_passphrase(ask: Ask<'_>) -> anyhow::Result<Option<String>> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Ok(None);
+    }
+    let typed =
+        |prompt: &str| rpassword::prompt_password(prompt).context("cannot read the passphrase");
+    match ask {
+        Ask::Never => Ok(None),
+        Ask::IfEncrypted(image) => {
+            let encrypted = vdk_formats::info(image, None, false)
+                .is_ok_and(|i| i.encrypted || i.format == vdk_formats::Format::Luks);
+            if !encrypted {
+                return Ok(None);
+            }
+            typed(&format!("Passphrase for {}: ", image.display())).map(Some)
+        }
+        Ask::New => {
+            let first = typed("New passphrase: ")?;
+            if first.is_empty() {
+                anyhow::bail!("an empty passphrase protects nothing");
+            }
+            if typed("The same passphrase again: ")? != first {
+                anyhow::bail!("the two passphrases differ");
+            }
+            Ok(Some(first))
+        }
+    }
 }
 
 /// A LUKS passphrase from `--key-file FILE` or `--key-secret ENV`, if either is given.

@@ -511,3 +511,77 @@ fn qcow2_encrypted_with_luks_reads_and_writes_as_qemu_does() {
     ]));
     assert!(err.contains("--key-file"), "{err}");
 }
+
+/// Runs `vdk ARGS` on a pseudo-terminal (util-linux's `script`), typing each of `typed` as a
+/// line once vdk has had time to prompt; returns the exit status and what the terminal showed.
+fn on_terminal(d: &Daemon, args: &[&str], typed: &[&str]) -> (bool, String) {
+    use std::io::Write;
+    let line = std::iter::once(env!("CARGO_BIN_EXE_vdk").to_owned())
+        .chain(args.iter().map(|a| format!("'{a}'")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut script = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("VDK_SOCKET", &d.socket)
+        .env("PATH", common::path_env())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run script (bsdutils)");
+    let mut input = script.stdin.take().unwrap();
+    for t in typed {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        writeln!(input, "{t}").unwrap();
+    }
+    drop(input);
+    let out = script.wait_with_output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.success(), shown)
+}
+
+/// With no --key-file or --key-secret, a terminal is asked for the passphrase (echo off), as
+/// cryptsetup asks: twice for a new image, once to open one; never when stdin is no terminal.
+#[test]
+fn a_passphrase_is_typed_at_a_prompt_on_a_terminal() {
+    need("script");
+    need("qemu-io");
+    let d = Daemon::new();
+    let img = d.path("typed.luks");
+    let path = img.to_str().unwrap();
+    let (ok, shown) = on_terminal(
+        &d,
+        &["create", "--encrypt", "luks", path, "16M"],
+        &[PASS, "other"],
+    );
+    assert!(!ok && shown.contains("differ"), "{shown}");
+    assert!(!img.exists());
+    let (ok, shown) = on_terminal(
+        &d,
+        &["create", "--encrypt", "luks", path, "16M"],
+        &[PASS, PASS],
+    );
+    assert!(ok && shown.contains("New passphrase:"), "{shown}");
+    assert!(!shown.contains(PASS), "the passphrase was echoed: {shown}");
+    // QEMU opens it with the passphrase typed.
+    let pass = pass_file(d.dir.path());
+    qemu_io_luks(&img, &pass, &["write -P 0x5c 0 64k"]);
+    // A wrong one is refused; the right one opens it (compare, and a daemon disk).
+    let (ok, shown) = on_terminal(&d, &["compare", path, path], &["wrong"]);
+    assert!(!ok && shown.contains("wrong key"), "{shown}");
+    let (ok, shown) = on_terminal(&d, &["compare", path, path], &[PASS]);
+    assert!(ok && shown.contains("Passphrase for"), "{shown}");
+    // Without a terminal nothing is asked: the usual one-line error.
+    let e = d.fails(&["compare", path, path]);
+    assert!(e.contains("--key-file"), "{e}");
+    let (ok, shown) = on_terminal(&d, &["open", path, "--attach", "none", "--json"], &[PASS]);
+    assert!(ok, "{shown}");
+    let v: serde_json::Value = d.json(&["list"]);
+    let uri = v[0]["nbd"][0].as_str().unwrap().to_owned();
+    let back =
+        stdout(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "read -P 0x5c 0 64k"]));
+    assert!(
+        !back.contains("failed") && !back.contains("Pattern verification"),
+        "{back}"
+    );
+}

@@ -86,7 +86,10 @@ pub fn run(args: CompareArgs, paths: &crate::paths::Paths) -> anyhow::Result<Exi
     let compared = (|| {
         let hint = "; add -U to compare it as it is now";
         // One passphrase opens whichever of them is encrypted (LUKS).
-        let key = args.key.secret()?;
+        let key = match args.key.secret(crate::cloud::Ask::IfEncrypted(&args.a))? {
+            Some(k) => Some(k),
+            None => args.key.secret(crate::cloud::Ask::IfEncrypted(&args.b))?,
+        };
         let a = open(
             &args.a,
             args.a_format.as_deref(),

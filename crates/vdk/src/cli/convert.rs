@@ -133,7 +133,15 @@ pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()>
         None => vdk_formats::format_by_name(&args.dst).unwrap_or(Format::Raw),
     };
     // A LUKS passphrase opens an encrypted SRC and encrypts a LUKS DST (-O luks).
-    let secret = args.cloud.luks_secret()?;
+    let encrypting = dst_format == Format::Luks || args.encrypt;
+    let ask = match url_of(&args.src) {
+        None => crate::cloud::Ask::IfEncrypted(&args.src),
+        Some(_) => crate::cloud::Ask::Never,
+    };
+    let mut secret = args.cloud.luks_secret(ask)?;
+    if encrypting && secret.is_none() {
+        secret = crate::cloud::luks_secret_or_ask(None, None, crate::cloud::Ask::New)?;
+    }
     let src: Arc<dyn BlockDevice> = match url_of(&args.src) {
         Some(url) => Arc::new(crate::cloud::open(url, &args.cloud.options()?, true, None)?),
         None => {
@@ -178,13 +186,13 @@ pub fn run(args: ConvertArgs, paths: &crate::paths::Paths) -> anyhow::Result<()>
         cluster_size,
         backing: None,
         fixed: false,
-        encrypt: match (dst_format == Format::Luks || args.encrypt, &secret) {
+        encrypt: match (encrypting, &secret) {
             (true, Some(s)) => Some(vdk_formats::luks::CreateOptions {
                 secret: s.clone(),
                 iter_time_ms: args.iter_time,
             }),
             (true, None) => {
-                bail!("encrypting needs a passphrase: --key-file FILE or --key-secret ENV")
+                bail!("encrypting needs a passphrase: --key-file FILE or --key-secret ENV (or a terminal to type it)")
             }
             (false, _) => None,
         },

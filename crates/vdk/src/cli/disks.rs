@@ -196,16 +196,19 @@ pub fn open(args: OpenArgs) -> anyhow::Result<()> {
         } else {
             args.cloud.key_file.as_deref().map(absolute).transpose()?
         },
-        key_secret: args
-            .cloud
-            .key_secret
-            .as_deref()
-            .map(|name| {
+        key_secret: match args.cloud.key_secret.as_deref() {
+            Some(name) => Some(
                 std::env::var(name)
                     .map(crate::control::Redacted)
-                    .map_err(|_| anyhow!("--key-secret {name}: no such environment variable"))
-            })
-            .transpose()?,
+                    .map_err(|_| anyhow!("--key-secret {name}: no such environment variable"))?,
+            ),
+            // An encrypted image and no key given: typed at a prompt, on a terminal.
+            None if !is_url && args.cloud.key_file.is_none() && args.file.exists() => {
+                crate::cloud::ask_passphrase(crate::cloud::Ask::IfEncrypted(&args.file))?
+                    .map(crate::control::Redacted)
+            }
+            None => None,
+        },
         size,
         read_only: args.read_only,
         format: args.format,

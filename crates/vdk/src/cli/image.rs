@@ -161,10 +161,13 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
             None
         }
         (true, Format::Luks | Format::Raw | Format::Qcow2) => {
-            let Some(secret) =
-                crate::cloud::luks_secret(args.key_file.as_deref(), args.key_secret.as_deref())?
+            let Some(secret) = crate::cloud::luks_secret_or_ask(
+                args.key_file.as_deref(),
+                args.key_secret.as_deref(),
+                crate::cloud::Ask::New,
+            )?
             else {
-                bail!("--encrypt luks needs a passphrase: --key-file FILE or --key-secret ENV");
+                bail!("--encrypt luks needs a passphrase: --key-file FILE or --key-secret ENV (or a terminal to type it)");
             };
             Some(vdk_formats::luks::CreateOptions {
                 secret,
@@ -297,7 +300,8 @@ pub fn check(args: CheckArgs, paths: &Paths) -> anyhow::Result<ExitCode> {
             )?;
             return Ok(ExitCode::SUCCESS);
         }
-        let key = args.key.secret()?;
+        // Without a key the header is checked; a key is never asked for.
+        let key = args.key.secret(crate::cloud::Ask::Never)?;
         if format == Format::Luks && key.is_none() {
             // The header and its checksums, without a key; with one, the key slot too.
             let s = vdk_formats::luks::summary(&args.file)

@@ -74,9 +74,12 @@ pub struct KeyArgs {
 }
 
 impl KeyArgs {
-    /// The passphrase given, if any.
-    pub fn secret(&self) -> anyhow::Result<Option<vdk_formats::luks::Secret>> {
-        crate::cloud::luks_secret(self.key_file.as_deref(), self.key_secret.as_deref())
+    /// The passphrase given, if any; else, as `ask` says, typed at a prompt.
+    pub fn secret(
+        &self,
+        ask: crate::cloud::Ask<'_>,
+    ) -> anyhow::Result<Option<vdk_formats::luks::Secret>> {
+        crate::cloud::luks_secret_or_ask(self.key_file.as_deref(), self.key_secret.as_deref(), ask)
     }
 }
 

@@ -175,7 +175,9 @@ fn open(
                     format: Some(format),
                     read_only,
                     probe_backing: args.probe_backing,
-                    key: args.cloud.luks_secret()?,
+                    key: args
+                        .cloud
+                        .luks_secret(crate::cloud::Ask::IfEncrypted(path))?,
                     ..Default::default()
                 };
                 let device = vdk_formats::open(path, &opts).map_err(cannot_open)?.device;

@@ -40,6 +40,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
     ("cryptsetup", "cryptsetup-bin"),
     ("curl", "curl"),
+    ("script", "bsdutils"),
     ("xorriso", "xorriso"),
     ("genisoimage", "genisoimage"),
     ("iscsi-ls", "libiscsi-bin"),
