@@ -650,6 +650,20 @@ pub struct DiskStatus {
     /// Its dirty bitmaps.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bitmaps: Vec<BitmapStatus>,
+    /// The backup running now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupProgress>,
+}
+
+/// How far a running backup is.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct BackupProgress {
+    /// The image being made.
+    pub target: PathBuf,
+    /// Bytes to look at.
+    pub total: u64,
+    /// Bytes looked at so far.
+    pub done: u64,
 }
 
 /// A stats filter's figures as `stats` and `list` answer them.

@@ -280,10 +280,17 @@ fn a_backup_is_the_disk_when_it_began_though_written_meanwhile() {
     assert!(d.log_has("backup started"), "{}", d.log());
     let e = d.fails(&["close", &id]);
     assert!(e.contains("being backed up"), "{e}");
+    // `list` shows how far it is (what `vdk backup` draws its progress bar from).
+    let listed = d.json(&["list"]);
+    let running = &listed[0]["backup"];
+    assert_eq!(running["target"], full.to_str().unwrap(), "{listed}");
+    assert_eq!(running["total"].as_u64(), Some(32 * M));
+    assert!(running["done"].as_u64().unwrap() < 32 * M, "{listed}");
     // Overwrite all of it while the backup reads at 8 MB/s (about 4 s for 32 MiB).
     qemu_io(&uri, &["write -P 0xa5 0 32M"]);
     assert!(backup.wait().unwrap().success());
     assert!(d.log_has("done=50%"), "progress in the log: {}", d.log());
+    assert!(d.json(&["list"])[0]["backup"].is_null());
     assert!(
         restored(&full).iter().all(|b| *b == 0x5a),
         "the backup holds writes made after it began"

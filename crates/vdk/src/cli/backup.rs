@@ -2,11 +2,16 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::disks::{absolute, ask, disk_key};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::disks::{absolute, ask, call, connect, disk_key};
 use crate::control::{
-    BackupReport, BackupRequest, BitmapAction, BitmapRequest, BitmapStatus, Request,
+    BackupReport, BackupRequest, BitmapAction, BitmapRequest, BitmapStatus, DiskStatus, Request,
 };
 
 /// What `vdk bitmap` does.
@@ -125,20 +130,69 @@ pub struct BackupArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// No progress bar (there is none unless stderr is a terminal).
+    #[arg(long, short)]
+    quiet: bool,
     #[command(flatten)]
     pub socket: crate::cli::SocketArg,
 }
 
+/// Shows the progress of the backup making `target` (as `list` reports it) until `stop`.
+fn show_progress(
+    socket: crate::cli::SocketArg,
+    target: PathBuf,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(250));
+            let Ok(paths) = socket.paths() else { break };
+            let Ok(mut client) = connect(&paths, false) else {
+                break;
+            };
+            let Ok(disks) = call::<Vec<DiskStatus>>(&mut client, &Request::List) else {
+                break;
+            };
+            let running = disks
+                .into_iter()
+                .filter_map(|d| d.backup)
+                .find(|b| b.target == target);
+            if let Some(b) = running {
+                bar.set_length(b.total);
+                bar.set_position(b.done);
+            }
+        }
+        bar.finish_and_clear();
+    })
+}
+
 /// Runs `vdk backup`.
 pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let target = absolute(&args.target)?;
     let req = Request::Backup(BackupRequest {
         disk: disk_key(&args.disk)?,
-        target: absolute(&args.target)?,
+        target: target.clone(),
         bitmap: args.bitmap,
         incremental: args.incremental,
         base: args.base.as_deref().map(absolute).transpose()?,
     });
-    let Some(r) = ask::<BackupReport>(&args.socket, false, &req, args.json)? else {
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = (!args.quiet && !args.json && std::io::stderr().is_terminal())
+        .then(|| show_progress(args.socket.clone(), target, Arc::clone(&stop)));
+    let answer = ask::<BackupReport>(&args.socket, false, &req, args.json);
+    stop.store(true, Ordering::Relaxed);
+    if let Some(p) = progress {
+        let _ = p.join();
+    }
+    let Some(r) = answer? else {
         return Ok(());
     };
     let on = r

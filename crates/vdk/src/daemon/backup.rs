@@ -244,7 +244,14 @@ impl Daemon {
             ));
         };
         info!(id = %disk.id, target = %req.target.display(), incremental = req.incremental, "backup started");
-        let scanned = copy_all(&disk.device, &job, &taken);
+        let done = Arc::new(AtomicU64::new(0));
+        *lock(&disk.backup) = Some(Running {
+            target: req.target.clone(),
+            total: taken.dirty().iter().map(|(_, l)| l).sum(),
+            done: Arc::clone(&done),
+        });
+        let scanned = copy_all(&disk.device, &job, &taken, &done);
+        *lock(&disk.backup) = None;
         disk.device.set_before_write(None);
         let failed = lock(&job.failed).take();
         let result = match failed {
@@ -278,7 +285,7 @@ impl Daemon {
 
 /// Copies every granule `taken` marks (those a write has not copied first); the bytes
 /// looked at.
-fn copy_all(device: &Tracked, job: &Job, taken: &Frozen) -> u64 {
+fn copy_all(device: &Tracked, job: &Job, taken: &Frozen, done: &AtomicU64) -> u64 {
     let g = taken.granularity();
     let ranges = taken.dirty();
     let total: u64 = ranges.iter().map(|(_, l)| l).sum();
@@ -297,6 +304,7 @@ fn copy_all(device: &Tracked, job: &Job, taken: &Frozen) -> u64 {
                 return scanned;
             }
             scanned += g.min(offset + len - at);
+            done.store(scanned, Ordering::Relaxed);
             at += g;
             // Progress in the log, every tenth.
             let tenth = scanned * 10 / total.max(1);
@@ -383,6 +391,25 @@ pub(super) fn bitmap_status(disk: &Disk) -> Vec<BitmapStatus> {
             name,
         })
         .collect()
+}
+
+/// A backup running on a disk, as `list` shows it.
+#[derive(Debug)]
+pub(super) struct Running {
+    target: PathBuf,
+    total: u64,
+    done: Arc<AtomicU64>,
+}
+
+impl Running {
+    /// As `list` reports it.
+    pub(super) fn status(&self) -> crate::control::BackupProgress {
+        crate::control::BackupProgress {
+            target: self.target.clone(),
+            total: self.total,
+            done: self.done.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Where backups are recorded per bitmap, for the next incremental one.

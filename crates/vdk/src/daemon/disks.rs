@@ -78,6 +78,8 @@ pub struct Disk {
     pub iscsi: Mutex<Option<Lun>>,
     /// The last backup made with each dirty bitmap.
     pub backups: super::backup::Backups,
+    /// The backup running now: its target, bytes to look at, bytes looked at.
+    pub backup: Mutex<Option<super::backup::Running>>,
 }
 
 impl Disk {

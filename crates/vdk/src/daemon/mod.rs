@@ -177,6 +177,7 @@ impl Daemon {
             stats: d.device.counters(),
             latency: lock(&d.stats).as_deref().map(crate::control::stats_report),
             bitmaps: backup::bitmap_status(d),
+            backup: lock(&d.backup).as_ref().map(backup::Running::status),
         }
     }
 

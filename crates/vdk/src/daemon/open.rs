@@ -395,6 +395,7 @@ impl Daemon {
             cdrom: size_info.media == vdk_core::MediaKind::CdRom,
             iscsi: Mutex::new(None),
             backups: Mutex::default(),
+            backup: Mutex::default(),
             attach: asked.attach,
             export,
             allow: asked.allow,
