@@ -369,15 +369,18 @@ fn qemu_bitmaps(image: &Path) -> Vec<(String, Vec<String>)> {
 
 /// What QEMU's own NBD server (qemu-nbd -B) reads of a bitmap stored in `image`.
 fn qemu_dirty_map(image: &Path, bitmap: &str) -> Vec<(u64, u64)> {
-    let sock = image.with_extension("qemu-nbd.sock");
+    let sock = image.with_extension(format!("{bitmap}.sock"));
+    let _ = std::fs::remove_file(&sock);
     let mut server = Command::new("qemu-nbd")
-        .args(["-r", "-f", "qcow2", "-k"])
+        .args(["-r", "-t", "-f", "qcow2", "-k"])
         .arg(&sock)
         .args(["-B", bitmap])
         .arg(image)
         .spawn()
         .expect("start qemu-nbd");
-    common::wait_for(10, "qemu-nbd to listen", || sock.exists());
+    common::wait_for(10, "qemu-nbd to listen", || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     let map = dirty_map(&format!("nbd+unix:///?socket={}", sock.display()), bitmap);
     let _ = server.kill();
     let _ = server.wait();
