@@ -26,7 +26,7 @@ use crate::control::{
     ApiError, BackupReport, BackupRequest, BitmapAction, BitmapRequest, BitmapStatus, ErrorKind,
 };
 
-/// Bytes copied at a time (granules can be larger).
+/// Most bytes read at a time (a granule larger than this is read in pieces).
 const CHUNK: u64 = 1 << 20;
 
 /// A backup being made: the granules still to copy, and where to.
@@ -34,7 +34,7 @@ const CHUNK: u64 = 1 << 20;
 struct Job {
     /// What is left to copy; a granule is copied (by the copier, or by a write about to
     /// change it) with this held, then unmarked.
-    pending: Mutex<Frozen>,
+    pending: Mutex<Pending>,
     dest: Arc<dyn BlockDevice>,
     /// A full backup into an image of its own: zeroes need no recording.
     full: bool,
@@ -44,59 +44,76 @@ struct Job {
     failed: Mutex<Option<String>>,
 }
 
+/// The granules still to copy, and the buffer copies go through (one copy at a time).
+#[derive(Debug)]
+struct Pending {
+    left: Frozen,
+    buf: Vec<u8>,
+}
+
 impl Job {
-    /// Copies the granule at `at` if it is still pending.
-    fn copy(&self, pending: &mut Frozen, below: &dyn BlockDevice, at: u64) {
-        if !pending.is_dirty(at) {
-            return;
-        }
-        let g = pending.granularity();
-        let start = at - at % g;
-        pending.unmark(start);
-        if lock(&self.failed).is_some() {
-            return;
-        }
+    /// Copies the granules of `[from, to)` still pending, runs of them at a time (up to
+    /// [`CHUNK`] bytes per read), and unmarks them.
+    fn copy(&self, p: &mut Pending, below: &dyn BlockDevice, from: u64, to: u64) {
+        let g = p.left.granularity();
         let size = self.dest.info().size;
-        let len = g.min(size.saturating_sub(start));
-        if len == 0 {
-            return;
-        }
-        let mut buf = vec![0u8; CHUNK.min(len) as usize];
-        let mut r = Ok(());
-        let mut at = start;
-        while at < start + len && r.is_ok() {
-            let n = CHUNK.min(start + len - at);
-            let chunk = &mut buf[..n as usize];
-            r = below.read_at(chunk, at).and_then(|()| {
-                if chunk.iter().all(|b| *b == 0) {
-                    if self.full {
-                        Ok(())
-                    } else {
-                        self.dest.write_zeroes(at, n, false, false)
-                    }
-                } else {
-                    self.copied.fetch_add(n, Ordering::Relaxed);
-                    self.dest.write_at(chunk, at, false)
+        let to = to.min(size);
+        let mut at = from - from % g;
+        while at < to {
+            if !p.left.is_dirty(at) {
+                at += g;
+                continue;
+            }
+            let start = at;
+            while at < to && p.left.is_dirty(at) && (at == start || at - start + g <= CHUNK) {
+                p.left.unmark(at);
+                at += g;
+            }
+            if lock(&self.failed).is_none() {
+                let end = at.min(size);
+                if let Err(e) = self.copy_run(&mut p.buf, below, start, end) {
+                    lock(&self.failed).get_or_insert_with(|| format!("at byte {start}: {e}"));
                 }
-            });
+            }
+        }
+    }
+
+    /// Copies `[start, end)` of `below` into the backup, [`CHUNK`] bytes at a time; zeroes are
+    /// recorded as such (or, in a full backup, left out).
+    fn copy_run(
+        &self,
+        buf: &mut Vec<u8>,
+        below: &dyn BlockDevice,
+        start: u64,
+        end: u64,
+    ) -> vdk_core::Result<()> {
+        let mut at = start;
+        while at < end {
+            let n = CHUNK.min(end - at);
+            buf.resize(n as usize, 0);
+            below.read_at(buf, at)?;
+            if buf.iter().all(|b| *b == 0) {
+                if !self.full {
+                    self.dest.write_zeroes(at, n, false, false)?;
+                }
+            } else {
+                self.copied.fetch_add(n, Ordering::Relaxed);
+                self.dest.write_at(buf, at, false)?;
+            }
             at += n;
         }
-        if let Err(e) = r {
-            lock(&self.failed).get_or_insert_with(|| format!("at byte {start}: {e}"));
-        }
+        Ok(())
     }
 }
 
 impl BeforeWrite for Job {
     fn before_write(&self, below: &dyn BlockDevice, offset: u64, len: u64) {
-        let mut pending = lock(&self.pending);
-        let g = pending.granularity();
-        let end = offset.saturating_add(len);
-        let mut at = offset - offset % g;
-        while at < end {
-            self.copy(&mut pending, below, at);
-            at += g;
-        }
+        self.copy(
+            &mut lock(&self.pending),
+            below,
+            offset,
+            offset.saturating_add(len),
+        );
     }
 }
 
@@ -226,7 +243,10 @@ impl Daemon {
                 (None, _) => Frozen::full(size, g),
             };
             let job = Arc::new(Job {
-                pending: Mutex::new(taken.clone()),
+                pending: Mutex::new(Pending {
+                    left: taken.clone(),
+                    buf: Vec::new(),
+                }),
                 dest,
                 full,
                 copied: AtomicU64::new(0),
@@ -287,6 +307,8 @@ impl Daemon {
 /// looked at.
 fn copy_all(device: &Tracked, job: &Job, taken: &Frozen, done: &AtomicU64) -> u64 {
     let g = taken.granularity();
+    // Whole granules, a chunk's worth (or one granule) at a time.
+    let step = CHUNK.max(g) / g * g;
     let ranges = taken.dirty();
     let total: u64 = ranges.iter().map(|(_, l)| l).sum();
     let mut scanned = 0;
@@ -298,14 +320,15 @@ fn copy_all(device: &Tracked, job: &Job, taken: &Frozen, done: &AtomicU64) -> u6
                 lock(&job.failed).get_or_insert_with(|| "the disk was closed".into());
                 return scanned;
             }
+            let to = (at + step).min(offset + len);
             // The chain's lock before the pending set's, as a write takes them.
-            device.with_below(|below| job.copy(&mut lock(&job.pending), below, at));
+            device.with_below(|below| job.copy(&mut lock(&job.pending), below, at, to));
             if lock(&job.failed).is_some() {
                 return scanned;
             }
-            scanned += g.min(offset + len - at);
+            scanned += to - at;
             done.store(scanned, Ordering::Relaxed);
-            at += g;
+            at = to;
             // Progress in the log, every tenth.
             let tenth = scanned * 10 / total.max(1);
             if tenth > shown && tenth < 10 {
