@@ -525,6 +525,8 @@ pub struct ImageInfo {
     pub luks: Option<luks::Summary>,
     /// A qcow2 image's encryption: `luks` (served), `aes` (legacy, refused).
     pub crypt: Option<&'static str>,
+    /// qcow2: the persistent dirty bitmaps (when the bitmaps extension is valid).
+    pub bitmaps: Vec<qcow2::bitmaps::Info>,
 }
 
 /// Describes the image at `path` (and its backing chain with `chain`).
@@ -576,6 +578,7 @@ fn info_in_chain(
         subformat: None,
         luks: None,
         crypt: None,
+        bitmaps: Vec::new(),
     };
     if format == Format::Vhd {
         let (size, kind, block) = vhd::describe(path)?;
@@ -618,6 +621,8 @@ fn info_in_chain(
         info.lazy_refcounts = h.compatible_features & 1 != 0;
         info.extended_l2 = h.extended_l2();
         info.snapshots = h.nb_snapshots;
+        info.bitmaps = qcow2::bitmaps::list(&file, &h)
+            .map_err(|e| corrupt(Format::Qcow2, path, format!("bitmaps: {e}")))?;
         info.encrypted = h.crypt_method != 0;
         info.crypt = match h.crypt_method {
             0 => None,

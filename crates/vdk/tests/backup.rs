@@ -475,6 +475,36 @@ fn persistent_bitmaps_survive_a_clean_restart_and_are_inconsistent_after_kill_9(
         ]
     );
     check_clean(&img);
+    // `vdk info` lists them as qemu-img info does.
+    let info = d.json(&["info", img.to_str().unwrap()]);
+    let listed = &info["format-specific"]["data"]["bitmaps"];
+    let names: Vec<_> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].clone(),
+                b["flags"].clone(),
+                b["granularity"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            (
+                "qemu-made".into(),
+                serde_json::json!(["auto"]),
+                serde_json::json!(65536)
+            ),
+            (
+                "vdk-made".into(),
+                serde_json::json!(["auto"]),
+                serde_json::json!(4096)
+            )
+        ]
+    );
     assert_eq!(qemu_dirty_map(&img, "vdk-made"), vdk_map);
     assert_eq!(qemu_dirty_map(&img, "qemu-made"), qemu_map);
 

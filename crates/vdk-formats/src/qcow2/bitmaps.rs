@@ -126,6 +126,52 @@ pub fn parse_directory(raw: &[u8], count: u32) -> std::result::Result<Vec<Entry>
     Ok(out)
 }
 
+/// A bitmap as `info` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Info {
+    /// Its name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// QEMU's names of its flags: `in-use`, `auto`.
+    pub flags: Vec<&'static str>,
+}
+
+/// The bitmaps of the image whose header is `h`, as the directory lists them; none when the
+/// extension is absent or not valid (its autoclear bit cleared by a program that did not keep
+/// them).
+pub fn list(file: &std::fs::File, h: &Header) -> std::result::Result<Vec<Info>, String> {
+    let Some((count, dir_size, dir_offset)) = h.bitmaps else {
+        return Ok(Vec::new());
+    };
+    if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        return Ok(Vec::new());
+    }
+    if dir_size > MAX_DIRECTORY {
+        return Err("the directory is too large".into());
+    }
+    let mut raw = vec![0u8; dir_size as usize];
+    file.read_exact_at(&mut raw, dir_offset)
+        .map_err(|e| format!("cannot read the directory: {e}"))?;
+    Ok(parse_directory(&raw, count)?
+        .into_iter()
+        .map(|e| {
+            let mut flags = Vec::new();
+            if e.flags & IN_USE != 0 {
+                flags.push("in-use");
+            }
+            if e.flags & AUTO != 0 {
+                flags.push("auto");
+            }
+            Info {
+                granularity: 1u64.checked_shl(u32::from(e.granularity_bits)).unwrap_or(0),
+                name: e.name,
+                flags,
+            }
+        })
+        .collect())
+}
+
 /// What the image's bitmaps are now: its directory, and what it held when opened.
 #[derive(Debug, Default)]
 pub(super) struct State {

@@ -177,6 +177,16 @@ fn format_specific(i: &ImageInfo) -> Option<Value> {
             if let Some(c) = i.crypt {
                 d.insert("encrypt".into(), json!({ "format": c }));
             }
+            if !i.bitmaps.is_empty() {
+                let list: Vec<Value> = i
+                    .bitmaps
+                    .iter()
+                    .map(
+                        |b| json!({"flags": b.flags, "name": b.name, "granularity": b.granularity}),
+                    )
+                    .collect();
+                d.insert("bitmaps".into(), json!(list));
+            }
         }
         Format::Vhd => {
             d.insert("subformat".into(), json!(i.subformat?));
@@ -255,6 +265,21 @@ fn describe(out: &mut String, i: &ImageInfo) {
         }
         if i.dirty {
             let _ = writeln!(out, "    dirty: true (closed uncleanly)");
+        }
+        if !i.bitmaps.is_empty() {
+            let _ = writeln!(out, "    bitmaps:");
+            for b in &i.bitmaps {
+                let flags = if b.flags.is_empty() {
+                    "none".to_owned()
+                } else {
+                    b.flags.join(", ")
+                };
+                let _ = writeln!(
+                    out,
+                    "        {}: granularity {}, flags {flags}",
+                    b.name, b.granularity
+                );
+            }
         }
         match i.crypt {
             Some("luks") => {
