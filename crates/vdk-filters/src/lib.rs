@@ -129,6 +129,22 @@ fn range(v: &str) -> Result<(u64, u64), String> {
     Ok((a, b))
 }
 
+/// `KEY=VALUE,...` as pairs, in order; a word without `=` is what `bare` makes of it (a
+/// filter's shorthand), or an error.
+pub(crate) fn key_values<'a>(
+    args: &'a str,
+    bare: impl Fn(&'a str) -> Option<(&'a str, &'a str)>,
+) -> Result<Vec<(&'a str, &'a str)>, String> {
+    args.split(',')
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.split_once('=')
+                .or_else(|| bare(a))
+                .ok_or_else(|| format!("{a:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
 impl FilterSpec {
     /// Parses `NAME[:KEY=VALUE,...]`.
     pub fn parse(spec: &str) -> Result<FilterSpec, SpecError> {
@@ -137,16 +153,13 @@ impl FilterSpec {
             why,
         };
         let (name, args) = spec.split_once(':').unwrap_or((spec, ""));
-        let mut pairs = Vec::new();
-        for a in args.split(',').filter(|a| !a.is_empty()) {
-            match a.split_once('=') {
-                Some((k, v)) => pairs.push((k, v)),
-                // `partition:2` is `partition:number=2`; `cow:volatile` a flag.
-                None if name == "partition" => pairs.push(("number", a)),
-                None if name == "cow" && a == "volatile" => pairs.push(("volatile", "yes")),
-                None => return Err(fail(format!("{a:?} is not KEY=VALUE"))),
-            }
-        }
+        // `partition:2` is `partition:number=2`; `cow:volatile` a flag.
+        let pairs = key_values(args, |a| match name {
+            "partition" => Some(("number", a)),
+            "cow" if a == "volatile" => Some(("volatile", "yes")),
+            _ => None,
+        })
+        .map_err(fail)?;
         let known = |allowed: &[&str]| -> Result<(), SpecError> {
             match pairs.iter().find(|(k, _)| !allowed.contains(k)) {
                 Some((k, _)) => Err(fail(format!(

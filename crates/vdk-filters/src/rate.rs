@@ -132,13 +132,7 @@ pub fn change(limits: &mut Limits, setting: &str) -> std::result::Result<(), Str
              (rate:KEY=VALUE,... or rate=BYTES_PER_SECOND)"
         ));
     };
-    let mut pairs = Vec::new();
-    for a in args.split(',').filter(|a| !a.is_empty()) {
-        let pair = a
-            .split_once('=')
-            .ok_or_else(|| format!("{setting:?}: {a:?} is not KEY=VALUE"))?;
-        pairs.push(pair);
-    }
+    let pairs = crate::key_values(args, |_| None).map_err(|e| format!("{setting:?}: {e}"))?;
     limits.set(&pairs).map_err(|e| format!("{setting:?}: {e}"))
 }
 
