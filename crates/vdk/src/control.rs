@@ -538,6 +538,12 @@ impl fmt::Debug for Redacted {
     }
 }
 
+impl Drop for Redacted {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 /// How to reach and cache a disk in object storage. The store's settings and credentials come
 /// from `env`, the `AWS_*`, `GOOGLE_*` and `AZURE_*` variables of the client (the `vdk`
 /// command sends its own), or from the daemon's environment when it is absent.
@@ -816,7 +822,9 @@ impl Response {
 
 /// Reads one line of at most [`MAX_REQUEST`] bytes. `Ok(None)` at end of stream.
 pub fn read_line(r: &mut impl BufRead) -> io::Result<Option<Result<String, ApiError>>> {
-    let mut line = Vec::new();
+    // Room for the longest line at once: a growing buffer would leave copies of a secret in
+    // the line (a passphrase) where no one wipes them.
+    let mut line = Vec::with_capacity(MAX_REQUEST + 1);
     let n = r
         .by_ref()
         .take(MAX_REQUEST as u64 + 1)
@@ -883,7 +891,10 @@ impl Client {
     /// Sends `req` and waits for the answer, read as `T`: the type the request returns
     /// ([`Request`] says which; `serde_json::Value` takes any).
     pub fn call<T: DeserializeOwned>(&mut self, req: &Request) -> io::Result<Result<T, ApiError>> {
-        let mut line = serde_json::to_vec(req)?;
+        // Room for the longest request, so that no copy of a secret in it is left behind by
+        // a growing buffer; wiped once sent.
+        let mut line = zeroize::Zeroizing::new(Vec::with_capacity(MAX_REQUEST + 1));
+        serde_json::to_writer(&mut *line, req)?;
         line.push(b'\n');
         // A daemon that refuses the caller outright (another user) answers at once and hangs
         // up: the request may then meet a closed socket, but the answer is there to read.

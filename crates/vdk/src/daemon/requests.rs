@@ -50,8 +50,9 @@ pub fn serve(
     let mut reader = BufReader::new(super::channel::reader(conn));
     while let Some(line) = control::read_line(&mut reader)? {
         let too_long = line.is_err();
+        // The line may hold a secret (a LUKS passphrase): wiped once parsed.
         let req = line
-            .and_then(|l| control::parse(&l))
+            .and_then(|l| control::parse(&zeroize::Zeroizing::new(l)))
             .and_then(|r| caller.check(&r).map(|()| r));
         let stopping = matches!(req, Ok(Request::Shutdown));
         let done = match req {
