@@ -119,11 +119,6 @@ impl DirtyBitmap {
         self.granularity
     }
 
-    /// The size of the disk it covers.
-    pub fn size(&self) -> u64 {
-        lock(&self.state).size
-    }
-
     /// Marks `[offset, offset + len)` dirty: every bit the range touches.
     pub fn mark(&self, offset: u64, len: u64) {
         if len == 0 || self.inconsistent {
@@ -177,16 +172,6 @@ impl DirtyBitmap {
             granularity: self.granularity,
             size: st.size,
             words,
-        }
-    }
-
-    /// A copy of the bits, the bitmap unchanged.
-    pub fn frozen(&self) -> Frozen {
-        let st = lock(&self.state);
-        Frozen {
-            granularity: self.granularity,
-            size: st.size,
-            words: st.words.clone(),
         }
     }
 

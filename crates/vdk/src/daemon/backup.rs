@@ -230,7 +230,7 @@ impl Daemon {
         let dest = make_target(&req.target, size, base.as_deref())?;
         let full = base.is_none();
         // The backup's moment: no request in flight, none starts until the copying is set up.
-        let started = disk.device.quiesced(|_| {
+        let started = disk.device.quiesced(|| {
             if disk.device.is_backing_up() {
                 return None;
             }

@@ -142,9 +142,9 @@ impl Tracked {
     }
 
     /// Runs `f` while no request is in flight (they wait for it): the moment a backup begins.
-    pub fn quiesced<T>(&self, f: impl FnOnce(&Arc<dyn BlockDevice>) -> T) -> T {
-        let slot = sync::write(&self.inner);
-        f(&slot)
+    pub fn quiesced<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _no_requests = sync::write(&self.inner);
+        f()
     }
 
     /// Runs `f` on the chain below as it is now, as a request would (but uncounted).
