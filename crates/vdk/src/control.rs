@@ -513,6 +513,10 @@ pub struct OpenRequest {
     /// The LUN; by default the lowest free one of the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iscsi_lun: Option<u16>,
+    /// Also serve the disk to a VM as a vhost-user-blk device on this Unix socket (an
+    /// absolute path; a socket file already there is replaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<PathBuf>,
     /// For an object-store disk (`path` an `s3://`, `gs://`, `az://` or `file://` URL): how
     /// to reach it and cache it.
     #[serde(default, skip_serializing_if = "CloudOptions::is_default")]
@@ -641,6 +645,12 @@ pub struct DiskStatus {
     /// iSCSI).
     #[serde(default)]
     pub iscsi: Vec<String>,
+    /// The vhost-user-blk socket a VM attaches the disk by, if served so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<PathBuf>,
+    /// Whether a VM is connected to that socket now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vhost_user_connected: bool,
     /// A CD-ROM disk whose disc is out (`vdk eject`, or an initiator's eject).
     #[serde(default)]
     pub ejected: bool,

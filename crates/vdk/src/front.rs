@@ -16,16 +16,26 @@ pub struct Listen {
     pub nbd: Vec<String>,
     /// `iscsi://HOST[:PORT]`: iSCSI portals.
     pub iscsi: Vec<String>,
+    /// `vhost-user-blk:///PATH`: one vhost-user socket per export (the paths).
+    pub vhost: Vec<String>,
 }
+
+/// The scheme of a vhost-user-blk export's socket.
+pub const VHOST_SCHEME: &str = "vhost-user-blk://";
 
 impl Listen {
     /// Sorts `uris` by protocol.
     pub fn split(uris: &[String]) -> Listen {
-        let (iscsi, nbd) = uris
+        let (vhost, rest): (Vec<String>, Vec<String>) = uris
             .iter()
             .cloned()
-            .partition(|u| u.starts_with("iscsi://"));
-        Listen { nbd, iscsi }
+            .partition(|u| u.starts_with(VHOST_SCHEME));
+        let (iscsi, nbd) = rest.into_iter().partition(|u| u.starts_with("iscsi://"));
+        let vhost = vhost
+            .iter()
+            .map(|u| u[VHOST_SCHEME.len()..].to_owned())
+            .collect();
+        Listen { nbd, iscsi, vhost }
     }
 }
 

@@ -6,44 +6,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
-use common::{need, path_env, stdout};
-
-/// The guest runner: `VDK_VMRUN`, or `shared/vm/vmrun.sh` beside the project (or beside
-/// the development checkout, /work, for a clone elsewhere).
-fn vmrun() -> PathBuf {
-    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vm/vmrun.sh");
-    let path = std::env::var_os("VDK_VMRUN").map_or_else(
-        || {
-            [beside.clone(), PathBuf::from("/work/shared/vm/vmrun.sh")]
-                .into_iter()
-                .find(|p| p.exists())
-                .unwrap_or(beside)
-        },
-        PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "these tests boot a guest with {} (or VDK_VMRUN): it is missing",
-        path.display()
-    );
-    need("qemu-system-x86_64");
-    need("busybox");
-    path
-}
-
-/// The absolute path of `tool` here (the guest sees this host's root).
-fn tool(name: &str) -> String {
-    need(name);
-    let found = stdout(
-        Command::new("sh")
-            .args(["-c", &format!("command -v {name}")])
-            .env("PATH", format!("{}:/root/.cargo/bin", path_env())),
-    );
-    found.trim().to_owned()
-}
+use common::vm::{self, FSX_CONFIGS};
 
 /// The newer guest kernel (trixie-backports') that scripts/install-test-deps.sh prepares
 /// with scripts/guest-kernel.sh: its kit and its version, for vmrun.sh's `VMKIT` and
@@ -72,7 +37,6 @@ fn guest(script: &str) -> String {
 
 /// [`guest`] on the kernel of another kit ([`newer_kernel`]), or vmrun.sh's own.
 fn guest_on(kernel: Option<(PathBuf, String)>, script: &str) -> String {
-    let runner = vmrun();
     let dir = tempfile::tempdir().unwrap();
     // The guest sees the host's root, but /tmp and /run are its own: the binary goes into
     // the scratch directory, which it shares, wherever this checkout is.
@@ -80,37 +44,13 @@ fn guest_on(kernel: Option<(PathBuf, String)>, script: &str) -> String {
     if std::fs::hard_link(env!("CARGO_BIN_EXE_vdk"), &vdk).is_err() {
         std::fs::copy(env!("CARGO_BIN_EXE_vdk"), &vdk).unwrap();
     }
-    let body = format!(
-        "set -eu\nV={}\nFSX={}\nFIO={}\n{KILL_UNDER_WRITER}{script}",
-        vdk.display(),
-        tool("fsx"),
-        tool("fio"),
-    );
-    std::fs::write(dir.path().join("test.sh"), body).unwrap();
-    let mut vm = Command::new(runner);
-    if let Some((kit, version)) = kernel {
-        vm.env("VMKIT", kit).env("VM_KERNEL", version);
+    let body = format!("V={}\n{KILL_UNDER_WRITER}{script}", vdk.display());
+    let mut env = Vec::new();
+    if let Some((kit, version)) = &kernel {
+        env.push(("VMKIT", kit.display().to_string()));
+        env.push(("VM_KERNEL", version.clone()));
     }
-    let out = vm
-        .arg("sh test.sh")
-        .current_dir(dir.path())
-        .env("VM_MEM", "768")
-        // Software emulation on a loaded machine (the suite runs tests in parallel) is slow:
-        // room beyond vmrun.sh's 600 s, never a figure the test relies on.
-        .env("VM_TIMEOUT", "1500")
-        .output()
-        .expect("run vmrun.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "the guest script failed ({}):\n{text}",
-        out.status
-    );
-    text
+    vm::boot(dir.path(), &body, &env)
 }
 
 /// A shell function for the guest scripts: a verifying writer of SIZE ($1) on the file system
@@ -127,39 +67,6 @@ kill_daemon_under_writer() {
     kill -9 $(pgrep -f "vdk daemon")
     sleep 1
 }
-"#;
-
-/// fsx settings for a file system and for a block device (fixed size, any offset).
-const FSX_CONFIGS: &str = r#"
-cat > fsx-fs.toml <<'E'
-flen = 8388608
-[opsize]
-max = 262144
-[weights]
-close_open = 1
-truncate = 2
-posix_fallocate = 1
-punch_hole = 1
-fsync = 1
-invalidate = 1
-E
-cat > fsx-dev.toml <<'E'
-blockmode = true
-nosizechecks = true
-[opsize]
-max = 524288
-[weights]
-close_open = 0
-truncate = 0
-posix_fallocate = 0
-read = 10
-write = 10
-mapread = 2
-mapwrite = 2
-punch_hole = 0
-fsync = 1
-fdatasync = 1
-E
 "#;
 
 #[test]

@@ -150,6 +150,10 @@ pub struct OpenArgs {
     /// The LUN (default: the lowest free one of the target).
     #[arg(long, value_name = "N", requires = "iscsi")]
     iscsi_lun: Option<u16>,
+    /// Also serve the disk to a VM as a vhost-user-blk device on this Unix socket (QEMU:
+    /// -chardev socket,path=PATH -device vhost-user-blk-pci; docs/vhost-user.md).
+    #[arg(long, value_name = "PATH")]
+    vhost_user: Option<PathBuf>,
     /// Only these NBD clients may see and open the disk's export: ADDR[/PREFIX], unix or
     /// cert:NAME (a verified TLS client certificate's name). Repeatable; default: any.
     #[arg(long = "allow", value_name = "RULE")]
@@ -238,6 +242,7 @@ pub fn open(args: OpenArgs) -> anyhow::Result<()> {
         iscsi: args.iscsi,
         iscsi_target: args.iscsi_target,
         iscsi_lun: args.iscsi_lun,
+        vhost_user: args.vhost_user.as_deref().map(absolute).transpose()?,
     }));
     let mut client = connect(paths, true)?;
     let status: DiskStatus = call(&mut client, &req)?;
@@ -272,6 +277,9 @@ fn print_uris(status: &DiskStatus) -> anyhow::Result<()> {
     }
     for uri in &status.iscsi {
         crate::outln!("  iscsi         {uri}")?;
+    }
+    if let Some(path) = &status.vhost_user {
+        crate::outln!("  vhost-user    {}", path.display())?;
     }
     Ok(())
 }

@@ -28,6 +28,8 @@ Examples:
   vdk serve --listen iscsi://0.0.0.0 disk.img movie.iso
                                               iSCSI targets iqn.2026-11.org.vdk:disk.img (a disk)
                                               and ...:movie.iso (a CD-ROM), LUN 0 each
+  vdk serve --listen vhost-user-blk:///run/vm1-disk.sock disk.qcow2
+                                              a vhost-user-blk export for a VM (docs/vhost-user.md)
   vdk serve --tls require --tls-certificates /etc/vdk/pki --tls-verify-peer \\
             --listen tcp://0.0.0.0:10809 --allow cert:backup-host disk.img
                                               TLS only, clients with a certificate of the CA,
@@ -51,7 +53,8 @@ pub struct ServeArgs {
     #[arg(long)]
     read_only: bool,
     /// Where to listen: tcp://HOST:PORT or unix:///PATH for NBD, iscsi://HOST[:PORT] for
-    /// iSCSI (port 3260 by default). Repeatable; both protocols at once are fine.
+    /// iSCSI (port 3260 by default), vhost-user-blk:///PATH for a VM's virtio-blk disk (one
+    /// socket per export, in order). Repeatable; several protocols at once are fine.
     #[arg(long, value_name = "URI")]
     listen: Vec<String>,
     /// iSCSI: initiators must log in with CHAP as the user:secret on the first line of FILE.
@@ -339,6 +342,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.listen.clone()
     };
     let listen = front::Listen::split(&uris);
+    let vhost = start_vhost(&listen.vhost, &served)?;
     let listeners = front::bind_nbd(&listen.nbd)?;
     let portals = front::bind_iscsi(&listen.iscsi)?;
     if portals.is_empty() && (args.iscsi_chap.is_some() || !args.iscsi_initiators.is_empty()) {
@@ -384,6 +388,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let nbd = (!listeners.is_empty()).then(|| Server::new(served, config));
     let nbd_handle = nbd.as_ref().map(Server::shutdown_handle);
     let iscsi_handle = iscsi.as_ref().map(|s| s.shutdown_handle());
+    let vhost_only = nbd.is_none() && iscsi.is_none();
+    let (stopped_tx, stopped) = std::sync::mpsc::channel::<()>();
+    let vhost_stop = Arc::clone(&vhost.exports);
     let signal_thread = front::on_signals(tls, move |_| {
         if let Some(h) = &nbd_handle {
             h.shutdown();
@@ -391,6 +398,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(h) = &iscsi_handle {
             h.shutdown();
         }
+        vhost_stop.stop();
+        let _ = stopped_tx.send(());
     })?;
     let result = thread::scope(|s| {
         let iscsi_run = iscsi
@@ -405,8 +414,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             Some(Ok(r)) => r.context("iSCSI flush at shutdown failed"),
             Some(Err(_)) => Err(anyhow::anyhow!("the iSCSI server thread panicked")),
         };
+        if vhost_only {
+            let _ = stopped.recv();
+        }
         nbd_result.and(iscsi_result)
     });
+    let result = result.and(vhost.finish());
     signal_thread.close();
     info!("stopped");
     // What the stats filters counted, for a run with --filter stats.
@@ -415,6 +428,83 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         super::list::print_stats(&crate::control::stats_report(s))?;
     }
     result
+}
+
+/// The vhost-user-blk exports `vdk serve` runs, stopped by the signal thread.
+struct VhostExports {
+    exports: Arc<VhostSet>,
+    devices: Vec<(String, Arc<dyn BlockDevice>)>,
+}
+
+/// Stops every export at most once, from whichever thread comes first.
+#[derive(Default)]
+struct VhostSet(std::sync::Mutex<Vec<VhostExport>>);
+
+#[cfg(target_os = "linux")]
+type VhostExport = vdk_vhost::Export;
+#[cfg(not(target_os = "linux"))]
+type VhostExport = ();
+
+impl VhostSet {
+    fn stop(&self) {
+        // Dropping an export stops it: the VM's connection ends, the socket goes.
+        drop(std::mem::take(&mut *vdk_core::sync::lock(&self.0)));
+    }
+}
+
+impl VhostExports {
+    /// Stops the exports and flushes their disks.
+    fn finish(self) -> anyhow::Result<()> {
+        self.exports.stop();
+        for (name, device) in &self.devices {
+            device
+                .flush()
+                .with_context(|| format!("export {name:?}: flush at shutdown failed"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One vhost-user-blk socket per export, in the order given.
+fn start_vhost(paths: &[String], served: &[Export]) -> anyhow::Result<VhostExports> {
+    #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
+    let mut out = VhostExports {
+        exports: Arc::default(),
+        devices: Vec::new(),
+    };
+    if paths.is_empty() {
+        return Ok(out);
+    }
+    if paths.len() != served.len() {
+        bail!(
+            "--listen vhost-user-blk: one socket per export: {} socket(s) for {} export(s)",
+            paths.len(),
+            served.len()
+        );
+    }
+    if cfg!(not(target_os = "linux")) {
+        bail!("--listen vhost-user-blk: vhost-user is a Linux interface");
+    }
+    #[cfg(target_os = "linux")]
+    for (path, e) in paths.iter().zip(served) {
+        if !path.starts_with('/') {
+            bail!(
+                "--listen {}{path}: the socket's path must be absolute (vhost-user-blk:///PATH)",
+                front::VHOST_SCHEME
+            );
+        }
+        let config = vdk_vhost::Config {
+            read_only: e.read_only,
+            serial: e.name.clone(),
+            ..Default::default()
+        };
+        let export = vdk_vhost::Export::start(Path::new(path), Arc::clone(&e.device), config)
+            .with_context(|| format!("cannot listen on {}{path}", front::VHOST_SCHEME))?;
+        info!(socket = %path, export = %e.name, "vhost-user-blk");
+        vdk_core::sync::lock(&out.exports.0).push(export);
+        out.devices.push((e.name.clone(), Arc::clone(&e.device)));
+    }
+    Ok(out)
 }
 
 /// An export as an iSCSI target of its own, the disk as LUN 0 (a CD-ROM for an ISO).

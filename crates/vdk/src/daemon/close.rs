@@ -22,6 +22,16 @@ impl Daemon {
                 ),
             ));
         }
+        if super::vhost::connected(disk) && !force {
+            return Err(ApiError::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is attached to a VM (vhost-user socket {}): shut the VM down or detach the disk first, or --force",
+                    disk.id,
+                    super::vhost::path(disk).unwrap_or_default().display()
+                ),
+            ));
+        }
         #[cfg(target_os = "linux")]
         self.unmount_all_of(disk, force)?;
         // Windows lets go of the disk (flushing it) before its LUN goes; with `force` the
@@ -33,6 +43,8 @@ impl Daemon {
             }
         }
         self.detach(disk);
+        // The VM's connection ends; the socket goes.
+        let _ = lock(&disk.vhost).take();
         if let Some(l) = lock(&disk.iscsi).take() {
             self.iscsi.withdraw(&l);
         }

@@ -76,6 +76,8 @@ pub struct Disk {
     pub state: Mutex<Attachment>,
     /// Its LUN, when served over iSCSI.
     pub iscsi: Mutex<Option<Lun>>,
+    /// Its vhost-user-blk export, when a VM may attach it.
+    pub vhost: Mutex<Option<VhostExport>>,
     /// The last backup made with each dirty bitmap.
     pub backups: super::backup::Backups,
     /// The backup running now: its target, bytes to look at, bytes looked at.
@@ -110,6 +112,13 @@ impl Disk {
         })
     }
 }
+
+/// A vhost-user-blk export (Linux only; nothing elsewhere).
+#[cfg(target_os = "linux")]
+pub type VhostExport = vdk_vhost::Export;
+/// A vhost-user-blk export (Linux only; nothing elsewhere).
+#[cfg(not(target_os = "linux"))]
+pub type VhostExport = std::convert::Infallible;
 
 /// The open disks, by id.
 #[derive(Debug, Default)]

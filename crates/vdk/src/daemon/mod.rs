@@ -54,6 +54,7 @@ mod requests;
 pub mod tracked;
 #[cfg(target_os = "linux")]
 mod userfs;
+mod vhost;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -162,6 +163,8 @@ impl Daemon {
             format: medium.format,
             size: medium.size,
             iscsi: lun.as_ref().map(|l| self.iscsi.uris(l)).unwrap_or_default(),
+            vhost_user: vhost::path(d),
+            vhost_user_connected: vhost::connected(d),
             ejected,
             read_only: d.read_only,
             attach: d.attach,

@@ -147,6 +147,9 @@ impl Asked {
         if !req.iscsi && (req.iscsi_target.is_some() || req.iscsi_lun.is_some()) {
             return Err(invalid("--iscsi-target and --iscsi-lun go with --iscsi"));
         }
+        if let Some(p) = &req.vhost_user {
+            super::vhost::check_socket_path(p)?;
+        }
         let key = match (&req.key_file, &req.key_secret) {
             (Some(_), Some(_)) => return Err(invalid("a key file or a key secret, not both")),
             (Some(f), None) => Some(
@@ -394,6 +397,7 @@ impl Daemon {
             read_only: req.read_only || size_info.read_only,
             cdrom: size_info.media == vdk_core::MediaKind::CdRom,
             iscsi: Mutex::new(None),
+            vhost: Mutex::new(None),
             backups: Mutex::default(),
             backup: Mutex::default(),
             attach: asked.attach,
@@ -430,6 +434,10 @@ impl Daemon {
                 None,
             )?;
             *lock(&disk.iscsi) = Some(lun);
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(path) = &req.vhost_user {
+            self.serve_vhost(disk, path)?;
         }
         if disk.attach.is_block_device() {
             self.attach(disk)?;

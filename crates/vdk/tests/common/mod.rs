@@ -17,6 +17,7 @@ pub mod admin;
 pub mod pki;
 pub mod raw;
 pub mod s3;
+pub mod vm;
 
 /// Debian package of each client program the tests use.
 const PACKAGES: &[(&str, &str)] = &[

@@ -1,0 +1,230 @@
+//! The virtio-blk device: features, config space and queues, as `vhost-user-backend` asks.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tracing::warn;
+use vdk_core::{BlockDevice, DiskInfo};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::request::{self, Target, SECTOR};
+
+/// A sector's bytes, as config fields count them.
+const SECTOR_BYTES: u32 = 512;
+
+/// The most sectors one discard or write-zeroes range may cover (1 GiB): a bound on the work
+/// of one request.
+const MAX_RANGE_SECTORS: u32 = 1 << 21;
+
+/// One VM connection's device.
+#[derive(Debug)]
+pub(crate) struct Blk {
+    disk: Arc<dyn BlockDevice>,
+    info: DiskInfo,
+    read_only: bool,
+    queues: u16,
+    queue_size: u16,
+    serial: Vec<u8>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    event_idx: AtomicBool,
+}
+
+impl Blk {
+    pub(crate) fn new(
+        disk: Arc<dyn BlockDevice>,
+        config: &crate::Config,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> Blk {
+        let info = disk.info();
+        Blk {
+            read_only: config.read_only || info.read_only,
+            disk,
+            info,
+            queues: config.queues.max(1),
+            queue_size: config.queue_size,
+            serial: config.serial.as_bytes().to_vec(),
+            mem,
+            event_idx: AtomicBool::new(false),
+        }
+    }
+
+    fn block_size(&self) -> u32 {
+        self.info.logical_block_size.max(SECTOR_BYTES)
+    }
+
+    /// The virtio-blk config space (virtio 1.2, 5.2.4), little-endian.
+    fn config_space(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        let size = self.disk.info().size;
+        c[0..8].copy_from_slice(&(size / SECTOR).to_le_bytes());
+        // size_max (8..12): not offered. seg_max: the queue less header and status.
+        c[12..16].copy_from_slice(&u32::from(self.queue_size.saturating_sub(2)).to_le_bytes());
+        // geometry (16..20): not offered.
+        let block = self.block_size();
+        c[20..24].copy_from_slice(&block.to_le_bytes());
+        let physical = self.info.physical_block_size.max(block);
+        c[24] = u8::try_from((physical / block).trailing_zeros()).unwrap_or(0);
+        // alignment_offset (25) 0; min_io_size in blocks; opt_io_size in blocks.
+        c[26..28].copy_from_slice(&1u16.to_le_bytes());
+        let opt = (self.info.preferred_request / block).max(1);
+        c[28..32].copy_from_slice(&opt.to_le_bytes());
+        // writeback (32): only with CONFIG_WCE, not offered; the guest flushes.
+        c[34..36].copy_from_slice(&self.queues.to_le_bytes());
+        let alignment = physical / SECTOR_BYTES;
+        c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&1u32.to_le_bytes());
+        c[44..48].copy_from_slice(&alignment.to_le_bytes());
+        c[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&1u32.to_le_bytes());
+        c[56] = u8::from(self.info.caps.trim);
+        c
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target {
+            disk: &*self.disk,
+            read_only: self.read_only,
+            serial: &self.serial,
+            max_request: self.info.max_request.max(1 << 20) as usize,
+        }
+    }
+
+    /// Serves every request the queue holds, then re-arms its notification (with EVENT_IDX,
+    /// looping while the guest added more meanwhile).
+    fn serve_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self.mem.memory();
+        let target = self.target();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let descs: Vec<_> = chain.collect();
+                let used = request::answer(&mem, &descs, &target);
+                vring.add_used(head, used).map_err(io::Error::other)?;
+                if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
+                    vring.signal_used_queue()?;
+                }
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for Blk {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let bit = |b: u32| 1u64 << b;
+        let mut f = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_TOPOLOGY)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_MQ);
+        if self.read_only {
+            f |= bit(VIRTIO_BLK_F_RO);
+        } else {
+            f |= bit(VIRTIO_BLK_F_WRITE_ZEROES);
+            if self.info.caps.trim {
+                f |= bit(VIRTIO_BLK_F_DISCARD);
+            }
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.config_space();
+        let start = (offset as usize).min(space.len());
+        let end = start.saturating_add(size as usize).min(space.len());
+        let mut out = space[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // The handler replaces the table inside the GuestMemoryAtomic this device shares.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // An error here would end the queue's thread for good: what a guest broke (a
+        // used ring outside its memory) is logged and the queue left to the guest's reset.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            warn!(
+                queue = device_event,
+                "vhost-user-blk: an event for no queue"
+            );
+            return Ok(());
+        };
+        if evset != EventSet::IN {
+            warn!(
+                queue = device_event,
+                ?evset,
+                "vhost-user-blk: an unexpected queue event"
+            );
+            return Ok(());
+        }
+        if let Err(e) = self.serve_queue(vring) {
+            warn!(queue = device_event, error = %e, "vhost-user-blk: the queue is broken");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! The export: a socket that VMs connect to, one at a time, until stopped.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use tracing::{info, warn};
+use vdk_core::BlockDevice;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::blk::Blk;
+
+/// How an export presents its disk.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The most queues a VM may use (QEMU's `num-queues`, by default one per vCPU); each is
+    /// served by a thread of its own.
+    pub queues: u16,
+    /// The most descriptors per queue (QEMU's `queue-size` must not be larger).
+    pub queue_size: u16,
+    /// Offer the disk read-only (VIRTIO_BLK_F_RO) and refuse writes.
+    pub read_only: bool,
+    /// The serial number the guest reads (GET_ID; up to 20 bytes are used).
+    pub serial: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            queues: 8,
+            queue_size: 256,
+            read_only: false,
+            serial: String::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    stopping: AtomicBool,
+    /// The connected VM's connection, to end it on stop.
+    conn: Mutex<Option<ShutdownHandle>>,
+}
+
+/// A disk served on a vhost-user socket. Dropping it stops it, as [`Export::stop`] does.
+pub struct Export {
+    path: PathBuf,
+    state: Arc<State>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export").field("path", &self.path).finish()
+    }
+}
+
+impl Export {
+    /// Listens at `path` (an old socket file there is replaced) and serves `disk` to each VM
+    /// that connects, one at a time: when a VM leaves (or its QEMU restarts), the next
+    /// connection gets a fresh device, so a reconnecting VMM carries on.
+    ///
+    /// A path that holds anything but a socket is refused, and so is a socket that another
+    /// server still answers on.
+    pub fn start(path: &Path, disk: Arc<dyn BlockDevice>, config: Config) -> io::Result<Export> {
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{}: exists and is not a socket", path.display()),
+                ));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{}: another server listens there", path.display()),
+                ));
+            }
+        }
+        let listener = Listener::new(path, true).map_err(io::Error::other)?;
+        let state = Arc::new(State::default());
+        let thread = {
+            let state = Arc::clone(&state);
+            let path = path.to_path_buf();
+            thread::Builder::new()
+                .name("vhost-user-blk".into())
+                .spawn(move || run(listener, &path, &disk, &config, &state))?
+        };
+        Ok(Export {
+            path: path.to_path_buf(),
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a VM is connected now.
+    pub fn connected(&self) -> bool {
+        self.state
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Ends the connected VM's connection (its queues stop being served: the VM's requests
+    /// wait until a server listens again, if its QEMU reconnects), removes the socket, and
+    /// returns once nothing of the export runs.
+    pub fn stop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        {
+            let conn = self.state.conn.lock().unwrap_or_else(|e| e.into_inner());
+            self.state.stopping.store(true, Ordering::SeqCst);
+            if let Some(c) = conn.as_ref() {
+                c.shutdown();
+            }
+        }
+        // Wakes the accept when no VM is connected.
+        let _ = UnixStream::connect(&self.path);
+        let _ = thread.join();
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(
+    mut listener: Listener,
+    path: &Path,
+    disk: &Arc<dyn BlockDevice>,
+    config: &Config,
+    state: &State,
+) {
+    let socket = path.display().to_string();
+    while !state.stopping.load(Ordering::SeqCst) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let blk = Arc::new(Blk::new(Arc::clone(disk), config, mem.clone()));
+        let mut daemon = match VhostUserDaemon::new("vhost-user-blk".into(), blk, mem) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(%socket, error = %e, "vhost-user-blk: cannot set up a device");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if let Err(e) = daemon.start(&mut listener) {
+            if !state.stopping.load(Ordering::SeqCst) {
+                warn!(%socket, error = %e, "vhost-user-blk: a connection failed");
+                thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        {
+            let mut conn = state.conn.lock().unwrap_or_else(|e| e.into_inner());
+            if state.stopping.load(Ordering::SeqCst) {
+                daemon.request_shutdown();
+                let _ = daemon.wait();
+                break;
+            }
+            *conn = daemon.shutdown_handle();
+        }
+        info!(%socket, "vhost-user-blk: a VM connected");
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!(%socket, "vhost-user-blk: the VM disconnected"),
+            Err(e) => warn!(%socket, error = %e, "vhost-user-blk: the connection ended"),
+        }
+        *state.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Dropping the daemon joins its queue threads: nothing of this VM runs past here.
+        drop(daemon);
+    }
+}
