@@ -2,10 +2,12 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread;
 
 use tracing::warn;
-use vdk_core::{BlockDevice, DiskInfo};
+use vdk_core::pool::Pool;
+use vdk_core::{sync, BlockDevice, DiskInfo};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
@@ -14,6 +16,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -31,6 +34,13 @@ const SECTOR_BYTES: u32 = 512;
 const MAX_RANGE_SECTORS: u32 = 1 << 21;
 
 /// One VM connection's device.
+///
+/// A queue's thread pops every chain the guest has made available; the last one it serves
+/// itself, the others go to the connection's workers, so that a queue with several requests
+/// waiting has them served in parallel while a lone request costs no hand-over. Each
+/// completion puts its chain in the used ring and interrupts the guest if due. A queue's
+/// requests in flight are counted, so that stopping a queue (QEMU asking for its ring index)
+/// waits until each is answered.
 #[derive(Debug)]
 pub(crate) struct Blk {
     disk: Arc<dyn BlockDevice>,
@@ -41,6 +51,52 @@ pub(crate) struct Blk {
     serial: Vec<u8>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: AtomicBool,
+    pool: Pool<Job>,
+    inflight: Vec<Inflight>,
+    /// Itself, for the workers the pool starts.
+    me: Weak<Blk>,
+}
+
+/// A chain handed to a worker.
+struct Job {
+    queue: u16,
+    head: u16,
+    descs: Vec<Descriptor>,
+    vring: VringRwLock,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Job(queue {}, head {})", self.queue, self.head)
+    }
+}
+
+/// Requests of one queue popped and not yet answered.
+#[derive(Debug, Default)]
+struct Inflight {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Inflight {
+    fn add(&self, n: usize) {
+        *sync::lock(&self.count) += n;
+    }
+
+    fn done(&self) {
+        let mut c = sync::lock(&self.count);
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut c = sync::lock(&self.count);
+        while *c > 0 {
+            c = sync::wait(&self.idle, c);
+        }
+    }
 }
 
 impl Blk {
@@ -48,18 +104,65 @@ impl Blk {
         disk: Arc<dyn BlockDevice>,
         config: &crate::Config,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    ) -> Blk {
+    ) -> Arc<Blk> {
         let info = disk.info();
-        Blk {
+        let queues = config.queues.max(1);
+        Arc::new_cyclic(|me| Blk {
             read_only: config.read_only || info.read_only,
             disk,
             info,
-            queues: config.queues.max(1),
+            queues,
             queue_size: config.queue_size,
             serial: config.serial.as_bytes().to_vec(),
             mem,
             event_idx: AtomicBool::new(false),
+            pool: Pool::new(usize::from(config.threads)),
+            inflight: (0..queues).map(|_| Inflight::default()).collect(),
+            me: me.clone(),
+        })
+    }
+
+    /// Lets the workers answer what they hold, then joins them: after this nothing of the
+    /// connection touches guest memory or the disk.
+    pub(crate) fn close(&self) {
+        self.pool.close();
+    }
+
+    /// Hands a chain to a worker, starting one if none is idle; false if none could start.
+    fn hand_over(&self, job: Job) -> Result<(), Job> {
+        let me = self.me.clone();
+        self.pool
+            .submit(job, move || {
+                thread::Builder::new()
+                    .name("vhost-user-blk-io".into())
+                    .spawn(move || {
+                        let Some(blk) = me.upgrade() else { return };
+                        while let Some(job) = blk.pool.next() {
+                            let mem = blk.mem.memory();
+                            let used = request::answer(&mem, &job.descs, &blk.target());
+                            blk.complete(job.queue, &job.vring, job.head, used);
+                        }
+                    })
+            })
+            .map_err(|(job, _)| job)
+    }
+
+    /// Puts an answered chain in the used ring and interrupts the guest if it is due.
+    fn complete(&self, queue: u16, vring: &VringRwLock, head: u16, used: u32) {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let res = vring
+            .add_used(head, used)
+            .map_err(io::Error::other)
+            .and_then(|()| {
+                if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
+                    vring.signal_used_queue()?;
+                }
+                Ok(())
+            });
+        if let Err(e) = res {
+            warn!(queue, error = %e, "vhost-user-blk: cannot complete a request");
         }
+        self.inflight[usize::from(queue)].done();
     }
 
     fn block_size(&self) -> u32 {
@@ -105,27 +208,46 @@ impl Blk {
 
     /// Serves every request the queue holds, then re-arms its notification (with EVENT_IDX,
     /// looping while the guest added more meanwhile).
-    fn serve_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn serve_queue(&self, queue: u16, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.mem.memory();
-        let target = self.target();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let inflight = &self.inflight[usize::from(queue)];
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let descs: Vec<_> = chain.collect();
-                let used = request::answer(&mem, &descs, &target);
-                vring.add_used(head, used).map_err(io::Error::other)?;
-                if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
-                    vring.signal_used_queue()?;
+                // Popped and counted under the ring's lock: a stop that marks the queue not
+                // ready (under the same lock) then waits for exactly these.
+                let mut chains = Vec::new();
+                {
+                    let mut state = vring.get_mut();
+                    let q = state.get_queue_mut();
+                    if !q.ready() {
+                        break;
+                    }
+                    while let Some(chain) = q.pop_descriptor_chain(mem.clone()) {
+                        chains.push((chain.head_index(), chain.collect::<Vec<_>>()));
+                    }
+                    inflight.add(chains.len());
                 }
+                let Some((head, descs)) = chains.pop() else {
+                    break;
+                };
+                for (head, descs) in chains {
+                    let job = Job {
+                        queue,
+                        head,
+                        descs,
+                        vring: vring.clone(),
+                    };
+                    if let Err(job) = self.hand_over(job) {
+                        let used = request::answer(&mem, &job.descs, &self.target());
+                        self.complete(queue, vring, job.head, used);
+                    }
+                }
+                let used = request::answer(&mem, &descs, &self.target());
+                self.complete(queue, vring, head, used);
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 return Ok(());
@@ -198,6 +320,21 @@ impl VhostUserBackend for Blk {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The ring is marked not ready: what was popped is answered before QEMU reads the
+        // ring's index, so that nothing is answered twice or lost across a stop.
+        if let Some(inflight) = self.inflight.get(queue_index as usize) {
+            inflight.wait_idle();
+        }
+        Ok(())
+    }
+
+    fn reset_device(&self) {
+        for q in &self.inflight {
+            q.wait_idle();
+        }
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -222,7 +359,7 @@ impl VhostUserBackend for Blk {
             );
             return Ok(());
         }
-        if let Err(e) = self.serve_queue(vring) {
+        if let Err(e) = self.serve_queue(device_event, vring) {
             warn!(queue = device_event, error = %e, "vhost-user-blk: the queue is broken");
         }
         Ok(())

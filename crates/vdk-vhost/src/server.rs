@@ -25,6 +25,9 @@ pub struct Config {
     pub queues: u16,
     /// The most descriptors per queue (QEMU's `queue-size` must not be larger).
     pub queue_size: u16,
+    /// The most worker threads of a VM's connection, serving requests beyond the one each
+    /// queue's thread serves itself.
+    pub threads: u16,
     /// Offer the disk read-only (VIRTIO_BLK_F_RO) and refuse writes.
     pub read_only: bool,
     /// The serial number the guest reads (GET_ID; up to 20 bytes are used).
@@ -36,6 +39,7 @@ impl Default for Config {
         Config {
             queues: 8,
             queue_size: 256,
+            threads: 16,
             read_only: false,
             serial: String::new(),
         }
@@ -150,8 +154,9 @@ fn run(
     let socket = path.display().to_string();
     while !state.stopping.load(Ordering::SeqCst) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let blk = Arc::new(Blk::new(Arc::clone(disk), config, mem.clone()));
-        let mut daemon = match VhostUserDaemon::new("vhost-user-blk".into(), blk, mem) {
+        let blk = Blk::new(Arc::clone(disk), config, mem.clone());
+        let mut daemon = match VhostUserDaemon::new("vhost-user-blk".into(), Arc::clone(&blk), mem)
+        {
             Ok(d) => d,
             Err(e) => {
                 warn!(%socket, error = %e, "vhost-user-blk: cannot set up a device");
@@ -171,6 +176,8 @@ fn run(
             if state.stopping.load(Ordering::SeqCst) {
                 daemon.request_shutdown();
                 let _ = daemon.wait();
+                drop(daemon);
+                blk.close();
                 break;
             }
             *conn = daemon.shutdown_handle();
@@ -184,7 +191,9 @@ fn run(
             Err(e) => warn!(%socket, error = %e, "vhost-user-blk: the connection ended"),
         }
         *state.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        // Dropping the daemon joins its queue threads: nothing of this VM runs past here.
+        // Dropping the daemon joins its queue threads, closing the device its workers: nothing
+        // of this VM runs past here.
         drop(daemon);
+        blk.close();
     }
 }

@@ -342,7 +342,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.listen.clone()
     };
     let listen = front::Listen::split(&uris);
-    let vhost = start_vhost(&listen.vhost, &served)?;
+    let vhost = start_vhost(&listen.vhost, &served, args.threads)?;
     let listeners = front::bind_nbd(&listen.nbd)?;
     let portals = front::bind_iscsi(&listen.iscsi)?;
     if portals.is_empty() && (args.iscsi_chap.is_some() || !args.iscsi_initiators.is_empty()) {
@@ -466,7 +466,7 @@ impl VhostExports {
 }
 
 /// One vhost-user-blk socket per export, in the order given.
-fn start_vhost(paths: &[String], served: &[Export]) -> anyhow::Result<VhostExports> {
+fn start_vhost(paths: &[String], served: &[Export], threads: u16) -> anyhow::Result<VhostExports> {
     #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
     let mut out = VhostExports {
         exports: Arc::default(),
@@ -483,6 +483,7 @@ fn start_vhost(paths: &[String], served: &[Export]) -> anyhow::Result<VhostExpor
         );
     }
     if cfg!(not(target_os = "linux")) {
+        let _ = threads;
         bail!("--listen vhost-user-blk: vhost-user is a Linux interface");
     }
     #[cfg(target_os = "linux")]
@@ -496,6 +497,7 @@ fn start_vhost(paths: &[String], served: &[Export]) -> anyhow::Result<VhostExpor
         let config = vdk_vhost::Config {
             read_only: e.read_only,
             serial: e.name.clone(),
+            threads,
             ..Default::default()
         };
         let export = vdk_vhost::Export::start(Path::new(path), Arc::clone(&e.device), config)
