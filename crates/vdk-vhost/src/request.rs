@@ -290,7 +290,11 @@ impl Request {
             } else {
                 t.disk.write_zeroes(span.start, len, unmap, false)
             };
-            res.map_err(|e| Failure::Io(e.to_string()))?;
+            res.map_err(|e| match e {
+                // A guest that discards though the feature was not offered.
+                vdk_core::Error::Unsupported(_) => Failure::Unsupported,
+                e => Failure::Io(e.to_string()),
+            })?;
         }
         Ok(())
     }

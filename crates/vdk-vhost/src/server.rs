@@ -10,7 +10,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use tracing::{info, warn};
-use vdk_core::BlockDevice;
+use vdk_core::{sync, BlockDevice};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -111,11 +111,7 @@ impl Export {
 
     /// Whether a VM is connected now.
     pub fn connected(&self) -> bool {
-        self.state
-            .conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        sync::lock(&self.state.conn).is_some()
     }
 
     /// Ends the connected VM's connection (its queues stop being served: the VM's requests
@@ -126,7 +122,7 @@ impl Export {
             return;
         };
         {
-            let conn = self.state.conn.lock().unwrap_or_else(|e| e.into_inner());
+            let conn = sync::lock(&self.state.conn);
             self.state.stopping.store(true, Ordering::SeqCst);
             if let Some(c) = conn.as_ref() {
                 c.shutdown();
@@ -172,7 +168,7 @@ fn run(
             continue;
         }
         {
-            let mut conn = state.conn.lock().unwrap_or_else(|e| e.into_inner());
+            let mut conn = sync::lock(&state.conn);
             if state.stopping.load(Ordering::SeqCst) {
                 daemon.request_shutdown();
                 let _ = daemon.wait();
@@ -190,7 +186,7 @@ fn run(
             )) => info!(%socket, "vhost-user-blk: the VM disconnected"),
             Err(e) => warn!(%socket, error = %e, "vhost-user-blk: the connection ended"),
         }
-        *state.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *sync::lock(&state.conn) = None;
         // Dropping the daemon joins its queue threads, closing the device its workers: nothing
         // of this VM runs past here.
         drop(daemon);

@@ -190,26 +190,29 @@ fn an_attached_vm_keeps_its_disk_open_and_bad_sockets_are_refused() {
     // A file that is not a socket is never replaced.
     let plain = d.path("plain");
     std::fs::write(&plain, b"keep").unwrap();
-    let err = d.fails(&[
-        "open",
-        img,
-        "16M",
-        "--attach",
-        "none",
-        "--vhost-user",
-        plain.to_str().unwrap(),
-    ]);
+    let open = |socket: &Path| {
+        let socket = socket.to_str().unwrap().to_owned();
+        move |d: &Daemon, ok: bool| {
+            let args = [
+                "open",
+                img,
+                "16M",
+                "--attach",
+                "none",
+                "--vhost-user",
+                &socket,
+            ];
+            if ok {
+                d.ok(&args)
+            } else {
+                d.fails(&args)
+            }
+        }
+    };
+    let err = open(&plain)(&d, false);
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&plain).unwrap(), b"keep");
-    d.ok(&[
-        "open",
-        img,
-        "16M",
-        "--attach",
-        "none",
-        "--vhost-user",
-        sock.to_str().unwrap(),
-    ]);
+    open(&sock)(&d, true);
     // With a VM connected (QEMU in a guest that waits), close refuses unless --force.
     let script = r#"
 modprobe virtio_blk
