@@ -242,3 +242,33 @@ echo VM-ENDS
     let out = guest.join().unwrap();
     assert!(out.contains("VM-ENDS"), "{out}");
 }
+
+#[test]
+fn vdk_serve_refuses_bad_vhost_user_sockets_in_one_line() {
+    use common::admin::{one_line_error, s, vdk};
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    for f in [&a, &b] {
+        std::fs::write(f, vec![0u8; 1 << 20]).unwrap();
+    }
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, b"keep").unwrap();
+    let uri = |p: &Path| format!("vhost-user-blk://{}", p.display());
+    let (x, plain_uri) = (uri(&dir.path().join("x.sock")), uri(&plain));
+    let cases = [
+        (
+            vec!["--listen", "vhost-user-blk://rel.sock", s(&a)],
+            "absolute",
+        ),
+        (vec!["--listen", &x, s(&a), s(&b)], "one socket per export"),
+        (vec!["--listen", &plain_uri, s(&a)], "not a socket"),
+    ];
+    for (args, want) in cases {
+        let mut cmd = vdk(&["serve"]);
+        cmd.args(&args);
+        let err = one_line_error(&mut cmd);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::read(&plain).unwrap(), b"keep");
+}
