@@ -224,7 +224,8 @@ impl Blk {
                     let mut state = vring.get_mut();
                     let q = state.get_queue_mut();
                     if !q.ready() {
-                        break;
+                        // Stopped (or reset): nothing more to take, nothing to re-arm.
+                        return Ok(());
                     }
                     while let Some(chain) = q.pop_descriptor_chain(mem.clone()) {
                         chains.push((chain.head_index(), chain.collect::<Vec<_>>()));
