@@ -271,4 +271,9 @@ fn vdk_serve_refuses_bad_vhost_user_sockets_in_one_line() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
     assert_eq!(std::fs::read(&plain).unwrap(), b"keep");
+    // The daemon serves VMs per disk (vdk open --vhost-user), not on a listener of its own.
+    let mut daemon = vdk(&["daemon", "--listen", &x]);
+    daemon.env("VDK_SOCKET", dir.path().join("run/control.sock"));
+    let err = one_line_error(&mut daemon);
+    assert!(err.contains("--vhost-user"), "{err}");
 }

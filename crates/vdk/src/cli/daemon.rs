@@ -13,7 +13,7 @@ use clap::Args;
 use super::disks::{call, connect};
 use crate::control::{Client, Request, VersionInfo};
 use crate::daemon::{self, IscsiSettings};
-use crate::front::Listen;
+use crate::front::{Listen, VHOST_SCHEME};
 use crate::paths::Paths;
 
 /// Longest wait for a daemon started in the background to answer.
@@ -110,6 +110,12 @@ impl DaemonArgs {
     /// user found.
     pub fn config(&self) -> anyhow::Result<daemon::Config> {
         let listen = Listen::split(&self.listen);
+        if let Some(path) = listen.vhost.first() {
+            anyhow::bail!(
+                "--listen {}{path}: a vhost-user socket serves one disk: vdk open IMAGE --vhost-user PATH",
+                VHOST_SCHEME
+            );
+        }
         Ok(daemon::Config {
             nbd_listen: listen.nbd,
             nbd: self
