@@ -18,6 +18,7 @@
 //! up keep the configuration they started with.
 
 pub mod record;
+mod seal13;
 
 use std::fmt;
 use std::io::{self, Read, Write};

@@ -25,17 +25,18 @@ use rustls::server::ServerConnectionData;
 use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion, SupportedCipherSuite};
 use vdk_core::sync::lock;
 
+use super::seal13::Seal13;
 use crate::stream::Stream;
 
 /// Most plaintext in one record (RFC 8446 5.1).
-const MAX_PLAIN: usize = 1 << 14;
+pub(super) const MAX_PLAIN: usize = 1 << 14;
 
 /// Most bytes of one record's body: plaintext, content type, padding and tag (RFC 8446 5.2
 /// allows 2^14 + 256; TLS 1.2, 2^14 + 2048).
 const MAX_BODY: usize = MAX_PLAIN + 2048;
 
 /// Record header: type, version, length.
-const HEADER: usize = 5;
+pub(super) const HEADER: usize = 5;
 
 /// Bytes asked of the socket at a time when records are received.
 const RECV_CHUNK: usize = 256 << 10;
@@ -95,8 +96,12 @@ struct Rx {
 
 /// The sending side.
 struct Tx {
-    seal: Box<dyn MessageEncrypter>,
+    seal: Sealer,
     seq: u64,
+    /// Records sealed and not yet sent (kept for its capacity).
+    out: Vec<u8>,
+    /// A record's plaintext gathered from several pieces (kept for its capacity).
+    gather: Vec<u8>,
     /// A record could not be sent whole: nothing more can follow it.
     broken: bool,
     /// close_notify was sent.
@@ -121,6 +126,13 @@ fn key_iv(secrets: ConnectionTrafficSecrets) -> io::Result<(AeadKey, Iv)> {
     }
 }
 
+/// How records are sealed: TLS 1.3 out of place (AWS-LC's AEAD, from the plaintext where it
+/// lies), TLS 1.2 by rustls's encrypter (which copies the plaintext into the record first).
+enum Sealer {
+    Tls13(Seal13),
+    Rustls(Box<dyn MessageEncrypter>),
+}
+
 /// The encrypter of `s`, ready to seal record `seq` next.
 ///
 /// AWS-LC's AES-GCM sealing keys for TLS learn the nonce mask from the first record they seal
@@ -131,7 +143,13 @@ fn sealer(
     suite: SupportedCipherSuite,
     s: ConnectionTrafficSecrets,
     seq: u64,
-) -> io::Result<Box<dyn MessageEncrypter>> {
+) -> io::Result<Sealer> {
+    if let SupportedCipherSuite::Tls13(_) = suite {
+        // Nonces are the IV XOR the sequence number: nothing to catch up on.
+        if let Some(seal) = Seal13::new(&s) {
+            return Ok(Sealer::Tls13(seal));
+        }
+    }
     if seq > 64 {
         return Err(protocol("too many records sent during the handshake"));
     }
@@ -144,7 +162,7 @@ fn sealer(
         };
         seal.encrypt(msg, done).map_err(tls_error)?;
     }
-    Ok(seal)
+    Ok(Sealer::Rustls(seal))
 }
 
 fn new_sealer(
@@ -212,6 +230,8 @@ impl Session {
             tx: Mutex::new(Tx {
                 seal: sealer(suite, tx, tx_seq)?,
                 seq: tx_seq,
+                out: Vec::new(),
+                gather: Vec::new(),
                 broken: false,
                 closed: false,
             }),
@@ -372,7 +392,8 @@ impl Session {
 
     /// Seals `chunks` (at most one record's worth) as one record of type `typ` and sends it.
     fn send_record(&self, tx: &mut Tx, typ: ContentType, chunks: &[&[u8]]) -> io::Result<()> {
-        let record = seal(tx, typ, OutboundChunks::new(chunks))?;
+        let mut record = Vec::new();
+        tx.seal_into(typ, chunks, &mut record)?;
         self.send(tx, &mut [IoSlice::new(&record)])
     }
 
@@ -411,7 +432,8 @@ impl Session {
         } else {
             SEND_CHUNK
         };
-        let mut records = Vec::new();
+        let mut out = std::mem::take(&mut tx.out);
+        out.clear();
         let mut taken = 0;
         let mut pieces: Vec<&[u8]> = Vec::new();
         let mut in_record = 0;
@@ -423,18 +445,26 @@ impl Session {
             current = &current[n..];
             in_record += n;
             taken += n;
-            if current.is_empty() {
+            let piece_ended = current.is_empty();
+            if piece_ended {
                 current = slices.next().unwrap_or_default();
             }
-            if in_record == MAX_PLAIN || current.is_empty() || taken >= cap {
-                let chunks = OutboundChunks::new(&pieces);
-                records.push(seal(&mut tx, ContentType::ApplicationData, chunks)?);
+            // A record ends full, at the end, or where a piece that fills whole records
+            // starts: a reply's header then goes alone, and each record of the data is sealed
+            // straight from one piece, with no gathering.
+            if in_record == MAX_PLAIN
+                || current.is_empty()
+                || taken >= cap
+                || piece_ended && current.len() >= MAX_PLAIN
+            {
+                tx.seal_into(ContentType::ApplicationData, &pieces, &mut out)?;
                 pieces.clear();
                 in_record = 0;
             }
         }
-        let mut slices: Vec<IoSlice<'_>> = records.iter().map(|r| IoSlice::new(r)).collect();
-        self.send(&mut tx, &mut slices)?;
+        let sent = self.send(&mut tx, &mut [IoSlice::new(&out)]);
+        tx.out = out;
+        sent?;
         Ok(taken)
     }
 
@@ -448,16 +478,40 @@ impl Session {
     }
 }
 
-/// Seals one record's plaintext.
-fn seal(tx: &mut Tx, typ: ContentType, payload: OutboundChunks<'_>) -> io::Result<Vec<u8>> {
-    let msg = OutboundPlainMessage {
-        typ,
-        version: ProtocolVersion::TLSv1_2,
-        payload,
-    };
-    let record = tx.seal.encrypt(msg, tx.seq).map_err(tls_error)?;
-    tx.seq += 1;
-    Ok(record.encode())
+impl Tx {
+    /// Seals `pieces` (one record's plaintext) as the next record of type `typ`, appended
+    /// to `out`.
+    fn seal_into(
+        &mut self,
+        typ: ContentType,
+        pieces: &[&[u8]],
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        match &mut self.seal {
+            Sealer::Tls13(seal) => {
+                if let [one] = pieces {
+                    seal.seal(out, u8::from(typ), one, self.seq)?;
+                } else {
+                    self.gather.clear();
+                    for p in pieces {
+                        self.gather.extend_from_slice(p);
+                    }
+                    seal.seal(out, u8::from(typ), &self.gather, self.seq)?;
+                }
+            }
+            Sealer::Rustls(seal) => {
+                let msg = OutboundPlainMessage {
+                    typ,
+                    version: ProtocolVersion::TLSv1_2,
+                    payload: OutboundChunks::new(pieces),
+                };
+                let record = seal.encrypt(msg, self.seq).map_err(tls_error)?;
+                out.extend_from_slice(&record.encode());
+            }
+        }
+        self.seq += 1;
+        Ok(())
+    }
 }
 
 impl Rx {
@@ -485,8 +539,11 @@ impl Drop for Session {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !tx.closed && !tx.broken {
             tx.closed = true;
-            let record = seal(tx, ContentType::Alert, OutboundChunks::new(&[&[1, 0]]));
-            if let Ok(record) = record {
+            let mut record = Vec::new();
+            if tx
+                .seal_into(ContentType::Alert, &[&[1, 0]], &mut record)
+                .is_ok()
+            {
                 let _ = (&self.sock).write_all(&record);
             }
         }
