@@ -1,9 +1,10 @@
 //! The record layer of an established TLS connection, run on the connection's own threads.
 //!
 //! After the handshake, rustls hands over the traffic keys ([`KernelConnection`], the API
-//! made for kernel TLS); records are then sealed and opened here with the negotiated cipher
-//! suite's own encrypter and decrypter (rustls's crypto provider: no cryptography of ours),
-//! and this file only frames them: the 5-byte record header, sequence numbers, alerts, and
+//! made for kernel TLS); records are then opened here with the negotiated cipher suite's own
+//! decrypter and sealed with its encrypter, or for TLS 1.3 with AWS-LC's AEAD out of place
+//! (`seal13.rs`; rustls's crypto provider is AWS-LC: no cryptography of ours), and this file
+//! only frames them: the 5-byte record header, sequence numbers, alerts, and
 //! TLS 1.3 key updates (rustls derives the new keys).
 //!
 //! The two directions are independent, each behind its own lock: the connection's reader
