@@ -202,7 +202,8 @@ impl Blk {
             disk: &*self.disk,
             read_only: self.read_only,
             serial: &self.serial,
-            max_request: self.info.max_request.max(1 << 20) as usize,
+            // Never more in one call than the disk takes (its max_request is whole blocks).
+            max_request: self.info.max_request.max(self.block_size()) as usize,
         }
     }
 

@@ -54,7 +54,7 @@ pub mod fuzzing {
             disk,
             read_only,
             serial: b"fuzz",
-            max_request: 1 << 20,
+            max_request: disk.info().max_request.max(512) as usize,
         };
         let used = crate::request::answer(&mem, &descs, &target);
         let mut after = vec![0u8; ram.len()];
