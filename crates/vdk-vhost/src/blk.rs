@@ -233,8 +233,23 @@ impl Blk {
                     }
                     inflight.add(chains.len());
                 }
-                let Some((head, descs)) = chains.pop() else {
+                if chains.is_empty() {
                     break;
+                }
+                // What needs no wait is answered here; the rest goes to workers, but for the
+                // last, which this thread serves itself.
+                let target = self.target();
+                chains.retain(
+                    |(head, descs)| match request::try_answer(&mem, descs, &target) {
+                        Some(used) => {
+                            self.complete(queue, vring, *head, used);
+                            false
+                        }
+                        None => true,
+                    },
+                );
+                let Some((head, descs)) = chains.pop() else {
+                    continue;
                 };
                 for (head, descs) in chains {
                     let job = Job {

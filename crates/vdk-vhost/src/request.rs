@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use tracing::{debug, warn};
-use vdk_core::BlockDevice;
+use vdk_core::{BlockDevice, Lend};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -130,6 +130,28 @@ pub(crate) fn answer(mem: &GuestMemoryMmap, descs: &[Descriptor], target: &Targe
     }
 }
 
+/// Answers a read or write on the calling thread if the disk can do it without waiting (its
+/// non-blocking fast paths, `Lend`): the used length, or `None` when it would wait, when it
+/// is another kind of request, or when anything fails (then [`answer`] runs it again on a
+/// thread that may block, and reports what failed).
+pub(crate) fn try_answer(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    target: &Target,
+) -> Option<u32> {
+    let lend = target.disk.lend()?;
+    let req = parse(mem, descs).ok()?;
+    let read = match req.kind {
+        VIRTIO_BLK_T_IN => true,
+        VIRTIO_BLK_T_OUT => false,
+        _ => return None,
+    };
+    let written = req.transfer(mem, target, read, Some(lend)).ok()??;
+    let ok = u8::try_from(VIRTIO_BLK_S_OK).ok()?;
+    mem.write_obj(ok, req.status).ok()?;
+    Some(written.saturating_add(1))
+}
+
 /// Why a request failed, as the guest is told.
 #[derive(Debug)]
 enum Failure {
@@ -162,8 +184,12 @@ impl Request {
 
     fn execute(&self, mem: &GuestMemoryMmap, t: &Target) -> Result<u32, Failure> {
         match self.kind {
-            VIRTIO_BLK_T_IN => self.transfer(mem, t, true),
-            VIRTIO_BLK_T_OUT => self.transfer(mem, t, false),
+            VIRTIO_BLK_T_IN => self
+                .transfer(mem, t, true, None)
+                .map(Option::unwrap_or_default),
+            VIRTIO_BLK_T_OUT => self
+                .transfer(mem, t, false, None)
+                .map(Option::unwrap_or_default),
             VIRTIO_BLK_T_FLUSH => {
                 if !t.read_only {
                     t.disk.flush().map_err(|e| Failure::Io(e.to_string()))?;
@@ -194,7 +220,15 @@ impl Request {
         }
     }
 
-    fn transfer(&self, mem: &GuestMemoryMmap, t: &Target, read: bool) -> Result<u32, Failure> {
+    /// Reads or writes the data. With `nowait`, through the disk's non-blocking fast paths
+    /// only: `Ok(None)` if that would wait (a write may then be partly done; it is redone).
+    fn transfer(
+        &self,
+        mem: &GuestMemoryMmap,
+        t: &Target,
+        read: bool,
+        nowait: Option<&dyn Lend>,
+    ) -> Result<Option<u32>, Failure> {
         if self.data_writable == Some(!read) {
             return Err(Failure::Io("data buffers in the wrong direction".into()));
         }
@@ -219,19 +253,31 @@ impl Request {
                 // target, that can only change what it reads or writes, not our memory.
                 let res = unsafe {
                     let p = ptr.add(done);
-                    if read {
-                        t.disk.read_at(std::slice::from_raw_parts_mut(p, n), offset)
-                    } else {
-                        t.disk
+                    match (read, nowait) {
+                        (true, None) => t
+                            .disk
+                            .read_at(std::slice::from_raw_parts_mut(p, n), offset)
+                            .map(|()| true),
+                        (true, Some(l)) => {
+                            l.try_read_at(std::slice::from_raw_parts_mut(p, n), offset)
+                        }
+                        (false, None) => t
+                            .disk
                             .write_at(std::slice::from_raw_parts(p, n), offset, false)
+                            .map(|()| true),
+                        (false, Some(l)) => {
+                            l.try_write_at(std::slice::from_raw_parts(p, n), offset)
+                        }
                     }
                 };
-                res.map_err(|e| Failure::Io(e.to_string()))?;
+                if !res.map_err(|e| Failure::Io(e.to_string()))? {
+                    return Ok(None);
+                }
                 done += n;
                 offset += n as u64;
             }
         }
-        Ok(written)
+        Ok(Some(written))
     }
 
     fn get_id(&self, mem: &GuestMemoryMmap, t: &Target) -> Result<u32, Failure> {
