@@ -259,11 +259,11 @@ impl Blk {
                         vring: vring.clone(),
                     };
                     if let Err(job) = self.hand_over(job) {
-                        let used = request::answer(&mem, &job.descs, &self.target());
+                        let used = request::answer(&mem, &job.descs, &target);
                         self.complete(queue, vring, job.head, used);
                     }
                 }
-                let used = request::answer(&mem, &descs, &self.target());
+                let used = request::answer(&mem, &descs, &target);
                 self.complete(queue, vring, head, used);
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
