@@ -1,6 +1,7 @@
 //! Any virtio-blk descriptor chain over any guest memory, to a writable and a read-only RAM
-//! disk: a status byte or nothing, never a panic, and never a byte of guest memory written
-//! outside the chain's device-writable buffers.
+//! disk, on the path that may block and fast path first: a status byte or nothing, never a
+//! panic, and never a byte of guest memory written outside the chain's device-writable
+//! buffers.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -26,8 +27,12 @@ fuzz_target!(|data: &[u8]| {
     let m = tail.len().min(RAM);
     ram[..m].copy_from_slice(&tail[..m]);
     let disk = MemoryDisk::new(64 << 10);
-    for read_only in [false, true] {
-        let (_, after) = vdk_vhost::fuzzing::answer(&ram, &chain, &disk, read_only);
+    for (read_only, fast_first) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (_, after) = if fast_first {
+            vdk_vhost::fuzzing::answer_fast_first(&ram, &chain, &disk, read_only)
+        } else {
+            vdk_vhost::fuzzing::answer(&ram, &chain, &disk, read_only)
+        };
         for (i, (a, b)) in ram.iter().zip(&after).enumerate() {
             if a != b {
                 let inside = chain.iter().any(|&(addr, len, w)| {

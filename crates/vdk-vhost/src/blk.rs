@@ -24,7 +24,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::request::{self, Target, SECTOR};
+use crate::request::{self, Request, Target, SECTOR};
 
 /// A sector's bytes, as config fields count them.
 const SECTOR_BYTES: u32 = 512;
@@ -57,11 +57,12 @@ pub(crate) struct Blk {
     me: Weak<Blk>,
 }
 
-/// A chain handed to a worker.
+/// A chain handed to a worker, parsed once by the queue's thread (and, for a read or write
+/// the fast path began, with where it stopped).
 struct Job {
     queue: u16,
     head: u16,
-    descs: Vec<Descriptor>,
+    request: Result<Request, &'static str>,
     vring: VringRwLock,
 }
 
@@ -139,7 +140,7 @@ impl Blk {
                         let Some(blk) = me.upgrade() else { return };
                         while let Some(job) = blk.pool.next() {
                             let mem = blk.mem.memory();
-                            let used = request::answer(&mem, &job.descs, &blk.target());
+                            let used = request::answer(&mem, &job.request, &blk.target());
                             blk.complete(job.queue, &job.vring, job.head, used);
                         }
                     })
@@ -213,6 +214,9 @@ impl Blk {
         let mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let inflight = &self.inflight[usize::from(queue)];
+        // The descriptors of every chain popped in one turn, and each chain's head and part.
+        let mut descs: Vec<Descriptor> = Vec::new();
+        let mut popped: Vec<(u16, std::ops::Range<usize>)> = Vec::new();
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -220,7 +224,8 @@ impl Blk {
             loop {
                 // Popped and counted under the ring's lock: a stop that marks the queue not
                 // ready (under the same lock) then waits for exactly these.
-                let mut chains = Vec::new();
+                descs.clear();
+                popped.clear();
                 {
                     let mut state = vring.get_mut();
                     let q = state.get_queue_mut();
@@ -229,41 +234,49 @@ impl Blk {
                         return Ok(());
                     }
                     while let Some(chain) = q.pop_descriptor_chain(mem.clone()) {
-                        chains.push((chain.head_index(), chain.collect::<Vec<_>>()));
+                        let head = chain.head_index();
+                        let from = descs.len();
+                        descs.extend(chain);
+                        popped.push((head, from..descs.len()));
                     }
-                    inflight.add(chains.len());
+                    inflight.add(popped.len());
                 }
-                if chains.is_empty() {
+                if popped.is_empty() {
                     break;
                 }
+                // Each chain parsed once, outside the ring's lock.
+                let mut chains: Vec<(u16, Result<Request, &'static str>)> = popped
+                    .iter()
+                    .map(|(head, r)| (*head, request::parse(&mem, &descs[r.clone()])))
+                    .collect();
                 // What needs no wait is answered here; the rest goes to workers, but for the
                 // last, which this thread serves itself.
                 let target = self.target();
-                chains.retain(
-                    |(head, descs)| match request::try_answer(&mem, descs, &target) {
+                chains.retain_mut(|(head, parsed)| {
+                    match request::try_answer(&mem, parsed, &target) {
                         Some(used) => {
                             self.complete(queue, vring, *head, used);
                             false
                         }
                         None => true,
-                    },
-                );
-                let Some((head, descs)) = chains.pop() else {
+                    }
+                });
+                let Some((head, last)) = chains.pop() else {
                     continue;
                 };
-                for (head, descs) in chains {
+                for (head, request) in chains {
                     let job = Job {
                         queue,
                         head,
-                        descs,
+                        request,
                         vring: vring.clone(),
                     };
                     if let Err(job) = self.hand_over(job) {
-                        let used = request::answer(&mem, &job.descs, &target);
+                        let used = request::answer(&mem, &job.request, &target);
                         self.complete(queue, vring, job.head, used);
                     }
                 }
-                let used = request::answer(&mem, &descs, &target);
+                let used = request::answer(&mem, &last, &target);
                 self.complete(queue, vring, head, used);
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {

@@ -35,13 +35,34 @@ pub mod fuzzing {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     /// Guest memory of `ram`'s bytes at guest address 0, the chain's descriptors as
-    /// (address, length, device-writable); answers the chain against `disk` and returns the
-    /// used length and the memory afterwards.
+    /// (address, length, device-writable); answers the chain against `disk` on the path that
+    /// may block, and returns the used length and the memory afterwards.
     pub fn answer(
         ram: &[u8],
         chain: &[(u64, u32, bool)],
         disk: &dyn BlockDevice,
         read_only: bool,
+    ) -> (u32, Vec<u8>) {
+        run(ram, chain, disk, read_only, false)
+    }
+
+    /// As [`answer`], but as a queue's thread does: the disk's non-blocking fast path first,
+    /// then the path that may block from where that stopped.
+    pub fn answer_fast_first(
+        ram: &[u8],
+        chain: &[(u64, u32, bool)],
+        disk: &dyn BlockDevice,
+        read_only: bool,
+    ) -> (u32, Vec<u8>) {
+        run(ram, chain, disk, read_only, true)
+    }
+
+    fn run(
+        ram: &[u8],
+        chain: &[(u64, u32, bool)],
+        disk: &dyn BlockDevice,
+        read_only: bool,
+        fast_first: bool,
     ) -> (u32, Vec<u8>) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram.len().max(1))])
             .expect("guest memory");
@@ -56,7 +77,13 @@ pub mod fuzzing {
             serial: b"fuzz",
             max_request: disk.info().max_request.max(512) as usize,
         };
-        let used = crate::request::answer(&mem, &descs, &target);
+        let mut parsed = crate::request::parse(&mem, &descs);
+        let fast = if fast_first {
+            crate::request::try_answer(&mem, &mut parsed, &target)
+        } else {
+            None
+        };
+        let used = fast.unwrap_or_else(|| crate::request::answer(&mem, &parsed, &target));
         let mut after = vec![0u8; ram.len()];
         mem.read_slice(&mut after, GuestAddress(0)).expect("fits");
         (used, after)

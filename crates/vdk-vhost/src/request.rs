@@ -41,6 +41,8 @@ pub(crate) struct Request {
     /// Whether the data is device-writable (the guest reads it); `None` for no data.
     data_writable: Option<bool>,
     status: GuestAddress,
+    /// Data bytes already moved by the fast path ([`try_answer`]), where [`answer`] resumes.
+    done: u64,
 }
 
 /// What the disk and export are, as one request needs them.
@@ -115,13 +117,18 @@ pub(crate) fn parse(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<Reque
         data: data.into_iter().map(|(s, _)| s).collect(),
         data_writable,
         status,
+        done: 0,
     })
 }
 
-/// Answers one chain: runs it and writes its status, or, for a chain of no valid shape,
-/// returns it with nothing written. The used length.
-pub(crate) fn answer(mem: &GuestMemoryMmap, descs: &[Descriptor], target: &Target) -> u32 {
-    match parse(mem, descs) {
+/// Answers one parsed chain: runs it and writes its status, or, for a chain of no valid
+/// shape, returns it with nothing written. The used length.
+pub(crate) fn answer(
+    mem: &GuestMemoryMmap,
+    parsed: &Result<Request, &str>,
+    target: &Target,
+) -> u32 {
+    match parsed {
         Ok(req) => req.run(mem, target),
         Err(why) => {
             warn!(%why, "vhost-user-blk: a malformed request, returned unanswered");
@@ -132,24 +139,40 @@ pub(crate) fn answer(mem: &GuestMemoryMmap, descs: &[Descriptor], target: &Targe
 
 /// Answers a read or write on the calling thread if the disk can do it without waiting (its
 /// non-blocking fast paths, `Lend`): the used length, or `None` when it would wait, when it
-/// is another kind of request, or when anything fails (then [`answer`] runs it again on a
-/// thread that may block, and reports what failed).
+/// is another kind of request, or when anything fails. Then [`answer`] finishes it on a
+/// thread that may block, from where the fast path stopped, and reports what failed.
 pub(crate) fn try_answer(
     mem: &GuestMemoryMmap,
-    descs: &[Descriptor],
+    parsed: &mut Result<Request, &str>,
     target: &Target,
 ) -> Option<u32> {
     let lend = target.disk.lend()?;
-    let req = parse(mem, descs).ok()?;
+    let req = parsed.as_mut().ok()?;
     let read = match req.kind {
         VIRTIO_BLK_T_IN => true,
         VIRTIO_BLK_T_OUT => false,
         _ => return None,
     };
-    let written = req.transfer(mem, target, read, Some(lend)).ok()??;
-    let ok = u8::try_from(VIRTIO_BLK_S_OK).ok()?;
-    mem.write_obj(ok, req.status).ok()?;
-    Some(written.saturating_add(1))
+    match req.transfer(mem, target, read, Some(lend)).ok()? {
+        Step::Done(written) => {
+            let ok = u8::try_from(VIRTIO_BLK_S_OK).ok()?;
+            mem.write_obj(ok, req.status).ok()?;
+            Some(written.saturating_add(1))
+        }
+        Step::Stopped(done) => {
+            req.done = done;
+            None
+        }
+    }
+}
+
+/// How far a transfer went.
+#[derive(Debug)]
+enum Step {
+    /// All of it; the bytes written into the chain.
+    Done(u32),
+    /// The fast path declined after this many data bytes.
+    Stopped(u64),
 }
 
 /// Why a request failed, as the guest is told.
@@ -184,12 +207,12 @@ impl Request {
 
     fn execute(&self, mem: &GuestMemoryMmap, t: &Target) -> Result<u32, Failure> {
         match self.kind {
-            VIRTIO_BLK_T_IN => self
-                .transfer(mem, t, true, None)
-                .map(Option::unwrap_or_default),
-            VIRTIO_BLK_T_OUT => self
-                .transfer(mem, t, false, None)
-                .map(Option::unwrap_or_default),
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                match self.transfer(mem, t, self.kind == VIRTIO_BLK_T_IN, None)? {
+                    Step::Done(n) => Ok(n),
+                    Step::Stopped(_) => unreachable!("only the fast path stops"),
+                }
+            }
             VIRTIO_BLK_T_FLUSH => {
                 if !t.read_only {
                     t.disk.flush().map_err(|e| Failure::Io(e.to_string()))?;
@@ -220,15 +243,16 @@ impl Request {
         }
     }
 
-    /// Reads or writes the data. With `nowait`, through the disk's non-blocking fast paths
-    /// only: `Ok(None)` if that would wait (a write may then be partly done; it is redone).
+    /// Reads or writes the data from byte `self.done` on. With `nowait`, through the disk's
+    /// non-blocking fast paths only, stopping where one would wait (a piece it declined may
+    /// be partly written; it is redone whole).
     fn transfer(
         &self,
         mem: &GuestMemoryMmap,
         t: &Target,
         read: bool,
         nowait: Option<&dyn Lend>,
-    ) -> Result<Option<u32>, Failure> {
+    ) -> Result<Step, Failure> {
         if self.data_writable == Some(!read) {
             return Err(Failure::Io("data buffers in the wrong direction".into()));
         }
@@ -241,10 +265,16 @@ impl Request {
         }
         let written = u32::try_from(if read { len } else { 0 })
             .map_err(|_| Failure::Io("a request over 4 GiB".into()))?;
-        let mut offset = Self::span(t, self.sector, len)?.start;
+        let start = Self::span(t, self.sector, len)?.start;
+        // Bytes of data before the current run.
+        let mut before = 0u64;
         for (ptr, len) in runs(mem, &self.data)? {
-            let mut done = 0;
+            let mut done = usize::try_from(self.done.saturating_sub(before))
+                .unwrap_or(usize::MAX)
+                .min(len);
+            before += len as u64;
             while done < len {
+                let offset = start + (before - len as u64) + done as u64;
                 let n = (len - done).min(t.max_request);
                 // SAFETY: `ptr..ptr + len` lies in one mapped region of guest memory (runs()
                 // took it from vm-memory's bounds-checked slices), which stays mapped while
@@ -271,13 +301,12 @@ impl Request {
                     }
                 };
                 if !res.map_err(|e| Failure::Io(e.to_string()))? {
-                    return Ok(None);
+                    return Ok(Step::Stopped(offset - start));
                 }
                 done += n;
-                offset += n as u64;
             }
         }
-        Ok(Some(written))
+        Ok(Step::Done(written))
     }
 
     fn get_id(&self, mem: &GuestMemoryMmap, t: &Target) -> Result<u32, Failure> {

@@ -5,9 +5,12 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::cast_possible_truncation)] // guest addresses and lengths here are small
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use vdk_backends::MemoryDisk;
 use vdk_core::BlockDevice;
-use vdk_vhost::fuzzing::answer;
+
+use vdk_core::{DiskInfo, Lend};
+use vdk_vhost::fuzzing::{answer, answer_fast_first};
 
 const IN: u32 = 0;
 const OUT: u32 = 1;
@@ -293,4 +296,98 @@ fn a_read_only_export_refuses_every_change() {
     assert_eq!(b[0], 0);
     let (_, after) = answer(&ram(IN, 0, &[]), &chain(512, true), &d, true);
     assert_eq!(after[STATUS as usize], OK);
+}
+
+/// A RAM disk taking at most 4 KiB per call whose fast path declines from byte `limit` on,
+/// counting the bytes that took the path that may block.
+#[derive(Debug)]
+struct FastUpTo {
+    inner: MemoryDisk,
+    limit: u64,
+    slow: AtomicU64,
+}
+
+impl BlockDevice for FastUpTo {
+    fn info(&self) -> DiskInfo {
+        let mut info = self.inner.info();
+        info.max_request = 4096;
+        info
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> vdk_core::Result<()> {
+        self.slow.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> vdk_core::Result<()> {
+        self.slow.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.inner.write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> vdk_core::Result<()> {
+        self.inner.flush()
+    }
+    fn lend(&self) -> Option<&dyn Lend> {
+        Some(self)
+    }
+}
+
+impl Lend for FastUpTo {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> vdk_core::Result<bool> {
+        if offset + buf.len() as u64 > self.limit {
+            return Ok(false);
+        }
+        self.inner.read_at(buf, offset).map(|()| true)
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> vdk_core::Result<bool> {
+        if offset + buf.len() as u64 > self.limit {
+            return Ok(false);
+        }
+        self.inner.write_at(buf, offset, false).map(|()| true)
+    }
+}
+
+#[test]
+fn a_transfer_the_fast_path_declines_part_way_is_finished_from_there() {
+    // 12 KiB at sector 8 in two guest runs (8 KiB, then 4 KiB elsewhere), three 4 KiB calls;
+    // the fast path does the first and declines the second.
+    let split: Chain = vec![
+        (HDR, 16, false),
+        (DATA, 8192, true),
+        (DATA + 0x3000, 4096, true),
+        (STATUS, 1, true),
+    ];
+    let d = FastUpTo {
+        inner: disk(),
+        limit: 8 * 512 + 4096,
+        slow: AtomicU64::new(0),
+    };
+    let (used, after) = answer_fast_first(&ram(IN, 8, &[]), &split, &d, false);
+    assert_eq!(used, 12 * 1024 + 1);
+    assert_eq!(after[STATUS as usize], OK);
+    assert_eq!(
+        d.slow.load(Ordering::Relaxed),
+        8192,
+        "only what the fast path left"
+    );
+    let mut want = vec![0u8; 12 * 1024];
+    d.inner.read_at(&mut want, 8 * 512).unwrap();
+    let d0 = DATA as usize;
+    let d1 = (DATA + 0x3000) as usize;
+    assert_eq!(&after[d0..d0 + 8192], &want[..8192]);
+    assert_eq!(&after[d1..d1 + 4096], &want[8192..]);
+
+    // The same for a write: every byte lands once, the first 4 KiB by the fast path.
+    d.slow.store(0, Ordering::Relaxed);
+    let payload: Vec<u8> = (0..12 * 1024u32).map(|i| (i % 7) as u8 + 1).collect();
+    let mut mem = ram(OUT, 8, &payload[..8192]);
+    mem[d1..d1 + 4096].copy_from_slice(&payload[8192..]);
+    let split_out: Chain = split
+        .iter()
+        .map(|&(a, l, w)| (a, l, w && a == STATUS))
+        .collect();
+    let (used, after) = answer_fast_first(&mem, &split_out, &d, false);
+    assert_eq!(used, 1);
+    assert_eq!(after[STATUS as usize], OK);
+    assert_eq!(d.slow.load(Ordering::Relaxed), 8192);
+    let mut got = vec![0u8; 12 * 1024];
+    d.inner.read_at(&mut got, 8 * 512).unwrap();
+    assert_eq!(got, payload);
 }
