@@ -12,12 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${RUNTIME:-8}
-vmrun=${VDK_VMRUN:-$(pwd)/../shared/vm/vmrun.sh}
-[ -x "$vmrun" ] || vmrun=/work/shared/vm/vmrun.sh
-[ -x "$vmrun" ] || { echo "bench needs shared/vm/vmrun.sh (or VDK_VMRUN)" >&2; exit 1; }
-for tool in fio qemu-system-x86_64 qemu-storage-daemon python3; do
-  command -v "$tool" >/dev/null || { echo "bench needs $tool: run scripts/install-test-deps.sh" >&2; exit 1; }
-done
+. bench/vmrun.sh
+vm_bench_setup qemu-storage-daemon
 cargo build --release -p vdk --locked
 work=$(mktemp -d /var/tmp/vdk-vhost-bench.XXXXXX)
 pids=()

@@ -391,3 +391,25 @@ fn a_transfer_the_fast_path_declines_part_way_is_finished_from_there() {
     d.inner.read_at(&mut got, 8 * 512).unwrap();
     assert_eq!(got, payload);
 }
+
+#[test]
+fn a_discard_to_a_disk_that_cannot_trim_is_unsupported_and_changes_nothing() {
+    // FastUpTo keeps BlockDevice's default trim: Unsupported, which the guest hears as
+    // VIRTIO_BLK_S_UNSUPP (a guest that discards though the feature was not offered).
+    let d = FastUpTo {
+        inner: disk(),
+        limit: 0,
+        slow: AtomicU64::new(0),
+    };
+    let (used, after) = answer(
+        &ram(DISCARD, 0, &range(0, 8, 0)),
+        &chain(16, false),
+        &d,
+        false,
+    );
+    assert_eq!(used, 1);
+    assert_eq!(after[STATUS as usize], UNSUPP);
+    let mut b = vec![0u8; 4096];
+    d.inner.read_at(&mut b, 0).unwrap();
+    assert!(b.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+}

@@ -83,7 +83,8 @@ pub struct ServeArgs {
     /// first wraps the image).
     #[arg(long = "filter", value_name = "SPEC")]
     filters: Vec<String>,
-    /// Most threads serving one connection (requests handled in parallel).
+    /// Most threads serving one connection, an NBD client's or a VM's (requests handled in
+    /// parallel).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: u16,
     /// A description shown to clients that list exports.
