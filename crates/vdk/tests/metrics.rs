@@ -4,68 +4,17 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::metrics::{samples, scrape};
 use common::{need, run, stdout, Daemon};
-
-/// The samples of a scrape, by metric name with its labels as written.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (name, value) = l.rsplit_once(' ').expect("NAME VALUE");
-            (name.to_owned(), value.parse().expect("a number"))
-        })
-        .collect()
-}
-
-/// Scrapes `url` with curl and has promtool check what came.
-fn scrape(url: &str) -> String {
-    let text = stdout(Command::new("curl").args(["-fsS", url]));
-    let mut check = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    {
-        use std::io::Write;
-        check
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics:\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
 
 #[test]
 fn metrics_scraped_under_load_pass_promtool_and_match_vdk_list() {
-    need("curl");
-    need("promtool");
     need("fio");
     let d = Daemon::new();
-    d.start(&["--metrics", "tcp://127.0.0.1:0"]);
-    assert!(d.log_has("/metrics"), "{}", d.log());
-    let log = d.log();
-    let at = log
-        .find("http://127.0.0.1:")
-        .expect("the metrics URL in the log");
-    let url: String = log[at..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
+    let url = common::metrics::start(&d);
     let v = d.open(&[d.path("m.img").to_str().unwrap(), "64M", "--attach", "none"]);
     let id = v["id"].as_str().unwrap().to_owned();
     let nbd = v["nbd"][0].as_str().unwrap().to_owned();

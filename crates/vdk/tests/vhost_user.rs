@@ -184,6 +184,7 @@ echo VHOST-SECOND-BOOT-OK
 #[test]
 fn an_attached_vm_keeps_its_disk_open_and_bad_sockets_are_refused() {
     let d = Daemon::new();
+    let metrics = common::metrics::start(&d);
     let image = d.path("d.img");
     let sock = d.path("vm.sock");
     let img = image.to_str().unwrap();
@@ -234,6 +235,13 @@ echo VM-ENDS
     wait_for(600, "the guest to see its disk", || attached.exists());
     let list = d.json(&["list"]);
     assert_eq!(list[0]["vhost_user_connected"], true, "{list}");
+    // Metrics count the VM's connection, and its requests as the disk's.
+    let m = common::metrics::samples(&common::metrics::scrape(&metrics));
+    assert_eq!(m["vdk_frontend_connections{frontend=\"vhost-user\"}"], 1.0);
+    let id = list[0]["id"].as_str().unwrap();
+    let reads = m[&format!("vdk_disk_reads_total{{disk=\"{id}\"}}")];
+    assert!(reads > 0.0, "the guest's reads of its new disk are counted");
+    assert!(reads >= list[0]["stats"]["reads"].as_f64().unwrap());
     let err = d.fails(&["close", img]);
     assert!(err.contains("attached to a VM"), "{err}");
     d.ok(&["close", img, "--force"]);

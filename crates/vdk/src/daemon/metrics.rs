@@ -244,6 +244,11 @@ pub fn render(daemon: &Daemon) -> String {
         &[("frontend", "iscsi")],
         daemon.iscsi.connections(),
     );
+    out.sample(
+        "vdk_frontend_connections",
+        &[("frontend", "vhost-user")],
+        disks.iter().filter(|d| super::vhost::connected(d)).count(),
+    );
     process(&mut out);
     out.0
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod admin;
+pub mod metrics;
 pub mod pki;
 pub mod raw;
 pub mod s3;
