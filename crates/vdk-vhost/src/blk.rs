@@ -35,10 +35,12 @@ const MAX_RANGE_SECTORS: u32 = 1 << 21;
 
 /// One VM connection's device.
 ///
-/// A queue's thread pops every chain the guest has made available; the last one it serves
-/// itself, the others go to the connection's workers, so that a queue with several requests
-/// waiting has them served in parallel while a lone request costs no hand-over. Each
-/// completion puts its chain in the used ring and interrupts the guest if due. A queue's
+/// A queue's thread pops every chain the guest has made available and parses each once. Reads
+/// and writes the disk can do without waiting it answers at once, together, with one
+/// interrupt for them all; of the rest, the last it serves itself, the others go to the
+/// connection's workers, so that a queue with several requests waiting has them served in
+/// parallel while a lone request costs no hand-over. Each later completion puts its chain
+/// in the used ring and interrupts the guest if due. A queue's
 /// requests in flight are counted, so that stopping a queue (QEMU asking for its ring index)
 /// waits until each is answered.
 #[derive(Debug)]
@@ -84,9 +86,9 @@ impl Inflight {
         *sync::lock(&self.count) += n;
     }
 
-    fn done(&self) {
+    fn done(&self, n: usize) {
         let mut c = sync::lock(&self.count);
-        *c = c.saturating_sub(1);
+        *c = c.saturating_sub(n);
         if *c == 0 {
             self.idle.notify_all();
         }
@@ -150,9 +152,19 @@ impl Blk {
 
     /// Puts an answered chain in the used ring and interrupts the guest if it is due.
     fn complete(&self, queue: u16, vring: &VringRwLock, head: u16, used: u32) {
+        self.complete_all(queue, vring, &[(head, used)]);
+    }
+
+    /// Puts answered chains (head, used length) in the used ring, then interrupts the guest
+    /// once if it is due: one interrupt for a batch answered together.
+    fn complete_all(&self, queue: u16, vring: &VringRwLock, done: &[(u16, u32)]) {
+        if done.is_empty() {
+            return;
+        }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let res = vring
-            .add_used(head, used)
+        let res = done
+            .iter()
+            .try_for_each(|&(head, used)| vring.add_used(head, used))
             .map_err(io::Error::other)
             .and_then(|()| {
                 if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
@@ -163,7 +175,7 @@ impl Blk {
         if let Err(e) = res {
             warn!(queue, error = %e, "vhost-user-blk: cannot complete a request");
         }
-        self.inflight[usize::from(queue)].done();
+        self.inflight[usize::from(queue)].done(done.len());
     }
 
     fn block_size(&self) -> u32 {
@@ -217,6 +229,7 @@ impl Blk {
         // The descriptors of every chain popped in one turn, and each chain's head and part.
         let mut descs: Vec<Descriptor> = Vec::new();
         let mut popped: Vec<(u16, std::ops::Range<usize>)> = Vec::new();
+        let mut answered: Vec<(u16, u32)> = Vec::new();
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -252,15 +265,18 @@ impl Blk {
                 // What needs no wait is answered here; the rest goes to workers, but for the
                 // last, which this thread serves itself.
                 let target = self.target();
+                answered.clear();
                 chains.retain_mut(|(head, parsed)| {
                     match request::try_answer(&mem, parsed, &target) {
                         Some(used) => {
-                            self.complete(queue, vring, *head, used);
+                            answered.push((*head, used));
                             false
                         }
                         None => true,
                     }
                 });
+                // One interrupt for all of them, before anything that may wait.
+                self.complete_all(queue, vring, &answered);
                 let Some((head, last)) = chains.pop() else {
                     continue;
                 };
