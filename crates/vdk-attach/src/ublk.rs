@@ -97,22 +97,39 @@ fn to_io(what: &str, e: UblkError) -> io::Error {
     }
 }
 
+/// The ublk devices left by servers that died, each waiting for a new one: (device id, the
+/// name of the disk it served). Devices of other programs (no name of vdk's) are not listed.
+pub fn waiting() -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/sys/class/ublk-char") else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u32, String)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let id: u32 = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("ublkc")?
+                .parse()
+                .ok()?;
+            let ctrl = UblkCtrl::new_simple(id as i32).ok()?;
+            let data = ctrl.get_target_data_from_json()?;
+            let state = u32::from(ctrl.dev_info().state);
+            let waiting = state == sys::UBLK_S_DEV_QUIESCED || state == sys::UBLK_S_DEV_FAIL_IO;
+            let name = data.get("name")?.as_str()?.to_owned();
+            waiting.then_some((id, name))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 /// The ublk device left by a server that died while serving `name`, waiting for a new one.
 fn orphan(name: &str) -> Option<u32> {
-    let entries = std::fs::read_dir("/sys/class/ublk-char").ok()?;
-    entries.flatten().find_map(|e| {
-        let id: u32 = e
-            .file_name()
-            .to_str()?
-            .strip_prefix("ublkc")?
-            .parse()
-            .ok()?;
-        let ctrl = UblkCtrl::new_simple(id as i32).ok()?;
-        let data = ctrl.get_target_data_from_json()?;
-        let state = u32::from(ctrl.dev_info().state);
-        let waiting = state == sys::UBLK_S_DEV_QUIESCED || state == sys::UBLK_S_DEV_FAIL_IO;
-        (waiting && data.get("name")?.as_str()? == name).then_some(id)
-    })
+    waiting()
+        .into_iter()
+        .find(|(_, n)| n == name)
+        .map(|(id, _)| id)
 }
 
 impl Attach for Ublk {

@@ -131,9 +131,11 @@ kill_daemon_under_writer 48M
 # The device stays while nobody serves it; its I/O waits.
 test -b "$dev"
 kill -0 $job
-# The next daemon (started by vdk open) takes the same device over.
+# The next daemon (started by vdk open) says at start that the device waits for it, then
+# takes it over.
 $V open d.img --attach ublk --json > again.json
 grep -q "\"block_device\": \"$dev\"" again.json || { cat again.json; exit 1; }
+grep "waits for its server" /run/vdk/daemon.log | grep -q "$dev" || { cat /run/vdk/daemon.log; exit 1; }
 wait $job
 grep -q "err= 0" fio.out || { cat fio.out; exit 1; }
 echo after > /tmp/m/after

@@ -297,6 +297,17 @@ pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<()> {
             "detached what a vdk daemon that died left mounted"
         );
     }
+    // ublk devices of a daemon that died wait (their I/O held) until their disk is opened
+    // again: say so, since nothing else would.
+    #[cfg(target_os = "linux")]
+    for (id, disk) in vdk_attach::ublk::waiting() {
+        warn!(
+            device = %format!("/dev/ublkb{id}"),
+            %disk,
+            "a ublk device of a daemon that died waits for its server (its I/O held): open the \
+             same image with --attach ublk to take it over"
+        );
+    }
     #[cfg(target_os = "linux")]
     if rustix::process::geteuid().is_root() {
         // The daemon writes back the pages of the disks it serves: let it allocate memory
