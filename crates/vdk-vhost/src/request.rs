@@ -210,7 +210,8 @@ impl Request {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 match self.transfer(mem, t, self.kind == VIRTIO_BLK_T_IN, None)? {
                     Step::Done(n) => Ok(n),
-                    Step::Stopped(_) => unreachable!("only the fast path stops"),
+                    // Only the fast path stops; never a panic on a guest's request.
+                    Step::Stopped(_) => Err(Failure::Io("a transfer stopped part-way".into())),
                 }
             }
             VIRTIO_BLK_T_FLUSH => {
