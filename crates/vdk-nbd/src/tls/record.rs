@@ -100,7 +100,7 @@ struct Tx {
     seal: Sealer,
     seq: u64,
     /// Records sealed and not yet sent (kept for its capacity).
-    out: Vec<u8>,
+    out: Sealed,
     /// A record's plaintext gathered from several pieces (kept for its capacity).
     gather: Vec<u8>,
     /// A record could not be sent whole: nothing more can follow it.
@@ -124,6 +124,32 @@ fn key_iv(secrets: ConnectionTrafficSecrets) -> io::Result<(AeadKey, Iv)> {
         | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
         | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
         _ => Err(protocol("cipher suite without an external record layer")),
+    }
+}
+
+/// Sealed records waiting to be sent. A session seals with one kind of [`Sealer`] only, so
+/// only one of the two holds anything.
+#[derive(Default)]
+struct Sealed {
+    /// TLS 1.3's, sealed one after another into one buffer.
+    bytes: Vec<u8>,
+    /// rustls's (TLS 1.2), each in the buffer rustls sealed it in (not copied again).
+    records: Vec<Vec<u8>>,
+}
+
+impl Sealed {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.records.clear();
+    }
+
+    /// The records in order, for one vectored write.
+    fn slices(&self) -> Vec<IoSlice<'_>> {
+        std::iter::once(&self.bytes[..])
+            .chain(self.records.iter().map(Vec::as_slice))
+            .filter(|b| !b.is_empty())
+            .map(IoSlice::new)
+            .collect()
     }
 }
 
@@ -231,7 +257,7 @@ impl Session {
             tx: Mutex::new(Tx {
                 seal: sealer(suite, tx, tx_seq)?,
                 seq: tx_seq,
-                out: Vec::new(),
+                out: Sealed::default(),
                 gather: Vec::new(),
                 broken: false,
                 closed: false,
@@ -393,9 +419,9 @@ impl Session {
 
     /// Seals `chunks` (at most one record's worth) as one record of type `typ` and sends it.
     fn send_record(&self, tx: &mut Tx, typ: ContentType, chunks: &[&[u8]]) -> io::Result<()> {
-        let mut record = Vec::new();
+        let mut record = Sealed::default();
         tx.seal_into(typ, chunks, &mut record)?;
-        self.send(tx, &mut [IoSlice::new(&record)])
+        self.send(tx, &mut record.slices())
     }
 
     fn send(&self, tx: &mut Tx, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -463,7 +489,9 @@ impl Session {
                 in_record = 0;
             }
         }
-        let sent = self.send(&mut tx, &mut [IoSlice::new(&out)]);
+        let sent = self.send(&mut tx, &mut out.slices());
+        // rustls's record buffers are not reused: let them go now.
+        out.records.clear();
         tx.out = out;
         sent?;
         Ok(taken)
@@ -480,24 +508,24 @@ impl Session {
 }
 
 impl Tx {
-    /// Seals `pieces` (one record's plaintext) as the next record of type `typ`, appended
-    /// to `out`.
+    /// Seals `pieces` (one record's plaintext) as the next record of type `typ`, added to
+    /// `out`.
     fn seal_into(
         &mut self,
         typ: ContentType,
         pieces: &[&[u8]],
-        out: &mut Vec<u8>,
+        out: &mut Sealed,
     ) -> io::Result<()> {
         match &mut self.seal {
             Sealer::Tls13(seal) => {
                 if let [one] = pieces {
-                    seal.seal(out, u8::from(typ), one, self.seq)?;
+                    seal.seal(&mut out.bytes, u8::from(typ), one, self.seq)?;
                 } else {
                     self.gather.clear();
                     for p in pieces {
                         self.gather.extend_from_slice(p);
                     }
-                    seal.seal(out, u8::from(typ), &self.gather, self.seq)?;
+                    seal.seal(&mut out.bytes, u8::from(typ), &self.gather, self.seq)?;
                 }
             }
             Sealer::Rustls(seal) => {
@@ -507,7 +535,7 @@ impl Tx {
                     payload: OutboundChunks::new(pieces),
                 };
                 let record = seal.encrypt(msg, self.seq).map_err(tls_error)?;
-                out.extend_from_slice(&record.encode());
+                out.records.push(record.encode());
             }
         }
         self.seq += 1;
@@ -540,12 +568,12 @@ impl Drop for Session {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !tx.closed && !tx.broken {
             tx.closed = true;
-            let mut record = Vec::new();
+            let mut record = Sealed::default();
             if tx
                 .seal_into(ContentType::Alert, &[&[1, 0]], &mut record)
                 .is_ok()
             {
-                let _ = (&self.sock).write_all(&record);
+                let _ = vdk_core::io::write_all_vectored(&mut &self.sock, &mut record.slices());
             }
         }
     }
