@@ -22,6 +22,7 @@
 #![deny(unsafe_code)]
 
 mod blk;
+mod relay;
 mod request;
 mod server;
 

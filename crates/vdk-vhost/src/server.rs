@@ -2,7 +2,7 @@
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 use vdk_core::{sync, BlockDevice};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::blk::Blk;
+use crate::relay::{Channel, Relay};
 
 /// How an export presents its disk.
 #[derive(Clone, Debug)]
@@ -51,6 +52,8 @@ struct State {
     stopping: AtomicBool,
     /// The connected VM's connection, to end it on stop.
     conn: Mutex<Option<ShutdownHandle>>,
+    /// The connected VM's back-end channel, to tell it the disk grew.
+    channel: Arc<Channel>,
 }
 
 /// A disk served on a vhost-user socket. Dropping it stops it, as [`Export::stop`] does.
@@ -88,7 +91,11 @@ impl Export {
                 ));
             }
         }
-        let listener = Listener::new(path, true).map_err(io::Error::other)?;
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(path)?;
         let state = Arc::new(State::default());
         let thread = {
             let state = Arc::clone(&state);
@@ -114,6 +121,14 @@ impl Export {
         sync::lock(&self.state.conn).is_some()
     }
 
+    /// Tells the connected VM that the disk's size changed: its front end reads the
+    /// capacity again and the guest sees it (Linux's virtio-blk logs "detected capacity
+    /// change"). `Ok(false)` when no VM is connected, or its front end gave no back-end
+    /// channel to say it on (it then sees the size when it next connects).
+    pub fn capacity_changed(&self) -> io::Result<bool> {
+        self.state.channel.config_changed()
+    }
+
     /// Ends the connected VM's connection (its queues stop being served: the VM's requests
     /// wait until a server listens again, if its QEMU reconnects), removes the socket, and
     /// returns once nothing of the export runs.
@@ -131,6 +146,7 @@ impl Export {
         // Wakes the accept when no VM is connected.
         let _ = UnixStream::connect(&self.path);
         let _ = thread.join();
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -141,7 +157,7 @@ impl Drop for Export {
 }
 
 fn run(
-    mut listener: Listener,
+    listener: UnixListener,
     path: &Path,
     disk: &Arc<dyn BlockDevice>,
     config: &Config,
@@ -149,6 +165,17 @@ fn run(
 ) {
     let socket = path.display().to_string();
     while !state.stopping.load(Ordering::SeqCst) {
+        let vm = match listener.accept() {
+            Ok((vm, _)) => vm,
+            Err(e) => {
+                warn!(%socket, error = %e, "vhost-user-blk: cannot accept a connection");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if state.stopping.load(Ordering::SeqCst) {
+            break;
+        }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let blk = Blk::new(Arc::clone(disk), config, mem.clone());
         let mut daemon = match VhostUserDaemon::new("vhost-user-blk".into(), Arc::clone(&blk), mem)
@@ -156,22 +183,28 @@ fn run(
             Ok(d) => d,
             Err(e) => {
                 warn!(%socket, error = %e, "vhost-user-blk: cannot set up a device");
-                thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
-        if let Err(e) = daemon.start(&mut listener) {
-            if !state.stopping.load(Ordering::SeqCst) {
+        let relay = match connect_handler(&mut daemon)
+            .and_then(|handler| Relay::start(vm, handler, Arc::clone(&state.channel)))
+        {
+            Ok(r) => r,
+            Err(e) => {
                 warn!(%socket, error = %e, "vhost-user-blk: a connection failed");
-                thread::sleep(Duration::from_millis(100));
+                daemon.request_shutdown();
+                let _ = daemon.wait();
+                drop(daemon);
+                blk.close();
+                continue;
             }
-            continue;
-        }
+        };
         {
             let mut conn = sync::lock(&state.conn);
             if state.stopping.load(Ordering::SeqCst) {
                 daemon.request_shutdown();
                 let _ = daemon.wait();
+                relay.stop();
                 drop(daemon);
                 blk.close();
                 break;
@@ -187,9 +220,37 @@ fn run(
             Err(e) => warn!(%socket, error = %e, "vhost-user-blk: the connection ended"),
         }
         *sync::lock(&state.conn) = None;
+        relay.stop();
         // Dropping the daemon joins its queue threads, closing the device its workers: nothing
         // of this VM runs past here.
         drop(daemon);
         blk.close();
     }
+}
+
+/// Starts the crate's handler on a connection of its own, the far end of which is returned
+/// (for the relay): the crate connects to a socket in a directory only this user can enter,
+/// which is gone again once the connection is made, and the peer is checked to be this
+/// process.
+fn connect_handler(daemon: &mut VhostUserDaemon<Arc<Blk>>) -> io::Result<UnixStream> {
+    let dir = tempfile::Builder::new().prefix("vdk-vhost-").tempdir()?;
+    let path = dir.path().join("handler.sock");
+    let listener = UnixListener::bind(&path)?;
+    let path = path
+        .to_str()
+        .ok_or_else(|| io::Error::other("the temporary directory's path is not UTF-8"))?;
+    daemon
+        .start_client(path)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let (handler, _) = listener.accept()?;
+    drop(listener);
+    dir.close()?;
+    let peer = rustix::net::sockopt::socket_peercred(&handler)?;
+    if peer.pid != rustix::process::getpid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "another process connected to the handler's socket",
+        ));
+    }
+    Ok(handler)
 }

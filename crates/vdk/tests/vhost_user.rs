@@ -214,12 +214,35 @@ fn an_attached_vm_keeps_its_disk_open_and_bad_sockets_are_refused() {
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&plain).unwrap(), b"keep");
     open(&sock)(&d, true);
-    // With a VM connected (QEMU in a guest that waits), close refuses unless --force.
+    // With a VM connected (QEMU in a guest that waits): the disk grows under the guest's
+    // mounted ext4 and the guest sees it; close refuses unless --force.
     let script = r#"
 modprobe virtio_blk
 for i in $(seq 100); do [ -b /dev/vda ] && break; sleep 0.1; done
 test "$(cat /sys/block/vda/size)" = 32768
+mkfs.ext4 -q /dev/vda
+mkdir -p /tmp/m
+mount /dev/vda /tmp/m
+echo before > /tmp/m/before
+blocks=$(df -k /tmp/m | awk 'NR == 2 { print $2 }')
 touch attached
+# vdk resize: the virtio config change reaches the guest, resize2fs grows the mounted ext4.
+for i in $(seq 600); do [ "$(cat /sys/block/vda/size)" = 98304 ] && break; sleep 0.1; done
+test "$(cat /sys/block/vda/size)" = 98304
+dmesg | grep -q "vda: detected capacity change"
+resize2fs /dev/vda
+grown=$(df -k /tmp/m | awk 'NR == 2 { print $2 }')
+test "$grown" -gt $((blocks * 2))
+# More than the disk held before, and back intact after a remount and a check.
+dd if=/dev/urandom of=/tmp/m/big bs=1M count=24 status=none
+sum=$(sha256sum < /tmp/m/big)
+umount /tmp/m
+e2fsck -fn /dev/vda
+mount /dev/vda /tmp/m
+test "$(sha256sum < /tmp/m/big)" = "$sum"
+test "$(cat /tmp/m/before)" = before
+umount /tmp/m
+touch grown
 for i in $(seq 600); do [ -e closed ] && break; sleep 0.1; done
 test -e closed
 # The disk went under the guest: its requests now wait or fail, the guest lives.
@@ -230,9 +253,26 @@ echo VM-ENDS
         ("VM_SHAREDMEM", "1".to_string()),
         ("VM_QEMU_ARGS", device("vu0", &sock, 1)),
     ];
-    let guest = thread::spawn(move || vm::boot(&dir, script, &env));
-    let attached = d.path("attached");
-    wait_for(600, "the guest to see its disk", || attached.exists());
+    let mut guest = Some(thread::spawn(move || vm::boot(&dir, script, &env)));
+    // Waits for the guest's mark, or for the guest to end without it (its output tells why).
+    let mut reached = |mark: &str| {
+        let path = d.path(mark);
+        let running =
+            |g: &Option<thread::JoinHandle<String>>| g.as_ref().is_some_and(|g| !g.is_finished());
+        wait_for(600, "the guest", || path.exists() || !running(&guest));
+        if !path.exists() {
+            let out = guest.take().map(|g| g.join().unwrap()).unwrap_or_default();
+            panic!("the guest ended before {mark}: {out}");
+        }
+    };
+    reached("attached");
+    let out = d.ok(&["resize", img, "48M"]);
+    assert!(out.contains("was told"), "{out}");
+    assert!(
+        d.log_has("the VM was told the disk grew"),
+        "the daemon's log does not say the VM was told"
+    );
+    reached("grown");
     let list = d.json(&["list"]);
     assert_eq!(list[0]["vhost_user_connected"], true, "{list}");
     // Metrics count the VM's connection, and its requests as the disk's.
@@ -247,7 +287,7 @@ echo VM-ENDS
     d.ok(&["close", img, "--force"]);
     assert!(!sock.exists());
     std::fs::write(d.path("closed"), b"").unwrap();
-    let out = guest.join().unwrap();
+    let out = guest.take().unwrap().join().unwrap();
     assert!(out.contains("VM-ENDS"), "{out}");
 }
 

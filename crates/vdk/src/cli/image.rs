@@ -487,6 +487,12 @@ fn resize_open(
             dev.display()
         )?;
     }
+    if let (Some(sock), true) = (&status.vhost_user, status.vhost_user_connected) {
+        crate::outln!(
+            "  VM            on {} was told (grow its file system in the guest)",
+            sock.display()
+        )?;
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `vdk resize ID SIZE` of an open disk: the image grows first (durably), then everything
 //! that shows the disk is told: the block device (fuse-loop's loop device, ublk, kernel NBD),
-//! iSCSI initiators (a CAPACITY DATA HAS CHANGED unit attention), and new NBD connections
+//! iSCSI initiators (a CAPACITY DATA HAS CHANGED unit attention), a VM on its vhost-user
+//! socket (a virtio config change), and new NBD connections
 //! (a connection keeps the size it was told at its handshake: NBD has no way to say it
 //! changed). A disk shrinks only while closed.
 
@@ -78,6 +79,8 @@ impl Daemon {
         if let Some(l) = lock(&disk.iscsi).as_ref() {
             l.unit.capacity_changed();
         }
+        // Said to the VM before the block device is grown; its failure is reported after.
+        let vm = super::vhost::tell_grown(&disk, new_size);
         #[cfg(target_os = "linux")]
         {
             let st = lock(&disk.state);
@@ -96,6 +99,7 @@ impl Daemon {
                 info!(id = %disk.id, device = %dev.display(), "block device grew");
             }
         }
+        vm?;
         #[cfg(windows)]
         {
             // Windows' initiator got the unit attention; Update-Disk makes it read the size.

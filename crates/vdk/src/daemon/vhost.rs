@@ -43,6 +43,40 @@ pub(super) fn path(disk: &Disk) -> Option<PathBuf> {
     return lock(&disk.vhost).as_ref().map(|e| match *e {});
 }
 
+/// Tells the VM on the disk's export, if one is connected, that the disk now has
+/// `new_size` bytes (a virtio config change: the guest sees the new capacity).
+pub(super) fn tell_grown(disk: &Disk, new_size: u64) -> Result<(), ApiError> {
+    #[cfg(target_os = "linux")]
+    {
+        let export = lock(&disk.vhost);
+        let Some(e) = export.as_ref().filter(|e| e.connected()) else {
+            return Ok(());
+        };
+        let why = match e.capacity_changed() {
+            Ok(true) => {
+                tracing::info!(disk = %disk.id, socket = %e.path().display(), "the VM was told the disk grew");
+                return Ok(());
+            }
+            Ok(false) => "its VMM gave no back-end channel to say it on".to_string(),
+            Err(err) => err.to_string(),
+        };
+        Err(ApiError::new(
+            crate::control::ErrorKind::Unsupported,
+            format!(
+                "{} grew to {new_size} bytes, but the VM on {} was not told ({why}); it sees \
+                 the new size when its VMM next connects",
+                disk.id,
+                e.path().display()
+            ),
+        ))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (disk, new_size);
+        Ok(())
+    }
+}
+
 /// Whether a VM is connected to the disk's export.
 pub(super) fn connected(disk: &Disk) -> bool {
     #[cfg(target_os = "linux")]
