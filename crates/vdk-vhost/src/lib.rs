@@ -6,6 +6,8 @@
 //!
 //! ```text
 //!   QEMU ──vhost-user socket──► Export (one socket, one VM at a time; the next after it leaves)
+//!                                 │  relay: messages passed to the crate's handler, the
+//!                                 │  back-end channel kept (a grown disk is announced on it)
 //!                                 │  features and config space from the disk's DiskInfo
 //!   guest virtqueues ──eventfd──► one thread per queue: chain ─► Request ─► BlockDevice
 //!                                 │  data read/written in place in the shared guest memory

@@ -373,8 +373,10 @@ fn transmission(conn: &Arc<Conn>, stream: Stream) {
                 command,
                 payload: Payload::Owned(bufs),
             };
-            if header.len <= u64::from(INLINE_MAX) {
-                serve_blocking(conn, job, &mut batch); // an owned write never waits
+            // Handing the disk buffers it keeps never waits, whatever their size (a FUA write
+            // flushes, which does: that goes to a worker).
+            if matches!(command, Command::Write { fua: false }) {
+                serve_blocking(conn, job, &mut batch);
             } else {
                 submit(conn, job, &mut batch);
             }
