@@ -726,6 +726,8 @@ impl LuksDisk {
     /// Opens the LUKS image at `path` with the passphrase `secret`.
     pub fn open(path: &Path, opts: FileOptions, secret: Option<&Secret>) -> io::Result<LuksDisk> {
         let file = FileDisk::open(path, opts)?;
+        // The header and key slots are read through a buffered handle of their own: the
+        // disk's may be O_DIRECT (--cache none), which takes only aligned reads.
         let raw = File::open(path)?;
         let header = Header::read(&raw)?;
         let Some(secret) = secret else {
