@@ -115,13 +115,11 @@ impl Relay {
 fn pass(from: &UnixStream, to: &UnixStream, channel: Option<&Channel>) {
     let mut body = vec![0u8; MAX_MSG_SIZE];
     loop {
-        let Ok((header, fds)) = receive(from, &mut body) else {
+        let Ok((header, size, fds)) = receive(from, &mut body) else {
             break;
         };
-        let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
         if let Some(channel) = channel {
-            let request = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-            if request == u32::from(FrontendReq::SET_BACKEND_REQ_FD) && fds.len() == 1 {
+            if word(&header, 0) == u32::from(FrontendReq::SET_BACKEND_REQ_FD) && fds.len() == 1 {
                 // The handler checks the message and takes its own copy; a bad one ends the
                 // connection there.
                 let kept = fds[0].try_clone().ok().map(UnixStream::from);
@@ -136,13 +134,18 @@ fn pass(from: &UnixStream, to: &UnixStream, channel: Option<&Channel>) {
     let _ = to.shutdown(Shutdown::Both);
 }
 
-/// Reads one message: its header, the descriptors that came with it, its body into `body`.
-/// A body larger than vhost-user allows is an error.
-fn receive(from: &UnixStream, body: &mut [u8]) -> io::Result<([u8; HEADER], Vec<OwnedFd>)> {
+/// A header's field at byte `at`: 0 the request, 4 the flags, 8 the body's size.
+fn word(header: &[u8; HEADER], at: usize) -> u32 {
+    u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+}
+
+/// Reads one message: its header, its body's size, the descriptors that came with it; the
+/// body goes into `body`. A body larger than vhost-user allows is an error.
+fn receive(from: &UnixStream, body: &mut [u8]) -> io::Result<([u8; HEADER], usize, Vec<OwnedFd>)> {
     let mut header = [0u8; HEADER];
     let mut fds = Vec::new();
     read_exact(from, &mut header, &mut fds)?;
-    let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+    let size = word(&header, 8) as usize;
     if size > body.len() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -150,7 +153,7 @@ fn receive(from: &UnixStream, body: &mut [u8]) -> io::Result<([u8; HEADER], Vec<
         ));
     }
     read_exact(from, &mut body[..size], &mut fds)?;
-    Ok((header, fds))
+    Ok((header, size, fds))
 }
 
 /// Fills `buf` from the socket, collecting any descriptors that arrive on the way (at most
@@ -194,24 +197,21 @@ fn send(to: &UnixStream, header: &[u8], body: &[u8], fds: &[OwnedFd]) -> io::Res
     if !borrowed.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
         return Err(io::Error::other("descriptors do not fit a message"));
     }
-    let total = header.len() + body.len();
-    let mut sent = sendmsg(
+    let sent = sendmsg(
         to,
         &[IoSlice::new(header), IoSlice::new(body)],
         &mut control,
         SendFlags::NOSIGNAL,
     )?;
     // A short send (a full socket buffer) goes on with the rest; its descriptors went first.
-    while sent < total {
-        let n = if sent < header.len() {
-            rustix::net::send(to, &header[sent..], SendFlags::NOSIGNAL)?
-        } else {
-            rustix::net::send(to, &body[sent - header.len()..], SendFlags::NOSIGNAL)?
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        sent += n;
-    }
+    let mut rest = if sent < header.len() {
+        [IoSlice::new(&header[sent..]), IoSlice::new(body)]
+    } else {
+        [
+            IoSlice::new(&[]),
+            IoSlice::new(&body[sent - header.len()..]),
+        ]
+    };
+    vdk_core::io::write_all_vectored(&mut &*to, &mut rest)?;
     Ok(())
 }

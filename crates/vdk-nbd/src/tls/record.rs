@@ -143,13 +143,18 @@ impl Sealed {
         self.records.clear();
     }
 
-    /// The records in order, for one vectored write.
-    fn slices(&self) -> Vec<IoSlice<'_>> {
-        std::iter::once(&self.bytes[..])
+    /// Hands the records, in order, to `f` for one vectored write. TLS 1.3's lie in one
+    /// buffer: no list is allocated for them.
+    fn with_slices<R>(&self, f: impl FnOnce(&mut [IoSlice<'_>]) -> R) -> R {
+        if self.records.is_empty() {
+            return f(&mut [IoSlice::new(&self.bytes)]);
+        }
+        let mut list: Vec<IoSlice<'_>> = std::iter::once(&self.bytes[..])
             .chain(self.records.iter().map(Vec::as_slice))
             .filter(|b| !b.is_empty())
             .map(IoSlice::new)
-            .collect()
+            .collect();
+        f(&mut list)
     }
 }
 
@@ -421,7 +426,7 @@ impl Session {
     fn send_record(&self, tx: &mut Tx, typ: ContentType, chunks: &[&[u8]]) -> io::Result<()> {
         let mut record = Sealed::default();
         tx.seal_into(typ, chunks, &mut record)?;
-        self.send(tx, &mut record.slices())
+        record.with_slices(|s| self.send(tx, s))
     }
 
     fn send(&self, tx: &mut Tx, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -489,7 +494,7 @@ impl Session {
                 in_record = 0;
             }
         }
-        let sent = self.send(&mut tx, &mut out.slices());
+        let sent = out.with_slices(|s| self.send(&mut tx, s));
         // rustls's record buffers are not reused: let them go now.
         out.records.clear();
         tx.out = out;
@@ -573,7 +578,8 @@ impl Drop for Session {
                 .seal_into(ContentType::Alert, &[&[1, 0]], &mut record)
                 .is_ok()
             {
-                let _ = vdk_core::io::write_all_vectored(&mut &self.sock, &mut record.slices());
+                let _ =
+                    record.with_slices(|s| vdk_core::io::write_all_vectored(&mut &self.sock, s));
             }
         }
     }
