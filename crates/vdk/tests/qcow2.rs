@@ -451,6 +451,58 @@ fn vdk_snapshot_creates_applies_deletes_and_lists_internal_snapshots() {
     assert!(err.contains("cannot change the snapshots"), "{err}");
 }
 
+/// Applying a snapshot taken when the disk had another size brings that size back, as
+/// `qemu-img snapshot -a` does: the disk grows (its L1 table too) or shrinks, reads as the
+/// snapshot did, and `qemu-img check` finds it clean. The small size is not a whole number of
+/// clusters, and the snapshot has data in its last one.
+#[test]
+fn a_snapshot_taken_at_another_size_is_applied_with_that_size() {
+    need("qemu-img");
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.qcow2");
+    let i = s(&img);
+    let small = (32u64 << 20) + 512;
+    run(Command::new("qemu-img").args(["create", "-f", "qcow2", i, &small.to_string()]));
+    let qio = |cmd: &str| run(Command::new("qemu-io").args(["-c", cmd, i]));
+    qio("write -P 0x31 0 1M");
+    qio(&format!("write -P 0x32 {} 512", small - 512));
+    let raw = |name: &str| {
+        let p = dir.path().join(name);
+        run(Command::new("qemu-img").args(["convert", "-O", "raw", i, s(&p)]));
+        p
+    };
+    let at_small = raw("small.raw");
+    assert!(vdk(&["snapshot", "-c", "small", i]).contains("taken"));
+    // Grown past what one L2 table's worth of L1 entries covers, then written past the old end.
+    run(Command::new("qemu-img").args(["resize", i, "1G"]));
+    qio("write -P 0x33 900M 2M");
+    qio("write -P 0x34 0 64k");
+    let at_large = raw("large.raw");
+    assert!(vdk(&["snapshot", "-c", "large", i]).contains("taken"));
+    let size = || {
+        qemu_json(&["info", "--output=json", i])["virtual-size"]
+            .as_u64()
+            .unwrap()
+    };
+    let same = |raw: &Path| run(Command::new("qemu-img").args(["compare", "-F", "raw", i, s(raw)]));
+    let check = || run(Command::new("qemu-img").args(["check", i]));
+    assert!(vdk(&["snapshot", "-a", "small", i]).contains("applied"));
+    assert_eq!(size(), small);
+    check();
+    same(&at_small);
+    assert!(vdk(&["snapshot", "-a", "large", i]).contains("applied"));
+    assert_eq!(size(), 1 << 30);
+    check();
+    same(&at_large);
+    // The small snapshot again, then deleted both ways round: nothing leaks.
+    assert!(vdk(&["snapshot", "-a", "small", i]).contains("applied"));
+    vdk(&["snapshot", "-d", "large", i]);
+    vdk(&["snapshot", "-d", "small", i]);
+    check();
+    same(&at_small);
+}
+
 /// `vdk snapshot -c` and `-d` killed with SIGKILL at random moments never corrupt the image:
 /// `qemu-img check` finds at worst leaked clusters and COPIED flags not yet set again (both
 /// data-safe, what QEMU's own order can leave, repaired by `qemu-img check -r all`), the image
@@ -688,6 +740,117 @@ fn extended_l2_images_are_written_with_subclusters_as_qemu_reads_them() {
         .status()
         .unwrap();
     assert!(!q.success(), "qemu-img check must find the same bitmap");
+}
+
+/// `vdk snapshot` on extended-L2 images, alone and on a backing file: a snapshot taken over
+/// clusters of mixed subclusters keeps reading as it was while vdk writes the image at
+/// 512-byte granularity (shared clusters copied, bitmaps kept), and applying and deleting it
+/// leave images `qemu-img check` finds clean.
+#[test]
+fn extended_l2_images_take_apply_and_delete_internal_snapshots() {
+    need("qemu-img");
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let data: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 24) as u8)
+        .collect();
+    fs::write(p("base.raw"), data).unwrap();
+    let o = "extended_l2=on,cluster_size=65536";
+    let create = |name: &str, backing: bool| {
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-f", "qcow2", "-o", o, s(&p(name))]);
+        if backing {
+            c.args(["-b", "base.raw", "-F", "raw"]);
+        } else {
+            c.arg("16M");
+        }
+        run(&mut c);
+    };
+    create("top.qcow2", true);
+    create("alone.qcow2", false);
+    let raw_of = |img: &Path, snapshot: Option<&str>, to: &Path| {
+        let mut c = Command::new("qemu-img");
+        c.arg("convert");
+        if let Some(name) = snapshot {
+            c.args(["-l", &format!("snapshot.name={name}")]);
+        }
+        run(c.args(["-O", "raw", s(img), s(to)]));
+    };
+    for img in ["top.qcow2", "alone.qcow2"] {
+        let mut c = Command::new("qemu-io");
+        for op in [
+            "write -P 0x11 4k 2k",
+            "write -z 70k 4k",
+            "write -P 0x12 1M 130k",
+            "discard 1M 2k",
+            "write -P 0x13 3M 1M",
+        ] {
+            c.args(["-c", op]);
+        }
+        run(c.arg(s(&p(img))));
+        assert!(vdk(&["snapshot", "-c", "before", s(&p(img))]).contains("taken"));
+        run(Command::new("qemu-img").args(["check", s(&p(img))]));
+        raw_of(&p(img), None, &p(&format!("{img}.before.raw")));
+        fs::copy(p(&format!("{img}.before.raw")), p(&format!("{img}.raw"))).unwrap();
+    }
+    let mut v = common::Vdk::serve_in(dir, &["top.qcow2", "alone.qcow2"]);
+    let mut rng = Rng(0x0e71_2ba5);
+    for img in ["top.qcow2", "alone.qcow2"] {
+        // Mostly over what the snapshot shares: the first 4 MiB.
+        let ops: Vec<String> = (0..60)
+            .map(|i| {
+                let off = rng.below(8 << 11) << 9;
+                let len = (rng.below(if i % 5 == 0 { 512 } else { 40 }) + 1) << 9;
+                mixed_op(i, off, len, 0x40)
+            })
+            .collect();
+        same_writes(&ops, &v.uri(img), &v.path(&format!("{img}.raw")));
+    }
+    assert!(v.stop().success());
+    let cmp = |a: &Path, b: &Path| {
+        run(Command::new("qemu-img").args(["compare", "-F", "raw", s(a), s(b)]));
+    };
+    for img in ["top.qcow2", "alone.qcow2"] {
+        let (path, now, before) = (
+            v.path(img),
+            v.path(&format!("{img}.raw")),
+            v.path(&format!("{img}.before.raw")),
+        );
+        let check = || {
+            run(Command::new("qemu-img").args(["check", s(&path)]));
+            let (code, report) = vdk_check(&path, &[]);
+            assert_eq!(code, Some(0), "{img}: {report}");
+        };
+        check();
+        cmp(&path, &now);
+        let snap = v.path(&format!("{img}.snap.raw"));
+        raw_of(&path, Some("before"), &snap);
+        run(Command::new("qemu-img").args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            s(&snap),
+            s(&before),
+        ]));
+        // A second snapshot of the written state, then back to the first, then both deleted.
+        assert!(vdk(&["snapshot", "-c", "after", s(&path)]).contains("taken"));
+        assert!(vdk(&["snapshot", "-a", "before", s(&path)]).contains("applied"));
+        check();
+        cmp(&path, &before);
+        assert!(vdk(&["snapshot", "-d", "before", s(&path)]).contains("deleted"));
+        check();
+        assert!(vdk(&["snapshot", "-a", "after", s(&path)]).contains("applied"));
+        assert!(vdk(&["snapshot", "-d", "after", s(&path)]).contains("deleted"));
+        check();
+        cmp(&path, &now);
+        assert_eq!(
+            vdk(&["snapshot", "--list", "--json", s(&path)]).trim(),
+            "[]"
+        );
+    }
 }
 
 /// An extended-L2 image on a backing file under the cow filter: writes go to the overlay and

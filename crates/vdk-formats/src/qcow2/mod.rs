@@ -415,12 +415,18 @@ impl Qcow2 {
     /// meanwhile when it grows: the tables switch under the metadata lock, and the new size
     /// is said only once the header on disk has it.
     pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_mapped_to(new_size, new_size)
+    }
+
+    /// [`Qcow2::resize`], where a shrink needs nothing mapped from `mapped_to` on (past the
+    /// new size, or the end of the cluster holding it).
+    pub(super) fn resize_mapped_to(&self, new_size: u64, mapped_to: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
         let _one = lock(&self.resizing);
         let size = self.size();
-        if new_size < size && !self.unallocated(new_size, size - new_size)? {
+        if new_size < size && mapped_to < size && !self.unallocated(mapped_to, size - mapped_to)? {
             return Err(Error::Io(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!(

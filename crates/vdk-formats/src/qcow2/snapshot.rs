@@ -160,14 +160,27 @@ impl super::Qcow2 {
     fn edit(&self, edit: &Edit) -> vdk_core::Result<()> {
         use vdk_core::Error;
         let invalid = |msg: String| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, msg));
-        let unsupported = |msg: String| Error::Io(io::Error::new(io::ErrorKind::Unsupported, msg));
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        if self.header.extended_l2() {
-            return Err(unsupported(
-                "internal snapshots of images with extended L2 entries are qemu-img's".into(),
-            ));
+        // A snapshot taken at another disk size brings that size back, as qemu-img's does:
+        // a larger one by growing the disk (and its L1 table) first, a smaller one by
+        // shrinking it after the switch, once nothing past the end is mapped.
+        let mut resize_after = None;
+        if let Edit::Apply(key) = edit {
+            let (count, table_at) = self.snapshot_header()?;
+            let stored = self.stored_snapshots(count, table_at)?;
+            let want = stored
+                .iter()
+                .find(|s| s.snap.id == *key)
+                .or_else(|| stored.iter().find(|s| s.snap.name == *key))
+                .and_then(|s| s.snap.disk_size);
+            let size = self.size.load(std::sync::atomic::Ordering::SeqCst);
+            match want {
+                Some(d) if d > size => self.resize(d)?,
+                Some(d) if d < size => resize_after = Some(d),
+                _ => {}
+            }
         }
         let mut m = vdk_core::sync::lock(&self.meta);
         self.write_back(&mut m)?;
@@ -246,10 +259,9 @@ impl super::Qcow2 {
             }
             Edit::Apply(key) => {
                 let snap = &stored[find(key)?].snap;
-                let size = self.size.load(std::sync::atomic::Ordering::SeqCst);
-                if snap.disk_size.is_some_and(|d| d != size) || snap.l1_size as usize > m.l1.len() {
-                    return Err(unsupported(format!(
-                        "applying snapshot {key:?}, taken when the disk had another size"
+                if snap.l1_size as usize > m.l1.len() {
+                    return Err(super::corrupt(format!(
+                        "snapshot {key:?} has an L1 table larger than its disk size needs"
                     )));
                 }
                 let mut l1 = self.snapshot_l1(snap)?;
@@ -267,7 +279,13 @@ impl super::Qcow2 {
                 debug!(image = %self.path.display(), key, "internal snapshot applied");
             }
         }
-        self.write_back(&mut m)
+        self.write_back(&mut m)?;
+        drop(m);
+        if let Some(size) = resize_after {
+            // The snapshot's own bytes past its end, in the cluster holding it, stay mapped.
+            self.resize_mapped_to(size, size.next_multiple_of(self.cluster_size))?;
+        }
+        Ok(())
     }
 
     /// The header's snapshot count and table offset, as on disk now.
@@ -360,7 +378,7 @@ impl super::Qcow2 {
             let entries = m.l2[&l2].entries.clone();
             let mut changed = false;
             let mut new = entries.clone();
-            for (i, e) in entries.iter().enumerate() {
+            for (i, e) in self.descriptors(&entries) {
                 if let Some((off, len)) = self.referenced(*e)? {
                     self.add_ref(m, off, len)?;
                     if clear && e & super::COPIED != 0 {
@@ -389,14 +407,22 @@ impl super::Qcow2 {
             }
             self.load_l2(m, l2)?;
             let entries = m.l2[&l2].entries.clone();
-            for e in entries {
-                if let Some((off, len)) = self.referenced(e)? {
+            for (_, e) in self.descriptors(&entries) {
+                if let Some((off, len)) = self.referenced(*e)? {
                     self.release(m, off, len);
                 }
             }
             self.release(m, l2, self.cluster_size);
         }
         Ok(())
+    }
+
+    /// The cluster descriptors of an L2 table's words, with their index among the words:
+    /// every word, or with extended L2 entries every other one (each followed by its
+    /// subcluster bitmap, which refers to nothing).
+    fn descriptors<'a>(&self, words: &'a [u64]) -> impl Iterator<Item = (usize, &'a u64)> {
+        let width = if self.header.extended_l2() { 2 } else { 1 };
+        words.iter().enumerate().step_by(width)
     }
 
     /// The host bytes an L2 entry refers to (data, a preallocated zero cluster, compressed
@@ -460,7 +486,7 @@ impl super::Qcow2 {
             self.load_l2(m, l2)?;
             let entries = m.l2[&l2].entries.clone();
             let mut new = entries.clone();
-            for (j, e) in entries.iter().enumerate() {
+            for (j, e) in self.descriptors(&entries) {
                 if e & super::COMPRESSED != 0 {
                     continue;
                 }
