@@ -59,7 +59,10 @@ skipped() { grep -c 'SKIPPED' "$1" || true; }
   echo "to start at n + (logical blocks per physical block). vdk reports 4096-byte physical"
   echo "blocks (8 logical blocks each), and SBC-4 5.7 wants the first descriptor to hold the"
   echo "LBA asked for, which is what vdk sends; the test holds only for targets with one"
-  echo "logical block per physical block (tgt reports that)."
+  echo "logical block per physical block (tgt reports that). Served with"
+  echo "\`--filter blocksize:physical=512\` (docs/filters.md), which shows that geometry, vdk"
+  echo "passes every test of the run, UnmapSingle included (230 of 230 on 2026-12-07;"
+  echo "crates/vdk/tests/iscsi.rs runs the GetLBAStatus family so in the default test command)."
   echo
   echo "## tgt's failures"
   echo

@@ -13,6 +13,7 @@
 //! | `partition` | `number` (or `partition:N`) | shows one MBR or GPT partition as the disk |
 //! | `cow` | `overlay`, `size`, `volatile` | redirects writes to an overlay; the base is only read |
 //! | `cache` | `size`, `block`, `dir` | a bounded read cache in RAM, or in a file in `dir` |
+//! | `blocksize` | `physical` | shows another physical block size (e.g. 512 where the image says 4096) |
 //! | `rate` | `bps`, `read-bps`, `write-bps`, `iops`, `read-iops`, `write-iops`, `burst` | token-bucket limits, changeable while served ([`rate`]) |
 //!
 //! `op` is `read`, `write`, `flush`, `trim` or `all`, several joined by `+`; `range` is
@@ -33,7 +34,7 @@ use vdk_core::size::parse_size;
 use vdk_core::BlockDevice;
 
 pub use partition::{Partition, PartitionError};
-pub use simple::{Injected, Injector, Kind, ReadOnly, Stats, Target};
+pub use simple::{BlockSize, Injected, Injector, Kind, ReadOnly, Stats, Target};
 
 /// A filter as the user named it.
 #[derive(Clone, Debug)]
@@ -76,6 +77,11 @@ pub enum FilterSpec {
         /// Keep blocks in a file in this directory rather than in RAM.
         dir: Option<std::path::PathBuf>,
     },
+    /// `blocksize`.
+    BlockSize {
+        /// The physical block size shown.
+        physical: u32,
+    },
     /// `rate`: its limits, shared with whoever changes them while the disk is served (and
     /// by every chain built from this spec).
     Rate(Arc<rate::Limiter>),
@@ -99,6 +105,7 @@ pub const FILTERS: &[&str] = &[
     "delay",
     "partition",
     "rate",
+    "blocksize",
 ];
 
 fn kinds(v: &str) -> Result<Vec<Kind>, String> {
@@ -276,6 +283,16 @@ impl FilterSpec {
                     dir: get("dir").map(Into::into),
                 })
             }
+            "blocksize" => {
+                known(&["physical"])?;
+                let p = get("physical")
+                    .ok_or_else(|| fail("blocksize needs physical=SIZE (e.g. 512)".into()))?;
+                let physical = parse_size(p)
+                    .map_err(|e| e.to_string())
+                    .and_then(BlockSize::check)
+                    .map_err(fail)?;
+                Ok(FilterSpec::BlockSize { physical })
+            }
             "rate" => {
                 let mut limits = rate::Limits::default();
                 limits.set(&pairs).map_err(fail)?;
@@ -304,6 +321,9 @@ pub enum ChainError {
     /// The partition filter found no partition.
     #[error(transparent)]
     Partition(#[from] PartitionError),
+    /// The blocksize filter does not fit the disk.
+    #[error("blocksize: {0}")]
+    BlockSize(String),
     /// The overlay cannot be made or opened.
     #[error("cow overlay: {0}")]
     Cow(#[from] std::io::Error),
@@ -358,6 +378,9 @@ pub fn apply_over(
                 Arc::new(cache::Cache::new(device, *size, *block, dir.as_deref())?)
             }
             FilterSpec::Rate(limiter) => Arc::new(rate::Rate::new(device, Arc::clone(limiter))),
+            FilterSpec::BlockSize { physical } => {
+                Arc::new(BlockSize::new(device, *physical).map_err(ChainError::BlockSize)?)
+            }
         };
     }
     Ok(Chain { device, stats })
@@ -394,6 +417,7 @@ mod tests {
             vec!["cow", "cache:size=2M", "stats"],
             vec!["rate", "stats"],
             vec!["rate:bps=1G,iops=1000000,burst=60"],
+            vec!["blocksize:physical=512", "stats"],
         ] {
             let s = specs(&chain);
             conformance::run(&|| {
@@ -405,12 +429,47 @@ mod tests {
     }
 
     #[test]
+    fn blocksize_shows_its_size_and_refuses_one_below_the_logical_block() {
+        /// A disk of 2048-byte sectors (as an ISO is).
+        #[derive(Debug)]
+        struct Sectors(Arc<dyn BlockDevice>);
+        impl vdk_core::Filter for Sectors {
+            fn inner(&self) -> &Arc<dyn BlockDevice> {
+                &self.0
+            }
+            fn info(&self) -> vdk_core::DiskInfo {
+                let mut i = self.0.info();
+                i.logical_block_size = 2048;
+                i.physical_block_size = 2048;
+                i
+            }
+        }
+        let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDisk::new(1 << 20));
+        let below = mem.info();
+        let shown = apply(Arc::clone(&mem), &specs(&["blocksize:physical=512"]))
+            .unwrap()
+            .device
+            .info();
+        assert_eq!(shown.physical_block_size, 512);
+        assert_eq!((shown.size, shown.caps), (below.size, below.caps));
+        let cd: Arc<dyn BlockDevice> = Arc::new(Sectors(mem));
+        let e = apply(cd, &specs(&["blocksize:physical=1K"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("below the disk's logical block size 2048"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn every_listed_filter_parses() {
         // The list help texts and errors show is the list parse takes: no more, no less.
         for name in FILTERS {
             let spec = match *name {
                 "delay" => "delay:ms=1".to_owned(),
                 "partition" => "partition:1".to_owned(),
+                "blocksize" => "blocksize:physical=512".to_owned(),
                 n => n.to_owned(),
             };
             assert!(FilterSpec::parse(&spec).is_ok(), "{spec}");
@@ -433,6 +492,10 @@ mod tests {
             ("readonly:x", "KEY=VALUE"),
             ("rate:speed=1", "no key"),
             ("rate:bps=x", "bps"),
+            ("blocksize", "needs physical"),
+            ("blocksize:physical=1000", "power of two"),
+            ("blocksize:physical=128K", "power of two"),
+            ("blocksize:logical=512", "no key"),
         ] {
             let e = FilterSpec::parse(spec).unwrap_err().to_string();
             assert!(e.contains(want), "{spec}: {e}");

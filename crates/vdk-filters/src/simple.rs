@@ -406,3 +406,60 @@ impl Lend for Injector {
         }
     }
 }
+
+/// Shows the disk with another physical block size: what SCSI's READ CAPACITY (16) reports
+/// as logical blocks per physical block, NBD's preferred block size, ublk's and virtio-blk's
+/// physical block size. Data passes through untouched, fast paths included. QEMU's
+/// `physical_block_size` device property does the same for a guest.
+#[derive(Debug)]
+pub struct BlockSize {
+    inner: Arc<dyn BlockDevice>,
+    physical: u32,
+}
+
+impl BlockSize {
+    /// Wraps `inner`, showing `physical` (a power of two from 512 to 64 KiB, no smaller than
+    /// the disk's logical block size).
+    pub fn new(
+        inner: Arc<dyn BlockDevice>,
+        physical: u32,
+    ) -> std::result::Result<BlockSize, String> {
+        BlockSize::check(u64::from(physical))?;
+        let logical = inner.info().logical_block_size;
+        if physical < logical {
+            return Err(format!(
+                "physical block size {physical} is below the disk's logical block size {logical}"
+            ));
+        }
+        Ok(BlockSize { inner, physical })
+    }
+
+    /// The largest physical block size shown.
+    pub const MAX: u32 = 64 << 10;
+
+    /// `physical` if it can be shown: a power of two from 512 to [`BlockSize::MAX`].
+    pub fn check(physical: u64) -> std::result::Result<u32, String> {
+        u32::try_from(physical)
+            .ok()
+            .filter(|n| n.is_power_of_two() && (512..=BlockSize::MAX).contains(n))
+            .ok_or_else(|| format!("physical {physical} is not a power of two from 512 to 64K"))
+    }
+}
+
+impl Filter for BlockSize {
+    fn inner(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner
+    }
+    fn info(&self) -> vdk_core::DiskInfo {
+        let mut info = self.inner.info();
+        info.physical_block_size = self.physical;
+        info
+    }
+    /// Keeps nothing sized by the disk: grows with it.
+    fn grow(&self, new_size: u64) -> Result<()> {
+        self.inner.grow(new_size)
+    }
+    fn lend(&self) -> Option<&dyn Lend> {
+        self.inner.lend()
+    }
+}

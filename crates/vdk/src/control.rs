@@ -500,7 +500,7 @@ pub struct OpenRequest {
     #[serde(default)]
     pub probe_backing: bool,
     /// Filters over the image, in order, the first over the image: `NAME[:KEY=VALUE,...]`
-    /// (cow, cache, readonly, stats, error, delay, partition, rate; docs/filters.md).
+    /// (cow, cache, readonly, stats, error, delay, partition, rate, blocksize; docs/filters.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<String>,
     /// Serve the disk as a LUN of an iSCSI target (a CD-ROM LUN for an ISO).

@@ -1,6 +1,7 @@
 //! Filters through the binary: the error filter drives the NBD server's error path for real
 //! clients (nbdsh, qemu-io), readonly refuses below the protocol, partition serves one
-//! partition, bad filter specs are clear errors.
+//! partition, blocksize changes the block size clients are told, bad filter specs are clear
+//! errors.
 
 mod common;
 
@@ -87,12 +88,40 @@ fn readonly_and_partition_filters_serve_what_they_say() {
     );
 }
 
+/// nbdinfo sees the physical block size the blocksize filter shows as the export's preferred
+/// block size (4096 without it), and the data is the image's.
+#[test]
+fn the_blocksize_filter_sets_the_preferred_block_size_nbd_clients_see() {
+    need("nbdinfo");
+    need("qemu-io");
+    for (filter, want) in [(None, 4096), (Some("blocksize:physical=64K"), 65536)] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.img"), vec![0x5a; 1 << 20]).unwrap();
+        let mut args = vec!["b.img"];
+        if let Some(f) = filter {
+            args.extend(["--filter", f]);
+        }
+        let vdk = Vdk::serve_in(dir, &args);
+        let uri = vdk.uri("b.img");
+        let info: serde_json::Value = serde_json::from_str(&common::stdout(
+            Command::new("nbdinfo").args(["--json", &uri]),
+        ))
+        .unwrap();
+        assert_eq!(
+            info["exports"][0]["block_size_preferred"], want,
+            "{filter:?}: {info}"
+        );
+        run(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0x5a 0 1M", &uri]));
+    }
+}
+
 #[test]
 fn bad_filter_specs_are_clear_errors() {
     for (spec, want) in [
         ("frob", "unknown filter"),
         ("error:rate=7", "0 to 1"),
         ("partition:1", "no partition table"),
+        ("blocksize:physical=3000", "power of two"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_vdk"))
             .args([

@@ -142,6 +142,29 @@ fn iscsi_test_cu_passes_all_its_families() {
     common::iscsi_test_cu_all(&vdk.iscsi("lun.img"));
 }
 
+/// With the blocksize filter showing one logical block per physical block, every
+/// GetLBAStatus test passes, UnmapSingle included (it assumes that geometry: the one test
+/// `iscsi_test_cu_passes_all_its_families` lets fail).
+#[test]
+fn iscsi_test_cu_get_lba_status_passes_whole_with_512_byte_physical_blocks() {
+    need("iscsi-readcapacity16");
+    let dir = tempfile::tempdir().unwrap();
+    sparse_file(&dir.path().join("lun.img"), 256 << 20);
+    let vdk = Vdk::serve_iscsi(dir, &["lun.img", "--filter", "blocksize:physical=512"]);
+    let url = vdk.iscsi("lun.img");
+    let cap = stdout(Command::new("iscsi-readcapacity16").arg(&url));
+    assert!(
+        cap.contains("LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:0"),
+        "{cap}"
+    );
+    let (total, passed) = common::iscsi_test_cu(&url, "SCSI.GetLBAStatus", &[]);
+    assert_eq!(
+        (total, passed),
+        (3, 3),
+        "GetLBAStatus: Simple, BeyondEol, UnmapSingle"
+    );
+}
+
 #[test]
 fn qemu_img_reads_an_iso_lun_byte_for_byte() {
     need("qemu-img");

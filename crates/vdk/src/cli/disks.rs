@@ -137,7 +137,7 @@ pub struct OpenArgs {
     #[arg(long)]
     probe_backing: bool,
     /// A filter over the image, NAME[:KEY=VALUE,...]: cow, cache, readonly, stats, error,
-    /// delay, partition, rate (docs/filters.md). Repeatable, applied in order.
+    /// delay, partition, rate, blocksize (docs/filters.md). Repeatable, applied in order.
     #[arg(long = "filter", value_name = "SPEC")]
     filters: Vec<String>,
     /// Also serve the disk over iSCSI, as a LUN of a target (a CD-ROM LUN for an ISO).

@@ -79,8 +79,8 @@ pub struct ServeArgs {
     #[arg(long)]
     probe_backing: bool,
     /// A filter on every export, NAME[:KEY=VALUE,...]: cow, cache, readonly, stats, error,
-    /// delay, partition, rate (docs/filters.md). Repeatable; applied in the order given (the
-    /// first wraps the image).
+    /// delay, partition, rate, blocksize (docs/filters.md). Repeatable; applied in the order
+    /// given (the first wraps the image).
     #[arg(long = "filter", value_name = "SPEC")]
     filters: Vec<String>,
     /// Most threads serving one connection, an NBD client's or a VM's (requests handled in
