@@ -503,6 +503,73 @@ fn a_snapshot_taken_at_another_size_is_applied_with_that_size() {
     same(&at_small);
 }
 
+/// Runs QEMU's monitor commands `cmds` on a machine with no devices but `img` as a drive (what
+/// `savevm` and `loadvm` need); returns what the monitor printed.
+fn qemu_monitor(img: &Path, cmds: &str) -> String {
+    use std::io::Write;
+    need("qemu-system-x86_64");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "none",
+            "-nographic",
+            "-nodefaults",
+            "-monitor",
+            "stdio",
+            "-drive",
+        ])
+        .arg(format!("file={},if=none,id=d0,format=qcow2", s(img)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = qemu.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{cmds}\nquit\n").as_bytes())
+        .unwrap();
+    drop(stdin);
+    let out = qemu.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A snapshot QEMU saved with VM state (`savevm`): vdk applies it (the disk reads as it did,
+/// the VM state stays loadable by `loadvm`), takes another beside it and deletes it, freeing
+/// its VM state too (`qemu-img check` finds no leak).
+#[test]
+fn a_snapshot_with_vm_state_is_applied_and_deleted_keeping_qemu_able_to_load_it() {
+    need("qemu-img");
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.qcow2");
+    let i = s(&img);
+    run(Command::new("qemu-img").args(["create", "-f", "qcow2", i, "32M"]));
+    run(Command::new("qemu-io").args(["-c", "write -P 0x41 0 1M", i]));
+    let saved = qemu_monitor(&img, "savevm withstate");
+    assert!(!saved.contains("Error"), "{saved}");
+    let info = qemu_json(&["info", "--output=json", i]);
+    assert!(
+        info["snapshots"][0]["vm-state-size"].as_u64().unwrap() > 0,
+        "{info}"
+    );
+    let then = dir.path().join("then.raw");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw", i, s(&then)]));
+    run(Command::new("qemu-io").args(["-c", "write -P 0x42 0 64k", i]));
+    assert!(vdk(&["snapshot", "-a", "withstate", i]).contains("applied"));
+    run(Command::new("qemu-img").args(["check", i]));
+    run(Command::new("qemu-img").args(["compare", "-F", "raw", i, s(&then)]));
+    let loaded = qemu_monitor(&img, "loadvm withstate");
+    assert!(!loaded.contains("Error"), "{loaded}");
+    assert!(vdk(&["snapshot", "-c", "plain", i]).contains("taken"));
+    assert!(vdk(&["snapshot", "-d", "withstate", i]).contains("deleted"));
+    let check = stdout(Command::new("qemu-img").args(["check", "--output=json", i]));
+    let check: serde_json::Value = serde_json::from_str(&check).unwrap();
+    assert_eq!(check["leaks"].as_u64().unwrap_or(0), 0, "{check}");
+    assert_eq!(check["corruptions"].as_u64().unwrap_or(0), 0, "{check}");
+    run(Command::new("qemu-img").args(["compare", "-F", "raw", i, s(&then)]));
+}
+
 /// `vdk snapshot -c` and `-d` killed with SIGKILL at random moments never corrupt the image:
 /// `qemu-img check` finds at worst leaked clusters and COPIED flags not yet set again (both
 /// data-safe, what QEMU's own order can leave, repaired by `qemu-img check -r all`), the image

@@ -415,12 +415,18 @@ impl Qcow2 {
     /// meanwhile when it grows: the tables switch under the metadata lock, and the new size
     /// is said only once the header on disk has it.
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        self.resize_mapped_to(new_size, new_size)
+        self.resize_mapped_to(new_size, new_size, 0)
     }
 
     /// [`Qcow2::resize`], where a shrink needs nothing mapped from `mapped_to` on (past the
-    /// new size, or the end of the cluster holding it).
-    pub(super) fn resize_mapped_to(&self, new_size: u64, mapped_to: u64) -> Result<()> {
+    /// new size, or the end of the cluster holding it), and the L1 table gets at least
+    /// `l1_entries` entries (a snapshot's, which may map VM state past the disk's end).
+    pub(super) fn resize_mapped_to(
+        &self,
+        new_size: u64,
+        mapped_to: u64,
+        l1_entries: u64,
+    ) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -444,7 +450,10 @@ impl Qcow2 {
         self.flush()?;
         let cs = self.cluster_size;
         let mut m = lock(&self.meta);
-        let entries = new_size.div_ceil(cs).div_ceil(self.l2_entries);
+        let entries = new_size
+            .div_ceil(cs)
+            .div_ceil(self.l2_entries)
+            .max(l1_entries);
         if entries * 8 > header::MAX_L1_BYTES {
             return Err(Error::TooLarge {
                 len: entries * 8,

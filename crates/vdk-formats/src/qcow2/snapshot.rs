@@ -164,22 +164,28 @@ impl super::Qcow2 {
             return Err(Error::ReadOnly);
         }
         // A snapshot taken at another disk size brings that size back, as qemu-img's does:
-        // a larger one by growing the disk (and its L1 table) first, a smaller one by
-        // shrinking it after the switch, once nothing past the end is mapped.
+        // a larger one by growing the disk first, a smaller one by shrinking it after the
+        // switch, once nothing past the end is mapped. The L1 table grows first to hold the
+        // snapshot's, which also maps any VM state saved with it (past the disk's end).
         let mut resize_after = None;
         if let Edit::Apply(key) = edit {
             let (count, table_at) = self.snapshot_header()?;
             let stored = self.stored_snapshots(count, table_at)?;
-            let want = stored
+            if let Some(snap) = stored
                 .iter()
                 .find(|s| s.snap.id == *key)
                 .or_else(|| stored.iter().find(|s| s.snap.name == *key))
-                .and_then(|s| s.snap.disk_size);
-            let size = self.size.load(std::sync::atomic::Ordering::SeqCst);
-            match want {
-                Some(d) if d > size => self.resize(d)?,
-                Some(d) if d < size => resize_after = Some(d),
-                _ => {}
+                .map(|s| &s.snap)
+            {
+                let size = self.size.load(std::sync::atomic::Ordering::SeqCst);
+                let want = snap.disk_size.unwrap_or(size);
+                let l1_len = vdk_core::sync::lock(&self.meta).l1.len() as u64;
+                if want > size || u64::from(snap.l1_size) > l1_len {
+                    self.resize_mapped_to(want.max(size), size, u64::from(snap.l1_size))?;
+                }
+                if want < size {
+                    resize_after = Some(want);
+                }
             }
         }
         let mut m = vdk_core::sync::lock(&self.meta);
@@ -261,7 +267,7 @@ impl super::Qcow2 {
                 let snap = &stored[find(key)?].snap;
                 if snap.l1_size as usize > m.l1.len() {
                     return Err(super::corrupt(format!(
-                        "snapshot {key:?} has an L1 table larger than its disk size needs"
+                        "snapshot {key:?}'s L1 table does not fit the image's"
                     )));
                 }
                 let mut l1 = self.snapshot_l1(snap)?;
@@ -283,7 +289,7 @@ impl super::Qcow2 {
         drop(m);
         if let Some(size) = resize_after {
             // The snapshot's own bytes past its end, in the cluster holding it, stay mapped.
-            self.resize_mapped_to(size, size.next_multiple_of(self.cluster_size))?;
+            self.resize_mapped_to(size, size.next_multiple_of(self.cluster_size), 0)?;
         }
         Ok(())
     }
