@@ -691,68 +691,60 @@ fn snapshot_edits_killed_at_random_moments_never_corrupt_the_image() {
 /// and subcluster boundaries (partial subclusters take the rest from the backing file), compare
 /// equal to raw copies that took the same writes; `qemu-img check` and `vdk check` find them
 /// clean; a bitmap that marks a subcluster both allocated and zero is found by both checks.
-#[test]
-fn extended_l2_images_are_written_with_subclusters_as_qemu_reads_them() {
-    need("qemu-img");
-    need("qemu-io");
-    let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n);
-    let base = p("base.raw");
+/// Makes in `dir` a 16 MiB raw base.raw of varied bytes, and two extended-L2 images (64 KiB
+/// clusters): top.qcow2 on base.raw and alone.qcow2, where qemu-io leaves subclusters of every
+/// kind (allocated, zero, unallocated) in one cluster, then runs `more` qemu-io commands.
+fn mixed_extended_l2_images(dir: &Path, more: &[&str]) {
+    let p = |n: &str| dir.join(n);
     let data: Vec<u8> = (0..16u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
-    fs::write(&base, data).unwrap();
-    let o = "extended_l2=on,cluster_size=65536";
-    run(Command::new("qemu-img").args([
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        o,
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&p("top.qcow2")),
-    ]));
-    run(Command::new("qemu-img").args([
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        o,
-        s(&p("alone.qcow2")),
-        "16M",
-    ]));
-    // qemu-io leaves subclusters of every kind: allocated, zero, unallocated, in one cluster.
-    for img in ["top.qcow2", "alone.qcow2"] {
+    fs::write(p("base.raw"), data).unwrap();
+    for (img, backing) in [("top.qcow2", true), ("alone.qcow2", false)] {
+        let mut c = Command::new("qemu-img");
+        c.args([
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=65536",
+        ]);
+        c.arg(s(&p(img)));
+        if backing {
+            c.args(["-b", "base.raw", "-F", "raw"]);
+        } else {
+            c.arg("16M");
+        }
+        run(&mut c);
+        let mut c = Command::new("qemu-io");
         let ops = [
             "write -P 0x11 4k 2k",
             "write -z 70k 4k",
             "write -P 0x12 1M 130k",
             "discard 1M 2k",
         ];
-        let mut c = Command::new("qemu-io");
-        for op in ops {
+        for op in ops.iter().chain(more) {
             c.args(["-c", op]);
         }
         run(c.arg(s(&p(img))));
-        let reference = p(&format!("{img}.raw"));
-        run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&p(img)), s(&reference)]));
+    }
+}
+
+#[test]
+fn extended_l2_images_are_written_with_subclusters_as_qemu_reads_them() {
+    need("qemu-img");
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    mixed_extended_l2_images(dir.path(), &[]);
+    for img in ["top.qcow2", "alone.qcow2"] {
+        let (path, reference) = (dir.path().join(img), dir.path().join(format!("{img}.raw")));
+        run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&path), s(&reference)]));
     }
     let mut v = common::Vdk::serve_in(dir, &["top.qcow2", "alone.qcow2"]);
     let mut rng = Rng(0x5eb_c1a5);
     for img in ["top.qcow2", "alone.qcow2"] {
         let uri = v.uri(img);
-        // Offsets and lengths in 512-byte steps: inside subclusters (2 KiB), across them,
-        // across clusters.
-        let ops: Vec<String> = (0..60)
-            .map(|i| {
-                let off = rng.below(15 << 11) << 9;
-                let len = (rng.below(if i % 5 == 0 { 512 } else { 40 }) + 1) << 9;
-                mixed_op(i, off, len, 0x30)
-            })
-            .collect();
+        let ops = sector_ops(&mut rng, 15 << 20, 0x30);
         same_writes(&ops, &uri, &v.path(&format!("{img}.raw")));
     }
     // Whole subclusters inside a data cluster are zeroed by their zero bits (qemu-img map
@@ -819,23 +811,7 @@ fn extended_l2_images_take_apply_and_delete_internal_snapshots() {
     need("qemu-io");
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    let data: Vec<u8> = (0..16u32 << 20)
-        .map(|i| (i.wrapping_mul(2_246_822_519) >> 24) as u8)
-        .collect();
-    fs::write(p("base.raw"), data).unwrap();
-    let o = "extended_l2=on,cluster_size=65536";
-    let create = |name: &str, backing: bool| {
-        let mut c = Command::new("qemu-img");
-        c.args(["create", "-f", "qcow2", "-o", o, s(&p(name))]);
-        if backing {
-            c.args(["-b", "base.raw", "-F", "raw"]);
-        } else {
-            c.arg("16M");
-        }
-        run(&mut c);
-    };
-    create("top.qcow2", true);
-    create("alone.qcow2", false);
+    mixed_extended_l2_images(dir.path(), &["write -P 0x13 3M 1M"]);
     let raw_of = |img: &Path, snapshot: Option<&str>, to: &Path| {
         let mut c = Command::new("qemu-img");
         c.arg("convert");
@@ -845,17 +821,6 @@ fn extended_l2_images_take_apply_and_delete_internal_snapshots() {
         run(c.args(["-O", "raw", s(img), s(to)]));
     };
     for img in ["top.qcow2", "alone.qcow2"] {
-        let mut c = Command::new("qemu-io");
-        for op in [
-            "write -P 0x11 4k 2k",
-            "write -z 70k 4k",
-            "write -P 0x12 1M 130k",
-            "discard 1M 2k",
-            "write -P 0x13 3M 1M",
-        ] {
-            c.args(["-c", op]);
-        }
-        run(c.arg(s(&p(img))));
         assert!(vdk(&["snapshot", "-c", "before", s(&p(img))]).contains("taken"));
         run(Command::new("qemu-img").args(["check", s(&p(img))]));
         raw_of(&p(img), None, &p(&format!("{img}.before.raw")));
@@ -864,14 +829,8 @@ fn extended_l2_images_take_apply_and_delete_internal_snapshots() {
     let mut v = common::Vdk::serve_in(dir, &["top.qcow2", "alone.qcow2"]);
     let mut rng = Rng(0x0e71_2ba5);
     for img in ["top.qcow2", "alone.qcow2"] {
-        // Mostly over what the snapshot shares: the first 4 MiB.
-        let ops: Vec<String> = (0..60)
-            .map(|i| {
-                let off = rng.below(8 << 11) << 9;
-                let len = (rng.below(if i % 5 == 0 { 512 } else { 40 }) + 1) << 9;
-                mixed_op(i, off, len, 0x40)
-            })
-            .collect();
+        // Over what the snapshot shares: the first 4 MiB.
+        let ops = sector_ops(&mut rng, 4 << 20, 0x40);
         same_writes(&ops, &v.uri(img), &v.path(&format!("{img}.raw")));
     }
     assert!(v.stop().success());
@@ -983,6 +942,18 @@ fn mixed_op(i: u64, off: u64, len: u64, first: u64) -> String {
         2 => format!("write -z {off} {len}"),
         _ => format!("discard {off} {len}"),
     }
+}
+
+/// 60 mixed ops (see [`mixed_op`]) at offsets and of lengths in 512-byte steps, in the first
+/// `span` bytes: inside subclusters (2 KiB at 64 KiB clusters), across them, across clusters.
+fn sector_ops(rng: &mut Rng, span: u64, first: u64) -> Vec<String> {
+    (0..60)
+        .map(|i| {
+            let off = rng.below(span >> 9) << 9;
+            let len = (rng.below(if i % 5 == 0 { 512 } else { 40 }) + 1) << 9;
+            mixed_op(i, off, len, first)
+        })
+        .collect()
 }
 
 /// Runs qemu-io `ops` on the raw NBD disk at `uri` and on the raw file `reference`, then
