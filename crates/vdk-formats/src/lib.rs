@@ -820,8 +820,9 @@ pub fn snapshots(
 }
 
 /// Creates, applies or deletes an internal snapshot of the qcow2 image at `path`, which must
-/// not be open elsewhere (it is locked for writing, as `qemu-img snapshot` locks it).
-pub fn edit_snapshots(path: &Path, edit: &qcow2::snapshot::Edit) -> io::Result<()> {
+/// not be open elsewhere (it is locked for writing, as `qemu-img snapshot` locks it). Returns
+/// the disk's size before and after: applying a snapshot brings back the size it was taken at.
+pub fn edit_snapshots(path: &Path, edit: &qcow2::snapshot::Edit) -> io::Result<(u64, u64)> {
     if probe(path)? != Format::Qcow2 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -831,7 +832,10 @@ pub fn edit_snapshots(path: &Path, edit: &qcow2::snapshot::Edit) -> io::Result<(
             ),
         ));
     }
-    qcow2_tables(path, |_| Ok(()))?.edit_snapshots(edit)
+    let q = qcow2_tables(path, |_| Ok(()))?;
+    let before = q.size();
+    q.edit_snapshots(edit)?;
+    Ok((before, q.size()))
 }
 
 /// The qcow2 image at `path` opened for writing its tables (locked, as qemu-img locks it),

@@ -693,10 +693,16 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
         if matches!(edit, Edit::Apply(_)) {
             refuse_if_loop_mounted(img, Some(args.force))?;
         }
-        vdk_formats::edit_snapshots(img, &edit)
+        let (before, after) = vdk_formats::edit_snapshots(img, &edit)
             .with_context(|| format!("cannot change the snapshots of {}", img.display()))?;
         let done = match &edit {
             Edit::Create(n) => format!("snapshot {n:?} taken"),
+            Edit::Apply(n) if before != after => format!(
+                "snapshot {n:?} applied: the disk reads as it did then, at its size then ({}, \
+                 was {})",
+                Human(after),
+                Human(before)
+            ),
             Edit::Apply(n) => format!("snapshot {n:?} applied: the disk reads as it did then"),
             Edit::Delete(n) => format!("snapshot {n:?} deleted"),
         };
