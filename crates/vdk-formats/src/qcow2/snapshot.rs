@@ -171,12 +171,7 @@ impl super::Qcow2 {
         if let Edit::Apply(key) = edit {
             let (count, table_at) = self.snapshot_header()?;
             let stored = self.stored_snapshots(count, table_at)?;
-            if let Some(snap) = stored
-                .iter()
-                .find(|s| s.snap.id == *key)
-                .or_else(|| stored.iter().find(|s| s.snap.name == *key))
-                .map(|s| &s.snap)
-            {
+            if let Some(snap) = position(&stored, key).map(|i| &stored[i].snap) {
                 let size = self.size.load(std::sync::atomic::Ordering::SeqCst);
                 let want = snap.disk_size.unwrap_or(size);
                 let l1_len = vdk_core::sync::lock(&self.meta).l1.len() as u64;
@@ -193,11 +188,7 @@ impl super::Qcow2 {
         let (count, table_at) = self.snapshot_header()?;
         let stored = self.stored_snapshots(count, table_at)?;
         let find = |key: &str| {
-            stored
-                .iter()
-                .position(|s| s.snap.id == key)
-                .or_else(|| stored.iter().position(|s| s.snap.name == key))
-                .ok_or_else(|| invalid(format!("no snapshot named {key:?}")))
+            position(&stored, key).ok_or_else(|| invalid(format!("no snapshot named {key:?}")))
         };
         let old_table = (table_at, table_len(&stored));
         match edit {
@@ -517,6 +508,14 @@ impl super::Qcow2 {
         }
         Ok(())
     }
+}
+
+/// Where the snapshot `key` (its ID, else its name, as qemu-img looks) is in `stored`.
+fn position(stored: &[Stored], key: &str) -> Option<usize> {
+    stored
+        .iter()
+        .position(|s| s.snap.id == key)
+        .or_else(|| stored.iter().position(|s| s.snap.name == key))
 }
 
 /// Bytes of a table of `stored` entries, 8-aligned each, unpadded at the end.
