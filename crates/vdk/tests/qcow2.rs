@@ -474,7 +474,7 @@ fn a_snapshot_taken_at_another_size_is_applied_with_that_size() {
     };
     let at_small = raw("small.raw");
     assert!(vdk(&["snapshot", "-c", "small", i]).contains("taken"));
-    // Grown past what one L2 table's worth of L1 entries covers, then written past the old end.
+    // Grown past what one L2 table maps (512 MiB), then written past the old end.
     run(Command::new("qemu-img").args(["resize", i, "1G"]));
     qio("write -P 0x33 900M 2M");
     qio("write -P 0x34 0 64k");
@@ -499,7 +499,7 @@ fn a_snapshot_taken_at_another_size_is_applied_with_that_size() {
     assert_eq!(size(), 1 << 30);
     check();
     same(&at_large);
-    // The small snapshot again, then deleted both ways round: nothing leaks.
+    // The small snapshot again, then both deleted: nothing leaks.
     assert!(vdk(&["snapshot", "-a", "small", i]).contains("applied"));
     vdk(&["snapshot", "-d", "large", i]);
     vdk(&["snapshot", "-d", "small", i]);
