@@ -454,6 +454,7 @@ fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> i
                     max_bytes: None,
                     key: opts.key.clone(),
                     keep_bitmaps: keep_bitmaps && !read_only,
+                    tables_only: false,
                 },
             )?);
             if keep_bitmaps && !read_only {
@@ -839,7 +840,8 @@ pub fn edit_snapshots(path: &Path, edit: &qcow2::snapshot::Edit) -> io::Result<(
 }
 
 /// The qcow2 image at `path` opened for writing its tables (locked, as qemu-img locks it),
-/// once `allow` has accepted its header. The backing chain is not needed to change tables.
+/// once `allow` has accepted its header. The backing chain is not needed to change tables,
+/// nor an encrypted image's key (its data is not touched).
 fn qcow2_tables(path: &Path, allow: impl FnOnce(&Header) -> io::Result<()>) -> io::Result<Qcow2> {
     let file = fs::OpenOptions::new().read(true).write(true).open(path)?;
     vdk_backends::lock_image(&file, path, false)?;
@@ -847,6 +849,7 @@ fn qcow2_tables(path: &Path, allow: impl FnOnce(&Header) -> io::Result<()>) -> i
     allow(&header)?;
     let opts = Qcow2Options {
         read_only: false,
+        tables_only: true,
         ..Qcow2Options::default()
     };
     Qcow2::open(path, file, header, None, &opts)
@@ -892,5 +895,39 @@ pub fn resize(path: &Path, format: Option<Format>, new_size: u64, shrink: bool) 
             io::ErrorKind::Unsupported,
             format!("vdk does not resize {other} images"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An encrypted qcow2 image opened to change its tables, without its key, refuses every
+    /// data request (its clusters would otherwise be read as if they were clear).
+    #[test]
+    fn a_keyless_encrypted_qcow2_refuses_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.qcow2");
+        let opts = CreateOptions {
+            format: Format::Qcow2,
+            cluster_size: None,
+            backing: None,
+            fixed: false,
+            encrypt: Some(luks::CreateOptions {
+                secret: luks::Secret::new(b"pass".to_vec()),
+                iter_time_ms: 1,
+            }),
+        };
+        create(&path, 1 << 20, &opts).unwrap();
+        let q = qcow2_tables(&path, |_| Ok(())).unwrap();
+        let mut buf = [0u8; 512];
+        for e in [
+            q.read_at(&mut buf, 0).unwrap_err(),
+            q.write_at(&buf, 0, false).unwrap_err(),
+            q.write_zeroes(0, 512, true, false).unwrap_err(),
+        ] {
+            assert!(format!("{e:?}").contains("without its key"), "{e:?}");
+        }
+        q.resize(2 << 20).unwrap();
     }
 }

@@ -64,8 +64,18 @@ impl Qcow2 {
         }
     }
 
-    /// For an encrypted image, whose sectors are encrypted whole: requests must be aligned.
+    /// For an encrypted image, whose sectors are encrypted whole: requests must be aligned,
+    /// and its key must have been given.
     fn aligned(&self, offset: u64, len: u64) -> Result<()> {
+        if self.keyless {
+            return Err(vdk_core::Error::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: encrypted, opened without its key: its data cannot be read or written",
+                    self.path.display()
+                ),
+            )));
+        }
         if self.crypto.is_some() && !(offset.is_multiple_of(512) && len.is_multiple_of(512)) {
             return Err(vdk_core::Error::Misaligned {
                 offset,

@@ -141,6 +141,9 @@ pub struct Qcow2Options {
     /// [`vdk_core::bitmap::BitmapStore`]): they are read and marked in use instead of
     /// being invalidated.
     pub keep_bitmaps: bool,
+    /// Opened to change its tables only (snapshots, size): an encrypted image needs no key,
+    /// and then its data can be neither read nor written.
+    pub tables_only: bool,
 }
 
 /// A qcow2 image.
@@ -169,6 +172,8 @@ pub struct Qcow2 {
     /// The data's cipher, for an image encrypted with LUKS: every data cluster is AES-XTS
     /// with its 512-byte sectors' host offsets as IVs (QEMU's layout); metadata is clear.
     crypto: Option<crate::luks::SectorCipher>,
+    /// Encrypted, opened without its key ([`Qcow2Options::tables_only`]): no data access.
+    keyless: bool,
     /// Its persistent dirty bitmaps, when kept ([`Qcow2Options::keep_bitmaps`]).
     bitmap_state: Mutex<bitmaps::State>,
 }
@@ -231,6 +236,7 @@ impl Qcow2 {
                      (insecure; qemu-img convert it to encrypt.format=luks)",
                     )
                 }
+                (2, Some(_)) if opts.tables_only && opts.key.is_none() => None,
                 (2, Some((at, _))) => {
                     let Some(key) = &opts.key else {
                         return Err(io::Error::new(
@@ -338,6 +344,7 @@ impl Qcow2 {
                 reftable_clusters: u64::from(header.refcount_table_clusters),
             }),
             allocated: Condvar::new(),
+            keyless: header.crypt_method != 0 && crypto.is_none(),
             crypto,
             max_clusters: opts.max_bytes.map_or(u64::MAX, |b| b / cluster_size),
             cache_tables: usize::try_from((32u64 << 20) / cluster_size)
