@@ -22,6 +22,7 @@ const FILTERS: &[&str] = &[
     "delay:op=all,ms=0",
     "partition:1",
     "rate:bps=10G,iops=10000000",
+    "blocksize:physical=512",
 ];
 
 /// Where partition 1 starts, in bytes: the disks below have room for it and a table.
