@@ -401,6 +401,18 @@ fn qemu_io_qcow2(image: &Path, pass: &Path, cmds: &[&str]) {
     assert!(!out.contains("failed"), "qemu-io {cmds:?}: {out}");
 }
 
+/// `qemu-img create` of a 16 MiB qcow2 image at `image` encrypted with LUKS, its passphrase in
+/// `pass` (a quick key slot).
+fn qemu_makes_encrypted_qcow2(image: &Path, pass: &Path) {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "--object"])
+        .arg(format!("secret,id=s0,file={}", pass.display()))
+        .args(["-f", "qcow2", "-o"])
+        .arg("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10")
+        .arg(image)
+        .arg("16M"));
+}
+
 /// `qemu-img check` (given the key) and `vdk check` (which needs none) find no error.
 fn qcow2_checks(image: &Path, pass: &Path) {
     let out = stdout(
@@ -426,13 +438,7 @@ fn an_encrypted_qcow2_takes_snapshots_and_resizes_without_its_key() {
     let pass = pass_file(dir.path());
     let q = dir.path().join("q.qcow2");
     let i = q.to_str().unwrap();
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "--object"])
-        .arg(format!("secret,id=s0,file={}", pass.display()))
-        .args(["-f", "qcow2", "-o"])
-        .arg("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10")
-        .arg(&q)
-        .arg("16M"));
+    qemu_makes_encrypted_qcow2(&q, &pass);
     qemu_io_qcow2(&q, &pass, &["write -P 0x5a 0 1M"]);
     let vdk_says = |args: &[&str]| stdout(&mut common::admin::vdk(args));
     assert!(vdk_says(&["snapshot", "-c", "before", i]).contains("taken"));
@@ -464,11 +470,7 @@ fn qcow2_encrypted_with_luks_reads_and_writes_as_qemu_does() {
     // QEMU makes and writes one; vdk serves it, with the same writes, zeroes and discards
     // going to a raw mirror.
     let q = dir.path().join("q.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "--object", &secret, "-f", "qcow2", "-o"])
-        .arg("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10")
-        .arg(&q)
-        .arg("16M"));
+    qemu_makes_encrypted_qcow2(&q, &pass);
     qemu_io(&q, &["write -P 0x5a 0 1M", "write -P 0x66 3M 4k"]);
     let mirror = dir.path().join("mirror.img");
     common::sparse_file(&mirror, 16 << 20);
