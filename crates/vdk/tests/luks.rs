@@ -427,6 +427,19 @@ fn qcow2_checks(image: &Path, pass: &Path) {
     assert!(out.contains("No errors were found"), "{out}");
 }
 
+/// `vdk serve IMAGE` without its key is a one-line error naming --key-file (its socket in
+/// `dir`).
+fn serving_needs_the_key(dir: &Path, image: &Path) {
+    let sock = format!("unix://{}", dir.join("x.sock").display());
+    let err = common::admin::one_line_error(&mut common::admin::vdk(&[
+        "serve",
+        image.to_str().unwrap(),
+        "--listen",
+        &sock,
+    ]));
+    assert!(err.contains("--key-file"), "{err}");
+}
+
 /// Internal snapshots and resizing change only an encrypted image's tables: vdk does both
 /// without its key (qemu-img wants it only because it opens the whole image), and QEMU, given
 /// the key, reads the data as each step left it. Data itself still needs the key.
@@ -452,10 +465,7 @@ fn an_encrypted_qcow2_takes_snapshots_and_resizes_without_its_key() {
     qcow2_checks(&q, &pass);
     qemu_io_qcow2(&q, &pass, &["read -P 0x5a 0 1M"]);
     // Serving it still needs the key.
-    let sock = format!("unix://{}", dir.path().join("x.sock").display());
-    let err =
-        common::admin::one_line_error(&mut common::admin::vdk(&["serve", i, "--listen", &sock]));
-    assert!(err.contains("--key-file"), "{err}");
+    serving_needs_the_key(dir.path(), &q);
 }
 
 #[test]
@@ -551,14 +561,7 @@ fn qcow2_encrypted_with_luks_reads_and_writes_as_qemu_does() {
         .arg(format!("driver=raw,file.filename={}", mirror.display()))
         .arg(qcow2_opts(&e)));
     // Without the key: a one-line error.
-    let sock = format!("unix://{}", dir.path().join("x.sock").display());
-    let err = common::admin::one_line_error(&mut common::admin::vdk(&[
-        "serve",
-        e.to_str().unwrap(),
-        "--listen",
-        &sock,
-    ]));
-    assert!(err.contains("--key-file"), "{err}");
+    serving_needs_the_key(dir.path(), &e);
 }
 
 /// Runs `vdk ARGS` on a pseudo-terminal (util-linux's `script`), typing each of `typed` as a

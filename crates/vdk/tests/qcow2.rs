@@ -33,13 +33,28 @@ fn qemu_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&stdout(Command::new("qemu-img").args(args))).unwrap()
 }
 
+/// `qemu-img check IMG` finds nothing wrong.
+fn qemu_check(img: &str) {
+    run(Command::new("qemu-img").args(["check", img]));
+}
+
+/// `qemu-img compare` finds the image `img` (its format probed) equal to the raw file `raw`.
+fn qemu_same(img: &str, raw: &str) {
+    run(Command::new("qemu-img").args(["compare", "-F", "raw", img, raw]));
+}
+
+/// `qemu-img convert` of the image `img` into the raw file `to`.
+fn qemu_raw(img: &str, to: &str) {
+    run(Command::new("qemu-img").args(["convert", "-O", "raw", img, to]));
+}
+
 #[test]
 fn create_and_info_agree_with_qemu_img() {
     need("qemu-img");
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
     vdk(&["create", s(&base), "3G", "--cluster-size", "128K"]);
-    run(Command::new("qemu-img").args(["check", s(&base)]));
+    qemu_check(s(&base));
     let q = qemu_json(&["info", "--output=json", s(&base)]);
     assert_eq!(q["virtual-size"], 3u64 << 30);
     assert_eq!(q["cluster-size"], 128 << 10);
@@ -140,7 +155,7 @@ fn a_qcow2_served_over_nbd_matches_qemu_img_and_stays_consistent() {
     run(Command::new("qemu-io").args(&rargs));
     run(Command::new("qemu-img").args(["compare", "-F", "qcow2", &uri, s(&r)]));
     assert!(v.stop().success());
-    run(Command::new("qemu-img").args(["check", s(&v.path("d.qcow2"))]));
+    qemu_check(s(&v.path("d.qcow2")));
     run(Command::new("qemu-img").args(["compare", s(&v.path("d.qcow2")), s(&r)]));
 }
 
@@ -187,7 +202,7 @@ fn a_dirty_image_left_by_a_crash_is_repaired_and_written() {
         .unwrap()
         .success());
     let reference = dir.path().join("ref.raw");
-    run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&img), s(&reference)]));
+    qemu_raw(s(&img), s(&reference));
     let (mut v, uri) = serve_repaired(dir, "d.qcow2");
     // Writes across what was there: new clusters must not land on the clusters the lagging
     // refcounts called free.
@@ -202,7 +217,7 @@ fn a_dirty_image_left_by_a_crash_is_repaired_and_written() {
     assert!(v.stop().success());
     let img = v.path("d.qcow2");
     // No error, no leak (qemu-img check exits 0 only then), and clean.
-    run(Command::new("qemu-img").args(["check", s(&img)]));
+    qemu_check(s(&img));
     let info = qemu_json(&["info", "--output=json", s(&img)]);
     assert_eq!(info["dirty-flag"], false, "{info}");
     run(Command::new("qemu-img").args(["compare", s(&img), s(&v.path("ref.raw"))]));
@@ -291,7 +306,7 @@ fn an_image_with_internal_snapshots_is_written_and_its_snapshots_stay_intact() {
         v.log()
     );
     let img = v.path("s.qcow2");
-    run(Command::new("qemu-img").args(["check", s(&img)]));
+    qemu_check(s(&img));
     run(Command::new("qemu-img").args(["compare", s(&img), s(&v.path("ref.raw"))]));
     for (name, raw) in [("one", &one), ("two", &two)] {
         let l = format!("snapshot.name={name}");
@@ -304,8 +319,8 @@ fn an_image_with_internal_snapshots_is_written_and_its_snapshots_stay_intact() {
     assert_eq!(code, Some(0), "{report}");
     // Applying a snapshot brings its data back, and the image stays consistent.
     run(Command::new("qemu-img").args(["snapshot", "-a", "one", s(&img)]));
-    run(Command::new("qemu-img").args(["check", s(&img)]));
-    run(Command::new("qemu-img").args(["compare", "-F", "raw", s(&img), s(&one)]));
+    qemu_check(s(&img));
+    qemu_same(s(&img), s(&one));
 }
 
 /// A dirty image with an internal snapshot (lazy refcounts, qemu-io aborted after writing over
@@ -323,7 +338,7 @@ fn a_dirty_image_with_a_snapshot_is_repaired_counting_the_snapshot() {
     run(Command::new("qemu-io").args(["-c", "write -P 0x31 0 4M", s(&img)]));
     run(Command::new("qemu-img").args(["snapshot", "-c", "base", s(&img)]));
     let base = dir.path().join("base.raw");
-    run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&img), s(&base)]));
+    qemu_raw(s(&img), s(&base));
     let _ = Command::new("qemu-io")
         .args([
             "-c",
@@ -339,7 +354,7 @@ fn a_dirty_image_with_a_snapshot_is_repaired_counting_the_snapshot() {
     let info = qemu_json(&["info", "--output=json", s(&img)]);
     assert_eq!(info["dirty-flag"], true, "{info}");
     let reference = dir.path().join("ref.raw");
-    run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&img), s(&reference)]));
+    qemu_raw(s(&img), s(&reference));
     let (mut v, uri) = serve_repaired(dir, "d.qcow2");
     let ops = [
         "write -P 0x41 0 6M",
@@ -350,7 +365,7 @@ fn a_dirty_image_with_a_snapshot_is_repaired_counting_the_snapshot() {
     same_writes(&ops.map(String::from), &uri, &v.path("ref.raw"));
     assert!(v.stop().success());
     let img = v.path("d.qcow2");
-    run(Command::new("qemu-img").args(["check", s(&img)]));
+    qemu_check(s(&img));
     run(Command::new("qemu-img").args(["compare", s(&img), s(&v.path("ref.raw"))]));
     let after = v.path("base.after.raw");
     let l = "snapshot.name=base";
@@ -370,11 +385,11 @@ fn vdk_snapshot_creates_applies_deletes_and_lists_internal_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("e.qcow2");
     let i = s(&img);
-    let check = || run(Command::new("qemu-img").args(["check", i]));
-    let same = |raw: &Path| run(Command::new("qemu-img").args(["compare", "-F", "raw", i, s(raw)]));
+    let check = || qemu_check(i);
+    let same = |raw: &Path| qemu_same(i, s(raw));
     let raw = |name: &str| {
         let p = dir.path().join(name);
-        run(Command::new("qemu-img").args(["convert", "-O", "raw", i, s(&p)]));
+        qemu_raw(i, s(&p));
         p
     };
     let qio = |cmds: &[&str]| {
@@ -469,7 +484,7 @@ fn a_snapshot_taken_at_another_size_is_applied_with_that_size() {
     qio(&format!("write -P 0x32 {} 512", small - 512));
     let raw = |name: &str| {
         let p = dir.path().join(name);
-        run(Command::new("qemu-img").args(["convert", "-O", "raw", i, s(&p)]));
+        qemu_raw(i, s(&p));
         p
     };
     let at_small = raw("small.raw");
@@ -485,8 +500,8 @@ fn a_snapshot_taken_at_another_size_is_applied_with_that_size() {
             .as_u64()
             .unwrap()
     };
-    let same = |raw: &Path| run(Command::new("qemu-img").args(["compare", "-F", "raw", i, s(raw)]));
-    let check = || run(Command::new("qemu-img").args(["check", i]));
+    let same = |raw: &Path| qemu_same(i, s(raw));
+    let check = || qemu_check(i);
     let said = vdk(&["snapshot", "-a", "small", i]);
     assert!(
         said.contains("at its size then (32.0 MiB, was 1 GiB)"),
@@ -558,11 +573,11 @@ fn a_snapshot_with_vm_state_is_applied_and_deleted_keeping_qemu_able_to_load_it(
         "{info}"
     );
     let then = dir.path().join("then.raw");
-    run(Command::new("qemu-img").args(["convert", "-O", "raw", i, s(&then)]));
+    qemu_raw(i, s(&then));
     run(Command::new("qemu-io").args(["-c", "write -P 0x42 0 64k", i]));
     assert!(vdk(&["snapshot", "-a", "withstate", i]).contains("applied"));
-    run(Command::new("qemu-img").args(["check", i]));
-    run(Command::new("qemu-img").args(["compare", "-F", "raw", i, s(&then)]));
+    qemu_check(i);
+    qemu_same(i, s(&then));
     let loaded = qemu_monitor(&img, "loadvm withstate");
     assert!(!loaded.contains("Error"), "{loaded}");
     assert!(vdk(&["snapshot", "-c", "plain", i]).contains("taken"));
@@ -571,7 +586,7 @@ fn a_snapshot_with_vm_state_is_applied_and_deleted_keeping_qemu_able_to_load_it(
     let check: serde_json::Value = serde_json::from_str(&check).unwrap();
     assert_eq!(check["leaks"].as_u64().unwrap_or(0), 0, "{check}");
     assert_eq!(check["corruptions"].as_u64().unwrap_or(0), 0, "{check}");
-    run(Command::new("qemu-img").args(["compare", "-F", "raw", i, s(&then)]));
+    qemu_same(i, s(&then));
 }
 
 /// `vdk snapshot -c` and `-d` killed with SIGKILL at random moments never corrupt the image:
@@ -595,7 +610,7 @@ fn snapshot_edits_killed_at_random_moments_never_corrupt_the_image() {
         i,
     ]));
     let reference = dir.path().join("ref.raw");
-    run(Command::new("qemu-img").args(["convert", "-O", "raw", i, s(&reference)]));
+    qemu_raw(i, s(&reference));
     let mut rng = Rng(0x0c0f_fee5);
     let (mut killed, mut torn, mut changed) = (0, 0, 0);
     let mut before = 0;
@@ -652,7 +667,7 @@ fn snapshot_edits_killed_at_random_moments_never_corrupt_the_image() {
                 "round {round} ({args:?}): {text}"
             );
         }
-        run(Command::new("qemu-img").args(["compare", "-F", "raw", i, s(&reference)]));
+        qemu_same(i, s(&reference));
         if round % 5 != 4 {
             continue; // the snapshots' data is compared every fifth round (it is slow)
         }
@@ -687,7 +702,7 @@ fn snapshot_edits_killed_at_random_moments_never_corrupt_the_image() {
         .args(["check", "-r", "all", i])
         .output()
         .unwrap();
-    run(Command::new("qemu-img").args(["check", i]));
+    qemu_check(i);
 }
 
 /// Images with extended L2 entries (32 subclusters per cluster) made by qemu-img, alone and on
@@ -742,7 +757,7 @@ fn extended_l2_images_are_written_with_subclusters_as_qemu_reads_them() {
     mixed_extended_l2_images(dir.path(), &[]);
     for img in ["top.qcow2", "alone.qcow2"] {
         let (path, reference) = (dir.path().join(img), dir.path().join(format!("{img}.raw")));
-        run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&path), s(&reference)]));
+        qemu_raw(s(&path), s(&reference));
     }
     let mut v = common::Vdk::serve_in(dir, &["top.qcow2", "alone.qcow2"]);
     let mut rng = Rng(0x5eb_c1a5);
@@ -774,9 +789,9 @@ fn extended_l2_images_are_written_with_subclusters_as_qemu_reads_them() {
     );
     for img in ["top.qcow2", "alone.qcow2"] {
         let path = v.path(img);
-        run(Command::new("qemu-img").args(["check", s(&path)]));
+        qemu_check(s(&path));
         let reference = v.path(&format!("{img}.raw"));
-        run(Command::new("qemu-img").args(["compare", "-F", "raw", s(&path), s(&reference)]));
+        qemu_same(s(&path), s(&reference));
         let (code, report) = vdk_check(&path, &[]);
         assert_eq!(code, Some(0), "{img}: {report}");
     }
@@ -826,7 +841,7 @@ fn extended_l2_images_take_apply_and_delete_internal_snapshots() {
     };
     for img in ["top.qcow2", "alone.qcow2"] {
         assert!(vdk(&["snapshot", "-c", "before", s(&p(img))]).contains("taken"));
-        run(Command::new("qemu-img").args(["check", s(&p(img))]));
+        qemu_check(s(&p(img)));
         raw_of(&p(img), None, &p(&format!("{img}.before.raw")));
         fs::copy(p(&format!("{img}.before.raw")), p(&format!("{img}.raw"))).unwrap();
     }
@@ -839,7 +854,7 @@ fn extended_l2_images_take_apply_and_delete_internal_snapshots() {
     }
     assert!(v.stop().success());
     let cmp = |a: &Path, b: &Path| {
-        run(Command::new("qemu-img").args(["compare", "-F", "raw", s(a), s(b)]));
+        qemu_same(s(a), s(b));
     };
     for img in ["top.qcow2", "alone.qcow2"] {
         let (path, now, before) = (
@@ -848,7 +863,7 @@ fn extended_l2_images_take_apply_and_delete_internal_snapshots() {
             v.path(&format!("{img}.before.raw")),
         );
         let check = || {
-            run(Command::new("qemu-img").args(["check", s(&path)]));
+            qemu_check(s(&path));
             let (code, report) = vdk_check(&path, &[]);
             assert_eq!(code, Some(0), "{img}: {report}");
         };
@@ -910,7 +925,7 @@ fn an_extended_l2_image_under_the_cow_filter_is_only_read() {
         "write -P 0x12 1M 130k",
         &img,
     ]));
-    run(Command::new("qemu-img").args(["convert", "-O", "raw", &img, s(&p("before.raw"))]));
+    qemu_raw(&img, s(&p("before.raw")));
     fs::copy(p("before.raw"), p("ref.raw")).unwrap();
     let mut v = common::Vdk::serve_in(dir, &["x.qcow2", "--filter", "cow"]);
     let uri = v.uri("x.qcow2");
@@ -923,8 +938,8 @@ fn an_extended_l2_image_under_the_cow_filter_is_only_read() {
     same_writes(&ops.map(String::from), &uri, &v.path("ref.raw"));
     assert!(v.stop().success());
     let img = v.path("x.qcow2");
-    run(Command::new("qemu-img").args(["check", s(&img)]));
-    run(Command::new("qemu-img").args(["compare", "-F", "raw", s(&img), s(&v.path("before.raw"))]));
+    qemu_check(s(&img));
+    qemu_same(s(&img), s(&v.path("before.raw")));
 }
 
 /// Serves the dirty image `name` in `dir`: vdk must say it rebuilt the refcounts.
@@ -1108,7 +1123,7 @@ fn kill_9_loop(
             );
         }
         let _ = fs::remove_file(&raw);
-        run(Command::new("qemu-img").args(["convert", "-O", "raw", s(checked), s(&raw)]));
+        qemu_raw(s(checked), s(&raw));
         let verified = stdout(Command::new("/usr/bin/python3").arg(&workload).args([
             "verify",
             s(&raw),
@@ -1126,7 +1141,7 @@ fn kill_9_loop(
     if vdk_check_agrees {
         // Leaks left by the crashes are only leaks: qemu-img repairs them.
         run(Command::new("qemu-img").args(["check", "-r", "leaks", s(checked)]));
-        run(Command::new("qemu-img").args(["check", s(checked)]));
+        qemu_check(s(checked));
     }
 }
 
@@ -1155,7 +1170,7 @@ fn convert_round_trips_and_keeps_holes() {
         s(&raw),
         s(&q),
     ]);
-    run(Command::new("qemu-img").args(["check", s(&q)]));
+    qemu_check(s(&q));
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&q)]));
     vdk(&["convert", s(&q), s(&back)]);
     assert!(
@@ -1248,7 +1263,7 @@ fn check_finds_and_repairs_what_qemu_img_finds() {
         (v["leaks-fixed"].as_u64(), v["corruptions-fixed"].as_u64()),
         (Some(1), Some(1))
     );
-    run(Command::new("qemu-img").args(["check", s(&img)]));
+    qemu_check(s(&img));
     run(Command::new("qemu-io").args(["-c", "read -P 7 0 1M", s(&img)]));
 }
 
@@ -1285,7 +1300,7 @@ fn round_trip_through_every_writable_format() {
     );
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "vpc", s(&raw), s(&h)]));
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "vhdx", s(&raw), s(&x)]));
-    run(Command::new("qemu-img").args(["check", s(&x)]));
+    qemu_check(s(&x));
     for img in [&q, &x, &h] {
         assert!(
             vdk(&["check", s(img)]).contains("No errors"),
@@ -1345,7 +1360,7 @@ fn resize_grows_the_l1_table_and_keeps_the_data() {
     ]));
     let before = qemu_json(&["info", "--output=json", s(&img)]);
     vdk(&["resize", s(&img), "1G"]);
-    run(Command::new("qemu-img").args(["check", s(&img)]));
+    qemu_check(s(&img));
     let after = qemu_json(&["info", "--output=json", s(&img)]);
     assert_eq!(after["virtual-size"], 1u64 << 30);
     assert_eq!(before["virtual-size"], 64u64 << 20);
@@ -1369,7 +1384,7 @@ fn resize_grows_the_l1_table_and_keeps_the_data() {
     ]));
     assert!(v.stop().success());
     let img = v.path("r.qcow2");
-    run(Command::new("qemu-img").args(["check", s(&img)]));
+    qemu_check(s(&img));
     run(Command::new("qemu-io").args([
         "-c",
         "read -P 0x23 900M 2M",
@@ -1382,7 +1397,7 @@ fn resize_grows_the_l1_table_and_keeps_the_data() {
         qemu_json(&["info", "--output=json", s(&img)])["virtual-size"],
         2u64 << 30
     );
-    run(Command::new("qemu-img").args(["check", s(&img)]));
+    qemu_check(s(&img));
     let out = Command::new(env!("CARGO_BIN_EXE_vdk"))
         .args(["resize", s(&img), "1G"])
         .output()
@@ -1416,7 +1431,7 @@ fn commit_interrupted_by_kill_9_finishes_when_run_again() {
         s(&overlay),
     ]));
     let expected = dir.path().join("expected.raw");
-    run(Command::new("qemu-img").args(["convert", "-O", "raw", s(&overlay), s(&expected)]));
+    qemu_raw(s(&overlay), s(&expected));
     let mut rng = Rng(42);
     let mut interrupted = 0;
     for _ in 0..8 {
@@ -1432,7 +1447,7 @@ fn commit_interrupted_by_kill_9_finishes_when_run_again() {
             interrupted += 1;
         }
         // The overlay stays readable by qemu whatever moment the kill hit.
-        run(Command::new("qemu-img").args(["check", s(&overlay)]));
+        qemu_check(s(&overlay));
     }
     assert!(
         interrupted >= 3,

@@ -64,9 +64,9 @@ impl Qcow2 {
         }
     }
 
-    /// For an encrypted image, whose sectors are encrypted whole: requests must be aligned,
-    /// and its key must have been given.
-    fn aligned(&self, offset: u64, len: u64) -> Result<()> {
+    /// Whether a data request may go on: an encrypted image must have been given its key,
+    /// and its requests must be aligned (its sectors are encrypted whole).
+    fn data_access(&self, offset: u64, len: u64) -> Result<()> {
         if self.keyless {
             return Err(vdk_core::Error::Io(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -618,7 +618,7 @@ impl BlockDevice for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size(), offset, buf.len() as u64)?;
-        self.aligned(offset, buf.len() as u64)?;
+        self.data_access(offset, buf.len() as u64)?;
         let mut at = 0;
         while at < buf.len() {
             at += self.read_batch(buf, offset, at)?;
@@ -628,7 +628,7 @@ impl BlockDevice for Qcow2 {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.writable(offset, buf.len() as u64)?;
-        self.aligned(offset, buf.len() as u64)?;
+        self.data_access(offset, buf.len() as u64)?;
         let mut at = 0;
         while at < buf.len() {
             let done = self.write_batch(buf, offset, at)?;
@@ -661,7 +661,7 @@ impl BlockDevice for Qcow2 {
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
         self.writable(offset, len)?;
-        self.aligned(offset, len)?;
+        self.data_access(offset, len)?;
         let cs = self.cluster_size;
         let mut pos = offset;
         let end = offset + len;
